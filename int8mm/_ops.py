@@ -1,0 +1,127 @@
+"""The op surface: every op defined once with ``torch.library.custom_op`` and a fake kernel.
+
+Ops take 2-D tensors and an already-resolved backend name; argument checks live in ``functional``.
+Backends register their implementations with ``register_impl``; the reference backend serves every
+device. ``custom_op`` (rather than ``triton_op``) keeps one opaque op per entry for every backend, so
+``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.library.opcheck`` see the same thing whether
+the work is done by torch, Triton (also under the CPU interpreter) or the CUDA library.
+"""
+import importlib
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import reference
+
+_IMPLS: dict[tuple[str, str], Callable] = {}
+_BACKEND_MODULES = {"triton": ".backends.triton", "cuda": ".backends.cuda"}
+
+
+def register_impl(backend: str, op_name: str):
+    """Decorator a backend module uses to provide ``op_name``."""
+
+    def wrap(fn):
+        _IMPLS[(backend, op_name)] = fn
+        return fn
+
+    return wrap
+
+
+def _impl(backend: str, op_name: str) -> Callable:
+    if backend == backends.Backend.REFERENCE.value:
+        return getattr(_reference_impls, op_name)
+    if (backend, op_name) not in _IMPLS and backend in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[backend], __package__)  # registers on import
+    try:
+        return _IMPLS[(backend, op_name)]
+    except KeyError:
+        raise RuntimeError(f"backend {backend!r} does not implement {op_name}") from None
+
+
+class _reference_impls:
+    """Adapters from the reference functions to the op signatures."""
+
+    @staticmethod
+    def quantize_activations(x, threshold):
+        q_x, s_x, is_outlier_col = reference.quantize_activations(x, threshold)
+        cols = is_outlier_col.nonzero().squeeze(1).int()
+        outlier_cols = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device)
+        outlier_cols[: cols.numel()] = cols
+        count = torch.tensor([cols.numel()], dtype=torch.int32, device=x.device)
+        return q_x, s_x, outlier_cols, count
+
+    int8_matmul = staticmethod(reference.int8_matmul)
+    int8_linear = staticmethod(reference.int8_linear)
+
+
+# ---- quantize_weight: one-time work, the reference serves every device ----
+@torch.library.custom_op("int8mm::quantize_weight", mutates_args=())
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    return reference.quantize_weight(w)
+
+
+@quantize_weight.register_fake
+def _(w):
+    return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[0], dtype=torch.float32)
+
+
+# ---- quantize_activations ----
+@torch.library.custom_op("int8mm::quantize_activations", mutates_args=())
+def quantize_activations(x: Tensor, threshold: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns q_x int8 [M, K], s_x fp32 [M], outlier column indices int32 [K] (ascending, valid up to
+    the count) and the count int32 [1], both in device memory so that no host sync is needed."""
+    return _impl(backend, "quantize_activations")(x, threshold)
+
+
+@quantize_activations.register_fake
+def _(x, threshold, backend):
+    m, k = x.shape
+    return (
+        x.new_empty((m, k), dtype=torch.int8),
+        x.new_empty(m, dtype=torch.float32),
+        x.new_empty(k, dtype=torch.int32),
+        x.new_empty(1, dtype=torch.int32),
+    )
+
+
+# ---- int8_matmul ----
+@torch.library.custom_op("int8mm::int8_matmul", mutates_args=())
+def int8_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    return _impl(backend, "int8_matmul")(a, b)
+
+
+@int8_matmul.register_fake
+def _(a, b, backend):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+# ---- int8_linear: the fused product ----
+@torch.library.custom_op("int8mm::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, q_w: Tensor, s_w: Tensor, bias: Optional[Tensor], threshold: float, backend: str) -> Tensor:
+    return _impl(backend, "int8_linear")(x, q_w, s_w, bias, threshold)
+
+
+@int8_linear.register_fake
+def _(x, q_w, s_w, bias, threshold, backend):
+    return x.new_empty((x.shape[0], q_w.shape[0]))
+
+
+def _int8_linear_setup_context(ctx, inputs, output):
+    x, q_w, s_w, bias, _threshold, _backend = inputs
+    ctx.save_for_backward(q_w, s_w)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int8_linear_backward(ctx, grad_y):
+    """Gradient through the de-quantized weight, so adapters (LoRA) can train on top of a frozen int8 layer."""
+    q_w, s_w = ctx.saved_tensors
+    w = q_w.float() * (s_w / reference.INT8_MAX)[:, None]
+    grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+    grad_bias = grad_y.float().sum(dim=0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return grad_x, None, None, grad_bias, None, None
+
+
+int8_linear.register_autograd(_int8_linear_backward, setup_context=_int8_linear_setup_context)

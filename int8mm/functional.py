@@ -1,0 +1,181 @@
+"""Public functional API: argument checks, N-D handling, backend choice; the math lives in the ops.
+
+All functions accept any device. Errors name the argument and what was received, the same for
+every backend.
+"""
+import math
+
+import torch
+
+from . import _ops
+from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD, MAX_EXACT_K, WEIGHT_DTYPES
+from .backends import Backend, resolve_backend
+
+
+def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight row-wise: ``s_w[n] = max|W[n,:]|``, ``q_w = round(W * 127 / s_w)``.
+
+    Args:
+        w: ``[N, K]`` fp16, bf16 or fp32 weight (nn.Linear layout).
+        name: how errors refer to the tensor (e.g. a layer name).
+    Returns:
+        ``q_w`` int8 ``[N, K]`` and ``s_w`` fp32 ``[N]``.
+    Raises:
+        TypeError: ``w`` is not a tensor of a supported dtype.
+        ValueError: ``w`` is not 2-D, K is too large, or it holds NaN/Inf.
+    """
+    _check_float(w, name, WEIGHT_DTYPES)
+    _check_rank(w, name, 2)
+    _check_k(w.shape[1], name)
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN/Inf); refusing to quantize it")
+    return _ops.quantize_weight(w)
+
+
+def quantize_activations(
+    x: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize activations row-wise with outlier columns split out (LLM.int8()).
+
+    ``O = {k : some |x[m,k]| >= threshold}``; ``s_x[m]`` = absmax of row m over elements below the
+    threshold; ``q_x = round(x * 127 / s_x)`` with columns in O set to 0.
+
+    Args:
+        x: ``[..., K]`` fp16, bf16 or fp32 activations (flattened to ``[M, K]``).
+        threshold: outlier threshold >= 0; 0 disables decomposition.
+        backend: a ``Backend`` or its name; None uses the default (INT8MM_BACKEND or AUTO).
+    Returns:
+        ``q_x`` int8 ``[M, K]``, ``s_x`` fp32 ``[M]``, ``outlier_cols`` int64 ``[n_out]`` (ascending).
+        Building ``outlier_cols`` reads the count on the host; the fused ``int8_linear`` never does.
+    """
+    _check_float(x, "x", ACTIVATION_DTYPES)
+    threshold = _check_threshold(threshold)
+    x2 = _flatten(x)
+    _check_k(x2.shape[1], "x")
+    impl = resolve_backend(backend, x.device).value
+    q_x, s_x, cols, count = _ops.quantize_activations(x2, threshold, impl)
+    return q_x, s_x, cols[: int(count.item())].long()
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: Backend | str | None = None) -> torch.Tensor:
+    """Exact ``a @ b.T`` of int8 matrices with an int32 result.
+
+    Args:
+        a: int8 ``[M, K]``; b: int8 ``[N, K]`` (nn.Linear weight layout), same device.
+    Returns:
+        int32 ``[M, N]``.
+    """
+    for arg, t in (("a", a), ("b", b)):
+        _check_tensor(t, arg)
+        if t.dtype != torch.int8:
+            raise TypeError(f"{arg} must be int8, got {t.dtype}")
+        _check_rank(t, arg, 2)
+    _check_same_k(a.shape[1], "a", b.shape[1], "b")
+    _check_same_device(a, "a", b, "b")
+    _check_k(a.shape[1], "a")
+    return _ops.int8_matmul(a, b, resolve_backend(backend, a.device).value)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    q_w: torch.Tensor,
+    s_w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    backend: Backend | str | None = None,
+) -> torch.Tensor:
+    """The fused LLM.int8() linear: ``y = x @ W.T + b`` with int8 weights and outlier decomposition.
+
+    ``y = (q_x @ q_w.T) * s_x * s_w / 127^2 + x[:, O] @ (q_w[:, O] * s_w / 127).T + b`` (SPEC.md), with
+    int32 accumulation of the int8 part and fp32 for the rest. Never synchronises with the host on a GPU
+    backend.
+
+    Args:
+        x: ``[..., K]`` fp16, bf16 or fp32.
+        q_w: int8 ``[N, K]`` and s_w: fp32 ``[N]``, as returned by ``quantize_weight``.
+        bias: optional float ``[N]``.
+        threshold: outlier threshold >= 0 (0 disables decomposition).
+        backend: a ``Backend`` or its name; None uses the default (INT8MM_BACKEND or AUTO).
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    _check_float(x, "x", ACTIVATION_DTYPES)
+    _check_tensor(q_w, "q_w")
+    if q_w.dtype != torch.int8:
+        raise TypeError(f"q_w must be int8 (from quantize_weight), got {q_w.dtype}")
+    _check_rank(q_w, "q_w", 2)
+    _check_tensor(s_w, "s_w")
+    if s_w.dtype != torch.float32:
+        raise TypeError(f"s_w must be float32, got {s_w.dtype}")
+    n, k = q_w.shape
+    if s_w.shape != (n,):
+        raise ValueError(f"s_w must have shape ({n},) to match q_w {tuple(q_w.shape)}, got {tuple(s_w.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension, got a {x.dim()}-D tensor")
+    _check_same_k(x.shape[-1], "x", k, "q_w")
+    _check_k(k, "q_w")
+    _check_same_device(x, "x", q_w, "q_w")
+    _check_same_device(x, "x", s_w, "s_w")
+    if bias is not None:
+        _check_float(bias, "bias", (torch.float16, torch.bfloat16, torch.float32))
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        _check_same_device(x, "x", bias, "bias")
+    threshold = _check_threshold(threshold)
+    impl = resolve_backend(backend, x.device).value
+    y = _ops.int8_linear(_flatten(x), q_w, s_w, bias, threshold, impl)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---- checks shared by the public functions ----
+def _check_tensor(t, arg: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float(t, arg: str, dtypes) -> None:
+    _check_tensor(t, arg)
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{arg} must be one of {names}, got {t.dtype}")
+
+
+def _check_rank(t: torch.Tensor, arg: str, rank: int) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{arg} must be {rank}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same_k(k1: int, arg1: str, k2: int, arg2: str) -> None:
+    if k1 != k2:
+        raise ValueError(f"inner dimensions differ: {arg1} has K={k1}, {arg2} has K={k2}")
+
+
+def _check_same_device(t1, arg1: str, t2, arg2: str) -> None:
+    if t1.device != t2.device:
+        raise ValueError(f"{arg1} and {arg2} must be on one device, got {t1.device} and {t2.device}")
+
+
+def _check_k(k: int, arg: str) -> None:
+    if k > MAX_EXACT_K:
+        raise ValueError(
+            f"{arg} has K={k}, above {MAX_EXACT_K}, the largest K whose int32 accumulation is exact; split the layer"
+        )
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}: {threshold!r}")
+    threshold = float(threshold)
+    if math.isnan(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be >= 0 (0 disables outlier decomposition), got {threshold}")
+    return threshold
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    """``[..., K] -> [M, K]`` without copying when possible (kernels take strides)."""
+    if x.dim() == 2:
+        return x
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension, got a {x.dim()}-D tensor")
+    return x.reshape(-1, x.shape[-1])

@@ -1,0 +1,112 @@
+"""``Int8Linear``: a drop-in for ``nn.Linear`` holding an int8 weight and an fp32 row scale."""
+import torch
+from torch import nn
+
+from . import functional as F8
+from ._constants import DEFAULT_THRESHOLD, INT8_MAX
+from .backends import Backend, parse_backend
+
+# bitsandbytes' checkpoint marker for a row-major int8 weight (SPEC.md, "Checkpoint format")
+WEIGHT_FORMAT_ROW = 0
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W stored as int8 ``weight`` [N, K] and fp32 ``SCB`` [N] (LLM.int8()).
+
+    The state dict uses bitsandbytes' 8-bit layout (``weight`` int8, ``SCB``, ``bias``, ``weight_format``),
+    so checkpoints move between this module and ``bitsandbytes.nn.Linear8bitLt``. Moving with ``.to()`` or
+    ``.cuda()`` never re-quantizes, and dtype casts (``.half()``) leave the int8 weight and fp32 scale alone.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = DEFAULT_THRESHOLD,
+        backend: Backend | str | None = None,
+        device=None,
+        bias_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.threshold = F8._check_threshold(threshold)
+        self.backend = parse_backend(backend) if backend is not None else None
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("SCB", torch.zeros(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None,
+        name: str | None = None,
+    ) -> "Int8Linear":
+        """Quantize ``linear`` (on its device) into a new ``Int8Linear``; ``linear`` is left untouched."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
+            backend=backend, device=torch.device("meta"),
+        )
+        q_w, s_w = F8.quantize_weight(weight, name=f"{name or 'linear'}.weight")
+        module.weight, module.SCB = q_w, s_w
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F8.int8_linear(x, self.weight, self.SCB, self.bias, self.threshold, self.backend)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight the int8 values stand for: ``weight * SCB / 127`` ([N, K])."""
+        return self.weight.float() * (self.SCB / INT8_MAX)[:, None]
+
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain ``nn.Linear`` with the de-quantized weight (for export or removing the layer)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        backend = self.backend.value if self.backend is not None else "default"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, threshold={self.threshold}, backend={backend}")
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (SPEC.md)
+        scale = self.SCB
+        super()._apply(fn, recurse)
+        if self.SCB.dtype != torch.float32:
+            self.SCB = scale.to(self.SCB.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        state_dict = dict(state_dict)  # never modify the caller's dict
+        fmt = state_dict.pop(prefix + "weight_format", None)
+        if fmt is not None and int(fmt) != WEIGHT_FORMAT_ROW:
+            error_msgs.append(f"{prefix}weight_format is {int(fmt)}; only the row-major format (0) is supported")
+            return
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype != torch.int8:
+            error_msgs.append(f"{prefix}weight must be int8 for an Int8Linear, got {weight.dtype} "
+                              f"(quantize a float checkpoint with Int8Linear.from_linear or quantize_model)")
+            return
+        scale = state_dict.get(prefix + "SCB")
+        if scale is not None and scale.dtype != torch.float32:
+            state_dict[prefix + "SCB"] = scale.float()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
