@@ -1,0 +1,84 @@
+"""int8 x int8 -> int32 tensor-core GEMM with the LLM.int8() epilogue fused in.
+
+``out[m, n] = acc[m, n] * s_x[m] * s_w[n] / 127^2 + sum_j x[m, c_j] * q_w[n, c_j] * s_w[n] / 127 + b[n]``
+where ``acc = q_x @ q_w.T`` (int32, exact) and ``c_j`` are the outlier columns, read from device memory
+(index list + count), so the kernel never needs the host to know how many there are.
+With ``FUSED=False`` it writes ``acc`` itself (the ``int8_matmul`` op).
+"""
+import triton
+import triton.language as tl
+
+INV_INT8_MAX = tl.constexpr(1.0 / 127.0)
+INV_INT8_MAX_SQ = tl.constexpr(1.0 / (127.0 * 127.0))
+
+
+@triton.jit
+def _int8_gemm_dequant_kernel(
+    # pointers
+    a_ptr,                # [M, K] int8 quantized activations
+    b_ptr,                # [N, K] int8 quantized weight (nn.Linear layout)
+    out_ptr,              # [M, N] out: x's dtype when FUSED, else int32
+    s_x_ptr,              # [M] fp32 row scales of a
+    s_w_ptr,              # [N] fp32 row scales of b
+    x_ptr,                # [M, K] float activations: the outlier columns are read from here
+    outlier_cols_ptr,     # [K] int32 outlier column indices, the first `count` valid
+    outlier_count_ptr,    # [1] int32
+    bias_ptr,             # [N] float bias (ignored unless HAS_BIAS)
+    # sizes
+    M, N, K,
+    M_BUCKET,             # only an autotune key: M rounded to a power of two
+    # strides
+    stride_am, stride_ak,
+    stride_bn, stride_bk,
+    stride_om, stride_on,
+    stride_xm, stride_xk,
+    # meta-parameters
+    FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped ordering: GROUP_M row blocks sweep the same weight columns while they sit in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BLOCK_K, BLOCK_N] = b.T tile
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=in_m[:, None] & (offs_k[None, :] < k_left), other=0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & in_n[None, :], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = in_m[:, None] & in_n[None, :]
+    if FUSED:
+        s_x = tl.load(s_x_ptr + offs_m, mask=in_m, other=0.0)
+        s_w = tl.load(s_w_ptr + offs_n, mask=in_n, other=0.0)
+        y = acc.to(tl.float32) * s_x[:, None] * (s_w * INV_INT8_MAX_SQ)[None, :]
+        # outlier columns in fp32: a rank-1 update per column, each weight column de-quantized
+        w_scale = s_w * INV_INT8_MAX
+        num_outliers = tl.load(outlier_count_ptr)
+        for j in range(0, num_outliers):
+            col = tl.load(outlier_cols_ptr + j)
+            x_col = tl.load(x_ptr + offs_m * stride_xm + col * stride_xk, mask=in_m, other=0.0).to(tl.float32)
+            w_col = tl.load(b_ptr + offs_n * stride_bn + col * stride_bk, mask=in_n, other=0).to(tl.float32)
+            y += x_col[:, None] * (w_col * w_scale)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc, mask=out_mask)
