@@ -42,9 +42,12 @@ def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ b.T`` of int8 matrices, accumulated in int32."""
-    if a.device.type == "cpu" or _int_mm_accepts(a, b):
+    if a.device.type == "cpu" and a.shape[1] > 1:
+        return torch._int_mm(_with_row_stride(a), _with_row_stride(b).t())
+    if a.device.type != "cpu" and _int_mm_accepts(a, b):
         return torch._int_mm(a, b.t())
-    # cuBLAS refuses small or unaligned shapes; int64 products are exact and the sum fits in int32 (K is checked)
+    # cuBLAS refuses small or unaligned shapes, and oneDNN (CPU) returns garbage for K == 1 (see
+    # _with_row_stride); int64 products are exact and the sum fits in int32 (K is checked)
     return (a.long() @ b.long().t()).int()
 
 
@@ -67,7 +70,9 @@ def int8_linear(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
 def _reciprocal_scale(scale: torch.Tensor) -> torch.Tensor:
     """``127 / scale`` (one fp32 division per row), 0 where the scale is zero or not finite."""
     usable = (scale > 0) & torch.isfinite(scale)
-    return torch.where(usable, INT8_MAX / scale.where(usable, 1.0), 0.0)
+    # a true division: `127 / tensor` in torch is reciprocal(tensor) * 127, which rounds differently
+    reciprocal = torch.full_like(scale, INT8_MAX).div_(scale.where(usable, 1.0))
+    return reciprocal.where(usable, 0.0)
 
 
 def _round_to_int8(values: torch.Tensor, row_reciprocal: torch.Tensor) -> torch.Tensor:
@@ -75,6 +80,18 @@ def _round_to_int8(values: torch.Tensor, row_reciprocal: torch.Tensor) -> torch.
     scaled = values * row_reciprocal[:, None]
     scaled = scaled.nan_to_num_(nan=0.0).round_().clamp_(-INT8_MAX, INT8_MAX)
     return scaled.to(torch.int8)
+
+
+def _with_row_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is row-major with a row stride >= its row length, else a row-major copy.
+
+    torch._int_mm on CPU hands oneDNN the strides as leading dimensions; an expanded (stride 0) or
+    degenerate size-1 dim gives one below the row length, and oneDNN then skips the GEMM silently, leaving
+    garbage (pytorch/pytorch#195066; it is also why K == 1 never reaches it, via b.t()).
+    """
+    if t.stride(1) == 1 and t.stride(0) >= t.shape[1]:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _int_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
