@@ -1,0 +1,62 @@
+"""Every Triton kernel config compiles ahead of time for sm_80 and sm_90, with the instructions we expect.
+
+No GPU needed: the compiling runs in a subprocess (tests/triton_aot.py) because the interpreter that
+the rest of the CPU suite uses cannot compile.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="needs the triton package")
+
+from int8mm.backends import triton as triton_backend  # noqa: E402
+
+HOPPER_SHARED_MEMORY = 227 * 1024
+CONFIGS = [("prefill", c) for c in triton_backend.PREFILL_CONFIGS] + [
+    ("decode", c) for c in triton_backend.DECODE_CONFIGS]
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "triton_aot.py")
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+def _id(kind, config):
+    return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
+
+
+@pytest.mark.parametrize("kind,config", CONFIGS, ids=[_id(k, c) for k, c in CONFIGS])
+def test_gemm_config_on_sm90(report, kind, config):
+    got = report["gemm"][f"sm90/{_id(kind, config)}"]
+    if config.kwargs["BLOCK_M"] >= 64:  # warpgroup-sized tiles: Hopper's int8 wgmma
+        assert got["wgmma_s8"], "sm_90 prefill GEMM does not use wgmma"
+    else:  # 16-row decode tiles use int8 mma.sync
+        assert got["mma_s8"]
+    assert got["cp_async"], "the K loop is not software-pipelined"
+    assert not got["spills"], "registers spill to local memory"
+    assert got["shared_bytes"] <= HOPPER_SHARED_MEMORY
+
+
+@pytest.mark.parametrize("kind,config", CONFIGS, ids=[_id(k, c) for k, c in CONFIGS])
+def test_gemm_config_on_sm80(report, kind, config):
+    got = report["gemm"][f"sm80/{_id(kind, config)}"]
+    assert got["mma_s8"] and got["cp_async"]
+
+
+@pytest.mark.parametrize("out_type", ["i32", "bf16", "fp32"])
+def test_gemm_output_variants(report, out_type):
+    assert report["gemm_variants"][out_type]["wgmma_s8"]
+
+
+@pytest.mark.parametrize("key", ["sm80/m1", "sm80/m4096", "sm90/m1", "sm90/m4096"])
+def test_quantize_kernels(report, key):
+    quantize = report["quantize"][key]["quantize"]
+    assert quantize["div_rn"] and not quantize["div_approx"], "row reciprocal must be an IEEE division"
+    assert quantize["rint"], "rounding must be half-to-even (cvt.rni)"

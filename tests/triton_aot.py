@@ -1,0 +1,103 @@
+"""Compiles every Triton kernel config for sm_80 and sm_90 with no GPU and reports what the PTX holds.
+
+Run as a script (``python tests/triton_aot.py``) in a process without TRITON_INTERPRET: the interpreter
+replaces Triton's own jit functions at import, so compiling must happen in a process of its own.
+Prints one JSON object; ``test_triton_compile.py`` asserts on it.
+Integer arguments get the specialisations a real launch gives contiguous, 16-byte aligned tensors (unit
+strides as constants, divisibility by 16), since software pipelining (cp.async) depends on them.
+"""
+import json
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from int8mm.backends import triton as triton_backend
+from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
+from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
+
+TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
+UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_on", "stride_xk")
+GEMM_ALIGNED = ("a_ptr", "b_ptr", "out_ptr", "s_x_ptr", "s_w_ptr", "x_ptr", "outlier_cols_ptr",
+                "outlier_count_ptr", "bias_ptr", "N", "K", "stride_am", "stride_bn", "stride_om", "stride_xm")
+X_ALIGNED = ("x_ptr", "K", "stride_xm")
+
+
+def _compile(kernel, signature, constexprs, aligned, target, num_warps, num_stages=3):
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _features(compiled):
+    ptx = compiled.asm["ptx"]
+    return {
+        "wgmma_s8": bool(re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", ptx)),
+        "mma_s8": bool(re.search(r"mma\.sync\.aligned\.m16n8k32\.row\.col(?:\.satfinite)?\.s32\.s8\.s8\.s32", ptx)),
+        "cp_async": "cp.async" in ptx,
+        "spills": "ld.local" in ptx,
+        "div_rn": "div.rn.f32" in ptx,
+        "div_approx": "div.full.f32" in ptx or "div.approx.f32" in ptx,
+        "rint": "cvt.rni.f32.f32" in ptx,
+        "shared_bytes": compiled.metadata.shared,
+    }
+
+
+def _gemm_signature(out_type):
+    sig = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": f"*{out_type}", "s_x_ptr": "*fp32", "s_w_ptr": "*fp32",
+           "x_ptr": "*fp16", "outlier_cols_ptr": "*i32", "outlier_count_ptr": "*i32", "bias_ptr": "*fp16"}
+    for name in ("M", "N", "K", "M_BUCKET", "stride_am", "stride_ak", "stride_bn", "stride_bk", "stride_om",
+                 "stride_on", "stride_xm", "stride_xk"):
+        sig[name] = "constexpr" if name in UNIT_STRIDES else "i32"
+    for name in ("FUSED", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def compile_gemm(config, target, out_type="fp16"):
+    fused = out_type != "i32"
+    constexprs = dict(config.kwargs, FUSED=fused, HAS_BIAS=fused, **{s: 1 for s in UNIT_STRIDES})
+    return _features(_compile(_int8_gemm_dequant_kernel, _gemm_signature(out_type), constexprs, GEMM_ALIGNED,
+                              target, config.num_warps, config.num_stages))
+
+
+def compile_quantize(m, target):
+    block_m, block_k = triton_backend._stats_tile(m)
+    tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "stride_xk": 1}
+    stats_sig = {"x_ptr": "*bf16", "row_max_ptr": "*fp32", "col_flags_ptr": "*i8", "M": "i32", "K": "i32",
+                 "stride_xm": "i32", "stride_xk": "constexpr", "threshold": "fp32",
+                 "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+    stats = _compile(_activation_stats_kernel, stats_sig, tiles, X_ALIGNED, target, 4)
+    quant_sig = {"x_ptr": "*bf16", "row_max_ptr": "*fp32", "col_flags_ptr": "*i8", "q_ptr": "*i8",
+                 "s_x_ptr": "*fp32", "outlier_cols_ptr": "*i32", "outlier_count_ptr": "*i32", "M": "i32",
+                 "K": "i32", "num_k_blocks": "i32", "num_m_blocks": "i32", "stride_xm": "i32",
+                 "stride_xk": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
+                 "COMPACT_BLOCK": "constexpr", "INTERPRET": "constexpr"}
+    quant_consts = dict(tiles, COMPACT_BLOCK=triton_backend.COMPACT_BLOCK, INTERPRET=False)
+    quant = _compile(_quantize_rows_kernel, quant_sig, quant_consts, X_ALIGNED, target, 4)
+    return {"stats": _features(stats), "quantize": _features(quant)}
+
+
+def config_id(kind, config):
+    return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
+
+
+def main():
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}}
+    configs = [("prefill", c) for c in triton_backend.PREFILL_CONFIGS]
+    configs += [("decode", c) for c in triton_backend.DECODE_CONFIGS]
+    for arch, target in TARGETS.items():
+        for kind, config in configs:
+            report["gemm"][f"{arch}/{config_id(kind, config)}"] = compile_gemm(config, target)
+        for m in (1, 4096):
+            report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
+    for out_type in ("i32", "bf16", "fp32"):
+        report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
