@@ -34,6 +34,7 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache  # a failed import is slow, and this runs on every call
 def _cuda_library_loadable() -> bool:
     try:
         from . import cuda as cuda_backend
