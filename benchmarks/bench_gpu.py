@@ -111,6 +111,29 @@ def bench_shape(shape, m, args, gen, backends, l2_bytes):
     return rows
 
 
+def kernel_breakdown(shape, m, args, gen):
+    """Per-kernel device time of one int8mm forward (torch.profiler), to see where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    weight = (torch.randn(shape.n, shape.k, device="cuda", generator=gen) * 0.02).half()
+    q_w, s_w = int8mm.quantize_weight(weight)
+    x = planted_input(m, shape.k, args.outlier_cols, args.outlier_low, args.outlier_high, gen)
+    for _ in range(3):
+        int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, "triton")
+    torch.cuda.synchronize()
+    reps = 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, "triton")
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us:
+            kernels[event.key[:60]] = device_us / reps
+    print(f"breakdown {shape.name} M={m}: " + ", ".join(f"{k} {v:.1f} us" for k, v in kernels.items()), flush=True)
+    return {"layer": shape.name, "m": m, "kernels_us": kernels}
+
+
 def markdown(rows, meta):
     lines = [f"# GPU benchmark: {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, bitsandbytes {meta['bitsandbytes']}; "
@@ -143,7 +166,7 @@ def main():
     p.add_argument("--outlier-cols", type=int, default=8)
     p.add_argument("--outlier-low", type=float, default=20.0)
     p.add_argument("--outlier-high", type=float, default=60.0)
-    p.add_argument("--graph-max-m", type=int, default=16, help="also time CUDA-graph replay up to this M")
+    p.add_argument("--graph-max-m", type=int, default=4096, help="also time CUDA-graph replay up to this M")
     p.add_argument("--no-bnb", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -169,10 +192,13 @@ def main():
             for m in args.m:
                 rows += bench_shape(shape, m, args, gen, backends, l2)
                 torch.cuda.empty_cache()
+    if "triton" in backends:
+        meta["breakdown"] = [kernel_breakdown(LAYER_SHAPES[model][i], m, args, gen)
+                             for model in args.models[-1:] for i in (1, 2) for m in args.m]
     from int8mm.backends import triton as triton_backend
     meta["autotune"] = {kind: {str(key): str(cfg) for key, cfg in tuner.cache.items()}
                         for kind, tuner in (("prefill", triton_backend._gemm_prefill),
-                                            ("decode", triton_backend._gemm_decode))}
+                                            ("decode", triton_backend._gemv_decode))}
     for r in rows:
         r.update({k: meta[k] for k in ("device", "torch", "triton", "bitsandbytes", "date")})
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:

@@ -15,8 +15,8 @@ pytest.importorskip("triton", reason="needs the triton package")
 from int8mm.backends import triton as triton_backend  # noqa: E402
 
 HOPPER_SHARED_MEMORY = 227 * 1024
-CONFIGS = [("prefill", c) for c in triton_backend.PREFILL_CONFIGS] + [
-    ("decode", c) for c in triton_backend.DECODE_CONFIGS]
+PREFILL = triton_backend.PREFILL_CONFIGS
+DECODE = triton_backend.DECODE_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +32,28 @@ def _id(kind, config):
     return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
 
 
-@pytest.mark.parametrize("kind,config", CONFIGS, ids=[_id(k, c) for k, c in CONFIGS])
-def test_gemm_config_on_sm90(report, kind, config):
-    got = report["gemm"][f"sm90/{_id(kind, config)}"]
-    if config.kwargs["BLOCK_M"] >= 64:  # warpgroup-sized tiles: Hopper's int8 wgmma
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+@pytest.mark.parametrize("config", PREFILL, ids=[_id("prefill", c) for c in PREFILL])
+def test_prefill_gemm_configs(report, arch, config):
+    got = report["gemm"][f"{arch}/{_id('prefill', config)}"]
+    if arch == "sm90":  # Hopper: warpgroup int8 wgmma
         assert got["wgmma_s8"], "sm_90 prefill GEMM does not use wgmma"
-    else:  # 16-row decode tiles use int8 mma.sync
-        assert got["mma_s8"]
+    else:
+        assert got["mma_s8"], "sm_80 GEMM does not use int8 mma.sync"
     assert got["cp_async"], "the K loop is not software-pipelined"
     assert not got["spills"], "registers spill to local memory"
     assert got["shared_bytes"] <= HOPPER_SHARED_MEMORY
 
 
-@pytest.mark.parametrize("kind,config", CONFIGS, ids=[_id(k, c) for k, c in CONFIGS])
-def test_gemm_config_on_sm80(report, kind, config):
-    got = report["gemm"][f"sm80/{_id(kind, config)}"]
-    assert got["mma_s8"] and got["cp_async"]
+@pytest.mark.parametrize("x_type", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+@pytest.mark.parametrize("config", DECODE, ids=[_id("decode", c) for c in DECODE])
+def test_decode_gemv_configs(report, arch, config, x_type):
+    got = report["gemv"][f"{arch}/{_id('decode', config)}/{x_type}"]
+    assert got["mma_s8"], "decode GEMV does not use int8 mma.sync"
+    assert got["cp_async"], "the weight stream is not software-pipelined"
+    assert not got["spills"], "registers spill to local memory"
+    assert got["div_rn"] and not got["div_approx"] and got["rint"]
 
 
 @pytest.mark.parametrize("out_type", ["i32", "bf16", "fp32"])

@@ -1,85 +1,93 @@
 """Triton launchers: check shapes, allocate, pick a schedule, launch. Kernels live in kernels/triton.
 
-Registered as the ``triton`` backend of the ops in ``int8mm._ops``. The forward of ``int8_linear`` is
-three launches (activation statistics, quantization + outlier compaction, fused GEMM) and never reads a
-device value on the host, so it can be captured in a CUDA graph.
+Registered as the ``triton`` backend of the ops in ``int8mm._ops``. ``int8_linear`` never reads a device
+value on the host, so it can be captured in a CUDA graph:
+    decode (M <= 16):  zero-fill, activation statistics, GEMV that quantizes x on the fly;
+    prefill:           zero-fill, activation statistics, quantization + outlier list, fused GEMM.
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
 """
+import torch
 import triton
 
 from .. import _ops
-from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
+from ..kernels.triton.gemm import _int8_gemm_dequant_kernel, _int8_gemv_dequant_kernel
 from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 from . import triton_interpreting
 
-import torch
-
 BACKEND = "triton"
-# M <= DECODE_MAX_M reads weights like a GEMV: thin row tiles, many programs along N
+# M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
 DECODE_MAX_M = 16
-COMPACT_BLOCK = 1024
 GROUP_M = 8
 
 
-def _config(block_m, block_n, block_k, stages, warps):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": GROUP_M},
+def _config(block_m, block_n, block_k, stages, warps, **extra):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **extra},
                          num_stages=stages, num_warps=warps)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Prefill: the large tiles measured best for int8 on Hopper
-# (GPU-ANCHORS.md), plus smaller ones for modest M or N. Decode: weight streaming, 16-row tiles (the
-# smallest int8 tensor-core tile) and narrow N so that enough programs keep loads in flight.
+# (GPU-ANCHORS.md), plus smaller ones for modest M or N. Decode: weight streaming with narrow N so that
+# enough programs keep loads in flight.
 PREFILL_CONFIGS = [
-    _config(128, 256, 128, 3, 8),
-    _config(256, 128, 128, 3, 8),
-    _config(128, 128, 128, 4, 4),
-    _config(64, 128, 128, 4, 4),
+    _config(128, 256, 128, 3, 8, GROUP_M=GROUP_M),
+    _config(256, 128, 128, 3, 8, GROUP_M=GROUP_M),
+    _config(128, 128, 128, 4, 4, GROUP_M=GROUP_M),
+    _config(64, 128, 128, 4, 4, GROUP_M=GROUP_M),
 ]
 DECODE_CONFIGS = [
     _config(16, 32, 256, 4, 4),
     _config(16, 64, 256, 4, 4),
     _config(16, 32, 512, 3, 4),
-    _config(16, 128, 128, 5, 4),
+    _config(16, 64, 128, 5, 4),
+    _config(16, 16, 512, 4, 4),
 ]
-# the single schedule used where autotuning cannot run (the interpreter)
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": GROUP_M}
+# the single schedules used where autotuning cannot run (the interpreter)
+INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": GROUP_M}
+INTERPRETER_GEMV = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "FUSED", "HAS_BIAS"]
-_gemm_prefill = triton.autotune(configs=PREFILL_CONFIGS, key=_AUTOTUNE_KEY)(_int8_gemm_dequant_kernel)
-_gemm_decode = triton.autotune(configs=DECODE_CONFIGS, key=_AUTOTUNE_KEY)(_int8_gemm_dequant_kernel)
+_gemm_prefill = triton.autotune(configs=PREFILL_CONFIGS, key=["M_BUCKET", "N", "K", "FUSED", "HAS_BIAS"])(
+    _int8_gemm_dequant_kernel)
+_gemv_decode = triton.autotune(configs=DECODE_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "OUTLIER_FP32"])(
+    _int8_gemv_dequant_kernel)
 
 
 def _stats_tile(m: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K) of the quantization passes: whole decode batches in one row block."""
-    block_m = 16 if m <= DECODE_MAX_M else 32
-    return block_m, 256
+    """(BLOCK_M, BLOCK_K) of the quantization passes: a decode batch is one row block."""
+    return (16 if m <= DECODE_MAX_M else 32), 256
+
+
+class _ActivationStats:
+    """Row scales (as fp32 bits), outlier-column flags and per-block counts, in one zero-filled buffer."""
+
+    def __init__(self, x: torch.Tensor, threshold: float):
+        m, k = x.shape
+        self.block_m, self.block_k = _stats_tile(m)
+        self.grid = (triton.cdiv(m, self.block_m), triton.cdiv(k, self.block_k))
+        buffer = torch.zeros(m + k + self.grid[1], dtype=torch.int32, device=x.device)
+        self.row_max_bits, self.col_flags, self.block_counts = buffer.split([m, k, self.grid[1]])
+        _activation_stats_kernel[self.grid](
+            x, self.row_max_bits, self.col_flags, self.block_counts, m, k, x.stride(0), x.stride(1), threshold,
+            BLOCK_M=self.block_m, BLOCK_K=self.block_k, num_warps=4,
+        )
 
 
 def _quantize_activations(x: torch.Tensor, threshold: float):
     m, k = x.shape
     dev = x.device
     q_x = torch.empty((m, k), dtype=torch.int8, device=dev)
-    s_x = torch.empty(m, dtype=torch.float32, device=dev)
+    s_x = torch.zeros(m, dtype=torch.float32, device=dev)
     outlier_cols = torch.empty(k, dtype=torch.int32, device=dev)
     outlier_count = torch.zeros(1, dtype=torch.int32, device=dev)
     if m == 0 or k == 0:
-        s_x.zero_()
         return q_x, s_x, outlier_cols, outlier_count
-    block_m, block_k = _stats_tile(m)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-    row_max = torch.empty((grid[1], m), dtype=torch.float32, device=dev)
-    col_flags = torch.empty((grid[0], k), dtype=torch.int8, device=dev)
-    _activation_stats_kernel[grid](
-        x, row_max, col_flags, m, k, x.stride(0), x.stride(1), threshold,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
-    )
-    _quantize_rows_kernel[grid](
-        x, row_max, col_flags, q_x, s_x, outlier_cols, outlier_count,
-        m, k, grid[1], grid[0], x.stride(0), x.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, COMPACT_BLOCK=COMPACT_BLOCK, INTERPRET=triton_interpreting(),
-        num_warps=4,
+    stats = _ActivationStats(x, threshold)
+    _quantize_rows_kernel[stats.grid](
+        x, stats.row_max_bits, stats.col_flags, stats.block_counts, q_x, s_x, outlier_cols, outlier_count,
+        m, k, stats.grid[1], x.stride(0), x.stride(1),
+        BLOCK_M=stats.block_m, BLOCK_K=stats.block_k, MAX_K_BLOCKS=triton.next_power_of_2(stats.grid[1]),
+        INTERPRET=triton_interpreting(), num_warps=4,
     )
     return q_x, s_x, outlier_cols, outlier_count
 
@@ -87,12 +95,9 @@ def _quantize_activations(x: torch.Tensor, threshold: float):
 def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, outlier_count=None, bias=None):
     m, k = q_x.shape
     n = q_w.shape[0]
-    if m == 0 or n == 0:
-        return out
     fused = s_x is not None
     if not fused:  # int8_matmul: the epilogue pointers are never read; pass any tensor
         s_x = s_w = x = outlier_cols = outlier_count = q_x
-    x = x if x is not None else q_x
     args = (
         q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out,
         m, n, k, triton.next_power_of_2(m),
@@ -101,16 +106,30 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
     )
     flags = {"FUSED": fused, "HAS_BIAS": bias is not None}
     if triton_interpreting():
-        cfg = INTERPRETER_CONFIG
+        cfg = INTERPRETER_GEMM
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg)
-        return out
-    kernel = _gemm_decode if m <= DECODE_MAX_M else _gemm_prefill
+    else:
+        _gemm_prefill[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+            *args, **flags)
+    return out
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    kernel[grid](*args, **flags)
+def _launch_gemv(x, q_w, s_w, bias, stats: _ActivationStats, out):
+    m, k = x.shape
+    n = q_w.shape[0]
+    args = (
+        x, q_w, out, stats.row_max_bits, stats.col_flags, s_w, bias if bias is not None else out,
+        m, n, k, triton.next_power_of_2(m),
+        x.stride(0), x.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
+    )
+    interpret = triton_interpreting()
+    flags = {"HAS_BIAS": bias is not None, "OUTLIER_FP32": interpret or x.dtype == torch.float32,
+             "INTERPRET": interpret}
+    if interpret:
+        _int8_gemv_dequant_kernel[(triton.cdiv(n, INTERPRETER_GEMV["BLOCK_N"]),)](*args, **flags, **INTERPRETER_GEMV)
+    else:
+        _gemv_decode[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     return out
 
 
@@ -122,11 +141,21 @@ def quantize_activations(x, threshold):
 @_ops.register_impl(BACKEND, "int8_matmul")
 def int8_matmul(a, b):
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
+    if out.numel() == 0:
+        return out.zero_()
     return _launch_gemm(a, b, out)
 
 
 @_ops.register_impl(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
+    m, k = x.shape
+    n = q_w.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # no products: only the bias remains
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    if m <= DECODE_MAX_M:
+        return _launch_gemv(x, q_w, s_w, bias, _ActivationStats(x, threshold), out)
     q_x, s_x, outlier_cols, outlier_count = _quantize_activations(x, threshold)
-    out = torch.empty((x.shape[0], q_w.shape[0]), dtype=x.dtype, device=x.device)
     return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
