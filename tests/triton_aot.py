@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
-from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel, _int8_gemv_dequant_kernel
+from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
 from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
@@ -64,35 +64,20 @@ def compile_gemm(config, target, out_type="fp16"):
                               target, config.num_warps, config.num_stages))
 
 
-def compile_gemv(config, target, x_type="fp16"):
-    sig = {"x_ptr": f"*{x_type}", "b_ptr": "*i8", "out_ptr": f"*{x_type}", "row_max_bits_ptr": "*i32",
-           "col_flags_ptr": "*i32", "s_w_ptr": "*fp32", "bias_ptr": f"*{x_type}"}
-    for name in ("M", "N", "K", "M_BUCKET", "stride_xm", "stride_xk", "stride_bn", "stride_bk", "stride_om",
-                 "stride_on"):
-        sig[name] = "constexpr" if name in UNIT_STRIDES + ("stride_on",) else "i32"
-    for name in ("HAS_BIAS", "OUTLIER_FP32", "INTERPRET", "BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        sig[name] = "constexpr"
-    constexprs = dict(config.kwargs, HAS_BIAS=True, OUTLIER_FP32=x_type == "fp32", INTERPRET=False,
-                      stride_xk=1, stride_bk=1, stride_on=1)
-    aligned = ("x_ptr", "b_ptr", "out_ptr", "s_w_ptr", "bias_ptr", "N", "K", "stride_xm", "stride_bn", "stride_om")
-    return _features(_compile(_int8_gemv_dequant_kernel, sig, constexprs, aligned, target, config.num_warps,
-                              config.num_stages))
-
-
 def compile_quantize(m, target):
-    block_m, block_k = triton_backend._stats_tile(m)
+    block_m, block_k, num_warps = triton_backend._stats_tile(m)
     tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "stride_xk": 1}
     stats_sig = {"x_ptr": "*bf16", "row_max_bits_ptr": "*i32", "col_flags_ptr": "*i32", "block_counts_ptr": "*i32",
                  "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr", "threshold": "fp32",
                  "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
-    stats = _compile(_activation_stats_kernel, stats_sig, tiles, X_ALIGNED, target, 4)
+    stats = _compile(_activation_stats_kernel, stats_sig, tiles, X_ALIGNED, target, num_warps)
     quant_sig = {"x_ptr": "*bf16", "row_max_bits_ptr": "*i32", "col_flags_ptr": "*i32", "block_counts_ptr": "*i32",
                  "q_ptr": "*i8", "s_x_ptr": "*fp32", "outlier_cols_ptr": "*i32", "outlier_count_ptr": "*i32",
                  "M": "i32", "K": "i32", "num_k_blocks": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
                  "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "MAX_K_BLOCKS": "constexpr",
                  "INTERPRET": "constexpr"}
     quant_consts = dict(tiles, MAX_K_BLOCKS=512, INTERPRET=False)
-    quant = _compile(_quantize_rows_kernel, quant_sig, quant_consts, X_ALIGNED, target, 4)
+    quant = _compile(_quantize_rows_kernel, quant_sig, quant_consts, X_ALIGNED, target, num_warps)
     return {"stats": _features(stats), "quantize": _features(quant)}
 
 
@@ -101,13 +86,13 @@ def config_id(kind, config):
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "gemv": {}, "quantize": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
         for config in triton_backend.DECODE_CONFIGS:
-            for x_type in ("fp16", "bf16", "fp32"):
-                report["gemv"][f"{arch}/{config_id('decode', config)}/{x_type}"] = compile_gemv(config, target, x_type)
+            for out_type in ("fp16", "bf16", "fp32"):
+                report["gemm"][f"{arch}/{config_id('decode', config)}/{out_type}"] = compile_gemm(config, target, out_type)
         for m in (1, 4096):
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
     for out_type in ("i32", "bf16", "fp32"):

@@ -29,17 +29,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Probed once at import (without importing either): torch.compile traces backend resolution, and
+# importlib cannot be traced; a failed import on every call would also be slow.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_CUDA_BACKEND_PRESENT = importlib.util.find_spec(f"{__name__}.cuda") is not None
 
 
-@functools.cache  # a failed import is slow, and this runs on every call
 def _cuda_library_loadable() -> bool:
-    try:
-        from . import cuda as cuda_backend
-    except ImportError:
+    if not _CUDA_BACKEND_PRESENT:
         return False
+    from . import cuda as cuda_backend
     return cuda_backend.library_available()
 
 
@@ -47,7 +46,7 @@ def available_backends(device: torch.device | str | None = None) -> list[Backend
     """The backends that can run on ``device`` (default: CUDA if present, else CPU), AUTO excluded."""
     device = torch.device(device) if device is not None else _default_device()
     found = [Backend.REFERENCE]
-    if _triton_installed() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
+    if _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
         found.append(Backend.TRITON)
     if device.type == "cuda" and _cuda_library_loadable():
         found.append(Backend.CUDA)

@@ -2,8 +2,8 @@
 
 Registered as the ``triton`` backend of the ops in ``int8mm._ops``. ``int8_linear`` never reads a device
 value on the host, so it can be captured in a CUDA graph:
-    decode (M <= 16):  zero-fill, activation statistics, GEMV that quantizes x on the fly;
-    prefill:           zero-fill, activation statistics, quantization + outlier list, fused GEMM.
+zero-fill, activation statistics, quantization + outlier list, fused GEMM, with thin 16-row tiles
+and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill.
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
@@ -12,7 +12,7 @@ import torch
 import triton
 
 from .. import _ops
-from ..kernels.triton.gemm import _int8_gemm_dequant_kernel, _int8_gemv_dequant_kernel
+from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 from . import triton_interpreting
 
@@ -37,25 +37,24 @@ PREFILL_CONFIGS = [
     _config(64, 128, 128, 4, 4, GROUP_M=GROUP_M),
 ]
 DECODE_CONFIGS = [
-    _config(16, 32, 256, 4, 4),
-    _config(16, 64, 256, 4, 4),
-    _config(16, 32, 512, 3, 4),
-    _config(16, 64, 128, 5, 4),
-    _config(16, 16, 512, 4, 4),
+    _config(16, 32, 256, 4, 4, GROUP_M=1),
+    _config(16, 64, 256, 4, 4, GROUP_M=1),
+    _config(16, 32, 512, 3, 4, GROUP_M=1),
+    _config(16, 64, 128, 5, 4, GROUP_M=1),
 ]
 # the single schedules used where autotuning cannot run (the interpreter)
 INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": GROUP_M}
-INTERPRETER_GEMV = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
 
 _gemm_prefill = triton.autotune(configs=PREFILL_CONFIGS, key=["M_BUCKET", "N", "K", "FUSED", "HAS_BIAS"])(
     _int8_gemm_dequant_kernel)
-_gemv_decode = triton.autotune(configs=DECODE_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "OUTLIER_FP32"])(
-    _int8_gemv_dequant_kernel)
+_gemm_decode = triton.autotune(configs=DECODE_CONFIGS, key=["M_BUCKET", "N", "K", "FUSED", "HAS_BIAS"])(
+    _int8_gemm_dequant_kernel)
 
 
-def _stats_tile(m: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K) of the quantization passes: a decode batch is one row block."""
-    return (16 if m <= DECODE_MAX_M else 32), 256
+def _stats_tile(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of the quantization passes: a decode batch is one row block; prefill
+    tiles are taller so that fewer programs fold their rows with atomics."""
+    return (16, 256, 4) if m <= DECODE_MAX_M else (64, 256, 8)
 
 
 class _ActivationStats:
@@ -63,13 +62,13 @@ class _ActivationStats:
 
     def __init__(self, x: torch.Tensor, threshold: float):
         m, k = x.shape
-        self.block_m, self.block_k = _stats_tile(m)
+        self.block_m, self.block_k, self.num_warps = _stats_tile(m)
         self.grid = (triton.cdiv(m, self.block_m), triton.cdiv(k, self.block_k))
         buffer = torch.zeros(m + k + self.grid[1], dtype=torch.int32, device=x.device)
         self.row_max_bits, self.col_flags, self.block_counts = buffer.split([m, k, self.grid[1]])
         _activation_stats_kernel[self.grid](
             x, self.row_max_bits, self.col_flags, self.block_counts, m, k, x.stride(0), x.stride(1), threshold,
-            BLOCK_M=self.block_m, BLOCK_K=self.block_k, num_warps=4,
+            BLOCK_M=self.block_m, BLOCK_K=self.block_k, num_warps=self.num_warps,
         )
 
 
@@ -87,7 +86,7 @@ def _quantize_activations(x: torch.Tensor, threshold: float):
         x, stats.row_max_bits, stats.col_flags, stats.block_counts, q_x, s_x, outlier_cols, outlier_count,
         m, k, stats.grid[1], x.stride(0), x.stride(1),
         BLOCK_M=stats.block_m, BLOCK_K=stats.block_k, MAX_K_BLOCKS=triton.next_power_of_2(stats.grid[1]),
-        INTERPRET=triton_interpreting(), num_warps=4,
+        INTERPRET=triton_interpreting(), num_warps=stats.num_warps,
     )
     return q_x, s_x, outlier_cols, outlier_count
 
@@ -110,26 +109,8 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg)
     else:
-        _gemm_prefill[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
-            *args, **flags)
-    return out
-
-
-def _launch_gemv(x, q_w, s_w, bias, stats: _ActivationStats, out):
-    m, k = x.shape
-    n = q_w.shape[0]
-    args = (
-        x, q_w, out, stats.row_max_bits, stats.col_flags, s_w, bias if bias is not None else out,
-        m, n, k, triton.next_power_of_2(m),
-        x.stride(0), x.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
-    )
-    interpret = triton_interpreting()
-    flags = {"HAS_BIAS": bias is not None, "OUTLIER_FP32": interpret or x.dtype == torch.float32,
-             "INTERPRET": interpret}
-    if interpret:
-        _int8_gemv_dequant_kernel[(triton.cdiv(n, INTERPRETER_GEMV["BLOCK_N"]),)](*args, **flags, **INTERPRETER_GEMV)
-    else:
-        _gemv_decode[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        kernel = _gemm_decode if m <= DECODE_MAX_M else _gemm_prefill
+        kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     return out
 
 
@@ -155,7 +136,5 @@ def int8_linear(x, q_w, s_w, bias, threshold):
         return out
     if k == 0:  # no products: only the bias remains
         return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
-    if m <= DECODE_MAX_M:
-        return _launch_gemv(x, q_w, s_w, bias, _ActivationStats(x, threshold), out)
     q_x, s_x, outlier_cols, outlier_count = _quantize_activations(x, threshold)
     return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)

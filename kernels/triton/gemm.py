@@ -8,8 +8,6 @@ With ``FUSED=False`` it writes ``acc`` itself (the ``int8_matmul`` op).
 import triton
 import triton.language as tl
 
-from .quantize import _quantize_tile, _row_reciprocal
-
 INV_INT8_MAX = tl.constexpr(1.0 / 127.0)
 INV_INT8_MAX_SQ = tl.constexpr(1.0 / (127.0 * 127.0))
 
@@ -85,71 +83,3 @@ def _int8_gemm_dequant_kernel(
     else:
         tl.store(out_ptrs, acc, mask=out_mask)
 
-
-@triton.jit
-def _int8_gemv_dequant_kernel(
-    # pointers
-    x_ptr,                # [M, K] float activations, M <= BLOCK_M (decode)
-    b_ptr,                # [N, K] int8 quantized weight (nn.Linear layout)
-    out_ptr,              # [M, N] out, x's dtype
-    row_max_bits_ptr,     # [M] int32: fp32 bits of the row scales s_x (from the stats pass)
-    col_flags_ptr,        # [K] int32: 1 in outlier columns (from the stats pass)
-    s_w_ptr,              # [N] fp32 row scales of b
-    bias_ptr,             # [N] float bias (ignored unless HAS_BIAS)
-    # sizes
-    M, N, K,
-    M_BUCKET,             # only an autotune key
-    # strides
-    stride_xm, stride_xk,
-    stride_bn, stride_bk,
-    stride_om, stride_on,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr,
-    OUTLIER_FP32: tl.constexpr,  # outlier products through fp32 (fp32 inputs, and the interpreter)
-    INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Decode: one program per BLOCK_N weight rows streams them once, quantizing x on the fly.
-
-    x is tiny and stays in L2, so re-reading it per program is cheap, and no int8 copy of x or outlier
-    list is needed: tiles that hold outlier columns add ``x_out @ q_w_tile.T`` on the tensor cores (a
-    16-bit float times an int8 value is exact in the fp32 accumulator).
-    """
-    pid_n = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    in_m = offs_m < M
-    in_n = offs_n < N
-    s_x = tl.load(row_max_bits_ptr + offs_m, mask=in_m, other=0).to(tl.float32, bitcast=True)
-    reciprocal = _row_reciprocal(s_x)
-
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BLOCK_K, BLOCK_N] = b.T tile
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    outlier_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        in_k = offs_k < k_left
-        b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0)
-        x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
-        flags = tl.load(col_flags_ptr + k * BLOCK_K + offs_k, mask=in_k, other=0)
-        is_outlier_col = flags > 0
-        q = _quantize_tile(x.to(tl.float32), reciprocal, is_outlier_col, INTERPRET)
-        acc = tl.dot(q, b, acc, out_dtype=tl.int32)
-        if tl.max(flags, axis=0) > 0:
-            x_out = tl.where(is_outlier_col[None, :], x, 0.0)
-            if OUTLIER_FP32:
-                outlier_acc = tl.dot(x_out.to(tl.float32), b.to(tl.float32), outlier_acc, input_precision="ieee")
-            else:
-                outlier_acc = tl.dot(x_out, b.to(x_out.dtype), outlier_acc)
-        x_ptrs += BLOCK_K * stride_xk
-        b_ptrs += BLOCK_K * stride_bk
-
-    s_w = tl.load(s_w_ptr + offs_n, mask=in_n, other=0.0)
-    y = acc.to(tl.float32) * s_x[:, None] * (s_w * INV_INT8_MAX_SQ)[None, :]
-    y += outlier_acc * (s_w * INV_INT8_MAX)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y.to(out_ptr.dtype.element_ty),
-             mask=in_m[:, None] & in_n[None, :])

@@ -77,14 +77,15 @@ def _activation_stats_kernel(
     # max() may drop NaN; set it explicitly so a NaN row never gets a finite scale
     row_has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
     row_max = tl.where(row_has_nan, float("nan"), row_max)
-    tl.atomic_max(row_max_bits_ptr + offs_m, row_max.to(tl.int32, bitcast=True), mask=in_m)
+    # relaxed: the kernel boundary orders these for the next pass
+    tl.atomic_max(row_max_bits_ptr + offs_m, row_max.to(tl.int32, bitcast=True), mask=in_m, sem="relaxed")
 
     col_flag = tl.max(is_outlier.to(tl.int32), axis=0)
     has_flag = col_flag > 0
     if tl.max(col_flag, axis=0) > 0:  # rare: only tiles that hold outliers touch the flags
-        previous = tl.atomic_xchg(col_flags_ptr + offs_k, col_flag, mask=has_flag)
+        previous = tl.atomic_xchg(col_flags_ptr + offs_k, col_flag, mask=has_flag, sem="relaxed")
         newly_flagged = tl.sum((has_flag & (previous == 0)).to(tl.int32), axis=0)
-        tl.atomic_add(block_counts_ptr + pid_k, newly_flagged)
+        tl.atomic_add(block_counts_ptr + pid_k, newly_flagged, sem="relaxed")
 
 
 @triton.jit
