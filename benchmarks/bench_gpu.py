@@ -198,7 +198,7 @@ def main():
     from int8mm.backends import triton as triton_backend
     meta["autotune"] = {kind: {str(key): str(cfg) for key, cfg in tuner.cache.items()}
                         for kind, tuner in (("prefill", triton_backend._gemm_prefill),
-                                            ("decode", triton_backend._gemv_decode))}
+                                            ("decode", triton_backend._gemm_decode))}
     for r in rows:
         r.update({k: meta[k] for k in ("device", "torch", "triton", "bitsandbytes", "date")})
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
