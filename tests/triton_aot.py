@@ -68,7 +68,8 @@ def compile_quantize(m, target):
     block_m, block_k, num_warps = triton_backend._stats_tile(m)
     tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "stride_xk": 1}
     stats_sig = {"x_ptr": "*bf16", "row_max_bits_ptr": "*i32", "col_flags_ptr": "*i32", "block_counts_ptr": "*i32",
-                 "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr", "threshold": "fp32",
+                 "M": "i32", "K": "i32", "K_PER_PROGRAM": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
+                 "threshold": "fp32",
                  "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
     stats = _compile(_activation_stats_kernel, stats_sig, tiles, X_ALIGNED, target, num_warps)
     quant_sig = {"x_ptr": "*bf16", "row_max_bits_ptr": "*i32", "col_flags_ptr": "*i32", "block_counts_ptr": "*i32",

@@ -8,6 +8,9 @@ and many programs along N for decode (M <= 16) and large tensor-core tiles for p
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
 """
+import functools
+import os
+
 import torch
 import triton
 
@@ -42,6 +45,9 @@ DECODE_CONFIGS = [
     _config(16, 32, 512, 3, 4, GROUP_M=1),
     _config(16, 64, 128, 5, 4, GROUP_M=1),
 ]
+# INT8MM_AUTOTUNE=0 skips autotuning and takes the first config of each list (fast start-up, the same
+# schedule on every run)
+AUTOTUNE_ENV_VAR = "INT8MM_AUTOTUNE"
 # the single schedules used where autotuning cannot run (the interpreter)
 INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": GROUP_M}
 
@@ -63,13 +69,25 @@ class _ActivationStats:
     def __init__(self, x: torch.Tensor, threshold: float):
         m, k = x.shape
         self.block_m, self.block_k, self.num_warps = _stats_tile(m)
+        # the quantize pass tiles [BLOCK_M, BLOCK_K]; the stats pass gives each program a run of column
+        # blocks, enough programs to cover the GPU twice over
         self.grid = (triton.cdiv(m, self.block_m), triton.cdiv(k, self.block_k))
+        splits = min(self.grid[1], triton.cdiv(2 * _multiprocessors(x.device), self.grid[0]))
+        k_per_program = triton.cdiv(self.grid[1], splits) * self.block_k
         buffer = torch.zeros(m + k + self.grid[1], dtype=torch.int32, device=x.device)
         self.row_max_bits, self.col_flags, self.block_counts = buffer.split([m, k, self.grid[1]])
-        _activation_stats_kernel[self.grid](
-            x, self.row_max_bits, self.col_flags, self.block_counts, m, k, x.stride(0), x.stride(1), threshold,
+        _activation_stats_kernel[(self.grid[0], triton.cdiv(k, k_per_program))](
+            x, self.row_max_bits, self.col_flags, self.block_counts, m, k, k_per_program,
+            x.stride(0), x.stride(1), threshold,
             BLOCK_M=self.block_m, BLOCK_K=self.block_k, num_warps=self.num_warps,
         )
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number exercises the split sweep
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _quantize_activations(x: torch.Tensor, threshold: float):
@@ -108,6 +126,11 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
         cfg = INTERPRETER_GEMM
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg)
+    elif os.environ.get(AUTOTUNE_ENV_VAR, "1") == "0":
+        cfg = (DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS)[0]
+        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)
+        _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                        num_stages=cfg.num_stages)
     else:
         kernel = _gemm_decode if m <= DECODE_MAX_M else _gemm_prefill
         kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)

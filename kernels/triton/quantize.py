@@ -1,7 +1,7 @@
 """Activation quantization with outlier columns (SPEC.md), with no host sync.
 
-``_activation_stats_kernel``, one program per [BLOCK_M, BLOCK_K] tile of x, folds into a zero-filled
-int32 buffer with atomics:
+``_activation_stats_kernel``, one program per block of rows and range of columns, folds into a
+zero-filled int32 buffer with atomics:
     row_max_bits[M]:  the row's absmax over elements below the threshold, as fp32 bits. For
                       non-negative floats (and +NaN) the int32 order is the float order, with NaN above
                       Inf, so atomic_max of the bits both reduces the rows and lets NaN win;
@@ -57,35 +57,41 @@ def _activation_stats_kernel(
     block_counts_ptr,   # [cdiv(K, BLOCK_K)] int32, zero-filled: outlier columns per column block
     # sizes
     M, K,
+    K_PER_PROGRAM,      # columns each program sweeps (a multiple of BLOCK_K)
     # strides
     stride_xm, stride_xk,
     # parameters
     threshold,          # fp32; |x| >= threshold is an outlier, 0 disables decomposition
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One program per BLOCK_M rows x K_PER_PROGRAM columns, swept BLOCK_K at a time: decode splits K
+    across many programs (one block each), prefill gives each program a long sweep so loads stream."""
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    k_start = tl.program_id(1) * K_PER_PROGRAM
+    k_end = tl.minimum(k_start + K_PER_PROGRAM, K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     in_m = offs_m < M
-    in_k = offs_k < K
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
-    magnitude = tl.abs(x)
-    is_outlier = (magnitude >= threshold) & (threshold > 0.0)  # padding is 0, never an outlier
-    row_max = tl.max(tl.where(is_outlier, 0.0, magnitude), axis=1)
-    # max() may drop NaN; set it explicitly so a NaN row never gets a finite scale
-    row_has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
-    row_max = tl.where(row_has_nan, float("nan"), row_max)
+    row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_nans = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        magnitude = tl.abs(x)
+        is_outlier = (magnitude >= threshold) & (threshold > 0.0)  # padding is 0, never an outlier
+        row_max = tl.maximum(row_max, tl.max(tl.where(is_outlier, 0.0, magnitude), axis=1))
+        # max() may drop NaN; count it apart so a NaN row never gets a finite scale
+        row_nans += tl.sum((x != x).to(tl.int32), axis=1)
+        col_flag = tl.max(is_outlier.to(tl.int32), axis=0)
+        if tl.max(col_flag, axis=0) > 0:  # rare: only tiles that hold outliers touch the flags
+            has_flag = col_flag > 0
+            previous = tl.atomic_xchg(col_flags_ptr + offs_k, col_flag, mask=has_flag, sem="relaxed")
+            newly_flagged = tl.sum((has_flag & (previous == 0)).to(tl.int32), axis=0)
+            tl.atomic_add(block_counts_ptr + k0 // BLOCK_K, newly_flagged, sem="relaxed")
+    row_max = tl.where(row_nans > 0, float("nan"), row_max)
     # relaxed: the kernel boundary orders these for the next pass
     tl.atomic_max(row_max_bits_ptr + offs_m, row_max.to(tl.int32, bitcast=True), mask=in_m, sem="relaxed")
-
-    col_flag = tl.max(is_outlier.to(tl.int32), axis=0)
-    has_flag = col_flag > 0
-    if tl.max(col_flag, axis=0) > 0:  # rare: only tiles that hold outliers touch the flags
-        previous = tl.atomic_xchg(col_flags_ptr + offs_k, col_flag, mask=has_flag, sem="relaxed")
-        newly_flagged = tl.sum((has_flag & (previous == 0)).to(tl.int32), axis=0)
-        tl.atomic_add(block_counts_ptr + pid_k, newly_flagged, sem="relaxed")
 
 
 @triton.jit
