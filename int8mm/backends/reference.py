@@ -12,12 +12,16 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax: ``s_w[n] = max|W[n,:]|``, ``q_w = round(W * (127 / s_w))`` (zero rows stay zero)."""
     wf = w.float()
     s_w = wf.abs().amax(dim=1)
-    q_w = _round_to_int8(wf, _reciprocal_scale(s_w))
+    q_w = _scaled_to_int8_(wf * _reciprocal_scale(s_w)[:, None])
     return q_w, s_w
 
 
 def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row scales without outliers, int8 rows with outlier columns zeroed, and the outlier-column mask.
+
+    One fp32 buffer does the work: ``|x|`` gives the outlier columns (column max) and the row scales (row
+    max once the outlier columns are zeroed), then its memory takes ``x * r``. Outlier columns are few, so
+    they are handled by index rather than with [M, K] masks.
 
     Args:
         x: ``[M, K]`` float activations.
@@ -27,17 +31,41 @@ def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     """
     xf = x.float()
     ax = xf.abs()
-    if threshold > 0:
-        is_outlier = ax >= threshold
-        is_outlier_col = is_outlier.any(dim=0)
-        ax = ax.masked_fill(is_outlier, 0.0)  # NaN >= t is False, so NaN stays and poisons its row's scale
-    else:
-        is_outlier_col = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
-    # amax propagates NaN, so a NaN row gets a NaN scale (and all-zero int8 values below)
-    s_x = ax.amax(dim=1) if x.shape[1] > 0 else torch.zeros(x.shape[0], device=x.device)
-    q_x = _round_to_int8(xf, _reciprocal_scale(s_x))
-    q_x.masked_fill_(is_outlier_col, 0)
-    return q_x, s_x, is_outlier_col
+    cols = _outlier_columns(ax, threshold)
+    s_x = _row_scales(ax, cols, threshold)
+    scaled = torch.mul(xf, _reciprocal_scale(s_x)[:, None], out=ax)  # ax is spent: reuse its memory
+    scaled.index_fill_(1, cols, 0.0)
+    is_outlier_col = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, cols, True)
+    return _scaled_to_int8_(scaled), s_x, is_outlier_col
+
+
+def _outlier_columns(ax: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Ascending indices (int64) of the columns of ``ax = |x|`` holding a value >= threshold (none if 0)."""
+    if threshold == 0 or ax.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=ax.device)
+    col_max = ax.amax(dim=0)
+    is_outlier_col = col_max >= threshold
+    # amax propagates NaN, which hides the column's other values: look at those columns element by element
+    nan_cols = col_max.isnan().nonzero().squeeze(1)
+    if nan_cols.numel() > 0:
+        is_outlier_col[nan_cols] = (ax.index_select(1, nan_cols) >= threshold).any(dim=0)
+    return is_outlier_col.nonzero().squeeze(1)
+
+
+def _row_scales(ax: torch.Tensor, cols: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``s_x[m]`` = max of ``ax[m, :]`` over the values below the threshold; zeroes ``ax``'s outlier columns.
+
+    amax propagates NaN, so a row holding NaN gets a NaN scale (and all-zero int8 values).
+    """
+    if ax.shape[1] == 0:
+        return torch.zeros(ax.shape[0], device=ax.device)
+    if cols.numel() == 0:
+        return ax.amax(dim=1)
+    # an outlier column's values below the threshold still count (SPEC.md); NaN >= t is False, so NaN stays
+    in_outlier_cols = ax.index_select(1, cols)
+    in_outlier_cols.masked_fill_(in_outlier_cols >= threshold, 0.0)
+    ax.index_fill_(1, cols, 0.0)  # every other column holds values below the threshold only
+    return torch.maximum(ax.amax(dim=1), in_outlier_cols.amax(dim=1))
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,9 +74,26 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch._int_mm(_with_row_stride(a), _with_row_stride(b).t())
     if a.device.type != "cpu" and _int_mm_accepts(a, b):
         return torch._int_mm(a, b.t())
-    # cuBLAS refuses small or unaligned shapes, and oneDNN (CPU) returns garbage for K == 1 (see
-    # _with_row_stride); int64 products are exact and the sum fits in int32 (K is checked)
-    return (a.long() @ b.long().t()).int()
+    if a.device.type == "cpu":
+        # oneDNN returns garbage for K == 1 (see _with_row_stride); int64 products are exact and the sum
+        # fits in int32 (K is checked)
+        return (a.long() @ b.long().t()).int()
+    # cuBLAS refuses M <= 16 and K, N not multiples of 8 (and CUDA has no int64 matmul): zero padding
+    # leaves every sum unchanged
+    m, n = a.shape[0], b.shape[0]
+    a_padded = _zero_pad(a, rows=max(_round_up(m, 8), 24), cols=_round_up(a.shape[1], 8))
+    b_padded = _zero_pad(b, rows=_round_up(n, 8), cols=_round_up(b.shape[1], 8))
+    return torch._int_mm(a_padded, b_padded.t())[:m, :n].contiguous()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _zero_pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    padded = t.new_zeros((rows, cols))
+    padded[: t.shape[0], : t.shape[1]] = t
+    return padded
 
 
 def int8_linear(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
@@ -59,8 +104,8 @@ def int8_linear(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
     if threshold > 0:
         cols = is_outlier_col.nonzero().squeeze(1)
         if cols.numel() > 0:
-            x_out = x.float().index_select(1, cols)
-            w_out = q_w.index_select(1, cols).float()
+            x_out = x.index_select(1, cols).float()
+            w_out = q_w[:, cols].float()
             y += (x_out @ w_out.t()).mul_(s_w[None, :] * (1.0 / INT8_MAX))
     if bias is not None:
         y += bias.float()
@@ -75,11 +120,9 @@ def _reciprocal_scale(scale: torch.Tensor) -> torch.Tensor:
     return reciprocal.where(usable, 0.0)
 
 
-def _round_to_int8(values: torch.Tensor, row_reciprocal: torch.Tensor) -> torch.Tensor:
-    """``round_half_even(values * r[row])`` as int8; rows with r == 0 (zero/NaN/Inf scale) become 0."""
-    scaled = values * row_reciprocal[:, None]
-    scaled = scaled.nan_to_num_(nan=0.0).round_().clamp_(-INT8_MAX, INT8_MAX)
-    return scaled.to(torch.int8)
+def _scaled_to_int8_(scaled: torch.Tensor) -> torch.Tensor:
+    """``round_half_even(scaled)`` as int8, in place on ``scaled``; NaN (a row with r == 0 holding NaN/Inf) -> 0."""
+    return scaled.nan_to_num_(nan=0.0).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 def _with_row_stride(t: torch.Tensor) -> torch.Tensor:
