@@ -3,6 +3,7 @@ import logging
 from typing import Iterable
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._constants import DEFAULT_THRESHOLD
 from .backends import Backend
@@ -33,7 +34,9 @@ def quantize_model(
         backend: backend every swapped layer uses (None: the default at call time).
     Shared layers stay shared: a Linear reachable under two names becomes one Int8Linear, and Linears
     sharing one weight share one int8 weight. A Linear whose weight is tied to a non-Linear parameter
-    (an embedding, typically the ``lm_head``) is kept in full precision, since quantizing it would untie it.
+    (an embedding, typically the ``lm_head``) is kept in full precision, since quantizing it would untie it;
+    so is a ``NonDynamicallyQuantizableLinear`` (``nn.MultiheadAttention.out_proj``), whose owner reads its
+    float weight directly instead of calling it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -49,6 +52,9 @@ def quantize_model(
                if isinstance(module, nn.Linear) and name]
     for name, linear in targets:
         if matches_skip(name, skip_modules):
+            continue
+        if isinstance(linear, NonDynamicallyQuantizableLinear):
+            log.warning("int8mm: keeping %s in full precision: its owner reads its weight directly", name)
             continue
         if id(linear.weight) in tied_elsewhere:
             log.warning("int8mm: keeping %s in full precision: its weight is tied to a non-Linear module", name)
