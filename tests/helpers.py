@@ -1,0 +1,150 @@
+"""Shared test helpers: planted-outlier inputs, an independent SPEC.md oracle, float64 baselines, markers.
+
+The oracle below is written from SPEC.md alone, row by row in float64, and never calls int8mm, so the
+package is checked against the contract rather than against itself. float64 makes every fp32 step exact
+or correctly rounded: a product of two fp32 numbers is exact in float64, and a float64 division or product
+rounded once more to fp32 equals the fp32 operation (53 >= 2 * 24 + 2 bits, so double rounding is harmless).
+"""
+import math
+
+import torch
+
+from gpu import requires_cuda  # noqa: F401  (the one place that decides whether GPU tests run)
+
+INT8_MAX = 127  # SPEC.md; deliberately not imported from the package under test
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- inputs ----
+def planted_outliers(
+    m: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    n_outlier_cols: int = 8,
+    magnitude: tuple[float, float] = (20.0, 60.0),
+    at_threshold: float | None = 6.0,
+    zero_row: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``[m, k]`` N(0, 1) activations with LLM.int8()-style outliers.
+
+    ``n_outlier_cols`` columns hold values of magnitude ``magnitude`` (random signs) in every row; when
+    ``at_threshold`` is set, two further elements are exactly ``+-at_threshold`` (which makes their columns
+    outlier columns too); ``zero_row`` zeroes the middle row. Values are built in fp32, then cast.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if m == 0 or k == 0:
+        return x.to(dtype)
+    cols = torch.randperm(k, generator=g)[: min(n_outlier_cols, k)]
+    lo, hi = magnitude
+    values = lo + (hi - lo) * torch.rand(m, cols.numel(), generator=g)
+    signs = torch.randint(0, 2, (m, cols.numel()), generator=g) * 2 - 1
+    x[:, cols] = values * signs
+    if at_threshold is not None:
+        x[int(torch.randint(0, m, (1,), generator=g)), int(torch.randint(0, k, (1,), generator=g))] = at_threshold
+        x[int(torch.randint(0, m, (1,), generator=g)), int(torch.randint(0, k, (1,), generator=g))] = -at_threshold
+    if zero_row:
+        x[m // 2] = 0.0
+    return x.to(dtype)
+
+
+def random_weight(n: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 1, scale: float = 0.05):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g) * scale).to(dtype)
+
+
+# ---- the SPEC.md oracle ----
+def _fp32(value: float) -> float:
+    """Round a Python float (binary64) to the nearest fp32 value."""
+    return torch.tensor(value, dtype=torch.float64).float().item()
+
+
+def _row_reciprocal(scale: float) -> float:
+    """``r = fp32(127 / s)``, or 0 when the scale is zero, NaN or infinite (SPEC.md)."""
+    if not math.isfinite(scale) or scale <= 0:
+        return 0.0
+    return _fp32(INT8_MAX / scale)  # 127 / s in binary64, rounded once more: the fp32 division
+
+
+def _quantize_row(row: torch.Tensor, reciprocal: float, zero_cols: set[int]) -> torch.Tensor:
+    """``round_half_even(fp32(x * r))`` clamped to [-127, 127]; NaN -> 0; ``zero_cols`` -> 0."""
+    scaled = (row * reciprocal).float().double()  # exact binary64 product, rounded once to fp32
+    scaled = torch.nan_to_num(scaled, nan=0.0)  # 0 * Inf or NaN * 0 in a row whose r is 0
+    q = torch.round(scaled).clamp(-INT8_MAX, INT8_MAX)  # torch.round rounds half to even
+    for k in zero_cols:
+        q[k] = 0
+    return q.to(torch.int8)
+
+
+def _absmax(values: torch.Tensor) -> float:
+    """Max of ``|values|`` that lets NaN win (as SPEC.md's NaN rule needs); 0 for no values."""
+    if values.numel() == 0:
+        return 0.0
+    if bool(values.isnan().any()):
+        return math.nan
+    return float(values.abs().max())
+
+
+def spec_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC.md weight quantization: ``s_w[n] = max|W[n,:]|``, ``q_w = round(W * fp32(127 / s_w))``."""
+    w64 = w.detach().cpu().double()
+    q_rows, scales = [], []
+    for row in w64:
+        s = _absmax(row)
+        q_rows.append(_quantize_row(row, _row_reciprocal(s), set()))
+        scales.append(s)
+    q = torch.stack(q_rows) if q_rows else torch.zeros(0, w.shape[1], dtype=torch.int8)
+    return q, torch.tensor(scales, dtype=torch.float64).float()
+
+
+def spec_quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """SPEC.md activation quantization of a 2-D ``x``: ``(q_x int8, s_x fp32, sorted outlier columns)``."""
+    x64 = x.detach().cpu().double()
+    m, k = x64.shape
+    is_outlier = (x64.abs() >= threshold) if threshold > 0 else torch.zeros(m, k, dtype=torch.bool)
+    outlier_cols = [c for c in range(k) if bool(is_outlier[:, c].any())]
+    q_rows, scales = [], []
+    for i in range(m):
+        s = _absmax(x64[i][~is_outlier[i]])  # every element below the threshold counts, outlier column or not
+        q_rows.append(_quantize_row(x64[i], _row_reciprocal(s), set(outlier_cols)))
+        scales.append(s)
+    q = torch.stack(q_rows) if q_rows else torch.zeros(0, k, dtype=torch.int8)
+    return q, torch.tensor(scales, dtype=torch.float64).float(), outlier_cols
+
+
+def spec_int8_linear64(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
+    """SPEC.md's output formula evaluated in float64 from the oracle's quantized values (``[M, N]``)."""
+    q_x, s_x, cols = spec_quantize_activations(x, threshold)
+    acc = q_x.long() @ q_w.long().t()  # exact
+    s_x64, s_w64 = s_x.double(), s_w.double()
+    y = acc.double() * s_x64[:, None] * s_w64[None, :] / INT8_MAX**2
+    if cols:
+        idx = torch.tensor(cols)
+        y = y + x.double()[:, idx] @ (q_w.double()[:, idx] * s_w64[:, None] / INT8_MAX).t()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+# ---- comparisons ----
+def assert_scales_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-exact fp32 scales; NaN where the oracle has NaN."""
+    assert actual.dtype == torch.float32, actual.dtype
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    actual = actual.cpu()
+    assert torch.equal(actual.isnan(), expected.isnan()), "NaN pattern of the scales differs"
+    finite = ~expected.isnan()
+    assert torch.equal(actual[finite], expected[finite]), (actual[finite] - expected[finite]).abs().max()
+
+
+def relative_error(actual: torch.Tensor, expected64: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius) in float64."""
+    diff = actual.detach().double() - expected64
+    return float(diff.norm() / expected64.norm().clamp_min(1e-30))
+
+
+def float64_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = x.double() @ w.double().t()
+    return y + bias.double() if bias is not None else y

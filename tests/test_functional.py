@@ -1,0 +1,403 @@
+"""The public functional API (int8mm/functional.py): exactness, accuracy, shapes, dtypes and errors."""
+import math
+
+import pytest
+import torch
+
+import int8mm
+from helpers import (FLOAT_DTYPES, INT8_MAX, assert_scales_equal, float64_linear, planted_outliers,
+                     random_weight, relative_error, spec_quantize_activations, spec_quantize_weight)
+from int8mm import Backend
+
+THRESHOLD = 6.0
+
+
+def _randint8(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-INT8_MAX, INT8_MAX + 1, shape, dtype=torch.int8, generator=g)
+
+
+# ---- int8_matmul ----
+@pytest.mark.parametrize("m", [0, 1, 3, 17])
+@pytest.mark.parametrize("k", [1, 123, 499, 4096])
+@pytest.mark.parametrize("n", [1, 7, 33])
+def test_int8_matmul_is_exact(m, k, n):
+    a = _randint8((m, k), seed=m * 10_000 + k * 10 + n)
+    b = _randint8((n, k), seed=m * 10_000 + k * 10 + n + 1)
+    expected = a.long() @ b.long().t()
+    for backend in (None, "reference", Backend.REFERENCE):
+        got = int8mm.int8_matmul(a, b, backend=backend)
+        assert got.dtype == torch.int32 and got.shape == (m, n)
+        assert torch.equal(got.long(), expected), backend
+
+
+# ---- quantization against the SPEC.md oracle ----
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 123), (33, 4096)])
+def test_quantize_weight_matches_spec(n, k, dtype):
+    w = random_weight(n, k, dtype, seed=n + k)
+    if n > 1:
+        w[n // 2] = 0.0
+    q_w, s_w = int8mm.quantize_weight(w)
+    q_ref, s_ref = spec_quantize_weight(w)
+    assert q_w.dtype == torch.int8 and q_w.shape == (n, k) and q_w.is_contiguous()
+    assert_scales_equal(s_w, s_ref)
+    assert torch.equal(q_w, q_ref)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 4096), (3, 123), (17, 499)])
+@pytest.mark.parametrize("threshold", [THRESHOLD, 2.5, 0.0])
+def test_quantize_activations_matches_spec(m, k, dtype, threshold):
+    x = planted_outliers(m, k, dtype, zero_row=m > 2, seed=3 * m + k)
+    q_x, s_x, cols = int8mm.quantize_activations(x, threshold)
+    q_ref, s_ref, cols_ref = spec_quantize_activations(x, threshold)
+    assert_scales_equal(s_x, s_ref)
+    assert torch.equal(q_x, q_ref)
+    assert cols.dtype == torch.int64 and cols.tolist() == cols_ref
+
+
+def test_values_exactly_at_the_threshold_are_outliers():
+    x = torch.zeros(3, 8)
+    x[0, 1] = 6.0  # |x| >= t: an outlier
+    x[1, 2] = -6.0
+    below = torch.nextafter(torch.tensor(6.0), torch.tensor(0.0))  # the fp32 value just below 6
+    x[2, 3] = below  # an ordinary value, and its row's scale
+    x[2, 4] = 1.0
+    q_x, s_x, cols = int8mm.quantize_activations(x, 6.0)
+    assert cols.tolist() == [1, 2]
+    assert torch.equal(s_x, torch.stack([torch.tensor(0.0), torch.tensor(0.0), below]))
+    assert torch.equal(q_x[0], torch.zeros(8, dtype=torch.int8))
+    assert int(q_x[2, 3]) == INT8_MAX and int(q_x[2, 4]) == round(INT8_MAX / 6)
+    # fp16 and bf16, where 6.0 is exact too (the fp32 value just below 6 is not: use 5.5)
+    x[2, 3] = 5.5
+    for dtype in (torch.float16, torch.bfloat16):
+        q_h, s_h, cols_h = int8mm.quantize_activations(x.to(dtype), 6.0)
+        assert cols_h.tolist() == [1, 2] and float(s_h[2]) == 5.5 and int(q_h[2, 3]) == INT8_MAX
+
+
+def test_outlier_columns_span_all_rows():
+    """One outlier in one row makes the whole column an outlier column: zero in q_x for every row, while
+    the other rows' small values in that column still count in their scales (SPEC.md)."""
+    x = torch.full((3, 4), 0.5)
+    x[0, 2] = 30.0
+    x[1, 2] = 2.0  # the largest value of row 1, in an outlier column
+    q_x, s_x, cols = int8mm.quantize_activations(x, 6.0)
+    assert cols.tolist() == [2]
+    assert torch.equal(q_x[:, 2], torch.zeros(3, dtype=torch.int8))
+    assert float(s_x[1]) == 2.0 and float(s_x[0]) == 0.5
+
+
+def test_zero_rows_quantize_to_zero():
+    x = planted_outliers(5, 64)
+    x[1] = 0.0
+    x[3, :] = 0.0
+    q_x, s_x, _ = int8mm.quantize_activations(x, THRESHOLD)
+    assert float(s_x[1]) == 0.0 and float(s_x[3]) == 0.0
+    assert not bool(s_x.isnan().any())
+    assert torch.equal(q_x[1], torch.zeros(64, dtype=torch.int8))
+
+
+def test_threshold_zero_disables_decomposition():
+    x = planted_outliers(4, 64)
+    q_x, s_x, cols = int8mm.quantize_activations(x, 0.0)
+    assert cols.numel() == 0
+    assert torch.equal(s_x, x.abs().amax(dim=1))  # plain row absmax
+    assert int(q_x.abs().amax(dim=1).min()) == INT8_MAX  # every row reaches +-127
+
+
+def test_quantize_activations_flattens_leading_dims():
+    x = planted_outliers(12, 40, seed=5)
+    q2, s2, c2 = int8mm.quantize_activations(x, THRESHOLD)
+    q3, s3, c3 = int8mm.quantize_activations(x.reshape(3, 4, 40), THRESHOLD)
+    assert q3.shape == (12, 40) and torch.equal(q2, q3) and torch.equal(s2, s3) and torch.equal(c2, c3)
+
+
+# ---- int8_linear ----
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 33), (17, 499, 7), (64, 1024, 96)])
+def test_int8_linear_accuracy_vs_float64(m, k, n, dtype):
+    """int8 quantization keeps the relative error well under 2e-2 on data with planted outliers (the per-row
+    step is s/254, so the error of a K-term dot product grows like sqrt(K) steps, not K)."""
+    x = planted_outliers(m, k, dtype, seed=k)
+    w = random_weight(n, k, dtype)
+    bias = torch.randn(n, dtype=dtype)
+    q_w, s_w = int8mm.quantize_weight(w)
+    y = int8mm.int8_linear(x, q_w, s_w, bias, THRESHOLD)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert relative_error(y, float64_linear(x, w, bias)) < 2e-2
+    # outlier decomposition matters: without it the 20-60 outliers wreck every row's scale
+    y_plain = int8mm.int8_linear(x, q_w, s_w, bias, 0.0)
+    assert relative_error(y, float64_linear(x, w, bias)) < relative_error(y_plain, float64_linear(x, w, bias))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_linear_keeps_leading_dims(dtype):
+    x = planted_outliers(24, 64, dtype, seed=2)
+    q_w, s_w = int8mm.quantize_weight(random_weight(7, 64))
+    flat = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+    for shape in [(4, 6, 64), (2, 3, 4, 64), (24, 64)]:
+        y = int8mm.int8_linear(x.reshape(shape), q_w, s_w, None, THRESHOLD)
+        assert y.shape == (*shape[:-1], 7) and y.dtype == dtype
+        assert torch.equal(y.reshape(24, 7), flat)
+    y1 = int8mm.int8_linear(x[0], q_w, s_w, None, THRESHOLD)  # a 1-D input is one row
+    assert y1.shape == (7,)
+
+
+def test_int8_linear_non_contiguous_inputs_match_contiguous():
+    base = planted_outliers(32, 96, seed=4)
+    q_w, s_w = int8mm.quantize_weight(random_weight(9, 48))
+    bias = torch.randn(9)
+    views = {
+        "transposed": base.t().contiguous().t()[:, :48],
+        "column slice": base[:, 10:58],
+        "row step": base[::2, :48],
+        "3-D transposed": base[:, :48].reshape(4, 8, 48).transpose(0, 1),
+        "expanded": base[:1, :48].expand(5, 48),
+    }
+    for name, view in views.items():
+        assert not view.is_contiguous(), name
+        got = int8mm.int8_linear(view, q_w, s_w, bias, THRESHOLD)
+        expected = int8mm.int8_linear(view.contiguous(), q_w, s_w, bias, THRESHOLD)
+        assert torch.equal(got, expected), name
+    # a non-contiguous weight is quantized like its contiguous copy
+    w = random_weight(48, 9).t()
+    q_t, s_t = int8mm.quantize_weight(w)
+    q_c, s_c = int8mm.quantize_weight(w.contiguous())
+    assert torch.equal(q_t, q_c) and torch.equal(s_t, s_c)
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (0, 3, 64)])
+def test_int8_linear_empty_batch(shape):
+    q_w, s_w = int8mm.quantize_weight(random_weight(7, 64))
+    for dtype in FLOAT_DTYPES:
+        y = int8mm.int8_linear(torch.zeros(shape, dtype=dtype), q_w, s_w, torch.randn(7), THRESHOLD)
+        assert y.shape == (*shape[:-1], 7) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("threshold", [THRESHOLD, 0.0])
+def test_nan_row_poisons_only_its_row(dtype, threshold):
+    x = planted_outliers(9, 128, dtype, seed=6)
+    q_w, s_w = int8mm.quantize_weight(random_weight(33, 128))
+    bias = torch.randn(33)
+    bad = x.clone()
+    bad[4] = 0.5
+    bad[4, 17] = float("nan")
+    clean = x.clone()
+    clean[4] = 0.5  # the same batch with a finite row 4: NaN is no outlier, so the outlier set is the same
+    y_bad = int8mm.int8_linear(bad, q_w, s_w, bias, threshold)
+    y_clean = int8mm.int8_linear(clean, q_w, s_w, bias, threshold)
+    assert not bool(torch.isfinite(y_bad[4]).any())
+    others = torch.arange(9) != 4
+    # same M, same outlier columns: bit-identical rows (removing the row instead would change M, and a BLAS
+    # may then pick another kernel for the fp32 outlier product)
+    assert torch.equal(y_bad[others], y_clean[others])
+    assert bool(torch.isfinite(y_bad[others]).all())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_inf_row_poisons_only_its_row(dtype, value):
+    """An Inf is an outlier element (|Inf| >= t), so it adds its column to the outlier set of the whole
+    batch; other rows then take that column in fp32 instead of int8, which changes their rounding but not
+    their accuracy: they must stay finite and close to float64."""
+    x = planted_outliers(9, 128, dtype, seed=7)
+    w = random_weight(33, 128)
+    q_w, s_w = int8mm.quantize_weight(w)
+    bias = torch.randn(33)
+    x[2, 50] = value
+    for threshold in (THRESHOLD, 0.0):
+        y = int8mm.int8_linear(x, q_w, s_w, bias, threshold)
+        assert not bool(torch.isfinite(y[2]).any()), threshold
+        others = torch.arange(9) != 2
+        assert bool(torch.isfinite(y[others]).all()), threshold
+        if threshold > 0:
+            assert relative_error(y[others], float64_linear(x[others], w, bias)) < 2e-2
+
+
+def test_int8_linear_bias_dtypes():
+    x = planted_outliers(5, 64)
+    q_w, s_w = int8mm.quantize_weight(random_weight(7, 64))
+    no_bias = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+    for dtype in FLOAT_DTYPES:
+        bias = torch.randn(7).to(dtype)
+        y = int8mm.int8_linear(x, q_w, s_w, bias, THRESHOLD)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, no_bias + bias.float())  # added in fp32, after the rest
+
+
+def test_int8_linear_backward_uses_the_dequantized_weight():
+    x = planted_outliers(6, 32).requires_grad_()
+    w = random_weight(5, 32)
+    q_w, s_w = int8mm.quantize_weight(w)
+    bias = torch.randn(5, requires_grad=True)
+    y = int8mm.int8_linear(x, q_w, s_w, bias, THRESHOLD)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    w_dq = q_w.float() * (s_w / INT8_MAX)[:, None]
+    torch.testing.assert_close(x.grad, grad_y @ w_dq)
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+
+
+# ---- backend choice ----
+def test_backend_by_name_enum_and_environment(monkeypatch):
+    x = planted_outliers(3, 64)
+    q_w, s_w = int8mm.quantize_weight(random_weight(7, 64))
+    expected = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="reference")
+    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend=Backend.REFERENCE), expected)
+    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="REFERENCE"), expected)
+    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="auto"), expected)
+    monkeypatch.setenv("INT8MM_BACKEND", "reference")
+    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD), expected)
+    monkeypatch.setenv("INT8MM_BACKEND", "fastest")
+    with pytest.raises(ValueError, match=r"INT8MM_BACKEND.*'fastest'"):
+        int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+
+
+def test_unknown_backend_name():
+    x = torch.randn(2, 8)
+    q_w, s_w = int8mm.quantize_weight(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"backend must be a Backend or one of .*'reference'.*got 'tpu'"):
+        int8mm.int8_linear(x, q_w, s_w, backend="tpu")
+    with pytest.raises(ValueError, match=r"got 3"):
+        int8mm.int8_matmul(q_w, q_w, backend=3)
+
+
+def test_cuda_backend_unavailable_on_cpu_lists_available():
+    a = _randint8((2, 8), seed=0)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on cpu.*available: reference"):
+        int8mm.int8_matmul(a, a, backend="cuda")
+
+
+def test_triton_backend_unavailable_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 8)
+    q_w, s_w = int8mm.quantize_weight(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu.*TRITON_INTERPRET=1.*"
+                                           r"available: reference$"):
+        int8mm.int8_linear(x, q_w, s_w, backend=Backend.TRITON)
+    assert int8mm.available_backends("cpu") == [Backend.REFERENCE]
+
+
+# ---- argument errors: each names the argument and quotes what it got ----
+def _layer(n=3, k=8):
+    q_w, s_w = int8mm.quantize_weight(torch.randn(n, k))
+    return q_w, s_w
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.float64, torch.bool])
+def test_bad_activation_dtype(dtype):
+    q_w, s_w = _layer()
+    x = torch.ones(2, 8, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"x must be one of float16, bfloat16, float32, got {dtype}"):
+        int8mm.int8_linear(x, q_w, s_w)
+    with pytest.raises(TypeError, match=rf"x must be one of .*got {dtype}"):
+        int8mm.quantize_activations(x)
+
+
+def test_bad_weight_dtype_and_rank():
+    with pytest.raises(TypeError, match=r"weight must be one of float16, bfloat16, float32, got torch.float64"):
+        int8mm.quantize_weight(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"w must be a torch.Tensor, got list"):
+        int8mm.quantize_weight([[1.0]], name="w")
+    with pytest.raises(ValueError, match=r"weight must be 2-D, got shape \(2, 3, 8\)"):
+        int8mm.quantize_weight(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"weight must be 2-D, got shape \(8,\)"):
+        int8mm.quantize_weight(torch.randn(8))
+
+
+def test_bad_int8_linear_operands():
+    q_w, s_w = _layer()
+    x = torch.randn(2, 8)
+    with pytest.raises(TypeError, match=r"q_w must be int8 .*got torch.float32"):
+        int8mm.int8_linear(x, q_w.float(), s_w)
+    with pytest.raises(ValueError, match=r"q_w must be 2-D, got shape \(24,\)"):
+        int8mm.int8_linear(x, q_w.flatten(), s_w)
+    with pytest.raises(TypeError, match=r"s_w must be float32, got torch.float16"):
+        int8mm.int8_linear(x, q_w, s_w.half())
+    with pytest.raises(ValueError, match=r"s_w must have shape \(3,\) .*got \(4,\)"):
+        int8mm.int8_linear(x, q_w, torch.ones(4))
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\), got \(8,\)"):
+        int8mm.int8_linear(x, q_w, s_w, torch.ones(8))
+    with pytest.raises(TypeError, match=r"bias must be one of .*got torch.int64"):
+        int8mm.int8_linear(x, q_w, s_w, torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must have at least 1 dimension, got a 0-D tensor"):
+        int8mm.int8_linear(torch.tensor(1.0), q_w, s_w)
+    with pytest.raises(ValueError, match=r"inner dimensions differ: x has K=9, q_w has K=8"):
+        int8mm.int8_linear(torch.randn(2, 9), q_w, s_w)
+    with pytest.raises(ValueError, match=r"inner dimensions differ: x has K=7, q_w has K=8"):
+        int8mm.int8_linear(torch.randn(4, 2, 7), q_w, s_w)
+
+
+def test_bad_int8_matmul_operands():
+    a = _randint8((2, 8), seed=1)
+    with pytest.raises(TypeError, match=r"a must be int8, got torch.float32"):
+        int8mm.int8_matmul(a.float(), a)
+    with pytest.raises(TypeError, match=r"b must be int8, got torch.int32"):
+        int8mm.int8_matmul(a, a.int())
+    with pytest.raises(ValueError, match=r"b must be 2-D, got shape \(1, 2, 8\)"):
+        int8mm.int8_matmul(a, a[None])
+    with pytest.raises(ValueError, match=r"inner dimensions differ: a has K=8, b has K=4"):
+        int8mm.int8_matmul(a, a[:, :4])
+
+
+def test_device_mismatch():
+    q_w, s_w = _layer()
+    x_meta = torch.empty(2, 8, device="meta")
+    with pytest.raises(ValueError, match=r"x and q_w must be on one device, got meta and cpu"):
+        int8mm.int8_linear(x_meta, q_w, s_w)
+    with pytest.raises(ValueError, match=r"x and s_w must be on one device, got cpu and meta"):
+        int8mm.int8_linear(torch.randn(2, 8), q_w, s_w.to("meta"))
+    with pytest.raises(ValueError, match=r"x and bias must be on one device, got cpu and meta"):
+        int8mm.int8_linear(torch.randn(2, 8), q_w, s_w, torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match=r"a and b must be on one device, got cpu and meta"):
+        int8mm.int8_matmul(q_w, q_w.to("meta"))
+
+
+@pytest.mark.parametrize("threshold", [-1.0, -1e-30, math.nan, -math.inf])
+def test_bad_threshold_value(threshold):
+    q_w, s_w = _layer()
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=rf"threshold must be >= 0 .*got {threshold}"):
+        int8mm.int8_linear(x, q_w, s_w, threshold=threshold)
+    with pytest.raises(ValueError, match=r"threshold must be >= 0"):
+        int8mm.quantize_activations(x, threshold)
+
+
+@pytest.mark.parametrize("threshold", ["6.0", None, True, torch.tensor(6.0)])
+def test_bad_threshold_type(threshold):
+    q_w, s_w = _layer()
+    with pytest.raises(TypeError, match=rf"threshold must be a number, got {type(threshold).__name__}"):
+        int8mm.int8_linear(torch.randn(2, 8), q_w, s_w, threshold=threshold)
+    with pytest.raises(TypeError, match=r"threshold must be a number, got str: '6.0'"):
+        int8mm.quantize_activations(torch.randn(2, 8), "6.0")
+
+
+def test_k_beyond_exact_int32_accumulation_is_refused():
+    """127^2 * K must stay below 2^31; meta tensors keep the check free of huge allocations."""
+    k = int8mm.MAX_EXACT_K + 1
+    assert INT8_MAX**2 * int8mm.MAX_EXACT_K < 2**31  # SPEC.md's bound (conservative by one: 133_144 fits too)
+    meta = torch.device("meta")
+    message = rf"K={k}, above {int8mm.MAX_EXACT_K}"
+    with pytest.raises(ValueError, match=rf"weight has {message}"):
+        int8mm.quantize_weight(torch.empty(2, k, device=meta))
+    with pytest.raises(ValueError, match=rf"x has {message}"):
+        int8mm.quantize_activations(torch.empty(2, k, device=meta))
+    with pytest.raises(ValueError, match=rf"a has {message}"):
+        int8mm.int8_matmul(torch.empty(2, k, dtype=torch.int8, device=meta),
+                           torch.empty(3, k, dtype=torch.int8, device=meta))
+    with pytest.raises(ValueError, match=rf"q_w has {message}"):
+        int8mm.int8_linear(torch.empty(2, k, device=meta), torch.empty(3, k, dtype=torch.int8, device=meta),
+                           torch.empty(3, device=meta))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_are_refused(bad):
+    w = torch.randn(4, 8)
+    w[1, 2] = bad
+    w[3, 0] = bad
+    with pytest.raises(ValueError, match=r"layers.0.q_proj.weight holds 2 non-finite value\(s\)"):
+        int8mm.quantize_weight(w, name="layers.0.q_proj.weight")
+    with pytest.raises(ValueError, match=r"^weight holds 2 non-finite"):
+        int8mm.quantize_weight(w.half())

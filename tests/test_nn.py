@@ -1,0 +1,237 @@
+"""Int8Linear (int8mm/nn.py): construction, buffers, dtype/device moves, checkpoints, bitsandbytes interop."""
+import copy
+import io
+import logging
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+import int8mm
+from helpers import INT8_MAX, float64_linear, planted_outliers, relative_error
+from int8mm import Backend, Int8Linear
+
+THRESHOLD = 6.0
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _linear(k=64, n=33, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+def _assert_same_module_state(a: Int8Linear, b: Int8Linear):
+    assert torch.equal(a.weight, b.weight) and a.weight.dtype == b.weight.dtype == torch.int8
+    assert torch.equal(a.SCB, b.SCB) and a.SCB.dtype == b.SCB.dtype == torch.float32
+    assert (a.bias is None) == (b.bias is None)
+    if a.bias is not None:
+        assert torch.equal(a.bias, b.bias)
+
+
+def test_from_linear_quantizes_and_keeps_the_bias():
+    linear = _linear()
+    before = copy.deepcopy(linear.state_dict())
+    layer = Int8Linear.from_linear(linear, threshold=4.0)
+    q_w, s_w = int8mm.quantize_weight(linear.weight.detach())
+    assert torch.equal(layer.weight, q_w) and torch.equal(layer.SCB, s_w)
+    assert torch.equal(layer.bias, linear.bias) and layer.bias.data_ptr() != linear.bias.data_ptr()
+    assert not layer.bias.requires_grad
+    assert (layer.in_features, layer.out_features, layer.threshold) == (64, 33, 4.0)
+    for key, value in linear.state_dict().items():  # the source layer is left untouched
+        assert torch.equal(value, before[key])
+    assert Int8Linear.from_linear(_linear(bias=False)).bias is None
+
+
+def test_buffers_and_parameters():
+    layer = Int8Linear.from_linear(_linear())
+    assert {name: t.dtype for name, t in layer.named_buffers()} == {"weight": torch.int8, "SCB": torch.float32}
+    assert [name for name, _ in layer.named_parameters()] == ["bias"]
+    assert layer.weight.shape == (33, 64) and layer.SCB.shape == (33,)
+    empty = Int8Linear(64, 33)  # an empty layer, ready for load_state_dict
+    assert empty.weight.dtype == torch.int8 and empty.SCB.dtype == torch.float32 and empty.bias.shape == (33,)
+
+
+def test_extra_repr():
+    layer = Int8Linear.from_linear(_linear(bias=False), threshold=3.5, backend="reference")
+    assert repr(layer) == ("Int8Linear(in_features=64, out_features=33, bias=False, threshold=3.5, "
+                           "backend=reference)")
+    assert "backend=default" in repr(Int8Linear(4, 2))
+
+
+def test_forward_is_the_functional_op_and_accurate():
+    linear = _linear(k=256, n=40)
+    layer = Int8Linear.from_linear(linear)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = planted_outliers(2 * 5, 256, dtype).reshape(2, 5, 256)
+        y = layer(x)
+        assert y.shape == (2, 5, 40) and y.dtype == dtype
+        assert torch.equal(y, int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD))
+        expected = float64_linear(x.reshape(10, 256), linear.weight.detach(), linear.bias.detach())
+        assert relative_error(y.reshape(10, 40), expected) < 2e-2
+
+
+@pytest.mark.parametrize("move", ["half", "bfloat16", "float", "double", "to_fp16", "to_cpu_bf16", "to_meta"])
+def test_moves_and_casts_never_requantize(move):
+    layer = Int8Linear.from_linear(_linear())
+    weight, scale, bias = layer.weight.clone(), layer.SCB.clone(), layer.bias.detach().clone()
+    moved = {
+        "half": lambda m: m.half(),
+        "bfloat16": lambda m: m.bfloat16(),
+        "float": lambda m: m.float(),
+        "double": lambda m: m.double(),
+        "to_fp16": lambda m: m.to(torch.float16),
+        "to_cpu_bf16": lambda m: m.to("cpu", torch.bfloat16),
+        "to_meta": lambda m: m.to("meta"),
+    }[move](layer)
+    assert moved.weight.dtype == torch.int8 and moved.SCB.dtype == torch.float32
+    if move == "to_meta":
+        assert moved.weight.device.type == moved.SCB.device.type == "meta"
+        return
+    assert torch.equal(moved.weight, weight) and torch.equal(moved.SCB, scale)
+    assert torch.equal(moved.bias.float(), bias.to(moved.bias.dtype).float())  # only the bias follows the cast
+    if move == "double":  # int8 layers take fp16/bf16/fp32 activations; a float64 model gets a clear error
+        with pytest.raises(TypeError, match=r"x must be one of float16, bfloat16, float32, got torch.float64"):
+            moved(planted_outliers(3, 64, torch.float64))
+        return
+    x = planted_outliers(3, 64, moved.bias.dtype)
+    assert moved(x).dtype == x.dtype
+
+
+def test_state_dict_layout():
+    layer = Int8Linear.from_linear(_linear())
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "SCB", "bias", "weight_format"}
+    assert sd["weight"].dtype == torch.int8 and sd["SCB"].dtype == torch.float32
+    assert sd["weight_format"].dtype == torch.uint8 and sd["weight_format"].shape == () and int(sd["weight_format"]) == 0
+    assert set(Int8Linear.from_linear(_linear(bias=False)).state_dict()) == {"weight", "SCB", "weight_format"}
+    nested = nn.Sequential(layer).state_dict()
+    assert set(nested) == {"0.weight", "0.SCB", "0.bias", "0.weight_format"}
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    layer = Int8Linear.from_linear(_linear())
+    sd = layer.state_dict()
+    sd_before = {k: v.clone() for k, v in sd.items()}
+    fresh = Int8Linear(64, 33)
+    result = fresh.load_state_dict(sd)
+    assert not result.missing_keys and not result.unexpected_keys
+    _assert_same_module_state(fresh, layer)
+    assert all(torch.equal(sd[k], sd_before[k]) for k in sd)  # the caller's dict is not modified
+    x = planted_outliers(5, 64)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_torch_save_and_load(tmp_path):
+    layer = Int8Linear.from_linear(_linear(), threshold=5.0, backend="reference")
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    fresh = Int8Linear(64, 33, threshold=5.0)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    _assert_same_module_state(fresh, layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # the whole module
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    _assert_same_module_state(loaded, layer)
+    assert loaded.threshold == 5.0 and loaded.backend is Backend.REFERENCE
+    x = planted_outliers(4, 64)
+    assert torch.equal(loaded(x), layer(x))
+
+
+def test_deepcopy_is_independent():
+    layer = Int8Linear.from_linear(_linear())
+    clone = copy.deepcopy(layer)
+    _assert_same_module_state(clone, layer)
+    assert clone.weight.data_ptr() != layer.weight.data_ptr()
+    x = planted_outliers(4, 64)
+    assert torch.equal(clone(x), layer(x))
+    clone.weight.zero_()
+    assert int(layer.weight.abs().sum()) > 0
+
+
+def test_load_rejects_other_formats():
+    layer = Int8Linear(64, 33)
+    sd = Int8Linear.from_linear(_linear()).state_dict()
+    with pytest.raises(RuntimeError, match=r"weight_format is 1; only the row-major format \(0\)"):
+        layer.load_state_dict({**sd, "weight_format": torch.tensor(1, dtype=torch.uint8)})
+    with pytest.raises(RuntimeError, match=r"weight must be int8 for an Int8Linear, got torch.float32"):
+        layer.load_state_dict({**sd, "weight": torch.randn(33, 64)})
+    half_scale = {**sd, "SCB": sd["SCB"].half()}
+    layer.load_state_dict(half_scale)  # an fp16 scale (older checkpoints) is widened
+    assert layer.SCB.dtype == torch.float32 and torch.equal(layer.SCB, sd["SCB"].half().float())
+
+
+def _bnb_layer(k=64, n=33, seed=7):
+    layer = bnb.nn.Linear8bitLt(k, n, has_fp16_weights=False, threshold=THRESHOLD)
+    layer.load_state_dict(_linear(k, n, seed=seed).state_dict())
+    return layer.to("cpu").eval()  # quantized by the move; only then does it accept an 8-bit checkpoint
+
+
+def test_bitsandbytes_checkpoint_round_trip():
+    ours = Int8Linear.from_linear(_linear())
+    theirs = _bnb_layer()
+    result = theirs.load_state_dict(ours.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    theirs_sd = theirs.state_dict()
+    assert set(theirs_sd) == set(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(theirs_sd[key], value), key
+        assert theirs_sd[key].dtype == value.dtype, key
+    back = Int8Linear(64, 33)
+    back.load_state_dict(theirs_sd)
+    _assert_same_module_state(back, ours)
+    # both now hold the same int8 weights and scales; outputs agree to the precision of bitsandbytes' fp16
+    # activation cast (fp16 inputs: the same int8 activations up to rare reciprocal ties, see parity tests)
+    x = planted_outliers(8, 64, torch.float16)
+    with torch.inference_mode():
+        y_theirs, y_ours = theirs(x.clone()), back(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=2e-3, atol=2e-2)
+
+
+def test_load_a_bitsandbytes_checkpoint():
+    theirs = _bnb_layer(seed=9)
+    ours = Int8Linear(64, 33)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.weight, theirs.state_dict()["weight"])
+    assert torch.equal(ours.SCB, theirs.state_dict()["SCB"])
+
+
+def test_dequantize_is_within_half_a_step():
+    linear = _linear(k=128, n=16)
+    layer = Int8Linear.from_linear(linear)
+    w = linear.weight.detach()
+    w_dq = layer.dequantize()
+    assert w_dq.dtype == torch.float32 and w_dq.shape == w.shape
+    half_step = (layer.SCB / (2 * INT8_MAX))[:, None]
+    assert bool(((w_dq - w).abs() <= half_step * (1 + 1e-5)).all())
+    assert torch.equal(w_dq.abs().amax(dim=1), layer.SCB)  # each row's extreme comes back exactly
+
+
+def test_to_linear():
+    linear = _linear(k=128, n=16)
+    layer = Int8Linear.from_linear(linear)
+    back = layer.to_linear()
+    assert type(back) is nn.Linear and back.weight.dtype == torch.float32
+    assert torch.equal(back.weight.detach(), layer.dequantize()) and torch.equal(back.bias, linear.bias)
+    half = layer.to_linear(torch.float16)
+    assert half.weight.dtype == torch.float16
+    x = planted_outliers(5, 128, at_threshold=None, magnitude=(1.0, 2.0))
+    torch.testing.assert_close(back(x), linear(x), rtol=0, atol=3e-2)
+    assert Int8Linear.from_linear(_linear(bias=False)).to_linear().bias is None
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match=r"threshold must be >= 0 .*got -1.0"):
+        Int8Linear(4, 2, threshold=-1.0)
+    with pytest.raises(TypeError, match=r"threshold must be a number, got str: '6'"):
+        Int8Linear(4, 2, threshold="6")
+    with pytest.raises(ValueError, match=r"got 'fast'"):
+        Int8Linear(4, 2, backend="fast")
+    with pytest.raises(TypeError, match=r"linear must be an nn.Linear, got Conv1d"):
+        Int8Linear.from_linear(nn.Conv1d(2, 2, 1))
+    bad = _linear()
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"decoder.proj.weight holds 1 non-finite value"):
+        Int8Linear.from_linear(bad, name="decoder.proj")

@@ -1,0 +1,99 @@
+"""The op surface (int8mm/_ops.py): schemas, fake kernels, autograd registration and torch.compile."""
+import pytest
+import torch
+
+import int8mm
+from helpers import planted_outliers, random_weight, spec_quantize_activations
+from int8mm import _ops
+
+THRESHOLD = 6.0
+OPS = torch.ops.int8mm
+
+
+def _layer(n, k, seed=1):
+    return int8mm.quantize_weight(random_weight(n, k, seed=seed))
+
+
+def _linear_samples():
+    q_w, s_w = _layer(33, 123)
+    q_w1, s_w1 = _layer(7, 1)
+    return [
+        (planted_outliers(5, 123), q_w, s_w, torch.randn(33), THRESHOLD, "reference"),
+        (planted_outliers(17, 123, torch.float16), q_w, s_w, None, 0.0, "reference"),
+        (planted_outliers(3, 123, torch.bfloat16), q_w, s_w, torch.randn(33, dtype=torch.bfloat16), THRESHOLD,
+         "reference"),
+        (planted_outliers(4, 1), q_w1, s_w1, None, THRESHOLD, "reference"),
+        (torch.zeros(0, 123), q_w, s_w, None, THRESHOLD, "reference"),
+        # with gradients: the registered backward (through the de-quantized weight) is checked too
+        (planted_outliers(5, 123).requires_grad_(), q_w, s_w, torch.randn(33, requires_grad=True), THRESHOLD,
+         "reference"),
+    ]
+
+
+@pytest.mark.parametrize("args", [(random_weight(33, 123),), (random_weight(7, 1, torch.float16),),
+                                  (random_weight(4, 64, torch.bfloat16),)], ids=["fp32", "fp16-K1", "bf16"])
+def test_opcheck_quantize_weight(args):
+    torch.library.opcheck(OPS.quantize_weight, args)
+
+
+@pytest.mark.parametrize("args", [
+    (planted_outliers(5, 123), THRESHOLD, "reference"),
+    (planted_outliers(17, 64, torch.float16), 0.0, "reference"),
+    (planted_outliers(1, 1, torch.bfloat16), THRESHOLD, "reference"),
+    (torch.zeros(0, 16), THRESHOLD, "reference"),
+], ids=["fp32", "fp16-t0", "bf16-1x1", "M0"])
+def test_opcheck_quantize_activations(args):
+    torch.library.opcheck(OPS.quantize_activations, args)
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 123, 33), (1, 1, 7), (0, 16, 3), (17, 64, 1)])
+def test_opcheck_int8_matmul(m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    torch.library.opcheck(OPS.int8_matmul, (a, b, "reference"))
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_opcheck_int8_linear(index):
+    torch.library.opcheck(OPS.int8_linear, _linear_samples()[index])
+
+
+def test_quantize_activations_op_keeps_the_columns_on_the_device():
+    """The op returns a fixed-size index buffer and a count (no host sync); the functional API trims it."""
+    x = planted_outliers(9, 64, seed=3)
+    q_x, s_x, cols, count = _ops.quantize_activations(x, THRESHOLD, "reference")
+    _, _, cols_ref = spec_quantize_activations(x, THRESHOLD)
+    assert cols.dtype == torch.int32 and cols.shape == (64,) and count.dtype == torch.int32 and count.shape == (1,)
+    assert int(count) == len(cols_ref) and cols[: int(count)].tolist() == cols_ref
+    assert torch.equal(int8mm.quantize_activations(x, THRESHOLD)[2], cols[: int(count)].long())
+
+
+def test_fake_kernels_give_shapes_on_meta():
+    x = torch.empty(4, 3, 64, device="meta", dtype=torch.bfloat16)
+    q_w = torch.empty(7, 64, dtype=torch.int8, device="meta")
+    s_w = torch.empty(7, device="meta")
+    y = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+    assert y.shape == (4, 3, 7) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+    q_x, s_x, cols, count = _ops.quantize_activations(x.reshape(12, 64), THRESHOLD, "reference")
+    assert (q_x.shape, q_x.dtype, s_x.shape, s_x.dtype) == ((12, 64), torch.int8, (12,), torch.float32)
+    assert int8mm.int8_matmul(q_w, q_w).shape == (7, 7)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    q_w, s_w = _layer(33, 123)
+    bias = torch.randn(33)
+
+    def layer(x):
+        # only exact float ops around the int8 op (a power-of-two scale, relu): Inductor may evaluate a
+        # transcendental such as gelu a few ulps away from eager, which would change the int8 inputs
+        return torch.relu(int8mm.int8_linear(x * 8, q_w, s_w, bias, THRESHOLD))
+
+    compiled = torch.compile(layer, fullgraph=True)
+    for seed, shape in enumerate([(5, 123), (2, 4, 123)]):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        expected = layer(x)
+        got = compiled(x)
+        assert got.shape == expected.shape
+        assert torch.equal(got, expected)
