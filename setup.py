@@ -12,6 +12,7 @@ setup(
     install_requires=["torch>=2.5", "numpy", "packaging", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "bitsandbytes==0.50.2", "transformers>=5,<6", "accelerate", "safetensors"],
+        "test": ["pytest", "bitsandbytes==0.50.2", "transformers>=5,<6", "accelerate", "safetensors", "gguf",
+                 "matplotlib"],
     },
 )
