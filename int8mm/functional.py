@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import _ops
-from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD, MAX_EXACT_K, WEIGHT_DTYPES
+from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD, MAX_EXACT_K, MAX_EXACT_K_FULL_RANGE, WEIGHT_DTYPES
 from .backends import Backend, resolve_backend
 
 
@@ -62,7 +62,8 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: Backend | str | None 
     """Exact ``a @ b.T`` of int8 matrices with an int32 result.
 
     Args:
-        a: int8 ``[M, K]``; b: int8 ``[N, K]`` (nn.Linear weight layout), same device.
+        a: int8 ``[M, K]``; b: int8 ``[N, K]`` (nn.Linear weight layout), same device. Any int8 values
+            (-128 included), so K is limited to 131_071 here, below the 133_143 of quantized values.
     Returns:
         int32 ``[M, N]``.
     """
@@ -73,7 +74,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: Backend | str | None 
         _check_rank(t, arg, 2)
     _check_same_k(a.shape[1], "a", b.shape[1], "b")
     _check_same_device(a, "a", b, "b")
-    _check_k(a.shape[1], "a")
+    _check_k(a.shape[1], "a", MAX_EXACT_K_FULL_RANGE)
     return _ops.int8_matmul(a, b, resolve_backend(backend, a.device).value)
 
 
@@ -156,10 +157,10 @@ def _check_same_device(t1, arg1: str, t2, arg2: str) -> None:
         raise ValueError(f"{arg1} and {arg2} must be on one device, got {t1.device} and {t2.device}")
 
 
-def _check_k(k: int, arg: str) -> None:
-    if k > MAX_EXACT_K:
+def _check_k(k: int, arg: str, limit: int = MAX_EXACT_K) -> None:
+    if k > limit:
         raise ValueError(
-            f"{arg} has K={k}, above {MAX_EXACT_K}, the largest K whose int32 accumulation is exact; split the layer"
+            f"{arg} has K={k}, above {limit}, the largest K whose int32 accumulation is exact; split the layer"
         )
 
 

@@ -2,11 +2,26 @@
 
 Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter; the variable must be
 set before any kernel is defined, so it is set here, before int8mm is imported by any test module.
+In CI (CI=true) nothing may be skipped except the tests that need a GPU.
 """
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+GPU_SKIP_REASON = "needs an NVIDIA GPU"  # the reason tests/gpu.py gives
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI", "").lower() == "true" and report.skipped:
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if GPU_SKIP_REASON not in reason:
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI, where only GPU tests may be skipped: {reason}"

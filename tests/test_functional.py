@@ -384,9 +384,12 @@ def test_k_beyond_exact_int32_accumulation_is_refused():
         int8mm.quantize_weight(torch.empty(2, k, device=meta))
     with pytest.raises(ValueError, match=rf"x has {message}"):
         int8mm.quantize_activations(torch.empty(2, k, device=meta))
-    with pytest.raises(ValueError, match=rf"a has {message}"):
-        int8mm.int8_matmul(torch.empty(2, k, dtype=torch.int8, device=meta),
-                           torch.empty(3, k, dtype=torch.int8, device=meta))
+    # int8_matmul takes -128 too, so its bound is 128^2 * K < 2^31
+    k_full = (2**31 - 1) // 128**2 + 1
+    assert 128**2 * (k_full - 1) < 2**31 <= 128**2 * k_full
+    with pytest.raises(ValueError, match=rf"a has K={k_full}, above {k_full - 1}"):
+        int8mm.int8_matmul(torch.empty(2, k_full, dtype=torch.int8, device=meta),
+                           torch.empty(3, k_full, dtype=torch.int8, device=meta))
     with pytest.raises(ValueError, match=rf"q_w has {message}"):
         int8mm.int8_linear(torch.empty(2, k, device=meta), torch.empty(3, k, dtype=torch.int8, device=meta),
                            torch.empty(3, device=meta))
