@@ -32,12 +32,10 @@ def triton_interpreting() -> bool:
 # Probed once at import (without importing either): torch.compile traces backend resolution, and
 # importlib cannot be traced; a failed import on every call would also be slow.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_CUDA_BACKEND_PRESENT = importlib.util.find_spec(f"{__name__}.cuda") is not None
 
 
+@torch.compiler.assume_constant_result  # file-system probes: decided once, outside any traced graph
 def _cuda_library_loadable() -> bool:
-    if not _CUDA_BACKEND_PRESENT:
-        return False
     from . import cuda as cuda_backend
     return cuda_backend.library_available()
 

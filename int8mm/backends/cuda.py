@@ -1,0 +1,115 @@
+"""The CUDA backend: hand-written kernels (kernels/cuda) in a shared library called through ctypes.
+
+The library links no torch library; Python hands it data pointers and the current CUDA stream. It is
+loaded (and, where nvcc is present, built into the cache) at first use, never at import.
+"""
+import ctypes
+import functools
+
+import torch
+
+from .. import _ops
+from . import cuda_build
+
+BACKEND = "cuda"
+ABI_VERSION = 1
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+_p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "int8mm_abi_version": (_i32, []),
+    "int8mm_error_string": (ctypes.c_char_p, [_i32]),
+    "int8mm_workspace_ints": (_i64, [_i64, _i64]),
+    "int8mm_quantize_activations": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _p, _p, _p, _p, _p]),
+    "int8mm_int8_matmul": (_i32, [_p, _p, _p, _i64, _i64, _i64, _p]),
+    "int8mm_int8_linear": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i32, _f32, _p, _p, _p, _p,
+                                  _p, _p, _p]),
+}
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded library (built first if needed and possible); raises saying how to build it."""
+    lib = ctypes.CDLL(str(cuda_build.library_path()))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    if lib.int8mm_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"the int8mm CUDA library speaks ABI {lib.int8mm_abi_version()}, this int8mm "
+                           f"needs {ABI_VERSION}: {cuda_build.HOW_TO_BUILD}")
+    return lib
+
+
+@functools.cache
+def library_available() -> bool:
+    """True if the library is built, or can be built here (nvcc on the PATH)."""
+    return cuda_build.find_library() is not None or cuda_build.nvcc() is not None
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        message = library().int8mm_error_string(status).decode()
+        raise RuntimeError(f"int8mm CUDA kernel failed: {message} (CUDA error {status})")
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _activation_buffers(x: torch.Tensor):
+    m, k = x.shape
+    dev = x.device
+    return (
+        torch.empty(library().int8mm_workspace_ints(m, k), dtype=torch.int32, device=dev),
+        torch.empty((m, k), dtype=torch.int8, device=dev),
+        torch.zeros(m, dtype=torch.float32, device=dev),
+        torch.empty(k, dtype=torch.int32, device=dev),
+        torch.zeros(1, dtype=torch.int32, device=dev),
+    )
+
+
+@_ops.register_impl(BACKEND, "quantize_activations")
+def quantize_activations(x, threshold):
+    m, k = x.shape
+    workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
+    with torch.cuda.device(x.device):
+        _check(library().int8mm_quantize_activations(
+            _ptr(x), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), threshold, _ptr(workspace), _ptr(q_x),
+            _ptr(s_x), _ptr(outlier_cols), _ptr(outlier_count), _stream(x.device)))
+    return q_x, s_x, outlier_cols, outlier_count
+
+
+@_ops.register_impl(BACKEND, "int8_matmul")
+def int8_matmul(a, b):
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
+    if a.shape[1] == 0:
+        return out.zero_()
+    with torch.cuda.device(a.device):
+        _check(library().int8mm_int8_matmul(_ptr(a), _ptr(b), _ptr(out), a.shape[0], b.shape[0], a.shape[1],
+                                            _stream(a.device)))
+    return out
+
+
+@_ops.register_impl(BACKEND, "int8_linear")
+def int8_linear(x, q_w, s_w, bias, threshold):
+    m, k = x.shape
+    n = q_w.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # no products: only the bias remains
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    q_w, s_w = q_w.contiguous(), s_w.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
+    with torch.cuda.device(x.device):
+        _check(library().int8mm_int8_linear(
+            _ptr(x), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), _ptr(q_w), _ptr(s_w), n, _ptr(bias),
+            _DTYPE_CODES[bias.dtype if bias is not None else x.dtype], threshold, _ptr(workspace), _ptr(q_x),
+            _ptr(s_x), _ptr(outlier_cols), _ptr(outlier_count), _ptr(out), _stream(x.device)))
+    return out

@@ -1,0 +1,131 @@
+"""Build and locate the CUDA library (kernels/cuda -> libint8mm_cuda.so). Imports neither torch nor int8mm,
+so that setup.py can load this file on its own.
+
+The library links no torch library (only the static CUDA runtime), so nvcc builds it on a machine with
+no GPU and no CUDA build of torch. Where it is looked for, in order:
+    $INT8MM_CUDA_LIB; next to the kernel sources (``make cuda``, ``pip install``); the build cache
+    (``$INT8MM_CACHE/cuda/<hash of the sources and flags>/``), where a first use on a GPU builds it
+    under a file lock when nvcc is on the PATH.
+"""
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LIBRARY_NAME = "libint8mm_cuda.so"
+LIBRARY_ENV_VAR = "INT8MM_CUDA_LIB"
+CACHE_ENV_VAR = "INT8MM_CACHE"
+# sm_80 and sm_90 machine code, plus sm_90 PTX for later GPUs
+ARCH_FLAGS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", "static",
+              *ARCH_FLAGS]
+HOW_TO_BUILD = ("build it with `make cuda` (needs nvcc), or `pip install .` on a machine with nvcc, or point "
+                f"{LIBRARY_ENV_VAR} at a built {LIBRARY_NAME}")
+
+
+def source_dir() -> Path:
+    """kernels/cuda, in a checkout or as installed (int8mm/kernels/cuda)."""
+    here = Path(__file__).resolve().parent  # int8mm/backends
+    for candidate in (here.parent / "kernels" / "cuda", here.parent.parent / "kernels" / "cuda"):
+        if (candidate / "int8mm.h").exists():
+            return candidate
+    raise FileNotFoundError(f"the CUDA sources (kernels/cuda/int8mm.h) are missing next to {here.parent}")
+
+
+def sources(src: Path | None = None) -> list[Path]:
+    src = src or source_dir()
+    return sorted(src.glob("*.cu")) + sorted(src.glob("*.cuh")) + sorted(src.glob("*.h"))
+
+
+def source_hash(src: Path | None = None) -> str:
+    digest = hashlib.sha256(" ".join(NVCC_FLAGS).encode())
+    for path in sources(src):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def nvcc() -> str | None:
+    return shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
+
+
+def build(out_dir: Path, src: Path | None = None, quiet: bool = False) -> Path:
+    """Compile the library into ``out_dir`` (atomically: written beside, then renamed); returns its path."""
+    compiler = nvcc()
+    if compiler is None:
+        raise RuntimeError(f"nvcc was not found on the PATH; cannot build {LIBRARY_NAME}")
+    src = src or source_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / LIBRARY_NAME
+    fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{LIBRARY_NAME}.", suffix=".tmp")
+    os.close(fd)
+    command = [compiler, *NVCC_FLAGS, "-o", partial, *map(str, sorted(src.glob("*.cu")))]
+    if not quiet:
+        print(f"int8mm: building {target} with nvcc (about a minute)...", file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"nvcc failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "int8mm"))
+    return root / "cuda" / source_hash()
+
+
+def _fresh(library: Path) -> bool:
+    """A library next to the sources counts only if no source is newer (else it is stale)."""
+    if not library.exists():
+        return False
+    built = library.stat().st_mtime
+    return all(path.stat().st_mtime <= built for path in sources(library.parent))
+
+
+def find_library() -> Path | None:
+    """The library to load, without building anything; None if there is none."""
+    explicit = os.environ.get(LIBRARY_ENV_VAR)
+    if explicit:
+        return Path(explicit)
+    in_place = source_dir() / LIBRARY_NAME
+    if _fresh(in_place):
+        return in_place
+    cached = cache_dir() / LIBRARY_NAME
+    return cached if cached.exists() else None
+
+
+def library_path() -> Path:
+    """The library, built into the cache under a file lock if it is missing and nvcc is present."""
+    found = find_library()
+    if found is not None:
+        if not found.exists():
+            raise FileNotFoundError(f"{LIBRARY_ENV_VAR}={found} does not exist")
+        return found
+    if nvcc() is None:
+        raise RuntimeError(f"the int8mm CUDA library is not built and nvcc is not on the PATH: {HOW_TO_BUILD}")
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same sources
+        target = out_dir / LIBRARY_NAME
+        return target if target.exists() else build(out_dir)
+
+
+def main() -> None:
+    """``python -m int8mm.backends.cuda_build``: build next to the sources and print the path (make cuda)."""
+    print(build(source_dir()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+// The C ABI (int8mm.h): argument checks, buffer layout, and the choice of GEMM or GEMV schedule.
+#include <algorithm>
+
+#include "common.cuh"
+#include "gemm.cuh"
+#include "int8mm.h"
+
+namespace int8mm {
+int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm,
+                              int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
+                              int32_t* outlier_cols, int32_t* outlier_count, cudaStream_t stream, int num_sms);
+
+static int multiprocessors() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 132;
+  return count;
+}
+}  // namespace int8mm
+
+using namespace int8mm;
+
+extern "C" {
+
+int int8mm_abi_version(void) { return INT8MM_ABI_VERSION; }
+
+const char* int8mm_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+int64_t int8mm_workspace_ints(int64_t M, int64_t K) { return M + K + ceil_div(K, kCompactBlock); }
+
+int int8mm_quantize_activations(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm,
+                                int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
+                                int32_t* outlier_cols, int32_t* outlier_count, void* stream) {
+  if (M < 0 || K < 0 || !(threshold >= 0.0f)) return static_cast<int>(cudaErrorInvalidValue);
+  return quantize_activations_impl(x, x_dtype, M, K, stride_xm, stride_xk, threshold, workspace, q_x, s_x,
+                                   outlier_cols, outlier_count, static_cast<cudaStream_t>(stream), multiprocessors());
+}
+
+int int8mm_int8_matmul(const int8_t* a, const int8_t* b, int32_t* out, int64_t M, int64_t N, int64_t K,
+                       void* stream) {
+  if (M < 0 || N < 0 || K < 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (M == 0 || N == 0) return 0;
+  GemmArgs args{a, b, out, nullptr, nullptr, nullptr, 0, 0, nullptr, nullptr, nullptr, M, N, K};
+  return launch_int8_matmul(args, static_cast<cudaStream_t>(stream));
+}
+
+int int8mm_int8_linear(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm, int64_t stride_xk,
+                       const int8_t* q_w, const float* s_w, int64_t N, const void* bias, int bias_dtype,
+                       float threshold, int32_t* workspace, int8_t* q_x, float* s_x, int32_t* outlier_cols,
+                       int32_t* outlier_count, void* out, void* stream) {
+  if (M < 0 || N < 0 || K < 0 || !(threshold >= 0.0f)) return static_cast<int>(cudaErrorInvalidValue);
+  if (M == 0 || N == 0) return 0;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int status = quantize_activations_impl(x, x_dtype, M, K, stride_xm, stride_xk, threshold, workspace, q_x, s_x,
+                                         outlier_cols, outlier_count, s, multiprocessors());
+  if (status != 0) return status;
+  GemmArgs args{q_x, q_w, out, s_x, s_w, x, stride_xm, stride_xk, outlier_cols, outlier_count, bias, M, N, K};
+  if (M <= kDecodeMaxM) return launch_int8_linear_gemv(args, x_dtype, bias_dtype, s);
+  return launch_int8_linear_gemm(args, x_dtype, bias_dtype, s);
+}
+
+}  // extern "C"

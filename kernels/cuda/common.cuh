@@ -1,0 +1,58 @@
+// Shared device helpers: element conversions, the numbers of SPEC.md, checked launches.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "int8mm.h"
+
+namespace int8mm {
+
+constexpr float kInt8Max = 127.0f;
+constexpr float kInvInt8Max = 1.0f / 127.0f;
+constexpr float kInvInt8MaxSq = 1.0f / (127.0f * 127.0f);
+// columns per block of the outlier-column compaction (and of its per-block counts)
+constexpr int kCompactBlock = 1024;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// 127 / s as one IEEE division; 0 where s is zero, NaN or Inf, which quantizes the whole row to 0
+__device__ __forceinline__ float row_reciprocal(float s) {
+  bool usable = s > 0.0f && s < INFINITY;  // NaN compares false
+  return usable ? __fdiv_rn(kInt8Max, s) : 0.0f;
+}
+
+// round half to even, clamped to [-127, 127]
+__device__ __forceinline__ int8_t quantize_value(float v) {
+  float r = fminf(fmaxf(rintf(v), -kInt8Max), kInt8Max);
+  return static_cast<int8_t>(__float2int_rn(r));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace int8mm
+
+// dispatch an element type code to a C++ type, as `scalar_t`
+#define INT8MM_DISPATCH_FLOAT(code, ...)                                   \
+  switch (code) {                                                          \
+    case INT8MM_FP16: { using scalar_t = __half; __VA_ARGS__; break; }     \
+    case INT8MM_BF16: { using scalar_t = __nv_bfloat16; __VA_ARGS__; break; } \
+    case INT8MM_FP32: { using scalar_t = float; __VA_ARGS__; break; }      \
+    default: return static_cast<int>(cudaErrorInvalidValue);               \
+  }
+
+#define INT8MM_RETURN_IF_ERROR(expr)                          \
+  do {                                                        \
+    cudaError_t err_ = (expr);                                \
+    if (err_ != cudaSuccess) return static_cast<int>(err_);   \
+  } while (0)

@@ -1,0 +1,175 @@
+// Activation quantization with outlier columns (SPEC.md), two passes, no host sync.
+//
+// Pass 1, activation_stats: blocks of kStatsRows rows x a run of columns fold into a zero-filled int32
+// workspace with atomics: row_max_bits[M] (fp32 bits of each row's absmax below the threshold; for
+// non-negative floats and +NaN the int order is the float order, NaN above Inf, so atomicMax reduces and
+// NaN wins), col_flags[K] (1 = outlier column) and block_counts[K / kCompactBlock] (outlier columns per
+// compaction block, counted once by the thread whose atomicExch raised the flag).
+// Pass 2, quantize_rows: int8 rows with outlier columns zeroed, the fp32 row scales, and the ascending
+// outlier list: each compaction block writes its slice after the counts of the blocks before it.
+#include <algorithm>
+
+#include "common.cuh"
+#include "int8mm.h"
+
+namespace int8mm {
+
+constexpr int kStatsRows = 8;
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) activation_stats_kernel(
+    const T* __restrict__ x, int64_t M, int64_t K, int64_t stride_xm, int64_t stride_xk, float threshold,
+    int64_t cols_per_block, int32_t* __restrict__ row_max_bits, int32_t* __restrict__ col_flags,
+    int32_t* __restrict__ block_counts) {
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kStatsRows;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * cols_per_block;
+  const int64_t k_end = min(k_begin + cols_per_block, K);
+  float row_max[kStatsRows];
+  bool row_nan[kStatsRows];
+#pragma unroll
+  for (int r = 0; r < kStatsRows; ++r) { row_max[r] = 0.0f; row_nan[r] = false; }
+
+  for (int64_t k = k_begin + threadIdx.x; k < k_end; k += kThreads) {
+    bool outlier_col = false;
+#pragma unroll
+    for (int r = 0; r < kStatsRows; ++r) {
+      if (m0 + r < M) {
+        float v = to_float(x[(m0 + r) * stride_xm + k * stride_xk]);
+        float a = fabsf(v);
+        bool outlier = threshold > 0.0f && a >= threshold;
+        outlier_col |= outlier;
+        row_nan[r] |= (v != v);
+        if (!outlier) row_max[r] = fmaxf(row_max[r], a);
+      }
+    }
+    if (outlier_col && atomicExch(&col_flags[k], 1) == 0) atomicAdd(&block_counts[k / kCompactBlock], 1);
+  }
+
+  // block reduction of each row's max (and NaN flag): warp shuffles, then one value per warp
+  __shared__ float warp_max[kThreads / 32][kStatsRows];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < kStatsRows; ++r) {
+    float v = row_nan[r] ? NAN : row_max[r];
+    for (int offset = 16; offset > 0; offset /= 2) {
+      float other = __shfl_xor_sync(0xffffffffu, v, offset);
+      v = (v != v || other != other) ? NAN : fmaxf(v, other);
+    }
+    if (lane == 0) warp_max[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < kStatsRows && m0 + threadIdx.x < M) {
+    float v = 0.0f;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      float other = warp_max[w][threadIdx.x];
+      v = (v != v || other != other) ? NAN : fmaxf(v, other);
+    }
+    if (v != v) v = NAN;  // canonical +NaN: its bits sort above +Inf
+    atomicMax(&row_max_bits[m0 + threadIdx.x], __float_as_int(v));
+  }
+}
+
+// inclusive scan of one int per thread across the block (kThreads threads)
+__device__ int block_inclusive_scan(int value, int* warp_totals) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    int other = __shfl_up_sync(0xffffffffu, value, offset);
+    if (lane >= offset) value += other;
+  }
+  if (lane == 31) warp_totals[warp] = value;
+  __syncthreads();
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_totals[w];
+  return value + before;
+}
+
+constexpr int kQuantRows = 4;
+constexpr int kColsPerThread = kCompactBlock / kThreads;  // 4
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quantize_rows_kernel(
+    const T* __restrict__ x, int64_t M, int64_t K, int64_t stride_xm, int64_t stride_xk,
+    const int32_t* __restrict__ row_max_bits, const int32_t* __restrict__ col_flags,
+    const int32_t* __restrict__ block_counts, int64_t num_compact_blocks, int8_t* __restrict__ q_x,
+    float* __restrict__ s_x, int32_t* __restrict__ outlier_cols, int32_t* __restrict__ outlier_count) {
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kQuantRows;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kCompactBlock + threadIdx.x * kColsPerThread;
+  int flags[kColsPerThread];
+#pragma unroll
+  for (int c = 0; c < kColsPerThread; ++c) flags[c] = (k0 + c < K) ? col_flags[k0 + c] : 0;
+
+#pragma unroll
+  for (int r = 0; r < kQuantRows; ++r) {
+    const int64_t m = m0 + r;
+    if (m >= M) break;
+    const float scale = __int_as_float(row_max_bits[m]);
+    if (blockIdx.y == 0 && threadIdx.x == 0) s_x[m] = scale;
+    const float reciprocal = row_reciprocal(scale);
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) {
+      const int64_t k = k0 + c;
+      if (k < K) {
+        int8_t q = 0;
+        if (!flags[c] && reciprocal != 0.0f) q = quantize_value(to_float(x[m * stride_xm + k * stride_xk]) * reciprocal);
+        q_x[m * K + k] = q;
+      }
+    }
+  }
+
+  if (blockIdx.x == 0) {  // compaction of this block of columns
+    __shared__ int warp_totals[kThreads / 32];
+    __shared__ int start;
+    if (threadIdx.x == 0) {
+      int before = 0, total = 0;
+      for (int64_t b = 0; b < num_compact_blocks; ++b) {
+        if (b < blockIdx.y) before += block_counts[b];
+        total += block_counts[b];
+      }
+      start = before;
+      if (blockIdx.y == 0) outlier_count[0] = total;
+    }
+    int mine = 0;
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) mine += flags[c];
+    int slot = block_inclusive_scan(mine, warp_totals) - mine;  // has a __syncthreads: start is visible
+    slot += start;
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) {
+      if (flags[c]) outlier_cols[slot++] = static_cast<int32_t>(k0 + c);
+    }
+  }
+}
+
+int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm,
+                              int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
+                              int32_t* outlier_cols, int32_t* outlier_count, cudaStream_t stream,
+                              int num_sms) {
+  const int64_t num_compact_blocks = ceil_div(K, kCompactBlock);
+  int32_t* row_max_bits = workspace;
+  int32_t* col_flags = workspace + M;
+  int32_t* block_counts = workspace + M + K;
+  INT8MM_RETURN_IF_ERROR(cudaMemsetAsync(workspace, 0, sizeof(int32_t) * (M + K + num_compact_blocks), stream));
+  if (M == 0 || K == 0) {
+    INT8MM_RETURN_IF_ERROR(cudaMemsetAsync(outlier_count, 0, sizeof(int32_t), stream));
+    return 0;
+  }
+  // enough blocks to cover the GPU twice, each sweeping a run of columns
+  const int64_t row_blocks = ceil_div(M, kStatsRows);
+  const int64_t col_chunks = ceil_div(K, kThreads);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(col_chunks, ceil_div(2 * num_sms, row_blocks)));
+  const int64_t cols_per_block = ceil_div(col_chunks, splits) * kThreads;
+  dim3 stats_grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(ceil_div(K, cols_per_block)));
+  dim3 quant_grid(static_cast<unsigned>(ceil_div(M, kQuantRows)), static_cast<unsigned>(num_compact_blocks));
+  INT8MM_DISPATCH_FLOAT(x_dtype, {
+    const scalar_t* xt = static_cast<const scalar_t*>(x);
+    activation_stats_kernel<scalar_t><<<stats_grid, kThreads, 0, stream>>>(
+        xt, M, K, stride_xm, stride_xk, threshold, cols_per_block, row_max_bits, col_flags, block_counts);
+    quantize_rows_kernel<scalar_t><<<quant_grid, kThreads, 0, stream>>>(
+        xt, M, K, stride_xm, stride_xk, row_max_bits, col_flags, block_counts, num_compact_blocks, q_x, s_x,
+        outlier_cols, outlier_count);
+  });
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace int8mm
