@@ -1,4 +1,5 @@
-"""Triton on a real GPU: autotuned schedules, CUDA graphs, torch.compile, no host synchronisation."""
+"""Kernel backends on a real GPU: model-sized shapes (autotuned schedules for Triton, GEMV/GEMM for CUDA),
+CUDA graphs, torch.compile, no host synchronisation."""
 import pytest
 import torch
 
@@ -9,29 +10,34 @@ from kernel_cases import assert_output_close, planted_activations, random_weight
 pytestmark = requires_cuda
 
 
-def _layer(k, n, threshold=6.0):
+@pytest.fixture(params=["triton", "cuda"])
+def backend(request):
+    return request.param
+
+
+def _layer(k, n, backend, threshold=6.0):
     linear = torch.nn.Linear(k, n).to("cuda", torch.float16)
-    return int8mm.Int8Linear.from_linear(linear, threshold=threshold, backend="triton")
+    return int8mm.Int8Linear.from_linear(linear, threshold=threshold, backend=backend)
 
 
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 300, 2048])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_autotuned_schedules_match_reference(m, dtype):
+def test_model_sized_shapes_match_reference(m, dtype, backend):
     k, n = 4096, 1536
     x = planted_activations(m, k, dtype, n_outlier_cols=8)
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k))
     bias = torch.randn(n, device="cuda", dtype=dtype)
-    got = int8mm.int8_linear(x, q_w, s_w, bias, backend="triton")
+    got = int8mm.int8_linear(x, q_w, s_w, bias, backend=backend)
     ref = int8mm.int8_linear(x, q_w, s_w, bias, backend="reference")
     assert_output_close(got, ref)
-    assert torch.equal(int8mm.int8_matmul(*int8mm.quantize_activations(x)[:1], q_w, backend="triton"),
-                       int8mm.int8_matmul(*int8mm.quantize_activations(x)[:1], q_w, backend="reference"))
+    q_x = int8mm.quantize_activations(x, backend="reference")[0]
+    assert torch.equal(int8mm.int8_matmul(q_x, q_w, backend=backend), int8mm.int8_matmul(q_x, q_w, backend="reference"))
 
 
-def test_forward_never_syncs_with_the_host():
-    layer = _layer(1024, 512)
+def test_forward_never_syncs_with_the_host(backend):
+    layer = _layer(1024, 512, backend)
     x = planted_activations(16, 1024, torch.float16, n_outlier_cols=8)
-    layer(x)  # autotune and compile first: those may sync
+    layer(x)  # autotune, compile and load first: those may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -41,8 +47,8 @@ def test_forward_never_syncs_with_the_host():
 
 
 @pytest.mark.parametrize("m", [1, 64])
-def test_cuda_graph_replay_equals_eager(m):
-    layer = _layer(2048, 1024)
+def test_cuda_graph_replay_equals_eager(m, backend):
+    layer = _layer(2048, 1024, backend)
     x = planted_activations(m, 2048, torch.float16, n_outlier_cols=8)
     eager = layer(x)
     static_x = x.clone()
@@ -65,8 +71,8 @@ def test_cuda_graph_replay_equals_eager(m):
     assert torch.equal(static_y, layer(other))
 
 
-def test_torch_compile_fullgraph():
-    layer = _layer(512, 256)
+def test_torch_compile_fullgraph(backend):
+    layer = _layer(512, 256, backend)
     x = planted_activations(33, 512, torch.bfloat16)
     compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)
     assert torch.equal(compiled(x), layer(x) * 2)

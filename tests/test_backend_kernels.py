@@ -1,17 +1,26 @@
-"""Triton backend against the reference (SPEC.md tolerances).
+"""The kernel backends (Triton, CUDA) against the reference (SPEC.md tolerances).
 
-On a GPU these run the compiled kernels; elsewhere the same launchers run on CPU tensors through
-Triton's interpreter (conftest.py sets TRITON_INTERPRET=1).
+On a GPU these run the compiled kernels; elsewhere the Triton launchers run on CPU tensors through
+Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), and the CUDA cases wait for a GPU.
 """
 import pytest
 import torch
 
 import int8mm
 from int8mm import _ops
+from gpu import requires_cuda
 from kernel_cases import (DEVICE, assert_output_close, assert_quantized_equal, planted_activations,
                           random_weight)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+# every kernel backend, as a fixture: each test below runs once per backend
+BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SHAPES = [  # (M, K, N): ragged, decode (M <= 16) and prefill schedules, K not a multiple of the tile
@@ -20,8 +29,8 @@ SHAPES = [  # (M, K, N): ragged, decode (M <= 16) and prefill schedules, K not a
 ]
 
 
-def _both(op, *args):
-    return op(*args, "reference"), op(*args, "triton")
+def _both(op, backend, *args):
+    return op(*args, "reference"), op(*args, backend)
 
 
 def _assert_quantize_equal(ref, got):
@@ -37,91 +46,91 @@ def _assert_quantize_equal(ref, got):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_quantize_activations_matches_reference(m, k, n, dtype):
+def test_quantize_activations_matches_reference(m, k, n, dtype, backend):
     x = planted_activations(m, k, dtype)
-    _assert_quantize_equal(*_both(_ops.quantize_activations, x, 6.0))
+    _assert_quantize_equal(*_both(_ops.quantize_activations, backend, x, 6.0))
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_int8_matmul_is_exact(m, k, n):
+def test_int8_matmul_is_exact(m, k, n, backend):
     g = torch.Generator().manual_seed(m * 1000 + k)
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(DEVICE)
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(DEVICE)
-    ref, got = _both(_ops.int8_matmul, a, b)
+    ref, got = _both(_ops.int8_matmul, backend, a, b)
     assert got.dtype == torch.int32 and torch.equal(ref, got)
 
 
-def test_int8_matmul_extremes_do_not_overflow():
+def test_int8_matmul_extremes_do_not_overflow(backend):
     k = 4096  # every product is +-127^2: the sum is far beyond int16 and exact in int32
     a = torch.full((17, k), -127, dtype=torch.int8, device=DEVICE)
     b = torch.full((9, k), 127, dtype=torch.int8, device=DEVICE)
-    ref, got = _both(_ops.int8_matmul, a, b)
+    ref, got = _both(_ops.int8_matmul, backend, a, b)
     assert torch.equal(got, ref) and int(got[0, 0]) == -127 * 127 * k
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_int8_linear_matches_reference(m, k, n, dtype, bias):
+def test_int8_linear_matches_reference(m, k, n, dtype, bias, backend):
     x = planted_activations(m, k, dtype)
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k))
     b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
-    ref, got = _both(_ops.int8_linear, x, q_w, s_w, b, 6.0)
+    ref, got = _both(_ops.int8_linear, backend, x, q_w, s_w, b, 6.0)
     assert_output_close(got, ref)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0, 1e9])
-def test_thresholds(threshold):
+def test_thresholds(threshold, backend):
     x = planted_activations(20, 200, torch.float16)
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 200))
-    _assert_quantize_equal(*_both(_ops.quantize_activations, x, threshold))
-    assert_output_close(*reversed(_both(_ops.int8_linear, x, q_w, s_w, None, threshold)))
+    _assert_quantize_equal(*_both(_ops.quantize_activations, backend, x, threshold))
+    assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, threshold)))
 
 
-def test_every_column_an_outlier():
+def test_every_column_an_outlier(backend):
     x = planted_activations(5, 100, torch.float32) + 100.0
     q_w, s_w = int8mm.quantize_weight(random_weight(16, 100))
-    ref, got = _both(_ops.quantize_activations, x, 6.0)
+    ref, got = _both(_ops.quantize_activations, backend, x, 6.0)
     _assert_quantize_equal(ref, got)
     assert int(got[3]) == 100 and not got[0].any()
-    assert_output_close(*reversed(_both(_ops.int8_linear, x, q_w, s_w, None, 6.0)))
+    assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, 6.0)))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_non_finite_rows_stay_in_their_row(bad, threshold):
+def test_non_finite_rows_stay_in_their_row(bad, threshold, backend):
     x = planted_activations(19, 130, torch.float32)
     x[4, 17] = bad
     q_w, s_w = int8mm.quantize_weight(random_weight(12, 130))
-    ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, threshold)
+    ref, got = _both(_ops.int8_linear, backend, x, q_w, s_w, None, threshold)
     assert not torch.isfinite(got[4]).any()
     others = torch.arange(19, device=DEVICE) != 4
     assert torch.isfinite(got[others]).all()
     assert_output_close(got, ref)
-    _assert_quantize_equal(*_both(_ops.quantize_activations, x, threshold))
+    _assert_quantize_equal(*_both(_ops.quantize_activations, backend, x, threshold))
 
 
-def test_non_contiguous_and_nd_inputs():
+def test_non_contiguous_and_nd_inputs(backend):
     base = planted_activations(24, 96, torch.bfloat16)
     x = base.t().contiguous().t()  # column-major view with the same values
     assert not x.is_contiguous()
     q_w, s_w = int8mm.quantize_weight(random_weight(40, 96))
-    y = int8mm.int8_linear(x, q_w, s_w, backend="triton")
-    assert torch.equal(y, int8mm.int8_linear(base, q_w, s_w, backend="triton"))
+    y = int8mm.int8_linear(x, q_w, s_w, backend=backend)
+    assert torch.equal(y, int8mm.int8_linear(base, q_w, s_w, backend=backend))
     x4 = base.reshape(2, 3, 4, 96)
-    y4 = int8mm.int8_linear(x4, q_w, s_w, backend="triton")
+    y4 = int8mm.int8_linear(x4, q_w, s_w, backend=backend)
     assert y4.shape == (2, 3, 4, 40) and torch.equal(y4.reshape(24, 40), y)
 
 
-def test_empty_batch():
+def test_empty_batch(backend):
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 32))
     x = torch.empty(0, 32, dtype=torch.float16, device=DEVICE)
-    y = int8mm.int8_linear(x, q_w, s_w, backend="triton")
+    y = int8mm.int8_linear(x, q_w, s_w, backend=backend)
     assert y.shape == (0, 8) and y.dtype == torch.float16
 
 
-def test_int8_linear_module_uses_triton():
+def test_int8_linear_module_uses_the_backend(backend):
     linear = torch.nn.Linear(128, 40).to(DEVICE)
-    layer = int8mm.Int8Linear.from_linear(linear, backend="triton")
+    layer = int8mm.Int8Linear.from_linear(linear, backend=backend)
     x = planted_activations(7, 128, torch.float32)
     assert_output_close(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, backend="reference"))

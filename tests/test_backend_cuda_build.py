@@ -1,0 +1,98 @@
+"""The CUDA library without a GPU: it builds with nvcc, exports the C ABI, carries int8 tensor-core
+machine code for sm_80 and sm_90, answers its host-side calls, and says how to build it when missing."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from int8mm.backends import cuda, cuda_build
+
+EXPORTED = {"int8mm_abi_version", "int8mm_error_string", "int8mm_workspace_ints", "int8mm_quantize_activations",
+            "int8mm_int8_matmul", "int8mm_int8_linear"}
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    found = cuda_build.find_library()
+    if found is None:  # `pip install -e .` builds it where nvcc exists; without nvcc nothing here can run
+        if cuda_build.nvcc() is None:
+            pytest.skip("nvcc is not on the PATH: the CUDA library cannot be built here")
+        pytest.fail("nvcc is present but the CUDA library was not built by the install (setup.py build_py)")
+    return found
+
+
+def _cuobjdump() -> str:
+    triton_bin = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = shutil.which("cuobjdump") or (str(triton_bin) if triton_bin.exists() else None)
+    if found is None:
+        pytest.skip("no cuobjdump (from CUDA or the triton package) to read the machine code")
+    return found
+
+
+def test_exports_exactly_the_c_abi(library):
+    listing = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True)
+    symbols = {line.split()[-1] for line in listing.stdout.splitlines() if line.strip()}
+    assert symbols == EXPORTED
+
+
+def test_machine_code_uses_int8_tensor_cores(library):
+    sass = subprocess.run([_cuobjdump(), "--dump-sass", str(library)], capture_output=True, text=True, check=True).stdout
+    per_arch = {}
+    for arch, body in re.findall(r"arch = (sm_\d+)(.*?)(?=arch = sm_|\Z)", sass, flags=re.S):
+        per_arch[arch] = per_arch.get(arch, "") + body
+    assert set(per_arch) >= {"sm_80", "sm_90"}
+    for arch, body in per_arch.items():
+        assert "IMMA.16832.S8.S8" in body, f"{arch}: the GEMM has no int8 mma (IMMA)"
+        assert "IDP.4A.S8.S8" in body, f"{arch}: the decode GEMV has no int8 dot product (IDP4A)"
+
+
+def test_host_side_calls_work_without_a_gpu(library, monkeypatch):
+    monkeypatch.setenv(cuda_build.LIBRARY_ENV_VAR, str(library))
+    cuda.library.cache_clear()
+    lib = cuda.library()
+    assert lib.int8mm_abi_version() == cuda.ABI_VERSION
+    m, k = 5, 3000
+    assert lib.int8mm_workspace_ints(m, k) == m + k + -(-k // 1024)
+    assert lib.int8mm_error_string(1).decode()  # cudaErrorInvalidValue has a message
+    cuda.library.cache_clear()
+
+
+def test_missing_library_error_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.delenv(cuda_build.LIBRARY_ENV_VAR, raising=False)
+    monkeypatch.setenv(cuda_build.CACHE_ENV_VAR, str(tmp_path))
+    src = _copy_sources(tmp_path / "src")  # sources with no library beside them
+    monkeypatch.setattr(cuda_build, "source_dir", lambda: src)
+    monkeypatch.setattr(cuda_build, "nvcc", lambda: None)
+    assert cuda_build.find_library() is None
+    with pytest.raises(RuntimeError, match=r"not built and nvcc is not on the PATH: build it with `make cuda`"):
+        cuda_build.library_path()
+
+
+def test_stale_library_next_to_the_sources_is_ignored(tmp_path):
+    src = _copy_sources(tmp_path / "src")
+    lib = src / cuda_build.LIBRARY_NAME
+    lib.write_bytes(b"not really a library")
+    assert cuda_build._fresh(lib)
+    edited = src / "gemm.cu"
+    edited.write_text(edited.read_text() + "\n// edited\n")
+    newer = lib.stat().st_mtime + 10
+    os.utime(edited, (newer, newer))
+    assert not cuda_build._fresh(lib)
+
+
+def test_cache_key_follows_the_sources(tmp_path):
+    src = _copy_sources(tmp_path / "src")
+    before = cuda_build.source_hash(src)
+    assert cuda_build.source_hash(src) == before
+    (src / "common.cuh").write_text((src / "common.cuh").read_text() + "\n")
+    assert cuda_build.source_hash(src) != before
+
+
+def _copy_sources(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in cuda_build.sources():
+        shutil.copy2(path, dest / path.name)
+    return dest
