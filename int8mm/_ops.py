@@ -89,6 +89,8 @@ def _(x, threshold, backend):
 # ---- int8_matmul ----
 @torch.library.custom_op("int8mm::int8_matmul", mutates_args=())
 def int8_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    if 0 in (a.shape[0], a.shape[1], b.shape[0]):  # nothing to multiply, in every backend
+        return torch.zeros((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
     return _impl(backend, "int8_matmul")(a, b)
 
 
@@ -100,6 +102,11 @@ def _(a, b, backend):
 # ---- int8_linear: the fused product ----
 @torch.library.custom_op("int8mm::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, q_w: Tensor, s_w: Tensor, bias: Optional[Tensor], threshold: float, backend: str) -> Tensor:
+    m, k = x.shape
+    n = q_w.shape[0]
+    if m == 0 or n == 0 or k == 0:  # nothing to multiply, in every backend: the bias, or zeros
+        y = torch.zeros((m, n), dtype=x.dtype, device=x.device)
+        return y.add_(bias) if bias is not None else y
     return _impl(backend, "int8_linear")(x, q_w, s_w, bias, threshold)
 
 

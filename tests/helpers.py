@@ -13,6 +13,9 @@ from gpu import requires_cuda  # noqa: F401  (the one place that decides whether
 
 INT8_MAX = 127  # SPEC.md; deliberately not imported from the package under test
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# where the kernel-backend tests run: the GPU if there is one, else CPU tensors (Triton's interpreter)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
 # ---- inputs ----
@@ -137,6 +140,42 @@ def assert_scales_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(actual.isnan(), expected.isnan()), "NaN pattern of the scales differs"
     finite = ~expected.isnan()
     assert torch.equal(actual[finite], expected[finite]), (actual[finite] - expected[finite]).abs().max()
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` (fp16/bf16) at each value; below the normal range, the
+    smallest normal's."""
+    _, exponent = torch.frexp(values.abs().clamp_min(torch.finfo(dtype).tiny))
+    return torch.ldexp(torch.ones_like(values), exponent - 1 - MANTISSA_BITS[dtype])
+
+
+def assert_output_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """SPEC.md output tolerances for ``actual``'s dtype against ``expected`` (the reference backend's output,
+    or a float64 evaluation of the formula): fp32 within rtol 1e-5 and atol 1e-5 * RMS; fp16/bf16 within
+    1 ulp of the output dtype plus 1e-5 * RMS; non-finite exactly where the expectation is."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(torch.isfinite(a), torch.isfinite(e)), "finite/non-finite pattern differs"
+    finite = torch.isfinite(e)
+    a, e = a[finite], e[finite]
+    if e.numel() == 0:
+        return
+    rms = e.pow(2).mean().sqrt()
+    if actual.dtype == torch.float32:
+        bound = 1e-5 * e.abs() + 1e-5 * rms
+    else:
+        bound = ulp(e, actual.dtype) + 1e-5 * rms
+    worst = ((a - e).abs() - bound).max()
+    assert worst <= 0, f"max error {(a - e).abs().max().item():.3g} exceeds the SPEC bound by {worst.item():.3g}"
+
+
+def assert_quantized_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Identical int8 values, except that at most 1 in 10,000 may differ by +-1 (SPEC.md)."""
+    assert actual.dtype == torch.int8 and actual.shape == expected.shape
+    diff = (actual.int() - expected.int()).abs()
+    if diff.numel():
+        assert int(diff.max()) <= 1
+    assert int((diff > 0).sum()) <= diff.numel() // 10_000
 
 
 def relative_error(actual: torch.Tensor, expected64: torch.Tensor) -> float:

@@ -5,7 +5,12 @@ import torch
 
 import int8mm
 from gpu import requires_cuda
-from kernel_cases import assert_output_close, planted_activations, random_weight
+from helpers import assert_output_close, planted_outliers, random_weight
+
+def _activations(m, k, dtype, **kwargs):
+    """Planted outlier columns, values exactly at +-6.0, and (past 2 rows) an all-zero row, on "cuda"."""
+    return planted_outliers(m, k, dtype, zero_row=m > 2, **kwargs).to("cuda")
+
 
 pytestmark = requires_cuda
 
@@ -24,8 +29,8 @@ def _layer(k, n, backend, threshold=6.0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_model_sized_shapes_match_reference(m, dtype, backend):
     k, n = 4096, 1536
-    x = planted_activations(m, k, dtype, n_outlier_cols=8)
-    q_w, s_w = int8mm.quantize_weight(random_weight(n, k))
+    x = _activations(m, k, dtype, n_outlier_cols=8)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to("cuda"))
     bias = torch.randn(n, device="cuda", dtype=dtype)
     got = int8mm.int8_linear(x, q_w, s_w, bias, backend=backend)
     ref = int8mm.int8_linear(x, q_w, s_w, bias, backend="reference")
@@ -36,7 +41,7 @@ def test_model_sized_shapes_match_reference(m, dtype, backend):
 
 def test_forward_never_syncs_with_the_host(backend):
     layer = _layer(1024, 512, backend)
-    x = planted_activations(16, 1024, torch.float16, n_outlier_cols=8)
+    x = _activations(16, 1024, torch.float16, n_outlier_cols=8)
     layer(x)  # autotune, compile and load first: those may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -49,7 +54,7 @@ def test_forward_never_syncs_with_the_host(backend):
 @pytest.mark.parametrize("m", [1, 64])
 def test_cuda_graph_replay_equals_eager(m, backend):
     layer = _layer(2048, 1024, backend)
-    x = planted_activations(m, 2048, torch.float16, n_outlier_cols=8)
+    x = _activations(m, 2048, torch.float16, n_outlier_cols=8)
     eager = layer(x)
     static_x = x.clone()
     stream = torch.cuda.Stream()
@@ -64,7 +69,7 @@ def test_cuda_graph_replay_equals_eager(m, backend):
     torch.cuda.synchronize()
     assert torch.equal(static_y, eager)
     # new inputs with outliers in other columns: the graph re-derives them on the device
-    other = planted_activations(m, 2048, torch.float16, n_outlier_cols=8, seed=7)
+    other = _activations(m, 2048, torch.float16, n_outlier_cols=8, seed=7)
     static_x.copy_(other)
     graph.replay()
     torch.cuda.synchronize()
@@ -73,6 +78,6 @@ def test_cuda_graph_replay_equals_eager(m, backend):
 
 def test_torch_compile_fullgraph(backend):
     layer = _layer(512, 256, backend)
-    x = planted_activations(33, 512, torch.bfloat16)
+    x = _activations(33, 512, torch.bfloat16)
     compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)
     assert torch.equal(compiled(x), layer(x) * 2)

@@ -9,8 +9,12 @@ import torch
 import int8mm
 from int8mm import _ops
 from gpu import requires_cuda
-from kernel_cases import (DEVICE, assert_output_close, assert_quantized_equal, planted_activations,
-                          random_weight)
+from helpers import DEVICE, assert_output_close, assert_quantized_equal, planted_outliers, random_weight
+
+def _activations(m, k, dtype, **kwargs):
+    """Planted outlier columns, values exactly at +-6.0, and (past 2 rows) an all-zero row, on DEVICE."""
+    return planted_outliers(m, k, dtype, zero_row=m > 2, **kwargs).to(DEVICE)
+
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -47,7 +51,7 @@ def _assert_quantize_equal(ref, got):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_quantize_activations_matches_reference(m, k, n, dtype, backend):
-    x = planted_activations(m, k, dtype)
+    x = _activations(m, k, dtype)
     _assert_quantize_equal(*_both(_ops.quantize_activations, backend, x, 6.0))
 
 
@@ -72,8 +76,8 @@ def test_int8_matmul_extremes_do_not_overflow(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_int8_linear_matches_reference(m, k, n, dtype, bias, backend):
-    x = planted_activations(m, k, dtype)
-    q_w, s_w = int8mm.quantize_weight(random_weight(n, k))
+    x = _activations(m, k, dtype)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
     ref, got = _both(_ops.int8_linear, backend, x, q_w, s_w, b, 6.0)
     assert_output_close(got, ref)
@@ -81,15 +85,15 @@ def test_int8_linear_matches_reference(m, k, n, dtype, bias, backend):
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0, 1e9])
 def test_thresholds(threshold, backend):
-    x = planted_activations(20, 200, torch.float16)
-    q_w, s_w = int8mm.quantize_weight(random_weight(24, 200))
+    x = _activations(20, 200, torch.float16)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 200).to(DEVICE))
     _assert_quantize_equal(*_both(_ops.quantize_activations, backend, x, threshold))
     assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, threshold)))
 
 
 def test_every_column_an_outlier(backend):
-    x = planted_activations(5, 100, torch.float32) + 100.0
-    q_w, s_w = int8mm.quantize_weight(random_weight(16, 100))
+    x = _activations(5, 100, torch.float32) + 100.0
+    q_w, s_w = int8mm.quantize_weight(random_weight(16, 100).to(DEVICE))
     ref, got = _both(_ops.quantize_activations, backend, x, 6.0)
     _assert_quantize_equal(ref, got)
     assert int(got[3]) == 100 and not got[0].any()
@@ -99,9 +103,9 @@ def test_every_column_an_outlier(backend):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_non_finite_rows_stay_in_their_row(bad, threshold, backend):
-    x = planted_activations(19, 130, torch.float32)
+    x = _activations(19, 130, torch.float32)
     x[4, 17] = bad
-    q_w, s_w = int8mm.quantize_weight(random_weight(12, 130))
+    q_w, s_w = int8mm.quantize_weight(random_weight(12, 130).to(DEVICE))
     ref, got = _both(_ops.int8_linear, backend, x, q_w, s_w, None, threshold)
     assert not torch.isfinite(got[4]).any()
     others = torch.arange(19, device=DEVICE) != 4
@@ -111,10 +115,10 @@ def test_non_finite_rows_stay_in_their_row(bad, threshold, backend):
 
 
 def test_non_contiguous_and_nd_inputs(backend):
-    base = planted_activations(24, 96, torch.bfloat16)
+    base = _activations(24, 96, torch.bfloat16)
     x = base.t().contiguous().t()  # column-major view with the same values
     assert not x.is_contiguous()
-    q_w, s_w = int8mm.quantize_weight(random_weight(40, 96))
+    q_w, s_w = int8mm.quantize_weight(random_weight(40, 96).to(DEVICE))
     y = int8mm.int8_linear(x, q_w, s_w, backend=backend)
     assert torch.equal(y, int8mm.int8_linear(base, q_w, s_w, backend=backend))
     x4 = base.reshape(2, 3, 4, 96)
@@ -123,7 +127,7 @@ def test_non_contiguous_and_nd_inputs(backend):
 
 
 def test_empty_batch(backend):
-    q_w, s_w = int8mm.quantize_weight(random_weight(8, 32))
+    q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
     x = torch.empty(0, 32, dtype=torch.float16, device=DEVICE)
     y = int8mm.int8_linear(x, q_w, s_w, backend=backend)
     assert y.shape == (0, 8) and y.dtype == torch.float16
@@ -132,5 +136,5 @@ def test_empty_batch(backend):
 def test_int8_linear_module_uses_the_backend(backend):
     linear = torch.nn.Linear(128, 40).to(DEVICE)
     layer = int8mm.Int8Linear.from_linear(linear, backend=backend)
-    x = planted_activations(7, 128, torch.float32)
+    x = _activations(7, 128, torch.float32)
     assert_output_close(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, backend="reference"))

@@ -87,8 +87,6 @@ def quantize_activations(x, threshold):
 def int8_matmul(a, b):
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
-    if a.shape[1] == 0:
-        return out.zero_()
     with torch.cuda.device(a.device):
         _check(library().int8mm_int8_matmul(_ptr(a), _ptr(b), _ptr(out), a.shape[0], b.shape[0], a.shape[1],
                                             _stream(a.device)))
@@ -100,10 +98,6 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:  # no products: only the bias remains
-        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
     bias = bias.contiguous() if bias is not None else None
     workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
