@@ -100,15 +100,16 @@ def int8_linear(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
     """``Y = int_part * s_x * s_w / 127^2 + x[:, O] @ (q_w[:, O] * s_w / 127).T + b`` in fp32, cast to x's dtype."""
     q_x, s_x, is_outlier_col = quantize_activations(x, threshold)
     acc = int8_matmul(q_x, q_w)
-    y = acc.float().mul_(s_x[:, None]).mul_(s_w[None, :] * (1.0 / INT8_MAX**2))
+    # int32 * fp32 converts and scales in one pass over [M, N] (the same rounding as float() then mul)
+    y = torch.mul(acc, s_x[:, None]).mul_(s_w[None, :] * (1.0 / INT8_MAX**2))
     if threshold > 0:
         cols = is_outlier_col.nonzero().squeeze(1)
         if cols.numel() > 0:
-            x_out = x.index_select(1, cols).float()
-            w_out = q_w[:, cols].float()
-            y += (x_out @ w_out.t()).mul_(s_w[None, :] * (1.0 / INT8_MAX))
+            # de-quantized outlier weight columns are [N, n_out], small: scale them, then add in one addmm
+            w_out = q_w[:, cols].float().mul_((s_w * (1.0 / INT8_MAX))[:, None])
+            y.addmm_(x.index_select(1, cols).float(), w_out.t())
     if bias is not None:
-        y += bias.float()
+        y += bias
     return y.to(x.dtype)
 
 
