@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: test demo bench-cpu clean
+.PHONY: test demo bench-cpu cuda clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m int8mm.demo
+	$(VENV)/bin/int8mm demo
+
+# the CUDA library (kernels/cuda -> kernels/cuda/libint8mm_cuda.so); needs nvcc, not a GPU
+cuda: $(STAMP)
+	$(PY) -m int8mm.backends.cuda_build
 
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info kernels/cuda/libint8mm_cuda.so

@@ -1,4 +1,40 @@
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+BUILD_CUDA_ENV_VAR = "INT8MM_BUILD_CUDA"  # "0": never, "1": always (fail without nvcc), unset: if nvcc is found
+
+
+def _cuda_build_module():
+    """int8mm/backends/cuda_build.py on its own (importing the package would need torch here)."""
+    spec = importlib.util.spec_from_file_location("_int8mm_cuda_build", ROOT / "int8mm" / "backends" / "cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithCuda(build_py):
+    """Also compiles kernels/cuda into libint8mm_cuda.so when nvcc is present (see BUILD_CUDA_ENV_VAR)."""
+
+    def run(self):
+        super().run()
+        choice = os.environ.get(BUILD_CUDA_ENV_VAR, "")
+        if choice == "0":
+            return
+        cuda_build = _cuda_build_module()
+        if cuda_build.nvcc() is None:
+            if choice == "1":
+                raise RuntimeError(f"{BUILD_CUDA_ENV_VAR}=1 but nvcc is not on the PATH")
+            print("int8mm: nvcc not found; the CUDA backend will need `make cuda` later")
+            return
+        # an editable install uses the sources in place; a regular one ships the library in the package
+        out_dir = ROOT / "kernels" / "cuda" if self.editable_mode else Path(self.build_lib) / "int8mm" / "kernels" / "cuda"
+        cuda_build.build(out_dir, src=ROOT / "kernels" / "cuda")
+
 
 setup(
     name="int8mm",
@@ -6,13 +42,18 @@ setup(
     description="LLM.int8()-style 8-bit inference kernels for PyTorch (Triton/CUDA, CPU reference)",
     python_requires=">=3.10",
     # kernels/ holds the kernel sources; it ships inside the package as int8mm.kernels
-    packages=["int8mm", "int8mm.backends", "int8mm.integrations", "int8mm.kernels", "int8mm.kernels.triton"],
+    packages=["int8mm", "int8mm.backends", "int8mm.bench", "int8mm.cli", "int8mm.integrations", "int8mm.kernels",
+              "int8mm.kernels.triton"],
     package_dir={"int8mm": "int8mm", "int8mm.kernels": "kernels"},
-    package_data={"int8mm.kernels": ["cuda/*.cu", "cuda/*.h", "README.md"]},
+    package_data={"int8mm.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "README.md"]},
+    cmdclass={"build_py": BuildPyWithCuda},
     install_requires=["torch>=2.5", "numpy", "packaging", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
+        # `int8mm bench` / `demo` / `eval` / `quantize`: the baselines, the plot, Hugging Face checkpoints
+        "bench": ["bitsandbytes", "matplotlib", "transformers>=5,<6", "safetensors"],
         "test": ["pytest", "bitsandbytes==0.50.2", "transformers>=5,<6", "accelerate", "safetensors", "gguf",
                  "matplotlib"],
     },
+    entry_points={"console_scripts": ["int8mm = int8mm.cli:main"]},
 )

@@ -4,6 +4,8 @@
 - ``time_cuda_graph``: a CUDA graph of ``rotations`` calls over distinct inputs, replayed; launch
   overhead disappears, as in a compiled/graphed decode loop.
 - ``time_cpu``: ``time.perf_counter`` around each call after warm-up.
+- ``time_cpu_interleaved``: several functions on the host clock, taking turns call by call (a shared CPU).
+- ``time_side_by_side`` / ``time_call``: the eager timer that fits a device, for several functions or one.
 """
 import statistics
 import time
@@ -27,17 +29,58 @@ class Timing:
         return Timing(statistics.median(ordered), q[1], q[7], len(ordered))
 
 
-def time_cpu(fn: Callable, inputs: Sequence, warmup: int = 3, reps: int = 15) -> Timing:
-    """``fn(*inputs[i % len(inputs)])`` timed on the host clock."""
+# a time budget never cuts a measurement below this many samples (p20/p80 need a few)
+MIN_SAMPLES = 3
+
+
+def time_cpu(fn: Callable, inputs: Sequence, warmup: int = 3, reps: int = 15,
+             max_seconds: float | None = None) -> Timing:
+    """``fn(*inputs[i % len(inputs)])`` timed on the host clock.
+
+    ``max_seconds`` stops sampling early (after at least ``MIN_SAMPLES``) once the timed calls add up to it,
+    so that a slow CPU cell (a 70B-sized prefill) costs seconds rather than minutes.
+    """
+    return time_cpu_interleaved([(fn, inputs)], warmup=warmup, reps=reps, max_seconds=max_seconds)[0]
+
+
+def time_cpu_interleaved(calls: Sequence[tuple[Callable, Sequence]], warmup: int = 3, reps: int = 15,
+                         max_seconds: float | None = None) -> list[Timing]:
+    """Each ``(fn, inputs)`` timed on the host clock, one call of each in turn per round.
+
+    On a shared CPU another process's burst of work lands on whichever calls it overlaps; taking turns spreads
+    every entry's samples over the same stretch of time, so such bursts fall on all of them alike and the
+    medians stay comparable. ``max_seconds`` bounds the whole set (after at least ``MIN_SAMPLES`` rounds).
+    """
     for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    samples = []
+        for fn, inputs in calls:
+            fn(*inputs[i % len(inputs)])
+    samples = [[] for _ in calls]
+    spent = 0.0
     for i in range(reps):
-        args = inputs[i % len(inputs)]
-        start = time.perf_counter()
-        fn(*args)
-        samples.append(time.perf_counter() - start)
-    return Timing.of(samples)
+        for (fn, inputs), mine in zip(calls, samples):
+            args = inputs[i % len(inputs)]
+            start = time.perf_counter()
+            fn(*args)
+            mine.append(time.perf_counter() - start)
+            spent += mine[-1]
+        if max_seconds is not None and i + 1 >= MIN_SAMPLES and spent >= max_seconds:
+            break
+    return [Timing.of(mine) for mine in samples]
+
+
+def time_side_by_side(device: torch.device, calls: Sequence[tuple[Callable, Sequence]], warmup: int, reps: int,
+                      max_seconds: float | None = None) -> list[Timing]:
+    """Eager timings of several ``(fn, inputs)`` on ``device``: device events on CUDA (L2 flushed before each
+    call, one entry after the other: a lent GPU runs nothing else), host clock in turns on CPU."""
+    if device.type == "cuda":
+        return [time_cuda_eager(fn, inputs, warmup=warmup, reps=reps) for fn, inputs in calls]
+    return time_cpu_interleaved(calls, warmup=warmup, reps=reps, max_seconds=max_seconds)
+
+
+def time_call(device: torch.device, fn: Callable, inputs: Sequence, warmup: int, reps: int,
+              max_seconds: float | None = None) -> Timing:
+    """Median time of one eager call on ``device``: device events on CUDA (L2 flushed), host clock on CPU."""
+    return time_side_by_side(device, [(fn, inputs)], warmup, reps, max_seconds)[0]
 
 
 _L2_FLUSH_BYTES = 256 * 1024 * 1024

@@ -1,0 +1,93 @@
+"""Command-line options of the kernel suite, shared by ``int8mm bench`` and the ``benchmarks/`` scripts."""
+import argparse
+from dataclasses import replace
+
+import torch
+
+from .inputs import OutlierSpec
+from .kernel_suite import KernelSuiteConfig, default_config
+from .shapes import LAYER_SHAPES
+
+
+def add_kernel_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options left unset (None) keep ``default_config``'s value for the device."""
+    group = parser.add_argument_group("kernel suite")
+    group.add_argument("--quick", action="store_true", help="a few small shapes and M values (seconds on CPU)")
+    group.add_argument("--models", nargs="+", metavar="MODEL",
+                       help=f"layer shapes of these models ({', '.join(LAYER_SHAPES)})")
+    group.add_argument("--roles", nargs="+", metavar="ROLE", help="only these layers (qkv_proj, o_proj, ...)")
+    group.add_argument("--m", nargs="+", type=int, metavar="M", help="rows per call (default by device)")
+    group.add_argument("--backends", nargs="+", metavar="BACKEND",
+                       help="int8mm backends to time (default: every one that runs natively here)")
+    group.add_argument("--threshold", type=float, help="outlier threshold (default 6.0)")
+    group.add_argument("--outlier-cols", type=int, help="planted outlier columns per input (default 8)")
+    group.add_argument("--outlier-low", type=float, help="smallest planted outlier magnitude (default 20)")
+    group.add_argument("--outlier-high", type=float, help="largest planted outlier magnitude (default 60)")
+    group.add_argument("--no-bnb", action="store_true", help="leave out bitsandbytes' Linear8bitLt")
+    group.add_argument("--graph-max-m", type=int, help="CUDA: also time CUDA-graph replay up to this M (0: never)")
+    group.add_argument("--reps", type=int, help="timed calls per cell (CPU: at most; a time budget may stop sooner)")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's choice); one thread "
+                                                    "keeps timings steady on a CPU shared with other work")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads``: set torch's CPU thread count (ValueError below 1)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> KernelSuiteConfig:
+    """The device's default config with every option the user gave applied (ValueError on bad values)."""
+    config = default_config(device, quick=args.quick)
+    overrides = {}
+    for option, field in (("models", "models"), ("roles", "roles"), ("m", "m_values"), ("backends", "backends")):
+        value = getattr(args, option)
+        if value is not None:
+            overrides[field] = tuple(value)
+    for option in ("threshold", "graph_max_m", "reps"):
+        value = getattr(args, option)
+        if value is not None:
+            overrides[option] = value
+    if args.no_bnb:
+        overrides["bnb"] = False
+    planted = {name: getattr(args, f"outlier_{name}") for name in ("cols", "low", "high")}
+    if any(v is not None for v in planted.values()):
+        base = config.outliers
+        overrides["outliers"] = OutlierSpec(
+            count=base.count if planted["cols"] is None else planted["cols"],
+            low=base.low if planted["low"] is None else planted["low"],
+            high=base.high if planted["high"] is None else planted["high"])
+    return replace(config, **overrides)
+
+
+def add_model_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the model-level suite; unset ones keep ``default_model_config``'s value for the device."""
+    from .model_suite import PRESETS, PROVIDERS
+
+    group = parser.add_argument_group("model suite (--suite model or all)")
+    group.add_argument("--preset", choices=list(PRESETS), help="model shape (default: llama-3-8b on GPU, tiny on CPU)")
+    group.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    group.add_argument("--prompt-tokens", type=int, help="prompt length")
+    group.add_argument("--new-tokens", type=int, help="tokens generated per run")
+    group.add_argument("--batch-sizes", nargs="+", type=int, metavar="B", help="sequences per run")
+    group.add_argument("--providers", nargs="+", choices=list(PROVIDERS), help="float, bnb and/or int8mm")
+
+
+def model_config_from_args(args: argparse.Namespace, device: torch.device):
+    from .model_suite import default_model_config
+
+    overrides = {field: getattr(args, field) for field in ("preset", "layers", "prompt_tokens", "new_tokens")
+                 if getattr(args, field) is not None}
+    for option, field in (("batch_sizes", "batch_sizes"), ("providers", "providers")):
+        if getattr(args, option) is not None:
+            overrides[field] = tuple(getattr(args, option))
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    if args.no_bnb:
+        overrides.setdefault("providers", ("float", "int8mm"))
+    return default_model_config(device, quick=args.quick, **overrides)

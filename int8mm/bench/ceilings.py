@@ -1,0 +1,69 @@
+"""The device's measured ceilings, once per run: copy bandwidth and int8 / float matmul rates.
+
+Results are stated as a fraction of these: weight bytes/s at decode against the copy rate (bytes read
+and written), ops/s at prefill against the square matmul rate of the provider's arithmetic (int8 through
+``torch._int_mm``, float in the device's baseline dtype).
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .timing import time_call
+
+
+@dataclass(frozen=True)
+class CeilingSizes:
+    copy_bytes: int
+    matmul_n: int  # square n x n x n products
+    reps: int
+
+
+# large enough to leave every cache far behind, small enough to measure in a second or two
+GPU_SIZES = CeilingSizes(copy_bytes=2 * 1024**3, matmul_n=8192, reps=10)
+CPU_SIZES = CeilingSizes(copy_bytes=256 * 1024**2, matmul_n=2048, reps=5)
+CPU_QUICK_SIZES = CeilingSizes(copy_bytes=64 * 1024**2, matmul_n=1024, reps=3)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    copy_bytes_per_s: float  # bytes read + written by a large device-to-device copy
+    int8_ops_per_s: float  # torch._int_mm, n^3 int8 -> int32
+    float_ops_per_s: float  # F.linear-style matmul in float_dtype
+    float_dtype: str
+    matmul_n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def for_provider(self, arithmetic: str) -> float:
+        """The compute ceiling for a provider whose matmul is ``"int8"`` or ``"float"``."""
+        return self.int8_ops_per_s if arithmetic == "int8" else self.float_ops_per_s
+
+
+def baseline_float_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on a GPU (the dtype int8 replaces there); fp32 on CPU, where fp16 matmuls are not a real path."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
+    if device.type == "cuda":
+        sizes = GPU_SIZES
+    else:
+        sizes = CPU_QUICK_SIZES if quick else CPU_SIZES
+    src = torch.empty(sizes.copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_s = time_call(device, dst.copy_, [(src,)], warmup=2, reps=sizes.reps).median_s
+    del src, dst
+
+    n = sizes.matmul_n
+    a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+    b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device).t()
+    int_mm_s = time_call(device, torch._int_mm, [(a8, b8)], warmup=2, reps=sizes.reps).median_s
+    del a8, b8
+    dtype = baseline_float_dtype(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm_s = time_call(device, torch.mm, [(a, b)], warmup=2, reps=sizes.reps).median_s
+    ops = 2 * n**3
+    return Ceilings(copy_bytes_per_s=2 * sizes.copy_bytes / copy_s, int8_ops_per_s=ops / int_mm_s,
+                    float_ops_per_s=ops / mm_s, float_dtype=str(dtype).removeprefix("torch."), matmul_n=n)

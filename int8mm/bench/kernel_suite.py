@@ -1,0 +1,189 @@
+"""The kernel-level suite: every provider on every (layer shape, M), measured side by side in one run.
+
+For each shape one fp32 master weight is drawn and every provider is built from it; for each M the same
+rotating inputs (planted outlier columns) feed every provider. A row holds the median time with p20/p80,
+the speed-up over the device's baseline (fp16 ``F.linear`` on a GPU, fp32 on CPU) in the same mode, ops/s
+and weight bytes/s, the fraction of the measured ceiling that bounds the regime, and the relative error
+against float64. On CUDA, capturable providers are also timed as a CUDA graph over rotating weights
+("graph" mode), where launch overhead disappears as in a graphed decode loop.
+"""
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from .._constants import DEFAULT_THRESHOLD
+from .ceilings import Ceilings, baseline_float_dtype, measure_ceilings
+from .environment import run_metadata
+from .inputs import OutlierSpec, make_generator, planted_activations, random_weight
+from .providers import Provider, benchmark_backends, build_providers
+from .shapes import LAYER_SHAPES, M_VALUES, regime, select_shapes
+from .timing import time_cuda_graph, time_side_by_side
+
+# the float64 reference is computed on at most this many rows (a full 2048-row one costs seconds on CPU)
+ERROR_ROWS = 128
+# graph mode rotates enough weight copies that they exceed L2 this many times over, within MAX_WEIGHT_COPIES
+L2_OVERSUBSCRIPTION = 2
+MAX_WEIGHT_COPIES = 8
+DEFAULT_L2_BYTES = 50 * 1024**2
+
+
+@dataclass(frozen=True)
+class KernelSuiteConfig:
+    """What to measure. ``backends=None`` means every int8mm backend that runs natively on the device."""
+
+    models: tuple[str, ...] = tuple(LAYER_SHAPES)
+    m_values: tuple[int, ...] = M_VALUES
+    roles: tuple[str, ...] | None = None
+    outliers: OutlierSpec = field(default_factory=OutlierSpec)
+    threshold: float = DEFAULT_THRESHOLD
+    backends: tuple[str, ...] | None = None
+    bnb: bool = True
+    gemm_only: bool = True
+    graph_max_m: int = 4096  # CUDA: also time graph replay up to this M (0: never)
+    rotations: int = 4  # distinct input buffers cycled through
+    warmup: int = 10
+    reps: int = 50
+    max_seconds: float | None = None  # CPU: stop sampling a cell once all its timed calls add up to this
+    ceilings_quick: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        select_shapes(self.models, self.roles)  # raises on unknown names
+        if not self.m_values or any(m < 1 for m in self.m_values):
+            raise ValueError(f"m_values must be positive row counts, got {self.m_values}")
+        if self.rotations < 1 or self.reps < 1 or self.warmup < 0:
+            raise ValueError(f"need rotations >= 1, reps >= 1, warmup >= 0; got {self.rotations}, {self.reps}, "
+                             f"{self.warmup}")
+
+
+def default_config(device: torch.device, quick: bool = False, **overrides) -> KernelSuiteConfig:
+    """The suite sized for ``device``: everything on a GPU; on CPU the shapes 2 cores finish in minutes.
+
+    ``quick``: a few small shapes and M values (seconds on CPU, a minute on a GPU).
+    """
+    if device.type == "cuda":
+        config = KernelSuiteConfig()
+        if quick:
+            config = replace(config, models=("SmolLM2-135M", "Llama-3-8B"), m_values=(1, 16, 2048), reps=20)
+    elif quick:
+        config = KernelSuiteConfig(models=("SmolLM2-135M",), m_values=(1, 16, 128), warmup=2, reps=10,
+                                   max_seconds=0.5, rotations=3, ceilings_quick=True)
+    else:
+        config = KernelSuiteConfig(models=("SmolLM2-135M", "Llama-3-8B"), m_values=(1, 16, 128, 512), warmup=2,
+                                   reps=21, max_seconds=8.0, rotations=3)
+    return replace(config, **overrides)
+
+
+@dataclass
+class SuiteResult:
+    meta: dict  # device, versions, date, ceilings, config, baseline, skipped providers
+    rows: list[dict]
+
+    def to_dict(self) -> dict:
+        return {"meta": self.meta, "rows": self.rows}
+
+
+def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: bool = True) -> SuiteResult:
+    """Measure ``config`` on ``device``; returns long-form rows (one per shape, M, provider and mode)."""
+    backends = benchmark_backends(device, config.backends)
+    shapes = select_shapes(config.models, config.roles)
+    run = run_metadata(device)
+    ceilings = measure_ceilings(device, quick=config.ceilings_quick)
+    meta = {**run, "threshold": config.threshold, "outliers": asdict(config.outliers),
+            "ceilings": ceilings.to_dict(), "backends": [b.value for b in backends], "config": asdict(config)}
+    row_meta = {key: run[key] for key in ("device", "date", "int8mm", "torch", "triton", "bitsandbytes")}
+    rows, skipped = [], set()
+    activation_dtype = baseline_float_dtype(device)  # every provider's error is measured on these exact inputs
+    cells = tqdm(total=len(shapes) * len(config.m_values), desc="kernel suite", unit="cell", disable=not progress)
+    with torch.inference_mode():
+        for index, shape in enumerate(shapes):
+            generator = make_generator(device, config.seed + index)
+            weight = random_weight(shape.n, shape.k, device, generator)
+            provider_set = build_providers(weight, config.threshold, backends, config.bnb, config.gemm_only)
+            meta["baseline"] = provider_set.baseline
+            skipped.update(provider_set.skipped)
+            for m in config.m_values:
+                cells.set_postfix_str(f"{shape.name} M={m}")
+                xs = [planted_activations(m, shape.k, config.outliers, activation_dtype, device, generator)
+                      for _ in range(config.rotations)]
+                cell_rows = [dict(row_meta, **r) for r in _measure_cell(
+                    provider_set.providers, shape, m, xs, weight, config, device, ceilings)]
+                _add_speedups(cell_rows, provider_set.baseline)
+                rows += cell_rows
+                cells.update()
+            del weight, provider_set
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    cells.close()
+    meta["skipped"] = sorted(skipped)
+    return SuiteResult(meta, rows)
+
+
+def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: KernelSuiteConfig, device,
+                  ceilings: Ceilings) -> list[dict]:
+    """Every provider's rows for one (shape, M): eager side by side, plus graph on CUDA where it can be captured."""
+    active = [p for p in providers if m >= p.min_m]
+    inputs = [[p.args(x) for x in xs] for p in active]
+    errors = [_error(p, args[0], xs[0], weight, m) for p, args in zip(active, inputs)]
+    eager = time_side_by_side(device, [(p.fn, args) for p, args in zip(active, inputs)], config.warmup, config.reps,
+                              config.max_seconds)
+    rows = []
+    for provider, timing, error in zip(active, eager, errors):
+        rows.append(_row(provider, shape, m, "eager", timing, error, ceilings))
+        if device.type == "cuda" and provider.capturable and m <= config.graph_max_m:
+            copies = _weight_copies(provider.weight_bytes, device)
+            graph_inputs = [provider.args(xs[i % len(xs)], fresh_weights=True) for i in range(copies)]
+            rows.append(_row(provider, shape, m, "graph", time_cuda_graph(provider.fn, graph_inputs), error, ceilings))
+            del graph_inputs
+    return rows
+
+
+def _error(provider: Provider, args: tuple, x: torch.Tensor, weight: torch.Tensor, m: int) -> float | None:
+    """Relative error of the provider's output against float64 on the first ``ERROR_ROWS`` rows (None: not y)."""
+    if not provider.computes_linear:
+        return None
+    rows = min(m, ERROR_ROWS)
+    reference = x[:rows].double() @ weight.double().t()
+    return _relative_error(provider.fn(*args)[:rows], reference)
+
+
+def _row(provider: Provider, shape, m: int, mode: str, timing, error: float | None, ceilings: Ceilings) -> dict:
+    seconds = timing.median_s
+    ops_per_s = 2 * m * shape.n * shape.k / seconds
+    bytes_per_s = provider.weight_bytes / seconds
+    kind = regime(m)
+    if kind == "decode":
+        ceiling, fraction = "copy", bytes_per_s / ceilings.copy_bytes_per_s
+    else:
+        ceiling = "int8 matmul" if provider.arithmetic == "int8" else f"{ceilings.float_dtype} matmul"
+        fraction = ops_per_s / ceilings.for_provider(provider.arithmetic)
+    return {
+        "model": shape.model, "role": shape.role, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m,
+        "regime": kind, "provider": provider.name, "mode": mode,
+        "input_dtype": str(provider.input_dtype).removeprefix("torch."),
+        "median_us": seconds * 1e6, "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6,
+        "samples": timing.samples, "baseline": None, "speedup": None,
+        "ops_per_s": ops_per_s, "weight_bytes": provider.weight_bytes, "weight_bytes_per_s": bytes_per_s,
+        "ceiling": ceiling, "ceiling_fraction": fraction, "rel_err_vs_fp64": error,
+    }
+
+
+def _add_speedups(rows: list[dict], baseline: str) -> None:
+    """``speedup`` = baseline time / this time, within the same mode (graph against graph)."""
+    base = {r["mode"]: r["median_us"] for r in rows if r["provider"] == baseline}
+    for r in rows:
+        if r["mode"] in base:
+            r["baseline"] = baseline
+            r["speedup"] = base[r["mode"]] / r["median_us"]
+
+
+def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||y - ref|| / ||ref||`` in float64 (NaN if ``y`` is not finite)."""
+    return float((y.double() - reference).norm() / reference.norm().clamp_min(1e-300))
+
+
+def _weight_copies(weight_bytes: int, device: torch.device) -> int:
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_L2_BYTES)
+    return max(1, min(MAX_WEIGHT_COPIES, math.ceil(L2_OVERSUBSCRIPTION * l2_bytes / weight_bytes)))

@@ -1,0 +1,41 @@
+"""The ``int8mm`` command: ``demo``, ``bench``, ``eval``, ``quantize`` and ``info``.
+
+Every subcommand has ``--help``. A bad argument or input (a missing directory, a directory that is not a
+model, an unknown backend) prints one line on stderr and exits with status 2, without a traceback.
+"""
+import os
+import sys
+
+from . import bench, demo, evaluation, info, quantize
+from .common import CliError, OneLineErrorParser
+
+SUBCOMMANDS = (demo, bench, evaluation, quantize, info)
+
+
+def build_parser() -> OneLineErrorParser:
+    from .. import __version__
+
+    parser = OneLineErrorParser(prog="int8mm", description="LLM.int8()-style 8-bit inference kernels for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"int8mm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in SUBCOMMANDS:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model this command reads is local
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        return args.run(args)
+    except CliError as exc:
+        print(f"int8mm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("int8mm: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,72 @@
+"""``int8mm bench``: the kernel suite (and, with --suite, the model suite) on the device present."""
+from pathlib import Path
+
+from ..bench import run_kernel_suite, write_results
+from ..bench.arguments import (add_kernel_suite_arguments, add_model_suite_arguments, kernel_config_from_args,
+                               model_config_from_args)
+from ..bench.providers import benchmark_backends
+from ..bench.report import geomean_table, header_lines, speedup_table, write_json_and_markdown
+from .common import CliError, add_device_argument, device_from, say
+
+HELP = "time int8mm against fp16/bf16 F.linear and bitsandbytes on real model shapes"
+DESCRIPTION = HELP + """.
+
+The kernel suite times every provider on layer shapes of Llama-3-8B/70B, OPT-6.7B and SmolLM2-135M with
+planted outlier columns, and writes DIR/{cpu,gpu}_bench.json (long-form rows), .md and .png. The model
+suite (--suite model) times prefill and decode of a random-weight Llama in float, bitsandbytes 8-bit and
+int8mm 8-bit, and writes DIR/{cpu,gpu}_model_bench.json and .md."""
+SUITES = ("kernels", "model", "all")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help=HELP, description=DESCRIPTION)
+    parser.add_argument("--out", default="int8mm-bench", help="directory for the results (default: int8mm-bench)")
+    parser.add_argument("--suite", choices=SUITES, default="kernels", help="what to run (default: kernels)")
+    add_device_argument(parser)
+    add_kernel_suite_arguments(parser)
+    add_model_suite_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _stem(device) -> str:
+    return "gpu_bench" if device.type == "cuda" else "cpu_bench"
+
+
+def run(args) -> int:
+    device = device_from(args)
+    try:  # every configuration problem surfaces here, before anything is measured
+        kernel_config = kernel_config_from_args(args, device) if args.suite != "model" else None
+        model_config = model_config_from_args(args, device) if args.suite != "kernels" else None
+        if kernel_config is not None:
+            benchmark_backends(device, kernel_config.backends)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    if kernel_config is not None:
+        _run_kernel_suite(kernel_config, device, Path(args.out))
+    if model_config is not None:
+        _run_model_suite(model_config, device, Path(args.out))
+    return 0
+
+
+def _run_kernel_suite(config, device, out: Path) -> None:
+    result = run_kernel_suite(config, device)
+    paths = write_results(result, out, _stem(device))
+    say("\n".join(header_lines(result.meta)))
+    for mode in dict.fromkeys(r["mode"] for r in result.rows):
+        say(f"\nmedian time per call, {mode} (speed-up over {result.meta['baseline']}):")
+        say("\n".join(speedup_table(result.rows, mode)))
+    say("\ngeometric mean of the speed-up over each model's layers:")
+    say("\n".join(geomean_table(result.rows, result.meta["baseline"])))
+    say("\nwrote " + ", ".join(str(p) for key, p in paths.items() if key != "png_skipped"))
+    if "png_skipped" in paths:
+        say(f"no plot: {paths['png_skipped']}")
+
+
+def _run_model_suite(config, device, out: Path) -> None:
+    from ..bench.model_suite import model_markdown, run_model_suite
+
+    result = run_model_suite(config, device)
+    text = model_markdown(result)
+    paths = write_json_and_markdown(result, text, out, _stem(device).replace("_bench", "_model_bench"))
+    say("\n" + text)
+    say("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,0 +1,108 @@
+"""What every subcommand shares: one-line errors, argument checks, device and backend choice."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..backends import resolve_backend
+from ..bench.arguments import add_threads_argument, apply_threads
+from ..bench.environment import resolve_device
+
+
+class CliError(Exception):
+    """A bad argument or input: printed as one line on stderr, exit status 2, no traceback."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``int8mm bench: error: ... (see int8mm bench --help)``)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def model_dir(value: str, argument: str = "MODEL_DIR") -> Path:
+    """A local Hugging Face checkpoint directory: it exists and holds a config.json."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise CliError(f"{argument} {value!r} does not exist")
+    if not path.is_dir():
+        raise CliError(f"{argument} {value!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise CliError(f"{argument} {value!r} is not a Hugging Face model directory (it has no config.json)")
+    return path
+
+
+def text_file(value: str, argument: str = "--text") -> str:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CliError(f"{argument} {value!r} is not a readable file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CliError(f"{argument} {value!r} is empty")
+    return text
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu or cuda")
+    add_threads_argument(parser)
+
+
+def device_from(args) -> torch.device:
+    """``--device`` checked, and ``--threads`` applied."""
+    try:
+        apply_threads(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        return resolve_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(f"--device: {exc}") from None
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold (0 disables; default 6.0)")
+    parser.add_argument("--backend", default=None,
+                        help="int8mm backend: auto, reference, triton or cuda (default: INT8MM_BACKEND or auto)")
+
+
+def checked_backend(args, device: torch.device):
+    """``args.backend`` resolved for ``device``; an unknown or unavailable backend is a CliError."""
+    if args.backend is None:
+        return None
+    try:
+        return resolve_backend(args.backend, device)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(f"--backend: {exc}") from None
+
+
+def positive(value: int, argument: str) -> int:
+    if value < 1:
+        raise CliError(f"{argument} must be >= 1, got {value}")
+    return value
+
+
+def checked_threshold(value: float) -> float:
+    if not value >= 0:  # also refuses NaN
+        raise CliError(f"--threshold must be >= 0 (0 disables outlier decomposition), got {value}")
+    return value
+
+
+def load_model(path: Path, device: torch.device, dtype, **from_pretrained_kwargs):
+    """``(model, tokenizer)``; a directory transformers cannot load is a CliError quoting why."""
+    from ..bench.checkpoint_eval import load_causal_lm
+
+    try:
+        return load_causal_lm(path, device, dtype, **from_pretrained_kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"cannot load a causal LM from {str(path)!r}: {first_line}") from None
+
+
+def say(*parts) -> None:
+    """Results go to stdout (progress bars go to stderr), flushed so that they interleave in order."""
+    print(*parts, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"int8mm: {message}", file=sys.stderr, flush=True)

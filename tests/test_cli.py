@@ -1,0 +1,191 @@
+"""The ``int8mm`` command, in process through ``main(argv)`` (and once through ``python -m``).
+
+eval and quantize run on a tiny random Llama saved with ``save_pretrained`` next to a word-level tokenizer
+built with the ``tokenizers`` library; the demo runs on the real embedded SmolLM2-135M with a tiny budget.
+"""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import int8mm
+from int8mm.cli import main
+
+WORDS = "the state of our union is strong and we will work together for a better future".split()
+TEXT = " ".join(WORDS * 6)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<unk>")
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # two outlier features, so the 8-bit model takes the decomposition path
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 40]] = 30.0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def perplexities(out: str) -> list[float]:
+    return [float(v) for v in re.findall(r"\| (\d+\.\d+) \([+-]", out)]
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "eval", "quantize", "info"])
+def test_every_subcommand_has_help(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: int8mm {command}")
+
+
+def test_info_lists_versions_devices_and_backends(capsys):
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0
+    assert f"| int8mm | {int8mm.__version__} |" in out
+    assert f"| torch | {torch.__version__} |" in out
+    assert re.search(r"^\| cpu \| .* \| reference", out, re.M), out
+
+
+def test_eval_compares_full_precision_and_8bit(capsys, tiny_checkpoint, text_file):
+    code, out, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file, "--window", "32",
+                             "--new-tokens", "3", "--prompt", "the state")
+    assert code == 0, err
+    assert "full precision (float32)" in out and "int8mm 8-bit (threshold 6)" in out
+    full, eight_bit = perplexities(out)
+    assert 1.0 < full < 1000 and 1.0 < eight_bit < 1000
+    assert abs(eight_bit / full - 1) < 0.05, (full, eight_bit)  # 8-bit barely moves a random model's perplexity
+    assert re.search(r"int8mm 8-bit \(threshold 6\) \| [\d.]+ MiB \([\d.]+x\) \| 14 \|", out), out  # 7 per layer
+    assert out.count("greedy continuation") == 1
+
+
+def _quantized_reference(checkpoint, threshold):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    return int8mm.quantize_model(model, threshold=threshold)
+
+
+def test_quantize_writes_an_8bit_checkpoint_that_loads_back(capsys, tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out_dir = tmp_path / "int8"
+    code, out, err = run_cli(capsys, "quantize", tiny_checkpoint, out_dir, "--threshold", "5")
+    assert code == 0, err
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out_dir.iterdir()}
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "int8mm", "threshold": 5.0, "skip_modules": ["lm_head"]}
+    state = load_file(out_dir / "model.safetensors")
+    prefix = "model.layers.0.mlp.up_proj."
+    assert state[prefix + "weight"].dtype == torch.int8 and state[prefix + "SCB"].dtype == torch.float32
+    assert int(state[prefix + "weight_format"]) == 0
+    assert state["lm_head.weight"].dtype == torch.float32  # skipped by default
+
+    expected = _quantized_reference(tiny_checkpoint, threshold=5.0)
+    for name, module in expected.named_modules():
+        if isinstance(module, int8mm.Int8Linear):
+            assert torch.equal(state[f"{name}.weight"], module.weight), name
+            assert torch.equal(state[f"{name}.SCB"], module.SCB), name
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir)  # 8-bit again, with no quantization_config given
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    assert torch.equal(loaded(ids).logits, expected(ids).logits)
+
+
+def test_quantize_with_a_bitsandbytes_config_loads_in_bitsandbytes(capsys, tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out_dir = tmp_path / "bnb"
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, out_dir, "--bitsandbytes-config")
+    assert code == 0, err
+    assert json.loads((out_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir)
+    bnb_layer = loaded.model.layers[0].mlp.up_proj
+    assert type(bnb_layer).__name__ == "Linear8bitLt"
+    expected = _quantized_reference(tiny_checkpoint, threshold=6.0)
+    assert torch.equal(bnb_layer.weight.data, expected.model.layers[0].mlp.up_proj.weight)
+
+
+def test_demo_runs_on_the_embedded_model(capsys):
+    code, out, err = run_cli(capsys, "demo", "--max-tokens", "48", "--window", "24", "--new-tokens", "4")
+    assert code == 0, err
+    full, eight_bit = perplexities(out)
+    assert 1.0 < full < 200 and abs(eight_bit / full - 1) < 0.1, (full, eight_bit)  # a real model, real text
+    assert out.count("    ") >= 2  # one indented continuation per variant
+    sizes = [float(v) for v in re.findall(r"\| ([\d.]+) MiB", out)]
+    assert sizes[1] < 0.5 * sizes[0]  # int8 weights: well under half of fp32 (embeddings stay float)
+
+
+def test_python_dash_m_runs_the_command():
+    done = subprocess.run([sys.executable, "-m", "int8mm", "info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "int8mm backends" in done.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{tmp}/missing"], "MODEL_DIR '{tmp}/missing' does not exist"),
+    (["eval", "{tmp}"], "is not a Hugging Face model directory (it has no config.json)"),
+    (["eval", "{ckpt}", "--text", "{tmp}/nothing.txt"], "--text '{tmp}/nothing.txt' is not a readable file"),
+    (["eval", "{ckpt}", "--backend", "fastest"], "--backend: backend must be a Backend or one of"),
+    (["eval", "{ckpt}", "--device", "cpu", "--backend", "cuda"], "--backend: backend 'cuda' is not available on cpu"),
+    (["eval", "{ckpt}", "--threshold", "-1"], "--threshold must be >= 0"),
+    (["eval", "{ckpt}", "--window", "1"], "--window must be >= 2"),
+    (["bench", "--device", "cuda:99"], "--device: device 'cuda:99' was requested but torch sees "),
+    (["bench", "--models", "GPT-5"], "unknown model 'GPT-5'"),
+    (["bench", "--backends", "fastest"], "backend must be a Backend or one of"),
+    (["bench", "--m", "0"], "m_values must be positive"),
+    (["demo", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["bench", "--device", "tpu"], "--device: device must be 'auto', 'cpu' or 'cuda', got 'tpu'"),
+    (["bench", "--suite", "everything"], "argument --suite: invalid choice: 'everything'"),
+    (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+    (["eval"], "the following arguments are required: MODEL_DIR"),
+])
+def test_bad_arguments_give_one_line_and_status_2(capsys, tmp_path, tiny_checkpoint, argv, message):
+    argv = [a.format(tmp=tmp_path, ckpt=tiny_checkpoint) for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message.format(tmp=tmp_path, ckpt=tiny_checkpoint) in err
+
+
+def test_a_directory_transformers_cannot_load_is_one_line(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    code, _, err = run_cli(capsys, "eval", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"cannot load a causal LM from '{tmp_path}'" in err
+
+
+def test_quantize_leaves_a_non_empty_out_dir_alone(capsys, tiny_checkpoint, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path)
+    assert code == 2 and f"OUT_DIR '{tmp_path}' exists and is not an empty directory" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
