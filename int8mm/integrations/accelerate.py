@@ -1,0 +1,213 @@
+"""accelerate integration: ``Int8Hook`` runs an ``nn.Linear`` on int8mm through accelerate's hook mechanism.
+
+``add_hook_to_module(linear, Int8Hook())`` quantizes the layer in place (``init_hook``): its float ``weight``
+parameter becomes an int8 ``weight`` buffer plus an fp32 ``SCB`` buffer (the layout of ``Int8Linear`` and of
+bitsandbytes checkpoints) and the wrapped forward becomes ``int8_linear``. ``remove_hook_from_module`` undoes it
+(``detach_hook``): a float ``weight`` parameter holding the de-quantized values and the original forward come
+back. Nothing is patched on a class; each hooked layer carries its own state.
+
+Composition with accelerate's own hooks (``dispatch_model``, ``cpu_offload``, ``disk_offload``): attach the int8
+hooks first, then dispatch. accelerate chains its ``AlignDevicesHook`` after ours (``SequentialHook``), so the
+layer is quantized before it is placed or offloaded, and what gets offloaded is the int8 weight. As the int8
+tensors are buffers, pass ``offload_buffers=True`` to offload them too (otherwise they stay on the execution
+device, and only the bias is offloaded).
+"""
+import functools
+import weakref
+from typing import Iterable
+
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from torch import nn
+
+from .. import functional as F8
+from .._constants import DEFAULT_THRESHOLD, INT8_MAX
+from ..backends import Backend, parse_backend
+from ..loading import eligible_linears
+from ..model import DEFAULT_SKIP_MODULES
+from ..nn import WEIGHT_FORMAT_ROW
+
+__all__ = ["Int8Hook", "attach_int8_hooks"]
+
+
+class Int8Hook(ModelHook):
+    """A ``ModelHook`` that quantizes an ``nn.Linear`` in place and runs it with ``int8_linear``.
+
+    After ``detach_hook`` the hook keeps the layer's int8 values until it is attached again (accelerate detaches
+    and re-attaches a hook when it chains another one after it): drop the hook object to free them.
+
+    Args:
+        threshold: outlier threshold (a number >= 0; 0 disables the decomposition).
+        backend: the backend the layer uses (None: the default at call time).
+        name: how errors refer to the layer (e.g. its qualified name).
+    Raises:
+        TypeError / ValueError: a bad threshold or backend (at construction); ``init_hook`` raises TypeError for
+        a module that is not an ``nn.Linear`` and ValueError for one whose weight is on the meta device.
+    """
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None,
+                 name: str | None = None):
+        self.threshold = F8._check_threshold(threshold)
+        self.backend = parse_backend(backend) if backend is not None else None
+        self.name = name
+        self._float_forward = None
+        self._float_dtype = None
+        self._requires_grad = False
+        self._handles = []
+        # the int8 values of the last detach, to re-attach without a lossy second rounding (see detach_hook)
+        self._restored = None
+
+    def __repr__(self):
+        backend = self.backend.value if self.backend is not None else "default"
+        return f"Int8Hook(threshold={self.threshold}, backend={backend})"
+
+    # ---- ModelHook events ----
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"Int8Hook runs an nn.Linear, got {type(module).__name__}")
+        if "SCB" in module._buffers:
+            raise ValueError("this nn.Linear is quantized already (it has an SCB buffer); attach one Int8Hook")
+        if not hasattr(module, "_old_forward"):
+            raise RuntimeError("attach Int8Hook with accelerate.hooks.add_hook_to_module(module, hook)")
+        weight = module.weight
+        if weight.is_meta:
+            raise ValueError("Int8Hook needs the layer's weight, but it is on the meta device (offloaded?); "
+                             "attach the int8 hooks before dispatch_model / cpu_offload / disk_offload")
+        q_w, s_w = self._reuse_restored(module)
+        if q_w is None:
+            q_w, s_w = F8.quantize_weight(weight.detach(), name=f"{self.name or type(module).__name__}.weight")
+        self._float_dtype, self._requires_grad = weight.dtype, weight.requires_grad
+        del module.weight
+        module.register_buffer("weight", q_w)
+        module.register_buffer("SCB", s_w)
+        self._handles = [module.register_state_dict_post_hook(_add_weight_format),
+                         module.register_load_state_dict_pre_hook(_check_int8_state)]
+        # nn.Module._apply would cast the fp32 scale on .half(); this instance keeps it fp32 (SPEC.md)
+        module._apply = functools.partial(_apply_keeping_scale, module)
+        # add_hook_to_module calls module._old_forward between pre_forward and post_forward: make it int8
+        self._float_forward = module._old_forward
+        module._old_forward = functools.partial(_int8_forward, module, self)
+        return module
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        if "SCB" not in module._buffers:
+            return module
+        q_w, s_w = module.weight, module.SCB
+        if q_w.is_meta:
+            q_w, s_w = _take_back_offloaded(module)
+        weight = (q_w.float() * (s_w / INT8_MAX)[:, None]).to(self._float_dtype)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        del module._buffers["weight"], module._buffers["SCB"]
+        module.__dict__.pop("_apply", None)
+        module.weight = nn.Parameter(weight, requires_grad=self._requires_grad)
+        module._old_forward = self._float_forward
+        # accelerate detaches and re-inits a hook when it chains another one after it (append=True): keep the
+        # int8 values so that re-init reuses them instead of rounding the de-quantized weight a second time
+        self._restored = (weakref.ref(module), module.weight, module.weight._version, q_w, s_w)
+        return module
+
+    def _reuse_restored(self, module):
+        if self._restored is None:
+            return None, None
+        module_ref, weight, version, q_w, s_w = self._restored
+        self._restored = None
+        if module_ref() is module and module.weight is weight and weight._version == version:
+            return q_w.to(weight.device), s_w.to(weight.device)
+        return None, None
+
+
+def attach_int8_hooks(
+    model: nn.Module,
+    threshold: float = DEFAULT_THRESHOLD,
+    skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES,
+    backend: Backend | str | None = None,
+) -> list[str]:
+    """Attach an ``Int8Hook`` to every eligible ``nn.Linear`` of ``model`` (quantizing them in place).
+
+    Eligible as for ``quantize_model``: not named by ``skip_modules``, not ``nn.MultiheadAttention.out_proj``,
+    and not sharing its weight with another module. A hook already on a layer is kept; ours is chained
+    (``append=True``). Call this before ``dispatch_model`` / ``cpu_offload`` / ``disk_offload``.
+
+    Args:
+        model: the model, with real (not meta) weights.
+        threshold: outlier threshold for every hooked layer.
+        skip_modules: module names or name suffixes kept in full precision.
+        backend: backend of every hooked layer (None: the default at call time).
+    Returns:
+        The names of the hooked layers (one per layer, even when a layer is reachable under two names).
+    Raises:
+        TypeError / ValueError: bad arguments, or a layer whose weight is on the meta device.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    threshold = F8._check_threshold(threshold)
+    targets, seen = [], set()
+    for name, module, _ in eligible_linears(model, skip_modules):
+        if id(module) not in seen and "SCB" not in module._buffers:
+            seen.add(id(module))
+            targets.append((name, module))
+    # check every layer before touching any, so that a bad one never leaves the model half quantized
+    for name, module in targets:
+        if module.weight.is_meta:
+            raise ValueError(f"{name}.weight is on the meta device (offloaded?); attach the int8 hooks before "
+                             f"dispatch_model / cpu_offload / disk_offload")
+        if not bool(torch.isfinite(module.weight).all()):
+            raise ValueError(f"{name}.weight holds non-finite values (NaN/Inf); refusing to quantize it")
+    for name, module in targets:
+        add_hook_to_module(module, Int8Hook(threshold, backend, name=name), append=True)
+    return [name for name, _ in targets]
+
+
+# ---- per-instance pieces of a hooked layer ----
+def _int8_forward(module, hook: Int8Hook, x: torch.Tensor) -> torch.Tensor:
+    return F8.int8_linear(x, module.weight, module.SCB, module.bias, hook.threshold, hook.backend)
+
+
+def _apply_keeping_scale(module: nn.Module, fn, recurse=True):
+    scale = module._buffers["SCB"]
+    nn.Module._apply(module, fn, recurse)
+    if module._buffers["SCB"].dtype != torch.float32:
+        module._buffers["SCB"] = scale.to(module._buffers["SCB"].device)
+    return module
+
+
+def _add_weight_format(module, state_dict, prefix, local_metadata) -> None:
+    # bitsandbytes' marker for a row-major int8 weight, as Int8Linear writes it
+    state_dict[prefix + "weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
+
+
+def _check_int8_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    # load_state_dict hands hooks its own copy of the dict, so popping here leaves the caller's alone
+    fmt = state_dict.pop(prefix + "weight_format", None)
+    if fmt is not None and int(fmt) != WEIGHT_FORMAT_ROW:
+        error_msgs.append(f"{prefix}weight_format is {int(fmt)}; only the row-major format (0) is supported")
+    weight = state_dict.get(prefix + "weight")
+    if weight is not None and weight.dtype != torch.int8:
+        error_msgs.append(f"{prefix}weight must be int8 for a layer with an Int8Hook, got {weight.dtype}")
+        state_dict.pop(prefix + "weight")
+
+
+def _take_back_offloaded(module: nn.Module):
+    """The int8 weight and scale of a layer whose tensors an accelerate offload hook holds (they are on meta).
+
+    accelerate chains its AlignDevicesHook after ours and detaches the chain in order, so ours runs while the
+    tensors are still offloaded: read them from that hook's weights map, and drop them from what it restores
+    afterwards (it would otherwise write the int8 values over the de-quantized weight).
+    """
+    chain = getattr(getattr(module, "_hf_hook", None), "hooks", ())
+    for other in chain:
+        weights_map = getattr(other, "weights_map", None)
+        original_devices = getattr(other, "original_devices", None)
+        if getattr(other, "offload", False) and weights_map is not None and "weight" in weights_map:
+            device = (original_devices or {}).get("weight", torch.device("cpu"))
+            device = torch.device("cpu") if device == torch.device("meta") else device
+            q_w, s_w = weights_map["weight"].to(device), weights_map["SCB"].to(device)
+            if original_devices is not None:
+                original_devices.pop("weight", None)
+                original_devices.pop("SCB", None)
+            return q_w, s_w
+    raise RuntimeError("the int8 weight is on the meta device and no offload hook holds it; cannot restore the "
+                       "float layer")

@@ -1,0 +1,256 @@
+"""Int8Hook / attach_int8_hooks (int8mm/integrations/accelerate.py) alone and under accelerate's own hooks."""
+import copy
+
+import pytest
+import torch
+from accelerate import cpu_offload, dispatch_model
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module, remove_hook_from_submodules
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import int8mm
+from gpu import requires_cuda
+from helpers import planted_outliers
+from int8mm import Int8Linear
+from int8mm.integrations.accelerate import Int8Hook, attach_int8_hooks
+
+VOCAB = 256
+
+
+def _linear(k=64, n=33, seed=0, bias=True):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+def _llama(seed=0, tie=False):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = 25.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def _dequantized_float_model(model):
+    """``model`` quantized by quantize_model, then every Int8Linear turned back into nn.Linear."""
+    model = int8mm.quantize_model(copy.deepcopy(model))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.to_linear())
+    return model
+
+
+# ---- one layer ----
+def test_hooked_linear_is_int8linear_bit_for_bit():
+    linear = _linear()
+    reference = Int8Linear.from_linear(linear, threshold=6.0)
+    hook = Int8Hook(threshold=6.0)
+    returned = add_hook_to_module(linear, hook)
+    assert returned is linear and type(linear) is nn.Linear  # same object, same class: nothing swapped
+    assert linear.weight.dtype == torch.int8 and linear.SCB.dtype == torch.float32
+    assert torch.equal(linear.weight, reference.weight) and torch.equal(linear.SCB, reference.SCB)
+    assert [n for n, _ in linear.named_parameters()] == ["bias"]
+    x = planted_outliers(7, 64)
+    with torch.inference_mode():
+        assert torch.equal(linear(x), reference(x))
+    state = linear.state_dict()
+    assert set(state) == {"weight", "SCB", "bias", "weight_format"} and int(state["weight_format"]) == 0
+    for key, value in reference.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert "Int8Hook(threshold=6.0, backend=default)" == repr(hook)
+
+
+def test_remove_hook_restores_a_float_layer():
+    linear = _linear(bias=False)
+    reference = Int8Linear.from_linear(linear)
+    add_hook_to_module(linear, Int8Hook())
+    remove_hook_from_module(linear)
+    assert isinstance(linear.weight, nn.Parameter) and linear.weight.dtype == torch.float32
+    assert not hasattr(linear, "SCB") and "SCB" not in linear._buffers
+    assert torch.equal(linear.weight.detach(), reference.dequantize())
+    assert set(linear.state_dict()) == {"weight"}
+    x = planted_outliers(4, 64)
+    assert torch.equal(linear(x), nn.functional.linear(x, reference.dequantize()))  # a plain float forward again
+    # and it can be quantized again: the same int8 values; a scale may move by one fp32 ulp, since the
+    # de-quantized row max is 127 * fp32(s / 127), one rounding away from s (chaining avoids this, see below)
+    add_hook_to_module(linear, Int8Hook())
+    assert torch.equal(linear.weight, reference.weight)
+    up, down = (torch.nextafter(reference.SCB, torch.full_like(reference.SCB, v)) for v in (1.0, 0.0))
+    assert bool(((linear.SCB == reference.SCB) | (linear.SCB == up) | (linear.SCB == down)).all())
+
+
+def test_half_precision_layer_keeps_its_dtype_and_fp32_scale():
+    linear = _linear().half()
+    add_hook_to_module(linear, Int8Hook())
+    linear.float()  # a dtype cast moves the bias only; the scale stays fp32 (SPEC.md)
+    assert linear.SCB.dtype == torch.float32 and linear.weight.dtype == torch.int8
+    linear.half()
+    assert linear.SCB.dtype == torch.float32 and linear.bias.dtype == torch.float16
+    y = linear(planted_outliers(3, 64, torch.float16))
+    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
+    remove_hook_from_module(linear)
+    assert linear.weight.dtype == torch.float16 and "_apply" not in linear.__dict__
+
+
+def test_chaining_another_hook_keeps_the_int8_values_exactly():
+    """accelerate re-inits a hook when appending another one (detach, then init); the int8 values must come
+    back as they were, not re-rounded from the de-quantized weight."""
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    linear = _linear(k=300, n=40, seed=3)
+    add_hook_to_module(linear, Int8Hook())
+    q_w, s_w = linear.weight.clone(), linear.SCB.clone()
+    add_hook_to_module(linear, Counting(), append=True)
+    assert torch.equal(linear.weight, q_w) and torch.equal(linear.SCB, s_w)
+    x = planted_outliers(2, 300)
+    assert torch.equal(linear(x), int8mm.int8_linear(x, q_w, s_w, linear.bias)) and Counting.calls == 1
+
+
+def test_hook_errors():
+    with pytest.raises(TypeError, match=r"threshold must be a number, got str: '6'"):
+        Int8Hook(threshold="6")
+    with pytest.raises(TypeError, match=r"Int8Hook runs an nn.Linear, got Conv1d"):
+        add_hook_to_module(nn.Conv1d(2, 2, 1), Int8Hook())
+    meta = nn.Linear(8, 4, device="meta")
+    with pytest.raises(ValueError, match=r"on the meta device \(offloaded\?\); attach the int8 hooks before"):
+        add_hook_to_module(meta, Int8Hook())
+    linear = _linear()
+    add_hook_to_module(linear, Int8Hook())
+    with pytest.raises(ValueError, match=r"quantized already"):
+        add_hook_to_module(linear, Int8Hook(), append=True)
+    with pytest.raises(RuntimeError, match=r"attach Int8Hook with accelerate.hooks.add_hook_to_module"):
+        Int8Hook().init_hook(_linear())
+    bad = _linear()
+    with torch.no_grad():
+        bad.weight[2, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"proj.weight holds 1 non-finite"):
+        add_hook_to_module(bad, Int8Hook(name="proj"))
+
+
+def test_loading_state_dicts_checks_the_format():
+    linear = _linear()
+    add_hook_to_module(linear, Int8Hook())
+    state = linear.state_dict()
+    other = _linear(seed=4)
+    add_hook_to_module(other, Int8Hook())
+    other.load_state_dict(state)
+    assert torch.equal(other.weight, linear.weight) and torch.equal(other.SCB, linear.SCB)
+    with pytest.raises(RuntimeError, match=r"weight_format is 1; only the row-major format"):
+        other.load_state_dict({**state, "weight_format": torch.tensor(1, dtype=torch.uint8)})
+    with pytest.raises(RuntimeError, match=r"weight must be int8 for a layer with an Int8Hook, got torch.float32"):
+        other.load_state_dict({**state, "weight": torch.randn(33, 64)})
+    assert state["weight_format"].dtype == torch.uint8  # the caller's dict is left alone
+    into_int8linear = Int8Linear(64, 33)
+    into_int8linear.load_state_dict(state)  # the same layout as Int8Linear and bitsandbytes
+    assert torch.equal(into_int8linear.weight, linear.weight)
+
+
+# ---- whole models ----
+def test_attach_int8_hooks_matches_quantize_model(token_ids):
+    model = _llama()
+    reference = int8mm.quantize_model(copy.deepcopy(model))
+    hooked = attach_int8_hooks(model)
+    assert len(hooked) == 28 and "lm_head" not in hooked
+    assert all(type(m) is not Int8Linear for m in model.modules())
+    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert attach_int8_hooks(model) == []  # already hooked: nothing to do
+    # the state dict is a quantize_model state dict
+    fresh = int8mm.quantize_model(_llama(seed=9))
+    result = fresh.load_state_dict(model.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(_logits(fresh, token_ids), _logits(reference, token_ids))
+
+
+def test_attach_skips_and_refuses_cleanly(token_ids):
+    tied = _llama(tie=True)
+    hooked = attach_int8_hooks(tied, skip_modules=["mlp.down_proj"])
+    assert len(hooked) == 24 and not any(name.endswith("down_proj") for name in hooked)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # a tied head is never quantized
+    bad = _llama()
+    with torch.no_grad():
+        bad.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
+    before = copy.deepcopy(bad.state_dict())
+    with pytest.raises(ValueError, match=r"model.layers.2.mlp.up_proj.weight holds non-finite values"):
+        attach_int8_hooks(bad)
+    # checked before any layer was touched: the model is as it was
+    assert not any(hasattr(m, "_hf_hook") for m in bad.modules())
+    for key, value in bad.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_dispatch_with_cpu_and_disk_then_remove(tmp_path, token_ids):
+    model = _llama()
+    reference = int8mm.quantize_model(copy.deepcopy(model))
+    expected = _logits(reference, token_ids)
+    attach_int8_hooks(model)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "disk"}
+    dispatch_model(model, device_map, offload_dir=tmp_path, offload_buffers=True)
+    on_disk = model.model.layers[1].self_attn.q_proj
+    assert on_disk.weight.is_meta and on_disk.SCB.is_meta
+    assert [type(h).__name__ for h in on_disk._hf_hook.hooks] == ["Int8Hook", "AlignDevicesHook"]
+    assert (tmp_path / "model.layers.1.self_attn.q_proj.weight.dat").stat().st_size == 64 * 64  # int8 on disk
+    assert torch.equal(_logits(model, token_ids), expected)
+    assert on_disk.weight.is_meta  # offloaded again after the forward
+    remove_hook_from_submodules(model)
+    assert not any(isinstance(t, torch.Tensor) and t.is_meta for t in model.state_dict().values())
+    assert all(type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32
+               for m in model.modules() if isinstance(m, nn.Linear))
+    assert torch.equal(_logits(model, token_ids), _logits(_dequantized_float_model(_llama()), token_ids))
+
+
+@requires_cuda
+def test_dispatch_over_gpu_cpu_and_disk(tmp_path, token_ids):
+    device = f"cuda:{torch.cuda.current_device()}"
+    model = _llama(seed=4)
+    reference = int8mm.quantize_model(copy.deepcopy(model)).to(device)
+    attach_int8_hooks(model)
+    device_map = {"model.embed_tokens": device, "model.layers.0": device, "model.layers.1": "cpu",
+                  "model.layers.2": "disk", "model.layers.3": device, "model.norm": device,
+                  "model.rotary_emb": device, "lm_head": device}
+    dispatch_model(model, device_map, offload_dir=tmp_path, offload_buffers=True)
+    assert model.model.layers[1].mlp.up_proj.weight.is_meta and model.model.layers[2].mlp.up_proj.weight.is_meta
+    with torch.inference_mode():
+        ours, theirs = model(token_ids.to(device)).logits, reference(token_ids.to(device)).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # same kernels on the same device
+
+
+def test_cpu_offload(token_ids):
+    model = _llama(seed=2)
+    reference = int8mm.quantize_model(copy.deepcopy(model))
+    attach_int8_hooks(model)
+    cpu_offload(model, execution_device="cpu", offload_buffers=True)
+    layer = model.model.layers[0].mlp.gate_proj
+    assert layer.weight.is_meta and layer.SCB.is_meta
+    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    remove_hook_from_submodules(model)
+    assert layer.weight.dtype == torch.float32 and not layer.weight.is_meta
+    assert torch.equal(_logits(model, token_ids), _logits(_dequantized_float_model(_llama(seed=2)), token_ids))
+
+
+def test_dispatch_after_hooks_refused_the_other_way_round(tmp_path):
+    model = _llama()
+    dispatch_model(model, {"model": "disk", "lm_head": "cpu"}, offload_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"is on the meta device \(offloaded\?\); attach the int8 hooks before "
+                                         r"dispatch_model"):
+        attach_int8_hooks(model)

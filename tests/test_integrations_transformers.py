@@ -1,0 +1,189 @@
+"""The "int8mm" transformers quantization method (int8mm/integrations/transformers.py) and its registration."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from packaging import version
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import int8mm
+from int8mm import Int8Linear, Int8MMConfig
+from int8mm.integrations import transformers as hf_integration
+
+VOCAB = 256
+
+
+def _llama(seed=0, tie=False):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = 25.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def float_llama(tmp_path_factory):
+    model = _llama(tie=True)
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def _int8_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+
+
+def test_from_pretrained_quantizes_like_quantize_model(float_llama, token_ids):
+    path, float_model = float_llama
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(threshold=6.0))
+    reference = int8mm.quantize_model(copy.deepcopy(float_model))
+    assert _int8_names(model) == _int8_names(reference) and len(_int8_names(model)) == 14
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    for name in _int8_names(model):
+        ours, theirs = model.get_submodule(name), reference.get_submodule(name)
+        assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.SCB, theirs.SCB), name
+    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert model.is_quantized and model.config.quantization_config.threshold == 6.0
+
+
+def test_save_then_load_needs_no_config_and_is_bit_identical(float_llama, tmp_path, token_ids):
+    path, _ = float_llama
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(threshold=4.0))
+    expected = _logits(model, token_ids)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "int8mm", "threshold": 4.0, "skip_modules": ["lm_head"]}
+    assert "load_in_8bit" not in json.dumps(config)  # that key routes a config to bitsandbytes
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    prefix = "model.layers.1.self_attn.k_proj"
+    assert (dtypes[f"{prefix}.weight"], dtypes[f"{prefix}.SCB"], dtypes[f"{prefix}.weight_format"]) == \
+        ("I8", "F32", "U8")
+    assert dtypes["model.embed_tokens.weight"] == "F32" and "lm_head.weight" not in dtypes  # tied, stays float
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(again.config.quantization_config, Int8MMConfig)
+    assert again.config.quantization_config.threshold == 4.0
+    assert all(again.get_submodule(n).threshold == 4.0 for n in _int8_names(again))
+    assert torch.equal(_logits(again, token_ids), expected)
+    # passing the config again is allowed; the checkpoint's own settings win
+    with pytest.warns(UserWarning, match="quantization_config"):
+        third = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=Int8MMConfig())
+    assert torch.equal(_logits(third, token_ids), expected)
+
+
+def test_gpt2_conv1d(tmp_path):
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=Int8MMConfig())
+    streamed = int8mm.load_in_8bit(tmp_path, progress=False)
+    assert len(_int8_names(model)) == 8 and _int8_names(model) == _int8_names(streamed)
+    for name in _int8_names(model):
+        assert torch.equal(model.get_submodule(name).weight, streamed.get_submodule(name).weight), name
+        assert torch.equal(model.get_submodule(name).SCB, streamed.get_submodule(name).SCB), name
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(_logits(model, ids), _logits(streamed, ids))
+
+
+def test_disk_offload_keeps_disk_layers_float(float_llama, tmp_path, token_ids):
+    path, float_model = float_llama
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(), device_map=device_map,
+                                                 offload_folder=tmp_path / "offload", offload_buffers=True)
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    skipped = model.config.quantization_config.skip_modules
+    assert "model.layers.1.mlp.up_proj" in skipped and "lm_head" in skipped
+    reference = int8mm.quantize_model(copy.deepcopy(float_model), skip_modules=["lm_head", "layers.1.mlp.gate_proj",
+                                      "layers.1.mlp.up_proj", "layers.1.mlp.down_proj", "layers.1.self_attn.q_proj",
+                                      "layers.1.self_attn.k_proj", "layers.1.self_attn.v_proj",
+                                      "layers.1.self_attn.o_proj"])
+    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+
+
+def test_dequantize(float_llama, token_ids):
+    path, _ = float_llama
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig())
+    layer = model.model.layers[0].mlp.down_proj
+    expected = layer.dequantize()
+    model.dequantize()
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear and not _int8_names(model)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight.detach(), expected)
+    assert not hasattr(model.config, "quantization_config")
+
+
+def test_registered_classes():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    assert AUTO_QUANTIZER_MAPPING["int8mm"] is hf_integration.Int8MMHfQuantizer
+    config_cls = AUTO_QUANTIZATION_CONFIG_MAPPING["int8mm"]
+    assert issubclass(config_cls, QuantizationConfigMixin) and issubclass(config_cls, Int8MMConfig)
+    assert config_cls.__name__ == "Int8MMConfig"  # transformers compares class names of stored and passed configs
+    hf_integration.register()  # registering twice is harmless
+    assert hf_integration.TRANSFORMERS_VERSION >= version.parse("5.0.0")
+    with pytest.raises(TypeError, match=r"quantization_config must be an int8mm.Int8MMConfig, got dict"):
+        hf_integration.Int8MMHfQuantizer({"quant_method": "int8mm"})
+
+
+def _run(code: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_import_int8mm_does_not_import_transformers_and_registers_later():
+    out = _run("""
+        import sys
+        import int8mm
+        print("transformers" in sys.modules, "accelerate" in sys.modules)
+        from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+        print("int8mm" in AUTO_QUANTIZER_MAPPING)
+    """)
+    assert out.split() == ["False", "False", "True"]
+
+
+def test_registration_when_transformers_came_first():
+    out = _run("""
+        import transformers.quantizers.auto as auto
+        print("int8mm" in auto.AUTO_QUANTIZER_MAPPING)
+        import int8mm
+        print("int8mm" in auto.AUTO_QUANTIZER_MAPPING, "int8mm" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING)
+    """)
+    assert out.split() == ["False", "True", "True"]
+
+
+def test_import_without_transformers():
+    out = _run("""
+        import sys
+        sys.modules["transformers"] = None  # as if it were not installed
+        import int8mm, torch
+        print(int8mm.Int8MMConfig(threshold=2).threshold)
+        print(int8mm.quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), skip_modules=())[0].weight.dtype)
+    """)
+    assert out.split() == ["2.0", "torch.int8"]

@@ -1,0 +1,311 @@
+"""load_in_8bit (int8mm/loading.py): meta build, streamed quantization, shards, Conv1D, device maps, peak memory."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import int8mm
+from gpu import requires_cuda
+from int8mm import Int8Linear, load_in_8bit, loading
+
+VOCAB = 256
+
+
+def _llama(tie: bool = False, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # a few outlier feature dims, as in real models
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = 25.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    model = _llama()
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def _int8_state(model):
+    return {name: (m.weight, m.SCB) for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+def test_matches_quantize_model_bit_for_bit(llama_dir, token_ids):
+    path, float_model = llama_dir
+    reference = int8mm.quantize_model(copy.deepcopy(float_model))
+    model = load_in_8bit(path, progress=False)
+    assert isinstance(model, LlamaForCausalLM) and not model.training
+    ours, theirs = _int8_state(model), _int8_state(reference)
+    assert list(ours) == list(theirs) and len(ours) == 14  # 7 Linears x 2 blocks; lm_head stays float
+    for name in ours:
+        assert torch.equal(ours[name][0], theirs[name][0]) and torch.equal(ours[name][1], theirs[name][1]), name
+    assert type(model.lm_head) is nn.Linear
+    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert model.config.quantization_config.to_dict() == {"quant_method": "int8mm", "threshold": 6.0,
+                                                          "skip_modules": ["lm_head"]}
+
+
+def test_block_streaming_is_bit_exact(llama_dir, token_ids, monkeypatch):
+    """Quantizing a weight a few rows at a time gives the whole-tensor result (the scales are per row)."""
+    path, _ = llama_dir
+    whole = load_in_8bit(path, progress=False)
+    monkeypatch.setattr(loading, "BLOCK_BYTES", 3 * 64 * 4)  # 3 rows of a K=64 fp32 weight per block
+    blocks = load_in_8bit(path, progress=False)
+    for name, (q_w, s_w) in _int8_state(whole).items():
+        assert torch.equal(q_w, blocks.get_submodule(name).weight) and torch.equal(s_w, blocks.get_submodule(name).SCB)
+    assert torch.equal(_logits(whole, token_ids), _logits(blocks, token_ids))
+
+
+def test_threshold_skip_modules_backend_and_dtype(llama_dir):
+    path, _ = llama_dir
+    model = load_in_8bit(path, threshold=0, skip_modules=["mlp.down_proj"], backend="reference",
+                         dtype=torch.bfloat16, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 13 and all(m.threshold == 0.0 and m.backend == int8mm.Backend.REFERENCE for m in layers)
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert isinstance(model.lm_head, Int8Linear)  # not skipped any more: only down_proj is
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(m.SCB.dtype == torch.float32 for m in layers)
+
+
+def test_tied_lm_head_stays_tied_and_float(tmp_path, token_ids):
+    model = _llama(tie=True, seed=1)
+    model.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in _header_keys(tmp_path / "model.safetensors")
+    loaded = load_in_8bit(tmp_path, skip_modules=[], progress=False)  # even when asked, a tied head stays float
+    assert type(loaded.lm_head) is nn.Linear
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    reference = int8mm.quantize_model(copy.deepcopy(model), skip_modules=())
+    assert torch.equal(_logits(loaded, token_ids), _logits(reference, token_ids))
+
+
+def test_sharded_checkpoint_and_progress_bar(llama_dir, tmp_path, token_ids, capfd):
+    path, float_model = llama_dir
+    float_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    index = json.loads((tmp_path / loading.INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3
+    model = load_in_8bit(tmp_path, progress=True)
+    err = capfd.readouterr().err
+    for number, shard in enumerate(shards, start=1):
+        assert f"{shard} ({number}/{len(shards)})" in err  # one description per shard
+    assert "model.layers.1.mlp" in err  # the layer being loaded
+    assert torch.equal(_logits(model, token_ids), _logits(load_in_8bit(path, progress=False), token_ids))
+
+
+def test_factory_and_checkpoint_pair(tmp_path):
+    """Any nn.Module: a factory plus a safetensors file."""
+    def build():
+        return nn.Sequential(nn.Embedding(10, 32), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8, bias=False))
+
+    torch.manual_seed(0)
+    float_model = build()
+    save_file(float_model.state_dict(), tmp_path / "weights.safetensors")
+    model = load_in_8bit((build, tmp_path / "weights.safetensors"), skip_modules=(), progress=False)
+    assert isinstance(model[1], Int8Linear) and isinstance(model[3], Int8Linear) and model[3].bias is None
+    reference = int8mm.quantize_model(copy.deepcopy(float_model), skip_modules=())
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids), reference(ids))
+    # a transformers class with its checkpoint directory
+    llama = _llama(seed=3)
+    llama.save_pretrained(tmp_path / "llama")
+    loaded = load_in_8bit((LlamaForCausalLM, tmp_path / "llama"), progress=False)
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, Int8Linear)
+
+
+def test_gpt2_conv1d_is_transposed(tmp_path):
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0)
+    torch.manual_seed(0)
+    float_model = GPT2LMHeadModel(config).eval()
+    float_model.save_pretrained(tmp_path)
+    model = load_in_8bit(tmp_path, progress=False)
+    conv_names = [n for n, m in float_model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv_names) == 8
+    for name in conv_names:
+        conv, layer = float_model.get_submodule(name), model.get_submodule(name)
+        assert isinstance(layer, Int8Linear)
+        assert (layer.in_features, layer.out_features) == tuple(conv.weight.shape)  # Conv1D stores [in, out]
+        q_w, s_w = int8mm.quantize_weight(conv.weight.detach().t().contiguous())
+        assert torch.equal(layer.weight, q_w) and torch.equal(layer.SCB, s_w) and torch.equal(layer.bias, conv.bias)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    ours, ref = _logits(model, ids).double(), _logits(float_model, ids).double()
+    # int8 rounding through 8 layers: a few percent of the logit scale, not a transposition error (~100%)
+    assert float((ours - ref).norm() / ref.norm()) < 0.03
+
+
+def test_cpu_and_disk_device_map(llama_dir, tmp_path, token_ids):
+    path, _ = llama_dir
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    offload = tmp_path / "offload"
+    model = load_in_8bit(path, device_map=device_map, offload_folder=offload, progress=False)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, Int8Linear) and down.weight.is_meta and model.lm_head.weight.is_meta
+    assert model.model.layers[1].mlp.down_proj.weight.device.type == "cpu"
+    # what went to disk is the int8 weight and its scale, never the float weight
+    written = {p.name for p in offload.iterdir()}
+    assert {"model.layers.0.mlp.down_proj.weight.dat", "model.layers.0.mlp.down_proj.SCB.dat",
+            "lm_head.weight.dat"} <= written
+    assert (offload / "model.layers.0.mlp.down_proj.weight.dat").stat().st_size == 64 * 128
+    reference = load_in_8bit(path, progress=False)
+    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert model.hf_device_map == device_map
+
+
+@requires_cuda
+def test_gpu_cpu_and_disk_device_map(llama_dir, tmp_path, token_ids):
+    path, _ = llama_dir
+    device = f"cuda:{torch.cuda.current_device()}"
+    on_gpu = load_in_8bit(path, device_map=device, progress=False)
+    assert all(t.device.type == "cuda" for t in list(on_gpu.parameters()) + list(on_gpu.buffers()))
+    for name, (q_w, s_w) in _int8_state(load_in_8bit(path, device_map="cpu", progress=False)).items():
+        layer = on_gpu.get_submodule(name)  # quantized on the GPU: SPEC.md allows +-1 in 1 of 10^4 values
+        assert torch.equal(layer.SCB.cpu(), s_w), name
+        diff = (layer.weight.cpu().int() - q_w.int()).abs()
+        assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, q_w.numel() // 10_000), name
+    device_map = {"model.embed_tokens": device, "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": device, "model.rotary_emb": device, "lm_head": device}
+    model = load_in_8bit(path, device_map=device_map, offload_folder=tmp_path, progress=False)
+    assert model.model.layers[0].mlp.up_proj.weight.is_meta  # offloaded to the CPU, run on the GPU
+    with torch.inference_mode():
+        ours, reference = model(token_ids.to(device)).logits, on_gpu(token_ids.to(device)).logits
+    # same device, same kernels; only the CPU round trip of the weights differs (not at all, bit for bit)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_device_map_single_device_and_auto(llama_dir, token_ids):
+    path, _ = llama_dir
+    reference = load_in_8bit(path, progress=False)
+    for device_map in ("cpu", torch.device("cpu"), {"": "cpu"}, "auto"):
+        model = load_in_8bit(path, device_map=device_map, progress=False)
+        assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids)), device_map
+
+
+def test_saved_8bit_checkpoint_round_trips(llama_dir, tmp_path, token_ids):
+    path, _ = llama_dir
+    model = load_in_8bit(path, progress=False)
+    model.save_pretrained(tmp_path)
+    keys = _header_keys(tmp_path / "model.safetensors")
+    assert keys["model.layers.0.mlp.up_proj.weight"] == "I8" and keys["model.layers.0.mlp.up_proj.SCB"] == "F32"
+    assert keys["model.layers.0.mlp.up_proj.weight_format"] == "U8"
+    expected = _logits(model, token_ids)
+    again = load_in_8bit(tmp_path, progress=False)  # an int8 checkpoint is copied, not re-quantized
+    assert torch.equal(_logits(again, token_ids), expected)
+    via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path)  # config.json names int8mm
+    assert torch.equal(_logits(via_transformers, token_ids), expected)
+
+
+def _header_keys(path: Path) -> dict:
+    return {key: _ST_NAMES[entry.dtype] for key, entry in loading.read_safetensors_header(path).items()}
+
+
+_ST_NAMES = {v: k for k, v in loading._ST_DTYPES.items()}
+
+
+# ---- peak memory ----
+_MEASURE = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import LlamaForCausalLM  # import everything before the baseline
+    import accelerate, tqdm.auto, int8mm
+    from int8mm.loading import load_in_8bit, model_bytes
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    torch.set_num_threads(1)
+    load_in_8bit(sys.argv[1] + "/tiny", progress=False)  # warm up lazy imports and one-time allocations
+    baseline = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    if sys.argv[2] == "int8mm":
+        model = load_in_8bit(sys.argv[1] + "/big", progress=False)
+    else:  # the float model first, then quantize: what streaming avoids
+        model = LlamaForCausalLM.from_pretrained(sys.argv[1] + "/big")
+        int8mm.quantize_model(model)
+    print(json.dumps({"peak": status("VmHWM") - baseline, "model": model_bytes(model)}))
+""")
+
+
+@pytest.fixture(scope="module")
+def big_llama_dir(tmp_path_factory):
+    """A random Llama of ~470 MB in fp32 (hidden 1024, 8 blocks, vocab 8000)."""
+    path = tmp_path_factory.mktemp("big_llama")
+    config = LlamaConfig(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path / "big")
+    _llama(layers=1).save_pretrained(path / "tiny")
+    return path
+
+
+def _measure(path, how: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), how], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux only)")
+def test_peak_rss_is_the_int8_model_plus_one_layer(big_llama_dir):
+    headers = loading._read_headers(loading.checkpoint_files(big_llama_dir / "big"))
+    float_bytes = sum(e.end - e.start for e in headers.values())
+    largest_layer = max(e.end - e.start for e in headers.values())  # the fp32 embedding, 31 MiB
+    streamed = _measure(big_llama_dir, "int8mm")
+    bound = 1.1 * (streamed["model"] + largest_layer)
+    mib = 2**20
+    print(f"\nfp32 checkpoint {float_bytes / mib:.1f} MiB, int8 model {streamed['model'] / mib:.1f} MiB, largest "
+          f"layer {largest_layer / mib:.1f} MiB, bound {bound / mib:.1f} MiB; streamed peak "
+          f"{streamed['peak'] / mib:.1f} MiB")
+    assert bound < 0.5 * float_bytes  # the bound is tight enough to tell streaming from loading in float
+    assert streamed["peak"] <= bound
+    naive = _measure(big_llama_dir, "transformers-then-quantize")
+    print(f"float load then quantize_model: peak {naive['peak'] / mib:.1f} MiB")
+    assert naive["model"] == streamed["model"]
+    assert naive["peak"] > bound  # the measurement can tell the two apart
+
+
+@requires_cuda
+def test_peak_device_memory_is_the_int8_model_plus_one_layer(big_llama_dir):
+    device = torch.device("cuda", torch.cuda.current_device())
+    headers = loading._read_headers(loading.checkpoint_files(big_llama_dir / "big"))
+    largest_layer = max(e.end - e.start for e in headers.values())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    model = load_in_8bit(big_llama_dir / "big", device_map={"": device}, progress=False)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - before
+    on_device = loading.model_bytes(model)
+    assert all(t.device == device for t in model.parameters())
+    assert peak <= 1.1 * (on_device + largest_layer), (peak, on_device, largest_layer)
