@@ -43,7 +43,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ holds the kernel sources; it ships inside the package as int8mm.kernels
     packages=["int8mm", "int8mm.backends", "int8mm.bench", "int8mm.cli", "int8mm.integrations", "int8mm.kernels",
-              "int8mm.kernels.triton"],
+              "int8mm.kernels.triton", "int8mm.loading"],
     package_dir={"int8mm": "int8mm", "int8mm.kernels": "kernels"},
     package_data={"int8mm.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "README.md"]},
     cmdclass={"build_py": BuildPyWithCuda},

@@ -1,0 +1,259 @@
+"""``load_in_8bit``: build a model on the meta device, swap in ``Int8Linear``, then stream the safetensors shards
+(memory-mapped) and quantize each Linear weight as it arrives, on its target device.
+
+Memory stays near the size of the finished model: a weight is read in blocks of rows straight from the file
+mapping, each block is quantized (or copied) on the target device, and the mapped pages are handed back to the
+OS after the block, so neither the process nor a device holds more than one full-precision layer beyond the model.
+
+Everything is checked against the safetensors headers before any tensor is read (missing, unexpected and
+mismatched keys, dtypes, truncated files), and the model is a fresh object that is only returned once complete.
+"""
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .._constants import DEFAULT_THRESHOLD
+from ..backends import Backend
+from ..functional import _check_threshold, quantize_weight
+from ..model import DEFAULT_SKIP_MODULES
+from ..nn import WEIGHT_FORMAT_ROW
+from .device_map import DISK, _accelerate_map, _names_on, _place_leftover_buffers, normalize_device_map
+from .errors import CheckpointError
+from .linear_swap import _check_names, replace_linears_on_meta
+from .model_source import _resolve_source
+from .plan import _plan, _Task
+from .safetensors_files import _Entry, _MappedFile, _read_headers
+
+# not used here, but importable from int8mm.loading as before the split (the integrations and tests use them)
+from .device_map import device_for
+from .linear_swap import eligible_linears
+from .safetensors_files import (_ST_DTYPES, INDEX_FILE, SINGLE_FILE, checkpoint_files,
+                                read_safetensors_header)
+
+# rows of a weight read, quantized and released at a time: small next to any layer worth streaming
+BLOCK_BYTES = 2**18
+
+
+# ---------------------------------------------------------------- public entry point
+def load_in_8bit(
+    model_dir_or_class_and_checkpoint,
+    device_map=None,
+    threshold: float = DEFAULT_THRESHOLD,
+    skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES,
+    *,
+    backend: Backend | str | None = None,
+    dtype: torch.dtype | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    max_memory: dict | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Load a model with every eligible Linear in 8 bits, quantizing while the checkpoint streams in.
+
+    The model is built on the meta device (``accelerate.init_empty_weights``), its ``nn.Linear`` (and
+    transformers ``Conv1D``) layers are swapped for empty ``Int8Linear``, and the safetensors shards are read
+    through a memory map one tensor at a time: a float Linear weight is quantized block by block on its target
+    device, an int8 one (an int8mm or bitsandbytes checkpoint: ``weight``, ``SCB``, ``weight_format``) is copied
+    as is, every other tensor is copied (cast to the model's dtype). Peak memory, both process RSS and device
+    memory, stays within the finished model plus about one full-precision layer.
+
+    Args:
+        model_dir_or_class_and_checkpoint: a transformers checkpoint directory (config.json + safetensors), or a
+            pair ``(factory, checkpoint)``: ``factory`` builds the model (a zero-argument callable, or a
+            transformers model class, built from the config.json beside the weights), ``checkpoint`` is a
+            directory, a ``.safetensors`` file or a list of them.
+        device_map: where each module goes: None (the current CUDA device if there is one, else the CPU), a
+            device (``"cpu"``, ``"cuda:1"``, ``0``), a dict from module name (``""`` for the whole model) to a
+            device or ``"disk"``, or ``"auto"``/``"balanced"``/``"sequential"`` (accelerate's
+            ``infer_auto_device_map`` on the already-int8 model). More than one device, or ``"disk"``, dispatches
+            the model with accelerate's hooks (``dispatch_model``, buffers offloaded too, as the int8 weights are
+            buffers).
+        threshold: outlier threshold of every Int8Linear (a number >= 0).
+        skip_modules: module names or name suffixes kept in full precision.
+        backend: backend of every Int8Linear (None: the default at call time).
+        dtype: dtype of the tensors kept in floating point (None: the dtype in config.json, else float32).
+        offload_folder: where ``"disk"`` modules are written (needed when the device map names the disk).
+        max_memory: passed to accelerate for the ``"auto"``-style device maps.
+        progress: show a tqdm progress bar over shards and layers.
+    Returns:
+        The model, in eval mode. A transformers model also gets ``config.quantization_config``, so
+        ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads back in 8 bits.
+    Raises:
+        TypeError: a wrongly typed argument (threshold, skip_modules, device_map, ...).
+        ValueError: a device that this machine lacks, a device map that misses a module, ``"disk"`` without
+            ``offload_folder``.
+        CheckpointError: the checkpoint does not match the model (missing, unexpected, mismatched or wrongly
+            typed tensors, truncated or unreadable files); the message names the key and the file.
+        FileNotFoundError: no checkpoint where one was named.
+    """
+    threshold = _check_threshold(threshold)
+    skip_modules = _check_names(skip_modules, "skip_modules")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    factory, files = _resolve_source(model_dir_or_class_and_checkpoint, dtype)
+    headers = _read_headers(files)
+
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model factory must return an nn.Module, got {type(model).__name__}")
+    if callable(getattr(model, "tie_weights", None)):
+        # transformers ties embeddings when it loads weights; tie now, so that a tied Linear is seen as such
+        model.tie_weights()
+    transposed = replace_linears_on_meta(model, threshold, skip_modules, backend)
+    device_map = normalize_device_map(device_map, model, max_memory=max_memory)
+    if DISK in device_map.values() and offload_folder is None:
+        raise ValueError(f"device_map sends modules to 'disk' ({_names_on(device_map, DISK)}); "
+                         f"pass offload_folder= to say where")
+    plan = _plan(model, transposed, headers, device_map)
+
+    written: list[Path] = []
+    try:
+        offload_index = _stream(plan, files, device_map, offload_folder, written, progress)
+        _place_leftover_buffers(model, device_map)
+        if len(set(device_map.values())) > 1 or DISK in device_map.values():
+            from accelerate import dispatch_model
+
+            dispatch_model(model, device_map=_accelerate_map(device_map), offload_dir=offload_folder,
+                           offload_index=offload_index or None, offload_buffers=True)
+    except BaseException:
+        for path in written:  # nothing half-written stays behind either
+            path.unlink(missing_ok=True)
+        raise
+    _record_config(model, threshold, skip_modules)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- streaming
+def _stream(tasks: list[_Task], files: list[Path], device_map, offload_folder, written: list[Path],
+            progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    offload_index: dict = {}
+    by_file: dict[Path, list[_Task]] = {}
+    for task in tasks:
+        by_file.setdefault(task.entry.path, []).append(task)
+    with tqdm(total=len(tasks), unit="tensor", disable=not progress, desc="int8mm load") as bar:
+        for number, path in enumerate(files, start=1):
+            bar.set_description(f"{path.name} ({number}/{len(files)})")
+            mapped = _MappedFile(path)
+            try:
+                for task in by_file.get(path, []):
+                    bar.set_postfix_str(task.entry.key.rpartition(".")[0])
+                    _run(task, mapped, offload_folder, offload_index, written)
+                    bar.update(1)
+            finally:
+                mapped.close()
+    return offload_index
+
+
+def _run(task: _Task, mapped: _MappedFile, offload_folder, offload_index: dict, written: list[Path]) -> None:
+    entry, module = task.entry, task.module
+    to_disk = task.device == DISK
+    device = torch.device("cpu") if to_disk else task.device
+    if task.kind == "quantize":
+        q_w, s_w = _quantize_streamed(mapped, entry, device, task.transposed)
+        values = {"weight": q_w, "SCB": s_w}
+    elif task.kind == "int8":
+        values = {"weight": _copy_streamed(mapped, entry, device, torch.int8)}
+    elif task.kind == "scale":
+        values = {"SCB": _copy_streamed(mapped, entry, device, torch.float32)}
+    elif task.kind == "format":
+        fmt = int(mapped.view(entry).reshape(-1)[0])
+        if fmt != WEIGHT_FORMAT_ROW:
+            raise CheckpointError(f"{entry.path}: {entry.key!r} is {fmt}; only the row-major format "
+                                  f"({WEIGHT_FORMAT_ROW}) is supported")
+        return
+    elif task.kind == "bias":
+        values = {"bias": nn.Parameter(_copy_streamed(mapped, entry, device, task.dtype), requires_grad=False)}
+    else:
+        tensor = _copy_streamed(mapped, entry, device, task.dtype)
+        if to_disk:
+            for name in task.names:
+                _offload(tensor, name, offload_folder, offload_index, written)
+            return
+        value = nn.Parameter(tensor, requires_grad=task.requires_grad) if task.is_param else tensor
+        for owner, attr in task.owners:
+            setattr(owner, attr, value)
+        return
+    prefix = entry.key.rpartition(".")[0]
+    for attr, value in values.items():
+        if to_disk:
+            _offload(value.detach(), f"{prefix}.{attr}", offload_folder, offload_index, written)
+        else:
+            setattr(module, attr, value)
+
+
+def _quantize_streamed(mapped: _MappedFile, entry: _Entry, device, transposed: bool):
+    """Quantize a float weight block by block on ``device``; returns int8 ``[N, K]`` and fp32 ``[N]``."""
+    source = mapped.view(entry)
+    compute_dtype = entry.dtype if entry.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if transposed:
+        # Conv1D stores [K, N]: a row of the int8 weight is a column here, so take the whole layer once
+        source = source.to(device=device, dtype=compute_dtype).t().contiguous()
+        mapped.release(entry.start, entry.end)
+    n, k = source.shape
+    q_w = torch.empty((n, k), dtype=torch.int8, device=device)
+    s_w = torch.empty((n,), dtype=torch.float32, device=device)
+    row_bytes = k * entry.dtype.itemsize
+    step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        # on the CPU this is a view of the mapped file: the block is read once, by the quantization itself
+        block = source[lo:hi].to(device=device, dtype=compute_dtype)
+        try:
+            q_w[lo:hi], s_w[lo:hi] = quantize_weight(block, name=f"{entry.path}: {entry.key!r}")
+        except ValueError as exc:  # non-finite values: a checkpoint problem, reported as one
+            raise CheckpointError(str(exc)) from None
+        del block
+        if not transposed:
+            mapped.release(entry.start + lo * row_bytes, entry.start + hi * row_bytes)
+    return q_w, s_w
+
+
+def _copy_streamed(mapped: _MappedFile, entry: _Entry, device, dtype: torch.dtype) -> torch.Tensor:
+    source = mapped.view(entry)
+    target = torch.empty(entry.shape, dtype=dtype, device=device)
+    if source.dim() == 0 or source.shape[0] == 0:
+        target.copy_(source)
+    else:
+        rows = source.shape[0]
+        row_bytes = (entry.end - entry.start) // rows
+        step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            target[lo:hi].copy_(source[lo:hi])
+            mapped.release(entry.start + lo * row_bytes, entry.start + hi * row_bytes)
+    return target
+
+
+def _offload(tensor: torch.Tensor, name: str, folder, index: dict, written: list[Path]) -> None:
+    from accelerate.utils import offload_weight
+
+    os.makedirs(folder, exist_ok=True)
+    path = Path(folder) / f"{name}.dat"
+    written.append(path)
+    offload_weight(tensor, name, str(folder), index=index)
+
+
+def _record_config(model: nn.Module, threshold: float, skip_modules: list[str]) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    from ..config import Int8MMConfig
+
+    config.quantization_config = Int8MMConfig(threshold=threshold, skip_modules=list(skip_modules))
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's materialized tensors (parameters and buffers, each counted once)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen and not tensor.is_meta:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total

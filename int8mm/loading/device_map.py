@@ -1,0 +1,116 @@
+"""Device maps: checking them, finding each module's device, placing what the checkpoint does not hold."""
+import torch
+from torch import nn
+
+DISK = "disk"
+_AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def normalize_device_map(device_map, model: nn.Module | None = None, max_memory: dict | None = None) -> dict:
+    """Check a device map and write it as ``{module name: torch.device or "disk"}``.
+
+    Args:
+        device_map: None (the current CUDA device if any, else the CPU), one device (str, int = CUDA index,
+            torch.device), a dict from module names to devices or ``"disk"``, or an accelerate strategy
+            (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``; needs ``model``).
+        model: when given, every key of a dict must name one of its modules.
+        max_memory: for the accelerate strategies.
+    Returns:
+        A new dict.
+    Raises:
+        TypeError: ``device_map`` or an entry has the wrong type.
+        ValueError: an entry names a device this machine lacks, ``"meta"``, or a module the model lacks.
+    """
+    if device_map is None:
+        return {"": _default_device()}
+    if isinstance(device_map, str) and device_map in _AUTO_MAPS:
+        if model is None:
+            raise ValueError(f"device_map={device_map!r} needs the model to plan for")
+        from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           offload_buffers=True)
+    if not isinstance(device_map, dict):
+        return {"": _parse_device(device_map, "device_map")}
+    result = {}
+    for name, device in device_map.items():
+        if not isinstance(name, str):
+            raise TypeError(f"device_map keys must be module names (str), got {name!r}")
+        if model is not None and name:
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"device_map names module {name!r}, which the model does not have") from None
+        result[name] = _parse_device(device, f"device_map[{name!r}]")
+    if not result:
+        raise ValueError("device_map is an empty dict; map '' to a device to place the whole model")
+    return result
+
+
+def _parse_device(device, where: str):
+    if isinstance(device, str) and device == DISK:
+        return DISK
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{where} must be a device (str, int or torch.device) or 'disk', got "
+                        f"{type(device).__name__}: {device!r}")
+    try:
+        parsed = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except RuntimeError:
+        raise ValueError(f"{where} is {device!r}, which is not a device name ('cpu', 'cuda:0', 'disk', ...)") \
+            from None
+    shown = repr(str(device) if isinstance(device, torch.device) else device)
+    if parsed.type == "meta":
+        raise ValueError(f"{where} is {shown}; a loaded model cannot live on the meta device")
+    if parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise ValueError(f"{where} is {shown}, but this machine has {_available_devices()}")
+    return parsed
+
+
+def _available_devices() -> str:
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ", ".join(found)
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_for(name: str, device_map: dict):
+    """The entry of ``device_map`` that places ``name``: the longest key that is ``name`` or a parent of it."""
+    best = None
+    for key, device in device_map.items():
+        if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
+            best = (key, device)
+    if best is None:
+        raise ValueError(f"device_map places no module holding {name!r}; add it or one of its parents "
+                         f"(or '' for the whole model)")
+    return best[1]
+
+
+def _names_on(device_map: dict, device) -> str:
+    return ", ".join(repr(k) for k, v in device_map.items() if v == device)
+
+
+def _accelerate_map(device_map: dict) -> dict:
+    # accelerate recognises "cpu" and "disk" by string comparison
+    return {k: v if v == DISK else ("cpu" if v.type == "cpu" else str(v)) for k, v in device_map.items()}
+
+
+def _place_leftover_buffers(model: nn.Module, device_map: dict) -> None:
+    # buffers that init_empty_weights built for real (rotary tables, ...) on the CPU follow their module
+    for name, module in model.named_modules():
+        for attr, buf in module._buffers.items():
+            if buf is None or buf.is_meta:
+                continue
+            device = device_for(f"{name}.{attr}" if name else attr, device_map)
+            if device != DISK and buf.device != device:
+                module._buffers[attr] = buf.to(device)

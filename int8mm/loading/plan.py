@@ -1,0 +1,148 @@
+"""Planning a load from the headers alone: each checkpoint tensor's task, every key checked against the model."""
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import Int8Linear
+from .device_map import device_for
+from .errors import CheckpointError
+from .safetensors_files import _Entry
+
+
+@dataclass
+class _Task:
+    """What to do with one checkpoint tensor."""
+    entry: _Entry
+    kind: str  # "quantize" | "int8" | "scale" | "format" | "bias" | "tensor"
+    module: nn.Module
+    owners: list[tuple[nn.Module, str]] = field(default_factory=list)  # (module, attribute) to assign to
+    names: list[str] = field(default_factory=list)  # the model-side names (for disk offload)
+    device: Any = None
+    dtype: torch.dtype | None = None
+    transposed: bool = False
+    is_param: bool = False
+    requires_grad: bool = False
+
+
+def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Entry], device_map: dict):
+    tasks: list[_Task] = []
+    missing: list[str] = []
+    used: set[str] = set()
+
+    int8_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Int8Linear):
+            int8_names.setdefault(id(module), []).append(name)
+    for names in int8_names.values():
+        module = model.get_submodule(names[0])
+        prefix = next((n for n in names if f"{n}.weight" in headers), names[0])
+        used.update(f"{n}.{suffix}" for n in names for suffix in ("weight", "SCB", "weight_format", "bias")
+                    if f"{n}.{suffix}" in headers)
+        device = device_for(f"{prefix}.weight", device_map)
+        tasks += _plan_int8(module, prefix, transposed.get(prefix, False), headers, device, missing)
+
+    groups: dict[int, list[tuple[str, nn.Module, str, torch.Tensor, bool]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Int8Linear):
+            continue
+        prefix = f"{name}." if name else ""
+        for attr, param in module._parameters.items():
+            if param is not None:
+                groups.setdefault(id(param), []).append((prefix + attr, module, attr, param, True))
+        for attr, buf in module._buffers.items():
+            if buf is not None and attr not in module._non_persistent_buffers_set:
+                groups.setdefault(id(buf), []).append((prefix + attr, module, attr, buf, False))
+    for members in groups.values():
+        names = list(dict.fromkeys(m[0] for m in members))
+        found = [n for n in names if n in headers]
+        used.update(found)
+        meta = members[0][3]
+        if not found:
+            if meta.is_meta or members[0][4]:  # buffers computed at construction may be left out
+                missing.append(names[0])
+            continue
+        entry = headers[found[0]]
+        _check_shape(entry, tuple(meta.shape))
+        if entry.dtype.is_floating_point != meta.dtype.is_floating_point or (
+                entry.dtype == torch.bool) != (meta.dtype == torch.bool):
+            raise CheckpointError(f"{entry.path}: {entry.key!r} has dtype {entry.dtype}, but the model holds "
+                                  f"{meta.dtype} there")
+        tasks.append(_Task(entry, "tensor", members[0][1], owners=[(m[1], m[2]) for m in members], names=names,
+                           device=device_for(names[0], device_map), dtype=meta.dtype, is_param=members[0][4],
+                           requires_grad=meta.requires_grad))
+    if missing:
+        files = sorted({str(e.path) for e in headers.values()})
+        raise CheckpointError(f"the checkpoint ({', '.join(files)}) lacks {len(missing)} tensor(s) the model "
+                              f"needs: {_preview(missing)}")
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = [k for k in headers if k not in used and not any(p.search(k) for p in ignored)
+                  and not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        where = sorted({str(headers[k].path) for k in unexpected})
+        raise CheckpointError(f"{', '.join(where)} hold(s) {len(unexpected)} tensor(s) the model has no place "
+                              f"for: {_preview(unexpected)}")
+    # read each file front to back
+    order = {path: i for i, path in enumerate(dict.fromkeys(e.path for e in headers.values()))}
+    tasks.sort(key=lambda t: (order[t.entry.path], t.entry.start))
+    return tasks
+
+
+def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, device, missing) -> list[_Task]:
+    n, k = module.out_features, module.in_features
+    weight = headers.get(f"{prefix}.weight")
+    if weight is None:
+        missing.append(f"{prefix}.weight")
+        return []
+    scale = headers.get(f"{prefix}.SCB")
+    fmt = headers.get(f"{prefix}.weight_format")
+    tasks = []
+    if weight.dtype.is_floating_point:
+        _check_shape(weight, (k, n) if transposed else (n, k))
+        if scale is not None:
+            raise CheckpointError(f"{weight.path}: {prefix}.SCB comes with a float {prefix}.weight; an 8-bit "
+                                  f"checkpoint stores that weight as int8")
+        tasks.append(_Task(weight, "quantize", module, device=device, transposed=transposed))
+    elif weight.dtype == torch.int8:
+        _check_shape(weight, (n, k))
+        if scale is None:
+            missing.append(f"{prefix}.SCB")
+            return []
+        _check_shape(scale, (n,))
+        if not scale.dtype.is_floating_point:
+            raise CheckpointError(f"{scale.path}: {prefix}.SCB must be a float scale, got {scale.dtype}")
+        tasks += [_Task(weight, "int8", module, device=device), _Task(scale, "scale", module, device=device)]
+    else:
+        raise CheckpointError(f"{weight.path}: {prefix}.weight has dtype {weight.dtype}; an Int8Linear takes a "
+                              f"float weight (quantized on load) or an int8 one with its SCB")
+    if fmt is not None:
+        if fmt.dtype.is_floating_point or fmt.dtype == torch.bool or math.prod(fmt.shape) != 1:
+            raise CheckpointError(f"{fmt.path}: {prefix}.weight_format must be one integer, got {fmt.dtype} "
+                                  f"{list(fmt.shape)}")
+        tasks.append(_Task(fmt, "format", module, device=device))
+    bias = headers.get(f"{prefix}.bias")
+    if module.bias is not None:
+        if bias is None:
+            missing.append(f"{prefix}.bias")
+        else:
+            _check_shape(bias, (n,))
+            if not bias.dtype.is_floating_point:
+                raise CheckpointError(f"{bias.path}: {prefix}.bias must be float, got {bias.dtype}")
+            tasks.append(_Task(bias, "bias", module, device=device, dtype=module.bias.dtype))
+    elif bias is not None:
+        raise CheckpointError(f"{bias.path}: holds {prefix}.bias, but that layer of the model has no bias")
+    return tasks
+
+
+def _check_shape(entry: _Entry, expected: tuple[int, ...]) -> None:
+    if entry.shape != tuple(expected):
+        raise CheckpointError(f"{entry.path}: {entry.key!r} has shape {list(entry.shape)}, but the model "
+                              f"expects {list(expected)}")
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
