@@ -1,4 +1,4 @@
-"""load_in_8bit (int8mm/loading.py): meta build, streamed quantization, shards, Conv1D, device maps, peak memory."""
+"""load_in_8bit (int8mm/loading/): meta build, streamed quantization, shards, Conv1D, device maps, peak memory."""
 import copy
 import json
 import os
