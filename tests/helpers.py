@@ -187,3 +187,33 @@ def relative_error(actual: torch.Tensor, expected64: torch.Tensor) -> float:
 def float64_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     y = x.double() @ w.double().t()
     return y + bias.double() if bias is not None else y
+
+
+# ---- tiny transformers models ----
+TINY_VOCAB = 256
+
+
+def tiny_llama(seed: int = 0, tie: bool = False, layers: int = 2, outlier_dims: bool = True):
+    """A random ``LlamaForCausalLM`` (hidden 64, ``layers`` layers) in eval mode; with ``outlier_dims`` the input
+    norms scale feature dims 3 and 17 by 25, so its Linear layers see outlier columns as in real models."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    if outlier_dims:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.input_layernorm.weight[[3, 17]] = 25.0
+    return model
+
+
+def tiny_token_ids() -> torch.Tensor:
+    return torch.randint(0, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids).logits

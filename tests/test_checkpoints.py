@@ -1,18 +1,21 @@
 """Checkpoints: bitsandbytes <-> int8mm in both directions, and bad checkpoints / arguments failing cleanly."""
 import copy
+import functools
 import json
 import logging
 import shutil
 
 import pytest
 import torch
+from helpers import TINY_VOCAB, logits, tiny_llama, tiny_token_ids
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import int8mm
 from int8mm import CheckpointError, Int8Linear, Int8MMConfig, load_in_8bit, loading
 
-VOCAB = 256
+VOCAB = TINY_VOCAB
+_llama = functools.partial(tiny_llama, outlier_dims=False)
 
 
 @pytest.fixture(autouse=True)
@@ -21,29 +24,11 @@ def _quiet_bitsandbytes(caplog):
     caplog.set_level(logging.ERROR, logger="bitsandbytes")
 
 
-def _llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def float_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("float")
     _llama().save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def token_ids():
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids):
-    with torch.inference_mode():
-        return model(ids).logits
 
 
 def _int8_layers(model):
@@ -75,12 +60,12 @@ def test_bitsandbytes_checkpoint_loads_into_int8mm(bnb_dir, token_ids):
     for name, layer in layers.items():
         assert saved[f"{name}.weight"].dtype == torch.int8
         assert torch.equal(layer.weight, saved[f"{name}.weight"]) and torch.equal(layer.SCB, saved[f"{name}.SCB"])
-    _assert_close_to_bitsandbytes(_logits(ours, token_ids), _logits(theirs, token_ids))
+    _assert_close_to_bitsandbytes(logits(ours, token_ids), logits(theirs, token_ids))
     # and through load_state_dict into a model quantize_model built
     model = int8mm.quantize_model(_llama(seed=5))
     result = model.load_state_dict(saved)
     assert not result.missing_keys and not result.unexpected_keys
-    assert torch.equal(_logits(model, token_ids), _logits(ours, token_ids))
+    assert torch.equal(logits(model, token_ids), logits(ours, token_ids))
 
 
 def test_int8mm_checkpoint_loads_into_linear8bitlt(float_dir, tmp_path, token_ids):
@@ -99,7 +84,7 @@ def test_int8mm_checkpoint_loads_into_linear8bitlt(float_dir, tmp_path, token_id
         assert isinstance(theirs.get_submodule(name), bnb.nn.Linear8bitLt)
         assert torch.equal(their_state[f"{name}.weight"], layer.weight)
         assert torch.equal(their_state[f"{name}.SCB"], layer.SCB)
-    _assert_close_to_bitsandbytes(_logits(ours, token_ids), _logits(theirs, token_ids))
+    _assert_close_to_bitsandbytes(logits(ours, token_ids), logits(theirs, token_ids))
 
 
 # ---- bad checkpoints ----
@@ -270,3 +255,8 @@ def test_config_round_trip_and_validation():
         Int8MMConfig.from_dict({**as_dict, "quant_method": "bitsandbytes"})
     copied = copy.deepcopy(config)
     assert copied == config and copied is not config
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return tiny_token_ids()

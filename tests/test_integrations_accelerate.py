@@ -1,47 +1,26 @@
 """Int8Hook / attach_int8_hooks (int8mm/integrations/accelerate.py) alone and under accelerate's own hooks."""
 import copy
+import functools
 
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module, remove_hook_from_submodules
+from gpu import requires_cuda
+from helpers import TINY_VOCAB, logits, planted_outliers, tiny_llama, tiny_token_ids
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import int8mm
-from gpu import requires_cuda
-from helpers import planted_outliers
 from int8mm import Int8Linear
 from int8mm.integrations.accelerate import Int8Hook, attach_int8_hooks
 
-VOCAB = 256
+VOCAB = TINY_VOCAB
+_llama = functools.partial(tiny_llama, layers=4)
 
 
 def _linear(k=64, n=33, seed=0, bias=True):
     torch.manual_seed(seed)
     return nn.Linear(k, n, bias=bias)
-
-
-def _llama(seed=0, tie=False):
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] = 25.0
-    return model
-
-
-@pytest.fixture(scope="module")
-def token_ids():
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids):
-    with torch.inference_mode():
-        return model(ids).logits
 
 
 def _dequantized_float_model(model):
@@ -171,13 +150,13 @@ def test_attach_int8_hooks_matches_quantize_model(token_ids):
     hooked = attach_int8_hooks(model)
     assert len(hooked) == 28 and "lm_head" not in hooked
     assert all(type(m) is not Int8Linear for m in model.modules())
-    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
     assert attach_int8_hooks(model) == []  # already hooked: nothing to do
     # the state dict is a quantize_model state dict
     fresh = int8mm.quantize_model(_llama(seed=9))
     result = fresh.load_state_dict(model.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
-    assert torch.equal(_logits(fresh, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(fresh, token_ids), logits(reference, token_ids))
 
 
 def test_attach_skips_and_refuses_cleanly(token_ids):
@@ -200,7 +179,7 @@ def test_attach_skips_and_refuses_cleanly(token_ids):
 def test_dispatch_with_cpu_and_disk_then_remove(tmp_path, token_ids):
     model = _llama()
     reference = int8mm.quantize_model(copy.deepcopy(model))
-    expected = _logits(reference, token_ids)
+    expected = logits(reference, token_ids)
     attach_int8_hooks(model)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu",
@@ -210,13 +189,13 @@ def test_dispatch_with_cpu_and_disk_then_remove(tmp_path, token_ids):
     assert on_disk.weight.is_meta and on_disk.SCB.is_meta
     assert [type(h).__name__ for h in on_disk._hf_hook.hooks] == ["Int8Hook", "AlignDevicesHook"]
     assert (tmp_path / "model.layers.1.self_attn.q_proj.weight.dat").stat().st_size == 64 * 64  # int8 on disk
-    assert torch.equal(_logits(model, token_ids), expected)
+    assert torch.equal(logits(model, token_ids), expected)
     assert on_disk.weight.is_meta  # offloaded again after the forward
     remove_hook_from_submodules(model)
     assert not any(isinstance(t, torch.Tensor) and t.is_meta for t in model.state_dict().values())
     assert all(type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32
                for m in model.modules() if isinstance(m, nn.Linear))
-    assert torch.equal(_logits(model, token_ids), _logits(_dequantized_float_model(_llama()), token_ids))
+    assert torch.equal(logits(model, token_ids), logits(_dequantized_float_model(_llama()), token_ids))
 
 
 @requires_cuda
@@ -242,10 +221,10 @@ def test_cpu_offload(token_ids):
     cpu_offload(model, execution_device="cpu", offload_buffers=True)
     layer = model.model.layers[0].mlp.gate_proj
     assert layer.weight.is_meta and layer.SCB.is_meta
-    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
     remove_hook_from_submodules(model)
     assert layer.weight.dtype == torch.float32 and not layer.weight.is_meta
-    assert torch.equal(_logits(model, token_ids), _logits(_dequantized_float_model(_llama(seed=2)), token_ids))
+    assert torch.equal(logits(model, token_ids), logits(_dequantized_float_model(_llama(seed=2)), token_ids))
 
 
 def test_dispatch_after_hooks_refused_the_other_way_round(tmp_path):
@@ -254,3 +233,8 @@ def test_dispatch_after_hooks_refused_the_other_way_round(tmp_path):
     with pytest.raises(ValueError, match=r"is on the meta device \(offloaded\?\); attach the int8 hooks before "
                                          r"dispatch_model"):
         attach_int8_hooks(model)
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return tiny_token_ids()

@@ -8,28 +8,18 @@ import textwrap
 
 import pytest
 import torch
+from helpers import TINY_VOCAB, logits, tiny_llama, tiny_token_ids
 from packaging import version
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import int8mm
 from int8mm import Int8Linear, Int8MMConfig
 from int8mm.integrations import transformers as hf_integration
 
-VOCAB = 256
-
-
-def _llama(seed=0, tie=False):
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] = 25.0
-    return model
+VOCAB = TINY_VOCAB
+_llama = tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +28,6 @@ def float_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     model.save_pretrained(path)
     return path, model
-
-
-@pytest.fixture(scope="module")
-def token_ids():
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids):
-    with torch.inference_mode():
-        return model(ids).logits
 
 
 def _int8_names(model):
@@ -63,14 +43,14 @@ def test_from_pretrained_quantizes_like_quantize_model(float_llama, token_ids):
     for name in _int8_names(model):
         ours, theirs = model.get_submodule(name), reference.get_submodule(name)
         assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.SCB, theirs.SCB), name
-    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
     assert model.is_quantized and model.config.quantization_config.threshold == 6.0
 
 
 def test_save_then_load_needs_no_config_and_is_bit_identical(float_llama, tmp_path, token_ids):
     path, _ = float_llama
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(threshold=4.0))
-    expected = _logits(model, token_ids)
+    expected = logits(model, token_ids)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "int8mm", "threshold": 4.0, "skip_modules": ["lm_head"]}
@@ -85,11 +65,11 @@ def test_save_then_load_needs_no_config_and_is_bit_identical(float_llama, tmp_pa
     assert isinstance(again.config.quantization_config, Int8MMConfig)
     assert again.config.quantization_config.threshold == 4.0
     assert all(again.get_submodule(n).threshold == 4.0 for n in _int8_names(again))
-    assert torch.equal(_logits(again, token_ids), expected)
+    assert torch.equal(logits(again, token_ids), expected)
     # passing the config again is allowed; the checkpoint's own settings win
     with pytest.warns(UserWarning, match="quantization_config"):
         third = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=Int8MMConfig())
-    assert torch.equal(_logits(third, token_ids), expected)
+    assert torch.equal(logits(third, token_ids), expected)
 
 
 def test_gpt2_conv1d(tmp_path):
@@ -104,7 +84,7 @@ def test_gpt2_conv1d(tmp_path):
         assert torch.equal(model.get_submodule(name).weight, streamed.get_submodule(name).weight), name
         assert torch.equal(model.get_submodule(name).SCB, streamed.get_submodule(name).SCB), name
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
-    assert torch.equal(_logits(model, ids), _logits(streamed, ids))
+    assert torch.equal(logits(model, ids), logits(streamed, ids))
 
 
 def test_disk_offload_keeps_disk_layers_float(float_llama, tmp_path, token_ids):
@@ -121,7 +101,7 @@ def test_disk_offload_keeps_disk_layers_float(float_llama, tmp_path, token_ids):
                                       "layers.1.mlp.up_proj", "layers.1.mlp.down_proj", "layers.1.self_attn.q_proj",
                                       "layers.1.self_attn.k_proj", "layers.1.self_attn.v_proj",
                                       "layers.1.self_attn.o_proj"])
-    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
 
 
 def test_dequantize(float_llama, token_ids):
@@ -187,3 +167,8 @@ def test_import_without_transformers():
         print(int8mm.quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), skip_modules=())[0].weight.dtype)
     """)
     assert out.split() == ["2.0", "torch.int8"]
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return tiny_token_ids()

@@ -9,27 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from gpu import requires_cuda
+from helpers import TINY_VOCAB, logits, tiny_llama, tiny_token_ids
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import int8mm
-from gpu import requires_cuda
 from int8mm import Int8Linear, load_in_8bit, loading
 
-VOCAB = 256
-
-
-def _llama(tie: bool = False, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # a few outlier feature dims, as in real models
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] = 25.0
-    return model
+VOCAB = TINY_VOCAB
+_llama = tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +28,6 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     model.save_pretrained(path)
     return path, model
-
-
-@pytest.fixture(scope="module")
-def token_ids():
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids):
-    with torch.inference_mode():
-        return model(ids).logits
 
 
 def _int8_state(model):
@@ -64,7 +44,7 @@ def test_matches_quantize_model_bit_for_bit(llama_dir, token_ids):
     for name in ours:
         assert torch.equal(ours[name][0], theirs[name][0]) and torch.equal(ours[name][1], theirs[name][1]), name
     assert type(model.lm_head) is nn.Linear
-    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     assert model.config.quantization_config.to_dict() == {"quant_method": "int8mm", "threshold": 6.0,
                                                           "skip_modules": ["lm_head"]}
@@ -78,7 +58,7 @@ def test_block_streaming_is_bit_exact(llama_dir, token_ids, monkeypatch):
     blocks = load_in_8bit(path, progress=False)
     for name, (q_w, s_w) in _int8_state(whole).items():
         assert torch.equal(q_w, blocks.get_submodule(name).weight) and torch.equal(s_w, blocks.get_submodule(name).SCB)
-    assert torch.equal(_logits(whole, token_ids), _logits(blocks, token_ids))
+    assert torch.equal(logits(whole, token_ids), logits(blocks, token_ids))
 
 
 def test_threshold_skip_modules_backend_and_dtype(llama_dir):
@@ -101,7 +81,7 @@ def test_tied_lm_head_stays_tied_and_float(tmp_path, token_ids):
     assert type(loaded.lm_head) is nn.Linear
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     reference = int8mm.quantize_model(copy.deepcopy(model), skip_modules=())
-    assert torch.equal(_logits(loaded, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(loaded, token_ids), logits(reference, token_ids))
 
 
 def test_sharded_checkpoint_and_progress_bar(llama_dir, tmp_path, token_ids, capfd):
@@ -115,7 +95,7 @@ def test_sharded_checkpoint_and_progress_bar(llama_dir, tmp_path, token_ids, cap
     for number, shard in enumerate(shards, start=1):
         assert f"{shard} ({number}/{len(shards)})" in err  # one description per shard
     assert "model.layers.1.mlp" in err  # the layer being loaded
-    assert torch.equal(_logits(model, token_ids), _logits(load_in_8bit(path, progress=False), token_ids))
+    assert torch.equal(logits(model, token_ids), logits(load_in_8bit(path, progress=False), token_ids))
 
 
 def test_factory_and_checkpoint_pair(tmp_path):
@@ -154,7 +134,7 @@ def test_gpt2_conv1d_is_transposed(tmp_path):
         q_w, s_w = int8mm.quantize_weight(conv.weight.detach().t().contiguous())
         assert torch.equal(layer.weight, q_w) and torch.equal(layer.SCB, s_w) and torch.equal(layer.bias, conv.bias)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-    ours, ref = _logits(model, ids).double(), _logits(float_model, ids).double()
+    ours, ref = logits(model, ids).double(), logits(float_model, ids).double()
     # int8 rounding through 8 layers: a few percent of the logit scale, not a transposition error (~100%)
     assert float((ours - ref).norm() / ref.norm()) < 0.03
 
@@ -174,7 +154,7 @@ def test_cpu_and_disk_device_map(llama_dir, tmp_path, token_ids):
             "lm_head.weight.dat"} <= written
     assert (offload / "model.layers.0.mlp.down_proj.weight.dat").stat().st_size == 64 * 128
     reference = load_in_8bit(path, progress=False)
-    assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids))
+    assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
     assert model.hf_device_map == device_map
 
 
@@ -204,7 +184,7 @@ def test_device_map_single_device_and_auto(llama_dir, token_ids):
     reference = load_in_8bit(path, progress=False)
     for device_map in ("cpu", torch.device("cpu"), {"": "cpu"}, "auto"):
         model = load_in_8bit(path, device_map=device_map, progress=False)
-        assert torch.equal(_logits(model, token_ids), _logits(reference, token_ids)), device_map
+        assert torch.equal(logits(model, token_ids), logits(reference, token_ids)), device_map
 
 
 def test_saved_8bit_checkpoint_round_trips(llama_dir, tmp_path, token_ids):
@@ -214,11 +194,11 @@ def test_saved_8bit_checkpoint_round_trips(llama_dir, tmp_path, token_ids):
     keys = _header_keys(tmp_path / "model.safetensors")
     assert keys["model.layers.0.mlp.up_proj.weight"] == "I8" and keys["model.layers.0.mlp.up_proj.SCB"] == "F32"
     assert keys["model.layers.0.mlp.up_proj.weight_format"] == "U8"
-    expected = _logits(model, token_ids)
+    expected = logits(model, token_ids)
     again = load_in_8bit(tmp_path, progress=False)  # an int8 checkpoint is copied, not re-quantized
-    assert torch.equal(_logits(again, token_ids), expected)
+    assert torch.equal(logits(again, token_ids), expected)
     via_transformers = AutoModelForCausalLM.from_pretrained(tmp_path)  # config.json names int8mm
-    assert torch.equal(_logits(via_transformers, token_ids), expected)
+    assert torch.equal(logits(via_transformers, token_ids), expected)
 
 
 def _header_keys(path: Path) -> dict:
@@ -309,3 +289,8 @@ def test_peak_device_memory_is_the_int8_model_plus_one_layer(big_llama_dir):
     on_device = loading.model_bytes(model)
     assert all(t.device == device for t in model.parameters())
     assert peak <= 1.1 * (on_device + largest_layer), (peak, on_device, largest_layer)
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    return tiny_token_ids()
