@@ -45,10 +45,9 @@ class _reference_impls:
 
     @staticmethod
     def quantize_activations(x, threshold):
-        q_x, s_x, is_outlier_col = reference.quantize_activations(x, threshold)
-        cols = is_outlier_col.nonzero().squeeze(1).int()
+        q_x, s_x, cols = reference.quantize_activations(x, threshold)
         outlier_cols = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device)
-        outlier_cols[: cols.numel()] = cols
+        outlier_cols[: cols.numel()] = cols  # int64 -> int32
         count = torch.tensor([cols.numel()], dtype=torch.int32, device=x.device)
         return q_x, s_x, outlier_cols, count
 

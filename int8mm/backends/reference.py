@@ -17,7 +17,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row scales without outliers, int8 rows with outlier columns zeroed, and the outlier-column mask.
+    """Row scales without outliers, int8 rows with outlier columns zeroed, and the outlier columns.
 
     One fp32 buffer does the work: ``|x|`` gives the outlier columns (column max) and the row scales (row
     max once the outlier columns are zeroed), then its memory takes ``x * r``. Outlier columns are few, so
@@ -27,7 +27,7 @@ def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
         x: ``[M, K]`` float activations.
         threshold: ``|x| >= threshold`` marks an outlier element; 0 disables decomposition.
     Returns:
-        ``q_x`` int8 ``[M, K]``, ``s_x`` fp32 ``[M]``, ``is_outlier_col`` bool ``[K]``.
+        ``q_x`` int8 ``[M, K]``, ``s_x`` fp32 ``[M]``, ``outlier_cols`` int64 ``[n_out]`` (ascending).
     """
     xf = x.float()
     ax = xf.abs()
@@ -35,8 +35,7 @@ def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     s_x = _row_scales(ax, cols, threshold)
     scaled = torch.mul(xf, _reciprocal_scale(s_x)[:, None], out=ax)  # ax is spent: reuse its memory
     scaled.index_fill_(1, cols, 0.0)
-    is_outlier_col = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device).index_fill_(0, cols, True)
-    return _scaled_to_int8_(scaled), s_x, is_outlier_col
+    return _scaled_to_int8_(scaled), s_x, cols
 
 
 def _outlier_columns(ax: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -98,16 +97,14 @@ def _zero_pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def int8_linear(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
     """``Y = int_part * s_x * s_w / 127^2 + x[:, O] @ (q_w[:, O] * s_w / 127).T + b`` in fp32, cast to x's dtype."""
-    q_x, s_x, is_outlier_col = quantize_activations(x, threshold)
+    q_x, s_x, cols = quantize_activations(x, threshold)
     acc = int8_matmul(q_x, q_w)
     # int32 * fp32 converts and scales in one pass over [M, N] (the same rounding as float() then mul)
     y = torch.mul(acc, s_x[:, None]).mul_(s_w[None, :] * (1.0 / INT8_MAX**2))
-    if threshold > 0:
-        cols = is_outlier_col.nonzero().squeeze(1)
-        if cols.numel() > 0:
-            # de-quantized outlier weight columns are [N, n_out], small: scale them, then add in one addmm
-            w_out = q_w[:, cols].float().mul_((s_w * (1.0 / INT8_MAX))[:, None])
-            y.addmm_(x.index_select(1, cols).float(), w_out.t())
+    if cols.numel() > 0:
+        # de-quantized outlier weight columns are [N, n_out], small: scale them, then add in one addmm
+        w_out = q_w[:, cols].float().mul_((s_w * (1.0 / INT8_MAX))[:, None])
+        y.addmm_(x.index_select(1, cols).float(), w_out.t())
     if bias is not None:
         y += bias
     return y.to(x.dtype)
