@@ -48,6 +48,22 @@ __device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// calls fn(i, j, v, row, col) for each accumulator element this thread holds that lies inside [M, N]:
+// element (i, j, v) of an m16n8 tile sits at row + 16i + 8(v / 2), col + 8j + (v % 2)
+template <typename Fn>
+__device__ __forceinline__ void for_each_fragment_element(int64_t row_base, int64_t col_base, int64_t M, int64_t N,
+                                                          Fn&& fn) {
+#pragma unroll
+  for (int i = 0; i < kTilesM; ++i)
+#pragma unroll
+    for (int j = 0; j < kTilesN; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int64_t r = row_base + i * kMmaM + (v / 2) * 8, c = col_base + j * kMmaN + (v % 2);
+        if (r < M && c < N) fn(i, j, v, r, c);
+      }
+}
+
 template <typename T, typename TBias, bool kFused, bool kAligned>
 __global__ void __launch_bounds__(kGemmThreads) int8_gemm_kernel(GemmArgs args) {
   __shared__ __align__(16) int8_t smem_a[2][kBM * kSmemStride];
@@ -104,15 +120,9 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_kernel(GemmArgs args) 
   const int64_t col_base = n0 + warp_n * kWarpTileN + thread_in_group * 2;
   if constexpr (!kFused) {
     int32_t* out = static_cast<int32_t*>(args.out);
-#pragma unroll
-    for (int i = 0; i < kTilesM; ++i)
-#pragma unroll
-      for (int j = 0; j < kTilesN; ++j)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int64_t r = row_base + i * kMmaM + (v / 2) * 8, c = col_base + j * kMmaN + (v % 2);
-          if (r < M && c < N) out[r * N + c] = acc[i][j][v];
-        }
+    for_each_fragment_element(row_base, col_base, M, N, [&](int i, int j, int v, int64_t r, int64_t c) {
+      out[r * N + c] = acc[i][j][v];
+    });
     return;
   } else {
   float s_x[kTilesM][2], s_w[kTilesN][2], y[kTilesM][kTilesN][4];
@@ -168,15 +178,9 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_kernel(GemmArgs args) 
 
   T* out = static_cast<T*>(args.out);
   const TBias* bias = static_cast<const TBias*>(args.bias);
-#pragma unroll
-  for (int i = 0; i < kTilesM; ++i)
-#pragma unroll
-    for (int j = 0; j < kTilesN; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int64_t r = row_base + i * kMmaM + (v / 2) * 8, c = col_base + j * kMmaN + (v % 2);
-        if (r < M && c < N) out[r * N + c] = from_float<T>(y[i][j][v] + (bias ? to_float(bias[c]) : 0.0f));
-      }
+  for_each_fragment_element(row_base, col_base, M, N, [&](int i, int j, int v, int64_t r, int64_t c) {
+    out[r * N + c] = from_float<T>(y[i][j][v] + (bias ? to_float(bias[c]) : 0.0f));
+  });
   }
 }
 
