@@ -122,18 +122,18 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
         x.stride(0), x.stride(1),
     )
     flags = {"FUSED": fused, "HAS_BIAS": bias is not None}
+
+    def grid(meta):  # one program per output tile
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
     if triton_interpreting():
-        cfg = INTERPRETER_GEMM
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg)
+        _int8_gemm_dequant_kernel[grid](*args, **flags, **INTERPRETER_GEMM)
     elif os.environ.get(AUTOTUNE_ENV_VAR, "1") == "0":
         cfg = (DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS)[0]
-        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)
         _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages)
     else:
-        kernel = _gemm_decode if m <= DECODE_MAX_M else _gemm_prefill
-        kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        (_gemm_decode if m <= DECODE_MAX_M else _gemm_prefill)[grid](*args, **flags)
     return out
 
 
