@@ -195,3 +195,21 @@ def test_interleaved_timing_takes_turns(monkeypatch):
                                           warmup=1, reps=4)
     assert order == ["a", "b"] * 5
     assert [r.samples for r in results] == [4, 4]
+
+
+def test_accuracy_script_report():
+    from int8mm.evaluate import SideBySide
+    nll = {"reference": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)}
+    nll |= {"bnb_6": nll["reference"] + 0.1, "int8mm_6": nll["reference"] + torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64),
+            "int8mm_0": nll["reference"] + 0.3}
+    kl = {name: values - nll["reference"] for name, values in nll.items()}
+    module = _script("accuracy_smollm2")
+    result = module.report(SideBySide(nll, kl), tokens=4, seconds=1.0)
+    assert [row["name"] for row in result["models"]] == ["reference", "bnb_6", "int8mm_6", "int8mm_0"]
+    assert math.isclose(result["models"][0]["perplexity"], math.exp(2.0))
+    first = result["pairs"][0]  # int8mm_6 - bnb_6: per-token differences -0.1, 0.0, 0.1
+    assert first["pair"] == "int8mm_6 - bnb_6" and abs(first["nll"]) < 1e-12
+    assert math.isclose(first["nll_se"], 0.1 / math.sqrt(3))
+    text = module.markdown(json.loads(json.dumps(result)))
+    assert f"| int8mm, threshold 0.0 | {math.exp(2.3):.4f} | 3.0000e-01 |" in text
+    assert "| int8mm_6 - bnb_6 | +0.00e+00 +- 5.77e-02 | +0.00 |" in text.replace("-0.00", "+0.00")
