@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs an NVIDIA GPU and a CUDA build of torch; none here "
+                         "(benchmarks/bench_cpu.py measures the CPU)")
     device = torch.device("cuda")
     if args.backends is None:  # the GPU backends: the reference backend is the spec, not a contender, on a GPU
         args.backends = [b.value for b in int8mm.available_backends(device) if b is not int8mm.Backend.REFERENCE]

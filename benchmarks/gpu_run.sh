@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script a lent GPU machine runs: GPU tests, the side-by-side benchmark, compute-sanitizer on the
-# CUDA backend; everything lands under $OUT as it goes.
+# The one script a lent GPU machine runs: GPU tests, compute-sanitizer on the CUDA backend, the side-by-side
+# benchmark; everything lands under $OUT as it goes (one log per stage).
 # Here, first: ../shared/tools/device-site.sh .devsite; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh
 set -uo pipefail
@@ -10,13 +10,24 @@ OUT="${OUT:-$PWD/.out}"; mkdir -p "$OUT"
 [ -f kernels/cuda/libint8mm_cuda.so ] && export INT8MM_CUDA_LIB="$PWD/kernels/cuda/libint8mm_cuda.so"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-# correctness first, with fixed Triton schedules (autotuning every ragged test shape costs minutes;
-# the benchmark below autotunes and reports each row's error against float64)
-INT8MM_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider \
-  ${TESTS:-tests/test_backend_gpu.py tests/test_backend_kernels.py tests/test_loading.py tests/test_integrations_accelerate.py} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
-  | tee "$OUT/bench.log" | grep -v "^|" | tail -40
+# What has never run on a GPU goes first (the CUDA backend's tests, compute-sanitizer, the integration GPU
+# flows), then the Triton tests and the benchmark; each stage has its own time limit, so one slow stage
+# cannot starve the rest. Tests use fixed Triton schedules (autotuning every ragged test shape costs
+# minutes; the benchmark autotunes and reports each row's error against float64).
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep the log, show its tail
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^|" | tail -15
+}
+KERNEL_TESTS="tests/test_backend_gpu.py tests/test_backend_kernels.py"
+export INT8MM_AUTOTUNE=0
+stage cuda_tests "${CUDA_TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -k cuda $KERNEL_TESTS
 if [ "${MEMCHECK:-1}" = 1 ]; then
-  timeout "${MEMCHECK_TIMEOUT:-120}" compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/cuda_memcheck.py \
-    2>&1 | tee "$OUT/memcheck.log" | tail -8
+  stage memcheck "${MEMCHECK_TIMEOUT:-90}" compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 tests/cuda_memcheck.py
 fi
+stage integration_tests "${INTEGRATION_TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_loading.py tests/test_integrations_accelerate.py tests/test_integrations_transformers.py
+stage triton_tests "${TRITON_TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -k "not cuda" $KERNEL_TESTS
+unset INT8MM_AUTOTUNE
+stage bench "${BENCH_TIMEOUT:-150}" python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-}

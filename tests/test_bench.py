@@ -213,3 +213,9 @@ def test_accuracy_script_report():
     text = module.markdown(json.loads(json.dumps(result)))
     assert f"| int8mm, threshold 0.0 | {math.exp(2.3):.4f} | 3.0000e-01 |" in text
     assert "| int8mm_6 - bnb_6 | +0.00e+00 +- 5.77e-02 | +0.00 |" in text.replace("-0.00", "+0.00")
+
+
+def test_bench_gpu_script_says_it_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="bench_gpu.py needs an NVIDIA GPU"):
+        _script("bench_gpu").main(["--out", "x"])
