@@ -126,6 +126,24 @@ def test_non_contiguous_and_nd_inputs(backend):
     assert y4.shape == (2, 3, 4, 40) and torch.equal(y4.reshape(24, 40), y)
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_views_spanning_more_than_2_to_31_elements(layout, backend):
+    """Element offsets beyond 2^31 (a long prefill's [M, K], a transposed view) must not wrap around: x is a
+    view whose last row, or last column, lies more than 2^31 elements into its storage. Only the viewed
+    elements are written, so on the CPU the storage costs address space, not memory."""
+    m, k, strides = (3, 64, (2**30 + 64, 1)) if layout == "rows" else (4, 34, (1, 2**26))
+    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
+    assert span > 2**31
+    x = torch.empty(span, dtype=torch.float16, device=DEVICE).as_strided((m, k), strides)
+    x.copy_(_activations(m, k, torch.float16))
+    x[-1, -1] = 40.0  # an outlier at the far end: the fused epilogue reads it from x as well
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, k).to(DEVICE))
+    ref, got = _both(_ops.quantize_activations, backend, x, 6.0)
+    _assert_quantize_equal(ref, got)
+    assert k - 1 in got[2][: int(got[3])].tolist()
+    assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, 6.0)))
+
+
 def test_empty_batch(backend):
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
     x = torch.empty(0, 32, dtype=torch.float16, device=DEVICE)

@@ -110,6 +110,8 @@ def _quantize_activations(x: torch.Tensor, threshold: float):
 
 
 def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, outlier_count=None, bias=None):
+    # unit K strides: the kernel's int32 K offsets stay small and its loads vectorize (no copy when already so)
+    q_x, q_w = _unit_k_stride(q_x), _unit_k_stride(q_w)
     m, k = q_x.shape
     n = q_w.shape[0]
     fused = s_x is not None
@@ -135,6 +137,10 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
     else:
         (_gemm_decode if m <= DECODE_MAX_M else _gemm_prefill)[grid](*args, **flags)
     return out
+
+
+def _unit_k_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
 @_ops.register_impl(BACKEND, "quantize_activations")

@@ -51,8 +51,12 @@ def _int8_gemm_dequant_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     in_m = offs_m < M
     in_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BLOCK_K, BLOCK_N] = b.T tile
+    # element offsets of rows are int64: [M, K], [M, N] and [N, K] may hold more than 2^31 elements (a long
+    # prefill, a large vocabulary); the launcher passes a and b with unit K stride
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BLOCK_K, BLOCK_N] = b.T tile
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -63,7 +67,7 @@ def _int8_gemm_dequant_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     out_mask = in_m[:, None] & in_n[None, :]
     if FUSED:
         s_x = tl.load(s_x_ptr + offs_m, mask=in_m, other=0.0)
@@ -73,9 +77,9 @@ def _int8_gemm_dequant_kernel(
         w_scale = s_w * INV_INT8_MAX
         num_outliers = tl.load(outlier_count_ptr)
         for j in range(0, num_outliers):
-            col = tl.load(outlier_cols_ptr + j)
-            x_col = tl.load(x_ptr + offs_m * stride_xm + col * stride_xk, mask=in_m, other=0.0).to(tl.float32)
-            w_col = tl.load(b_ptr + offs_n * stride_bn + col * stride_bk, mask=in_n, other=0).to(tl.float32)
+            col = tl.load(outlier_cols_ptr + j).to(tl.int64)  # x may be a strided view: int64 offsets
+            x_col = tl.load(x_ptr + rows * stride_xm + col * stride_xk, mask=in_m, other=0.0).to(tl.float32)
+            w_col = tl.load(b_ptr + cols * stride_bn + col * stride_bk, mask=in_n, other=0).to(tl.float32)
             y += x_col[:, None] * (w_col * w_scale)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]

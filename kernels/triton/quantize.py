@@ -71,12 +71,13 @@ def _activation_stats_kernel(
     k_end = tl.minimum(k_start + K_PER_PROGRAM, K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # int64: x may span more than 2^31 elements
     row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_nans = tl.zeros([BLOCK_M], dtype=tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
         magnitude = tl.abs(x)
         is_outlier = (magnitude >= threshold) & (threshold > 0.0)  # padding is 0, never an outlier
@@ -123,10 +124,11 @@ def _quantize_rows_kernel(
     if pid_k == 0:
         tl.store(s_x_ptr + offs_m, s_x, mask=in_m)
     col_flags = tl.load(col_flags_ptr + offs_k, mask=in_k, other=0)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
-    q = _quantize_tile(x, _row_reciprocal(s_x), col_flags > 0, INTERPRET)
-    tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=in_m[:, None] & in_k[None, :])
+    # int64 element offsets: x (any strides) and q ([M, K]) may span more than 2^31 elements
+    rows, ks = offs_m[:, None].to(tl.int64), offs_k[None, :].to(tl.int64)
+    x = tl.load(x_ptr + rows * stride_xm + ks * stride_xk, mask=in_m[:, None] & in_k[None, :], other=0.0)
+    q = _quantize_tile(x.to(tl.float32), _row_reciprocal(s_x), col_flags > 0, INTERPRET)
+    tl.store(q_ptr + rows * K + ks, q, mask=in_m[:, None] & in_k[None, :])
 
     if pid_m == 0:
         # this column block's slice of the ascending outlier list starts after the earlier blocks' columns
