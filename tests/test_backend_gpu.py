@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import int8mm
-from gpu import requires_cuda
+from gpu import requires_cuda, requires_two_gpus
 from helpers import assert_output_close, planted_outliers, random_weight
 
 def _activations(m, k, dtype, **kwargs):
@@ -81,3 +81,15 @@ def test_torch_compile_fullgraph(backend):
     x = _activations(33, 512, torch.bfloat16)
     compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)
     assert torch.equal(compiled(x), layer(x) * 2)
+
+
+@requires_two_gpus
+def test_layer_on_another_gpu_than_the_current_one(backend):
+    """device_map="auto" spreads a model over GPUs and calls each layer with the current device unchanged."""
+    with torch.cuda.device(0):
+        layer = _layer(512, 256, backend).to("cuda:1")
+        x = _activations(33, 512, torch.float16).to("cuda:1")
+        got = layer(x)
+        torch.cuda.synchronize(1)
+    assert got.device == torch.device("cuda", 1)
+    assert_output_close(got, int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, backend="reference"))

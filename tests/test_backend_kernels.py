@@ -3,6 +3,8 @@
 On a GPU these run the compiled kernels; elsewhere the Triton launchers run on CPU tensors through
 Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), and the CUDA cases wait for a GPU.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -156,3 +158,16 @@ def test_int8_linear_module_uses_the_backend(backend):
     layer = int8mm.Int8Linear.from_linear(linear, backend=backend)
     x = _activations(7, 128, torch.float32)
     assert_output_close(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, backend="reference"))
+
+
+def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: a layer on another GPU (device_map="auto") must switch to its own
+    for the launch, and only then. The GPU test with two devices checks the effect; this checks the choice."""
+    from int8mm.backends import triton as triton_backend
+    switched = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: switched.append(device) or contextlib.nullcontext())
+    for device in (torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cpu")):
+        with triton_backend._on_device_of(type("FakeTensor", (), {"device": device})()):
+            pass
+    assert switched == [torch.device("cuda", 1)]
