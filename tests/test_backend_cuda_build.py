@@ -20,7 +20,8 @@ def library() -> Path:
     if found is None:  # `pip install -e .` builds it where nvcc exists; without nvcc nothing here can run
         if cuda_build.nvcc() is None:
             pytest.skip("nvcc is not on the PATH: the CUDA library cannot be built here")
-        pytest.fail("nvcc is present but the CUDA library was not built by the install (setup.py build_py)")
+        pytest.fail("nvcc is present but no up-to-date CUDA library was found: the install (setup.py build_py) "
+                    "builds it; after editing kernels/cuda, run `make cuda`")
     return found
 
 

@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
 from int8mm import _ops
@@ -171,3 +172,38 @@ def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
         with triton_backend._on_device_of(type("FakeTensor", (), {"device": device})()):
             pass
     assert switched == [torch.device("cuda", 1)]
+
+
+class _FillCounter(TorchDispatchMode):
+    FILLS = {"aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.full.default",
+             "aten.new_zeros.default", "aten.zeros_like.default", "aten.full_like.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.fills = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in self.FILLS:
+            self.fills.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_fills_only_the_stats_buffer(backend):
+    """On a GPU every fill is a kernel of its own, a visible share of a decode call: the passes write each row
+    scale and the outlier count themselves, so the forward fills at most the buffer the stats pass
+    accumulates into (Triton; the CUDA library clears its workspace itself)."""
+    x = _activations(5, 96, torch.float16)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
+    impl = _ops._impl(backend, "int8_linear")
+    ref = _ops.int8_linear(x, q_w, s_w, None, 6.0, "reference")
+    with _FillCounter() as counter:
+        got = impl(x, q_w, s_w, None, 6.0)
+    assert counter.fills == (["aten.zeros.default"] if backend == "triton" else [])
+    assert_output_close(got, ref)
+
+
+@pytest.mark.parametrize("m,k", [(0, 16), (3, 0)])
+def test_quantize_without_elements(m, k, backend):
+    x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
+    q_x, s_x, _, count = _ops.quantize_activations(x, 6.0, backend)
+    assert q_x.shape == (m, k) and torch.equal(s_x, torch.zeros(m, device=DEVICE)) and int(count) == 0

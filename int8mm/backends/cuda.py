@@ -66,9 +66,9 @@ def _activation_buffers(x: torch.Tensor):
     return (
         torch.empty(library().int8mm_workspace_ints(m, k), dtype=torch.int32, device=dev),
         torch.empty((m, k), dtype=torch.int8, device=dev),
-        torch.zeros(m, dtype=torch.float32, device=dev),
+        torch.empty(m, dtype=torch.float32, device=dev),  # the library writes the scales and the count
         torch.empty(k, dtype=torch.int32, device=dev),
-        torch.zeros(1, dtype=torch.int32, device=dev),
+        torch.empty(1, dtype=torch.int32, device=dev),
     )
 
 

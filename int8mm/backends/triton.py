@@ -94,12 +94,13 @@ def _multiprocessors(device: torch.device) -> int:
 def _quantize_activations(x: torch.Tensor, threshold: float):
     m, k = x.shape
     dev = x.device
+    # no fills: the quantize pass writes every row scale and the count (each fill is a kernel of its own)
     q_x = torch.empty((m, k), dtype=torch.int8, device=dev)
-    s_x = torch.zeros(m, dtype=torch.float32, device=dev)
+    s_x = torch.empty(m, dtype=torch.float32, device=dev)
     outlier_cols = torch.empty(k, dtype=torch.int32, device=dev)
-    outlier_count = torch.zeros(1, dtype=torch.int32, device=dev)
-    if m == 0 or k == 0:
-        return q_x, s_x, outlier_cols, outlier_count
+    outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
+    if m == 0 or k == 0:  # no pass runs: rows without elements have scale 0, and there are no outliers
+        return q_x, s_x.zero_(), outlier_cols, outlier_count.zero_()
     stats = _ActivationStats(x, threshold)
     _quantize_rows_kernel[stats.grid](
         x, stats.row_max_bits, stats.col_flags, stats.block_counts, q_x, s_x, outlier_cols, outlier_count,

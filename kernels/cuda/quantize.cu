@@ -150,7 +150,8 @@ int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, 
   int32_t* col_flags = workspace + M;
   int32_t* block_counts = workspace + M + K;
   INT8MM_RETURN_IF_ERROR(cudaMemsetAsync(workspace, 0, sizeof(int32_t) * (M + K + num_compact_blocks), stream));
-  if (M == 0 || K == 0) {
+  if (M == 0 || K == 0) {  // no pass runs: rows without elements have scale 0, and there are no outliers
+    INT8MM_RETURN_IF_ERROR(cudaMemsetAsync(s_x, 0, sizeof(float) * M, stream));
     INT8MM_RETURN_IF_ERROR(cudaMemsetAsync(outlier_count, 0, sizeof(int32_t), stream));
     return 0;
   }
