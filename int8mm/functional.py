@@ -4,6 +4,7 @@ All functions accept any device. Errors name the argument and what was received,
 every backend.
 """
 import math
+import numbers
 
 import torch
 
@@ -27,7 +28,7 @@ def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor
     _check_float(w, name, WEIGHT_DTYPES)
     _check_rank(w, name, 2)
     _check_k(w.shape[1], name)
-    if not bool(torch.isfinite(w).all()):
+    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):  # meta: shapes only, nothing to check
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN/Inf); refusing to quantize it")
     return _ops.quantize_weight(w)
@@ -165,10 +166,10 @@ def _check_k(k: int, arg: str, limit: int = MAX_EXACT_K) -> None:
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # numpy scalars are Real too
         raise TypeError(f"threshold must be a number, got {type(threshold).__name__}: {threshold!r}")
     threshold = float(threshold)
-    if math.isnan(threshold) or threshold < 0:
+    if not threshold >= 0:  # NaN too; and unlike math.isnan this traces when torch.compile makes it symbolic
         raise ValueError(f"threshold must be >= 0 (0 disables outlier decomposition), got {threshold}")
     return threshold
 
@@ -179,4 +180,4 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
         return x
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension, got a {x.dim()}-D tensor")
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: K may be 0

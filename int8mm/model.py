@@ -27,6 +27,10 @@ def quantize_model(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by an ``Int8Linear``; returns ``model``.
 
+    All or nothing: if a layer cannot be quantized (a non-finite weight), the layers already swapped are put
+    back and the model is left as it was. Works on the meta device too (shapes only), for models built empty
+    and loaded later with ``load_state_dict(..., assign=True)``.
+
     Args:
         model: any module; Linear layers are quantized on the device they are on.
         threshold: outlier threshold for every swapped layer (0 disables decomposition).
@@ -40,6 +44,9 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):  # in place is impossible for the root itself
+        raise TypeError("model is itself an nn.Linear, which quantize_model cannot replace in place; "
+                        "use int8mm.Int8Linear.from_linear(model)")
     if isinstance(skip_modules, str):
         skip_modules = (skip_modules,)
     skip_modules = tuple(skip_modules)
@@ -50,22 +57,30 @@ def quantize_model(
     by_weight: dict[int, Int8Linear] = {}  # id(original weight) -> first replacement quantized from it
     targets = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
                if isinstance(module, nn.Linear) and name]
-    for name, linear in targets:
-        if matches_skip(name, skip_modules):
-            continue
-        if isinstance(linear, NonDynamicallyQuantizableLinear):
-            log.warning("int8mm: keeping %s in full precision: its owner reads its weight directly", name)
-            continue
-        if id(linear.weight) in tied_elsewhere:
-            log.warning("int8mm: keeping %s in full precision: its weight is tied to a non-Linear module", name)
-            continue
-        replacement = swapped.get(id(linear))
-        if replacement is None:
-            replacement = _quantize_linear(linear, name, threshold, backend, by_weight.get(id(linear.weight)))
-            swapped[id(linear)] = replacement
-            by_weight.setdefault(id(linear.weight), replacement)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, replacement)
+    done = []  # (parent, attribute, original Linear): undone if a later layer fails (a non-finite weight)
+    try:
+        for name, linear in targets:
+            if matches_skip(name, skip_modules):
+                continue
+            if isinstance(linear, NonDynamicallyQuantizableLinear):
+                log.warning("int8mm: keeping %s in full precision: its owner reads its weight directly", name)
+                continue
+            if id(linear.weight) in tied_elsewhere:
+                log.warning("int8mm: keeping %s in full precision: its weight is tied to a non-Linear module", name)
+                continue
+            replacement = swapped.get(id(linear))
+            if replacement is None:
+                replacement = _quantize_linear(linear, name, threshold, backend, by_weight.get(id(linear.weight)))
+                swapped[id(linear)] = replacement
+                by_weight.setdefault(id(linear.weight), replacement)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            done.append((parent, child, linear))
+            setattr(parent, child, replacement)
+    except BaseException:
+        for parent, child, linear in reversed(done):
+            setattr(parent, child, linear)
+        raise
     return model
 
 

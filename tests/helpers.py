@@ -106,7 +106,8 @@ def spec_quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.
     """SPEC.md activation quantization of a 2-D ``x``: ``(q_x int8, s_x fp32, sorted outlier columns)``."""
     x64 = x.detach().cpu().double()
     m, k = x64.shape
-    is_outlier = (x64.abs() >= threshold) if threshold > 0 else torch.zeros(m, k, dtype=torch.bool)
+    t = float(torch.tensor(threshold, dtype=torch.float32))  # the threshold is fp32 like all scale math
+    is_outlier = (x64.abs() >= t) if threshold > 0 else torch.zeros(m, k, dtype=torch.bool)
     outlier_cols = [c for c in range(k) if bool(is_outlier[:, c].any())]
     q_rows, scales = [], []
     for i in range(m):

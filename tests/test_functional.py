@@ -404,3 +404,42 @@ def test_non_finite_weights_are_refused(bad):
         int8mm.quantize_weight(w, name="layers.0.q_proj.weight")
     with pytest.raises(ValueError, match=r"^weight holds 2 non-finite"):
         int8mm.quantize_weight(w.half())
+
+
+def test_quantized_values_are_row_major_whatever_the_input_layout():
+    w = random_weight(64, 16).t()  # [16, 64] seen through a transpose
+    q_w, s_w = int8mm.quantize_weight(w)
+    assert q_w.is_contiguous() and torch.equal(q_w, int8mm.quantize_weight(w.contiguous())[0])
+    x = planted_outliers(64, 5).t()
+    q_x = int8mm.quantize_activations(x)[0]
+    assert q_x.is_contiguous() and torch.equal(q_x, int8mm.quantize_activations(x.contiguous())[0])
+
+
+def test_quantize_weight_on_meta_gives_shapes():
+    """Building on the meta device then loading real tensors (load_state_dict(assign=True)) quantizes on meta."""
+    q_w, s_w = int8mm.quantize_weight(torch.empty(7, 12, device="meta"))
+    assert (q_w.device.type, q_w.dtype, q_w.shape) == ("meta", torch.int8, (7, 12))
+    assert (s_w.dtype, s_w.shape) == (torch.float32, (7,))
+
+
+def test_threshold_is_taken_as_fp32():
+    """6.1 is not an fp32 value: every backend compares |x| with fp32(6.1), as the oracle does."""
+    x = torch.tensor([[float(torch.tensor(6.1)), 1.0, 0.5], [0.25, 2.0, -1.0]])
+    q, s, cols = int8mm.quantize_activations(x, 6.1)
+    q_o, s_o, cols_o = spec_quantize_activations(x, 6.1)
+    assert cols.tolist() == cols_o == [0]
+    assert torch.equal(q, q_o) and torch.equal(s, s_o)
+
+
+def test_numpy_thresholds():
+    np = pytest.importorskip("numpy")
+    q_w, s_w = _layer()
+    x = torch.randn(2, 8)
+    for threshold in (np.float32(6.0), np.float64(6.0), np.int64(6)):
+        assert torch.equal(int8mm.int8_linear(x, q_w, s_w, threshold=threshold), int8mm.int8_linear(x, q_w, s_w))
+
+
+def test_nd_input_without_features():
+    q_w = torch.zeros(4, 0, dtype=torch.int8)
+    y = int8mm.int8_linear(torch.randn(2, 3, 0), q_w, torch.zeros(4), torch.ones(4))
+    assert y.shape == (2, 3, 4) and torch.equal(y, torch.ones(2, 3, 4))

@@ -140,8 +140,24 @@ def test_non_finite_weight_error_names_the_layer(untied_llama):
     model = copy.deepcopy(untied_llama)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[4, 2] = float("inf")
+    before = dict(model.named_modules())
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds 1 non-finite value"):
         quantize_model(model)
+    # all or nothing: layer 0 (quantized before layer 1 failed) is the float Linear it was
+    assert dict(model.named_modules()) == before
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def test_quantize_on_meta_then_assign_real_weights(untied_llama, token_ids):
+    """Build empty, quantize on meta (shapes only), then load an 8-bit state dict with assign=True."""
+    quantized = quantize_model(copy.deepcopy(untied_llama))
+    empty = copy.deepcopy(untied_llama).to("meta")
+    quantize_model(empty)
+    assert all(m.weight.device.type == "meta" for m in empty.modules() if isinstance(m, Int8Linear))
+    empty.load_state_dict(quantized.state_dict(), assign=True)
+    empty.model.rotary_emb.inv_freq = quantized.model.rotary_emb.inv_freq  # a non-persistent buffer
+    with torch.no_grad():
+        assert torch.equal(empty(token_ids).logits, quantized(token_ids).logits)
 
 
 # ---- sharing, on hand-made graphs ----
@@ -191,8 +207,8 @@ def test_linears_sharing_a_weight_share_the_int8_weight():
 def test_models_without_linears_and_bad_arguments():
     conv = nn.Sequential(nn.Conv1d(2, 2, 1), nn.ReLU())
     assert quantize_model(conv) is conv and isinstance(conv[0], nn.Conv1d)
-    lone = nn.Linear(4, 4)
-    assert quantize_model(lone) is lone and type(lone) is nn.Linear  # the root itself cannot be swapped in place
+    with pytest.raises(TypeError, match=r"model is itself an nn.Linear.*Int8Linear\.from_linear"):
+        quantize_model(nn.Linear(4, 4))  # the root itself cannot be swapped in place
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got dict"):
         quantize_model({})
     with pytest.raises(ValueError, match=r"threshold must be >= 0"):

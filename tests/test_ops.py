@@ -31,7 +31,8 @@ def _linear_samples():
 
 
 @pytest.mark.parametrize("args", [(random_weight(33, 123),), (random_weight(7, 1, torch.float16),),
-                                  (random_weight(4, 64, torch.bfloat16),)], ids=["fp32", "fp16-K1", "bf16"])
+                                  (random_weight(4, 64, torch.bfloat16),), (random_weight(64, 4).t(),)],
+                         ids=["fp32", "fp16-K1", "bf16", "transposed"])
 def test_opcheck_quantize_weight(args):
     torch.library.opcheck(OPS.quantize_weight, args)
 
@@ -41,7 +42,8 @@ def test_opcheck_quantize_weight(args):
     (planted_outliers(17, 64, torch.float16), 0.0, "reference"),
     (planted_outliers(1, 1, torch.bfloat16), THRESHOLD, "reference"),
     (torch.zeros(0, 16), THRESHOLD, "reference"),
-], ids=["fp32", "fp16-t0", "bf16-1x1", "M0"])
+    (planted_outliers(64, 5).t(), THRESHOLD, "reference"),  # column-major in, row-major out (as the fake says)
+], ids=["fp32", "fp16-t0", "bf16-1x1", "M0", "transposed"])
 def test_opcheck_quantize_activations(args):
     torch.library.opcheck(OPS.quantize_activations, args)
 
@@ -97,3 +99,13 @@ def test_torch_compile_fullgraph_matches_eager():
         got = compiled(x)
         assert got.shape == expected.shape
         assert torch.equal(got, expected)
+
+
+def test_torch_compile_dynamic_fullgraph_of_the_module():
+    """dynamic=True makes the module's float threshold symbolic: the checks on it must trace."""
+    torch._dynamo.reset()
+    layer = int8mm.Int8Linear.from_linear(torch.nn.Linear(123, 33))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for m in (3, 5, 9):
+        x = planted_outliers(m, 123)
+        assert torch.equal(compiled(x), layer(x))

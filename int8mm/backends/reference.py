@@ -10,7 +10,7 @@ from .._constants import INT8_MAX
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax: ``s_w[n] = max|W[n,:]|``, ``q_w = round(W * (127 / s_w))`` (zero rows stay zero)."""
-    wf = w.float()
+    wf = w.float().contiguous()  # q_w is row-major whatever w's layout
     s_w = wf.abs().amax(dim=1)
     q_w = _scaled_to_int8_(wf * _reciprocal_scale(s_w)[:, None])
     return q_w, s_w
@@ -29,7 +29,7 @@ def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     Returns:
         ``q_x`` int8 ``[M, K]``, ``s_x`` fp32 ``[M]``, ``outlier_cols`` int64 ``[n_out]`` (ascending).
     """
-    xf = x.float()
+    xf = x.float().contiguous()  # q_x is row-major whatever x's layout
     ax = xf.abs()
     cols = _outlier_columns(ax, threshold)
     s_x = _row_scales(ax, cols, threshold)
