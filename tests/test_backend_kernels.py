@@ -175,8 +175,8 @@ def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
 
 
 class _FillCounter(TorchDispatchMode):
-    FILLS = {"aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.full.default",
-             "aten.new_zeros.default", "aten.zeros_like.default", "aten.full_like.default"}
+    FILLS = frozenset({"aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.full.default",
+             "aten.new_zeros.default", "aten.zeros_like.default", "aten.full_like.default"})
 
     def __init__(self):
         super().__init__()

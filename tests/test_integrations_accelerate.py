@@ -85,6 +85,16 @@ def test_half_precision_layer_keeps_its_dtype_and_fp32_scale():
     assert linear.weight.dtype == torch.float16 and "_apply" not in linear.__dict__
 
 
+def test_removed_hook_gives_back_the_dtype_of_the_latest_cast():
+    """A layer hooked in fp32, then cast with the model (model.half()), comes back as an fp16 layer."""
+    linear = _linear()
+    add_hook_to_module(linear, Int8Hook())
+    linear.half()
+    remove_hook_from_module(linear)
+    assert linear.weight.dtype == linear.bias.dtype == torch.float16
+    assert linear(planted_outliers(3, 64, torch.float16)).dtype == torch.float16
+
+
 def test_chaining_another_hook_keeps_the_int8_values_exactly():
     """accelerate re-inits a hook when appending another one (detach, then init); the int8 values must come
     back as they were, not re-rounded from the de-quantized weight."""

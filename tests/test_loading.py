@@ -201,6 +201,81 @@ def test_saved_8bit_checkpoint_round_trips(llama_dir, tmp_path, token_ids):
     assert torch.equal(logits(via_transformers, token_ids), expected)
 
 
+def test_saved_settings_come_back_with_the_checkpoint(llama_dir, tmp_path, token_ids):
+    """Reloading an 8-bit checkpoint takes the threshold and skip list it was saved with, unless told otherwise."""
+    path, _ = llama_dir
+    model = load_in_8bit(path, threshold=0.0, skip_modules=["mlp.down_proj"], progress=False)
+    model.save_pretrained(tmp_path)
+    again = load_in_8bit(tmp_path, progress=False)
+    assert type(again.model.layers[0].mlp.down_proj) is nn.Linear and type(again.lm_head) is Int8Linear
+    assert {m.threshold for m in again.modules() if isinstance(m, Int8Linear)} == {0.0}
+    assert torch.equal(logits(again, token_ids), logits(model, token_ids))
+    assert again.config.quantization_config.threshold == 0.0
+    told = load_in_8bit(tmp_path, threshold=6.0, progress=False)  # the threshold acts on activations only
+    assert {m.threshold for m in told.modules() if isinstance(m, Int8Linear)} == {6.0}
+
+
+def test_a_list_of_files_with_a_transformers_class(llama_dir):
+    path, float_model = llama_dir
+    model = load_in_8bit((LlamaForCausalLM, [path / "model.safetensors"]), progress=False)
+    assert torch.equal(model.model.layers[1].mlp.up_proj.SCB,
+                       int8mm.quantize_weight(float_model.model.layers[1].mlp.up_proj.weight.detach())[1])
+
+
+def test_base_model_checkpoint_loads_into_the_head_model(tmp_path):
+    """A GPT-2 checkpoint saved from the base model has no "transformer." prefix; transformers adds it."""
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0, architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(config).transformer.eval()
+    config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    model = load_in_8bit(tmp_path, progress=False)
+    q_w, _ = int8mm.quantize_weight(base.h[1].mlp.c_fc.weight.detach().t().contiguous())
+    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, q_w)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=int8mm.Int8MMConfig())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(logits(model, ids), logits(reference, ids))
+
+
+def test_an_offload_folder_in_use_is_refused(llama_dir, tmp_path, token_ids):
+    path, _ = llama_dir
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    first = load_in_8bit(path, device_map=device_map, offload_folder=tmp_path, progress=False)
+    files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"offload_folder .* holds the offloaded weights of a model loaded earlier"):
+        load_in_8bit(path, device_map=device_map, offload_folder=tmp_path, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files  # untouched
+    expected = logits(first, token_ids)  # the first model still reads its files
+    del first
+    import gc
+    gc.collect()
+    second = load_in_8bit(path, device_map=device_map, offload_folder=tmp_path, progress=False)
+    assert torch.equal(logits(second, token_ids), expected)
+
+
+def test_keep_in_fp32_modules_as_transformers_does(tmp_path):
+    """T5 keeps its ``wo`` layers float (fp32 in an fp16 model) under both loaders, and they agree."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                      decoder_start_token_id=0)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).eval().to(torch.float16).save_pretrained(tmp_path / "float")
+    ours = load_in_8bit(tmp_path / "float", progress=False)
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "float", quantization_config=int8mm.Int8MMConfig())
+    for model in (ours, theirs):
+        wo, wi = model.encoder.block[0].layer[1].DenseReluDense.wo, model.encoder.block[0].layer[1].DenseReluDense.wi
+        assert type(wo) is nn.Linear and wo.weight.dtype == torch.float32 and isinstance(wi, Int8Linear)
+    ids = torch.tensor([[1, 2, 3]])
+    expected = ours(input_ids=ids, decoder_input_ids=ids).logits
+    assert torch.equal(theirs(input_ids=ids, decoder_input_ids=ids).logits, expected)
+    ours.save_pretrained(tmp_path / "int8")
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "int8")
+    assert torch.equal(again(input_ids=ids, decoder_input_ids=ids).logits, expected)
+
+
 def _header_keys(path: Path) -> dict:
     return {key: _ST_NAMES[entry.dtype] for key, entry in loading.read_safetensors_header(path).items()}
 

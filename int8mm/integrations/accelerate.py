@@ -83,7 +83,7 @@ class Int8Hook(ModelHook):
         self._handles = [module.register_state_dict_post_hook(_add_weight_format),
                          module.register_load_state_dict_pre_hook(_check_int8_state)]
         # nn.Module._apply would cast the fp32 scale on .half(); this instance keeps it fp32 (SPEC.md)
-        module._apply = functools.partial(_apply_keeping_scale, module)
+        module._apply = functools.partial(_apply_keeping_scale, module, self)
         # add_hook_to_module calls module._old_forward between pre_forward and post_forward: make it int8
         self._float_forward = module._old_forward
         module._old_forward = functools.partial(_int8_forward, module, self)
@@ -165,11 +165,17 @@ def _int8_forward(module, hook: Int8Hook, x: torch.Tensor) -> torch.Tensor:
     return F8.int8_linear(x, module.weight, module.SCB, module.bias, hook.threshold, hook.backend)
 
 
-def _apply_keeping_scale(module: nn.Module, fn, recurse=True):
+def _apply_keeping_scale(module: nn.Module, hook: "Int8Hook", fn, recurse=True):
     scale = module._buffers["SCB"]
     nn.Module._apply(module, fn, recurse)
     if module._buffers["SCB"].dtype != torch.float32:
         module._buffers["SCB"] = scale.to(module._buffers["SCB"].device)
+    # the float weight that detach_hook gives back follows the casts the module went through (model.half())
+    probe = torch.empty(0, dtype=hook._float_dtype, device=scale.device)
+    try:
+        hook._float_dtype = fn(probe).dtype
+    except (RuntimeError, NotImplementedError):  # a meta scale (offloaded) cannot be moved: keep the dtype
+        pass
     return module
 
 

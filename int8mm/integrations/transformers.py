@@ -110,7 +110,8 @@ class Int8MMHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
         skip = list(self.quantization_config.skip_modules)
-        skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        if not self.pre_quantized:  # an 8-bit checkpoint's saved list already says which layers are int8
+            skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
         # a Linear tied to an embedding keeps the embedding's float weight (the usual lm_head)
         tied = getattr(model, "all_tied_weights_keys", None) or {}
         skip += [key.rpartition(".")[0] for pair in tied.items() for key in pair if "." in key]

@@ -8,7 +8,9 @@ OS after the block, so neither the process nor a device holds more than one full
 Everything is checked against the safetensors headers before any tensor is read (missing, unexpected and
 mismatched keys, dtypes, truncated files), and the model is a fresh object that is only returned once complete.
 """
+import dataclasses
 import os
+import weakref
 from pathlib import Path
 from typing import Iterable
 
@@ -18,12 +20,12 @@ from torch import nn
 from .._constants import DEFAULT_THRESHOLD
 from ..backends import Backend
 from ..functional import _check_threshold, quantize_weight
-from ..model import DEFAULT_SKIP_MODULES
+from ..model import DEFAULT_SKIP_MODULES, matches_skip
 from ..nn import WEIGHT_FORMAT_ROW
 from .device_map import DISK, _accelerate_map, _names_on, _place_leftover_buffers, normalize_device_map
 from .errors import CheckpointError
 from .linear_swap import _check_names, replace_linears_on_meta
-from .model_source import _resolve_source
+from .model_source import _resolve_source, saved_quantization
 from .plan import _plan, _Task
 from .safetensors_files import _Entry, _MappedFile, _read_headers
 
@@ -41,8 +43,8 @@ BLOCK_BYTES = 2**18
 def load_in_8bit(
     model_dir_or_class_and_checkpoint,
     device_map=None,
-    threshold: float = DEFAULT_THRESHOLD,
-    skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES,
+    threshold: float | None = None,
+    skip_modules: Iterable[str] | None = None,
     *,
     backend: Backend | str | None = None,
     dtype: torch.dtype | None = None,
@@ -70,8 +72,11 @@ def load_in_8bit(
             ``infer_auto_device_map`` on the already-int8 model). More than one device, or ``"disk"``, dispatches
             the model with accelerate's hooks (``dispatch_model``, buffers offloaded too, as the int8 weights are
             buffers).
-        threshold: outlier threshold of every Int8Linear (a number >= 0).
-        skip_modules: module names or name suffixes kept in full precision.
+        threshold: outlier threshold of every Int8Linear (a number >= 0). None: the one an 8-bit checkpoint
+            (int8mm or bitsandbytes) was saved with, else 6.0.
+        skip_modules: module names or name suffixes kept in full precision. None: the list an 8-bit
+            checkpoint was saved with; else ``("lm_head",)`` plus the model's ``_keep_in_fp32_modules`` (as
+            transformers does), which are kept in full precision whenever the checkpoint is a float one.
         backend: backend of every Int8Linear (None: the default at call time).
         dtype: dtype of the tensors kept in floating point (None: the dtype in config.json, else float32).
         offload_folder: where ``"disk"`` modules are written (needed when the device map names the disk).
@@ -88,12 +93,16 @@ def load_in_8bit(
             typed tensors, truncated or unreadable files); the message names the key and the file.
         FileNotFoundError: no checkpoint where one was named.
     """
-    threshold = _check_threshold(threshold)
-    skip_modules = _check_names(skip_modules, "skip_modules")
+    if threshold is not None:
+        threshold = _check_threshold(threshold)
+    if skip_modules is not None:
+        skip_modules = _check_names(skip_modules, "skip_modules")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    factory, files = _resolve_source(model_dir_or_class_and_checkpoint, dtype)
+    factory, files, config_dir = _resolve_source(model_dir_or_class_and_checkpoint, dtype)
     headers = _read_headers(files)
+    saved = saved_quantization(config_dir)
+    threshold = threshold if threshold is not None else _check_threshold(saved.get("threshold", DEFAULT_THRESHOLD))
 
     from accelerate import init_empty_weights
 
@@ -104,12 +113,16 @@ def load_in_8bit(
     if callable(getattr(model, "tie_weights", None)):
         # transformers ties embeddings when it loads weights; tie now, so that a tied Linear is seen as such
         model.tie_weights()
+    skip_modules = _skip_list(model, skip_modules, saved)
+    _upcast_keep_in_fp32_modules(model)
     transposed = replace_linears_on_meta(model, threshold, skip_modules, backend)
     device_map = normalize_device_map(device_map, model, max_memory=max_memory)
-    if DISK in device_map.values() and offload_folder is None:
-        raise ValueError(f"device_map sends modules to 'disk' ({_names_on(device_map, DISK)}); "
-                         f"pass offload_folder= to say where")
-    plan = _plan(model, transposed, headers, device_map)
+    if DISK in device_map.values():
+        if offload_folder is None:
+            raise ValueError(f"device_map sends modules to 'disk' ({_names_on(device_map, DISK)}); "
+                             f"pass offload_folder= to say where")
+        _check_offload_folder_free(offload_folder)
+    plan = _plan(model, transposed, _align_base_model_prefix(headers, model), device_map)
 
     written: list[Path] = []
     try:
@@ -124,8 +137,66 @@ def load_in_8bit(
         for path in written:  # nothing half-written stays behind either
             path.unlink(missing_ok=True)
         raise
+    if DISK in device_map.values():
+        _OFFLOAD_FOLDERS_IN_USE[_folder_key(offload_folder)] = weakref.ref(model)
     _record_config(model, threshold, skip_modules)
     return model.eval()
+
+
+def _skip_list(model: nn.Module, skip_modules: list[str] | None, saved: dict) -> list[str]:
+    """The layers kept in full precision: as asked; else as an 8-bit checkpoint was saved; else the default plus
+    the model's ``_keep_in_fp32_modules`` (the layers transformers keeps in fp32, as its quantizers do)."""
+    if skip_modules is None and "skip_modules" in saved:
+        return _check_names(saved["skip_modules"], "the checkpoint's skip_modules")
+    if skip_modules is None:
+        skip_modules = list(DEFAULT_SKIP_MODULES)
+    if saved:  # an 8-bit checkpoint: its layers are int8 or float as stored
+        return skip_modules
+    keep_fp32 = [name for name in (getattr(model, "_keep_in_fp32_modules", None) or []) if name not in skip_modules]
+    return skip_modules + keep_fp32
+
+
+def _upcast_keep_in_fp32_modules(model: nn.Module) -> None:
+    """transformers keeps a model's ``_keep_in_fp32_modules`` in fp32 when it loads it in fp16 (and its
+    ``_keep_in_fp32_modules_strict`` in bf16 too); do the same on meta, so that both loaders build one model."""
+    dtype = getattr(model, "dtype", None)
+    plan = model._get_dtype_plan(dtype) if callable(getattr(model, "_get_dtype_plan", None)) else {}
+    names = [name for name, target in plan.items() if target == torch.float32]
+    for module_name, module in model.named_modules():
+        if module_name and matches_skip(module_name, names):
+            module.to(torch.float32)
+
+
+def _align_base_model_prefix(headers: dict[str, _Entry], model: nn.Module) -> dict[str, _Entry]:
+    """Checkpoints of a transformers base model (``h.0...``) load into its head model (``transformer.h.0...``), as
+    transformers does: the keys gain the model's ``base_model_prefix`` where only the prefixed name exists."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or any(key.startswith(prefix + ".") for key in headers):
+        return headers
+    names = set(model.state_dict(keep_vars=True))
+    renamed = {}
+    for key, entry in headers.items():
+        if key not in names and f"{prefix}.{key}" in names:
+            key = f"{prefix}.{key}"
+            entry = dataclasses.replace(entry, key=key)
+        renamed[key] = entry
+    return renamed
+
+
+# offload folders of live models loaded in this process: a second load into one would overwrite (and, if it
+# failed, delete) the .dat files the first model still reads
+_OFFLOAD_FOLDERS_IN_USE: dict[str, weakref.ref] = {}
+
+
+def _folder_key(folder) -> str:
+    return str(Path(folder).resolve())
+
+
+def _check_offload_folder_free(folder) -> None:
+    owner = _OFFLOAD_FOLDERS_IN_USE.get(_folder_key(folder))
+    if owner is not None and owner() is not None:
+        raise ValueError(f"offload_folder {str(folder)!r} holds the offloaded weights of a model loaded earlier "
+                         f"that is still alive; pass another folder, or delete that model first")
 
 
 # ---------------------------------------------------------------- streaming
