@@ -239,21 +239,37 @@ def test_base_model_checkpoint_loads_into_the_head_model(tmp_path):
     assert torch.equal(logits(model, ids), logits(reference, ids))
 
 
-def test_an_offload_folder_in_use_is_refused(llama_dir, tmp_path, token_ids):
+def test_an_offload_folder_in_use_is_refused_to_another_checkpoint(llama_dir, tmp_path, token_ids):
     path, _ = llama_dir
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    first = load_in_8bit(path, device_map=device_map, offload_folder=tmp_path, progress=False)
-    files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    with pytest.raises(ValueError, match=r"offload_folder .* holds the offloaded weights of a model loaded earlier"):
-        load_in_8bit(path, device_map=device_map, offload_folder=tmp_path, progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files  # untouched
-    expected = logits(first, token_ids)  # the first model still reads its files
-    del first
+    offload = tmp_path / "offload"
+    first = load_in_8bit(path, device_map=device_map, offload_folder=offload, progress=False)
+    expected = logits(first, token_ids)
+    files = {p.name: p.stat().st_mtime_ns for p in offload.iterdir()}
+    other = tmp_path / "other"
+    _llama(seed=5).save_pretrained(other)
+    for kwargs in ({}, {"skip_modules": ["mlp.down_proj"]}):  # another checkpoint; other settings
+        source = other if not kwargs else path
+        with pytest.raises(ValueError, match=r"offload_folder .* holds the offloaded weights of a live model"):
+            load_in_8bit(source, device_map=device_map, offload_folder=offload, progress=False, **kwargs)
+    assert {p.name: p.stat().st_mtime_ns for p in offload.iterdir()} == files  # untouched
+    # the same checkpoint again (a re-run notebook cell) writes the same bytes: allowed, and both models work
+    again = load_in_8bit(path, device_map=device_map, offload_folder=offload, progress=False)
+    assert torch.equal(logits(again, token_ids), expected) and torch.equal(logits(first, token_ids), expected)
+    del first, again
     import gc
     gc.collect()
-    second = load_in_8bit(path, device_map=device_map, offload_folder=tmp_path, progress=False)
-    assert torch.equal(logits(second, token_ids), expected)
+    third = load_in_8bit(other, device_map=device_map, offload_folder=offload, progress=False)  # no live owner
+    assert torch.equal(logits(third, token_ids), logits(load_in_8bit(other, progress=False), token_ids))
+
+
+def test_auto_map_leaves_max_memory_as_given(llama_dir, tmp_path, token_ids):
+    path, _ = llama_dir
+    max_memory = {"cpu": "60KB"}
+    model = load_in_8bit(path, device_map="auto", max_memory=max_memory, offload_folder=tmp_path, progress=False)
+    assert max_memory == {"cpu": "60KB"} and "disk" in model.hf_device_map.values()
+    assert torch.equal(logits(model, token_ids), logits(load_in_8bit(path, progress=False), token_ids))
 
 
 def test_keep_in_fp32_modules_as_transformers_does(tmp_path):

@@ -121,7 +121,8 @@ def load_in_8bit(
         if offload_folder is None:
             raise ValueError(f"device_map sends modules to 'disk' ({_names_on(device_map, DISK)}); "
                              f"pass offload_folder= to say where")
-        _check_offload_folder_free(offload_folder)
+        offload_identity = _offload_identity(files, skip_modules, model)
+        _check_offload_folder_free(offload_folder, offload_identity)
     plan = _plan(model, transposed, _align_base_model_prefix(headers, model), device_map)
 
     written: list[Path] = []
@@ -138,7 +139,7 @@ def load_in_8bit(
             path.unlink(missing_ok=True)
         raise
     if DISK in device_map.values():
-        _OFFLOAD_FOLDERS_IN_USE[_folder_key(offload_folder)] = weakref.ref(model)
+        _OFFLOAD_FOLDERS_IN_USE[_folder_key(offload_folder)] = (weakref.ref(model), offload_identity)
     _record_config(model, threshold, skip_modules)
     return model.eval()
 
@@ -183,20 +184,28 @@ def _align_base_model_prefix(headers: dict[str, _Entry], model: nn.Module) -> di
     return renamed
 
 
-# offload folders of live models loaded in this process: a second load into one would overwrite (and, if it
-# failed, delete) the .dat files the first model still reads
-_OFFLOAD_FOLDERS_IN_USE: dict[str, weakref.ref] = {}
+# offload folders of live models loaded in this process, with what their files were made from: loading another
+# checkpoint (or other settings) into one would overwrite the .dat files the live model reads. The same checkpoint
+# with the same settings writes the same bytes under each name (re-running a notebook cell), so that is allowed.
+_OFFLOAD_FOLDERS_IN_USE: dict[str, tuple[weakref.ref, tuple]] = {}
 
 
 def _folder_key(folder) -> str:
     return str(Path(folder).resolve())
 
 
-def _check_offload_folder_free(folder) -> None:
-    owner = _OFFLOAD_FOLDERS_IN_USE.get(_folder_key(folder))
-    if owner is not None and owner() is not None:
-        raise ValueError(f"offload_folder {str(folder)!r} holds the offloaded weights of a model loaded earlier "
-                         f"that is still alive; pass another folder, or delete that model first")
+def _offload_identity(files: list[Path], skip_modules: list[str], model: nn.Module) -> tuple:
+    stats = tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+    float_dtypes = sorted({str(t.dtype) for t in model.parameters() if t.is_floating_point()})
+    return stats, tuple(skip_modules), tuple(float_dtypes)
+
+
+def _check_offload_folder_free(folder, identity: tuple) -> None:
+    owner, owner_identity = _OFFLOAD_FOLDERS_IN_USE.get(_folder_key(folder), (lambda: None, None))
+    if owner() is not None and owner_identity != identity:
+        raise ValueError(f"offload_folder {str(folder)!r} holds the offloaded weights of a live model loaded from "
+                         f"another checkpoint or with other settings; pass another folder, or delete that model "
+                         f"first")
 
 
 # ---------------------------------------------------------------- streaming
@@ -307,7 +316,8 @@ def _offload(tensor: torch.Tensor, name: str, folder, index: dict, written: list
 
     os.makedirs(folder, exist_ok=True)
     path = Path(folder) / f"{name}.dat"
-    written.append(path)
+    if not path.exists():  # a file that was there (same bytes, see _OFFLOAD_FOLDERS_IN_USE) stays on failure
+        written.append(path)
     offload_weight(tensor, name, str(folder), index=index)
 
 

@@ -29,6 +29,7 @@ def normalize_device_map(device_map, model: nn.Module | None = None, max_memory:
         from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
         no_split = list(getattr(model, "_no_split_modules", None) or [])
+        max_memory = dict(max_memory) if max_memory is not None else None  # accelerate rewrites it in place
         if device_map != "sequential":
             max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
                                              low_zero=device_map == "balanced_low_0")
