@@ -33,4 +33,4 @@ bench-cpu: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info kernels/cuda/libint8mm_cuda.so
+	rm -rf $(VENV) build *.egg-info kernels/cuda/libint8mm_cuda.so kernels/cuda/libint8mm_cuda.so.source-hash

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parent
 BUILD_CUDA_ENV_VAR = "INT8MM_BUILD_CUDA"  # "0": never, "1": always (fail without nvcc), unset: if nvcc is found
@@ -36,6 +37,13 @@ class BuildPyWithCuda(build_py):
         cuda_build.build(out_dir, src=ROOT / "kernels" / "cuda")
 
 
+class PlatformDistribution(Distribution):
+    """The package may hold libint8mm_cuda.so (a platform binary): its wheel is tagged for the platform."""
+
+    def has_ext_modules(self):
+        return True
+
+
 setup(
     name="int8mm",
     version="0.1.0",
@@ -47,6 +55,7 @@ setup(
     package_dir={"int8mm": "int8mm", "int8mm.kernels": "kernels"},
     package_data={"int8mm.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "README.md"]},
     cmdclass={"build_py": BuildPyWithCuda},
+    distclass=PlatformDistribution,
     install_requires=["torch>=2.5", "numpy", "packaging", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],

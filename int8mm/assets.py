@@ -14,8 +14,9 @@ _SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 
 
 def cache_dir() -> Path:
-    """``$INT8MM_CACHE``, else ``~/.cache/int8mm``."""
-    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "int8mm"))
+    """``$INT8MM_CACHE``, else (unset or empty) ``~/.cache/int8mm``."""
+    root = os.environ.get(CACHE_ENV_VAR)
+    return Path(root) if root else Path.home() / ".cache" / "int8mm"
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

@@ -73,15 +73,37 @@ def test_missing_library_error_says_how_to_build(monkeypatch, tmp_path):
 
 
 def test_stale_library_next_to_the_sources_is_ignored(tmp_path):
+    """Fresh means built from these sources (a hash stamped at build time), whatever the file times say: a wheel
+    install unpacks the sources after the library, and an edit may keep an old time."""
     src = _copy_sources(tmp_path / "src")
     lib = src / cuda_build.LIBRARY_NAME
     lib.write_bytes(b"not really a library")
+    assert not cuda_build._fresh(lib)  # no stamp: built from who knows what
+    stamp = src / (cuda_build.LIBRARY_NAME + cuda_build.STAMP_SUFFIX)
+    stamp.write_text(cuda_build.source_hash(src) + "\n")
+    later = lib.stat().st_mtime + 10
+    for path in cuda_build.sources(src):  # sources newer than the library, as after a wheel install
+        os.utime(path, (later, later))
     assert cuda_build._fresh(lib)
     edited = src / "gemm.cu"
     edited.write_text(edited.read_text() + "\n// edited\n")
-    newer = lib.stat().st_mtime + 10
-    os.utime(edited, (newer, newer))
+    os.utime(edited, (0, 0))  # even with an old time
     assert not cuda_build._fresh(lib)
+
+
+def test_built_library_is_stamped_and_readable_by_others(library):
+    stamp = library.with_name(library.name + cuda_build.STAMP_SUFFIX)
+    assert stamp.read_text().strip() == cuda_build.source_hash(library.parent)
+    assert library.stat().st_mode & 0o005 == 0o005  # others may read and map it (the umask here is 022)
+
+
+def test_cache_dir_needs_no_home_when_the_cache_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv(cuda_build.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert cuda_build.cache_dir().parent == tmp_path / "cuda"
+    from int8mm import assets
+    assert assets.cache_dir() == tmp_path
 
 
 def test_cache_key_follows_the_sources(tmp_path):

@@ -43,7 +43,8 @@ def library() -> ctypes.CDLL:
 @functools.cache
 def library_available() -> bool:
     """True if the library is built, or can be built here (nvcc on the PATH)."""
-    return cuda_build.find_library() is not None or cuda_build.nvcc() is not None
+    found = cuda_build.find_library()
+    return found.exists() if found is not None else cuda_build.nvcc() is not None
 
 
 def _check(status: int) -> None:

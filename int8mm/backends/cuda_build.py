@@ -6,6 +6,8 @@ no GPU and no CUDA build of torch. Where it is looked for, in order:
     $INT8MM_CUDA_LIB; next to the kernel sources (``make cuda``, ``pip install``); the build cache
     (``$INT8MM_CACHE/cuda/<hash of the sources and flags>/``), where a first use on a GPU builds it
     under a file lock when nvcc is on the PATH.
+A library next to the sources counts only if the hash of the sources it was built from (written beside it at
+build time) is the hash of the sources there now: file times do not survive a wheel install.
 """
 import fcntl
 import hashlib
@@ -17,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 LIBRARY_NAME = "libint8mm_cuda.so"
+STAMP_SUFFIX = ".source-hash"  # libint8mm_cuda.so.source-hash: source_hash() of what the library was built from
 LIBRARY_ENV_VAR = "INT8MM_CUDA_LIB"
 CACHE_ENV_VAR = "INT8MM_CACHE"
 # sm_80 and sm_90 machine code, plus sm_90 PTX for later GPUs
@@ -73,24 +76,33 @@ def build(out_dir: Path, src: Path | None = None, quiet: bool = False) -> Path:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"nvcc failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
+        os.chmod(partial, 0o755 & ~_umask())  # mkstemp made it 0600: others sharing the install must load it
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+    stamp = target.with_name(target.name + STAMP_SUFFIX)
+    stamp.write_text(source_hash(src) + "\n")
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def cache_dir() -> Path:
-    root = Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "int8mm"))
-    return root / "cuda" / source_hash()
+    root = os.environ.get(CACHE_ENV_VAR)  # unset or empty: ~/.cache/int8mm (HOME is only needed then)
+    return (Path(root) if root else Path.home() / ".cache" / "int8mm") / "cuda" / source_hash()
 
 
 def _fresh(library: Path) -> bool:
-    """A library next to the sources counts only if no source is newer (else it is stale)."""
-    if not library.exists():
+    """True if ``library`` exists and was built from the sources beside it as they are now."""
+    stamp = library.with_name(library.name + STAMP_SUFFIX)
+    if not (library.exists() and stamp.exists()):
         return False
-    built = library.stat().st_mtime
-    return all(path.stat().st_mtime <= built for path in sources(library.parent))
+    return stamp.read_text().strip() == source_hash(library.parent)
 
 
 def find_library() -> Path | None:
