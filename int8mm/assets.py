@@ -58,6 +58,7 @@ def smollm2_checkpoint() -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, Path(target.parent).stat().st_mode & 0o777)  # a private temp dir, made like its parent
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first

@@ -15,7 +15,7 @@ DEFAULT_WINDOW = 1024
 def perplexity(
     model: nn.Module,
     tokenizer,
-    text: str,
+    text: str | list[int],
     max_tokens: int = DEFAULT_MAX_TOKENS,
     window: int = DEFAULT_WINDOW,
 ) -> float:
@@ -30,7 +30,8 @@ def perplexity(
         model: a causal LM whose call ``model(input_ids)`` returns an object with ``.logits`` ``[1, T, V]``
             (a transformers ``*ForCausalLM``); it runs on the device of its first parameter.
         tokenizer: a transformers tokenizer (anything whose call returns ``{"input_ids": [...]}``).
-        text: the text to score.
+        text: the text to score, or its token ids (a list of ints, as ``tokenizer(text,
+            add_special_tokens=False)["input_ids"]`` gives them): tokenize once when timing or scoring repeatedly.
         max_tokens: how many tokens of the text to score (a positive int).
         window: tokens per window (an int >= 2).
     Returns:
@@ -77,7 +78,7 @@ def score_side_by_side(
     reference: nn.Module,
     models: dict,
     tokenizer,
-    text: str,
+    text: str | list[int],
     max_tokens: int = DEFAULT_MAX_TOKENS,
     window: int = DEFAULT_WINDOW,
     progress: bool = False,
@@ -112,14 +113,18 @@ def score_side_by_side(
     return SideBySide({n: torch.cat(v) for n, v in token_nll.items()}, {n: torch.cat(v) for n, v in kl.items()})
 
 
-def _windows(tokenizer, text: str, max_tokens: int, window: int) -> list:
-    """The first ``max_tokens`` tokens of ``text`` (CPU int64) in windows of ``window``; no lone last token."""
+def _windows(tokenizer, text, max_tokens: int, window: int) -> list:
+    """The first ``max_tokens`` tokens of ``text`` (a string or its token ids) in windows of ``window`` (CPU
+    int64); no lone last token."""
     for arg, value, least in (("max_tokens", max_tokens, 1), ("window", window, 2)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
         if value < least:
             raise ValueError(f"{arg} must be >= {least}, got {value}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    if isinstance(text, str):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    else:
+        ids = list(text)[:max_tokens]
     if len(ids) < 2:
         raise ValueError(f"text must hold at least 2 tokens to score, got {len(ids)}")
     chunks = torch.tensor(ids, dtype=torch.long).split(window)

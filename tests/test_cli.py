@@ -55,6 +55,11 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+def error_lines(err: str) -> list[str]:
+    """stderr without the progress bars of model loading."""
+    return [line for line in err.splitlines() if line.strip() and "%|" not in line]
+
+
 def perplexities(out: str) -> list[float]:
     return [float(v) for v in re.findall(r"\| (\d+\.\d+) \([+-]", out)]
 
@@ -167,13 +172,22 @@ def test_python_dash_m_runs_the_command():
     (["bench", "--suite", "everything"], "argument --suite: invalid choice: 'everything'"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
     (["eval"], "the following arguments are required: MODEL_DIR"),
+    (["eval", "{ckpt}", "--max-tokens", "1"], "--max-tokens must be >= 2"),
+    (["eval", "{ckpt}", "--text", "{tmp}/one.txt"], "the text holds fewer than 2 tokens"),
+    (["bench", "--threshold", "-1"], "--threshold must be >= 0"),
+    (["bench", "--threshold", "nan"], "--threshold must be >= 0"),
+    (["bench", "--out", "{tmp}/one.txt"], "--out '{tmp}/one.txt' exists and is not a directory"),
+    (["bench", "--suite", "model", "--models", "Nope", "--m", "3"],
+     "--models, --m: option(s) of the kernel suite, which --suite model does not run"),
+    (["bench", "--preset", "tiny"], "--preset: option(s) of the model suite, which --suite kernels does not run"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(capsys, tmp_path, tiny_checkpoint, argv, message):
+    (tmp_path / "one.txt").write_text("state")  # one token
     argv = [a.format(tmp=tmp_path, ckpt=tiny_checkpoint) for a in argv]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
     assert out == ""
-    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert len(error_lines(err)) == 1 and "Traceback" not in err, err
     assert message.format(tmp=tmp_path, ckpt=tiny_checkpoint) in err
 
 
@@ -189,3 +203,39 @@ def test_quantize_leaves_a_non_empty_out_dir_alone(capsys, tiny_checkpoint, tmp_
     code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path)
     assert code == 2 and f"OUT_DIR '{tmp_path}' exists and is not an empty directory" in err
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("value", ["bogus", ""])
+def test_a_bad_default_backend_is_one_line_before_any_work(capsys, monkeypatch, tiny_checkpoint, tmp_path, value):
+    monkeypatch.setenv("INT8MM_BACKEND", value)
+    for argv in (["eval", tiny_checkpoint], ["bench", "--suite", "model", "--out", tmp_path / "out"]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert "INT8MM_BACKEND must be a Backend or one of" in err
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0 and "default backend: none: INT8MM_BACKEND must be" in out
+
+
+def test_a_truncated_checkpoint_is_one_line(capsys, tiny_checkpoint, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for argv in (["eval", bad], ["quantize", bad, tmp_path / "out"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and len(error_lines(err)) == 1 and "Traceback" not in err, err
+        assert f"cannot load a causal LM from '{bad}'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # quantize left nothing behind
+
+
+def test_quantize_failing_to_write_leaves_nothing(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "out")
+    assert code == 2 and "No space left on device" in err and len(error_lines(err)) == 1, err
+    assert list(tmp_path.iterdir()) == []  # no OUT_DIR, no partial directory

@@ -143,6 +143,15 @@ def test_perplexity_windows_and_value():
     assert model.calls == [(1, 4), (1, 4)]
 
 
+def test_perplexity_of_token_ids_is_that_of_the_text():
+    """Timed callers tokenize once and pass the ids; the windows and the value are the same."""
+    text, tok = "abcdefghijk", _CharTokenizer()
+    by_text, by_ids = _Uniform(), _Uniform()
+    expected = perplexity(by_text, tok, text, max_tokens=10, window=4)
+    assert perplexity(by_ids, tok, tok(text)["input_ids"], max_tokens=10, window=4) == expected
+    assert by_ids.calls == by_text.calls == [(1, 4), (1, 4), (1, 2)]
+
+
 def test_perplexity_arguments():
     model, tok = _Uniform(), _CharTokenizer()
     with pytest.raises(TypeError, match=r"max_tokens must be an int, got float 8\.0"):

@@ -54,8 +54,9 @@ def load_causal_lm(model_dir: str | Path, device: torch.device, dtype, **from_pr
     return model, tokenizer
 
 
-def count_tokens(tokenizer, text: str, max_tokens: int) -> int:
-    return min(max_tokens, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+def token_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` token ids of ``text``, tokenized once (outside any timed region)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
 
 
 def _sync(device: torch.device) -> None:
@@ -63,17 +64,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_variant(label: str, model, tokenizer, text: str, eval_tokens: int, window: int,
-                    prompt: str | None, new_tokens: int) -> VariantReport:
+def measure_variant(label: str, model, tokenizer, ids: list[int], window: int, prompt: str | None,
+                    new_tokens: int) -> VariantReport:
+    """Perplexity of ``ids`` (timed: the forwards alone, the text is tokenized already) and a continuation."""
     device = next(model.parameters()).device
     with torch.inference_mode():
         model(torch.zeros(1, WARMUP_TOKENS, dtype=torch.long, device=device))
     _sync(device)
     start = time.perf_counter()
-    value = perplexity(model, tokenizer, text, max_tokens=eval_tokens, window=window)
+    value = perplexity(model, tokenizer, ids, max_tokens=len(ids), window=window)
     _sync(device)
     report = VariantReport(label, module_bytes(model), sum(isinstance(m, Int8Linear) for m in model.modules()),
-                           float(value), eval_tokens, time.perf_counter() - start)
+                           float(value), len(ids), time.perf_counter() - start)
     if prompt and new_tokens > 0:
         report.continuation, report.generated_tokens, report.generate_seconds = greedy_continuation(
             model, tokenizer, prompt, new_tokens)
@@ -100,19 +102,18 @@ def compare_full_and_8bit(model, tokenizer, text: str, *, max_tokens: int, windo
                           prompt: str | None = None, new_tokens: int = 0, progress: bool = True
                           ) -> list[VariantReport]:
     """Measure ``model`` as loaded, quantize it in place, measure again; returns both reports."""
-    eval_tokens = count_tokens(tokenizer, text, max_tokens)
+    ids = token_ids(tokenizer, text, max_tokens)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     steps = tqdm(total=3, desc="compare", unit="step", disable=not progress)
-    steps.set_postfix_str(f"full precision: perplexity of {eval_tokens} tokens")
-    reports = [measure_variant(f"full precision ({dtype})", model, tokenizer, text, eval_tokens, window, prompt,
-                               new_tokens)]
+    steps.set_postfix_str(f"full precision: perplexity of {len(ids)} tokens")
+    reports = [measure_variant(f"full precision ({dtype})", model, tokenizer, ids, window, prompt, new_tokens)]
     steps.update()
     steps.set_postfix_str("quantizing")
     quantize_model(model, threshold=threshold, skip_modules=skip_modules, backend=backend)
     steps.update()
-    steps.set_postfix_str(f"8-bit: perplexity of {eval_tokens} tokens")
-    reports.append(measure_variant(f"int8mm 8-bit (threshold {threshold:g})", model, tokenizer, text, eval_tokens,
-                                   window, prompt, new_tokens))
+    steps.set_postfix_str(f"8-bit: perplexity of {len(ids)} tokens")
+    reports.append(measure_variant(f"int8mm 8-bit (threshold {threshold:g})", model, tokenizer, ids, window, prompt,
+                                   new_tokens))
     steps.update()
     steps.close()
     return reports

@@ -6,7 +6,8 @@ from ..bench.arguments import (add_kernel_suite_arguments, add_model_suite_argum
                                model_config_from_args)
 from ..bench.providers import benchmark_backends
 from ..bench.report import geomean_table, header_lines, speedup_table, write_json_and_markdown
-from .common import CliError, add_device_argument, device_from, say
+from .common import (CliError, add_device_argument, check_default_backend, checked_threshold, device_from,
+                     output_dir, say)
 
 HELP = "time int8mm against fp16/bf16 F.linear and bitsandbytes on real model shapes"
 DESCRIPTION = HELP + """.
@@ -16,6 +17,10 @@ planted outlier columns, and writes DIR/{cpu,gpu}_bench.json (long-form rows), .
 suite (--suite model) times prefill and decode of a random-weight Llama in float, bitsandbytes 8-bit and
 int8mm 8-bit, and writes DIR/{cpu,gpu}_model_bench.json and .md."""
 SUITES = ("kernels", "model", "all")
+# options that only one suite reads (None when not given): given to the other suite alone, they are an error
+KERNEL_ONLY = ("models", "roles", "m", "backends", "outlier_cols", "outlier_low", "outlier_high", "graph_max_m",
+               "reps")
+MODEL_ONLY = ("preset", "layers", "prompt_tokens", "new_tokens", "batch_sizes", "providers")
 
 
 def register(subparsers) -> None:
@@ -32,8 +37,20 @@ def _stem(device) -> str:
     return "gpu_bench" if device.type == "cuda" else "cpu_bench"
 
 
+def _check_options_of_the_suite(args) -> None:
+    unused, other = {"model": (KERNEL_ONLY, "kernel"), "kernels": (MODEL_ONLY, "model")}.get(args.suite, ((), ""))
+    given = ["--" + option.replace("_", "-") for option in unused if getattr(args, option) is not None]
+    if given:
+        raise CliError(f"{', '.join(given)}: option(s) of the {other} suite, which --suite {args.suite} does not run")
+
+
 def run(args) -> int:
     device = device_from(args)
+    _check_options_of_the_suite(args)
+    if args.threshold is not None:
+        checked_threshold(args.threshold)
+    check_default_backend(device)
+    out = output_dir(args.out, "--out")
     try:  # every configuration problem surfaces here, before anything is measured
         kernel_config = kernel_config_from_args(args, device) if args.suite != "model" else None
         model_config = model_config_from_args(args, device) if args.suite != "kernels" else None
@@ -42,21 +59,21 @@ def run(args) -> int:
     except (ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     if kernel_config is not None:
-        _run_kernel_suite(kernel_config, device, Path(args.out))
+        _run_kernel_suite(kernel_config, device, out)
     if model_config is not None:
-        _run_model_suite(model_config, device, Path(args.out))
+        _run_model_suite(model_config, device, out)
     return 0
 
 
 def _run_kernel_suite(config, device, out: Path) -> None:
     result = run_kernel_suite(config, device)
-    paths = write_results(result, out, _stem(device))
     say("\n".join(header_lines(result.meta)))
     for mode in dict.fromkeys(r["mode"] for r in result.rows):
         say(f"\nmedian time per call, {mode} (speed-up over {result.meta['baseline']}):")
         say("\n".join(speedup_table(result.rows, mode)))
     say("\ngeometric mean of the speed-up over each model's layers:")
     say("\n".join(geomean_table(result.rows, result.meta["baseline"])))
+    paths = write_results(result, out, _stem(device))  # after the tables: a failed write keeps what they show
     say("\nwrote " + ", ".join(str(p) for key, p in paths.items() if key != "png_skipped"))
     if "png_skipped" in paths:
         say(f"no plot: {paths['png_skipped']}")
@@ -67,6 +84,6 @@ def _run_model_suite(config, device, out: Path) -> None:
 
     result = run_model_suite(config, device)
     text = model_markdown(result)
-    paths = write_json_and_markdown(result, text, out, _stem(device).replace("_bench", "_model_bench"))
     say("\n" + text)
+    paths = write_json_and_markdown(result, text, out, _stem(device).replace("_bench", "_model_bench"))
     say("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,5 +1,6 @@
 """What every subcommand shares: one-line errors, argument checks, device and backend choice."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -67,8 +68,10 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def checked_backend(args, device: torch.device):
-    """``args.backend`` resolved for ``device``; an unknown or unavailable backend is a CliError."""
+    """``args.backend`` resolved for ``device``; an unknown or unavailable backend is a CliError. Without
+    ``--backend`` the default (INT8MM_BACKEND) is checked now too, and None returned: the default applies."""
     if args.backend is None:
+        check_default_backend(device)
         return None
     try:
         return resolve_backend(args.backend, device)
@@ -76,10 +79,12 @@ def checked_backend(args, device: torch.device):
         raise CliError(f"--backend: {exc}") from None
 
 
-def positive(value: int, argument: str) -> int:
-    if value < 1:
-        raise CliError(f"{argument} must be >= 1, got {value}")
-    return value
+def check_default_backend(device: torch.device) -> None:
+    """INT8MM_BACKEND names a backend that runs on ``device`` (else a CliError, before anything slow)."""
+    try:
+        resolve_backend(None, device)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def checked_threshold(value: float) -> float:
@@ -94,9 +99,34 @@ def load_model(path: Path, device: torch.device, dtype, **from_pretrained_kwargs
 
     try:
         return load_causal_lm(path, device, dtype, **from_pretrained_kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, *_checkpoint_errors()) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CliError(f"cannot load a causal LM from {str(path)!r}: {first_line}") from None
+
+
+def _checkpoint_errors() -> tuple[type[Exception], ...]:
+    """What reading a broken checkpoint raises besides OSError/ValueError (a truncated safetensors file)."""
+    from ..loading import CheckpointError
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return (CheckpointError,)
+    return (CheckpointError, SafetensorError)
+
+
+def output_dir(value: str, argument: str) -> Path:
+    """A directory results can be written to, made now: a bad one fails before anything is measured."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{argument} {value!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"{argument} {value!r} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CliError(f"{argument} {value!r} is not writable")
+    return path
 
 
 def say(*parts) -> None:

@@ -10,7 +10,7 @@ from ..backends import Backend
 from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
 from ..bench.environment import load_average
 from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_threshold,
-                     device_from, load_model, positive, say, warn)
+                     device_from, load_model, say, warn)
 
 DEFAULT_WINDOW = 1024
 
@@ -39,7 +39,8 @@ def check_compare_args(args) -> Checked:
     """Every option checked before anything slow happens: the device, backend and threshold to use."""
     device = device_from(args)
     checked = Checked(device, checked_backend(args, device), checked_threshold(args.threshold))
-    positive(args.max_tokens, "--max-tokens")
+    if args.max_tokens < 2:
+        raise CliError(f"--max-tokens must be >= 2 (the first token is context only), got {args.max_tokens}")
     if args.window < 2:
         raise CliError(f"--window must be >= 2 (a window scores its tokens after the first), got {args.window}")
     if args.new_tokens < 0:
@@ -65,6 +66,8 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
     model, tokenizer = load_model(model_path, device, default_dtype(device))
+    if len(tokenizer(text[:4096], add_special_tokens=False)["input_ids"]) < 2:
+        raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
     _warn_if_busy(device)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "

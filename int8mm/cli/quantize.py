@@ -9,6 +9,8 @@ that have bitsandbytes but not int8mm (the tensors are the same). Tokenizer and 
 MODEL_DIR are copied over.
 """
 import json
+import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
-from .common import CliError, checked_threshold, load_model, model_dir, say
+from .common import CliError, _checkpoint_errors, checked_threshold, load_model, model_dir, say
 
 HELP = "write an 8-bit checkpoint (safetensors, bitsandbytes layout) of a local checkpoint"
 # files of the source checkpoint that hold weights: replaced by the 8-bit ones, never copied
@@ -56,6 +58,16 @@ def copy_non_weight_files(source: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
+def _write(model, source: Path, out: Path, threshold: float, args) -> None:
+    model.save_pretrained(out)
+    copy_non_weight_files(source, out)
+    if args.bitsandbytes_config:
+        config_path = out / "config.json"
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        saved["quantization_config"] = bitsandbytes_quantization_config(threshold, list(args.skip))
+        config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+
+
 def run(args) -> int:
     source = model_dir(args.model_dir)
     out = Path(args.out_dir).expanduser()
@@ -67,15 +79,25 @@ def run(args) -> int:
         raise CliError(str(exc)) from None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CliError(f"OUT_DIR {args.out_dir!r} exists and is not an empty directory")
-    # keep the checkpoint's dtype for what stays in float; the integration quantizes as it loads
-    model, _ = load_model(source, torch.device("cpu"), "auto", quantization_config=config)
-    model.save_pretrained(out)
-    copy_non_weight_files(source, out)
-    if args.bitsandbytes_config:
-        config_path = out / "config.json"
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-        saved["quantization_config"] = bitsandbytes_quantization_config(threshold, list(args.skip))
-        config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    # everything is written into a hidden sibling, renamed to OUT_DIR once complete: a failure (a full disk)
+    # never leaves a directory that looks like a checkpoint; made now, so an unwritable place fails at once
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        partial.mkdir()  # an ordinary directory (the umask's mode), unlike a private mkdtemp one
+    except OSError as exc:
+        raise CliError(f"cannot write under {str(out.parent)!r}: {exc.strerror or exc}") from None
+    try:
+        # keep the checkpoint's dtype for what stays in float; the integration quantizes as it loads
+        model, _ = load_model(source, torch.device("cpu"), "auto", quantization_config=config)
+        _write(model, source, partial, threshold, args)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        partial.rename(out)
+    except (OSError, *_checkpoint_errors()) as exc:  # a full disk surfaces as a SafetensorError
+        raise CliError(f"writing {str(out)!r} failed: {exc}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already after the rename
     size = sum(p.stat().st_size for p in out.iterdir() if _is_weight_file(p))
     source_size = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and _is_weight_file(p))
     say(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}\nweights: {size / 2**20:.1f} MiB "
