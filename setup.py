@@ -23,7 +23,11 @@ class BuildPyWithCuda(build_py):
 
     def run(self):
         super().run()
-        choice = os.environ.get(BUILD_CUDA_ENV_VAR, "")
+        choice = {"": "", "0": "0", "false": "0", "no": "0", "off": "0", "1": "1", "true": "1", "yes": "1",
+                  "on": "1"}.get(os.environ.get(BUILD_CUDA_ENV_VAR, "").strip().lower())
+        if choice is None:
+            raise RuntimeError(f"{BUILD_CUDA_ENV_VAR} must be 0 (never build the CUDA library) or 1 (always), got "
+                               f"{os.environ[BUILD_CUDA_ENV_VAR]!r}")
         if choice == "0":
             return
         cuda_build = _cuda_build_module()

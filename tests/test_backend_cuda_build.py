@@ -106,6 +106,21 @@ def test_cache_dir_needs_no_home_when_the_cache_is_named(monkeypatch, tmp_path):
     assert assets.cache_dir() == tmp_path
 
 
+def test_a_library_of_another_version_says_so(monkeypatch, tmp_path):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("needs a C compiler to make a stand-in library")
+    (tmp_path / "old.c").write_text("int int8mm_abi_version(void) { return 0; }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", tmp_path / "libold.so", tmp_path / "old.c"], check=True)
+    monkeypatch.setenv(cuda_build.LIBRARY_ENV_VAR, str(tmp_path / "libold.so"))
+    cuda.library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"libold\.so lacks int8mm_error_string: it is not the library"):
+            cuda.library()
+    finally:
+        cuda.library.cache_clear()
+
+
 def test_cache_key_follows_the_sources(tmp_path):
     src = _copy_sources(tmp_path / "src")
     before = cuda_build.source_hash(src)

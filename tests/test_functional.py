@@ -443,3 +443,8 @@ def test_nd_input_without_features():
     q_w = torch.zeros(4, 0, dtype=torch.int8)
     y = int8mm.int8_linear(torch.randn(2, 3, 0), q_w, torch.zeros(4), torch.ones(4))
     assert y.shape == (2, 3, 4) and torch.equal(y, torch.ones(2, 3, 4))
+
+
+def test_weight_without_inputs():
+    q_w, s_w = int8mm.quantize_weight(torch.randn(3, 0))
+    assert q_w.shape == (3, 0) and q_w.dtype == torch.int8 and torch.equal(s_w, torch.zeros(3))

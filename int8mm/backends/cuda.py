@@ -30,9 +30,14 @@ _SIGNATURES = {
 @functools.cache
 def library() -> ctypes.CDLL:
     """The loaded library (built first if needed and possible); raises saying how to build it."""
-    lib = ctypes.CDLL(str(cuda_build.library_path()))
+    path = cuda_build.library_path()
+    lib = ctypes.CDLL(str(path))
     for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:  # a library of another int8mm version
+            raise RuntimeError(f"{path} lacks {name}: it is not the library this int8mm needs; "
+                               f"{cuda_build.HOW_TO_BUILD}") from None
         fn.restype, fn.argtypes = restype, argtypes
     if lib.int8mm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"the int8mm CUDA library speaks ABI {lib.int8mm_abi_version()}, this int8mm "

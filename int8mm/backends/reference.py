@@ -11,6 +11,8 @@ from .._constants import INT8_MAX
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax: ``s_w[n] = max|W[n,:]|``, ``q_w = round(W * (127 / s_w))`` (zero rows stay zero)."""
     wf = w.float().contiguous()  # q_w is row-major whatever w's layout
+    if wf.shape[1] == 0:  # no inputs: nothing to scale (amax refuses an empty row)
+        return wf.to(torch.int8), wf.new_zeros(wf.shape[0])
     s_w = wf.abs().amax(dim=1)
     q_w = _scaled_to_int8_(wf * _reciprocal_scale(s_w)[:, None])
     return q_w, s_w
