@@ -139,10 +139,15 @@ def test_gpt2_conv1d_is_transposed(tmp_path):
     assert float((ours - ref).norm() / ref.norm()) < 0.03
 
 
+def _cpu_map_with_disk(*on_disk: str) -> dict:
+    """A device map of the tiny Llama: every module on the CPU but those named, on the disk."""
+    names = ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head")
+    return {name: "disk" if name in on_disk else "cpu" for name in names}
+
+
 def test_cpu_and_disk_device_map(llama_dir, tmp_path, token_ids):
     path, _ = llama_dir
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    device_map = _cpu_map_with_disk("model.layers.0", "lm_head")
     offload = tmp_path / "offload"
     model = load_in_8bit(path, device_map=device_map, offload_folder=offload, progress=False)
     down = model.model.layers[0].mlp.down_proj
@@ -241,8 +246,7 @@ def test_base_model_checkpoint_loads_into_the_head_model(tmp_path):
 
 def test_an_offload_folder_in_use_is_refused_to_another_checkpoint(llama_dir, tmp_path, token_ids):
     path, _ = llama_dir
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = _cpu_map_with_disk("model.layers.0")
     offload = tmp_path / "offload"
     first = load_in_8bit(path, device_map=device_map, offload_folder=offload, progress=False)
     expected = logits(first, token_ids)

@@ -50,7 +50,6 @@ def run(args) -> int:
     if args.threshold is not None:
         checked_threshold(args.threshold)
     check_default_backend(device)
-    out = output_dir(args.out, "--out")
     try:  # every configuration problem surfaces here, before anything is measured
         kernel_config = kernel_config_from_args(args, device) if args.suite != "model" else None
         model_config = model_config_from_args(args, device) if args.suite != "kernels" else None
@@ -58,6 +57,7 @@ def run(args) -> int:
             benchmark_backends(device, kernel_config.backends)
     except (ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
+    out = output_dir(args.out, "--out")  # made last: a refused command leaves no directory behind
     if kernel_config is not None:
         _run_kernel_suite(kernel_config, device, out)
     if model_config is not None:
