@@ -244,6 +244,20 @@ def test_base_model_checkpoint_loads_into_the_head_model(tmp_path):
     assert torch.equal(logits(model, ids), logits(reference, ids))
 
 
+def test_a_tied_tensor_split_between_disk_and_memory_is_refused(tmp_path):
+    _llama(tie=True).save_pretrained(tmp_path / "tied")
+    device_map = _cpu_map_with_disk("model.embed_tokens")  # its weight is lm_head's too, and lm_head is on the CPU
+    with pytest.raises(ValueError, match=r"'model\.embed_tokens\.weight', 'lm_head\.weight' are one tied tensor, "
+                                         r"but device_map puts them on disk, cpu"):
+        load_in_8bit(tmp_path / "tied", device_map=device_map, offload_folder=tmp_path / "offload", progress=False)
+    assert not (tmp_path / "offload").exists()
+    # the other way round, the tensor stays in memory and serves lm_head on the "disk" as well
+    mirror = _cpu_map_with_disk("lm_head")
+    model = load_in_8bit(tmp_path / "tied", device_map=mirror, offload_folder=tmp_path / "offload", progress=False)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(logits(model, ids), logits(load_in_8bit(tmp_path / "tied", progress=False), ids))
+
+
 def test_an_offload_folder_in_use_is_refused_to_another_checkpoint(llama_dir, tmp_path, token_ids):
     path, _ = llama_dir
     device_map = _cpu_map_with_disk("model.layers.0")

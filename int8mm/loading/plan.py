@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn import Int8Linear
-from .device_map import device_for
+from .device_map import DISK, device_for
 from .errors import CheckpointError
 from .safetensors_files import _Entry
 
@@ -67,6 +67,12 @@ def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Ent
             continue
         entry = headers[found[0]]
         _check_shape(entry, tuple(meta.shape))
+        # a tied tensor goes where its first name goes: memory can serve a name on the disk too, not the reverse
+        places = {name: device_for(name, device_map) for name in names}
+        if places[names[0]] == DISK and any(place != DISK for place in places.values()):
+            raise ValueError(f"{', '.join(map(repr, names))} are one tied tensor, but device_map puts them on "
+                             f"{', '.join(str(d) for d in places.values())}: put the modules holding them on one "
+                             f"device (the disk cannot share a tensor with memory)")
         if entry.dtype.is_floating_point != meta.dtype.is_floating_point or (
                 entry.dtype == torch.bool) != (meta.dtype == torch.bool):
             raise CheckpointError(f"{entry.path}: {entry.key!r} has dtype {entry.dtype}, but the model holds "
