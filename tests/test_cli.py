@@ -155,6 +155,13 @@ def test_python_dash_m_runs_the_command():
     assert "int8mm backends" in done.stdout
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """``int8mm info | head -1``: the pipe closes after one line; the command stops quietly (status 141)."""
+    done = subprocess.run(f"'{sys.executable}' -m int8mm info | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120, executable="/bin/bash")
+    assert done.stdout.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "{tmp}/missing"], "MODEL_DIR '{tmp}/missing' does not exist"),
     (["eval", "{tmp}"], "is not a Hugging Face model directory (it has no config.json)"),

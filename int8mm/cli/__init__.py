@@ -39,3 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("int8mm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left early (int8mm info | head): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
