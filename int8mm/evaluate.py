@@ -41,9 +41,10 @@ def perplexity(
         ValueError: ``max_tokens`` < 1, ``window`` < 2, or the text has fewer than 2 tokens.
     """
     total_nll, predicted = 0.0, 0
+    device = _input_device(model)
     with torch.inference_mode():
         for chunk in _windows(tokenizer, text, max_tokens, window):
-            logits = model(chunk[None].to(_input_device(model))).logits[0, :-1].float()
+            logits = model(chunk[None].to(device)).logits[0, :-1].float()
             total_nll += float(F.cross_entropy(logits, chunk[1:].to(logits.device), reduction="sum").double())
             predicted += chunk.numel() - 1
     return math.exp(total_nll / predicted)
@@ -98,19 +99,26 @@ def score_side_by_side(
         raise ValueError(f"models must map names other than 'reference' to models, got {sorted(models)!r}")
     chunks = _windows(tokenizer, text, max_tokens, window)
     all_models = {"reference": reference, **models}
+    devices = {name: _input_device(model) for name, model in all_models.items()}
     token_nll = {name: [] for name in all_models}
     kl = {name: [] for name in all_models}
     with torch.inference_mode():
         for chunk in tqdm(chunks, desc="scoring", unit="window", disable=not progress):
             ref_logp = None
             for name, model in all_models.items():
-                logits = model(chunk[None].to(_input_device(model))).logits[0, :-1]
+                logits = model(chunk[None].to(devices[name])).logits[0, :-1]
                 logp = logits.float().log_softmax(-1).cpu()
                 if ref_logp is None:
                     ref_logp = logp
                 token_nll[name].append(-logp.gather(1, chunk[1:, None])[:, 0].double())
                 kl[name].append((ref_logp.exp() * (ref_logp - logp)).sum(-1).double())
     return SideBySide({n: torch.cat(v) for n, v in token_nll.items()}, {n: torch.cat(v) for n, v in kl.items()})
+
+
+def token_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` token ids of ``text`` (no special tokens): what ``perplexity`` scores; tokenize
+    once with this when timing or scoring repeatedly."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
 
 
 def _windows(tokenizer, text, max_tokens: int, window: int) -> list:
@@ -121,10 +129,7 @@ def _windows(tokenizer, text, max_tokens: int, window: int) -> list:
             raise TypeError(f"{arg} must be an int, got {type(value).__name__} {value!r}")
         if value < least:
             raise ValueError(f"{arg} must be >= {least}, got {value}")
-    if isinstance(text, str):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    else:
-        ids = list(text)[:max_tokens]
+    ids = token_ids(tokenizer, text, max_tokens) if isinstance(text, str) else list(text)[:max_tokens]
     if len(ids) < 2:
         raise ValueError(f"text must hold at least 2 tokens to score, got {len(ids)}")
     chunks = torch.tensor(ids, dtype=torch.long).split(window)

@@ -92,9 +92,15 @@ def _umask() -> int:
     return mask
 
 
+def cache_root() -> Path:
+    """``$INT8MM_CACHE``, else (unset or empty) ``~/.cache/int8mm``: HOME is only read then. int8mm.assets
+    caches the converted SmolLM2 checkpoint here too."""
+    root = os.environ.get(CACHE_ENV_VAR)
+    return Path(root) if root else Path.home() / ".cache" / "int8mm"
+
+
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV_VAR)  # unset or empty: ~/.cache/int8mm (HOME is only needed then)
-    return (Path(root) if root else Path.home() / ".cache" / "int8mm") / "cuda" / source_hash()
+    return cache_root() / "cuda" / source_hash()
 
 
 def _fresh(library: Path) -> bool:

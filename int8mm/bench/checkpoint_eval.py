@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._constants import DEFAULT_THRESHOLD
-from ..evaluate import perplexity
+from ..evaluate import perplexity, token_ids
 from ..model import DEFAULT_SKIP_MODULES, quantize_model
 from ..nn import Int8Linear
 from .memory import module_bytes
@@ -52,11 +52,6 @@ def load_causal_lm(model_dir: str | Path, device: torch.device, dtype, **from_pr
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **from_pretrained_kwargs)
     model = model.to(device).eval()
     return model, tokenizer
-
-
-def token_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
-    """The first ``max_tokens`` token ids of ``text``, tokenized once (outside any timed region)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
 
 
 def _sync(device: torch.device) -> None:
