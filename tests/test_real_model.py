@@ -21,7 +21,10 @@ MAX_TOKENS = 8192
 WINDOW = 1024
 # "No worse than bitsandbytes" is judged on two measures from one side-by-side pass over the same tokens:
 # - KL(fp32 || model), how far each 8-bit model's next-token distributions moved from the fp32 model's: the loss
-#   of accuracy itself, with little noise (threshold 0 vs 6: 37 standard errors apart on these tokens);
+#   of accuracy itself, with little noise (threshold 0 vs 6: 37 standard errors apart on these tokens), as a paired
+#   per-token difference with its standard error: int8mm's and bitsandbytes' means are within noise of each other
+#   (1.568e-2 vs 1.585e-2 on a Xeon, 1.587e-2 vs 1.568e-2 on an AMD EPYC), so a strict comparison of the two
+#   means fails on some hosts;
 # - perplexity, as a paired per-token NLL difference with its standard error. Between two implementations of the
 #   same quantization it is mostly rounding noise: bitsandbytes casts weights and activations to fp16 before
 #   quantizing them, int8mm quantizes the fp32 values, and one epilogue reordering in int8mm (same math, commit
@@ -89,10 +92,12 @@ def test_int8mm_is_no_worse_than_bitsandbytes(scores):
     fp32_ppl, int8mm_ppl = scores.perplexity("reference"), scores.perplexity("int8mm_6")
     assert 20.0 < fp32_ppl < 30.0  # the checkpoint and the text are what they should be (measured 23.96)
     assert fp32_ppl < int8mm_ppl < 1.05 * fp32_ppl  # 8 bits cost a little, not a lot (measured +1.8%)
-    assert 0.0 < scores.mean_kl("int8mm_6") <= scores.mean_kl("bnb_6")
-    mean, stderr = scores.paired_difference("int8mm_6", "bnb_6")
-    print(f"\nint8mm - bitsandbytes, per-token NLL: {mean:+.2e} +- {stderr:.2e} ({mean / stderr:+.2f} standard errors)")
-    assert mean <= Z_WORSE * stderr
+    assert scores.mean_kl("int8mm_6") > 0.0
+    for metric in ("kl", "token_nll"):  # each judged paired, token by token: two means alone differ by noise
+        mean, stderr = scores.paired_difference("int8mm_6", "bnb_6", metric=metric)
+        print(f"\nint8mm - bitsandbytes, per-token {metric}: {mean:+.2e} +- {stderr:.2e} "
+              f"({mean / stderr:+.2f} standard errors)")
+        assert mean <= Z_WORSE * stderr, metric
 
 
 def test_threshold_zero_is_measurably_worse(scores):
