@@ -5,15 +5,6 @@ API ladder, from most to least automatic:
     Int8Linear.from_linear(linear)   one drop-in layer
     quantize_weight / quantize_activations / int8_matmul / int8_linear   the functional ops
 """
-import os as _os
-
-# Installed, setup.py maps kernels/ to int8mm.kernels; in a source checkout that was not installed the
-# kernel sources sit beside the package, so let the package path reach them.
-if not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
-    _source_root = _os.path.dirname(_os.path.abspath(__path__[0]))
-    if _os.path.isdir(_os.path.join(_source_root, "kernels", "triton")):
-        __path__.append(_source_root)
-
 from . import _ops  # noqa: F401  (registers the torch.library ops)
 from ._constants import DEFAULT_THRESHOLD, INT8_MAX, MAX_EXACT_K
 from .backends import Backend, available_backends
