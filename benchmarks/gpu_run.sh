@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The one script a lent GPU machine runs: GPU tests, compute-sanitizer on the CUDA backend, the side-by-side
 # benchmark; everything lands under $OUT as it goes (one log per stage).
-# Here, first: ../shared/tools/device-site.sh .devsite; make cuda. Carry .devsite and
+# Here, first: ../shared/tools/device-site.sh .devsite setuptools==84.2.1; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh
 set -uo pipefail
 export PYTHONPATH="$PWD/.devsite:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT="${OUT:-$PWD/.out}"; mkdir -p "$OUT"
+# int8mm.kernels.{triton,cuda} are kernels/ mapped by setup.py (package_dir): an editable install makes that
+# mapping (nothing is compiled: INT8MM_BUILD_CUDA=0; the library is carried or built at first use).
+# PIP_BREAK_SYSTEM_PACKAGES: the machine is thrown away afterwards, and its Python may be a distribution's.
+if ! INT8MM_BUILD_CUDA=0 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-deps --no-build-isolation -e . \
+    >"$OUT/install.log" 2>&1; then
+  echo "pip install -e . failed:"; tail -20 "$OUT/install.log"; exit 1
+fi
 # a carried prebuilt library: name it, since copying can leave the sources newer than it (it would rebuild)
 [ -f kernels/cuda/libint8mm_cuda.so ] && export INT8MM_CUDA_LIB="$PWD/kernels/cuda/libint8mm_cuda.so"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/device.txt"
