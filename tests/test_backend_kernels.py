@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
 from int8mm import _ops
+from int8mm.backends import registry
 from gpu import requires_cuda
 from helpers import DEVICE, assert_output_close, assert_quantized_equal, planted_outliers, random_weight
 
@@ -194,7 +195,7 @@ def test_forward_fills_only_the_stats_buffer(backend):
     accumulates into (Triton; the CUDA library clears its workspace itself)."""
     x = _activations(5, 96, torch.float16)
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
-    impl = _ops._impl(backend, "int8_linear")
+    impl = registry.lookup(backend, "int8_linear")
     ref = _ops.int8_linear(x, q_w, s_w, None, 6.0, "reference")
     with _FillCounter() as counter:
         got = impl(x, q_w, s_w, None, 6.0)

@@ -8,8 +8,7 @@ import functools
 
 import torch
 
-from .. import _ops
-from . import cuda_build
+from . import cuda_build, registry
 
 BACKEND = "cuda"
 ABI_VERSION = 1
@@ -78,7 +77,7 @@ def _activation_buffers(x: torch.Tensor):
     )
 
 
-@_ops.register_impl(BACKEND, "quantize_activations")
+@registry.register(BACKEND, "quantize_activations")
 def quantize_activations(x, threshold):
     m, k = x.shape
     workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
@@ -89,7 +88,7 @@ def quantize_activations(x, threshold):
     return q_x, s_x, outlier_cols, outlier_count
 
 
-@_ops.register_impl(BACKEND, "int8_matmul")
+@registry.register(BACKEND, "int8_matmul")
 def int8_matmul(a, b):
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
@@ -99,7 +98,7 @@ def int8_matmul(a, b):
     return out
 
 
-@_ops.register_impl(BACKEND, "int8_linear")
+@registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]

@@ -15,10 +15,9 @@ import os
 import torch
 import triton
 
-from .. import _ops
 from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
-from . import triton_interpreting
+from . import registry, triton_interpreting
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -154,20 +153,20 @@ def _on_device_of(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-@_ops.register_impl(BACKEND, "quantize_activations")
+@registry.register(BACKEND, "quantize_activations")
 def quantize_activations(x, threshold):
     with _on_device_of(x):
         return _quantize_activations(x, threshold)
 
 
-@_ops.register_impl(BACKEND, "int8_matmul")
+@registry.register(BACKEND, "int8_matmul")
 def int8_matmul(a, b):
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
     with _on_device_of(a):
         return _launch_gemm(a, b, out)
 
 
-@_ops.register_impl(BACKEND, "int8_linear")
+@registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]
