@@ -219,3 +219,21 @@ def test_bench_gpu_script_says_it_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="bench_gpu.py needs an NVIDIA GPU"):
         _script("bench_gpu").main(["--out", "x"])
+
+
+def test_host_suite_times_the_framework_around_a_stand_in(tmp_path, capsys):
+    """The host-overhead benchmark runs and reports; its figure is a measurement, never asserted here."""
+    from int8mm.backends import registry
+    reference_linear = registry.lookup("reference", "int8_linear")
+    assert main(["bench", "--suite", "host", "--out", str(tmp_path)]) == 0
+    assert registry.lookup("reference", "int8_linear") is reference_linear  # the stand-in is gone again
+    out = capsys.readouterr().out
+    assert "Framework overhead (Int8Linear with the stand-in backend minus the stand-in alone)" in out
+    data = json.loads((tmp_path / "cpu_host_bench.json").read_text())
+    names = [row["name"] for row in data["rows"]]
+    assert names[:4] == ["stand-in backend alone", "nn.Identity module call", "Int8Linear, stand-in backend",
+                         "int8mm.int8_linear, stand-in backend"]
+    assert data["meta"]["backend"] == "reference" and data["overhead_us"] > 0 and data["target_us"] == 5.0
+    assert (tmp_path / "cpu_host_bench.md").read_text().startswith("# int8mm host path")
+    assert main(["bench", "--suite", "host", "--m", "3", "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()
