@@ -57,7 +57,7 @@ setup(
     packages=["int8mm", "int8mm.backends", "int8mm.bench", "int8mm.cli", "int8mm.integrations", "int8mm.kernels",
               "int8mm.kernels.triton", "int8mm.loading"],
     package_dir={"int8mm": "int8mm", "int8mm.kernels": "kernels"},
-    package_data={"int8mm.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "README.md"]},
+    package_data={"int8mm.kernels": ["cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "cpu/*.c", "README.md"]},
     cmdclass={"build_py": BuildPyWithCuda},
     distclass=PlatformDistribution,
     install_requires=["torch>=2.5", "numpy", "packaging", "tqdm"],

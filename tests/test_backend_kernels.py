@@ -1,7 +1,8 @@
 """The kernel backends (Triton, CUDA) against the reference (SPEC.md tolerances).
 
 On a GPU these run the compiled kernels; elsewhere the Triton launchers run on CPU tensors through
-Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), and the CUDA cases wait for a GPU.
+Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), the CPU library runs natively, and the CUDA
+cases wait for a GPU.
 """
 import contextlib
 
@@ -22,8 +23,11 @@ def _activations(m, k, dtype, **kwargs):
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
-# every kernel backend, as a fixture: each test below runs once per backend
+# every kernel backend, as a fixture: each test below runs once per backend. The CPU library takes CPU tensors:
+# it joins here where DEVICE is the CPU (tests/test_backend_cpu.py tests it on every machine)
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=requires_cuda)]
+if DEVICE.type == "cpu":
+    BACKENDS.append(pytest.param("cpu"))
 
 
 @pytest.fixture(params=BACKENDS)

@@ -22,13 +22,15 @@ class Backend(str, enum.Enum):
     """Which implementation computes the ops (all compute SPEC.md)."""
 
     AUTO = "auto"
-    """Pick per device and shape: reference on CPU; on CUDA the fastest available GPU backend."""
+    """Pick per device and shape: the CPU library on CPU (else reference); on CUDA the fastest GPU backend."""
     REFERENCE = "reference"
-    """Plain torch on any device: the executable spec, and the fast path on CPU."""
+    """Plain torch on any device: the executable spec every other backend is tested against."""
     TRITON = "triton"
     """Fused Triton kernels on NVIDIA GPUs (and on CPU tensors under ``TRITON_INTERPRET=1``)."""
     CUDA = "cuda"
     """Hand-written CUDA C++ kernels on NVIDIA GPUs (needs the compiled library)."""
+    CPU = "cpu"
+    """C kernels for CPU tensors (compiled with the system C compiler at first use; the fast path on CPU)."""
 
 
 _triton_interpreting: bool | None = None
@@ -53,6 +55,12 @@ def _cuda_library_loadable() -> bool:
     return cuda_backend.library_available()
 
 
+@torch.compiler.assume_constant_result  # compiles or loads a library once, outside any traced graph
+def _cpu_library_loadable() -> bool:
+    from . import cpu as cpu_backend
+    return cpu_backend.library_available()
+
+
 def available_backends(device: torch.device | str | None = None) -> list[Backend]:
     """The backends that can run on ``device`` (default: CUDA if present, else CPU), AUTO excluded."""
     device = torch.device(device) if device is not None else _default_device()
@@ -61,6 +69,8 @@ def available_backends(device: torch.device | str | None = None) -> list[Backend
         found.append(Backend.TRITON)
     if device.type == "cuda" and _cuda_library_loadable():
         found.append(Backend.CUDA)
+    if device.type == "cpu" and _cpu_library_loadable():
+        found.append(Backend.CPU)
     return found
 
 
@@ -93,7 +103,7 @@ def resolve_backend(backend, device: torch.device, decode: bool = False) -> Back
     available = available_backends(device)
     if chosen is Backend.AUTO:
         if device.type != "cuda":
-            return Backend.REFERENCE
+            return Backend.CPU if Backend.CPU in available else Backend.REFERENCE
         for candidate in AUTO_PREFERENCE["decode" if decode else "prefill"]:
             if candidate in available:
                 return candidate
@@ -108,6 +118,8 @@ def resolve_backend(backend, device: torch.device, decode: bool = False) -> Back
             hint = " (pip install triton)"
         elif chosen is Backend.CUDA:
             hint = " (build the CUDA library with `make cuda`, needs nvcc)"
+        elif chosen is Backend.CPU:
+            hint = " (the CPU library runs on CPU tensors and needs a C compiler with OpenMP)"
         raise RuntimeError(f"backend {chosen.value!r} is not available on {device.type}{hint}; available: {names}")
     return chosen
 

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 OP_NAMES = ("quantize_activations", "int8_matmul", "int8_linear")
 # backend name -> the module whose import registers its implementations (the reference is always imported)
 _MODULES = {"reference": "int8mm.backends.reference", "triton": "int8mm.backends.triton",
-            "cuda": "int8mm.backends.cuda"}
+            "cuda": "int8mm.backends.cuda", "cpu": "int8mm.backends.cpu"}
 _IMPLS: dict[tuple[str, str], Callable] = {}
 
 
