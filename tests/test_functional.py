@@ -247,7 +247,8 @@ def test_backend_by_name_enum_and_environment(monkeypatch):
     expected = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="reference")
     assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend=Backend.REFERENCE), expected)
     assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="REFERENCE"), expected)
-    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="auto"), expected)
+    auto = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="auto")  # the CPU library here
+    assert torch.equal(auto, int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="cpu"))
     monkeypatch.setenv("INT8MM_BACKEND", "reference")
     backends.refresh_from_environment()
     assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD), expected)
@@ -300,9 +301,9 @@ def test_triton_backend_unavailable_on_cpu_without_interpreter(monkeypatch):
         x = torch.randn(2, 8)
         q_w, s_w = int8mm.quantize_weight(torch.randn(3, 8))
         with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu.*TRITON_INTERPRET=1.*"
-                                               r"available: reference$"):
+                                               r"available: reference, cpu$"):
             int8mm.int8_linear(x, q_w, s_w, backend=Backend.TRITON)
-        assert int8mm.available_backends("cpu") == [Backend.REFERENCE]
+        assert int8mm.available_backends("cpu") == [Backend.REFERENCE, Backend.CPU]
     finally:
         monkeypatch.undo()
         backends.refresh_from_environment()

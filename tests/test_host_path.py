@@ -19,9 +19,9 @@ from int8mm.backends import registry
 THRESHOLD = 6.0
 
 
-def _layer(k=64, n=33, seed=0):
+def _layer(k=64, n=33, seed=0, backend="reference"):
     torch.manual_seed(seed)
-    return Int8Linear.from_linear(nn.Linear(k, n), threshold=THRESHOLD)
+    return Int8Linear.from_linear(nn.Linear(k, n), threshold=THRESHOLD, backend=backend)
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -48,8 +48,8 @@ def test_eager_forward_skips_the_op_and_matches_it(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(layer(x), expected)
     assert torch.equal(layer(x), expected)  # grad mode, but nothing requires grad
-    assert torch.equal(int8mm.int8_linear(x.reshape(5, 1, 64), layer.weight, layer.SCB, layer.bias, THRESHOLD),
-                       expected.reshape(5, 1, 33))
+    assert torch.equal(int8mm.int8_linear(x.reshape(5, 1, 64), layer.weight, layer.SCB, layer.bias, THRESHOLD,
+                                          "reference"), expected.reshape(5, 1, 33))
 
 
 def test_autograd_and_dispatch_modes_see_the_op():
@@ -67,7 +67,7 @@ def test_layer_checks_follow_threshold_changes():
     x = planted_outliers(3, 64, seed=3)
     with_outliers = layer(x)
     layer.threshold = 0.0
-    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, 0.0))
+    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, 0.0, "reference"))
     assert not torch.equal(layer(x), with_outliers)
     layer.threshold = -1.0
     with pytest.raises(ValueError, match=r"threshold must be >= 0.*got -1.0"):
@@ -100,7 +100,7 @@ def test_layer_checks_follow_casts():
     layer(x.float())
     layer.half()  # the bias parameter keeps its identity, with a new dtype
     assert layer.bias.dtype == torch.float16
-    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD))
+    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))
     layer.double()
     with pytest.raises(TypeError, match=r"bias must be one of float16, bfloat16, float32, got torch.float64"):
         layer(x)
@@ -108,20 +108,21 @@ def test_layer_checks_follow_casts():
 
 def test_backend_choice_is_cached_until_changed():
     x = planted_outliers(3, 64)
-    layer = _layer()
+    layer = _layer(backend=None)
+    chosen = backends.backend_for(None, x.device, False)
+    assert chosen == backends.resolve_backend(None, x.device).value  # AUTO on CPU: the CPU library here
     calls = []
-    reference_linear = registry.lookup("reference", "int8_linear")
-    with registry.replaced("reference", "int8_linear", lambda *args: calls.append(1) or reference_linear(*args)):
+    chosen_linear = registry.lookup(chosen, "int8_linear")
+    with registry.replaced(chosen, "int8_linear", lambda *args: calls.append(1) or chosen_linear(*args)):
         layer(x)
     assert calls == [1]
-    assert backends.backend_for(None, x.device, False) == "reference"
     try:
         backends.set_default_backend("cuda")
         with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on cpu"):
             layer(x)
     finally:
         backends.set_default_backend(None)
-    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD))
+    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, chosen))
 
 
 def test_backends_never_import_the_op_surface():

@@ -81,6 +81,7 @@ def _activation_buffers(x: torch.Tensor):
 def quantize_activations(x, threshold):
     m, k = x.shape
     workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
+    outlier_cols.zero_()  # the standalone op's outputs depend on its inputs alone: no stale tail in the list
     with torch.cuda.device(x.device):
         _check(library().int8mm_quantize_activations(
             _ptr(x), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), threshold, _ptr(workspace), _ptr(q_x),
