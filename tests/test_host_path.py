@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
-from helpers import planted_outliers
+from helpers import planted_outliers, requires_cuda
 from int8mm import Int8Linear, _ops, backends
 from int8mm.backends import registry
 
@@ -130,3 +130,30 @@ def test_backends_never_import_the_op_surface():
     for path in pathlib.Path(backends.__file__).parent.glob("*.py"):
         imports = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
         assert not [line for line in imports if "_ops" in line], path.name
+
+
+# ---- on a GPU: the direct launch is what the op computes, also inside a CUDA graph ----
+GPU_BACKENDS = [pytest.param("triton", marks=requires_cuda), pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("m", [1, 16, 17])
+def test_gpu_direct_launch_equals_the_op(monkeypatch, backend, m):
+    layer = _layer(512, 256, backend=backend).cuda()
+    x = planted_outliers(m, 512, torch.float16, seed=m).cuda()
+    expected = torch.ops.int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, backend)
+    _refuse_the_op(monkeypatch)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+    static_x = x.clone()
+    layer(static_x)  # warm-up (compile, autotune) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    other = planted_outliers(m, 512, torch.float16, seed=m + 100).cuda()  # outliers in other columns
+    static_x.copy_(other)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, torch.ops.int8mm.int8_linear(other, layer.weight, layer.SCB, layer.bias, THRESHOLD,
+                                                              backend))
