@@ -53,13 +53,14 @@ setup(
     version="0.1.0",
     description="LLM.int8()-style 8-bit inference kernels for PyTorch (Triton/CUDA, CPU reference)",
     python_requires=">=3.10",
-    # The kernel sources sit at the top of the repository (kernels/triton, kernels/cuda) and ship inside the
-    # package as int8mm.kernels.{triton,cuda}; int8mm/kernels/__init__.py is their parent. kernels/ itself
-    # stays a plain folder (no __init__.py), so it never shadows another distribution's `kernels` package.
+    # The kernel sources sit at the top of the repository (kernels/triton, kernels/cuda, kernels/cpu) and ship
+    # inside the package as int8mm.kernels.{triton,cuda,cpu}; int8mm/kernels/__init__.py is their parent. kernels/
+    # itself stays a plain folder (no __init__.py), so it never shadows another distribution's `kernels` package.
     packages=["int8mm", "int8mm.backends", "int8mm.bench", "int8mm.cli", "int8mm.integrations", "int8mm.kernels",
-              "int8mm.kernels.triton", "int8mm.kernels.cuda", "int8mm.loading"],
-    package_dir={"int8mm": "int8mm", "int8mm.kernels.triton": "kernels/triton", "int8mm.kernels.cuda": "kernels/cuda"},
-    package_data={"int8mm.kernels.cuda": ["*.cu", "*.cuh", "*.h"]},
+              "int8mm.kernels.triton", "int8mm.kernels.cuda", "int8mm.kernels.cpu", "int8mm.loading"],
+    package_dir={"int8mm": "int8mm", "int8mm.kernels.triton": "kernels/triton", "int8mm.kernels.cuda": "kernels/cuda",
+                 "int8mm.kernels.cpu": "kernels/cpu"},
+    package_data={"int8mm.kernels.cuda": ["*.cu", "*.cuh", "*.h"], "int8mm.kernels.cpu": ["*.c"]},
     cmdclass={"build_py": BuildPyWithCuda},
     distclass=PlatformDistribution,
     install_requires=["torch>=2.5", "numpy", "packaging", "tqdm"],

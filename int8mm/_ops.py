@@ -1,58 +1,56 @@
 """The op surface: every op defined once with ``torch.library.custom_op`` and a fake kernel.
 
 Ops take 2-D tensors and an already-resolved backend name; argument checks live in ``functional``.
-Backends register their implementations with ``register_impl``; the reference backend serves every
-device. ``custom_op`` (rather than ``triton_op``) keeps one opaque op per entry for every backend, so
+Backends register their implementations in ``backends.registry``, which the ops ask (imports point one
+way: this module -> backends); the reference backend serves every device. In eager mode ``run_<op>`` calls
+the implementation directly; tracing, ``torch.compile``, export, autograd and ``opcheck`` see the op.
+``custom_op`` (rather than ``triton_op``) keeps one opaque op per entry for every backend, so
 ``torch.compile(fullgraph=True)``, CUDA graphs and ``torch.library.opcheck`` see the same thing whether
 the work is done by torch, Triton (also under the CPU interpreter) or the CUDA library.
 """
-import importlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import backends
-from .backends import reference
-
-_IMPLS: dict[tuple[str, str], Callable] = {}
-_BACKEND_MODULES = {"triton": ".backends.triton", "cuda": ".backends.cuda"}
+from .backends import reference, registry
 
 
-def register_impl(backend: str, op_name: str):
-    """Decorator a backend module uses to provide ``op_name``."""
-
-    def wrap(fn):
-        _IMPLS[(backend, op_name)] = fn
-        return fn
-
-    return wrap
-
-
-def _impl(backend: str, op_name: str) -> Callable:
-    if backend == backends.Backend.REFERENCE.value:
-        return getattr(_reference_impls, op_name)
-    if (backend, op_name) not in _IMPLS and backend in _BACKEND_MODULES:
-        importlib.import_module(_BACKEND_MODULES[backend], __package__)  # registers on import
-    try:
-        return _IMPLS[(backend, op_name)]
-    except KeyError:
-        raise RuntimeError(f"backend {backend!r} does not implement {op_name}") from None
+# ---- eager calls: straight to the implementation ----
+def _eager(x: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """True when calling the implementation directly computes what the op would, for less host time: not
+    traced, compiled or exported (those must see the op), no autograd graph to record, no dispatch mode or
+    tensor subclass (fake, functional, meta tensors) in the way."""
+    # is_compiling first: dynamo folds it to True and skips the rest. _get_tracing_state is
+    # torch.jit.is_tracing without its TorchScript check (a third of the cost).
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return False
+    if type(x) is not torch.Tensor or x.is_meta or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 
 
-class _reference_impls:
-    """Adapters from the reference functions to the op signatures."""
+def run_quantize_activations(x: Tensor, threshold: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``quantize_activations``: the op, or in eager mode its implementation called directly."""
+    if _eager(x):
+        return _quantize_activations(x, threshold, backend)
+    return quantize_activations(x, threshold, backend)
 
-    @staticmethod
-    def quantize_activations(x, threshold):
-        q_x, s_x, cols = reference.quantize_activations(x, threshold)
-        outlier_cols = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device)
-        outlier_cols[: cols.numel()] = cols  # int64 -> int32
-        count = torch.tensor([cols.numel()], dtype=torch.int32, device=x.device)
-        return q_x, s_x, outlier_cols, count
 
-    int8_matmul = staticmethod(reference.int8_matmul)
-    int8_linear = staticmethod(reference.int8_linear)
+def run_int8_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    """``int8_matmul``: the op, or in eager mode its implementation called directly."""
+    if _eager(a):
+        return _int8_matmul(a, b, backend)
+    return int8_matmul(a, b, backend)
+
+
+def run_int8_linear(x: Tensor, q_w: Tensor, s_w: Tensor, bias: Optional[Tensor], threshold: float,
+                    backend: str) -> Tensor:
+    """``int8_linear``: the op, or in eager mode its implementation called directly (the op's wrapper and
+    its autograd node cost more host time than a small layer's whole forward)."""
+    if _eager(x, bias):
+        return _int8_linear(x, q_w, s_w, bias, threshold, backend)
+    return int8_linear(x, q_w, s_w, bias, threshold, backend)
 
 
 # ---- quantize_weight: one-time work, the reference serves every device ----
@@ -71,7 +69,11 @@ def _(w):
 def quantize_activations(x: Tensor, threshold: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns q_x int8 [M, K], s_x fp32 [M], outlier column indices int32 [K] (ascending, valid up to
     the count) and the count int32 [1], both in device memory so that no host sync is needed."""
-    return _impl(backend, "quantize_activations")(x, threshold)
+    return _quantize_activations(x, threshold, backend)
+
+
+def _quantize_activations(x, threshold, backend):
+    return registry.lookup(backend, "quantize_activations")(x, threshold)
 
 
 @quantize_activations.register_fake
@@ -88,9 +90,13 @@ def _(x, threshold, backend):
 # ---- int8_matmul ----
 @torch.library.custom_op("int8mm::int8_matmul", mutates_args=())
 def int8_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    return _int8_matmul(a, b, backend)
+
+
+def _int8_matmul(a, b, backend):
     if 0 in (a.shape[0], a.shape[1], b.shape[0]):  # nothing to multiply, in every backend
         return torch.zeros((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
-    return _impl(backend, "int8_matmul")(a, b)
+    return registry.lookup(backend, "int8_matmul")(a, b)
 
 
 @int8_matmul.register_fake
@@ -101,12 +107,16 @@ def _(a, b, backend):
 # ---- int8_linear: the fused product ----
 @torch.library.custom_op("int8mm::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, q_w: Tensor, s_w: Tensor, bias: Optional[Tensor], threshold: float, backend: str) -> Tensor:
+    return _int8_linear(x, q_w, s_w, bias, threshold, backend)
+
+
+def _int8_linear(x, q_w, s_w, bias, threshold, backend):
     m, k = x.shape
     n = q_w.shape[0]
     if m == 0 or n == 0 or k == 0:  # nothing to multiply, in every backend: the bias, or zeros
         y = torch.zeros((m, n), dtype=x.dtype, device=x.device)
         return y.add_(bias) if bias is not None else y
-    return _impl(backend, "int8_linear")(x, q_w, s_w, bias, threshold)
+    return registry.lookup(backend, "int8_linear")(x, q_w, s_w, bias, threshold)
 
 
 @int8_linear.register_fake

@@ -10,7 +10,7 @@ import torch
 
 from . import _ops
 from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD, MAX_EXACT_K, MAX_EXACT_K_FULL_RANGE, WEIGHT_DTYPES
-from .backends import Backend, resolve_backend
+from .backends import DECODE_MAX_M, Backend, backend_for
 
 
 def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +54,8 @@ def quantize_activations(
     threshold = _check_threshold(threshold)
     x2 = _flatten(x)
     _check_k(x2.shape[1], "x")
-    impl = resolve_backend(backend, x.device).value
-    q_x, s_x, cols, count = _ops.quantize_activations(x2, threshold, impl)
+    impl = backend_for(backend, x.device, x2.shape[0] <= DECODE_MAX_M)
+    q_x, s_x, cols, count = _ops.run_quantize_activations(x2, threshold, impl)
     return q_x, s_x, cols[: int(count.item())].long()
 
 
@@ -76,7 +76,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: Backend | str | None 
     _check_same_k(a.shape[1], "a", b.shape[1], "b")
     _check_same_device(a, "a", b, "b")
     _check_k(a.shape[1], "a", MAX_EXACT_K_FULL_RANGE)
-    return _ops.int8_matmul(a, b, resolve_backend(backend, a.device).value)
+    return _ops.run_int8_matmul(a, b, backend_for(backend, a.device, a.shape[0] <= DECODE_MAX_M))
 
 
 def int8_linear(
@@ -103,6 +103,23 @@ def int8_linear(
         ``[..., N]`` in x's dtype.
     """
     _check_float(x, "x", ACTIVATION_DTYPES)
+    threshold = check_linear_layer(q_w, s_w, bias, threshold)
+    return int8_linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend)
+
+
+def check_activations(x) -> None:
+    """``x`` is a tensor of an activation dtype (fp16, bf16, fp32), else a TypeError naming what it is."""
+    _check_float(x, "x", ACTIVATION_DTYPES)
+
+
+def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None, threshold) -> float:
+    """The checks of ``int8_linear`` that depend only on the layer; returns the threshold as a float.
+
+    A module runs them once per weight, scale, bias and threshold (``Int8Linear``), not on every call.
+
+    Raises:
+        TypeError, ValueError: as ``int8_linear`` does for these arguments.
+    """
     _check_tensor(q_w, "q_w")
     if q_w.dtype != torch.int8:
         raise TypeError(f"q_w must be int8 (from quantize_weight), got {q_w.dtype}")
@@ -113,21 +130,40 @@ def int8_linear(
     n, k = q_w.shape
     if s_w.shape != (n,):
         raise ValueError(f"s_w must have shape ({n},) to match q_w {tuple(q_w.shape)}, got {tuple(s_w.shape)}")
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension, got a {x.dim()}-D tensor")
-    _check_same_k(x.shape[-1], "x", k, "q_w")
     _check_k(k, "q_w")
-    _check_same_device(x, "x", q_w, "q_w")
-    _check_same_device(x, "x", s_w, "s_w")
+    _check_same_device(q_w, "q_w", s_w, "s_w")
     if bias is not None:
         _check_float(bias, "bias", (torch.float16, torch.bfloat16, torch.float32))
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        _check_same_device(x, "x", bias, "bias")
-    threshold = _check_threshold(threshold)
-    impl = resolve_backend(backend, x.device).value
-    y = _ops.int8_linear(_flatten(x), q_w, s_w, bias, threshold, impl)
-    return y.reshape(*x.shape[:-1], n)
+        _check_same_device(q_w, "q_w", bias, "bias")
+    return _check_threshold(threshold)
+
+
+def int8_linear_of_checked_layer(
+    x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+    backend: Backend | str | None = None,
+) -> torch.Tensor:
+    """``int8_linear`` for a layer that passed ``check_linear_layer``: checks only ``x`` (dtype, K, device).
+
+    In eager mode this calls the backend's implementation directly; under ``torch.compile``, export,
+    tracing or autograd it goes through the ``int8mm::int8_linear`` op.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
+        _check_float(x, "x", ACTIVATION_DTYPES)  # raises, naming what it got
+    n, k = q_w.shape
+    shape = x.shape
+    if len(shape) == 0:
+        raise ValueError(f"x must have at least 1 dimension, got a {x.dim()}-D tensor")
+    if shape[-1] != k:
+        _check_same_k(shape[-1], "x", k, "q_w")
+    device = x.device
+    if device != q_w.device:
+        _check_same_device(x, "x", q_w, "q_w")
+    x2 = x if len(shape) == 2 else _flatten(x)
+    impl = backend_for(backend, device, x2.shape[0] <= DECODE_MAX_M)
+    y = _ops.run_int8_linear(x2, q_w, s_w, bias, threshold, impl)
+    return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
 
 
 # ---- checks shared by the public functions ----

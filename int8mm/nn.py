@@ -60,7 +60,25 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F8.int8_linear(x, self.weight, self.SCB, self.bias, self.threshold, self.backend)
+        if torch.compiler.is_compiling():  # traced once: the plain checked call, no cache to mutate
+            return F8.int8_linear(x, self.weight, self.SCB, self.bias, self.threshold, self.backend)
+        # nn.Module.__getattr__ costs about a microsecond per tensor: read the dicts it reads
+        weight, scale = self._buffers.get("weight"), self._buffers.get("SCB")
+        if weight is None or scale is None:  # re-registered as parameters by someone: the slow way
+            weight, scale = self.weight, self.SCB
+        bias = self._parameters["bias"] if "bias" in self._parameters else self.bias
+        threshold = self.threshold
+        checked = self.__dict__.get("_checked_layer")
+        # the layer's own checks run once per (weight, SCB, bias, threshold) objects: .to(), .half(),
+        # load_state_dict(assign=True) and attribute assignments bring new objects (in-place copies keep the
+        # dtype and shape that were checked)
+        if (checked is None or checked[0] is not weight or checked[1] is not scale or checked[2] is not bias
+                or checked[3] is not threshold or (bias is not None and checked[4] is not bias.dtype)):
+            F8.check_activations(x)  # x's errors first, as int8_linear gives them
+            checked = (weight, scale, bias, threshold, bias.dtype if bias is not None else None,
+                       F8.check_linear_layer(weight, scale, bias, threshold))
+            self._checked_layer = checked
+        return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[5], self.backend)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight the int8 values stand for: ``weight * SCB / 127`` ([N, K])."""

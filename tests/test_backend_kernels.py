@@ -1,7 +1,8 @@
 """The kernel backends (Triton, CUDA) against the reference (SPEC.md tolerances).
 
 On a GPU these run the compiled kernels; elsewhere the Triton launchers run on CPU tensors through
-Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), and the CUDA cases wait for a GPU.
+Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), the CPU library runs natively, and the CUDA
+cases wait for a GPU.
 """
 import contextlib
 
@@ -11,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
 from int8mm import _ops
+from int8mm.backends import registry
 from gpu import requires_cuda
 from helpers import DEVICE, assert_output_close, assert_quantized_equal, planted_outliers, random_weight
 
@@ -21,8 +23,11 @@ def _activations(m, k, dtype, **kwargs):
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
-# every kernel backend, as a fixture: each test below runs once per backend
+# every kernel backend, as a fixture: each test below runs once per backend. The CPU library takes CPU tensors:
+# it joins here where DEVICE is the CPU (tests/test_backend_cpu.py tests it on every machine)
 BACKENDS = [pytest.param("triton"), pytest.param("cuda", marks=requires_cuda)]
+if DEVICE.type == "cpu":
+    BACKENDS.append(pytest.param("cpu"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -194,7 +199,7 @@ def test_forward_fills_only_the_stats_buffer(backend):
     accumulates into (Triton; the CUDA library clears its workspace itself)."""
     x = _activations(5, 96, torch.float16)
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
-    impl = _ops._impl(backend, "int8_linear")
+    impl = registry.lookup(backend, "int8_linear")
     ref = _ops.int8_linear(x, q_w, s_w, None, 6.0, "reference")
     with _FillCounter() as counter:
         got = impl(x, q_w, s_w, None, 6.0)

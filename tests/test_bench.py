@@ -25,7 +25,7 @@ ROW_FIELDS = {
     "weight_bytes_per_s": float, "ceiling": str, "ceiling_fraction": float,
 }
 CPU_PROVIDERS = ["fp32 F.linear", "bf16 F.linear", "int8mm reference", "int8mm reference bf16 in",
-                 "bnb Linear8bitLt t=6",
+                 "int8mm cpu", "int8mm cpu bf16 in", "bnb Linear8bitLt t=6",
                  "torch._int_mm (GEMM only)"]
 
 
@@ -66,7 +66,7 @@ def test_speedups_are_against_fp32_and_errors_against_float64(small_result):
 
 def test_meta_records_ceilings_config_and_where(small_result):
     meta = small_result.meta
-    assert meta["baseline"] == "fp32 F.linear" and meta["backends"] == ["reference"]
+    assert meta["baseline"] == "fp32 F.linear" and meta["backends"] == ["reference", "cpu"]
     assert meta["outliers"] == {"count": 8, "low": 20.0, "high": 60.0} and meta["threshold"] == 6.0
     for key in ("copy_bytes_per_s", "int8_ops_per_s", "float_ops_per_s"):
         assert meta["ceilings"][key] > 1e8
@@ -121,9 +121,10 @@ def test_config_refuses_unknown_names():
 
 def test_interpreted_triton_is_not_timed_unless_asked():
     assert int8mm.Backend.TRITON in int8mm.available_backends(CPU)  # conftest interprets Triton on CPU
-    assert benchmark_backends(CPU) == [int8mm.Backend.REFERENCE]
+    assert benchmark_backends(CPU) == [int8mm.Backend.REFERENCE, int8mm.Backend.CPU]
     assert benchmark_backends(CPU, ("triton", "reference", "auto")) == [int8mm.Backend.TRITON,
-                                                                         int8mm.Backend.REFERENCE]
+                                                                         int8mm.Backend.REFERENCE,
+                                                                         int8mm.Backend.CPU]  # auto: the CPU library
 
 
 def test_int8mm_bench_quick_writes_json_markdown_and_png(tmp_path, capsys):
@@ -219,3 +220,21 @@ def test_bench_gpu_script_says_it_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="bench_gpu.py needs an NVIDIA GPU"):
         _script("bench_gpu").main(["--out", "x"])
+
+
+def test_host_suite_times_the_framework_around_a_stand_in(tmp_path, capsys):
+    """The host-overhead benchmark runs and reports; its figure is a measurement, never asserted here."""
+    from int8mm.backends import registry
+    cpu_linear = registry.lookup("cpu", "int8_linear")
+    assert main(["bench", "--suite", "host", "--out", str(tmp_path)]) == 0
+    assert registry.lookup("cpu", "int8_linear") is cpu_linear  # the stand-in is gone again
+    out = capsys.readouterr().out
+    assert "Framework overhead (Int8Linear with the stand-in backend minus the stand-in alone)" in out
+    data = json.loads((tmp_path / "cpu_host_bench.json").read_text())
+    names = [row["name"] for row in data["rows"]]
+    assert names[:4] == ["stand-in backend alone", "nn.Identity module call", "Int8Linear, stand-in backend",
+                         "int8mm.int8_linear, stand-in backend"]
+    assert data["meta"]["backend"] == "cpu" and data["overhead_us"] > 0 and data["target_us"] == 5.0
+    assert (tmp_path / "cpu_host_bench.md").read_text().startswith("# int8mm host path")
+    assert main(["bench", "--suite", "host", "--m", "3", "--out", str(tmp_path / "no")]) == 2
+    assert not (tmp_path / "no").exists()

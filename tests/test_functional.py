@@ -7,7 +7,7 @@ import torch
 import int8mm
 from helpers import (FLOAT_DTYPES, INT8_MAX, assert_scales_equal, float64_linear, planted_outliers,
                      random_weight, relative_error, spec_quantize_activations, spec_quantize_weight)
-from int8mm import Backend
+from int8mm import Backend, backends
 
 THRESHOLD = 6.0
 
@@ -247,12 +247,36 @@ def test_backend_by_name_enum_and_environment(monkeypatch):
     expected = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="reference")
     assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend=Backend.REFERENCE), expected)
     assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="REFERENCE"), expected)
-    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="auto"), expected)
+    auto = int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="auto")  # the CPU library here
+    assert torch.equal(auto, int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD, backend="cpu"))
     monkeypatch.setenv("INT8MM_BACKEND", "reference")
+    backends.refresh_from_environment()
     assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD), expected)
     monkeypatch.setenv("INT8MM_BACKEND", "fastest")
-    with pytest.raises(ValueError, match=r"INT8MM_BACKEND.*'fastest'"):
-        int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+    # read once: the op calls keep what they read until the environment is read again
+    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD), expected)
+    backends.refresh_from_environment()
+    try:
+        with pytest.raises(ValueError, match=r"INT8MM_BACKEND.*'fastest'"):
+            int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+    finally:
+        monkeypatch.undo()
+        backends.refresh_from_environment()
+
+
+def test_set_default_backend_applies_to_calls_that_name_none():
+    x = planted_outliers(3, 64)
+    q_w, s_w = int8mm.quantize_weight(random_weight(7, 64))
+    try:
+        backends.set_default_backend("cuda")  # not available on CPU: the next call says so
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on cpu"):
+            int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+        with pytest.raises(ValueError, match=r"backend must be a Backend or one of .*got 'tpu'"):
+            backends.set_default_backend("tpu")
+        backends.set_default_backend(Backend.REFERENCE)
+        assert int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD).shape == (3, 7)
+    finally:
+        backends.set_default_backend(None)
 
 
 def test_unknown_backend_name():
@@ -272,12 +296,17 @@ def test_cuda_backend_unavailable_on_cpu_lists_available():
 
 def test_triton_backend_unavailable_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x = torch.randn(2, 8)
-    q_w, s_w = int8mm.quantize_weight(torch.randn(3, 8))
-    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu.*TRITON_INTERPRET=1.*"
-                                           r"available: reference$"):
-        int8mm.int8_linear(x, q_w, s_w, backend=Backend.TRITON)
-    assert int8mm.available_backends("cpu") == [Backend.REFERENCE]
+    backends.refresh_from_environment()  # the environment is read once otherwise
+    try:
+        x = torch.randn(2, 8)
+        q_w, s_w = int8mm.quantize_weight(torch.randn(3, 8))
+        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu.*TRITON_INTERPRET=1.*"
+                                               r"available: reference, cpu$"):
+            int8mm.int8_linear(x, q_w, s_w, backend=Backend.TRITON)
+        assert int8mm.available_backends("cpu") == [Backend.REFERENCE, Backend.CPU]
+    finally:
+        monkeypatch.undo()
+        backends.refresh_from_environment()
 
 
 # ---- argument errors: each names the argument and quotes what it got ----
@@ -347,9 +376,9 @@ def test_device_mismatch():
     x_meta = torch.empty(2, 8, device="meta")
     with pytest.raises(ValueError, match=r"x and q_w must be on one device, got meta and cpu"):
         int8mm.int8_linear(x_meta, q_w, s_w)
-    with pytest.raises(ValueError, match=r"x and s_w must be on one device, got cpu and meta"):
+    with pytest.raises(ValueError, match=r"q_w and s_w must be on one device, got cpu and meta"):
         int8mm.int8_linear(torch.randn(2, 8), q_w, s_w.to("meta"))
-    with pytest.raises(ValueError, match=r"x and bias must be on one device, got cpu and meta"):
+    with pytest.raises(ValueError, match=r"q_w and bias must be on one device, got cpu and meta"):
         int8mm.int8_linear(torch.randn(2, 8), q_w, s_w, torch.empty(3, device="meta"))
     with pytest.raises(ValueError, match=r"a and b must be on one device, got cpu and meta"):
         int8mm.int8_matmul(q_w, q_w.to("meta"))

@@ -3,11 +3,24 @@ import pytest
 import torch
 
 import int8mm
-from helpers import planted_outliers, random_weight, spec_quantize_activations
+from helpers import planted_outliers, random_weight, requires_cuda, spec_quantize_activations
 from int8mm import _ops
 
 THRESHOLD = 6.0
 OPS = torch.ops.int8mm
+# opcheck runs on every backend that takes CPU tensors here: the reference, the CPU library, and Triton
+# through its interpreter (conftest.py sets TRITON_INTERPRET=1 where there is no GPU)
+CPU_BACKENDS = [b.value for b in int8mm.available_backends("cpu")]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    return request.param
+
+
+def _on(backend, args):
+    """``args`` with the backend name (the last argument) replaced."""
+    return (*args[:-1], backend)
 
 
 def _layer(n, k, seed=1):
@@ -44,21 +57,28 @@ def test_opcheck_quantize_weight(args):
     (torch.zeros(0, 16), THRESHOLD, "reference"),
     (planted_outliers(64, 5).t(), THRESHOLD, "reference"),  # column-major in, row-major out (as the fake says)
 ], ids=["fp32", "fp16-t0", "bf16-1x1", "M0", "transposed"])
-def test_opcheck_quantize_activations(args):
-    torch.library.opcheck(OPS.quantize_activations, args)
+def test_opcheck_quantize_activations(args, backend):
+    torch.library.opcheck(OPS.quantize_activations, _on(backend, args))
 
 
 @pytest.mark.parametrize("m,k,n", [(5, 123, 33), (1, 1, 7), (0, 16, 3), (17, 64, 1)])
-def test_opcheck_int8_matmul(m, k, n):
+def test_opcheck_int8_matmul(m, k, n, backend):
     g = torch.Generator().manual_seed(m + k + n)
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    torch.library.opcheck(OPS.int8_matmul, (a, b, "reference"))
+    torch.library.opcheck(OPS.int8_matmul, (a, b, backend))
 
 
 @pytest.mark.parametrize("index", range(6))
-def test_opcheck_int8_linear(index):
-    torch.library.opcheck(OPS.int8_linear, _linear_samples()[index])
+def test_opcheck_int8_linear(index, backend):
+    torch.library.opcheck(OPS.int8_linear, _on(backend, _linear_samples()[index]))
+
+
+def test_opcheck_covers_every_kernel_backend_that_runs_here():
+    from int8mm.backends import cpu_build
+    expected = ({"reference"} | ({"cpu"} if cpu_build.compiler() is not None else set())
+                | ({"triton"} if int8mm.backends.triton_interpreting() else set()))
+    assert set(CPU_BACKENDS) == expected
 
 
 def test_quantize_activations_op_keeps_the_columns_on_the_device():
@@ -109,3 +129,17 @@ def test_torch_compile_dynamic_fullgraph_of_the_module():
     for m in (3, 5, 9):
         x = planted_outliers(m, 123)
         assert torch.equal(compiled(x), layer(x))
+
+
+# on a GPU: the kernel backends' ops on CUDA tensors
+@pytest.mark.parametrize("gpu_backend", [pytest.param("triton", marks=requires_cuda),
+                                         pytest.param("cuda", marks=requires_cuda)])
+def test_opcheck_on_the_gpu(gpu_backend):
+    q_w, s_w = _layer(33, 123)
+    q_w, s_w = q_w.cuda(), s_w.cuda()
+    x = planted_outliers(5, 123, torch.float16).cuda()
+    torch.library.opcheck(OPS.quantize_activations, (x, THRESHOLD, gpu_backend))
+    torch.library.opcheck(OPS.int8_matmul, (q_w, q_w, gpu_backend))
+    for m in (1, 17):
+        x = planted_outliers(m, 123, torch.float16, seed=m).cuda()
+        torch.library.opcheck(OPS.int8_linear, (x, q_w, s_w, torch.randn(33, device="cuda"), THRESHOLD, gpu_backend))

@@ -143,3 +143,40 @@ def test_int8_linear_is_the_spec_formula(m, k, n, dtype, threshold):
     y = reference.int8_linear(x, q_w, s_w, bias, threshold)
     assert y.dtype == dtype and y.shape == (m, n)
     assert_output_close(y, spec_int8_linear64(x, q_w, s_w, bias, threshold))
+
+
+# ---- rounding and clamping, where random data rarely looks ----
+def test_negative_subnormal_row_clamps_to_minus_127():
+    """A row of negative subnormals has a scale whose reciprocal overflows to inf: every value scales to
+    -inf and must clamp to -127, never -128 (SPEC.md: int8 values stay in [-127, 127])."""
+    x = torch.randn(3, 16)
+    x[1] = -1e-40
+    x[1, 4] = 0.0  # 0 * inf is NaN: quantizes to 0
+    for threshold in (THRESHOLD, 0.0):
+        q_x, s_x, _ = reference.quantize_activations(x, threshold)
+        expected = torch.full((16,), -INT8_MAX, dtype=torch.int8)
+        expected[4] = 0
+        assert torch.equal(q_x[1], expected), q_x[1]
+        assert torch.equal(q_x, spec_quantize_activations(x, threshold)[0])
+    q_w, _ = reference.quantize_weight(x)
+    assert int(q_w.min()) == -INT8_MAX
+
+
+def _ties_row(k: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row whose absmax is 127 (so r = 1 and x * r = x) holding .5 ties, and the round-half-even result."""
+    row = torch.tensor([127.0, 0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 126.5, -125.5, 4.5, 0.25, 5.5, -6.5, 7.5, 8.5])
+    expected = torch.tensor([127, 0, 2, 2, 4, 0, -2, -2, 126, -126, 4, 0, 6, -6, 8, 8], dtype=torch.int8)
+    return row[:k], expected[:k]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_ties_round_half_to_even(dtype):
+    row, expected = _ties_row()
+    if dtype == torch.bfloat16:  # 126.5 and 125.5 need 10 bits; bf16 keeps 8
+        row, expected = row[:8], expected[:8]
+    x = torch.stack([row, row.flip(0)]).to(dtype)
+    q_x, s_x, _ = reference.quantize_activations(x, 200.0)  # no outliers: the plain row absmax
+    assert torch.equal(s_x, torch.full((2,), 127.0))
+    assert torch.equal(q_x, torch.stack([expected, expected.flip(0)]))
+    q_w, s_w = reference.quantize_weight(x)
+    assert torch.equal(q_w, q_x) and torch.equal(s_w, s_x)

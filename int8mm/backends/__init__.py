@@ -1,4 +1,10 @@
-"""Backend selection: the device picks the dispatch key, a ``Backend`` picks the implementation."""
+"""Backend selection: the device picks the dispatch key, a ``Backend`` picks the implementation.
+
+``resolve_backend`` checks a choice against what the device offers; the hot path asks ``backend_for``,
+which resolves each (choice, device, regime) once and remembers it. The environment (INT8MM_BACKEND,
+TRITON_INTERPRET) is read once, at the first op call; ``set_default_backend`` changes the default later and
+``refresh_from_environment`` reads the variables again.
+"""
 import enum
 import functools
 import importlib.util
@@ -16,17 +22,26 @@ class Backend(str, enum.Enum):
     """Which implementation computes the ops (all compute SPEC.md)."""
 
     AUTO = "auto"
-    """Pick per device and shape: reference on CPU; on CUDA the fastest available GPU backend."""
+    """Pick per device and shape: the CPU library on CPU (else reference); on CUDA the fastest GPU backend."""
     REFERENCE = "reference"
-    """Plain torch on any device: the executable spec, and the fast path on CPU."""
+    """Plain torch on any device: the executable spec every other backend is tested against."""
     TRITON = "triton"
     """Fused Triton kernels on NVIDIA GPUs (and on CPU tensors under ``TRITON_INTERPRET=1``)."""
     CUDA = "cuda"
     """Hand-written CUDA C++ kernels on NVIDIA GPUs (needs the compiled library)."""
+    CPU = "cpu"
+    """C kernels for CPU tensors (compiled with the system C compiler at first use; the fast path on CPU)."""
+
+
+_triton_interpreting: bool | None = None
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET=1: Triton runs on CPU tensors (read once; see ``refresh_from_environment``)."""
+    global _triton_interpreting
+    if _triton_interpreting is None:
+        _triton_interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _triton_interpreting
 
 
 # Probed once at import (without importing either): torch.compile traces backend resolution, and
@@ -40,6 +55,12 @@ def _cuda_library_loadable() -> bool:
     return cuda_backend.library_available()
 
 
+@torch.compiler.assume_constant_result  # compiles or loads a library once, outside any traced graph
+def _cpu_library_loadable() -> bool:
+    from . import cpu as cpu_backend
+    return cpu_backend.library_available()
+
+
 def available_backends(device: torch.device | str | None = None) -> list[Backend]:
     """The backends that can run on ``device`` (default: CUDA if present, else CPU), AUTO excluded."""
     device = torch.device(device) if device is not None else _default_device()
@@ -48,6 +69,8 @@ def available_backends(device: torch.device | str | None = None) -> list[Backend
         found.append(Backend.TRITON)
     if device.type == "cuda" and _cuda_library_loadable():
         found.append(Backend.CUDA)
+    if device.type == "cpu" and _cpu_library_loadable():
+        found.append(Backend.CPU)
     return found
 
 
@@ -70,14 +93,18 @@ def parse_backend(backend, argument: str = "backend") -> Backend:
     raise ValueError(f"{argument} must be a Backend or one of {names}, got {backend!r}")
 
 
-def resolve_backend(backend, device: torch.device) -> Backend:
-    """The concrete backend to run on ``device``; raises if an explicit choice is unavailable there."""
+def resolve_backend(backend, device: torch.device, decode: bool = False) -> Backend:
+    """The concrete backend to run on ``device``; raises if an explicit choice is unavailable there.
+
+    None means INT8MM_BACKEND as the environment says now; ``decode`` (M <= 16 rows) lets AUTO choose per
+    regime.
+    """
     chosen = parse_backend(backend)
     available = available_backends(device)
     if chosen is Backend.AUTO:
         if device.type != "cuda":
-            return Backend.REFERENCE
-        for candidate in (Backend.TRITON, Backend.CUDA):
+            return Backend.CPU if Backend.CPU in available else Backend.REFERENCE
+        for candidate in AUTO_PREFERENCE["decode" if decode else "prefill"]:
             if candidate in available:
                 return candidate
         _log_fallback_once(device.type)
@@ -91,8 +118,56 @@ def resolve_backend(backend, device: torch.device) -> Backend:
             hint = " (pip install triton)"
         elif chosen is Backend.CUDA:
             hint = " (build the CUDA library with `make cuda`, needs nvcc)"
+        elif chosen is Backend.CPU:
+            hint = " (the CPU library runs on CPU tensors and needs a C compiler with OpenMP)"
         raise RuntimeError(f"backend {chosen.value!r} is not available on {device.type}{hint}; available: {names}")
     return chosen
+
+
+# AUTO's preference on CUDA, per regime (decode: M <= DECODE_MAX_M rows). Both regimes prefer Triton until
+# the CUDA library's one-launch path has passed its GPU tests (benchmarks/gpu_run.sh runs them first).
+DECODE_MAX_M = 16
+AUTO_PREFERENCE = {"decode": (Backend.TRITON, Backend.CUDA), "prefill": (Backend.TRITON, Backend.CUDA)}
+
+_default_choice: Backend | None = None  # INT8MM_BACKEND, read at the first op call
+_resolved: dict[tuple, str] = {}  # (choice, device, decode) -> the backend's name
+
+
+def backend_for(backend, device: torch.device, decode: bool = False) -> str:
+    """The name of the backend that computes an op on ``device``: ``resolve_backend``, remembered.
+
+    Args:
+        backend: a ``Backend``, its name, or None for the default (INT8MM_BACKEND as read at the first call,
+            or what ``set_default_backend`` set).
+        device: the device of the op's inputs.
+        decode: True for M <= DECODE_MAX_M rows (AUTO may choose per regime).
+    """
+    try:
+        return _resolved[(backend, device, decode)]
+    except (KeyError, TypeError):  # TypeError: an unhashable choice, refused below
+        pass
+    global _default_choice
+    if backend is None and _default_choice is None:
+        _default_choice = default_backend()  # raises on a bad value, read again next time
+    choice = _default_choice if backend is None else parse_backend(backend)
+    name = resolve_backend(choice, device, decode).value
+    _resolved[(backend, device, decode)] = name
+    return name
+
+
+def set_default_backend(backend) -> None:
+    """Make ``backend`` (a ``Backend`` or its name; None: INT8MM_BACKEND again) the default of every op
+    call that names none."""
+    global _default_choice
+    _default_choice = parse_backend(backend, argument="backend") if backend is not None else None
+    _resolved.clear()
+
+
+def refresh_from_environment() -> None:
+    """Read INT8MM_BACKEND and TRITON_INTERPRET again at the next op call (they are read once otherwise)."""
+    global _triton_interpreting
+    _triton_interpreting = None
+    set_default_backend(None)
 
 
 @functools.cache

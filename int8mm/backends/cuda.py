@@ -8,8 +8,7 @@ import functools
 
 import torch
 
-from .. import _ops
-from . import cuda_build
+from . import cuda_build, registry
 
 BACKEND = "cuda"
 ABI_VERSION = 1
@@ -78,10 +77,11 @@ def _activation_buffers(x: torch.Tensor):
     )
 
 
-@_ops.register_impl(BACKEND, "quantize_activations")
+@registry.register(BACKEND, "quantize_activations")
 def quantize_activations(x, threshold):
     m, k = x.shape
     workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
+    outlier_cols.zero_()  # the standalone op's outputs depend on its inputs alone: no stale tail in the list
     with torch.cuda.device(x.device):
         _check(library().int8mm_quantize_activations(
             _ptr(x), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), threshold, _ptr(workspace), _ptr(q_x),
@@ -89,7 +89,7 @@ def quantize_activations(x, threshold):
     return q_x, s_x, outlier_cols, outlier_count
 
 
-@_ops.register_impl(BACKEND, "int8_matmul")
+@registry.register(BACKEND, "int8_matmul")
 def int8_matmul(a, b):
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
@@ -99,7 +99,7 @@ def int8_matmul(a, b):
     return out
 
 
-@_ops.register_impl(BACKEND, "int8_linear")
+@registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]

@@ -6,6 +6,9 @@ the fast path on CPU (int32 GEMM through ``torch._int_mm``), so avoid needless p
 import torch
 
 from .._constants import INT8_MAX
+from . import registry
+
+BACKEND = "reference"
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,3 +144,19 @@ def _int_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
     """cuBLAS' int8 GEMM needs M > 16 and K, N multiples of 8."""
     m, k = a.shape
     return m > 16 and k % 8 == 0 and b.shape[0] % 8 == 0
+
+
+# ---- the op signatures (int8mm._ops), registered for every device ----
+@registry.register(BACKEND, "quantize_activations")
+def quantize_activations_op(x: torch.Tensor, threshold: float):
+    """``quantize_activations`` with the outlier columns as the op returns them: an int32 ``[K]`` buffer
+    (ascending, valid up to the count) and the count as an int32 ``[1]`` tensor."""
+    q_x, s_x, cols = quantize_activations(x, threshold)
+    outlier_cols = torch.zeros(x.shape[1], dtype=torch.int32, device=x.device)
+    outlier_cols[: cols.numel()] = cols  # int64 -> int32
+    count = torch.tensor([cols.numel()], dtype=torch.int32, device=x.device)
+    return q_x, s_x, outlier_cols, count
+
+
+registry.register(BACKEND, "int8_matmul")(int8_matmul)
+registry.register(BACKEND, "int8_linear")(int8_linear)

@@ -15,10 +15,9 @@ import os
 import torch
 import triton
 
-from .. import _ops
 from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
-from . import triton_interpreting
+from . import registry, triton_interpreting
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -91,13 +90,14 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _quantize_activations(x: torch.Tensor, threshold: float):
+def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_columns: bool = False):
     m, k = x.shape
     dev = x.device
-    # no fills: the quantize pass writes every row scale and the count (each fill is a kernel of its own)
+    # no fills: the quantize pass writes every row scale and the count (each fill is a kernel of its own); the
+    # standalone op clears the unused tail of the column list, so that its outputs depend on its inputs alone
     q_x = torch.empty((m, k), dtype=torch.int8, device=dev)
     s_x = torch.empty(m, dtype=torch.float32, device=dev)
-    outlier_cols = torch.empty(k, dtype=torch.int32, device=dev)
+    outlier_cols = (torch.zeros if clear_unused_columns else torch.empty)(k, dtype=torch.int32, device=dev)
     outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
     if m == 0 or k == 0:  # no pass runs: rows without elements have scale 0, and there are no outliers
         return q_x, s_x.zero_(), outlier_cols, outlier_count.zero_()
@@ -154,20 +154,20 @@ def _on_device_of(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-@_ops.register_impl(BACKEND, "quantize_activations")
+@registry.register(BACKEND, "quantize_activations")
 def quantize_activations(x, threshold):
     with _on_device_of(x):
-        return _quantize_activations(x, threshold)
+        return _quantize_activations(x, threshold, clear_unused_columns=True)
 
 
-@_ops.register_impl(BACKEND, "int8_matmul")
+@registry.register(BACKEND, "int8_matmul")
 def int8_matmul(a, b):
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
     with _on_device_of(a):
         return _launch_gemm(a, b, out)
 
 
-@_ops.register_impl(BACKEND, "int8_linear")
+@registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]

@@ -15,8 +15,9 @@ DESCRIPTION = HELP + """.
 The kernel suite times every provider on layer shapes of Llama-3-8B/70B, OPT-6.7B and SmolLM2-135M with
 planted outlier columns, and writes DIR/{cpu,gpu}_bench.json (long-form rows), .md and .png. The model
 suite (--suite model) times prefill and decode of a random-weight Llama in float, bitsandbytes 8-bit and
-int8mm 8-bit, and writes DIR/{cpu,gpu}_model_bench.json and .md."""
-SUITES = ("kernels", "model", "all")
+int8mm 8-bit, and writes DIR/{cpu,gpu}_model_bench.json and .md. The host suite (--suite host) times
+int8mm's own Python path per call around a stand-in backend, and writes DIR/{cpu,gpu}_host_bench.json and .md."""
+SUITES = ("kernels", "model", "all", "host")
 # options that only one suite reads (None when not given): given to the other suite alone, they are an error
 KERNEL_ONLY = ("models", "roles", "m", "backends", "outlier_cols", "outlier_low", "outlier_high", "graph_max_m",
                "reps")
@@ -38,7 +39,8 @@ def _stem(device) -> str:
 
 
 def _check_options_of_the_suite(args) -> None:
-    unused, other = {"model": (KERNEL_ONLY, "kernel"), "kernels": (MODEL_ONLY, "model")}.get(args.suite, ((), ""))
+    unused, other = {"model": (KERNEL_ONLY, "kernel"), "kernels": (MODEL_ONLY, "model"),
+                     "host": (KERNEL_ONLY + MODEL_ONLY, "kernel or model")}.get(args.suite, ((), ""))
     given = ["--" + option.replace("_", "-") for option in unused if getattr(args, option) is not None]
     if given:
         raise CliError(f"{', '.join(given)}: option(s) of the {other} suite, which --suite {args.suite} does not run")
@@ -51,13 +53,15 @@ def run(args) -> int:
         checked_threshold(args.threshold)
     check_default_backend(device)
     try:  # every configuration problem surfaces here, before anything is measured
-        kernel_config = kernel_config_from_args(args, device) if args.suite != "model" else None
-        model_config = model_config_from_args(args, device) if args.suite != "kernels" else None
+        kernel_config = kernel_config_from_args(args, device) if args.suite in ("kernels", "all") else None
+        model_config = model_config_from_args(args, device) if args.suite in ("model", "all") else None
         if kernel_config is not None:
             benchmark_backends(device, kernel_config.backends)
     except (ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     out = output_dir(args.out, "--out")  # made last: a refused command leaves no directory behind
+    if args.suite == "host":
+        _run_host_suite(device, out)
     if kernel_config is not None:
         _run_kernel_suite(kernel_config, device, out)
     if model_config is not None:
@@ -77,6 +81,16 @@ def _run_kernel_suite(config, device, out: Path) -> None:
     say("\nwrote " + ", ".join(str(p) for key, p in paths.items() if key != "png_skipped"))
     if "png_skipped" in paths:
         say(f"no plot: {paths['png_skipped']}")
+
+
+def _run_host_suite(device, out: Path) -> None:
+    from ..bench.host_suite import host_markdown, run_host_suite
+
+    result = run_host_suite(device)
+    text = host_markdown(result)
+    say("\n" + text)
+    paths = write_json_and_markdown(result, text, out, _stem(device).replace("_bench", "_host_bench"))
+    say("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def _run_model_suite(config, device, out: Path) -> None:

@@ -1,5 +1,6 @@
 // The C ABI (int8mm.h): argument checks, buffer layout, and the choice of GEMM or GEMV schedule.
 #include <algorithm>
+#include <atomic>
 
 #include "common.cuh"
 #include "gemm.cuh"
@@ -10,11 +11,29 @@ int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, 
                               int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
                               int32_t* outlier_cols, int32_t* outlier_count, cudaStream_t stream, int num_sms);
 
-static int multiprocessors() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 132;
-  return count;
+// The current device's multiprocessor count, asked of the driver once per device (a forward needs it on every
+// call). A failed query is reported, never replaced by a guess: returns the CUDA error, or 0 with *count set.
+constexpr int kMaxDevices = 64;
+static std::atomic<int> sm_counts[kMaxDevices];  // 0: not asked yet
+
+static int multiprocessors(int* count) {
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return static_cast<int>(status);
+  if (device >= 0 && device < kMaxDevices) {
+    int cached = sm_counts[device].load(std::memory_order_relaxed);
+    if (cached > 0) {
+      *count = cached;
+      return 0;
+    }
+  }
+  int queried = 0;
+  status = cudaDeviceGetAttribute(&queried, cudaDevAttrMultiProcessorCount, device);
+  if (status != cudaSuccess) return static_cast<int>(status);
+  if (queried <= 0) return static_cast<int>(cudaErrorInvalidDevice);
+  if (device >= 0 && device < kMaxDevices) sm_counts[device].store(queried, std::memory_order_relaxed);
+  *count = queried;
+  return 0;
 }
 }  // namespace int8mm
 
@@ -32,8 +51,10 @@ int int8mm_quantize_activations(const void* x, int x_dtype, int64_t M, int64_t K
                                 int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
                                 int32_t* outlier_cols, int32_t* outlier_count, void* stream) {
   if (M < 0 || K < 0 || !(threshold >= 0.0f)) return static_cast<int>(cudaErrorInvalidValue);
+  int num_sms = 0;
+  if (int status = multiprocessors(&num_sms)) return status;
   return quantize_activations_impl(x, x_dtype, M, K, stride_xm, stride_xk, threshold, workspace, q_x, s_x,
-                                   outlier_cols, outlier_count, static_cast<cudaStream_t>(stream), multiprocessors());
+                                   outlier_cols, outlier_count, static_cast<cudaStream_t>(stream), num_sms);
 }
 
 int int8mm_int8_matmul(const int8_t* a, const int8_t* b, int32_t* out, int64_t M, int64_t N, int64_t K,
@@ -51,8 +72,11 @@ int int8mm_int8_linear(const void* x, int x_dtype, int64_t M, int64_t K, int64_t
   if (M < 0 || N < 0 || K < 0 || !(threshold >= 0.0f)) return static_cast<int>(cudaErrorInvalidValue);
   if (M == 0 || N == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  int status = quantize_activations_impl(x, x_dtype, M, K, stride_xm, stride_xk, threshold, workspace, q_x, s_x,
-                                         outlier_cols, outlier_count, s, multiprocessors());
+  int num_sms = 0;
+  int status = multiprocessors(&num_sms);
+  if (status != 0) return status;
+  status = quantize_activations_impl(x, x_dtype, M, K, stride_xm, stride_xk, threshold, workspace, q_x, s_x,
+                                     outlier_cols, outlier_count, s, num_sms);
   if (status != 0) return status;
   GemmArgs args{q_x, q_w, out, s_x, s_w, x, stride_xm, stride_xk, outlier_cols, outlier_count, bias, M, N, K};
   if (M <= kDecodeMaxM) return launch_int8_linear_gemv(args, x_dtype, bias_dtype, s);

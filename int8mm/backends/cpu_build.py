@@ -1,0 +1,101 @@
+"""Build and locate the CPU library (kernels/cpu -> libint8mm_cpu.so) with the system C compiler.
+
+It is compiled at first use for the machine it runs on (``-march=native``), into the build cache
+``$INT8MM_CACHE/cpu/<hash of the sources, flags, compiler and CPU features>/``, under a file lock; a
+compile takes about a second. It links no torch library (only OpenMP), and is called through ctypes.
+``$INT8MM_CPU_LIB`` names a library to load instead; ``INT8MM_CPU_LIB=none`` turns the CPU library off.
+"""
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .cuda_build import cache_root
+
+LIBRARY_NAME = "libint8mm_cpu.so"
+LIBRARY_ENV_VAR = "INT8MM_CPU_LIB"
+DISABLED = "none"
+# no fast-math: the quantized values must be the reference's bit for bit; no FMA contraction either
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-fPIC", "-shared",
+          "-std=c11", "-fvisibility=default"]
+HOW_TO_BUILD = ("it is compiled at first use with the C compiler named by $CC or found as cc/gcc (needs OpenMP); "
+                f"or point {LIBRARY_ENV_VAR} at a built {LIBRARY_NAME}")
+
+
+def source_dir() -> Path:
+    """kernels/cpu, in a checkout or as installed (int8mm/kernels/cpu)."""
+    here = Path(__file__).resolve().parent  # int8mm/backends
+    for candidate in (here.parent / "kernels" / "cpu", here.parent.parent / "kernels" / "cpu"):
+        if (candidate / "int8mm_cpu.c").exists():
+            return candidate
+    raise FileNotFoundError(f"the CPU kernel source (kernels/cpu/int8mm_cpu.c) is missing next to {here.parent}")
+
+
+def compiler() -> str | None:
+    named = os.environ.get("CC")
+    return shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
+
+
+def _cpu_features() -> str:
+    """What -march=native depends on: the CPU's feature flags (a cache shared by machines keeps them apart)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_hash() -> str:
+    digest = hashlib.sha256(" ".join([*CFLAGS, str(compiler()), _cpu_features()]).encode())
+    digest.update((source_dir() / "int8mm_cpu.c").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build(out_dir: Path) -> Path:
+    """Compile the library into ``out_dir`` (written beside, then renamed); returns its path."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler found: {HOW_TO_BUILD}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / LIBRARY_NAME
+    fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{LIBRARY_NAME}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *CFLAGS, "-o", partial, str(source_dir() / "int8mm_cpu.c")],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
+        os.chmod(partial, 0o755)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def library_path() -> Path:
+    """The library, compiled into the cache under a file lock if it is missing."""
+    explicit = os.environ.get(LIBRARY_ENV_VAR)
+    if explicit:
+        if not Path(explicit).exists():
+            raise FileNotFoundError(f"{LIBRARY_ENV_VAR}={explicit} does not exist")
+        return Path(explicit)
+    out_dir = cache_root() / "cpu" / build_hash()
+    target = out_dir / LIBRARY_NAME
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same source
+        return target if target.exists() else build(out_dir)
+
+
+def disabled() -> bool:
+    return os.environ.get(LIBRARY_ENV_VAR, "").lower() == DISABLED

@@ -1,0 +1,143 @@
+"""The CPU library (kernels/cpu, int8mm/backends/cpu.py) against the reference, on every machine.
+
+Quantized values and scales must be the reference's bit for bit (the same fp32 math, no fast-math); the
+int32 products exact; outputs within SPEC tolerances. The shapes walk the fused GEMV's edges: rows in blocks
+of four, K around the 64-byte vector, M at the fused/GEMM boundary (16/17).
+"""
+import pytest
+import torch
+
+import int8mm
+from helpers import FLOAT_DTYPES, INT8_MAX, assert_output_close, planted_outliers, random_weight
+from int8mm import Backend, _ops
+from int8mm.backends import cpu as cpu_backend
+
+THRESHOLD = 6.0
+
+
+def _both(op, *args):
+    return op(*args, "reference"), op(*args, "cpu")
+
+
+def _assert_quantize_identical(ref, got):
+    (q_r, s_r, cols_r, n_r), (q_c, s_c, cols_c, n_c) = ref, got
+    assert torch.equal(q_r, q_c)
+    assert torch.equal(s_r.isnan(), s_c.isnan()) and torch.equal(s_r.nan_to_num(), s_c.nan_to_num())
+    assert torch.equal(n_r, n_c) and torch.equal(cols_r[: int(n_r)], cols_c[: int(n_c)])
+
+
+def test_auto_picks_the_cpu_library_on_cpu():
+    assert Backend.CPU in int8mm.available_backends("cpu")
+    assert int8mm.backends.resolve_backend(Backend.AUTO, torch.device("cpu")) is Backend.CPU
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 63), (1, 64), (1, 65), (2, 130), (5, 576), (16, 499), (17, 499),
+                                 (40, 1536)])
+@pytest.mark.parametrize("threshold", [THRESHOLD, 0.0])
+def test_quantize_activations_is_the_reference(m, k, dtype, threshold):
+    x = planted_outliers(m, k, dtype, zero_row=m > 2, seed=m * 7 + k)
+    _assert_quantize_identical(*_both(_ops.quantize_activations, x, threshold))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 16, 17, 33])
+@pytest.mark.parametrize("k,n", [(64, 33), (130, 7), (576, 48)])
+def test_int8_linear_matches_the_reference(m, k, n, dtype):
+    x = planted_outliers(m, k, dtype, zero_row=m > 2, seed=m + k)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k))
+    bias = torch.randn(n).to(dtype)
+    ref, got = _both(_ops.int8_linear, x, q_w, s_w, bias, THRESHOLD)
+    assert got.dtype == dtype
+    assert_output_close(got, ref)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 40])
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 130, 4096])
+def test_without_outliers_or_bias_the_output_is_the_reference_bit_for_bit(m, k):
+    """The epilogue scales in the reference's order (fp32(acc) * s_x, then * (s_w * fp32(1 / 127^2))), so with
+    no outlier term or bias to sum in another order the outputs are identical: any wrong int32 sum shows."""
+    g = torch.Generator().manual_seed(m * 10_000 + k)
+    x = torch.randn(m, k, generator=g)
+    q_w, s_w = int8mm.quantize_weight(torch.randn(9, k, generator=g))
+    ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, 0.0)
+    assert torch.equal(got, ref)
+
+
+def test_large_k_sums_wrap_back_exactly():
+    """The VNNI path adds 128 to x's int8 values: sum((x + 128) * w) passes 2^31 beyond K = 66,313, and must
+    still come back to the exact int32 result."""
+    k = 70_000
+    x = torch.ones(2, k)
+    x[1] = -1.0
+    q_w, s_w = int8mm.quantize_weight(torch.ones(3, k))
+    ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, THRESHOLD)
+    assert torch.equal(got, ref) and torch.equal(got[0], torch.full((3,), float(k)))
+
+
+def test_ties_and_negative_subnormals_like_the_reference():
+    row = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -125.5])
+    x = torch.stack([row, torch.full((8,), -1e-40), row.flip(0)])
+    for threshold in (THRESHOLD, 200.0, 0.0):
+        ref, got = _both(_ops.quantize_activations, x, threshold)
+        _assert_quantize_identical(ref, got)
+    q_x = _ops.quantize_activations(x, 200.0, "cpu")[0]
+    assert q_x[0].tolist() == [127, 0, 2, 2, 0, -2, 126, -126] and q_x[1].tolist() == [-INT8_MAX] * 8
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_like_the_reference(bad):
+    x = planted_outliers(6, 100, seed=3)
+    x[2, 5] = bad
+    q_w, s_w = int8mm.quantize_weight(random_weight(12, 100))
+    for threshold in (THRESHOLD, 0.0):
+        _assert_quantize_identical(*_both(_ops.quantize_activations, x, threshold))
+        for rows in (slice(0, 3), slice(0, 6)):  # fused (M <= 16) and the same rows again
+            assert_output_close(*reversed(_both(_ops.int8_linear, x[rows], q_w, s_w, None, threshold)))
+
+
+def test_strided_inputs_and_reused_scratch():
+    """Views with any strides; the fused path's scratch is kept per shape and must not leak between calls."""
+    base = planted_outliers(4, 96, torch.bfloat16, seed=4)
+    q_w, s_w = int8mm.quantize_weight(random_weight(40, 96))
+    expected = _ops.int8_linear(base, q_w, s_w, None, THRESHOLD, "reference")
+    doubled = torch.zeros(4, 192, dtype=torch.bfloat16)
+    doubled[:, ::2] = base
+    for x in (base.t().contiguous().t(), doubled[:, ::2], doubled[:, ::2].t().contiguous().t()):
+        assert torch.equal(x, base)
+        assert_output_close(_ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu"), expected)
+    other = planted_outliers(4, 96, torch.bfloat16, seed=5)  # same shape: the same scratch, other values
+    assert_output_close(_ops.int8_linear(other, q_w, s_w, None, THRESHOLD, "cpu"),
+                        _ops.int8_linear(other, q_w, s_w, None, THRESHOLD, "reference"))
+
+
+def test_threads_give_the_same_output():
+    x = planted_outliers(3, 512, seed=6)
+    q_w, s_w = int8mm.quantize_weight(random_weight(300, 512))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu")
+        torch.set_num_threads(2)
+        assert torch.equal(_ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu"), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
+    """No compiler (or INT8MM_CPU_LIB=none): AUTO serves CPU tensors with the reference and says so once; an
+    explicit choice of the CPU backend is an error that says why."""
+    monkeypatch.setenv("INT8MM_CPU_LIB", "none")
+    cpu_backend.library.cache_clear()
+    cpu_backend.library_available.cache_clear()
+    try:
+        assert cpu_backend.library_available() is False
+        assert "INT8MM_CPU_LIB=none" in caplog.text
+        assert int8mm.backends.resolve_backend(Backend.AUTO, torch.device("cpu")) is Backend.REFERENCE
+        with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available on cpu.*C compiler"):
+            int8mm.backends.resolve_backend(Backend.CPU, torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        cpu_backend.library.cache_clear()
+        cpu_backend.library_available.cache_clear()
+    assert cpu_backend.library_available()

@@ -1,0 +1,159 @@
+"""The eager hot path: layer checks done once per layer state, backend choice cached, the op skipped.
+
+In eager mode Int8Linear and int8_linear call the backend's implementation directly; tracing, compile,
+autograd and dispatch modes still see the ``int8mm::int8_linear`` op. What a layer checked once must be
+checked again whenever its tensors or threshold change.
+"""
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import int8mm
+from helpers import planted_outliers, requires_cuda
+from int8mm import Int8Linear, _ops, backends
+from int8mm.backends import registry
+
+THRESHOLD = 6.0
+
+
+def _layer(k=64, n=33, seed=0, backend="reference"):
+    torch.manual_seed(seed)
+    return Int8Linear.from_linear(nn.Linear(k, n), threshold=THRESHOLD, backend=backend)
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse_the_op(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the eager path went through the custom op")
+    monkeypatch.setattr(_ops, "int8_linear", refuse)
+
+
+def test_eager_forward_skips_the_op_and_matches_it(monkeypatch):
+    layer = _layer()
+    x = planted_outliers(5, 64, seed=1)
+    expected = torch.ops.int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference")
+    _refuse_the_op(monkeypatch)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+    assert torch.equal(layer(x), expected)  # grad mode, but nothing requires grad
+    assert torch.equal(int8mm.int8_linear(x.reshape(5, 1, 64), layer.weight, layer.SCB, layer.bias, THRESHOLD,
+                                          "reference"), expected.reshape(5, 1, 33))
+
+
+def test_autograd_and_dispatch_modes_see_the_op():
+    layer = _layer()
+    x = planted_outliers(4, 64, seed=2).requires_grad_()
+    layer(x).sum().backward()  # the op's registered backward
+    assert x.grad is not None and x.grad.shape == x.shape
+    with _OpRecorder() as recorder:
+        layer(planted_outliers(4, 64))
+    assert "int8mm.int8_linear.default" in recorder.ops
+
+
+def test_layer_checks_follow_threshold_changes():
+    layer = _layer()
+    x = planted_outliers(3, 64, seed=3)
+    with_outliers = layer(x)
+    layer.threshold = 0.0
+    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, 0.0, "reference"))
+    assert not torch.equal(layer(x), with_outliers)
+    layer.threshold = -1.0
+    with pytest.raises(ValueError, match=r"threshold must be >= 0.*got -1.0"):
+        layer(x)
+    layer.threshold = 6  # an int is a number: accepted, and used as 6.0
+    assert torch.equal(layer(x), with_outliers)
+
+
+def test_layer_checks_follow_new_tensors():
+    layer = _layer()
+    x = planted_outliers(3, 64, seed=4)
+    layer(x)
+    layer.SCB = torch.ones(7)
+    with pytest.raises(ValueError, match=r"s_w must have shape \(33,\)"):
+        layer(x)
+    layer.SCB = torch.ones(33)
+    other = _layer(seed=5)
+    layer.load_state_dict(other.state_dict(), assign=True)
+    assert torch.equal(layer(x), other(x))
+    layer.load_state_dict(_layer(seed=6).state_dict())  # in-place copies: same tensors, new values
+    assert torch.equal(layer(x), _layer(seed=6)(x))
+    layer.bias = nn.Parameter(torch.zeros(5), requires_grad=False)
+    with pytest.raises(ValueError, match=r"bias must have shape \(33,\), got \(5,\)"):
+        layer(x)
+
+
+def test_layer_checks_follow_casts():
+    layer = _layer()
+    x = planted_outliers(3, 64, torch.float16, seed=7)
+    layer(x.float())
+    layer.half()  # the bias parameter keeps its identity, with a new dtype
+    assert layer.bias.dtype == torch.float16
+    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))
+    layer.double()
+    with pytest.raises(TypeError, match=r"bias must be one of float16, bfloat16, float32, got torch.float64"):
+        layer(x)
+
+
+def test_backend_choice_is_cached_until_changed():
+    x = planted_outliers(3, 64)
+    layer = _layer(backend=None)
+    chosen = backends.backend_for(None, x.device, False)
+    assert chosen == backends.resolve_backend(None, x.device).value  # AUTO on CPU: the CPU library here
+    calls = []
+    chosen_linear = registry.lookup(chosen, "int8_linear")
+    with registry.replaced(chosen, "int8_linear", lambda *args: calls.append(1) or chosen_linear(*args)):
+        layer(x)
+    assert calls == [1]
+    try:
+        backends.set_default_backend("cuda")
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available on cpu"):
+            layer(x)
+    finally:
+        backends.set_default_backend(None)
+    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, chosen))
+
+
+def test_backends_never_import_the_op_surface():
+    """One way only: _ops asks the registry; backend modules register there and never import _ops."""
+    for path in pathlib.Path(backends.__file__).parent.glob("*.py"):
+        imports = [line for line in path.read_text().splitlines() if line.startswith(("import ", "from "))]
+        assert not [line for line in imports if "_ops" in line], path.name
+
+
+# ---- on a GPU: the direct launch is what the op computes, also inside a CUDA graph ----
+GPU_BACKENDS = [pytest.param("triton", marks=requires_cuda), pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("m", [1, 16, 17])
+def test_gpu_direct_launch_equals_the_op(monkeypatch, backend, m):
+    layer = _layer(512, 256, backend=backend).cuda()
+    x = planted_outliers(m, 512, torch.float16, seed=m).cuda()
+    expected = torch.ops.int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, backend)
+    _refuse_the_op(monkeypatch)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)
+    static_x = x.clone()
+    layer(static_x)  # warm-up (compile, autotune) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    other = planted_outliers(m, 512, torch.float16, seed=m + 100).cuda()  # outliers in other columns
+    static_x.copy_(other)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, torch.ops.int8mm.int8_linear(other, layer.weight, layer.SCB, layer.bias, THRESHOLD,
+                                                              backend))
