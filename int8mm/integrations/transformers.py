@@ -152,7 +152,11 @@ class Int8MMHfQuantizer(HfQuantizer):
         return new_dtype
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        check_after_loading(model, self.headers, self.checkpoint_files, self.pre_quantized)
+        # transformers fills a tensor the checkpoint lacks with uninitialized memory (an int8 buffer has no init),
+        # and marks every tensor it loaded with _is_hf_initialized: an unmarked weight or scale was missing
+        check_after_loading(model, self.headers, self.checkpoint_files, self.pre_quantized,
+                            was_loaded=lambda tensor: not tensor.is_meta and getattr(tensor, "_is_hf_initialized",
+                                                                                     False))
         return model
 
     def get_quantize_ops(self):

@@ -6,7 +6,9 @@ each 8-bit layer's stored tensors have the dtypes, shapes and values of the 8-bi
 (``int8mm.weight_format``), before a model is returned. Errors are ``CheckpointError`` naming the key and file.
 """
 from pathlib import Path
+from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError
@@ -51,9 +53,11 @@ def check_before_loading(model: nn.Module, checkpoint_files, pre_quantized: bool
     return headers
 
 
-def check_after_loading(model: nn.Module, headers: dict, checkpoint_files, pre_quantized: bool) -> None:
-    """Check the loaded 8-bit layers: none left empty; the tensors of an 8-bit checkpoint hold values a quantizer
-    writes (a weight in [-127, 127], a finite scale >= 0). Layers that accelerate offloads are skipped.
+def check_after_loading(model: nn.Module, headers: dict, checkpoint_files, pre_quantized: bool,
+                        was_loaded: Callable[[torch.Tensor], bool] = lambda tensor: not tensor.is_meta) -> None:
+    """Check the loaded 8-bit layers: none left unloaded (``was_loaded`` says, for a weight or scale); the tensors
+    of an 8-bit checkpoint hold values a quantizer writes (a weight in [-127, 127], a finite scale >= 0). Layers
+    that accelerate offloads are skipped.
 
     Raises:
         CheckpointError: naming the layer's key and the checkpoint file.
@@ -66,7 +70,7 @@ def check_after_loading(model: nn.Module, headers: dict, checkpoint_files, pre_q
         stored = _stored_name(name, base, headers) or name
         source = str(headers[f"{stored}.{WEIGHT}"].path) if f"{stored}.{WEIGHT}" in headers else every_file
         for attr in (WEIGHT, SCALE):
-            if getattr(layer, attr).is_meta:
+            if not was_loaded(getattr(layer, attr)):
                 raise CheckpointError(f"{source}: lacks {stored}.{attr} (the model's {name} was never loaded)")
         check_int8_layout(name, layer.out_features, layer.in_features, weight=layer.weight, scale=layer.SCB,
                           source=source)
