@@ -23,10 +23,11 @@ WEIGHT_FORMAT_ROW = 0  # bitsandbytes' marker for a row-major int8 weight
 WEIGHT_FORMAT_DTYPE = torch.uint8
 SCALE_DTYPE = torch.float32
 WEIGHT, SCALE, FORMAT, BIAS = "weight", "SCB", "weight_format", "bias"
+STATE_DICT_KEYS = (WEIGHT, SCALE, FORMAT, BIAS)  # what an 8-bit layer may store, in the order above
 STATE_DICT_SOURCE = "state_dict"  # how messages name a state dict that came from no file
 
 __all__ = [
-    "BIAS", "FORMAT", "SCALE", "SCALE_DTYPE", "STATE_DICT_SOURCE", "WEIGHT", "WEIGHT_FORMAT_DTYPE",
+    "BIAS", "FORMAT", "SCALE", "SCALE_DTYPE", "STATE_DICT_KEYS", "STATE_DICT_SOURCE", "WEIGHT", "WEIGHT_FORMAT_DTYPE",
     "WEIGHT_FORMAT_ROW", "add_format_marker", "check_format_value", "check_int8_layout", "check_int8_values",
     "format_marker", "int8_state_for_loading", "keep_scale_fp32",
 ]

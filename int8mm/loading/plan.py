@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..nn import Int8Linear
-from ..weight_format import check_int8_layout
+from ..weight_format import STATE_DICT_KEYS, check_int8_layout
 from .device_map import DISK, device_for
 from .errors import CheckpointError
 from .safetensors_files import _Entry
@@ -40,7 +40,7 @@ def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Ent
     for names in int8_names.values():
         module = model.get_submodule(names[0])
         prefix = next((n for n in names if f"{n}.weight" in headers), names[0])
-        used.update(f"{n}.{suffix}" for n in names for suffix in ("weight", "SCB", "weight_format", "bias")
+        used.update(f"{n}.{suffix}" for n in names for suffix in STATE_DICT_KEYS
                     if f"{n}.{suffix}" in headers)
         device = device_for(f"{prefix}.weight", device_map)
         tasks += _plan_int8(module, prefix, transposed.get(prefix, False), headers, device, missing)
