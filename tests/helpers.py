@@ -252,6 +252,7 @@ def bad_int8_states(state: dict) -> list[tuple[str, dict, str]]:
          rf"'SCB' has shape \[{n - 1}\], but the model expects \[{n}\]"),
         ("int scale", _with(state, SCB=state["SCB"].to(torch.int32)), r"'SCB' must be a float scale, got torch.int32"),
         ("missing scale", _with(state, SCB=None), r"'weight' is int8 but 'SCB' \(its row scale\) is missing"),
+        ("missing weight", _with(state, weight=None), r"'SCB' comes without 'weight'"),
         ("-128", _with(state, weight=weight_128), r"'weight' holds -128"),
         ("negative scale", _with(state, SCB=negative_scale), r"'SCB' holds -1.0"),
         ("nan scale", _with(state, SCB=nan_scale), r"'SCB' holds nan"),

@@ -115,7 +115,8 @@ def test_bad_8bit_tensor_on_the_file_paths(case, int8_checkpoint, tmp_path):
     shutil.copytree(source, tmp_path, dirs_exist_ok=True)
     spoiled, _ = _spoiled(tensors, case)
     _rewrite(tmp_path, spoiled)
-    for load in (lambda: load_in_8bit(tmp_path, progress=False), lambda: AutoModelForCausalLM.from_pretrained(tmp_path)):
+    for load in (lambda: load_in_8bit(tmp_path, progress=False),
+                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path)):
         with pytest.raises(CheckpointError) as raised:
             load()
         message = str(raised.value)
