@@ -5,9 +5,7 @@ from torch import nn
 from . import functional as F8
 from ._constants import DEFAULT_THRESHOLD, INT8_MAX
 from .backends import Backend, parse_backend
-
-# bitsandbytes' checkpoint marker for a row-major int8 weight (SPEC.md, "Checkpoint format")
-WEIGHT_FORMAT_ROW = 0
+from . import weight_format
 
 
 class Int8Linear(nn.Module):
@@ -101,30 +99,15 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (SPEC.md)
-        scale = self.SCB
-        super()._apply(fn, recurse)
-        if self.SCB.dtype != torch.float32:
-            self.SCB = scale.to(self.SCB.device)
-        return self
+        return weight_format.keep_scale_fp32(self, super()._apply, fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
+        weight_format.add_format_marker(destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        state_dict = dict(state_dict)  # never modify the caller's dict
-        fmt = state_dict.pop(prefix + "weight_format", None)
-        if fmt is not None and int(fmt) != WEIGHT_FORMAT_ROW:
-            error_msgs.append(f"{prefix}weight_format is {int(fmt)}; only the row-major format (0) is supported")
-            return
-        weight = state_dict.get(prefix + "weight")
-        if weight is not None and weight.dtype != torch.int8:
-            error_msgs.append(f"{prefix}weight must be int8 for an Int8Linear, got {weight.dtype} "
-                              f"(quantize a float checkpoint with Int8Linear.from_linear or quantize_model)")
-            return
-        scale = state_dict.get(prefix + "SCB")
-        if scale is not None and scale.dtype != torch.float32:
-            state_dict[prefix + "SCB"] = scale.float()
+        # the one check of the 8-bit format: a bad tensor raises CheckpointError naming its key
+        state_dict = weight_format.int8_state_for_loading(state_dict, prefix, self.out_features, self.in_features)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

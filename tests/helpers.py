@@ -218,3 +218,42 @@ def tiny_token_ids() -> torch.Tensor:
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model(ids).logits
+
+
+# ---- 8-bit state dicts that every way of loading must refuse (int8mm.weight_format) ----
+def _with(state: dict, **changes) -> dict:
+    state = dict(state)
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+    return state
+
+
+def bad_int8_states(state: dict) -> list[tuple[str, dict, str]]:
+    """``(case, spoiled copy of an 8-bit layer's state dict, regex the CheckpointError must match)`` for each way
+    a checkpoint can break the 8-bit format: every message names the key."""
+    n, k = state["weight"].shape
+    weight_128 = state["weight"].clone()
+    weight_128[0, 0] = -128
+    negative_scale = state["SCB"].clone()
+    negative_scale[1] = -1.0
+    nan_scale = state["SCB"].clone()
+    nan_scale[0] = float("nan")
+    return [
+        ("format", _with(state, weight_format=torch.tensor(1, dtype=torch.uint8)),
+         r"'weight_format' is 1; only the row-major format \(0\)"),
+        ("float weight", _with(state, weight=torch.randn(n, k)), r"'weight' has dtype torch.float32"),
+        ("int16 weight", _with(state, weight=state["weight"].to(torch.int16)), r"'weight' has dtype torch.int16"),
+        ("weight shape", _with(state, weight=state["weight"][:, :-1].contiguous()),
+         rf"'weight' has shape \[{n}, {k - 1}\], but the model expects \[{n}, {k}\]"),
+        ("scale shape", _with(state, SCB=state["SCB"][:-1].contiguous()),
+         rf"'SCB' has shape \[{n - 1}\], but the model expects \[{n}\]"),
+        ("int scale", _with(state, SCB=state["SCB"].to(torch.int32)), r"'SCB' must be a float scale, got torch.int32"),
+        ("missing scale", _with(state, SCB=None), r"'weight' is int8 but 'SCB' \(its row scale\) is missing"),
+        ("missing weight", _with(state, weight=None), r"'SCB' comes without 'weight'"),
+        ("-128", _with(state, weight=weight_128), r"'weight' holds -128"),
+        ("negative scale", _with(state, SCB=negative_scale), r"'SCB' holds -1.0"),
+        ("nan scale", _with(state, SCB=nan_scale), r"'SCB' holds nan"),
+    ]

@@ -187,7 +187,7 @@ def test_bad_8bit_tensors(float_dir, tmp_path):
         load_in_8bit(tmp_path, progress=False)
     spoiled = {**tensors, f"{key}.SCB": tensors[f"{key}.SCB"].to(torch.int32)}
     _rewrite(tmp_path, spoiled)
-    with pytest.raises(CheckpointError, match=rf"{key}\.SCB must be a float scale, got torch\.int32"):
+    with pytest.raises(CheckpointError, match=rf"'{key}\.SCB' must be a float scale, got torch\.int32"):
         load_in_8bit(tmp_path, progress=False)
     # a float weight where config.json says int8mm quantized it: refused, never cast to int8
     spoiled = {**tensors, f"{key}.weight": tensors[f"{key}.weight"].float()}

@@ -202,7 +202,7 @@ def test_a_directory_transformers_cannot_load_is_one_line(capsys, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     code, _, err = run_cli(capsys, "eval", tmp_path)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert f"cannot load a causal LM from '{tmp_path}'" in err
+    assert f"'{tmp_path / 'config.json'}' names no model class ('architectures')" in err
 
 
 def test_quantize_leaves_a_non_empty_out_dir_alone(capsys, tiny_checkpoint, tmp_path):
@@ -232,7 +232,7 @@ def test_a_truncated_checkpoint_is_one_line(capsys, tiny_checkpoint, tmp_path):
     for argv in (["eval", bad], ["quantize", bad, tmp_path / "out"]):
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and len(error_lines(err)) == 1 and "Traceback" not in err, err
-        assert f"cannot load a causal LM from '{bad}'" in err
+        assert f"cannot load LlamaForCausalLM from '{bad}'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # quantize left nothing behind
 
 
@@ -246,3 +246,97 @@ def test_quantize_failing_to_write_leaves_nothing(capsys, tiny_checkpoint, tmp_p
     code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "out")
     assert code == 2 and "No space left on device" in err and len(error_lines(err)) == 1, err
     assert list(tmp_path.iterdir()) == []  # no OUT_DIR, no partial directory
+
+
+# ---- the model class comes from config.json; what a command cannot do is one line and status 2 ----
+def _save_with_tokenizer(model, source, path):
+    import shutil
+
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, path / name)
+    return path
+
+
+def _tiny(family):
+    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForSequenceClassification)
+
+    torch.manual_seed(0)
+    if family == "BertModel":
+        return BertModel(BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, max_position_embeddings=64))
+    if family == "LlamaForSequenceClassification":
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=1, eos_token_id=2))
+
+
+@pytest.mark.parametrize("family", ["BertModel", "LlamaForSequenceClassification", "GPT2LMHeadModel"])
+def test_quantize_keeps_the_model_class(capsys, tiny_checkpoint, tmp_path, family):
+    import transformers
+    from safetensors.torch import load_file
+
+    source = _save_with_tokenizer(_tiny(family).eval(), tiny_checkpoint, tmp_path / "float")
+    code, _, err = run_cli(capsys, "quantize", source, tmp_path / "int8")
+    assert code == 0, err
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    assert config["architectures"] == [family]
+    float_keys = set(load_file(source / "model.safetensors"))
+    int8_keys = {k for k in load_file(tmp_path / "int8" / "model.safetensors") if not k.endswith((".SCB",
+                                                                                                  ".weight_format"))}
+    assert int8_keys == float_keys  # no head added (a BertModel was saved as BertLMHeadModel before)
+    loaded = getattr(transformers, family).from_pretrained(tmp_path / "int8")
+    assert type(loaded).__name__ == family
+    assert sum(isinstance(m, int8mm.Int8Linear) for m in loaded.modules()) > 0
+
+
+def test_eval_refuses_a_model_without_a_language_model_head(capsys, tiny_checkpoint, tmp_path, text_file):
+    source = _save_with_tokenizer(_tiny("BertModel"), tiny_checkpoint, tmp_path / "bert")
+    code, out, err = run_cli(capsys, "eval", source, "--text", text_file)
+    assert code == 2 and out == "" and len(error_lines(err)) == 1 and "Traceback" not in err, err
+    assert f"{source} holds a BertModel, which has no language-model head" in err
+
+
+def test_eval_refuses_a_directory_without_a_tokenizer(capsys, tiny_checkpoint, tmp_path, text_file):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_checkpoint, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    code, out, err = run_cli(capsys, "eval", bare, "--text", text_file)
+    assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # not a perplexity from another tokenizer
+    assert f"{bare} holds no tokenizer (none of tokenizer.json," in err
+
+
+def test_eval_refuses_a_vocabulary_smaller_than_the_tokenizer(capsys, tiny_checkpoint, tmp_path, text_file):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+                                         eos_token_id=2))
+    source = _save_with_tokenizer(small, tiny_checkpoint, tmp_path / "small")
+    code, out, err = run_cli(capsys, "eval", source, "--text", text_file)
+    assert code == 2 and out == "" and len(error_lines(err)) == 1 and "Traceback" not in err, err  # was IndexError
+    assert re.search(r"the model's vocabulary \(8 tokens, config.json vocab_size\) is smaller than its "
+                     r"tokenizer's \(\d+\)", err), err
+
+
+def test_an_unforeseen_failure_is_one_line_and_status_1(capsys, monkeypatch, tiny_checkpoint, text_file):
+    from int8mm.cli import compare
+
+    def broken(*args, **kwargs):
+        raise IndexError("index out of range in self")
+
+    monkeypatch.setattr(compare, "compare_full_and_8bit", broken)
+    monkeypatch.delenv("INT8MM_TRACEBACK", raising=False)
+    code, out, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file)
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err)[-1] == ("int8mm eval: failed: IndexError: index out of range in self (set "
+                                    "INT8MM_TRACEBACK=1 for the traceback)")
+    monkeypatch.setenv("INT8MM_TRACEBACK", "1")
+    with pytest.raises(IndexError):
+        main(["eval", str(tiny_checkpoint), "--text", str(text_file)])

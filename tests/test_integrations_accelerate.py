@@ -1,17 +1,18 @@
 """Int8Hook / attach_int8_hooks (int8mm/integrations/accelerate.py) alone and under accelerate's own hooks."""
 import copy
 import functools
+import logging
 
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module, remove_hook_from_submodules
 from gpu import requires_cuda
-from helpers import TINY_VOCAB, logits, planted_outliers, tiny_llama, tiny_token_ids
+from helpers import TINY_VOCAB, bad_int8_states, logits, planted_outliers, tiny_llama, tiny_token_ids
 from torch import nn
 
 import int8mm
-from int8mm import Int8Linear
+from int8mm import CheckpointError, Int8Linear
 from int8mm.integrations.accelerate import Int8Hook, attach_int8_hooks
 
 VOCAB = TINY_VOCAB
@@ -143,10 +144,11 @@ def test_loading_state_dicts_checks_the_format():
     add_hook_to_module(other, Int8Hook())
     other.load_state_dict(state)
     assert torch.equal(other.weight, linear.weight) and torch.equal(other.SCB, linear.SCB)
-    with pytest.raises(RuntimeError, match=r"weight_format is 1; only the row-major format"):
-        other.load_state_dict({**state, "weight_format": torch.tensor(1, dtype=torch.uint8)})
-    with pytest.raises(RuntimeError, match=r"weight must be int8 for a layer with an Int8Hook, got torch.float32"):
-        other.load_state_dict({**state, "weight": torch.randn(33, 64)})
+    loaded = copy.deepcopy(other.state_dict())
+    for name, spoiled, message in bad_int8_states(state):  # the same check as Int8Linear and every loader
+        with pytest.raises(CheckpointError, match=r"^state_dict: " + message):
+            other.load_state_dict(spoiled)
+    assert all(torch.equal(other.state_dict()[key], value) for key, value in loaded.items())
     assert state["weight_format"].dtype == torch.uint8  # the caller's dict is left alone
     into_int8linear = Int8Linear(64, 33)
     into_int8linear.load_state_dict(state)  # the same layout as Int8Linear and bitsandbytes
@@ -161,12 +163,64 @@ def test_attach_int8_hooks_matches_quantize_model(token_ids):
     assert len(hooked) == 28 and "lm_head" not in hooked
     assert all(type(m) is not Int8Linear for m in model.modules())
     assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
-    assert attach_int8_hooks(model) == []  # already hooked: nothing to do
+    assert attach_int8_hooks(model) == []  # already hooked: nothing to do (tested in detail below)
     # the state dict is a quantize_model state dict
     fresh = int8mm.quantize_model(_llama(seed=9))
     result = fresh.load_state_dict(model.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(logits(fresh, token_ids), logits(reference, token_ids))
+
+
+def test_a_second_attach_does_nothing_and_says_so_once(token_ids, caplog):
+    model = _llama()
+    hooked = attach_int8_hooks(model, threshold=3.0)
+    before = logits(model, token_ids)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="int8mm"):
+        assert attach_int8_hooks(model, threshold=3.0) == []
+    # one line, and no false "tied to another module" line per hooked layer
+    assert [r.getMessage() for r in caplog.records] == [
+        f"int8mm: attach_int8_hooks: the model already has int8 hooks on {len(hooked)} layer(s) with these "
+        f"settings; nothing to do"]
+    assert torch.equal(logits(model, token_ids), before)
+    for other in ({"threshold": 6.0}, {"threshold": 3.0, "backend": "reference"}):
+        with pytest.raises(ValueError, match=r"model already has int8 hooks \(model\.layers\.0\.self_attn\.q_proj: "
+                                             r"Int8Hook\(threshold=3\.0, backend=default\)\); attaching with"):
+            attach_int8_hooks(model, **other)
+    remove_hook_from_submodules(model)  # then attaching with other settings works
+    assert attach_int8_hooks(model, threshold=6.0) == hooked
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+def test_hooks_run_with_their_own_threshold(threshold, token_ids):
+    model = _llama()
+    reference = int8mm.quantize_model(copy.deepcopy(model), threshold=threshold)
+    default = logits(int8mm.quantize_model(copy.deepcopy(model)), token_ids)
+    attach_int8_hooks(model, threshold=threshold)
+    out = logits(model, token_ids)
+    assert torch.equal(out, logits(reference, token_ids))
+    assert not torch.equal(out, default)  # the threshold matters for these inputs, so a hook ignoring it fails
+    linear = _linear()
+    x = planted_outliers(5, 64, seed=2)
+    expected = Int8Linear.from_linear(linear, threshold=threshold)(x)
+    add_hook_to_module(linear, Int8Hook(threshold=threshold))
+    assert torch.equal(linear(x), expected)
+
+
+def test_hooks_run_with_their_own_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("INT8MM_BACKEND", raising=False)
+    model = nn.Sequential(_linear(), nn.ReLU(), _linear(k=33, n=8, seed=1))
+    reference = int8mm.quantize_model(copy.deepcopy(model), skip_modules=(), backend="reference")
+    attach_int8_hooks(model, skip_modules=(), backend="triton")
+    x = planted_outliers(3, 64)
+    # Triton runs CPU tensors only under its interpreter: a hook that passes its backend on fails here, one that
+    # ignores it would run the default (reference) backend and succeed
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu"):
+        model(x)
+    remove_hook_from_submodules(model)
+    attach_int8_hooks(model, skip_modules=(), backend="reference")
+    assert torch.equal(model(x), reference(x))
 
 
 def test_attach_skips_and_refuses_cleanly(token_ids):

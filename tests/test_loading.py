@@ -367,7 +367,7 @@ def _measure(path, how: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux only)")
 def test_peak_rss_is_the_int8_model_plus_one_layer(big_llama_dir):
-    headers = loading._read_headers(loading.checkpoint_files(big_llama_dir / "big"))
+    headers = loading.read_headers(loading.checkpoint_files(big_llama_dir / "big"))
     float_bytes = sum(e.end - e.start for e in headers.values())
     largest_layer = max(e.end - e.start for e in headers.values())  # the fp32 embedding, 31 MiB
     streamed = _measure(big_llama_dir, "int8mm")
@@ -387,7 +387,7 @@ def test_peak_rss_is_the_int8_model_plus_one_layer(big_llama_dir):
 @requires_cuda
 def test_peak_device_memory_is_the_int8_model_plus_one_layer(big_llama_dir):
     device = torch.device("cuda", torch.cuda.current_device())
-    headers = loading._read_headers(loading.checkpoint_files(big_llama_dir / "big"))
+    headers = loading.read_headers(loading.checkpoint_files(big_llama_dir / "big"))
     largest_layer = max(e.end - e.start for e in headers.values())
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)

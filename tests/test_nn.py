@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import int8mm
-from helpers import INT8_MAX, float64_linear, planted_outliers, relative_error
-from int8mm import Backend, Int8Linear
+from helpers import INT8_MAX, bad_int8_states, float64_linear, planted_outliers, relative_error
+from int8mm import Backend, CheckpointError, Int8Linear
 
 THRESHOLD = 6.0
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -150,13 +150,23 @@ def test_deepcopy_is_independent():
     assert int(layer.weight.abs().sum()) > 0
 
 
-def test_load_rejects_other_formats():
+@pytest.mark.parametrize("case", range(len(bad_int8_states(Int8Linear(4, 3).state_dict()))))
+def test_load_rejects_what_the_8bit_format_does_not_allow(case):
+    layer = Int8Linear.from_linear(_linear(seed=3))
+    before = copy.deepcopy(layer.state_dict())
+    sd = Int8Linear.from_linear(_linear()).state_dict()
+    name, spoiled, message = bad_int8_states(sd)[case]
+    for strict in (True, False):  # a broken format is an error whatever strict says
+        with pytest.raises(CheckpointError, match=r"^state_dict: " + message):
+            layer.load_state_dict(spoiled, strict=strict)
+    assert all(torch.equal(layer.state_dict()[key], value) for key, value in before.items())  # left as it was
+    with pytest.raises(RuntimeError):  # torch's own error type, for code that catches that
+        layer.load_state_dict(spoiled)
+
+
+def test_load_widens_a_half_scale():
     layer = Int8Linear(64, 33)
     sd = Int8Linear.from_linear(_linear()).state_dict()
-    with pytest.raises(RuntimeError, match=r"weight_format is 1; only the row-major format \(0\)"):
-        layer.load_state_dict({**sd, "weight_format": torch.tensor(1, dtype=torch.uint8)})
-    with pytest.raises(RuntimeError, match=r"weight must be int8 for an Int8Linear, got torch.float32"):
-        layer.load_state_dict({**sd, "weight": torch.randn(33, 64)})
     half_scale = {**sd, "SCB": sd["SCB"].half()}
     layer.load_state_dict(half_scale)  # an fp16 scale (older checkpoints) is widened
     assert layer.SCB.dtype == torch.float32 and torch.equal(layer.SCB, sd["SCB"].half().float())

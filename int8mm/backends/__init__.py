@@ -49,7 +49,15 @@ def triton_interpreting() -> bool:
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-@torch.compiler.assume_constant_result  # file-system probes: decided once, outside any traced graph
+def _constant_under_compile(probe):
+    """``torch.compiler.assume_constant_result(probe)`` where torch.compile can meet the probe: a file-system
+    probe is decided once, outside any traced graph. Marking imports torch._dynamo, and with it Triton (about a
+    second, the most of ``import int8mm``); torch.compile traces this probe only on a CUDA device, so without
+    CUDA the probe stays unmarked and ``import int8mm`` stays light."""
+    return torch.compiler.assume_constant_result(probe) if torch.cuda.is_available() else probe
+
+
+@_constant_under_compile
 def _cuda_library_loadable() -> bool:
     from . import cuda as cuda_backend
     return cuda_backend.library_available()

@@ -6,7 +6,6 @@ large checkpoint is never held twice.
 """
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -39,19 +38,6 @@ class VariantReport:
 def default_dtype(device: torch.device) -> torch.dtype:
     """Full precision means fp32 on CPU; on a GPU, fp16, the dtype 8-bit weights replace there."""
     return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def load_causal_lm(model_dir: str | Path, device: torch.device, dtype, **from_pretrained_kwargs):
-    """``(model, tokenizer)`` from a local Hugging Face checkpoint directory, the model in eval mode.
-
-    ``dtype`` is a torch dtype or ``"auto"`` (the checkpoint's); other keyword arguments go to ``from_pretrained``.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **from_pretrained_kwargs)
-    model = model.to(device).eval()
-    return model, tokenizer
 
 
 def _sync(device: torch.device) -> None:

@@ -1,7 +1,8 @@
 """The ``int8mm`` command: ``demo``, ``bench``, ``eval``, ``quantize`` and ``info``.
 
 Every subcommand has ``--help``. A bad argument or input (a missing directory, a directory that is not a
-model, an unknown backend) prints one line on stderr and exits with status 2, without a traceback.
+model, an unknown backend) prints one line on stderr and exits with status 2, without a traceback. Any other
+failure prints one line too and exits with status 1; set ``INT8MM_TRACEBACK=1`` to see its traceback.
 """
 import os
 import sys
@@ -10,6 +11,7 @@ from . import bench, demo, evaluation, info, quantize
 from .common import CliError, OneLineErrorParser
 
 SUBCOMMANDS = (demo, bench, evaluation, quantize, info)
+TRACEBACK_ENV_VAR = "INT8MM_TRACEBACK"
 
 
 def build_parser() -> OneLineErrorParser:
@@ -42,3 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left early (int8mm info | head): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+    except Exception as exc:  # a failure no check foresaw: still one line, the traceback on request
+        if os.environ.get(TRACEBACK_ENV_VAR) == "1":
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"int8mm {args.command}: failed: {type(exc).__name__}: {first_line} (set {TRACEBACK_ENV_VAR}=1 for "
+              f"the traceback)", file=sys.stderr)
+        return 1

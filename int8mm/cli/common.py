@@ -93,18 +93,30 @@ def checked_threshold(value: float) -> float:
     return value
 
 
-def load_model(path: Path, device: torch.device, dtype, **from_pretrained_kwargs):
-    """``(model, tokenizer)``; a directory transformers cannot load is a CliError quoting why."""
-    from ..bench.checkpoint_eval import load_causal_lm
+def load_model(path: Path, device: torch.device, dtype, *, causal_lm: bool, **from_pretrained_kwargs):
+    """``(model, tokenizer)``: the class config.json names, in eval mode on ``device``. With ``causal_lm`` (the
+    commands that score text) the model must have a language-model head and ``path`` a tokenizer whose ids the
+    model's vocabulary covers; otherwise the tokenizer is None. ``dtype`` is a torch dtype or ``"auto"``.
 
+    Raises:
+        CliError: one line for what the command cannot do, or for a directory transformers cannot load.
+    """
+    from . import model_files
+
+    cls = model_files.model_class(path, need_lm_head=causal_lm)
+    tokenizer = None
+    if causal_lm:
+        tokenizer = model_files.tokenizer(path)
+        model_files.check_vocabulary(path, tokenizer)
     try:
-        return load_causal_lm(path, device, dtype, **from_pretrained_kwargs)
-    except (OSError, ValueError, KeyError, *_checkpoint_errors()) as exc:
+        model = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **from_pretrained_kwargs)
+    except (OSError, ValueError, KeyError, *checkpoint_errors()) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"cannot load a causal LM from {str(path)!r}: {first_line}") from None
+        raise CliError(f"cannot load {cls.__name__} from {str(path)!r}: {first_line}") from None
+    return model.to(device).eval(), tokenizer
 
 
-def _checkpoint_errors() -> tuple[type[Exception], ...]:
+def checkpoint_errors() -> tuple[type[Exception], ...]:
     """What reading a broken checkpoint raises besides OSError/ValueError (a truncated safetensors file)."""
     from ..loading import CheckpointError
 

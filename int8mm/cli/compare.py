@@ -65,7 +65,7 @@ def _warn_if_busy(device: torch.device) -> None:
 def run_comparison(args, checked: Checked, model_path: Path, text: str, what: str) -> int:
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
-    model, tokenizer = load_model(model_path, device, default_dtype(device))
+    model, tokenizer = load_model(model_path, device, default_dtype(device), causal_lm=True)
     if len(tokenizer(text[:4096], add_special_tokens=False)["input_ids"]) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
     _warn_if_busy(device)

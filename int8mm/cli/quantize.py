@@ -18,7 +18,7 @@ import torch
 
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
-from .common import CliError, _checkpoint_errors, checked_threshold, load_model, model_dir, say
+from .common import CliError, checked_threshold, checkpoint_errors, load_model, model_dir, say
 
 HELP = "write an 8-bit checkpoint (safetensors, bitsandbytes layout) of a local checkpoint"
 # files of the source checkpoint that hold weights: replaced by the 8-bit ones, never copied
@@ -89,12 +89,13 @@ def run(args) -> int:
         raise CliError(f"cannot write under {str(out.parent)!r}: {exc.strerror or exc}") from None
     try:
         # keep the checkpoint's dtype for what stays in float; the integration quantizes as it loads
-        model, _ = load_model(source, torch.device("cpu"), "auto", quantization_config=config)
+        # the class config.json names: a BertModel is saved as a BertModel, with no head added
+        model, _ = load_model(source, torch.device("cpu"), "auto", causal_lm=False, quantization_config=config)
         _write(model, source, partial, threshold, args)
         if out.exists():
             out.rmdir()  # empty, checked above
         partial.rename(out)
-    except (OSError, *_checkpoint_errors()) as exc:  # a full disk surfaces as a SafetensorError
+    except (OSError, *checkpoint_errors()) as exc:  # a full disk surfaces as a SafetensorError
         raise CliError(f"writing {str(out)!r} failed: {exc}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already after the rename

@@ -13,6 +13,7 @@ tensors are buffers, pass ``offload_buffers=True`` to offload them too (otherwis
 device, and only the bias is offloaded).
 """
 import functools
+import logging
 import weakref
 from typing import Iterable
 
@@ -25,9 +26,11 @@ from .._constants import DEFAULT_THRESHOLD, INT8_MAX
 from ..backends import Backend, parse_backend
 from ..loading import eligible_linears
 from ..model import DEFAULT_SKIP_MODULES
-from ..nn import WEIGHT_FORMAT_ROW
+from .. import weight_format
 
 __all__ = ["Int8Hook", "attach_int8_hooks"]
+
+log = logging.getLogger("int8mm")
 
 
 class Int8Hook(ModelHook):
@@ -130,6 +133,10 @@ def attach_int8_hooks(
     and not sharing its weight with another module. A hook already on a layer is kept; ours is chained
     (``append=True``). Call this before ``dispatch_model`` / ``cpu_offload`` / ``disk_offload``.
 
+    Attaching twice: on a model that holds int8 hooks already, a call with the same threshold and backend does
+    nothing (it logs one line and returns ``[]``, so re-running a notebook cell is harmless); other settings are
+    an error (first ``accelerate.hooks.remove_hook_from_submodules(model)``, which gives the float layers back).
+
     Args:
         model: the model, with real (not meta) weights.
         threshold: outlier threshold for every hooked layer.
@@ -139,10 +146,24 @@ def attach_int8_hooks(
         The names of the hooked layers (one per layer, even when a layer is reachable under two names).
     Raises:
         TypeError / ValueError: bad arguments, or a layer whose weight is on the meta device.
+        ValueError: the model holds int8 hooks with another threshold or backend.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     threshold = F8._check_threshold(threshold)
+    backend = parse_backend(backend) if backend is not None else None
+    hooks = {name: hook for name, module in model.named_modules() if (hook := _int8_hook_of(module)) is not None}
+    if hooks:
+        # a hooked layer holds an int8 buffer, not a weight parameter: eligible_linears would call it tied
+        others = [(n, h) for n, h in hooks.items() if (h.threshold, h.backend) != (threshold, backend)]
+        if others:
+            name, other = others[0]
+            raise ValueError(f"model already has int8 hooks ({name}: {other!r}); attaching with threshold="
+                             f"{threshold}, backend={backend.value if backend else None} would mix settings: first "
+                             f"accelerate.hooks.remove_hook_from_submodules(model)")
+        log.warning("int8mm: attach_int8_hooks: the model already has int8 hooks on %d layer(s) with these "
+                    "settings; nothing to do", len(hooks))
+        return []
     targets, seen = [], set()
     for name, module, _ in eligible_linears(model, skip_modules):
         if id(module) not in seen and "SCB" not in module._buffers:
@@ -160,18 +181,25 @@ def attach_int8_hooks(
     return [name for name, _ in targets]
 
 
+def _int8_hook_of(module: nn.Module) -> Int8Hook | None:
+    """The ``Int8Hook`` on ``module`` (alone or in accelerate's ``SequentialHook`` chain), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in (hook, *getattr(hook, "hooks", ())):
+        if isinstance(candidate, Int8Hook):
+            return candidate
+    return None
+
+
 # ---- per-instance pieces of a hooked layer ----
 def _int8_forward(module, hook: Int8Hook, x: torch.Tensor) -> torch.Tensor:
     return F8.int8_linear(x, module.weight, module.SCB, module.bias, hook.threshold, hook.backend)
 
 
 def _apply_keeping_scale(module: nn.Module, hook: "Int8Hook", fn, recurse=True):
-    scale = module._buffers["SCB"]
-    nn.Module._apply(module, fn, recurse)
-    if module._buffers["SCB"].dtype != torch.float32:
-        module._buffers["SCB"] = scale.to(module._buffers["SCB"].device)
+    device_before = module._buffers["SCB"].device
+    weight_format.keep_scale_fp32(module, functools.partial(nn.Module._apply, module), fn, recurse)
     # the float weight that detach_hook gives back follows the casts the module went through (model.half())
-    probe = torch.empty(0, dtype=hook._float_dtype, device=scale.device)
+    probe = torch.empty(0, dtype=hook._float_dtype, device=device_before)
     try:
         hook._float_dtype = fn(probe).dtype
     except (RuntimeError, NotImplementedError):  # a meta scale (offloaded) cannot be moved: keep the dtype
@@ -180,20 +208,16 @@ def _apply_keeping_scale(module: nn.Module, hook: "Int8Hook", fn, recurse=True):
 
 
 def _add_weight_format(module, state_dict, prefix, local_metadata) -> None:
-    # bitsandbytes' marker for a row-major int8 weight, as Int8Linear writes it
-    state_dict[prefix + "weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
+    weight_format.add_format_marker(state_dict, prefix)
 
 
 def _check_int8_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                       error_msgs) -> None:
-    # load_state_dict hands hooks its own copy of the dict, so popping here leaves the caller's alone
-    fmt = state_dict.pop(prefix + "weight_format", None)
-    if fmt is not None and int(fmt) != WEIGHT_FORMAT_ROW:
-        error_msgs.append(f"{prefix}weight_format is {int(fmt)}; only the row-major format (0) is supported")
-    weight = state_dict.get(prefix + "weight")
-    if weight is not None and weight.dtype != torch.int8:
-        error_msgs.append(f"{prefix}weight must be int8 for a layer with an Int8Hook, got {weight.dtype}")
-        state_dict.pop(prefix + "weight")
+    # the one check of the 8-bit format (raises CheckpointError); load_state_dict hands hooks its own copy of the
+    # dict, so updating it here leaves the caller's alone
+    checked = weight_format.int8_state_for_loading(state_dict, prefix, module.out_features, module.in_features)
+    state_dict.pop(prefix + weight_format.FORMAT, None)
+    state_dict.update(checked)
 
 
 def _take_back_offloaded(module: nn.Module):

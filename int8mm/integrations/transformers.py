@@ -25,8 +25,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import config as _config
 from ..functional import quantize_weight
-from ..loading import DISK, CheckpointError, normalize_device_map, replace_linears_on_meta
-from ..nn import WEIGHT_FORMAT_ROW, Int8Linear
+from ..errors import CheckpointError
+from ..loading import DISK, normalize_device_map, replace_linears_on_meta
+from ..loading.checkpoint_check import check_after_loading, check_before_loading
+from ..nn import Int8Linear
+from ..weight_format import FORMAT, format_marker
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 # 5.0 replaced create_quantized_param/check_quantized_param with conversion ops on the loading path
@@ -56,15 +59,15 @@ class HfInt8Linear(Int8Linear):
 
     def __init__(self, *args, device=None, **kwargs):
         super().__init__(*args, device=device, **kwargs)
-        self.register_buffer("weight_format", torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=device))
+        self.register_buffer(FORMAT, format_marker(device))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # Int8Linear checks the marker and leaves it out of the copy; the buffer keeps its constant value
-        if prefix + "weight_format" in missing_keys:
-            missing_keys.remove(prefix + "weight_format")
+        if prefix + FORMAT in missing_keys:
+            missing_keys.remove(prefix + FORMAT)
 
 
 class Int8MMHfQuantizer(HfQuantizer):
@@ -88,6 +91,8 @@ class Int8MMHfQuantizer(HfQuantizer):
                             f"{type(quantization_config).__name__}")
         super().__init__(quantization_config, **kwargs)
         self.transposed: dict[str, bool] = {}
+        self.checkpoint_files: list[str] = []
+        self.headers: dict = {}  # the checkpoint's safetensors headers, checked before loading
 
     @property
     def quantized_element_size(self) -> float:
@@ -108,7 +113,7 @@ class Int8MMHfQuantizer(HfQuantizer):
         except AttributeError:
             return False
 
-    def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, device_map=None, checkpoint_files=None, **kwargs):
         skip = list(self.quantization_config.skip_modules)
         if not self.pre_quantized:  # an 8-bit checkpoint's saved list already says which layers are int8
             skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -124,6 +129,10 @@ class Int8MMHfQuantizer(HfQuantizer):
             self.quantization_config.skip_modules = list(self.quantization_config.skip_modules) + on_disk
         self.transposed = replace_linears_on_meta(model, self.quantization_config.threshold, skip + on_disk,
                                                   linear_cls=HfInt8Linear)
+        # the one checkpoint check, before transformers reads a tensor (it would fail on a truncated file with
+        # safetensors' "incomplete metadata", and cast a wrongly typed tensor silently)
+        self.checkpoint_files = list(checkpoint_files or [])
+        self.headers = check_before_loading(model, self.checkpoint_files, self.pre_quantized, self.transposed)
         return model
 
     def _layers_sent_to_disk(self, model, device_map) -> list[str]:
@@ -143,9 +152,11 @@ class Int8MMHfQuantizer(HfQuantizer):
         return new_dtype
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name, module in model.named_modules():
-            if isinstance(module, Int8Linear) and module.weight.is_meta and not hasattr(module, "_hf_hook"):
-                raise RuntimeError(f"int8mm: {name} was never loaded (its weight is still on the meta device)")
+        # transformers fills a tensor the checkpoint lacks with uninitialized memory (an int8 buffer has no init),
+        # and marks every tensor it loaded with _is_hf_initialized: an unmarked weight or scale was missing
+        check_after_loading(model, self.headers, self.checkpoint_files, self.pre_quantized,
+                            was_loaded=lambda tensor: not tensor.is_meta and getattr(tensor, "_is_hf_initialized",
+                                                                                     False))
         return model
 
     def get_quantize_ops(self):
@@ -191,8 +202,7 @@ def _quantize_op_class():
             if self.hf_quantizer.transposed.get(prefix, False):
                 value = value.t()  # Conv1D stores [in, out]
             q_w, s_w = quantize_weight(value.contiguous(), name=key)
-            fmt = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8, device=q_w.device)
-            return {key: q_w, f"{prefix}.SCB": s_w, f"{prefix}.weight_format": fmt}
+            return {key: q_w, f"{prefix}.SCB": s_w, f"{prefix}.{FORMAT}": format_marker(q_w.device)}
 
     return Int8MMQuantize
 

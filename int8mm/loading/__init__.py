@@ -21,13 +21,13 @@ from .._constants import DEFAULT_THRESHOLD
 from ..backends import Backend
 from ..functional import _check_threshold, quantize_weight
 from ..model import DEFAULT_SKIP_MODULES, matches_skip
-from ..nn import WEIGHT_FORMAT_ROW
+from ..weight_format import check_format_value, check_int8_values
 from .device_map import DISK, _accelerate_map, _names_on, _place_leftover_buffers, normalize_device_map
 from .errors import CheckpointError
 from .linear_swap import _check_names, replace_linears_on_meta
 from .model_source import _resolve_source, saved_quantization
 from .plan import _plan, _Task
-from .safetensors_files import _Entry, _MappedFile, _read_headers
+from .safetensors_files import _Entry, _MappedFile, read_headers
 
 # not used here, but importable from int8mm.loading as before the split (the integrations and tests use them)
 from .device_map import device_for
@@ -100,7 +100,7 @@ def load_in_8bit(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     factory, files, config_dir = _resolve_source(model_dir_or_class_and_checkpoint, dtype)
-    headers = _read_headers(files)
+    headers = read_headers(files)
     saved = saved_quantization(config_dir)
     threshold = threshold if threshold is not None else _check_threshold(saved.get("threshold", DEFAULT_THRESHOLD))
 
@@ -240,13 +240,12 @@ def _run(task: _Task, mapped: _MappedFile, offload_folder, offload_index: dict, 
         values = {"weight": q_w, "SCB": s_w}
     elif task.kind == "int8":
         values = {"weight": _copy_streamed(mapped, entry, device, torch.int8)}
+        check_int8_values(entry.key.rpartition(".")[0], str(entry.path), weight=values["weight"])
     elif task.kind == "scale":
         values = {"SCB": _copy_streamed(mapped, entry, device, torch.float32)}
+        check_int8_values(entry.key.rpartition(".")[0], str(entry.path), scale=values["SCB"])
     elif task.kind == "format":
-        fmt = int(mapped.view(entry).reshape(-1)[0])
-        if fmt != WEIGHT_FORMAT_ROW:
-            raise CheckpointError(f"{entry.path}: {entry.key!r} is {fmt}; only the row-major format "
-                                  f"({WEIGHT_FORMAT_ROW}) is supported")
+        check_format_value(int(mapped.view(entry).reshape(-1)[0]), entry.key, str(entry.path))
         return
     elif task.kind == "bias":
         values = {"bias": nn.Parameter(_copy_streamed(mapped, entry, device, task.dtype), requires_grad=False)}

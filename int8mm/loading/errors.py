@@ -1,5 +1,4 @@
-"""``CheckpointError``: what ``load_in_8bit`` raises for a checkpoint that does not fit the model."""
+"""``CheckpointError``, importable from ``int8mm.loading`` as before (it lives in ``int8mm.errors``)."""
+from ..errors import CheckpointError
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: missing, unexpected or mismatched tensors, bad files."""
+__all__ = ["CheckpointError"]

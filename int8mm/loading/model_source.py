@@ -6,6 +6,8 @@ from typing import Callable
 
 from torch import nn
 
+from ..config import QUANT_METHOD, Int8MMConfig
+from ..errors import CheckpointError
 from .safetensors_files import checkpoint_files
 
 
@@ -31,21 +33,41 @@ def _resolve_source(source, dtype) -> tuple[Callable[[], nn.Module], list[Path],
 
 def saved_quantization(config_dir: Path | None) -> dict:
     """The 8-bit settings a checkpoint was saved with: ``{"threshold": ..., "skip_modules": [...]}`` (either may
-    be absent) from config.json's int8mm or bitsandbytes 8-bit ``quantization_config``; ``{}`` if none."""
+    be absent) from config.json's int8mm or bitsandbytes 8-bit ``quantization_config``; ``{}`` if none.
+
+    Raises:
+        CheckpointError: a ``quantization_config`` that is broken (not an object, a threshold that is not a number
+            >= 0, skip modules that are not a list of names) or that int8mm cannot load (another method, 4-bit),
+            naming config.json and the key; never a silent fall back to the defaults.
+    """
     path = config_dir / "config.json" if config_dir is not None else None
     if path is None or not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {}  # the model's own config loading reports a broken config.json
-    if config.get("quant_method") == "int8mm":
-        saved = {"threshold": config.get("threshold"), "skip_modules": config.get("skip_modules")}
-    elif config.get("quant_method") == "bitsandbytes" and config.get("load_in_8bit"):
-        saved = {"threshold": config.get("llm_int8_threshold"), "skip_modules": config.get("llm_int8_skip_modules")}
-    else:
+    if not isinstance(config, dict) or config.get("quantization_config") is None:
         return {}
-    return {key: value for key, value in saved.items() if value is not None}
+    config = config["quantization_config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: 'quantization_config' must be a JSON object, got {config!r}"[:300])
+    method = config.get("quant_method")
+    if method == QUANT_METHOD:
+        keys = {"threshold": "threshold", "skip_modules": "skip_modules"}
+    elif method == "bitsandbytes" and config.get("load_in_8bit") and not config.get("load_in_4bit"):
+        keys = {"threshold": "llm_int8_threshold", "skip_modules": "llm_int8_skip_modules"}
+    else:
+        raise CheckpointError(f"{path}: 'quantization_config' says quant_method={method!r}"
+                              f"{' (4-bit)' if config.get('load_in_4bit') else ''}; int8mm loads float checkpoints "
+                              f"and 8-bit ones saved by int8mm or by bitsandbytes' LLM.int8()")
+    saved = {field: config[key] for field, key in keys.items() if config.get(key) is not None}
+    try:  # the one check of these settings: Int8MMConfig's
+        checked = Int8MMConfig(**saved)
+    except (TypeError, ValueError) as exc:
+        field = str(exc).split(" ", 1)[0]
+        raise CheckpointError(f"{path}: 'quantization_config.{keys.get(field, field)}' is broken: {exc}") from None
+    return {field: getattr(checked, field) for field in saved}
 
 
 def _transformers_factory(model_class, directory: Path, dtype):

@@ -1,5 +1,4 @@
 """Planning a load from the headers alone: each checkpoint tensor's task, every key checked against the model."""
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -8,6 +7,7 @@ import torch
 from torch import nn
 
 from ..nn import Int8Linear
+from ..weight_format import STATE_DICT_KEYS, check_int8_layout
 from .device_map import DISK, device_for
 from .errors import CheckpointError
 from .safetensors_files import _Entry
@@ -40,7 +40,7 @@ def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Ent
     for names in int8_names.values():
         module = model.get_submodule(names[0])
         prefix = next((n for n in names if f"{n}.weight" in headers), names[0])
-        used.update(f"{n}.{suffix}" for n in names for suffix in ("weight", "SCB", "weight_format", "bias")
+        used.update(f"{n}.{suffix}" for n in names for suffix in STATE_DICT_KEYS
                     if f"{n}.{suffix}" in headers)
         device = device_for(f"{prefix}.weight", device_map)
         tasks += _plan_int8(module, prefix, transposed.get(prefix, False), headers, device, missing)
@@ -115,22 +115,19 @@ def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, devic
                                   f"checkpoint stores that weight as int8")
         tasks.append(_Task(weight, "quantize", module, device=device, transposed=transposed))
     elif weight.dtype == torch.int8:
-        _check_shape(weight, (n, k))
         if scale is None:
             missing.append(f"{prefix}.SCB")
             return []
-        _check_shape(scale, (n,))
-        if not scale.dtype.is_floating_point:
-            raise CheckpointError(f"{scale.path}: {prefix}.SCB must be a float scale, got {scale.dtype}")
+        check_int8_layout(prefix, n, k, weight=weight, scale=scale, fmt=fmt)
         tasks += [_Task(weight, "int8", module, device=device), _Task(scale, "scale", module, device=device)]
+        if fmt is not None:
+            tasks.append(_Task(fmt, "format", module, device=device))
     else:
         raise CheckpointError(f"{weight.path}: {prefix}.weight has dtype {weight.dtype}; an Int8Linear takes a "
                               f"float weight (quantized on load) or an int8 one with its SCB")
-    if fmt is not None:
-        if fmt.dtype.is_floating_point or fmt.dtype == torch.bool or math.prod(fmt.shape) != 1:
-            raise CheckpointError(f"{fmt.path}: {prefix}.weight_format must be one integer, got {fmt.dtype} "
-                                  f"{list(fmt.shape)}")
-        tasks.append(_Task(fmt, "format", module, device=device))
+    if weight.dtype.is_floating_point and fmt is not None:
+        raise CheckpointError(f"{fmt.path}: {prefix}.weight_format comes with a float {prefix}.weight; an 8-bit "
+                              f"checkpoint stores that weight as int8")
     bias = headers.get(f"{prefix}.bias")
     if module.bias is not None:
         if bias is None:

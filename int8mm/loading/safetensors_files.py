@@ -109,7 +109,12 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
     return entries
 
 
-def _read_headers(files: list[Path]) -> dict[str, _Entry]:
+def read_headers(files: list[Path]) -> dict[str, _Entry]:
+    """The checked headers of all ``files``, merged by key.
+
+    Raises:
+        CheckpointError: a truncated or unreadable file, or a key stored in two files.
+    """
     merged: dict[str, _Entry] = {}
     for file in files:
         for key, entry in read_safetensors_header(file).items():

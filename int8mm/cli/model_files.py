@@ -1,0 +1,82 @@
+"""What a checkpoint directory holds, read before any weight is: its model class (config.json's
+``architectures``), whether it has a language-model head, its tokenizer and vocabulary.
+
+The commands load the class the checkpoint names, so ``int8mm quantize`` saves a ``BertModel`` as a
+``BertModel`` (not a ``BertLMHeadModel`` with a random head), and refuse what they cannot do in one line.
+"""
+import json
+from pathlib import Path
+
+from .common import CliError
+
+# files that hold a tokenizer's vocabulary (one is enough; tokenizer_config.json alone is not a tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tekken.json")
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {str(path / 'config.json')!r}: {exc}") from None
+    if not isinstance(config, dict):
+        raise CliError(f"{str(path / 'config.json')!r} is not a JSON object")
+    return config
+
+
+def model_class(path: Path, need_lm_head: bool):
+    """The transformers class config.json names (``architectures[0]``).
+
+    Raises:
+        CliError: no ``architectures``, a class this transformers lacks, or (``need_lm_head``) a class that is not
+            a causal language model.
+    """
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = read_config(path).get("architectures") or []
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
+        raise CliError(f"{str(path / 'config.json')!r} names no model class ('architectures'), so which model it "
+                       f"holds is unknown")
+    name = architectures[0]
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise CliError(f"{str(path / 'config.json')!r} names the model class {name!r}, which transformers "
+                       f"{transformers.__version__} does not have")
+    if need_lm_head and name not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise CliError(f"{path} holds a {name}, which has no language-model head: perplexity needs a causal LM "
+                       f"(a *ForCausalLM checkpoint)")
+    return cls
+
+
+def tokenizer(path: Path):
+    """The tokenizer stored in ``path`` itself (never one found elsewhere, e.g. by the config's name).
+
+    Raises:
+        CliError: ``path`` holds no tokenizer files, or transformers cannot read them.
+    """
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CliError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer "
+                       f"next to the model (tokenizer.save_pretrained)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"cannot load the tokenizer of {path}: {first_line}") from None
+
+
+def check_vocabulary(path: Path, tok) -> None:
+    """The model's embedding covers every id the tokenizer can produce (else the forward indexes past it)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"cannot read the config of {path}: {str(exc).strip().splitlines()[0]}") from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_vocab = getattr(text_config, "vocab_size", None)
+    if isinstance(model_vocab, int) and model_vocab < len(tok):
+        raise CliError(f"{path}: the model's vocabulary ({model_vocab} tokens, config.json vocab_size) is smaller "
+                       f"than its tokenizer's ({len(tok)}): token ids >= {model_vocab} have no embedding")

@@ -1,0 +1,148 @@
+"""The 8-bit weight format: what an int8 layer's state dict holds, its checks, and moves that keep it intact.
+
+One layer ``prefix`` stores (the layout bitsandbytes' ``Linear8bitLt`` writes, so checkpoints move both ways):
+
+    prefix.weight         int8  [N, K]   row-major, values in [-127, 127] (SPEC.md: no quantizer writes -128)
+    prefix.SCB            fp32  [N]      the row absmax, finite and >= 0 (a float16/bfloat16 one is widened)
+    prefix.weight_format  uint8 []       0: row-major, the only layout bitsandbytes and int8mm write
+    prefix.bias           float [N]      when the layer has one
+
+Every way in (``Int8Linear.load_state_dict``, the accelerate hook, ``load_in_8bit``, transformers'
+``from_pretrained``) checks a checkpoint with the functions below, so a bad one fails the same way everywhere: one
+``CheckpointError`` that names the key and the file (or ``state_dict``).
+"""
+import math
+
+import torch
+from torch import nn
+
+from ._constants import INT8_MAX
+from .errors import CheckpointError
+
+WEIGHT_FORMAT_ROW = 0  # bitsandbytes' marker for a row-major int8 weight
+WEIGHT_FORMAT_DTYPE = torch.uint8
+SCALE_DTYPE = torch.float32
+WEIGHT, SCALE, FORMAT, BIAS = "weight", "SCB", "weight_format", "bias"
+STATE_DICT_KEYS = (WEIGHT, SCALE, FORMAT, BIAS)  # what an 8-bit layer may store, in the order above
+STATE_DICT_SOURCE = "state_dict"  # how messages name a state dict that came from no file
+
+__all__ = [
+    "BIAS", "FORMAT", "SCALE", "SCALE_DTYPE", "STATE_DICT_KEYS", "STATE_DICT_SOURCE", "WEIGHT", "WEIGHT_FORMAT_DTYPE",
+    "WEIGHT_FORMAT_ROW", "add_format_marker", "check_format_value", "check_int8_layout", "check_int8_values",
+    "format_marker", "int8_state_for_loading", "keep_scale_fp32",
+]
+
+
+def format_marker(device=None) -> torch.Tensor:
+    """The ``weight_format`` tensor a row-major int8 layer writes (a uint8 scalar 0)."""
+    return torch.tensor(WEIGHT_FORMAT_ROW, dtype=WEIGHT_FORMAT_DTYPE, device=device)
+
+
+def add_format_marker(state_dict: dict, prefix: str) -> None:
+    """Add ``prefix + "weight_format"`` to a state dict being saved."""
+    state_dict[prefix + FORMAT] = format_marker()
+
+
+def _source_of(tensor, default: str) -> str:
+    # a safetensors header entry knows its file; a tensor from a state dict does not
+    return str(getattr(tensor, "path", None) or default)
+
+
+def check_format_value(value: int, key: str, source: str) -> None:
+    """Raise unless ``value`` (the stored ``weight_format``) is the row-major format."""
+    if value != WEIGHT_FORMAT_ROW:
+        raise CheckpointError(f"{source}: {key!r} is {value}; only the row-major format ({WEIGHT_FORMAT_ROW}) is "
+                              f"written by int8mm and bitsandbytes' LLM.int8(), and only it can be loaded")
+
+
+def check_int8_layout(prefix: str, out_features: int, in_features: int, *, weight, scale, fmt=None,
+                      source: str = STATE_DICT_SOURCE) -> None:
+    """Check the dtypes and shapes of one int8 layer's stored tensors (no values are read).
+
+    Args:
+        prefix: the layer's name (keys are ``prefix.weight`` ...); ``""`` for a bare layer.
+        out_features, in_features: N and K of the layer the tensors go into.
+        weight, scale, fmt: tensors, or safetensors header entries (anything with ``dtype`` and ``shape``; an
+            entry's own ``path`` names its file); ``fmt`` may be None (a checkpoint may leave the marker out).
+        source: the file (or ``state_dict``) that messages name for a tensor that does not know its own.
+    Raises:
+        CheckpointError: naming the key and the file.
+    """
+    if weight.dtype != torch.int8:
+        raise CheckpointError(f"{_source_of(weight, source)}: {_key(prefix, WEIGHT)!r} has dtype {weight.dtype}; an "
+                              f"8-bit layer stores it as int8 (a float weight is quantized with "
+                              f"Int8Linear.from_linear, quantize_model or load_in_8bit)")
+    _check_shape(weight, _key(prefix, WEIGHT), (out_features, in_features), source)
+    if scale is None:
+        raise CheckpointError(f"{_source_of(weight, source)}: {_key(prefix, WEIGHT)!r} is int8 but "
+                              f"{_key(prefix, SCALE)!r} (its row scale) is missing")
+    if not scale.dtype.is_floating_point:
+        raise CheckpointError(f"{_source_of(scale, source)}: {_key(prefix, SCALE)!r} must be a float scale, got "
+                              f"{scale.dtype}")
+    _check_shape(scale, _key(prefix, SCALE), (out_features,), source)
+    if fmt is not None and (fmt.dtype.is_floating_point or fmt.dtype == torch.bool or math.prod(fmt.shape) != 1):
+        raise CheckpointError(f"{_source_of(fmt, source)}: {_key(prefix, FORMAT)!r} must be one integer, got "
+                              f"{fmt.dtype} {list(fmt.shape)}")
+
+
+def check_int8_values(prefix: str, source: str, *, weight: torch.Tensor | None = None,
+                      scale: torch.Tensor | None = None) -> None:
+    """Raise for values no LLM.int8() quantizer writes: -128 in the weight, a negative, NaN or infinite scale.
+
+    Reads every element of what it is given (one pass, on the tensors' device); meta tensors are not checked.
+    """
+    if weight is not None and not weight.is_meta and weight.numel() and int(weight.min()) < -INT8_MAX:
+        raise CheckpointError(f"{source}: {_key(prefix, WEIGHT)!r} holds -128; LLM.int8() weights lie in "
+                              f"[-{INT8_MAX}, {INT8_MAX}] (is this int8 tensor another quantizer's?)")
+    if scale is not None and not scale.is_meta and scale.numel():
+        bad = ~(torch.isfinite(scale) & (scale >= 0))
+        if bool(bad.any()):
+            raise CheckpointError(f"{source}: {_key(prefix, SCALE)!r} holds {scale[bad][0].item()}; a row scale is "
+                                  f"the row's absmax, finite and >= 0")
+
+
+def int8_state_for_loading(state_dict: dict, prefix: str, out_features: int, in_features: int,
+                           source: str = STATE_DICT_SOURCE) -> dict:
+    """A copy of ``state_dict`` ready for an int8 layer's ``_load_from_state_dict``: ``weight_format`` checked and
+    left out, the int8 weight and its scale checked, a float16/bfloat16 scale widened to fp32.
+
+    Keys the dict lacks are left for ``load_state_dict`` to report (``strict``); a weight without its scale is
+    an error whatever ``strict`` says, as loading it would pair the weight with a stale scale.
+    Raises:
+        CheckpointError: naming the key and ``source``.
+    """
+    state_dict = dict(state_dict)  # never modify the caller's dict
+    fmt = state_dict.pop(prefix + FORMAT, None)
+    weight, scale = state_dict.get(prefix + WEIGHT), state_dict.get(prefix + SCALE)
+    name = prefix[:-1] if prefix.endswith(".") else prefix
+    if weight is None and scale is not None:
+        raise CheckpointError(f"{source}: {prefix + SCALE!r} comes without {prefix + WEIGHT!r}")
+    if weight is not None:
+        check_int8_layout(name, out_features, in_features, weight=weight, scale=scale, fmt=fmt, source=source)
+        check_int8_values(name, source, weight=weight, scale=scale)
+        state_dict[prefix + SCALE] = scale.to(SCALE_DTYPE)
+    if fmt is not None:
+        check_format_value(int(fmt), prefix + FORMAT, source)
+    return state_dict
+
+
+def keep_scale_fp32(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
+    """Run ``apply(fn, recurse)`` (``nn.Module._apply``: what ``.to()``, ``.half()``, ``.cuda()`` call) so that
+    the move never changes the format: the int8 weight is not floating, so no cast touches it; the fp32 scale
+    is put back in fp32 (on the new device) when ``fn`` cast it (SPEC.md: the scale is fp32)."""
+    scale = module._buffers[SCALE]
+    apply(fn, recurse)
+    moved = module._buffers[SCALE]
+    if moved is not None and moved.dtype != SCALE_DTYPE:
+        module._buffers[SCALE] = scale.to(moved.device)
+    return module
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_shape(tensor, key: str, expected: tuple[int, ...], source: str) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"{_source_of(tensor, source)}: {key!r} has shape {list(tensor.shape)}, but the model "
+                              f"expects {list(expected)}")
