@@ -43,3 +43,18 @@ def test_cli_help_loads_no_heavy_dependency():
     """)
     assert out.strip() == "[]"
 
+
+
+def test_backend_probes_carry_the_mark_torch_compile_reads():
+    """The library probes are marked constant for torch.compile without importing torch._dynamo; the mark must
+    be the one the public torch.compiler.assume_constant_result sets, or compile would trace into the probes."""
+    import torch
+
+    from int8mm import backends
+
+    def probe():
+        return True
+
+    assert getattr(torch.compiler.assume_constant_result(probe), backends.DYNAMO_CONSTANT_MARK) is True
+    for marked in (backends._cuda_library_loadable, backends._cpu_library_loadable):
+        assert getattr(marked, backends.DYNAMO_CONSTANT_MARK) is True

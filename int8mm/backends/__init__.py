@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import logging
 import os
+import sys
 
 import torch
 
@@ -49,12 +50,20 @@ def triton_interpreting() -> bool:
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+# What torch.compiler.assume_constant_result sets on a function (torch 2.x); tests/test_package_layout.py checks
+# that the public call still sets it, so a torch that changes it fails a test instead of a compile.
+DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"
+
+
 def _constant_under_compile(probe):
-    """``torch.compiler.assume_constant_result(probe)`` where torch.compile can meet the probe: a file-system
-    probe is decided once, outside any traced graph. Marking imports torch._dynamo, and with it Triton (about a
-    second, the most of ``import int8mm``); torch.compile traces this probe only on a CUDA device, so without
-    CUDA the probe stays unmarked and ``import int8mm`` stays light."""
-    return torch.compiler.assume_constant_result(probe) if torch.cuda.is_available() else probe
+    """``torch.compiler.assume_constant_result(probe)``, without importing torch._dynamo: a file-system probe is
+    decided once, outside any traced graph. The public call imports torch._dynamo, and with it Triton (about a
+    second, the most of ``import int8mm``), so unless dynamo is already loaded the probe gets the mark the public
+    call would give it."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(probe)
+    setattr(probe, DYNAMO_CONSTANT_MARK, True)
+    return probe
 
 
 @_constant_under_compile
@@ -63,7 +72,7 @@ def _cuda_library_loadable() -> bool:
     return cuda_backend.library_available()
 
 
-@torch.compiler.assume_constant_result  # compiles or loads a library once, outside any traced graph
+@_constant_under_compile  # compiles or loads a library once, outside any traced graph
 def _cpu_library_loadable() -> bool:
     from . import cpu as cpu_backend
     return cpu_backend.library_available()
