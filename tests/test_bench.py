@@ -127,6 +127,7 @@ def test_interpreted_triton_is_not_timed_unless_asked():
                                                                          int8mm.Backend.CPU]  # auto: the CPU library
 
 
+@pytest.mark.slow
 def test_int8mm_bench_quick_writes_json_markdown_and_png(tmp_path, capsys):
     assert main(["bench", "--quick", "--roles", "o_proj", "--reps", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -137,6 +138,7 @@ def test_int8mm_bench_quick_writes_json_markdown_and_png(tmp_path, capsys):
     assert (tmp_path / "cpu_bench.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_model_suite_on_a_tiny_llama():
     config = ModelSuiteConfig(preset="tiny", layers=1, prompt_tokens=8, new_tokens=3, batch_sizes=(1, 2),
                               timed_runs=1)

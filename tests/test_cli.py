@@ -139,6 +139,7 @@ def test_quantize_with_a_bitsandbytes_config_loads_in_bitsandbytes(capsys, tiny_
     assert torch.equal(bnb_layer.weight.data, expected.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.slow
 def test_demo_runs_on_the_embedded_model(capsys):
     code, out, err = run_cli(capsys, "demo", "--max-tokens", "48", "--window", "24", "--new-tokens", "4")
     assert code == 0, err
@@ -149,12 +150,14 @@ def test_demo_runs_on_the_embedded_model(capsys):
     assert sizes[1] < 0.5 * sizes[0]  # int8 weights: well under half of fp32 (embeddings stay float)
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_command():
     done = subprocess.run([sys.executable, "-m", "int8mm", "info"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "int8mm backends" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_gets_no_traceback():
     """``int8mm info | head -1``: the pipe closes after one line; the command stops quietly (status 141)."""
     done = subprocess.run(f"'{sys.executable}' -m int8mm info | head -1", shell=True, capture_output=True,

@@ -156,6 +156,7 @@ def test_loading_state_dicts_checks_the_format():
 
 
 # ---- whole models ----
+@pytest.mark.slow
 def test_attach_int8_hooks_matches_quantize_model(token_ids):
     model = _llama()
     reference = int8mm.quantize_model(copy.deepcopy(model))

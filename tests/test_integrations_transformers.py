@@ -137,6 +137,7 @@ def _run(code: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_import_int8mm_does_not_import_transformers_and_registers_later():
     out = _run("""
         import sys
@@ -148,6 +149,7 @@ def test_import_int8mm_does_not_import_transformers_and_registers_later():
     assert out.split() == ["False", "False", "True"]
 
 
+@pytest.mark.slow
 def test_registration_when_transformers_came_first():
     out = _run("""
         import transformers.quantizers.auto as auto
@@ -158,6 +160,7 @@ def test_registration_when_transformers_came_first():
     assert out.split() == ["False", "True", "True"]
 
 
+@pytest.mark.slow
 def test_import_without_transformers():
     out = _run("""
         import sys

@@ -184,6 +184,7 @@ def test_gpu_cpu_and_disk_device_map(llama_dir, tmp_path, token_ids):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_device_map_single_device_and_auto(llama_dir, token_ids):
     path, _ = llama_dir
     reference = load_in_8bit(path, progress=False)
@@ -258,6 +259,7 @@ def test_a_tied_tensor_split_between_disk_and_memory_is_refused(tmp_path):
     assert torch.equal(logits(model, ids), logits(load_in_8bit(tmp_path / "tied", progress=False), ids))
 
 
+@pytest.mark.slow
 def test_an_offload_folder_in_use_is_refused_to_another_checkpoint(llama_dir, tmp_path, token_ids):
     path, _ = llama_dir
     device_map = _cpu_map_with_disk("model.layers.0")
@@ -365,6 +367,7 @@ def _measure(path, how: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux only)")
 def test_peak_rss_is_the_int8_model_plus_one_layer(big_llama_dir):
     headers = loading.read_headers(loading.checkpoint_files(big_llama_dir / "big"))

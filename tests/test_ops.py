@@ -102,6 +102,7 @@ def test_fake_kernels_give_shapes_on_meta():
     assert int8mm.int8_matmul(q_w, q_w).shape == (7, 7)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     q_w, s_w = _layer(33, 123)

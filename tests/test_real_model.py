@@ -88,6 +88,7 @@ def test_the_text_holds_enough_tokens(tokenizer, text):
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= MAX_TOKENS
 
 
+@pytest.mark.slow
 def test_int8mm_is_no_worse_than_bitsandbytes(scores):
     fp32_ppl, int8mm_ppl = scores.perplexity("reference"), scores.perplexity("int8mm_6")
     assert 20.0 < fp32_ppl < 30.0  # the checkpoint and the text are what they should be (measured 23.96)
@@ -100,6 +101,7 @@ def test_int8mm_is_no_worse_than_bitsandbytes(scores):
         assert mean <= Z_WORSE * stderr, metric
 
 
+@pytest.mark.slow
 def test_threshold_zero_is_measurably_worse(scores):
     assert scores.perplexity("int8mm_0") > scores.perplexity("int8mm_6")
     mean, stderr = scores.paired_difference("int8mm_0", "int8mm_6", metric="kl")
@@ -107,6 +109,7 @@ def test_threshold_zero_is_measurably_worse(scores):
     assert mean > Z_MEASURABLE * stderr
 
 
+@pytest.mark.slow
 def test_both_load_paths_give_the_same_weights(int8mm_6, int8mm_0):
     """from_pretrained (threshold 6.0) and load_in_8bit (0.0): the threshold only acts on activations."""
     layers = {n: m for n, m in int8mm_0.named_modules() if isinstance(m, int8mm.Int8Linear)}

@@ -14,6 +14,8 @@ pytest.importorskip("triton", reason="needs the triton package")
 
 from int8mm.backends import triton as triton_backend  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the module fixture compiles every config ahead of time
+
 HOPPER_SHARED_MEMORY = 227 * 1024
 PREFILL = triton_backend.PREFILL_CONFIGS
 DECODE = triton_backend.DECODE_CONFIGS
