@@ -286,11 +286,14 @@ def test_a_delta_below_the_int8_step_is_reported_not_dropped_silently():
     lora = model.base_model.model[0]
     with torch.no_grad():
         lora.lora_B["default"].weight.mul_(1e-9)
-    with pytest.warns(UserWarning, match=r"left this int8 layer unchanged.*smaller than the int8 rounding step"):
+    with pytest.warns(UserWarning, match=r"delta is of the order of the int8 rounding step or below"):
         lora.merge(safe_merge=True)
+    assert lora.merge_error == pytest.approx(1.0)  # nothing of it left in the int8 weight
+    large = _one_layer_model().base_model.model[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _one_layer_model().base_model.model[0].merge()  # a real delta: no warning
+        large.merge()  # a delta well above the int8 step: carried, no warning
+    assert large.merge_error < 0.1
 
 
 # ---- the transformers path (HfInt8Linear) ----

@@ -56,6 +56,8 @@ ALL_LINEAR = "all-linear"  # peft's shorthand for "every linear layer but the ou
 # init_lora_weights values that never read the base weight; the others (PiSSA, OLoRA, CorDA, LoftQ, orthogonal,
 # LoRA-GA, MiCA, EVA) read or rewrite a float base weight, which an int8 layer does not hold
 SUPPORTED_INITS = (True, False, "gaussian")
+# ||realized delta - delta|| / ||delta|| from which a merge warns: the int8 weights carry the delta only roughly
+MERGE_ERROR_WARNING = 0.5
 
 __all__ = ["Int8LoraLinear", "from_pretrained", "get_peft_model", "prepare_model_for_training", "with_int8mm_layers"]
 
@@ -65,7 +67,8 @@ class Int8LoraLinear(LoraLinear):
 
     The forward and the adapters are peft's; the base layer stays int8 and frozen (its backward gives the input
     gradient through the de-quantized weight). Merging and unmerging re-quantize the weight (see the module
-    docstring). Plain LoRA only: LoRA variants (DoRA, aLoRA, ...) and initialisations that read the base weight
+    docstring); ``merge_error`` is then ``||realized change - delta|| / ||delta||`` of the last merge or
+    unmerge (0 for a well-carried delta, 1 for one lost in rounding), and a merge warns from 0.5 on. Plain LoRA only: LoRA variants (DoRA, aLoRA, ...) and initialisations that read the base weight
     are refused when the adapter is created.
     """
 
@@ -73,6 +76,7 @@ class Int8LoraLinear(LoraLinear):
         _check_config(config)
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         self.fan_in_fan_out = False  # an Int8Linear always holds W as [out, in]
+        self.merge_error = 0.0
 
     def _get_in_out_features(self, module: nn.Module):
         # peft's hook for layer sizes; its fallback for unknown layers warns once per layer
@@ -137,21 +141,25 @@ class Int8LoraLinear(LoraLinear):
                              f"bias; the layer was left unchanged")
         return bias.to(base.bias.dtype)
 
-    @staticmethod
-    def _requantize(base: Int8Linear, weight: torch.Tensor, delta: torch.Tensor, adapter_names: list[str],
+    def _requantize(self, base: Int8Linear, weight: torch.Tensor, delta: torch.Tensor, adapter_names: list[str],
                     action: str) -> None:
         bad = int((~torch.isfinite(weight)).sum())
         if bad:  # quantize_weight would refuse it too; this names the adapter
             raise ValueError(f"{action} adapter(s) {adapter_names} gives {bad} non-finite weight value(s) "
                              f"(NaN/Inf): the adapter seems broken; the layer was left unchanged")
         q_w, s_w = quantize_weight(weight, name=f"{action} adapter(s) {adapter_names}")
-        if bool(delta.any()) and torch.equal(q_w, base.weight) and torch.equal(s_w, base.SCB):
-            # the whole delta lies below half an int8 step of every row: say so rather than drop it silently
-            warnings.warn(f"{action} adapter(s) {adapter_names} left this int8 layer unchanged: the adapter's delta "
-                          f"(max |delta| {float(delta.abs().max()):.3g}) is smaller than the int8 rounding step",
-                          stacklevel=3)
+        before = base.dequantize()
         base.weight.copy_(q_w)
         base.SCB.copy_(s_w)
+        # how much of the delta the int8 weight carries: rounding to the int8 grid keeps a delta well above the
+        # step and drops one well below it, so report rather than drop silently
+        delta_norm = float(delta.norm())
+        self.merge_error = float((base.dequantize() - before - delta).norm()) / delta_norm if delta_norm else 0.0
+        if self.merge_error >= MERGE_ERROR_WARNING:
+            warnings.warn(f"{action} LoRA adapters into int8 weights: in some layers the adapter's delta is of the "
+                          f"order of the int8 rounding step or below, so the int8 weights carry it only roughly "
+                          f"(relative error >= {MERGE_ERROR_WARNING}; each layer's figure is its merge_error)",
+                          stacklevel=3)
 
 
 def _check_config(config: LoraConfig) -> None:
