@@ -68,8 +68,10 @@ setup(
         "triton": ["triton>=3.0"],
         # `int8mm bench` / `demo` / `eval` / `quantize`: the baselines, the plot, Hugging Face checkpoints
         "bench": ["bitsandbytes", "matplotlib", "transformers>=5,<6", "safetensors"],
+        # LoRA adapters on int8mm layers (int8mm.integrations.peft), tested with this version
+        "peft": ["peft==0.21.2"],
         "test": ["pytest", "bitsandbytes==0.50.2", "transformers>=5,<6", "accelerate", "safetensors", "gguf",
-                 "matplotlib"],
+                 "matplotlib", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["int8mm = int8mm.cli:main"]},
 )

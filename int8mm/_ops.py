@@ -131,11 +131,27 @@ def _int8_linear_setup_context(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
+# ---- dequant_matmul: the input gradient of int8_linear ----
+@torch.library.custom_op("int8mm::dequant_matmul", mutates_args=())
+def dequant_matmul(grad_y: Tensor, q_w: Tensor, s_w: Tensor) -> Tensor:
+    """fp32 ``grad_y [M, N] @ (q_w * s_w[:, None] / 127)`` ([M, K]). On CUDA with Triton: tile by tile, never
+    building the fp32 weight (4 bytes an element) that the reference formula materializes."""
+    if grad_y.is_cuda and backends.Backend.TRITON in backends.available_backends(grad_y.device):
+        from .backends.triton_backward import dequant_matmul as tiled
+
+        return tiled(grad_y, q_w, s_w)
+    return grad_y.float() @ (q_w.float() * (s_w / reference.INT8_MAX)[:, None])
+
+
+@dequant_matmul.register_fake
+def _(grad_y, q_w, s_w):
+    return grad_y.new_empty((grad_y.shape[0], q_w.shape[1]), dtype=torch.float32)
+
+
 def _int8_linear_backward(ctx, grad_y):
     """Gradient through the de-quantized weight, so adapters (LoRA) can train on top of a frozen int8 layer."""
     q_w, s_w = ctx.saved_tensors
-    w = q_w.float() * (s_w / reference.INT8_MAX)[:, None]
-    grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+    grad_x = dequant_matmul(grad_y, q_w, s_w).to(ctx.x_dtype)
     grad_bias = grad_y.float().sum(dim=0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
     return grad_x, None, None, grad_bias, None, None
 
