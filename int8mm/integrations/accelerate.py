@@ -14,7 +14,7 @@ device, and only the bias is offloaded).
 """
 import functools
 import weakref
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
@@ -23,15 +23,17 @@ from torch import nn
 from .. import functional as F8
 from .._constants import DEFAULT_THRESHOLD, INT8_MAX
 from ..backends import Backend, parse_backend
-from ..loading import eligible_linears
-from ..model import DEFAULT_SKIP_MODULES
+from ..config import Int8MMConfig, resolve_config
+from ..model import record_config
 from ..nn import WEIGHT_FORMAT_ROW
+from ..selection import select_layers
 
 __all__ = ["Int8Hook", "attach_int8_hooks"]
 
 
 class Int8Hook(ModelHook):
-    """A ``ModelHook`` that quantizes an ``nn.Linear`` in place and runs it with ``int8_linear``.
+    """A ``ModelHook`` that quantizes an ``nn.Linear`` (or a transformers ``Conv1D``) in place and runs it with
+    ``int8_linear``. A ``Conv1D``'s ``[in, out]`` weight is stored transposed, as ``Int8Linear`` stores it.
 
     After ``detach_hook`` the hook keeps the layer's int8 values until it is attached again (accelerate detaches
     and re-attaches a hook when it chains another one after it): drop the hook object to free them.
@@ -42,7 +44,8 @@ class Int8Hook(ModelHook):
         name: how errors refer to the layer (e.g. its qualified name).
     Raises:
         TypeError / ValueError: a bad threshold or backend (at construction); ``init_hook`` raises TypeError for
-        a module that is not an ``nn.Linear`` and ValueError for one whose weight is on the meta device.
+        a module that is neither an ``nn.Linear`` nor a ``Conv1D``, and ValueError for one whose weight is on the
+        meta device.
     """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None,
@@ -51,6 +54,7 @@ class Int8Hook(ModelHook):
         self.backend = parse_backend(backend) if backend is not None else None
         self.name = name
         self._float_forward = None
+        self._transposed = False  # a Conv1D: its float weight is [in, out]
         self._float_dtype = None
         self._requires_grad = False
         self._handles = []
@@ -63,8 +67,10 @@ class Int8Hook(ModelHook):
 
     # ---- ModelHook events ----
     def init_hook(self, module: nn.Module) -> nn.Module:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"Int8Hook runs an nn.Linear, got {type(module).__name__}")
+        conv1d = _conv1d_class()
+        if not isinstance(module, nn.Linear) and not (conv1d is not None and isinstance(module, conv1d)):
+            raise TypeError(f"Int8Hook runs an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+        self._transposed = not isinstance(module, nn.Linear)
         if "SCB" in module._buffers:
             raise ValueError("this nn.Linear is quantized already (it has an SCB buffer); attach one Int8Hook")
         if not hasattr(module, "_old_forward"):
@@ -75,7 +81,8 @@ class Int8Hook(ModelHook):
                              "attach the int8 hooks before dispatch_model / cpu_offload / disk_offload")
         q_w, s_w = self._reuse_restored(module)
         if q_w is None:
-            q_w, s_w = F8.quantize_weight(weight.detach(), name=f"{self.name or type(module).__name__}.weight")
+            float_weight = weight.detach().t().contiguous() if self._transposed else weight.detach()
+            q_w, s_w = F8.quantize_weight(float_weight, name=f"{self.name or type(module).__name__}.weight")
         self._float_dtype, self._requires_grad = weight.dtype, weight.requires_grad
         del module.weight
         module.register_buffer("weight", q_w)
@@ -96,6 +103,8 @@ class Int8Hook(ModelHook):
         if q_w.is_meta:
             q_w, s_w = _take_back_offloaded(module)
         weight = (q_w.float() * (s_w / INT8_MAX)[:, None]).to(self._float_dtype)
+        if self._transposed:
+            weight = weight.t().contiguous()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -120,21 +129,25 @@ class Int8Hook(ModelHook):
 
 def attach_int8_hooks(
     model: nn.Module,
-    threshold: float = DEFAULT_THRESHOLD,
-    skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES,
+    config: Int8MMConfig | None = None,
+    *,
+    threshold: float | None = None,
+    skip_modules: Iterable[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     backend: Backend | str | None = None,
 ) -> list[str]:
-    """Attach an ``Int8Hook`` to every eligible ``nn.Linear`` of ``model`` (quantizing them in place).
+    """Attach an ``Int8Hook`` to every eligible layer of ``model`` (quantizing them in place).
 
-    Eligible as for ``quantize_model``: not named by ``skip_modules``, not ``nn.MultiheadAttention.out_proj``,
-    and not sharing its weight with another module. A hook already on a layer is kept; ours is chained
+    Eligible as for ``quantize_model``, ``load_in_8bit`` and ``from_pretrained`` (``int8mm.selection``):
+    ``nn.Linear`` and ``Conv1D`` layers, less the skipped ones, the output heads, ``_keep_in_fp32_modules``
+    and layers whose weight is shared or tied. A hook already on a layer is kept; ours is chained
     (``append=True``). Call this before ``dispatch_model`` / ``cpu_offload`` / ``disk_offload``.
 
     Args:
         model: the model, with real (not meta) weights.
-        threshold: outlier threshold for every hooked layer.
-        skip_modules: module names or name suffixes kept in full precision.
-        backend: backend of every hooked layer (None: the default at call time).
+        config: the settings (default ``Int8MMConfig()``).
+        threshold, skip_modules, filter_fn, backend: shortcuts that override the field of ``config`` of that
+            name (see ``Int8MMConfig``).
     Returns:
         The names of the hooked layers (one per layer, even when a layer is reachable under two names).
     Raises:
@@ -142,12 +155,10 @@ def attach_int8_hooks(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    threshold = F8._check_threshold(threshold)
-    targets, seen = [], set()
-    for name, module, _ in eligible_linears(model, skip_modules):
-        if id(module) not in seen and "SCB" not in module._buffers:
-            seen.add(id(module))
-            targets.append((name, module))
+    config = resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
+                            backend=backend)
+    selection = select_layers(model, config)
+    targets = [(layer.name, layer.module) for layer in selection.quantize]
     # check every layer before touching any, so that a bad one never leaves the model half quantized
     for name, module in targets:
         if module.weight.is_meta:
@@ -156,8 +167,17 @@ def attach_int8_hooks(
         if not bool(torch.isfinite(module.weight).all()):
             raise ValueError(f"{name}.weight holds non-finite values (NaN/Inf); refusing to quantize it")
     for name, module in targets:
-        add_hook_to_module(module, Int8Hook(threshold, backend, name=name), append=True)
+        add_hook_to_module(module, Int8Hook(config.threshold, config.backend, name=name), append=True)
+    if targets:
+        record_config(model, config, selection.skip_modules)
     return [name for name, _ in targets]
+
+
+def _conv1d_class():
+    # a model can only hold transformers' Conv1D if transformers was imported, so never import it here
+    import sys
+
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 # ---- per-instance pieces of a hooked layer ----
