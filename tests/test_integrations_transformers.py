@@ -170,3 +170,16 @@ def test_import_without_transformers():
 @pytest.fixture(scope="module")
 def token_ids():
     return tiny_token_ids()
+
+
+def test_int8_weight_and_scale_are_frozen_parameters_and_casts_keep_the_scale(float_llama):
+    """As parameters, transformers and accelerate offload them whatever offload_buffers says (test_offload.py)."""
+    path, _ = float_llama
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig())
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer.weight, nn.Parameter) and isinstance(layer.SCB, nn.Parameter)
+    assert not layer.weight.requires_grad and not layer.SCB.requires_grad
+    scale = layer.SCB.detach().clone()
+    layer.half()  # transformers refuses .half() on a whole quantized model
+    assert layer.SCB.dtype == torch.float32 and torch.equal(layer.SCB, scale) and not layer.SCB.requires_grad
+    assert layer.weight.dtype == torch.int8

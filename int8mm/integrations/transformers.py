@@ -78,8 +78,7 @@ class HfInt8Linear(Int8Linear):
         moved = fn(scale.detach())
         if moved.dtype != torch.float32:
             moved = scale.detach().to(moved.device)
-        if moved is not scale.detach():
-            self._parameters["SCB"] = nn.Parameter(moved, requires_grad=False)
+        self._parameters["SCB"] = nn.Parameter(moved, requires_grad=False)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
