@@ -37,8 +37,9 @@ class Int8MMConfig:
         skip_modules: names kept in full precision. A name matches a module when it is the module's qualified
             name, a dotted suffix of it, or either of these for one of its parents (``"lm_head"``,
             ``"mlp.down_proj"``, ``"model.layers.0"`` keeps every layer of block 0). None (the default): the
-            output heads, as transformers with bitsandbytes keeps them (``lm_head``, the model's output
-            embeddings and the layer whose weight is its last parameter, such as a classifier's ``score``).
+            output heads, as transformers with bitsandbytes keeps them (the model's output embeddings, usually
+            ``lm_head``, and the layer whose weight is its last parameter, such as a classifier's ``score``);
+            for a model that is not a transformers model, a module named ``lm_head``.
             Whatever the list, a model's ``_keep_in_fp32_modules`` and layers whose weight is shared or tied
             stay in full precision too.
         filter_fn: ``filter_fn(module, name) -> bool``, called for each layer the rules above leave eligible;

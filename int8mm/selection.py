@@ -6,9 +6,9 @@ A layer is a candidate when it is an ``nn.Linear`` (whose class keeps ``nn.Linea
 
 - a ``skip_modules`` name matches it or one of its parents (``name == pattern`` or ``name`` ends with
   ``"." + pattern``), or a name of the model's ``_keep_in_fp32_modules`` does;
-- with ``skip_modules=None``: it is a transformers model's output head (``lm_head``, the output embeddings, the
-  layer whose weight is the model's last parameter, such as a classifier's ``score``), as transformers +
-  bitsandbytes do;
+- with ``skip_modules=None``: it is a transformers model's output head (the output embeddings, usually
+  ``lm_head``, and the layer whose weight is the model's last parameter, such as a classifier's ``score``), as
+  transformers + bitsandbytes do; in any other model, a module named ``lm_head``;
 - its weight is shared with another module or declared tied (quantizing it would untie it);
 - its owner reads its float weight directly (``nn.MultiheadAttention.out_proj``), or its class overrides forward;
 - ``filter_fn(module, name)`` returns False.
@@ -99,9 +99,11 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
             if not any(matches_skip(name, [pattern]) for name in all_names):
                 warnings.warn(f"int8mm: skip_modules names {pattern!r}, which matches no module of "
                               f"{type(model).__name__}; nothing is skipped for it", UserWarning, stacklevel=3)
-    patterns = explicit if explicit is not None else list(DEFAULT_SKIP_MODULES)
+    heads = _output_heads(model) if explicit is None else None
+    # the default: a transformers model's declared heads, as transformers does; any other model's "lm_head"
+    patterns = explicit if explicit is not None else ([] if heads is not None else list(DEFAULT_SKIP_MODULES))
+    heads = heads or set()
     keep_fp32 = _keep_in_fp32_patterns(model)
-    heads = _output_heads(model) if explicit is None else set()
     shared = _shared_weights(model)
     tied = _declared_tied_modules(model)
     conv1d_cls = _conv1d_class()
@@ -166,13 +168,14 @@ def _keep_in_fp32_patterns(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _output_heads(model: nn.Module) -> set[int]:
+def _output_heads(model: nn.Module) -> set[int] | None:
     """ids of a transformers model's output layers, as transformers keeps them in full precision for bitsandbytes:
     its output embeddings, and the layer whose weight is the model's last parameter (a classifier's ``score``;
-    a last layer with a bias, such as BERT's ``classifier``, is quantized, by transformers + bitsandbytes too)."""
+    a last layer with a bias, such as BERT's ``classifier``, is quantized, by transformers + bitsandbytes too).
+    None for a model that is not a transformers model (it has no ``get_output_embeddings``)."""
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
     if not callable(get_output_embeddings):
-        return set()
+        return None  # not a transformers model
     heads = set()
     output = get_output_embeddings()
     if isinstance(output, nn.Module):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 from transformers import (AutoModelForCausalLM, BertConfig, BertForSequenceClassification, BitsAndBytesConfig,
-                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification, T5Config,
-                          T5ForConditionalGeneration)
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification, RobertaConfig,
+                          RobertaForMaskedLM, T5Config, T5ForConditionalGeneration)
 
 import int8mm
 from helpers import tiny_llama
@@ -44,7 +44,15 @@ def _llama_classifier():
     return LlamaForSequenceClassification(config)
 
 
-FAMILIES = {"llama": lambda: tiny_llama(), "gpt2": _gpt2, "bert": _bert, "t5": _t5, "llama_cls": _llama_classifier}
+def _roberta():
+    """Its lm_head is a module of two Linears: the tied decoder stays float, the dense layer is quantized."""
+    config = RobertaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=40)
+    return RobertaForMaskedLM(config)
+
+
+FAMILIES = {"llama": lambda: tiny_llama(), "gpt2": _gpt2, "bert": _bert, "t5": _t5, "llama_cls": _llama_classifier,
+            "roberta": _roberta}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
