@@ -27,7 +27,7 @@ from .errors import CheckpointError
 from .linear_swap import replace_linears_on_meta
 from .model_source import _resolve_source, saved_quantization
 from .plan import _plan
-from .tasks import BLOCK_BYTES, Destination, LoadTask  # noqa: F401  (BLOCK_BYTES: importable as before)
+from .tasks import Destination, LoadTask
 from .safetensors_files import _Entry, _MappedFile, _read_headers
 
 # not used here, but importable from int8mm.loading as before the split (the integrations and tests use them)
