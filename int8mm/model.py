@@ -1,107 +1,96 @@
-"""Whole-model quantization: swap ``nn.Linear`` modules for ``Int8Linear`` by qualified name."""
-import logging
-from typing import Iterable
+"""Whole-model quantization: swap the eligible ``nn.Linear`` (and transformers ``Conv1D``) layers for
+``Int8Linear``, chosen by ``int8mm.selection`` (the rule every way in shares)."""
+from typing import Callable, Iterable
 
+import torch
 from torch import nn
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._constants import DEFAULT_THRESHOLD
+from . import functional as F8
 from .backends import Backend
+from .config import DEFAULT_SKIP_MODULES, Int8MMConfig, resolve_config
 from .nn import Int8Linear
+from .selection import Layer, matches_skip, select_layers
 
-log = logging.getLogger("int8mm")
-
-DEFAULT_SKIP_MODULES = ("lm_head",)
-
-
-def matches_skip(name: str, patterns: Iterable[str]) -> bool:
-    """True if ``name`` equals a pattern or ends with ``"." + pattern`` (``"lm_head"``, ``"mlp.down_proj"``)."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
+__all__ = ["DEFAULT_SKIP_MODULES", "matches_skip", "quantize_model"]
 
 
 def quantize_model(
     model: nn.Module,
-    threshold: float = DEFAULT_THRESHOLD,
-    skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES,
+    config: Int8MMConfig | None = None,
+    *,
+    threshold: float | None = None,
+    skip_modules: Iterable[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     backend: Backend | str | None = None,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (in place) by an ``Int8Linear``; returns ``model``.
+    """Replace every eligible layer of ``model`` (in place) by an ``Int8Linear``; returns ``model``.
+
+    Which layers: ``int8mm.selection`` decides (Linear and ``Conv1D`` layers, less the skipped ones, the output
+    heads, ``_keep_in_fp32_modules``, layers whose weight is shared or tied, ...), as for ``load_in_8bit``,
+    ``attach_int8_hooks`` and ``from_pretrained``. A layer reachable under two names becomes one Int8Linear.
 
     All or nothing: if a layer cannot be quantized (a non-finite weight), the layers already swapped are put
     back and the model is left as it was. Works on the meta device too (shapes only), for models built empty
-    and loaded later with ``load_state_dict(..., assign=True)``.
+    and loaded later with ``load_state_dict(..., assign=True)``. A transformers model gets
+    ``config.quantization_config``, so that ``save_pretrained`` writes a checkpoint that loads back in 8 bits.
 
     Args:
-        model: any module; Linear layers are quantized on the device they are on.
-        threshold: outlier threshold for every swapped layer (0 disables decomposition).
-        skip_modules: qualified names or name suffixes to keep in full precision.
-        backend: backend every swapped layer uses (None: the default at call time).
-    Shared layers stay shared: a Linear reachable under two names becomes one Int8Linear, and Linears
-    sharing one weight share one int8 weight. A Linear whose weight is tied to a non-Linear parameter
-    (an embedding, typically the ``lm_head``) is kept in full precision, since quantizing it would untie it;
-    so is a ``NonDynamicallyQuantizableLinear`` (``nn.MultiheadAttention.out_proj``), whose owner reads its
-    float weight directly instead of calling it.
+        model: any module; layers are quantized on the device they are on.
+        config: the settings (default ``Int8MMConfig()``).
+        threshold, skip_modules, filter_fn, backend: shortcuts that override the field of ``config`` of that
+            name (see ``Int8MMConfig``).
+    Raises:
+        TypeError: ``model`` is not a module, or is itself an ``nn.Linear``; a wrongly typed setting.
+        ValueError: a bad setting, or a layer whose weight holds NaN/Inf (the error names it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):  # in place is impossible for the root itself
         raise TypeError("model is itself an nn.Linear, which quantize_model cannot replace in place; "
                         "use int8mm.Int8Linear.from_linear(model)")
-    if isinstance(skip_modules, str):
-        skip_modules = (skip_modules,)
-    skip_modules = tuple(skip_modules)
-    linear_weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    tied_elsewhere = _weights_tied_outside_linears(model, linear_weight_ids)
-
-    swapped: dict[int, Int8Linear] = {}  # id(original Linear) -> its replacement
-    by_weight: dict[int, Int8Linear] = {}  # id(original weight) -> first replacement quantized from it
-    targets = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
-               if isinstance(module, nn.Linear) and name]
-    done = []  # (parent, attribute, original Linear): undone if a later layer fails (a non-finite weight)
+    config = resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
+                            backend=backend)
+    selection = select_layers(model, config)
+    done = []  # (parent, attribute, original layer): undone if a later layer fails (a non-finite weight)
     try:
-        for name, linear in targets:
-            if matches_skip(name, skip_modules):
-                continue
-            if isinstance(linear, NonDynamicallyQuantizableLinear):
-                log.warning("int8mm: keeping %s in full precision: its owner reads its weight directly", name)
-                continue
-            if id(linear.weight) in tied_elsewhere:
-                log.warning("int8mm: keeping %s in full precision: its weight is tied to a non-Linear module", name)
-                continue
-            replacement = swapped.get(id(linear))
-            if replacement is None:
-                replacement = _quantize_linear(linear, name, threshold, backend, by_weight.get(id(linear.weight)))
-                swapped[id(linear)] = replacement
-                by_weight.setdefault(id(linear.weight), replacement)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            done.append((parent, child, linear))
-            setattr(parent, child, replacement)
+        for layer in selection.quantize:
+            replacement = _quantize_layer(layer, config)
+            for name in layer.names:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                done.append((parent, child, layer.module))
+                setattr(parent, child, replacement)
     except BaseException:
-        for parent, child, linear in reversed(done):
-            setattr(parent, child, linear)
+        for parent, child, original in reversed(done):
+            setattr(parent, child, original)
         raise
+    record_config(model, config, selection.skip_modules)
     return model
 
 
-def _quantize_linear(linear, name, threshold, backend, sharing_weight_with):
-    if sharing_weight_with is None:
-        return Int8Linear.from_linear(linear, threshold=threshold, backend=backend, name=name)
-    # same weight, maybe another bias: reuse the int8 buffers instead of a second copy
-    module = Int8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                        threshold=threshold, backend=backend, device="meta")
-    module.weight, module.SCB = sharing_weight_with.weight, sharing_weight_with.SCB
-    if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return module
+def _quantize_layer(layer: Layer, config: Int8MMConfig) -> Int8Linear:
+    module = layer.module
+    weight = module.weight.detach()
+    if layer.is_conv1d:  # Conv1D stores [in, out]
+        weight = weight.t()
+    out_features, in_features = weight.shape
+    has_bias = module.bias is not None
+    replacement = Int8Linear(in_features, out_features, bias=has_bias, threshold=config.threshold,
+                             backend=config.backend, device="meta",
+                             bias_dtype=module.bias.dtype if has_bias else torch.float32)
+    if weight.is_meta:  # shapes only: the weights come later (load_state_dict(..., assign=True))
+        return replacement
+    q_w, s_w = F8.quantize_weight(weight.contiguous(), name=f"{layer.name}.weight")
+    replacement.weight, replacement.SCB = q_w, s_w
+    if has_bias:
+        replacement.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return replacement
 
 
-def _weights_tied_outside_linears(model: nn.Module, linear_weight_ids: set[int]) -> set[int]:
-    tied = set()
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            continue
-        for param in module.parameters(recurse=False):
-            if id(param) in linear_weight_ids:
-                tied.add(id(param))
-    return tied
+def record_config(model: nn.Module, config: Int8MMConfig, skip_modules: list[str]) -> None:
+    """Give a transformers model ``config.quantization_config``: ``config`` with the skip list that reproduces
+    the selection (``Selection.skip_modules``), so that a saved checkpoint loads back with the same layers."""
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model_config, "to_dict"):
+        return
+    model_config.quantization_config = config.replace(skip_modules=list(skip_modules), filter_fn=None)

@@ -157,9 +157,9 @@ def test_truncated_file(bad_dir):
 def test_non_finite_weight_names_the_key_and_leaves_no_files(bad_dir, tmp_path, monkeypatch):
     path, tensors = bad_dir
     written = []
-    offload = loading._offload
-    monkeypatch.setattr(loading, "_offload", lambda tensor, name, *args: (written.append(name),
-                                                                          offload(tensor, name, *args)))
+    offload = loading.tasks.Destination._offload
+    monkeypatch.setattr(loading.tasks.Destination, "_offload",
+                        lambda self, tensor, name: (written.append(name), offload(self, tensor, name)))
     tensors["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
     _rewrite(path, tensors)
     folder = tmp_path / "offload"

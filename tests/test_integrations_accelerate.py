@@ -118,7 +118,7 @@ def test_chaining_another_hook_keeps_the_int8_values_exactly():
 def test_hook_errors():
     with pytest.raises(TypeError, match=r"threshold must be a number, got str: '6'"):
         Int8Hook(threshold="6")
-    with pytest.raises(TypeError, match=r"Int8Hook runs an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match=r"Int8Hook runs an nn.Linear or a transformers Conv1D, got Conv1d"):
         add_hook_to_module(nn.Conv1d(2, 2, 1), Int8Hook())
     meta = nn.Linear(8, 4, device="meta")
     with pytest.raises(ValueError, match=r"on the meta device \(offloaded\?\); attach the int8 hooks before"):
@@ -211,14 +211,19 @@ def test_hooks_run_with_their_own_threshold(threshold, token_ids):
 def test_hooks_run_with_their_own_backend(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("INT8MM_BACKEND", raising=False)
+    int8mm.backends.refresh_from_environment()  # the environment is read once otherwise (by an earlier test)
     model = nn.Sequential(_linear(), nn.ReLU(), _linear(k=33, n=8, seed=1))
     reference = int8mm.quantize_model(copy.deepcopy(model), skip_modules=(), backend="reference")
     attach_int8_hooks(model, skip_modules=(), backend="triton")
     x = planted_outliers(3, 64)
     # Triton runs CPU tensors only under its interpreter: a hook that passes its backend on fails here, one that
     # ignores it would run the default (reference) backend and succeed
-    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu"):
-        model(x)
+    try:
+        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu"):
+            model(x)
+    finally:
+        monkeypatch.undo()
+        int8mm.backends.refresh_from_environment()
     remove_hook_from_submodules(model)
     attach_int8_hooks(model, skip_modules=(), backend="reference")
     assert torch.equal(model(x), reference(x))
@@ -303,3 +308,24 @@ def test_dispatch_after_hooks_refused_the_other_way_round(tmp_path):
 @pytest.fixture(scope="module")
 def token_ids():
     return tiny_token_ids()
+
+
+def test_conv1d_is_hooked_and_restored_transposed():
+    """GPT-2's Conv1D layers (weight [in, out]) were left float by attach_int8_hooks; now they are hooked like
+    Linears, and removing the hook gives back the de-quantized weight in Conv1D's own layout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=1, n_head=4)
+    model = GPT2LMHeadModel(config).eval()
+    reference = int8mm.quantize_model(copy.deepcopy(model))
+    hooked = attach_int8_hooks(model)
+    assert sorted(hooked) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                              "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert c_fc.weight.dtype == torch.int8 and c_fc.weight.shape == (256, 64)  # [out, in], as Int8Linear
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(logits(model, ids), logits(reference, ids))
+    remove_hook_from_submodules(model)
+    assert c_fc.weight.shape == (64, 256) and c_fc.weight.dtype == torch.float32
+    assert torch.equal(c_fc.weight.detach(), reference.transformer.h[0].mlp.c_fc.dequantize().t())

@@ -87,20 +87,18 @@ def test_gpt2_conv1d(tmp_path):
     assert torch.equal(logits(model, ids), logits(streamed, ids))
 
 
-def test_disk_offload_keeps_disk_layers_float(float_llama, tmp_path, token_ids):
-    path, float_model = float_llama
+def test_disk_offload_quantizes_disk_layers_too(float_llama, tmp_path, token_ids):
+    """Layers a dict device_map sends to "disk" are 8-bit like the others (they were kept float before), and what
+    goes to the disk is their int8 weight (more cases in test_offload.py)."""
+    path, _ = float_llama
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(), device_map=device_map,
                                                  offload_folder=tmp_path / "offload", offload_buffers=True)
-    assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear)
-    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
-    skipped = model.config.quantization_config.skip_modules
-    assert "model.layers.1.mlp.up_proj" in skipped and "lm_head" in skipped
-    reference = int8mm.quantize_model(copy.deepcopy(float_model), skip_modules=["lm_head", "layers.1.mlp.gate_proj",
-                                      "layers.1.mlp.up_proj", "layers.1.mlp.down_proj", "layers.1.self_attn.q_proj",
-                                      "layers.1.self_attn.k_proj", "layers.1.self_attn.v_proj",
-                                      "layers.1.self_attn.o_proj"])
+    assert isinstance(model.model.layers[1].mlp.up_proj, Int8Linear) and model.model.layers[1].mlp.up_proj.weight.is_meta
+    assert (tmp_path / "offload" / "model.layers.1.mlp.up_proj.weight.dat").stat().st_size == 128 * 64
+    assert model.config.quantization_config.skip_modules == ["lm_head"]
+    reference = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig())
     assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
 
 
@@ -175,3 +173,16 @@ def test_import_without_transformers():
 @pytest.fixture(scope="module")
 def token_ids():
     return tiny_token_ids()
+
+
+def test_int8_weight_and_scale_are_frozen_parameters_and_casts_keep_the_scale(float_llama):
+    """As parameters, transformers and accelerate offload them whatever offload_buffers says (test_offload.py)."""
+    path, _ = float_llama
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig())
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer.weight, nn.Parameter) and isinstance(layer.SCB, nn.Parameter)
+    assert not layer.weight.requires_grad and not layer.SCB.requires_grad
+    scale = layer.SCB.detach().clone()
+    layer.half()  # transformers refuses .half() on a whole quantized model
+    assert layer.SCB.dtype == torch.float32 and torch.equal(layer.SCB, scale) and not layer.SCB.requires_grad
+    assert layer.weight.dtype == torch.int8

@@ -54,7 +54,7 @@ def test_block_streaming_is_bit_exact(llama_dir, token_ids, monkeypatch):
     """Quantizing a weight a few rows at a time gives the whole-tensor result (the scales are per row)."""
     path, _ = llama_dir
     whole = load_in_8bit(path, progress=False)
-    monkeypatch.setattr(loading, "BLOCK_BYTES", 3 * 64 * 4)  # 3 rows of a K=64 fp32 weight per block
+    monkeypatch.setattr(loading.tasks, "BLOCK_BYTES", 3 * 64 * 4)  # 3 rows of a K=64 fp32 weight per block
     blocks = load_in_8bit(path, progress=False)
     for name, (q_w, s_w) in _int8_state(whole).items():
         assert torch.equal(q_w, blocks.get_submodule(name).weight) and torch.equal(s_w, blocks.get_submodule(name).SCB)
@@ -323,9 +323,12 @@ _ST_NAMES = {v: k for k, v in loading._ST_DTYPES.items()}
 _MEASURE = textwrap.dedent("""
     import json, sys
     import torch
+    import transformers
     from transformers import LlamaForCausalLM  # import everything before the baseline
     import accelerate, tqdm.auto, int8mm
+    import transformers.quantizers.auto  # registers the "int8mm" method
     from int8mm.loading import load_in_8bit, model_bytes
+    transformers.logging.set_verbosity_error()
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -339,6 +342,12 @@ _MEASURE = textwrap.dedent("""
         f.write("5")  # reset the peak (VmHWM) to the current RSS
     if sys.argv[2] == "int8mm":
         model = load_in_8bit(sys.argv[1] + "/big", progress=False)
+    elif sys.argv[2] == "from_pretrained":
+        model = LlamaForCausalLM.from_pretrained(sys.argv[1] + "/big", quantization_config=int8mm.Int8MMConfig())
+    elif sys.argv[2] == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+        model = LlamaForCausalLM.from_pretrained(sys.argv[1] + "/big",
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     else:  # the float model first, then quantize: what streaming avoids
         model = LlamaForCausalLM.from_pretrained(sys.argv[1] + "/big")
         int8mm.quantize_model(model)
@@ -385,6 +394,21 @@ def test_peak_rss_is_the_int8_model_plus_one_layer(big_llama_dir):
     print(f"float load then quantize_model: peak {naive['peak'] / mib:.1f} MiB")
     assert naive["model"] == streamed["model"]
     assert naive["peak"] > bound  # the measurement can tell the two apart
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux only)")
+def test_from_pretrained_peaks_near_load_in_8bit_and_below_bitsandbytes(big_llama_dir):
+    """Before: from_pretrained(Int8MMConfig) peaked at 4x load_in_8bit on SmolLM2 (a layer-sized scratch buffer
+    per quantized weight, and every page of the float checkpoint's file mapping kept resident)."""
+    streamed = _measure(big_llama_dir, "int8mm")
+    loaded = _measure(big_llama_dir, "from_pretrained")
+    bnb = _measure(big_llama_dir, "bitsandbytes")
+    mib = 2**20
+    print(f"\npeak RSS over the baseline: load_in_8bit {streamed['peak'] / mib:.1f} MiB, from_pretrained(Int8MMConfig) "
+          f"{loaded['peak'] / mib:.1f} MiB, transformers + bitsandbytes {bnb['peak'] / mib:.1f} MiB")
+    assert abs(loaded["model"] - streamed["model"]) < 2**16  # the same model (+ a weight_format byte per layer)
+    assert loaded["peak"] <= 1.25 * streamed["peak"]
+    assert loaded["peak"] <= bnb["peak"]
 
 
 @requires_cuda

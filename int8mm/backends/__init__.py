@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from ..devices import default_device
+
 log = logging.getLogger("int8mm")
 
 BACKEND_ENV_VAR = "INT8MM_BACKEND"
@@ -80,7 +82,7 @@ def _cpu_library_loadable() -> bool:
 
 def available_backends(device: torch.device | str | None = None) -> list[Backend]:
     """The backends that can run on ``device`` (default: CUDA if present, else CPU), AUTO excluded."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     found = [Backend.REFERENCE]
     if _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
         found.append(Backend.TRITON)
@@ -190,7 +192,3 @@ def refresh_from_environment() -> None:
 @functools.cache
 def _log_fallback_once(device_type: str) -> None:
     log.warning("int8mm: no GPU backend is available on %s; using the reference backend", device_type)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,6 +6,8 @@ import platform
 
 import torch
 
+from ..devices import default_device
+
 # packages whose versions a result records (missing ones are recorded as None)
 RECORDED_PACKAGES = ("torch", "triton", "bitsandbytes", "transformers")
 
@@ -13,7 +15,7 @@ RECORDED_PACKAGES = ("torch", "triton", "bitsandbytes", "transformers")
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"``: CUDA when present, else CPU; otherwise the named device, checked to exist."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     if str(device).split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {str(device)!r}")
     device = torch.device(device)

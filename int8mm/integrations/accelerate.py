@@ -15,7 +15,7 @@ device, and only the bias is offloaded).
 import functools
 import logging
 import weakref
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
@@ -24,9 +24,10 @@ from torch import nn
 from .. import functional as F8
 from .._constants import DEFAULT_THRESHOLD, INT8_MAX
 from ..backends import Backend, parse_backend
-from ..loading import eligible_linears
-from ..model import DEFAULT_SKIP_MODULES
 from .. import weight_format
+from ..config import Int8MMConfig, resolve_config
+from ..model import record_config
+from ..selection import conv1d_class, select_layers
 
 __all__ = ["Int8Hook", "attach_int8_hooks"]
 
@@ -34,7 +35,8 @@ log = logging.getLogger("int8mm")
 
 
 class Int8Hook(ModelHook):
-    """A ``ModelHook`` that quantizes an ``nn.Linear`` in place and runs it with ``int8_linear``.
+    """A ``ModelHook`` that quantizes an ``nn.Linear`` (or a transformers ``Conv1D``) in place and runs it with
+    ``int8_linear``. A ``Conv1D``'s ``[in, out]`` weight is stored transposed, as ``Int8Linear`` stores it.
 
     After ``detach_hook`` the hook keeps the layer's int8 values until it is attached again (accelerate detaches
     and re-attaches a hook when it chains another one after it): drop the hook object to free them.
@@ -45,7 +47,8 @@ class Int8Hook(ModelHook):
         name: how errors refer to the layer (e.g. its qualified name).
     Raises:
         TypeError / ValueError: a bad threshold or backend (at construction); ``init_hook`` raises TypeError for
-        a module that is not an ``nn.Linear`` and ValueError for one whose weight is on the meta device.
+        a module that is neither an ``nn.Linear`` nor a ``Conv1D``, and ValueError for one whose weight is on the
+        meta device.
     """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None,
@@ -54,6 +57,7 @@ class Int8Hook(ModelHook):
         self.backend = parse_backend(backend) if backend is not None else None
         self.name = name
         self._float_forward = None
+        self._transposed = False  # a Conv1D: its float weight is [in, out]
         self._float_dtype = None
         self._requires_grad = False
         self._handles = []
@@ -66,8 +70,10 @@ class Int8Hook(ModelHook):
 
     # ---- ModelHook events ----
     def init_hook(self, module: nn.Module) -> nn.Module:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"Int8Hook runs an nn.Linear, got {type(module).__name__}")
+        conv1d = conv1d_class()
+        if not isinstance(module, nn.Linear) and not (conv1d is not None and isinstance(module, conv1d)):
+            raise TypeError(f"Int8Hook runs an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+        self._transposed = not isinstance(module, nn.Linear)
         if "SCB" in module._buffers:
             raise ValueError("this nn.Linear is quantized already (it has an SCB buffer); attach one Int8Hook")
         if not hasattr(module, "_old_forward"):
@@ -78,7 +84,8 @@ class Int8Hook(ModelHook):
                              "attach the int8 hooks before dispatch_model / cpu_offload / disk_offload")
         q_w, s_w = self._reuse_restored(module)
         if q_w is None:
-            q_w, s_w = F8.quantize_weight(weight.detach(), name=f"{self.name or type(module).__name__}.weight")
+            float_weight = weight.detach().t().contiguous() if self._transposed else weight.detach()
+            q_w, s_w = F8.quantize_weight(float_weight, name=f"{self.name or type(module).__name__}.weight")
         self._float_dtype, self._requires_grad = weight.dtype, weight.requires_grad
         del module.weight
         module.register_buffer("weight", q_w)
@@ -99,6 +106,8 @@ class Int8Hook(ModelHook):
         if q_w.is_meta:
             q_w, s_w = _take_back_offloaded(module)
         weight = (q_w.float() * (s_w / INT8_MAX)[:, None]).to(self._float_dtype)
+        if self._transposed:
+            weight = weight.t().contiguous()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -123,14 +132,18 @@ class Int8Hook(ModelHook):
 
 def attach_int8_hooks(
     model: nn.Module,
-    threshold: float = DEFAULT_THRESHOLD,
-    skip_modules: Iterable[str] = DEFAULT_SKIP_MODULES,
+    config: Int8MMConfig | None = None,
+    *,
+    threshold: float | None = None,
+    skip_modules: Iterable[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     backend: Backend | str | None = None,
 ) -> list[str]:
-    """Attach an ``Int8Hook`` to every eligible ``nn.Linear`` of ``model`` (quantizing them in place).
+    """Attach an ``Int8Hook`` to every eligible layer of ``model`` (quantizing them in place).
 
-    Eligible as for ``quantize_model``: not named by ``skip_modules``, not ``nn.MultiheadAttention.out_proj``,
-    and not sharing its weight with another module. A hook already on a layer is kept; ours is chained
+    Eligible as for ``quantize_model``, ``load_in_8bit`` and ``from_pretrained`` (``int8mm.selection``):
+    ``nn.Linear`` and ``Conv1D`` layers, less the skipped ones, the output heads, ``_keep_in_fp32_modules``
+    and layers whose weight is shared or tied. A hook already on a layer is kept; ours is chained
     (``append=True``). Call this before ``dispatch_model`` / ``cpu_offload`` / ``disk_offload``.
 
     Attaching twice: on a model that holds int8 hooks already, a call with the same threshold and backend does
@@ -139,9 +152,9 @@ def attach_int8_hooks(
 
     Args:
         model: the model, with real (not meta) weights.
-        threshold: outlier threshold for every hooked layer.
-        skip_modules: module names or name suffixes kept in full precision.
-        backend: backend of every hooked layer (None: the default at call time).
+        config: the settings (default ``Int8MMConfig()``).
+        threshold, skip_modules, filter_fn, backend: shortcuts that override the field of ``config`` of that
+            name (see ``Int8MMConfig``).
     Returns:
         The names of the hooked layers (one per layer, even when a layer is reachable under two names).
     Raises:
@@ -150,25 +163,23 @@ def attach_int8_hooks(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    threshold = F8._check_threshold(threshold)
-    backend = parse_backend(backend) if backend is not None else None
+    config = resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
+                            backend=backend)
     hooks = {name: hook for name, module in model.named_modules() if (hook := _int8_hook_of(module)) is not None}
     if hooks:
-        # a hooked layer holds an int8 buffer, not a weight parameter: eligible_linears would call it tied
-        others = [(n, h) for n, h in hooks.items() if (h.threshold, h.backend) != (threshold, backend)]
+        # before the selection: a hooked layer holds an int8 buffer, so the selection would not see it at all
+        others = [(n, h) for n, h in hooks.items() if (h.threshold, h.backend) != (config.threshold, config.backend)]
         if others:
             name, other = others[0]
+            backend_name = config.backend.value if config.backend else None
             raise ValueError(f"model already has int8 hooks ({name}: {other!r}); attaching with threshold="
-                             f"{threshold}, backend={backend.value if backend else None} would mix settings: first "
+                             f"{config.threshold}, backend={backend_name} would mix settings: first "
                              f"accelerate.hooks.remove_hook_from_submodules(model)")
         log.warning("int8mm: attach_int8_hooks: the model already has int8 hooks on %d layer(s) with these "
                     "settings; nothing to do", len(hooks))
         return []
-    targets, seen = [], set()
-    for name, module, _ in eligible_linears(model, skip_modules):
-        if id(module) not in seen and "SCB" not in module._buffers:
-            seen.add(id(module))
-            targets.append((name, module))
+    selection = select_layers(model, config)
+    targets = [(layer.name, layer.module) for layer in selection.quantize]
     # check every layer before touching any, so that a bad one never leaves the model half quantized
     for name, module in targets:
         if module.weight.is_meta:
@@ -177,7 +188,9 @@ def attach_int8_hooks(
         if not bool(torch.isfinite(module.weight).all()):
             raise ValueError(f"{name}.weight holds non-finite values (NaN/Inf); refusing to quantize it")
     for name, module in targets:
-        add_hook_to_module(module, Int8Hook(threshold, backend, name=name), append=True)
+        add_hook_to_module(module, Int8Hook(config.threshold, config.backend, name=name), append=True)
+    if targets:
+        record_config(model, config, selection.skip_modules)
     return [name for name, _ in targets]
 
 

@@ -8,7 +8,6 @@
 ``int8mm.integrations``); importing this module registers it too. Written against the transformers 5.x loading
 API (``get_quantize_ops`` / ``ConversionOps``); older versions are refused with an ImportError.
 """
-import copy
 import functools
 
 import torch
@@ -23,13 +22,17 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from torch import nn
+
 from .. import config as _config
-from ..functional import quantize_weight
 from ..errors import CheckpointError
-from ..loading import DISK, normalize_device_map, replace_linears_on_meta
+from ..loading import normalize_device_map, replace_linears_on_meta
 from ..loading.checkpoint_check import check_after_loading, check_before_loading
+from ..loading.file_pages import release_file_pages
+from ..loading.offload import requantize_offloaded_weights
+from ..loading.tasks import quantize_in_blocks
 from ..nn import Int8Linear
-from ..weight_format import FORMAT, format_marker
+from ..weight_format import FORMAT, SCALE, WEIGHT, format_marker
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 # 5.0 replaced create_quantized_param/check_quantized_param with conversion ops on the loading path
@@ -50,8 +53,12 @@ class Int8MMConfig(_config.Int8MMConfig, QuantizationConfigMixin):
 
 
 class HfInt8Linear(Int8Linear):
-    """``Int8Linear`` whose constant ``weight_format`` marker is a real buffer.
+    """``Int8Linear`` as transformers loads it: the int8 ``weight`` and fp32 ``SCB`` are frozen parameters, and the
+    constant ``weight_format`` marker is a real buffer.
 
+    Parameters, because transformers and accelerate offload parameters to the CPU or the disk whatever
+    ``offload_buffers`` says: as buffers, the int8 weights of layers placed on the disk stayed resident
+    (``offload_buffers=False``) and ``max_memory`` did not hold. (bitsandbytes' ``Int8Params`` are parameters too.)
     transformers' loader looks every state-dict key up as a parameter or buffer of its module; a plain
     ``Int8Linear`` writes ``weight_format`` into its state dict without holding it. The marker is always the
     row-major format, so a checkpoint that lacks it still loads.
@@ -59,7 +66,23 @@ class HfInt8Linear(Int8Linear):
 
     def __init__(self, *args, device=None, **kwargs):
         super().__init__(*args, device=device, **kwargs)
+        for name in (WEIGHT, SCALE):
+            tensor = self._buffers.pop(name)
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
         self.register_buffer(FORMAT, format_marker(device))
+
+    def _apply(self, fn, recurse=True):
+        # as Int8Linear: casts (.half()) leave the fp32 scale alone; it is a parameter here, so rebuild it as one
+        scale = self._parameters.pop("SCB")
+        try:
+            nn.Module._apply(self, fn, recurse)
+        finally:
+            self._parameters["SCB"] = scale
+        moved = fn(scale.detach())
+        if moved.dtype != torch.float32:
+            moved = scale.detach().to(moved.device)
+        self._parameters["SCB"] = nn.Parameter(moved, requires_grad=False)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -73,14 +96,15 @@ class HfInt8Linear(Int8Linear):
 class Int8MMHfQuantizer(HfQuantizer):
     """Quantizes a transformers model to int8mm's ``Int8Linear`` while ``from_pretrained`` loads it.
 
-    A float checkpoint: the model is built on meta, its Linear (and ``Conv1D``) layers become empty
-    ``HfInt8Linear``, and each weight is quantized as the loader materializes it on its target device. A
-    checkpoint saved in 8 bits (int8mm or bitsandbytes layout) maps key for key onto the same layers.
+    A float checkpoint: the model is built on meta, the layers ``int8mm.selection`` picks (as every other way
+    in does) become empty ``HfInt8Linear``, and each weight is quantized, a block of rows at a time, as the loader
+    materializes it on its target device; the pages of the memory-mapped float weight are handed back to the OS
+    once it is quantized, so the load peaks near the size of the 8-bit model. A checkpoint saved in 8 bits
+    (int8mm or bitsandbytes layout) maps key for key onto the same layers.
 
-    ``device_map=None`` loads on the CPU, as transformers does without a quantizer. Layers that a dict
-    ``device_map`` sends to ``"disk"`` stay in full precision when quantizing on load (transformers' disk offload
-    would keep serving the checkpoint's float weight); with ``device_map="auto"`` that may offload to disk, pass
-    ``offload_buffers=False`` (the default), as the int8 weights are buffers.
+    ``device_map=None`` loads on the CPU, as transformers does without a quantizer. Any ``device_map`` (dict or
+    ``"auto"``, with ``"disk"``) and either ``offload_buffers`` work: what goes to the disk or CPU is the int8
+    weight and its scale.
     """
 
     requires_calibration = False
@@ -93,6 +117,7 @@ class Int8MMHfQuantizer(HfQuantizer):
         self.transposed: dict[str, bool] = {}
         self.checkpoint_files: list[str] = []
         self.headers: dict = {}  # the checkpoint's safetensors headers, checked before loading
+        self.load_dtype = None  # the dtype transformers materializes float weights in, before they are quantized
 
     @property
     def quantized_element_size(self) -> float:
@@ -113,34 +138,22 @@ class Int8MMHfQuantizer(HfQuantizer):
         except AttributeError:
             return False
 
+    def update_dtype(self, dtype):
+        self.load_dtype = dtype  # float weights are cast to it before they are quantized
+        return dtype
+
     def _process_model_before_weight_loading(self, model, device_map=None, checkpoint_files=None, **kwargs):
-        skip = list(self.quantization_config.skip_modules)
-        if not self.pre_quantized:  # an 8-bit checkpoint's saved list already says which layers are int8
-            skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        # a Linear tied to an embedding keeps the embedding's float weight (the usual lm_head)
-        tied = getattr(model, "all_tied_weights_keys", None) or {}
-        skip += [key.rpartition(".")[0] for pair in tied.items() for key in pair if "." in key]
-        on_disk = self._layers_sent_to_disk(model, device_map)
-        if on_disk:
-            # transformers' disk offload keeps pointing at the checkpoint's float weight of a layer quantized on
-            # load, so those layers stay in full precision; the saved config names them, so that loading the
-            # saved checkpoint builds the same layers
-            self.quantization_config = copy.deepcopy(self.quantization_config)
-            self.quantization_config.skip_modules = list(self.quantization_config.skip_modules) + on_disk
-        self.transposed = replace_linears_on_meta(model, self.quantization_config.threshold, skip + on_disk,
-                                                  linear_cls=HfInt8Linear)
+        # one rule for every way in (int8mm.selection); a saved 8-bit checkpoint's list is explicit, so the same
+        # layers come back. The config saved with the model names what was kept, filter_fn's choices included.
+        self.transposed, selection = replace_linears_on_meta(model, self.quantization_config,
+                                                             linear_cls=HfInt8Linear)
+        self.quantization_config = self.quantization_config.replace(skip_modules=selection.skip_modules,
+                                                                    filter_fn=None)
         # the one checkpoint check, before transformers reads a tensor (it would fail on a truncated file with
         # safetensors' "incomplete metadata", and cast a wrongly typed tensor silently)
         self.checkpoint_files = list(checkpoint_files or [])
         self.headers = check_before_loading(model, self.checkpoint_files, self.pre_quantized, self.transposed)
         return model
-
-    def _layers_sent_to_disk(self, model, device_map) -> list[str]:
-        if self.pre_quantized or not isinstance(device_map, dict):
-            return []
-        roots = [key for key, device in device_map.items() if device == DISK]
-        return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-                and any(root == "" or name == root or name.startswith(root + ".") for root in roots)]
 
     def get_new_dtype(self, converter, param, dtype):
         new_dtype = super().get_new_dtype(converter, param, dtype)
@@ -152,11 +165,19 @@ class Int8MMHfQuantizer(HfQuantizer):
         return new_dtype
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        # transformers fills a tensor the checkpoint lacks with uninitialized memory (an int8 buffer has no init),
+        # transformers fills a tensor the checkpoint lacks with uninitialized memory (an int8 tensor has no init),
         # and marks every tensor it loaded with _is_hf_initialized: an unmarked weight or scale was missing
         check_after_loading(model, self.headers, self.checkpoint_files, self.pre_quantized,
                             was_loaded=lambda tensor: not tensor.is_meta and getattr(tensor, "_is_hf_initialized",
                                                                                      False))
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                for param in (module.weight, module.SCB):  # the loader makes float parameters trainable
+                    param.requires_grad_(False)
+        if not self.pre_quantized:
+            # transformers' disk offload index still points at the checkpoint's float weight of layers quantized
+            # on load: write their int8 weights to the offload folder and point the index there
+            requantize_offloaded_weights(model, self.transposed, self.load_dtype)
         return model
 
     def get_quantize_ops(self):
@@ -199,10 +220,11 @@ def _quantize_op_class():
             (key, value), = input_dict.items()
             value = value[0] if isinstance(value, list) else value
             prefix = key.rpartition(".")[0]
-            if self.hf_quantizer.transposed.get(prefix, False):
-                value = value.t()  # Conv1D stores [in, out]
-            q_w, s_w = quantize_weight(value.contiguous(), name=key)
-            return {key: q_w, f"{prefix}.SCB": s_w, f"{prefix}.{FORMAT}": format_marker(q_w.device)}
+            source = value.t() if self.hf_quantizer.transposed.get(prefix, False) else value  # Conv1D: [in, out]
+            dtype = value.dtype if value.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+            q_w, s_w = quantize_in_blocks(source, value.device, dtype, key)
+            release_file_pages(value)  # a view of transformers' file mapping: give its pages back
+            return {key: q_w, f"{prefix}.{SCALE}": s_w, f"{prefix}.{FORMAT}": format_marker(q_w.device)}
 
     return Int8MMQuantize
 

@@ -12,32 +12,28 @@ import dataclasses
 import os
 import weakref
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .._constants import DEFAULT_THRESHOLD
 from ..backends import Backend
-from ..functional import _check_threshold, quantize_weight
-from ..model import DEFAULT_SKIP_MODULES, matches_skip
-from ..weight_format import check_format_value, check_int8_values
+from ..config import Int8MMConfig, resolve_config
+from ..model import record_config
+from ..selection import matches_skip
 from .device_map import DISK, _accelerate_map, _names_on, _place_leftover_buffers, normalize_device_map
 from .errors import CheckpointError
-from .linear_swap import _check_names, replace_linears_on_meta
+from .linear_swap import replace_linears_on_meta
 from .model_source import _resolve_source, saved_quantization
-from .plan import _plan, _Task
+from .plan import _plan
 from .safetensors_files import _Entry, _MappedFile, read_headers
+from .tasks import Destination, LoadTask
 
 # not used here, but importable from int8mm.loading as before the split (the integrations and tests use them)
 from .device_map import device_for
-from .linear_swap import eligible_linears
 from .safetensors_files import (_ST_DTYPES, INDEX_FILE, SINGLE_FILE, checkpoint_files,
                                 read_safetensors_header)
-
-# rows of a weight read, quantized and released at a time: small next to any layer worth streaming
-BLOCK_BYTES = 2**18
-
 
 # ---------------------------------------------------------------- public entry point
 def load_in_8bit(
@@ -46,6 +42,8 @@ def load_in_8bit(
     threshold: float | None = None,
     skip_modules: Iterable[str] | None = None,
     *,
+    config: Int8MMConfig | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     backend: Backend | str | None = None,
     dtype: torch.dtype | None = None,
     offload_folder: str | os.PathLike | None = None,
@@ -54,8 +52,9 @@ def load_in_8bit(
 ) -> nn.Module:
     """Load a model with every eligible Linear in 8 bits, quantizing while the checkpoint streams in.
 
-    The model is built on the meta device (``accelerate.init_empty_weights``), its ``nn.Linear`` (and
-    transformers ``Conv1D``) layers are swapped for empty ``Int8Linear``, and the safetensors shards are read
+    The model is built on the meta device (``accelerate.init_empty_weights``), the ``nn.Linear`` (and
+    transformers ``Conv1D``) layers that ``int8mm.selection`` picks (as for ``quantize_model``,
+    ``attach_int8_hooks`` and ``from_pretrained``) are swapped for empty ``Int8Linear``, and the safetensors shards are read
     through a memory map one tensor at a time: a float Linear weight is quantized block by block on its target
     device, an int8 one (an int8mm or bitsandbytes checkpoint: ``weight``, ``SCB``, ``weight_format``) is copied
     as is, every other tensor is copied (cast to the model's dtype). Peak memory, both process RSS and device
@@ -72,11 +71,13 @@ def load_in_8bit(
             ``infer_auto_device_map`` on the already-int8 model). More than one device, or ``"disk"``, dispatches
             the model with accelerate's hooks (``dispatch_model``, buffers offloaded too, as the int8 weights are
             buffers).
-        threshold: outlier threshold of every Int8Linear (a number >= 0). None: the one an 8-bit checkpoint
-            (int8mm or bitsandbytes) was saved with, else 6.0.
-        skip_modules: module names or name suffixes kept in full precision. None: the list an 8-bit
-            checkpoint was saved with; else ``("lm_head",)`` plus the model's ``_keep_in_fp32_modules`` (as
-            transformers does), which are kept in full precision whenever the checkpoint is a float one.
+        threshold: outlier threshold of every Int8Linear (a number >= 0). None: ``config``'s; without a
+            config, the one an 8-bit checkpoint (int8mm or bitsandbytes) was saved with, else 6.0.
+        skip_modules: names kept in full precision (see ``Int8MMConfig``). None: ``config``'s if it has one,
+            else the list an 8-bit checkpoint was saved with, else the default rule (output heads).
+        config: the settings (``Int8MMConfig``); ``threshold``, ``skip_modules``, ``filter_fn`` and ``backend``
+            are shortcuts that override its fields.
+        filter_fn: ``filter_fn(module, name) -> bool``; False keeps a layer in full precision.
         backend: backend of every Int8Linear (None: the default at call time).
         dtype: dtype of the tensors kept in floating point (None: the dtype in config.json, else float32).
         offload_folder: where ``"disk"`` modules are written (needed when the device map names the disk).
@@ -93,16 +94,15 @@ def load_in_8bit(
             typed tensors, truncated or unreadable files); the message names the key and the file.
         FileNotFoundError: no checkpoint where one was named.
     """
-    if threshold is not None:
-        threshold = _check_threshold(threshold)
-    if skip_modules is not None:
-        skip_modules = _check_names(skip_modules, "skip_modules")
+    resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
+                   backend=backend)  # every setting checked before anything is read
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     factory, files, config_dir = _resolve_source(model_dir_or_class_and_checkpoint, dtype)
     headers = read_headers(files)
     saved = saved_quantization(config_dir)
-    threshold = threshold if threshold is not None else _check_threshold(saved.get("threshold", DEFAULT_THRESHOLD))
+    config = _settings(config, saved, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
+                       backend=backend)
 
     from accelerate import init_empty_weights
 
@@ -113,48 +113,46 @@ def load_in_8bit(
     if callable(getattr(model, "tie_weights", None)):
         # transformers ties embeddings when it loads weights; tie now, so that a tied Linear is seen as such
         model.tie_weights()
-    skip_modules = _skip_list(model, skip_modules, saved)
     _upcast_keep_in_fp32_modules(model)
-    transposed = replace_linears_on_meta(model, threshold, skip_modules, backend)
+    transposed, selection = replace_linears_on_meta(model, config)
     device_map = normalize_device_map(device_map, model, max_memory=max_memory)
     if DISK in device_map.values():
         if offload_folder is None:
             raise ValueError(f"device_map sends modules to 'disk' ({_names_on(device_map, DISK)}); "
                              f"pass offload_folder= to say where")
-        offload_identity = _offload_identity(files, skip_modules, model)
+        offload_identity = _offload_identity(files, selection.skip_modules, model)
         _check_offload_folder_free(offload_folder, offload_identity)
     plan = _plan(model, transposed, _align_base_model_prefix(headers, model), device_map)
 
-    written: list[Path] = []
+    out = Destination(offload_folder)
     try:
-        offload_index = _stream(plan, files, device_map, offload_folder, written, progress)
+        _stream(plan, files, out, progress)
         _place_leftover_buffers(model, device_map)
         if len(set(device_map.values())) > 1 or DISK in device_map.values():
             from accelerate import dispatch_model
 
             dispatch_model(model, device_map=_accelerate_map(device_map), offload_dir=offload_folder,
-                           offload_index=offload_index or None, offload_buffers=True)
+                           offload_index=out.offload_index or None, offload_buffers=True)
     except BaseException:
-        for path in written:  # nothing half-written stays behind either
+        for path in out.written:  # nothing half-written stays behind either
             path.unlink(missing_ok=True)
         raise
     if DISK in device_map.values():
         _OFFLOAD_FOLDERS_IN_USE[_folder_key(offload_folder)] = (weakref.ref(model), offload_identity)
-    _record_config(model, threshold, skip_modules)
+    record_config(model, config, selection.skip_modules)
     return model.eval()
 
 
-def _skip_list(model: nn.Module, skip_modules: list[str] | None, saved: dict) -> list[str]:
-    """The layers kept in full precision: as asked; else as an 8-bit checkpoint was saved; else the default plus
-    the model's ``_keep_in_fp32_modules`` (the layers transformers keeps in fp32, as its quantizers do)."""
-    if skip_modules is None and "skip_modules" in saved:
-        return _check_names(saved["skip_modules"], "the checkpoint's skip_modules")
-    if skip_modules is None:
-        skip_modules = list(DEFAULT_SKIP_MODULES)
-    if saved:  # an 8-bit checkpoint: its layers are int8 or float as stored
-        return skip_modules
-    keep_fp32 = [name for name in (getattr(model, "_keep_in_fp32_modules", None) or []) if name not in skip_modules]
-    return skip_modules + keep_fp32
+def _settings(config: Int8MMConfig | None, saved: dict, **shortcuts) -> Int8MMConfig:
+    """The settings of this load: what the caller passed wins; what it left unset (no ``config`` and no
+    ``threshold``; a skip list of None) comes from an 8-bit checkpoint's saved settings, else the defaults."""
+    # saved_quantization has checked the saved values (a broken one is a CheckpointError naming config.json)
+    if config is None:
+        config = Int8MMConfig(threshold=saved.get("threshold", DEFAULT_THRESHOLD))
+    config = resolve_config(config, **shortcuts)
+    if config.skip_modules is None and saved.get("skip_modules") is not None:
+        config = config.replace(skip_modules=saved["skip_modules"])
+    return config
 
 
 def _upcast_keep_in_fp32_modules(model: nn.Module) -> None:
@@ -209,12 +207,10 @@ def _check_offload_folder_free(folder, identity: tuple) -> None:
 
 
 # ---------------------------------------------------------------- streaming
-def _stream(tasks: list[_Task], files: list[Path], device_map, offload_folder, written: list[Path],
-            progress: bool) -> dict:
+def _stream(tasks: list[LoadTask], files: list[Path], out: Destination, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    offload_index: dict = {}
-    by_file: dict[Path, list[_Task]] = {}
+    by_file: dict[Path, list[LoadTask]] = {}
     for task in tasks:
         by_file.setdefault(task.entry.path, []).append(task)
     with tqdm(total=len(tasks), unit="tensor", disable=not progress, desc="int8mm load") as bar:
@@ -223,110 +219,11 @@ def _stream(tasks: list[_Task], files: list[Path], device_map, offload_folder, w
             mapped = _MappedFile(path)
             try:
                 for task in by_file.get(path, []):
-                    bar.set_postfix_str(task.entry.key.rpartition(".")[0])
-                    _run(task, mapped, offload_folder, offload_index, written)
+                    bar.set_postfix_str(task.prefix)
+                    task.run(mapped, out)
                     bar.update(1)
             finally:
                 mapped.close()
-    return offload_index
-
-
-def _run(task: _Task, mapped: _MappedFile, offload_folder, offload_index: dict, written: list[Path]) -> None:
-    entry, module = task.entry, task.module
-    to_disk = task.device == DISK
-    device = torch.device("cpu") if to_disk else task.device
-    if task.kind == "quantize":
-        q_w, s_w = _quantize_streamed(mapped, entry, device, task.transposed)
-        values = {"weight": q_w, "SCB": s_w}
-    elif task.kind == "int8":
-        values = {"weight": _copy_streamed(mapped, entry, device, torch.int8)}
-        check_int8_values(entry.key.rpartition(".")[0], str(entry.path), weight=values["weight"])
-    elif task.kind == "scale":
-        values = {"SCB": _copy_streamed(mapped, entry, device, torch.float32)}
-        check_int8_values(entry.key.rpartition(".")[0], str(entry.path), scale=values["SCB"])
-    elif task.kind == "format":
-        check_format_value(int(mapped.view(entry).reshape(-1)[0]), entry.key, str(entry.path))
-        return
-    elif task.kind == "bias":
-        values = {"bias": nn.Parameter(_copy_streamed(mapped, entry, device, task.dtype), requires_grad=False)}
-    else:
-        tensor = _copy_streamed(mapped, entry, device, task.dtype)
-        if to_disk:
-            for name in task.names:
-                _offload(tensor, name, offload_folder, offload_index, written)
-            return
-        value = nn.Parameter(tensor, requires_grad=task.requires_grad) if task.is_param else tensor
-        for owner, attr in task.owners:
-            setattr(owner, attr, value)
-        return
-    prefix = entry.key.rpartition(".")[0]
-    for attr, value in values.items():
-        if to_disk:
-            _offload(value.detach(), f"{prefix}.{attr}", offload_folder, offload_index, written)
-        else:
-            setattr(module, attr, value)
-
-
-def _quantize_streamed(mapped: _MappedFile, entry: _Entry, device, transposed: bool):
-    """Quantize a float weight block by block on ``device``; returns int8 ``[N, K]`` and fp32 ``[N]``."""
-    source = mapped.view(entry)
-    compute_dtype = entry.dtype if entry.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    if transposed:
-        # Conv1D stores [K, N]: a row of the int8 weight is a column here, so take the whole layer once
-        source = source.to(device=device, dtype=compute_dtype).t().contiguous()
-        mapped.release(entry.start, entry.end)
-    n, k = source.shape
-    q_w = torch.empty((n, k), dtype=torch.int8, device=device)
-    s_w = torch.empty((n,), dtype=torch.float32, device=device)
-    row_bytes = k * entry.dtype.itemsize
-    step = max(1, BLOCK_BYTES // max(row_bytes, 1))
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        # on the CPU this is a view of the mapped file: the block is read once, by the quantization itself
-        block = source[lo:hi].to(device=device, dtype=compute_dtype)
-        try:
-            q_w[lo:hi], s_w[lo:hi] = quantize_weight(block, name=f"{entry.path}: {entry.key!r}")
-        except ValueError as exc:  # non-finite values: a checkpoint problem, reported as one
-            raise CheckpointError(str(exc)) from None
-        del block
-        if not transposed:
-            mapped.release(entry.start + lo * row_bytes, entry.start + hi * row_bytes)
-    return q_w, s_w
-
-
-def _copy_streamed(mapped: _MappedFile, entry: _Entry, device, dtype: torch.dtype) -> torch.Tensor:
-    source = mapped.view(entry)
-    target = torch.empty(entry.shape, dtype=dtype, device=device)
-    if source.dim() == 0 or source.shape[0] == 0:
-        target.copy_(source)
-    else:
-        rows = source.shape[0]
-        row_bytes = (entry.end - entry.start) // rows
-        step = max(1, BLOCK_BYTES // max(row_bytes, 1))
-        for lo in range(0, rows, step):
-            hi = min(rows, lo + step)
-            target[lo:hi].copy_(source[lo:hi])
-            mapped.release(entry.start + lo * row_bytes, entry.start + hi * row_bytes)
-    return target
-
-
-def _offload(tensor: torch.Tensor, name: str, folder, index: dict, written: list[Path]) -> None:
-    from accelerate.utils import offload_weight
-
-    os.makedirs(folder, exist_ok=True)
-    path = Path(folder) / f"{name}.dat"
-    if not path.exists():  # a file that was there (same bytes, see _OFFLOAD_FOLDERS_IN_USE) stays on failure
-        written.append(path)
-    offload_weight(tensor, name, str(folder), index=index)
-
-
-def _record_config(model: nn.Module, threshold: float, skip_modules: list[str]) -> None:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return
-    from ..config import Int8MMConfig
-
-    config.quantization_config = Int8MMConfig(threshold=threshold, skip_modules=list(skip_modules))
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from ..devices import default_device
+
 DISK = "disk"
 _AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -22,7 +24,7 @@ def normalize_device_map(device_map, model: nn.Module | None = None, max_memory:
         ValueError: an entry names a device this machine lacks, ``"meta"``, or a module the model lacks.
     """
     if device_map is None:
-        return {"": _default_device()}
+        return {"": default_device()}
     if isinstance(device_map, str) and device_map in _AUTO_MAPS:
         if model is None:
             raise ValueError(f"device_map={device_map!r} needs the model to plan for")
@@ -77,12 +79,6 @@ def _parse_device(device, where: str):
 def _available_devices() -> str:
     found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return ", ".join(found)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def device_for(name: str, device_map: dict):

@@ -1,7 +1,5 @@
 """Planning a load from the headers alone: each checkpoint tensor's task, every key checked against the model."""
 import re
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -11,25 +9,12 @@ from ..weight_format import STATE_DICT_KEYS, check_int8_layout
 from .device_map import DISK, device_for
 from .errors import CheckpointError
 from .safetensors_files import _Entry
-
-
-@dataclass
-class _Task:
-    """What to do with one checkpoint tensor."""
-    entry: _Entry
-    kind: str  # "quantize" | "int8" | "scale" | "format" | "bias" | "tensor"
-    module: nn.Module
-    owners: list[tuple[nn.Module, str]] = field(default_factory=list)  # (module, attribute) to assign to
-    names: list[str] = field(default_factory=list)  # the model-side names (for disk offload)
-    device: Any = None
-    dtype: torch.dtype | None = None
-    transposed: bool = False
-    is_param: bool = False
-    requires_grad: bool = False
+from .tasks import (CheckWeightFormat, CopyBias, CopyInt8Weight, CopyScale, CopyTensor, LoadTask,
+                    QuantizeWeight)
 
 
 def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Entry], device_map: dict):
-    tasks: list[_Task] = []
+    tasks: list[LoadTask] = []
     missing: list[str] = []
     used: set[str] = set()
 
@@ -77,9 +62,9 @@ def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Ent
                 entry.dtype == torch.bool) != (meta.dtype == torch.bool):
             raise CheckpointError(f"{entry.path}: {entry.key!r} has dtype {entry.dtype}, but the model holds "
                                   f"{meta.dtype} there")
-        tasks.append(_Task(entry, "tensor", members[0][1], owners=[(m[1], m[2]) for m in members], names=names,
-                           device=device_for(names[0], device_map), dtype=meta.dtype, is_param=members[0][4],
-                           requires_grad=meta.requires_grad))
+        tasks.append(CopyTensor(entry, device_for(names[0], device_map), owners=[(m[1], m[2]) for m in members],
+                                names=names, dtype=meta.dtype, is_param=members[0][4],
+                                requires_grad=meta.requires_grad))
     if missing:
         files = sorted({str(e.path) for e in headers.values()})
         raise CheckpointError(f"the checkpoint ({', '.join(files)}) lacks {len(missing)} tensor(s) the model "
@@ -99,7 +84,7 @@ def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Ent
     return tasks
 
 
-def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, device, missing) -> list[_Task]:
+def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, device, missing) -> list[LoadTask]:
     n, k = module.out_features, module.in_features
     weight = headers.get(f"{prefix}.weight")
     if weight is None:
@@ -113,15 +98,15 @@ def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, devic
         if scale is not None:
             raise CheckpointError(f"{weight.path}: {prefix}.SCB comes with a float {prefix}.weight; an 8-bit "
                                   f"checkpoint stores that weight as int8")
-        tasks.append(_Task(weight, "quantize", module, device=device, transposed=transposed))
+        tasks.append(QuantizeWeight(weight, device, module=module, transposed=transposed))
     elif weight.dtype == torch.int8:
         if scale is None:
             missing.append(f"{prefix}.SCB")
             return []
         check_int8_layout(prefix, n, k, weight=weight, scale=scale, fmt=fmt)
-        tasks += [_Task(weight, "int8", module, device=device), _Task(scale, "scale", module, device=device)]
+        tasks += [CopyInt8Weight(weight, device, module=module), CopyScale(scale, device, module=module)]
         if fmt is not None:
-            tasks.append(_Task(fmt, "format", module, device=device))
+            tasks.append(CheckWeightFormat(fmt, device))
     else:
         raise CheckpointError(f"{weight.path}: {prefix}.weight has dtype {weight.dtype}; an Int8Linear takes a "
                               f"float weight (quantized on load) or an int8 one with its SCB")
@@ -136,7 +121,7 @@ def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, devic
             _check_shape(bias, (n,))
             if not bias.dtype.is_floating_point:
                 raise CheckpointError(f"{bias.path}: {prefix}.bias must be float, got {bias.dtype}")
-            tasks.append(_Task(bias, "bias", module, device=device, dtype=module.bias.dtype))
+            tasks.append(CopyBias(bias, device, module=module, dtype=module.bias.dtype))
     elif bias is not None:
         raise CheckpointError(f"{bias.path}: holds {prefix}.bias, but that layer of the model has no bias")
     return tasks
