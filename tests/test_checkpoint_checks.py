@@ -70,7 +70,7 @@ def test_truncated_float_checkpoint(family, tmp_path):
         type(model).from_pretrained(tmp_path, quantization_config=Int8MMConfig())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "classifier"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "t5", "classifier"])
 def test_truncated_8bit_checkpoint(family, tmp_path):
     model = type(tiny_model(family)).from_pretrained(_saved(family, tmp_path / "float"),
                                                      quantization_config=Int8MMConfig())
