@@ -15,7 +15,7 @@ from torch import nn
 
 from ._constants import DEFAULT_THRESHOLD
 from .backends import Backend, parse_backend
-from .functional import _check_threshold
+from .functional import check_threshold
 
 QUANT_METHOD = "int8mm"
 # kept in full precision when no skip list is given (besides the output heads a transformers model declares)
@@ -147,7 +147,7 @@ def _check_backend(backend) -> Backend | None:
     return None if backend is None else parse_backend(backend)
 
 
-_CHECKS = {"threshold": _check_threshold, "skip_modules": _check_skip_modules, "filter_fn": _check_filter_fn,
+_CHECKS = {"threshold": check_threshold, "skip_modules": _check_skip_modules, "filter_fn": _check_filter_fn,
            "backend": _check_backend}
 
 

@@ -51,7 +51,7 @@ def quantize_activations(
         Building ``outlier_cols`` reads the count on the host; the fused ``int8_linear`` never does.
     """
     _check_float(x, "x", ACTIVATION_DTYPES)
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     x2 = _flatten(x)
     _check_k(x2.shape[1], "x")
     impl = backend_for(backend, x.device, x2.shape[0] <= DECODE_MAX_M)
@@ -137,7 +137,7 @@ def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor 
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         _check_same_device(q_w, "q_w", bias, "bias")
-    return _check_threshold(threshold)
+    return check_threshold(threshold)
 
 
 def int8_linear_of_checked_layer(
@@ -201,7 +201,8 @@ def _check_k(k: int, arg: str, limit: int = MAX_EXACT_K) -> None:
         )
 
 
-def _check_threshold(threshold) -> float:
+def check_threshold(threshold) -> float:
+    """``threshold`` as a float; TypeError unless it is a real number, ValueError if it is negative or NaN."""
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # numpy scalars are Real too
         raise TypeError(f"threshold must be a number, got {type(threshold).__name__}: {threshold!r}")
     threshold = float(threshold)

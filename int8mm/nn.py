@@ -29,7 +29,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.threshold = F8._check_threshold(threshold)
+        self.threshold = F8.check_threshold(threshold)
         self.backend = parse_backend(backend) if backend is not None else None
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.zeros(out_features, dtype=torch.float32, device=device))

@@ -316,7 +316,7 @@ def _header_keys(path: Path) -> dict:
     return {key: _ST_NAMES[entry.dtype] for key, entry in loading.read_safetensors_header(path).items()}
 
 
-_ST_NAMES = {v: k for k, v in loading._ST_DTYPES.items()}
+_ST_NAMES = {v: k for k, v in loading.ST_DTYPES.items()}
 
 
 # ---- peak memory ----

@@ -53,7 +53,7 @@ class Int8Hook(ModelHook):
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None,
                  name: str | None = None):
-        self.threshold = F8._check_threshold(threshold)
+        self.threshold = F8.check_threshold(threshold)
         self.backend = parse_backend(backend) if backend is not None else None
         self.name = name
         self._float_forward = None

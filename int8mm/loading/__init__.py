@@ -22,17 +22,17 @@ from ..backends import Backend
 from ..config import Int8MMConfig, resolve_config
 from ..model import record_config
 from ..selection import matches_skip
-from .device_map import DISK, _accelerate_map, _names_on, _place_leftover_buffers, normalize_device_map
+from .device_map import DISK, accelerate_map, names_on, place_leftover_buffers, normalize_device_map
 from .errors import CheckpointError
 from .linear_swap import replace_linears_on_meta
-from .model_source import _resolve_source, saved_quantization
-from .plan import _plan
-from .safetensors_files import _Entry, _MappedFile, read_headers
+from .model_source import resolve_source, saved_quantization
+from .plan import plan_load
+from .safetensors_files import HeaderEntry, MappedFile, read_headers
 from .tasks import Destination, LoadTask
 
 # not used here, but importable from int8mm.loading as before the split (the integrations and tests use them)
 from .device_map import device_for
-from .safetensors_files import (_ST_DTYPES, INDEX_FILE, SINGLE_FILE, checkpoint_files,
+from .safetensors_files import (ST_DTYPES, INDEX_FILE, SINGLE_FILE, checkpoint_files,
                                 read_safetensors_header)
 
 # ---------------------------------------------------------------- public entry point
@@ -98,7 +98,7 @@ def load_in_8bit(
                    backend=backend)  # every setting checked before anything is read
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    factory, files, config_dir = _resolve_source(model_dir_or_class_and_checkpoint, dtype)
+    factory, files, config_dir = resolve_source(model_dir_or_class_and_checkpoint, dtype)
     headers = read_headers(files)
     saved = saved_quantization(config_dir)
     config = _settings(config, saved, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
@@ -118,20 +118,20 @@ def load_in_8bit(
     device_map = normalize_device_map(device_map, model, max_memory=max_memory)
     if DISK in device_map.values():
         if offload_folder is None:
-            raise ValueError(f"device_map sends modules to 'disk' ({_names_on(device_map, DISK)}); "
+            raise ValueError(f"device_map sends modules to 'disk' ({names_on(device_map, DISK)}); "
                              f"pass offload_folder= to say where")
         offload_identity = _offload_identity(files, selection.skip_modules, model)
         _check_offload_folder_free(offload_folder, offload_identity)
-    plan = _plan(model, transposed, _align_base_model_prefix(headers, model), device_map)
+    plan = plan_load(model, transposed, _align_base_model_prefix(headers, model), device_map)
 
     out = Destination(offload_folder)
     try:
         _stream(plan, files, out, progress)
-        _place_leftover_buffers(model, device_map)
+        place_leftover_buffers(model, device_map)
         if len(set(device_map.values())) > 1 or DISK in device_map.values():
             from accelerate import dispatch_model
 
-            dispatch_model(model, device_map=_accelerate_map(device_map), offload_dir=offload_folder,
+            dispatch_model(model, device_map=accelerate_map(device_map), offload_dir=offload_folder,
                            offload_index=out.offload_index or None, offload_buffers=True)
     except BaseException:
         for path in out.written:  # nothing half-written stays behind either
@@ -166,7 +166,7 @@ def _upcast_keep_in_fp32_modules(model: nn.Module) -> None:
             module.to(torch.float32)
 
 
-def _align_base_model_prefix(headers: dict[str, _Entry], model: nn.Module) -> dict[str, _Entry]:
+def _align_base_model_prefix(headers: dict[str, HeaderEntry], model: nn.Module) -> dict[str, HeaderEntry]:
     """Checkpoints of a transformers base model (``h.0...``) load into its head model (``transformer.h.0...``), as
     transformers does: the keys gain the model's ``base_model_prefix`` where only the prefixed name exists."""
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -216,7 +216,7 @@ def _stream(tasks: list[LoadTask], files: list[Path], out: Destination, progress
     with tqdm(total=len(tasks), unit="tensor", disable=not progress, desc="int8mm load") as bar:
         for number, path in enumerate(files, start=1):
             bar.set_description(f"{path.name} ({number}/{len(files)})")
-            mapped = _MappedFile(path)
+            mapped = MappedFile(path)
             try:
                 for task in by_file.get(path, []):
                     bar.set_postfix_str(task.prefix)

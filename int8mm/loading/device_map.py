@@ -93,16 +93,16 @@ def device_for(name: str, device_map: dict):
     return best[1]
 
 
-def _names_on(device_map: dict, device) -> str:
+def names_on(device_map: dict, device) -> str:
     return ", ".join(repr(k) for k, v in device_map.items() if v == device)
 
 
-def _accelerate_map(device_map: dict) -> dict:
+def accelerate_map(device_map: dict) -> dict:
     # accelerate recognises "cpu" and "disk" by string comparison
     return {k: v if v == DISK else ("cpu" if v.type == "cpu" else str(v)) for k, v in device_map.items()}
 
 
-def _place_leftover_buffers(model: nn.Module, device_map: dict) -> None:
+def place_leftover_buffers(model: nn.Module, device_map: dict) -> None:
     # buffers that init_empty_weights built for real (rotary tables, ...) on the CPU follow their module
     for name, module in model.named_modules():
         for attr, buf in module._buffers.items():

@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 from .safetensors_files import checkpoint_files
 
 
-def _resolve_source(source, dtype) -> tuple[Callable[[], nn.Module], list[Path], Path | None]:
+def resolve_source(source, dtype) -> tuple[Callable[[], nn.Module], list[Path], Path | None]:
     """``(model factory, checkpoint files, directory of the config.json or None)``."""
     if isinstance(source, (str, os.PathLike)):
         directory = Path(source)

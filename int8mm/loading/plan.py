@@ -8,12 +8,12 @@ from ..nn import Int8Linear
 from ..weight_format import STATE_DICT_KEYS, check_int8_layout
 from .device_map import DISK, device_for
 from .errors import CheckpointError
-from .safetensors_files import _Entry
+from .safetensors_files import HeaderEntry
 from .tasks import (CheckWeightFormat, CopyBias, CopyInt8Weight, CopyScale, CopyTensor, LoadTask,
                     QuantizeWeight)
 
 
-def _plan(model: nn.Module, transposed: dict[str, bool], headers: dict[str, _Entry], device_map: dict):
+def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, HeaderEntry], device_map: dict):
     tasks: list[LoadTask] = []
     missing: list[str] = []
     used: set[str] = set()
@@ -127,7 +127,7 @@ def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, devic
     return tasks
 
 
-def _check_shape(entry: _Entry, expected: tuple[int, ...]) -> None:
+def _check_shape(entry: HeaderEntry, expected: tuple[int, ...]) -> None:
     if entry.shape != tuple(expected):
         raise CheckpointError(f"{entry.path}: {entry.key!r} has shape {list(entry.shape)}, but the model "
                               f"expects {list(expected)}")

@@ -15,7 +15,7 @@ SINGLE_FILE = "model.safetensors"
 # also releases this much before it, or pages of finished blocks would creep back into the resident set
 _FAULT_AROUND_MARGIN = 2**20
 _HEADER_LIMIT = 100 * 2**20  # the safetensors format caps its JSON header at 100 MB
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -23,7 +23,7 @@ _ST_DTYPES = {
 
 
 @dataclass(frozen=True)
-class _Entry:
+class HeaderEntry:
     """One tensor of a safetensors file: its dtype, shape and absolute byte range."""
     path: Path
     key: str
@@ -66,7 +66,7 @@ def checkpoint_files(checkpoint) -> list[Path]:
     return files
 
 
-def read_safetensors_header(path: Path) -> dict[str, _Entry]:
+def read_safetensors_header(path: Path) -> dict[str, HeaderEntry]:
     """Parse and check the header of one safetensors file (no tensor data is read).
 
     Raises:
@@ -95,9 +95,9 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
             begin, end = (int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for {key!r}: {info!r}") from None
-        if dtype_name not in _ST_DTYPES:
+        if dtype_name not in ST_DTYPES:
             raise CheckpointError(f"{path}: {key!r} has dtype {dtype_name!r}, which int8mm cannot read")
-        dtype = _ST_DTYPES[dtype_name]
+        dtype = ST_DTYPES[dtype_name]
         nbytes = math.prod(shape) * dtype.itemsize
         if begin < 0 or end - begin != nbytes:
             raise CheckpointError(f"{path}: {key!r} spans bytes [{begin}, {end}) but {dtype_name} {list(shape)} "
@@ -105,17 +105,17 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
         if base + end > size:
             raise CheckpointError(f"{path} is truncated: {key!r} ends at byte {base + end} but the file has "
                                   f"{size} bytes")
-        entries[key] = _Entry(path, key, dtype, shape, base + begin, base + end)
+        entries[key] = HeaderEntry(path, key, dtype, shape, base + begin, base + end)
     return entries
 
 
-def read_headers(files: list[Path]) -> dict[str, _Entry]:
+def read_headers(files: list[Path]) -> dict[str, HeaderEntry]:
     """The checked headers of all ``files``, merged by key.
 
     Raises:
         CheckpointError: a truncated or unreadable file, or a key stored in two files.
     """
-    merged: dict[str, _Entry] = {}
+    merged: dict[str, HeaderEntry] = {}
     for file in files:
         for key, entry in read_safetensors_header(file).items():
             if key in merged:
@@ -124,7 +124,7 @@ def read_headers(files: list[Path]) -> dict[str, _Entry]:
     return merged
 
 
-class _MappedFile:
+class MappedFile:
     """A memory map of one safetensors file: tensor views in, resident pages back out."""
 
     def __init__(self, path: Path):
@@ -133,7 +133,7 @@ class _MappedFile:
             # a private (copy-on-write) map is writable, which torch.frombuffer wants; nothing ever writes to it
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
-    def view(self, entry: _Entry) -> torch.Tensor:
+    def view(self, entry: HeaderEntry) -> torch.Tensor:
         count = math.prod(entry.shape)
         if count == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)

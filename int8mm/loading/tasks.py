@@ -14,7 +14,7 @@ from ..nn import Int8Linear
 from ..weight_format import check_format_value, check_int8_values
 from .device_map import DISK
 from .errors import CheckpointError
-from .safetensors_files import _Entry, _MappedFile
+from .safetensors_files import HeaderEntry, MappedFile
 
 # rows of a weight read, quantized and released at a time: small next to any layer worth streaming
 BLOCK_BYTES = 2**18
@@ -50,7 +50,7 @@ class Destination:
 @dataclass
 class LoadTask:
     """One checkpoint tensor (``entry``) and the device its module goes to (a ``torch.device`` or ``"disk"``)."""
-    entry: _Entry
+    entry: HeaderEntry
     device: Any
 
     @property
@@ -62,7 +62,7 @@ class LoadTask:
     def prefix(self) -> str:
         return self.entry.key.rpartition(".")[0]
 
-    def run(self, mapped: _MappedFile, out: Destination) -> None:
+    def run(self, mapped: MappedFile, out: Destination) -> None:
         raise NotImplementedError
 
 
@@ -139,7 +139,7 @@ class CopyTensor(LoadTask):
 
 
 # ---------------------------------------------------------------- streaming reads
-def _quantize_streamed(mapped: _MappedFile, entry: _Entry, device, transposed: bool):
+def _quantize_streamed(mapped: MappedFile, entry: HeaderEntry, device, transposed: bool):
     """Quantize a float weight block by block on ``device``; returns int8 ``[N, K]`` and fp32 ``[N]``."""
     source = mapped.view(entry)
     compute_dtype = entry.dtype if entry.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
@@ -181,7 +181,7 @@ def quantize_in_blocks(source: torch.Tensor, device, compute_dtype: torch.dtype,
     return q_w, s_w
 
 
-def _copy_streamed(mapped: _MappedFile, entry: _Entry, device, dtype: torch.dtype) -> torch.Tensor:
+def _copy_streamed(mapped: MappedFile, entry: HeaderEntry, device, dtype: torch.dtype) -> torch.Tensor:
     source = mapped.view(entry)
     target = torch.empty(entry.shape, dtype=dtype, device=device)
     if source.dim() == 0 or source.shape[0] == 0:
