@@ -32,8 +32,9 @@ def register(subparsers) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the 8-bit checkpoint (new or empty)")
     parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold stored in the config "
                                                                      "(default 6.0)")
-    parser.add_argument("--skip", nargs="+", default=["lm_head"], metavar="MODULE",
-                        help="modules kept in full precision (default lm_head)")
+    parser.add_argument("--skip", nargs="+", default=None, metavar="MODULE",
+                        help="modules kept in full precision (default: the model's output heads, such as lm_head "
+                             "or a classifier's score)")
     parser.add_argument("--bitsandbytes-config", action="store_true",
                         help="write bitsandbytes' 8-bit quantization_config (loadable without int8mm)")
     add_threads_argument(parser)
@@ -64,7 +65,9 @@ def _write(model, source: Path, out: Path, threshold: float, args) -> None:
     if args.bitsandbytes_config:
         config_path = out / "config.json"
         saved = json.loads(config_path.read_text(encoding="utf-8"))
-        saved["quantization_config"] = bitsandbytes_quantization_config(threshold, list(args.skip))
+        # the layers that save_pretrained's int8mm config says were kept, so bitsandbytes builds the same model
+        skip = list(saved["quantization_config"]["skip_modules"])
+        saved["quantization_config"] = bitsandbytes_quantization_config(threshold, skip)
         config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
 
 
@@ -74,7 +77,8 @@ def run(args) -> int:
     threshold = checked_threshold(args.threshold)
     try:
         apply_threads(args)
-        config = Int8MMConfig(threshold=threshold, skip_modules=list(args.skip))
+        # no --skip: the default rule (int8mm.selection), which keeps each model's own output heads
+        config = Int8MMConfig(threshold=threshold, skip_modules=list(args.skip) if args.skip is not None else None)
     except (TypeError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
