@@ -4,6 +4,8 @@ Quantized values and scales must be the reference's bit for bit (the same fp32 m
 int32 products exact; outputs within SPEC tolerances. The shapes walk the fused GEMV's edges: rows in blocks
 of four, K around the 64-byte vector, M at the fused/GEMM boundary (16/17).
 """
+import platform
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ import int8mm
 from helpers import FLOAT_DTYPES, INT8_MAX, assert_output_close, planted_outliers, random_weight
 from int8mm import Backend, _ops
 from int8mm.backends import cpu as cpu_backend
+from int8mm.backends import cpu_build
 
 THRESHOLD = 6.0
 
@@ -141,3 +144,21 @@ def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
         cpu_backend.library.cache_clear()
         cpu_backend.library_available.cache_clear()
     assert cpu_backend.library_available()
+
+
+def test_the_portable_gemv_matches_too(monkeypatch, tmp_path):
+    """Built for a CPU without AVX-512 (x86-64-v3) the fused GEMV takes its plain C loop: same results."""
+    march = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"  # elsewhere native is plain C
+    monkeypatch.setenv("INT8MM_CPU_LIB", str(cpu_build.build(tmp_path, march=march)))
+    cpu_backend.library.cache_clear()
+    try:
+        for m, k in ((1, 65), (5, 130), (16, 576)):
+            x = planted_outliers(m, k, seed=m)
+            q_w, s_w = int8mm.quantize_weight(random_weight(33, k))
+            ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, THRESHOLD)
+            assert_output_close(got, ref)
+            x0 = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+            assert torch.equal(*_both(_ops.int8_linear, x0, q_w, s_w, None, 0.0))
+    finally:
+        monkeypatch.undo()
+        cpu_backend.library.cache_clear()

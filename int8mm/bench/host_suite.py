@@ -17,7 +17,9 @@ from torch import nn
 from .. import functional as F8
 from ..backends import DECODE_MAX_M, backend_for, registry
 from ..nn import Int8Linear
+from .ceilings import baseline_float_dtype
 from .environment import run_metadata
+from .providers import benchmark_backends
 from .report import markdown_table
 
 # the issue's budget for the framework's share of one call, in microseconds
@@ -42,9 +44,10 @@ def run_host_suite(device: torch.device, config: HostSuiteConfig | None = None) 
     backend minus the stand-in alone. Returns ``{"meta": ..., "rows": [...], "overhead_us": ...}``."""
     config = config or HostSuiteConfig()
     torch.manual_seed(0)
-    linear = nn.Linear(SHAPE_K, SHAPE_N, device=device)
+    dtype = baseline_float_dtype(device)  # fp16 on a GPU, fp32 on CPU
+    linear = nn.Linear(SHAPE_K, SHAPE_N, device=device, dtype=dtype)
     layer = Int8Linear.from_linear(linear).eval()
-    x = torch.randn(SHAPE_M, SHAPE_K, device=device, dtype=linear.weight.dtype)
+    x = torch.randn(SHAPE_M, SHAPE_K, device=device, dtype=dtype)
     preallocated = torch.empty(SHAPE_M, SHAPE_N, device=device, dtype=x.dtype)
     backend = backend_for(None, device, SHAPE_M <= DECODE_MAX_M)
     identity = nn.Identity()
@@ -64,10 +67,10 @@ def run_host_suite(device: torch.device, config: HostSuiteConfig | None = None) 
         "Int8Linear, stand-in backend": loop(layer, x),
         "int8mm.int8_linear, stand-in backend": loop(F8.int8_linear, x, layer.weight, layer.SCB, layer.bias),
     }
-    real = {
-        f"Int8Linear, {backend} backend": loop(layer, x),
-        f"{str(linear.weight.dtype).replace('torch.', '')} F.linear": loop(F.linear, x, linear.weight, linear.bias),
-    }
+    real = {}
+    for each in benchmark_backends(device):  # every backend that runs natively here (not interpreted Triton)
+        real[f"Int8Linear, {each.value} backend"] = loop(Int8Linear.from_linear(linear, backend=each).eval(), x)
+    real[f"{str(dtype).replace('torch.', '')} F.linear"] = loop(F.linear, x, linear.weight, linear.bias)
     with torch.inference_mode():
         with registry.replaced(backend, "int8_linear", stand_in):
             stand_in_timings = _time(entries, config, device)
