@@ -296,6 +296,19 @@ def test_a_delta_below_the_int8_step_is_reported_not_dropped_silently():
     assert large.merge_error < 0.1
 
 
+def test_merging_into_a_layer_that_shares_its_int8_weight_leaves_the_other_layer_alone():
+    torch.manual_seed(0)
+    first, second = nn.Linear(16, 8), nn.Linear(16, 8)
+    second.weight = first.weight  # two Linears sharing one weight: quantize_model shares the int8 buffers too
+    model = int8mm.quantize_model(nn.ModuleDict({"a": first, "b": second}))
+    assert model["a"].weight is model["b"].weight
+    q_b = model["b"].weight.clone()
+    peft_model = int8mm_peft.get_peft_model(model, LoraConfig(r=2, target_modules=["a"], init_lora_weights=False))
+    peft_model.base_model.model["a"].merge()
+    assert torch.equal(model["b"].weight, q_b)
+    assert not torch.equal(peft_model.base_model.model["a"].get_base_layer().weight, q_b)
+
+
 # ---- the transformers path (HfInt8Linear) ----
 def test_lora_on_a_model_loaded_by_from_pretrained(tmp_path):
     tiny_llama().save_pretrained(tmp_path)

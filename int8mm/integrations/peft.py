@@ -68,8 +68,9 @@ class Int8LoraLinear(LoraLinear):
     The forward and the adapters are peft's; the base layer stays int8 and frozen (its backward gives the input
     gradient through the de-quantized weight). Merging and unmerging re-quantize the weight (see the module
     docstring); ``merge_error`` is then ``||realized change - delta|| / ||delta||`` of the last merge or
-    unmerge (0 for a well-carried delta, 1 for one lost in rounding), and a merge warns from 0.5 on. Plain LoRA only: LoRA variants (DoRA, aLoRA, ...) and initialisations that read the base weight
-    are refused when the adapter is created.
+    unmerge (0 for a well-carried delta, 1 for one lost in rounding), and a merge warns from 0.5 on.
+    Plain LoRA only: LoRA variants (DoRA, aLoRA, ...) and initialisations that read the base weight are refused
+    when the adapter is created.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
@@ -149,8 +150,9 @@ class Int8LoraLinear(LoraLinear):
                              f"(NaN/Inf): the adapter seems broken; the layer was left unchanged")
         q_w, s_w = quantize_weight(weight, name=f"{action} adapter(s) {adapter_names}")
         before = base.dequantize()
-        base.weight.copy_(q_w)
-        base.SCB.copy_(s_w)
+        # new tensors, not copies into the old ones: another layer may share this int8 weight (quantize_model
+        # shares the buffers of Linears that shared a weight) and must keep it
+        base.weight, base.SCB = q_w, s_w
         # how much of the delta the int8 weight carries: rounding to the int8 grid keeps a delta well above the
         # step and drops one well below it, so report rather than drop silently
         delta_norm = float(delta.norm())
