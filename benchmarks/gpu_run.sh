@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script a lent GPU machine runs: GPU tests, compute-sanitizer on the CUDA backend, the side-by-side
 # benchmark; everything lands under $OUT as it goes (one log per stage).
-# Here, first: ../shared/tools/device-site.sh .devsite setuptools==84.2.1; make cuda. Carry .devsite and
+# Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh
 set -uo pipefail
 export PYTHONPATH="$PWD/.devsite:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -89,7 +89,7 @@ def int8_linear(
 ) -> torch.Tensor:
     """The fused LLM.int8() linear: ``y = x @ W.T + b`` with int8 weights and outlier decomposition.
 
-    ``y = (q_x @ q_w.T) * s_x * s_w / 127^2 + x[:, O] @ (q_w[:, O] * s_w / 127).T + b`` (SPEC.md), with
+    ``y = (q_x @ q_w.T) * s_x * s_w / 127^2 + x[:, O] @ (q_w[:, O] * s_w / 127).T + b`` (docs/SPEC.md), with
     int32 accumulation of the int8 part and fp32 for the rest. Never synchronises with the host on a GPU
     backend.
 

@@ -98,7 +98,7 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, threshold={self.threshold}, backend={backend}")
 
     def _apply(self, fn, recurse=True):
-        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (SPEC.md)
+        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (docs/SPEC.md)
         return weight_format.keep_scale_fp32(self, super()._apply, fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -2,7 +2,7 @@
 
 One layer ``prefix`` stores (the layout bitsandbytes' ``Linear8bitLt`` writes, so checkpoints move both ways):
 
-    prefix.weight         int8  [N, K]   row-major, values in [-127, 127] (SPEC.md: no quantizer writes -128)
+    prefix.weight         int8  [N, K]   row-major, values in [-127, 127] (docs/SPEC.md: no quantizer writes -128)
     prefix.SCB            fp32  [N]      the row absmax, finite and >= 0 (a float16/bfloat16 one is widened)
     prefix.weight_format  uint8 []       0: row-major, the only layout bitsandbytes and int8mm write
     prefix.bias           float [N]      when the layer has one
@@ -129,7 +129,7 @@ def int8_state_for_loading(state_dict: dict, prefix: str, out_features: int, in_
 def keep_scale_fp32(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
     """Run ``apply(fn, recurse)`` (``nn.Module._apply``: what ``.to()``, ``.half()``, ``.cuda()`` call) so that
     the move never changes the format: the int8 weight is not floating, so no cast touches it; the fp32 scale
-    is put back in fp32 (on the new device) when ``fn`` cast it (SPEC.md: the scale is fp32)."""
+    is put back in fp32 (on the new device) when ``fn`` cast it (docs/SPEC.md: the scale is fp32)."""
     scale = module._buffers[SCALE]
     apply(fn, recurse)
     moved = module._buffers[SCALE]

@@ -1,6 +1,6 @@
-"""Shared test helpers: planted-outlier inputs, an independent SPEC.md oracle, float64 baselines, markers.
+"""Shared test helpers: planted-outlier inputs, an independent docs/SPEC.md oracle, float64 baselines, markers.
 
-The oracle below is written from SPEC.md alone, row by row in float64, and never calls int8mm, so the
+The oracle below is written from docs/SPEC.md alone, row by row in float64, and never calls int8mm, so the
 package is checked against the contract rather than against itself. float64 makes every fp32 step exact
 or correctly rounded: a product of two fp32 numbers is exact in float64, and a float64 division or product
 rounded once more to fp32 equals the fp32 operation (53 >= 2 * 24 + 2 bits, so double rounding is harmless).
@@ -11,7 +11,7 @@ import torch
 
 from gpu import requires_cuda  # noqa: F401  (the one place that decides whether GPU tests run)
 
-INT8_MAX = 127  # SPEC.md; deliberately not imported from the package under test
+INT8_MAX = 127  # docs/SPEC.md; deliberately not imported from the package under test
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # where the kernel-backend tests run: the GPU if there is one, else CPU tensors (Triton's interpreter)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,14 +58,14 @@ def random_weight(n: int, k: int, dtype: torch.dtype = torch.float32, seed: int 
     return (torch.randn(n, k, generator=g) * scale).to(dtype)
 
 
-# ---- the SPEC.md oracle ----
+# ---- the docs/SPEC.md oracle ----
 def _fp32(value: float) -> float:
     """Round a Python float (binary64) to the nearest fp32 value."""
     return torch.tensor(value, dtype=torch.float64).float().item()
 
 
 def _row_reciprocal(scale: float) -> float:
-    """``r = fp32(127 / s)``, or 0 when the scale is zero, NaN or infinite (SPEC.md)."""
+    """``r = fp32(127 / s)``, or 0 when the scale is zero, NaN or infinite (docs/SPEC.md)."""
     if not math.isfinite(scale) or scale <= 0:
         return 0.0
     return _fp32(INT8_MAX / scale)  # 127 / s in binary64, rounded once more: the fp32 division
@@ -82,7 +82,7 @@ def _quantize_row(row: torch.Tensor, reciprocal: float, zero_cols: set[int]) -> 
 
 
 def _absmax(values: torch.Tensor) -> float:
-    """Max of ``|values|`` that lets NaN win (as SPEC.md's NaN rule needs); 0 for no values."""
+    """Max of ``|values|`` that lets NaN win (as docs/SPEC.md's NaN rule needs); 0 for no values."""
     if values.numel() == 0:
         return 0.0
     if bool(values.isnan().any()):
@@ -91,7 +91,7 @@ def _absmax(values: torch.Tensor) -> float:
 
 
 def spec_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC.md weight quantization: ``s_w[n] = max|W[n,:]|``, ``q_w = round(W * fp32(127 / s_w))``."""
+    """docs/SPEC.md weight quantization: ``s_w[n] = max|W[n,:]|``, ``q_w = round(W * fp32(127 / s_w))``."""
     w64 = w.detach().cpu().double()
     q_rows, scales = [], []
     for row in w64:
@@ -103,7 +103,7 @@ def spec_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def spec_quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """SPEC.md activation quantization of a 2-D ``x``: ``(q_x int8, s_x fp32, sorted outlier columns)``."""
+    """docs/SPEC.md activation quantization of a 2-D ``x``: ``(q_x int8, s_x fp32, sorted outlier columns)``."""
     x64 = x.detach().cpu().double()
     m, k = x64.shape
     t = float(torch.tensor(threshold, dtype=torch.float32))  # the threshold is fp32 like all scale math
@@ -119,7 +119,7 @@ def spec_quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.
 
 
 def spec_int8_linear64(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
-    """SPEC.md's output formula evaluated in float64 from the oracle's quantized values (``[M, N]``)."""
+    """docs/SPEC.md's output formula evaluated in float64 from the oracle's quantized values (``[M, N]``)."""
     q_x, s_x, cols = spec_quantize_activations(x, threshold)
     acc = q_x.long() @ q_w.long().t()  # exact
     s_x64, s_w64 = s_x.double(), s_w.double()
@@ -151,7 +151,7 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def assert_output_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """SPEC.md output tolerances for ``actual``'s dtype against ``expected`` (the reference backend's output,
+    """docs/SPEC.md output tolerances for ``actual``'s dtype against ``expected`` (the reference backend's output,
     or a float64 evaluation of the formula): fp32 within rtol 1e-5 and atol 1e-5 * RMS; fp16/bf16 within
     1 ulp of the output dtype plus 1e-5 * RMS; non-finite exactly where the expectation is."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
@@ -171,7 +171,7 @@ def assert_output_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def assert_quantized_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Identical int8 values, except that at most 1 in 10,000 may differ by +-1 (SPEC.md)."""
+    """Identical int8 values, except that at most 1 in 10,000 may differ by +-1 (docs/SPEC.md)."""
     assert actual.dtype == torch.int8 and actual.shape == expected.shape
     diff = (actual.int() - expected.int()).abs()
     if diff.numel():

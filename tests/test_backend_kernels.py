@@ -1,4 +1,4 @@
-"""The kernel backends (Triton, CUDA) against the reference (SPEC.md tolerances).
+"""The kernel backends (Triton, CUDA) against the reference (docs/SPEC.md tolerances).
 
 On a GPU these run the compiled kernels; elsewhere the Triton launchers run on CPU tensors through
 Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), the CPU library runs natively, and the CUDA

@@ -4,8 +4,8 @@ bitsandbytes is a test dependency (setup.py, extras "test"), imported unconditio
 CPU these tests fail loudly rather than skip. In 0.50.2 its CPU path is torch code (backends/default) plus
 torch._int_mm for the int8 GEMM when torch reports AVX512 (backends/cpu).
 
-Deliberate differences, all within SPEC.md:
-- Reciprocal: SPEC.md asks for one fp32 division ``127 / s``. bitsandbytes writes ``127.0 / row_stats`` on a
+Deliberate differences, all within docs/SPEC.md:
+- Reciprocal: docs/SPEC.md asks for one fp32 division ``127 / s``. bitsandbytes writes ``127.0 / row_stats`` on a
   tensor, which torch evaluates as ``reciprocal(s) * 127`` (two roundings), so about 1 in 10^4 int8 values
   sits on the other side of a rounding tie (+-1). Rows whose scale is a power of two have an exact
   reciprocal either way; the strict comparisons below build their inputs so.
@@ -13,7 +13,7 @@ Deliberate differences, all within SPEC.md:
   int part is 1.8e-5 too large) and adds the outlier part in the input dtype (fp16 accumulation for fp16
   inputs); int8mm accumulates everything in fp32.
 - Input dtype: Linear8bitLt casts every input to fp16 before quantizing; int8mm quantizes fp32/bf16 as is.
-- A zero row: int8mm defines q = 0 (SPEC.md); bitsandbytes computes round(0 * inf) = NaN cast to int8,
+- A zero row: int8mm defines q = 0 (docs/SPEC.md); bitsandbytes computes round(0 * inf) = NaN cast to int8,
   which happens to give 0 on x86 but is undefined.
 """
 import logging

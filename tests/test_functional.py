@@ -31,7 +31,7 @@ def test_int8_matmul_is_exact(m, k, n):
         assert torch.equal(got.long(), expected), backend
 
 
-# ---- quantization against the SPEC.md oracle ----
+# ---- quantization against the docs/SPEC.md oracle ----
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 123), (33, 4096)])
 def test_quantize_weight_matches_spec(n, k, dtype):
@@ -78,7 +78,7 @@ def test_values_exactly_at_the_threshold_are_outliers():
 
 def test_outlier_columns_span_all_rows():
     """One outlier in one row makes the whole column an outlier column: zero in q_x for every row, while
-    the other rows' small values in that column still count in their scales (SPEC.md)."""
+    the other rows' small values in that column still count in their scales (docs/SPEC.md)."""
     x = torch.full((3, 4), 0.5)
     x[0, 2] = 30.0
     x[1, 2] = 2.0  # the largest value of row 1, in an outlier column
@@ -406,7 +406,7 @@ def test_bad_threshold_type(threshold):
 def test_k_beyond_exact_int32_accumulation_is_refused():
     """127^2 * K must stay below 2^31; meta tensors keep the check free of huge allocations."""
     k = int8mm.MAX_EXACT_K + 1
-    assert INT8_MAX**2 * int8mm.MAX_EXACT_K < 2**31  # SPEC.md's bound (conservative by one: 133_144 fits too)
+    assert INT8_MAX**2 * int8mm.MAX_EXACT_K < 2**31  # docs/SPEC.md's bound (conservative by one: 133_144 fits too)
     meta = torch.device("meta")
     message = rf"K={k}, above {int8mm.MAX_EXACT_K}"
     with pytest.raises(ValueError, match=rf"weight has {message}"):

@@ -76,7 +76,7 @@ def test_remove_hook_restores_a_float_layer():
 def test_half_precision_layer_keeps_its_dtype_and_fp32_scale():
     linear = _linear().half()
     add_hook_to_module(linear, Int8Hook())
-    linear.float()  # a dtype cast moves the bias only; the scale stays fp32 (SPEC.md)
+    linear.float()  # a dtype cast moves the bias only; the scale stays fp32 (docs/SPEC.md)
     assert linear.SCB.dtype == torch.float32 and linear.weight.dtype == torch.int8
     linear.half()
     assert linear.SCB.dtype == torch.float32 and linear.bias.dtype == torch.float16

@@ -170,7 +170,7 @@ def test_gpu_cpu_and_disk_device_map(llama_dir, tmp_path, token_ids):
     on_gpu = load_in_8bit(path, device_map=device, progress=False)
     assert all(t.device.type == "cuda" for t in list(on_gpu.parameters()) + list(on_gpu.buffers()))
     for name, (q_w, s_w) in _int8_state(load_in_8bit(path, device_map="cpu", progress=False)).items():
-        layer = on_gpu.get_submodule(name)  # quantized on the GPU: SPEC.md allows +-1 in 1 of 10^4 values
+        layer = on_gpu.get_submodule(name)  # quantized on the GPU: docs/SPEC.md allows +-1 in 1 of 10^4 values
         assert torch.equal(layer.SCB.cpu(), s_w), name
         diff = (layer.weight.cpu().int() - q_w.int()).abs()
         assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, q_w.numel() // 10_000), name

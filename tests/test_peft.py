@@ -211,7 +211,7 @@ def _one_layer_model(init_lora_weights=False, **kwargs):
 
 
 def _spec_merge(q_w, s_w, delta):
-    """SPEC.md applied to the merge: de-quantize in fp32, add the delta, quantize again (the oracle's rounding)."""
+    """docs/SPEC.md applied to the merge: de-quantize in fp32, add the delta, quantize again (the oracle's rounding)."""
     return spec_quantize_weight(q_w.float() * (s_w / INT8_MAX)[:, None] + delta)
 
 

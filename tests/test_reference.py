@@ -1,4 +1,4 @@
-"""The reference backend (int8mm/backends/reference.py) against the SPEC.md oracle in helpers.py.
+"""The reference backend (int8mm/backends/reference.py) against the docs/SPEC.md oracle in helpers.py.
 
 These call the backend functions directly, below the argument checks, so they pin down the executable
 spec every other backend is compared with.
@@ -131,7 +131,7 @@ def test_quantization_leaves_its_input_alone():
         assert torch.equal(x, x_before), dtype
 
 
-# ---- the fused linear against SPEC.md's output formula ----
+# ---- the fused linear against docs/SPEC.md's output formula ----
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("m,k,n", [(1, 123, 7), (3, 499, 33), (17, 4096, 33), (5, 1, 7)])
 @pytest.mark.parametrize("threshold", [THRESHOLD, 0.0])
@@ -148,7 +148,7 @@ def test_int8_linear_is_the_spec_formula(m, k, n, dtype, threshold):
 # ---- rounding and clamping, where random data rarely looks ----
 def test_negative_subnormal_row_clamps_to_minus_127():
     """A row of negative subnormals has a scale whose reciprocal overflows to inf: every value scales to
-    -inf and must clamp to -127, never -128 (SPEC.md: int8 values stay in [-127, 127])."""
+    -inf and must clamp to -127, never -128 (docs/SPEC.md: int8 values stay in [-127, 127])."""
     x = torch.randn(3, 16)
     x[1] = -1e-40
     x[1, 4] = 0.0  # 0 * inf is NaN: quantizes to 0

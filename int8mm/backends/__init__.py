@@ -22,7 +22,7 @@ BACKEND_ENV_VAR = "INT8MM_BACKEND"
 
 
 class Backend(str, enum.Enum):
-    """Which implementation computes the ops (all compute SPEC.md)."""
+    """Which implementation computes the ops (all compute docs/SPEC.md)."""
 
     AUTO = "auto"
     """Pick per device and shape: the CPU library on CPU (else reference); on CUDA the fastest GPU backend."""

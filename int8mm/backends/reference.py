@@ -1,4 +1,4 @@
-"""The reference backend: SPEC.md written in plain torch. Runs on any device and defines the math.
+"""The reference backend: docs/SPEC.md written in plain torch. Runs on any device and defines the math.
 
 Every other backend is tested against these functions. They favour clarity, but the CPU path is also
 the fast path on CPU (int32 GEMM through ``torch._int_mm``), so avoid needless passes over the data.
@@ -65,7 +65,7 @@ def _row_scales(ax: torch.Tensor, cols: torch.Tensor, threshold: float) -> torch
         return torch.zeros(ax.shape[0], device=ax.device)
     if cols.numel() == 0:
         return ax.amax(dim=1)
-    # an outlier column's values below the threshold still count (SPEC.md); NaN >= t is False, so NaN stays
+    # an outlier column's values below the threshold still count (docs/SPEC.md); NaN >= t is False, so NaN stays
     in_outlier_cols = ax.index_select(1, cols)
     in_outlier_cols.masked_fill_(in_outlier_cols >= threshold, 0.0)
     ax.index_fill_(1, cols, 0.0)  # every other column holds values below the threshold only

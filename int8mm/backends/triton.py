@@ -31,7 +31,7 @@ def _config(block_m, block_n, block_k, stages, warps, **extra):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). Prefill: the large tiles measured best for int8 on Hopper
-# (GPU-ANCHORS.md), plus smaller ones for modest M or N. Decode: weight streaming with narrow N so that
+# (docs/BASELINES.md), plus smaller ones for modest M or N. Decode: weight streaming with narrow N so that
 # enough programs keep loads in flight.
 PREFILL_CONFIGS = [
     _config(128, 256, 128, 3, 8, GROUP_M=GROUP_M),

@@ -44,7 +44,7 @@ class ModelSuiteConfig:
     providers: tuple[str, ...] = PROVIDERS
     threshold: float = DEFAULT_THRESHOLD
     outlier_dims: tuple[int, ...] = (7, 100, 300, 1000, 2000, 3000)
-    outlier_scale: float = 40.0  # GPU-ANCHORS.md's end-to-end run scaled 6 norm dims by 40
+    outlier_scale: float = 40.0  # docs/BASELINES.md's end-to-end run scaled 6 norm dims by 40
     timed_runs: int = 3
     seed: int = 0
 

@@ -92,7 +92,7 @@ class Int8Hook(ModelHook):
         module.register_buffer("SCB", s_w)
         self._handles = [module.register_state_dict_post_hook(_add_weight_format),
                          module.register_load_state_dict_pre_hook(_check_int8_state)]
-        # nn.Module._apply would cast the fp32 scale on .half(); this instance keeps it fp32 (SPEC.md)
+        # nn.Module._apply would cast the fp32 scale on .half(); this instance keeps it fp32 (docs/SPEC.md)
         module._apply = functools.partial(_apply_keeping_scale, module, self)
         # add_hook_to_module calls module._old_forward between pre_forward and post_forward: make it int8
         self._float_forward = module._old_forward

@@ -19,7 +19,7 @@ peft as experimental). That call lives here, on a copy of the user's config, so 
 API; it is tested against the pinned peft version (``int8mm[peft]``).
 
 Merging de-quantizes the int8 weight, adds the LoRA delta in fp32 and quantizes the sum again by the rules of
-SPEC.md (rowwise absmax scale, round half to even); unmerging subtracts the delta the same way. Both round the
+docs/SPEC.md (rowwise absmax scale, round half to even); unmerging subtracts the delta the same way. Both round the
 weight once more to the int8 grid, so a merge followed by an unmerge gives back the base only up to that rounding.
 """
 import copy

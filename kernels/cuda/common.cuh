@@ -1,4 +1,4 @@
-// Shared device helpers: element conversions, the numbers of SPEC.md, checked launches.
+// Shared device helpers: element conversions, the numbers of docs/SPEC.md, checked launches.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -2,7 +2,7 @@
 //
 // Every function takes device pointers and the CUDA stream to launch on, returns 0 on success or a
 // cudaError_t value (int8mm_error_string() describes it), and never synchronises with the host, so the
-// calls can be captured in a CUDA graph. Math: SPEC.md (LLM.int8() with fp16 outlier decomposition).
+// calls can be captured in a CUDA graph. Math: docs/SPEC.md (LLM.int8() with fp16 outlier decomposition).
 #pragma once
 #include <stdint.h>
 

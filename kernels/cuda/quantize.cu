@@ -1,4 +1,4 @@
-// Activation quantization with outlier columns (SPEC.md), two passes, no host sync.
+// Activation quantization with outlier columns (docs/SPEC.md), two passes, no host sync.
 //
 // Pass 1, activation_stats: blocks of kStatsRows rows x a run of columns fold into a zero-filled int32
 // workspace with atomics: row_max_bits[M] (fp32 bits of each row's absmax below the threshold; for

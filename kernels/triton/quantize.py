@@ -1,4 +1,4 @@
-"""Activation quantization with outlier columns (SPEC.md), with no host sync.
+"""Activation quantization with outlier columns (docs/SPEC.md), with no host sync.
 
 ``_activation_stats_kernel``, one program per block of rows and range of columns, folds into a
 zero-filled int32 buffer with atomics:
