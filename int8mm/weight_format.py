@@ -126,6 +126,15 @@ def int8_state_for_loading(state_dict: dict, prefix: str, out_features: int, in_
     return state_dict
 
 
+def replace_int8_tensors(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    """Give ``module`` a new int8 ``weight`` and fp32 ``SCB``, each in the kind of slot it has now (a buffer, as in
+    ``Int8Linear``, or a frozen parameter, as in the layers transformers loads). New tensors, never writes into
+    the old ones: another layer may share them."""
+    for name, value in ((WEIGHT, weight), (SCALE, scale)):
+        frozen_param = isinstance(getattr(module, name), nn.Parameter)
+        setattr(module, name, nn.Parameter(value, requires_grad=False) if frozen_param else value)
+
+
 def keep_scale_fp32(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
     """Run ``apply(fn, recurse)`` (``nn.Module._apply``: what ``.to()``, ``.half()``, ``.cuda()`` call) so that
     the move never changes the format: the int8 weight is not floating, so no cast touches it; the fp32 scale

@@ -298,10 +298,10 @@ def test_a_delta_below_the_int8_step_is_reported_not_dropped_silently():
 
 def test_merging_into_a_layer_that_shares_its_int8_weight_leaves_the_other_layer_alone():
     torch.manual_seed(0)
-    first, second = nn.Linear(16, 8), nn.Linear(16, 8)
-    second.weight = first.weight  # two Linears sharing one weight: quantize_model shares the int8 buffers too
-    model = int8mm.quantize_model(nn.ModuleDict({"a": first, "b": second}))
-    assert model["a"].weight is model["b"].weight
+    first = int8mm.Int8Linear.from_linear(nn.Linear(16, 8))
+    second = int8mm.Int8Linear(16, 8)
+    second.weight, second.SCB = first.weight, first.SCB  # two layers sharing one int8 weight, built by hand
+    model = nn.ModuleDict({"a": first, "b": second})
     q_b = model["b"].weight.clone()
     peft_model = int8mm_peft.get_peft_model(model, LoraConfig(r=2, target_modules=["a"], init_lora_weights=False))
     peft_model.base_model.model["a"].merge()

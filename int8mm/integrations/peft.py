@@ -43,6 +43,7 @@ except ImportError as exc:
 
 from ..functional import quantize_weight
 from ..nn import Int8Linear
+from ..weight_format import replace_int8_tensors
 
 log = logging.getLogger("int8mm")
 
@@ -150,9 +151,8 @@ class Int8LoraLinear(LoraLinear):
                              f"(NaN/Inf): the adapter seems broken; the layer was left unchanged")
         q_w, s_w = quantize_weight(weight, name=f"{action} adapter(s) {adapter_names}")
         before = base.dequantize()
-        # new tensors, not copies into the old ones: another layer may share this int8 weight (quantize_model
-        # shares the buffers of Linears that shared a weight) and must keep it
-        base.weight, base.SCB = q_w, s_w
+        # new tensors, not copies into the old ones: another layer may share this int8 weight and must keep it
+        replace_int8_tensors(base, q_w, s_w)
         # how much of the delta the int8 weight carries: rounding to the int8 grid keeps a delta well above the
         # step and drops one well below it, so report rather than drop silently
         delta_norm = float(delta.norm())
