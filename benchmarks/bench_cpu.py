@@ -60,10 +60,12 @@ def demo_generate(rounds: int, new_tokens: int) -> dict:
     """Greedy generate tokens/s of SmolLM2-135M-Instruct in fp32 and int8mm 8-bit, taking turns."""
     from int8mm import quantize_model
     from int8mm.assets import smollm2_checkpoint, sotu_text
-    from int8mm.bench.checkpoint_eval import greedy_continuation, load_causal_lm
+    from int8mm.bench.checkpoint_eval import greedy_continuation
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_checkpoint()
-    full, tokenizer = load_causal_lm(path, CPU, torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
     eight_bit = quantize_model(copy.deepcopy(full))
     prompt = " ".join(sotu_text().split()[:48])
     variants = {"fp32": full, "int8mm 8-bit": eight_bit}

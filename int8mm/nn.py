@@ -1,4 +1,6 @@
 """``Int8Linear``: a drop-in for ``nn.Linear`` holding an int8 weight and an fp32 row scale."""
+import weakref
+
 import torch
 from torch import nn
 
@@ -68,15 +70,20 @@ class Int8Linear(nn.Module):
         threshold = self.threshold
         checked = self.__dict__.get("_checked_layer")
         # the layer's own checks run once per (weight, SCB, bias, threshold) objects: .to(), .half(),
-        # load_state_dict(assign=True) and attribute assignments bring new objects (in-place copies keep the
-        # dtype and shape that were checked)
-        if (checked is None or checked[0] is not weight or checked[1] is not scale or checked[2] is not bias
-                or checked[3] is not threshold or (bias is not None and checked[4] is not bias.dtype)):
+        # load_state_dict(assign=True) and attribute assignments bring new objects; in-place copies keep the
+        # dtype and shape, which are compared too (a `.data =` swap changes them under the same object).
+        # Weak references: the cache must not keep tensors alive that the layer dropped (accelerate's offload
+        # hooks swap the real weights in and out on every forward; .cuda() leaves the CPU copies behind).
+        if (checked is None or checked[0]() is not weight or checked[1]() is not scale
+                or checked[3] is not threshold or checked[4] != (weight.dtype, weight.shape, scale.dtype, scale.shape)
+                or (checked[2]() if checked[2] is not None else None) is not bias
+                or (bias is not None and checked[5] is not bias.dtype)):
             F8.check_activations(x)  # x's errors first, as int8_linear gives them
-            checked = (weight, scale, bias, threshold, bias.dtype if bias is not None else None,
-                       F8.check_linear_layer(weight, scale, bias, threshold))
+            checked = (weakref.ref(weight), weakref.ref(scale), weakref.ref(bias) if bias is not None else None,
+                       threshold, (weight.dtype, weight.shape, scale.dtype, scale.shape),
+                       bias.dtype if bias is not None else None, F8.check_linear_layer(weight, scale, bias, threshold))
             self._checked_layer = checked
-        return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[5], self.backend)
+        return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[6], self.backend)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight the int8 values stand for: ``weight * SCB / 127`` ([N, K])."""

@@ -5,6 +5,9 @@ int32 products exact; outputs within SPEC tolerances. The shapes walk the fused 
 of four, K around the 64-byte vector, M at the fused/GEMM boundary (16/17).
 """
 import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -112,6 +115,30 @@ def test_strided_inputs_and_reused_scratch():
     other = planted_outliers(4, 96, torch.bfloat16, seed=5)  # same shape: the same scratch, other values
     assert_output_close(_ops.int8_linear(other, q_w, s_w, None, THRESHOLD, "cpu"),
                         _ops.int8_linear(other, q_w, s_w, None, THRESHOLD, "reference"))
+
+
+def test_buffers_stay_on_the_cpu_under_another_default_device():
+    """The C code writes through the pointers of the buffers this backend allocates: under
+    torch.set_default_device("meta") they once landed off the CPU and the process crashed (run apart, so that a
+    crash fails this test alone)."""
+    code = textwrap.dedent("""
+        import torch, int8mm
+        from int8mm import _ops
+        x = torch.randn(3, 64, device="cpu")
+        x[:, 5] = 30.0
+        q_w, s_w = int8mm.quantize_weight(torch.randn(16, 64, device="cpu"))
+        expected = [_ops.int8_linear(x[:m], q_w, s_w, None, 6.0, "reference") for m in (3,)]
+        big = torch.randn(40, 64, device="cpu")
+        expected.append(_ops.int8_linear(big, q_w, s_w, None, 6.0, "reference"))
+        with torch.device("meta"):
+            got = [_ops.int8_linear(x, q_w, s_w, None, 6.0, "cpu"), _ops.int8_linear(big, q_w, s_w, None, 6.0, "cpu")]
+            q_x = _ops.quantize_activations(x, 6.0, "cpu")[0]
+        assert all(t.device.type == "cpu" for t in got) and q_x.device.type == "cpu"
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, expected))
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
 
 
 def test_threads_give_the_same_output():

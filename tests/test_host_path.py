@@ -4,7 +4,9 @@ In eager mode Int8Linear and int8_linear call the backend's implementation direc
 autograd and dispatch modes still see the ``int8mm::int8_linear`` op. What a layer checked once must be
 checked again whenever its tensors or threshold change.
 """
+import gc
 import pathlib
+import weakref
 
 import pytest
 import torch
@@ -92,6 +94,31 @@ def test_layer_checks_follow_new_tensors():
     layer.bias = nn.Parameter(torch.zeros(5), requires_grad=False)
     with pytest.raises(ValueError, match=r"bias must have shape \(33,\), got \(5,\)"):
         layer(x)
+
+
+def test_layer_checks_follow_a_data_swap():
+    """``.data =`` keeps the tensor object but may change its shape or dtype: the checks must run again."""
+    layer = _layer()
+    x = planted_outliers(3, 64, seed=8)
+    layer(x)
+    layer.SCB.data = torch.ones(7)
+    with pytest.raises(ValueError, match=r"s_w must have shape \(33,\)"):
+        layer(x)
+    layer.SCB.data = torch.ones(33, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"s_w must be float32"):
+        layer(x)
+
+
+def test_layer_checks_keep_no_tensor_alive():
+    """An offload hook puts a layer's weights on the meta device between calls; the remembered checks must not
+    keep the real tensors alive (with strong references a disk-offloaded model grew back to its whole size)."""
+    layer = _layer()
+    layer(planted_outliers(3, 64, seed=9))
+    dropped = [weakref.ref(layer.weight), weakref.ref(layer.SCB), weakref.ref(layer.bias)]
+    layer.weight, layer.SCB = torch.empty_like(layer.weight, device="meta"), torch.empty_like(layer.SCB, device="meta")
+    layer.bias = nn.Parameter(torch.empty_like(layer.bias, device="meta"), requires_grad=False)
+    gc.collect()
+    assert [ref() is None for ref in dropped] == [True, True, True]
 
 
 def test_layer_checks_follow_casts():

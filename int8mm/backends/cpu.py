@@ -22,6 +22,7 @@ _SCRATCH_SHAPES = 8  # scratch buffers kept per thread
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _ERRORS = {1: "invalid argument", 2: "unsupported dtype", 3: "out of memory"}
 log = logging.getLogger("int8mm")
+CPU = torch.device("cpu")  # every buffer this backend hands to C: never the default device (set_default_device)
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
@@ -84,7 +85,7 @@ def _scratch_pointers(m: int, k: int) -> tuple[int, int, int, int, int]:
             cache.clear()
         sizes = [m * k, 4 * m, 4 * k, 4, k]
         padded = [-(-size // 64) * 64 for size in sizes]  # 64-byte aligned starts
-        buffer = torch.empty(sum(padded) + 64, dtype=torch.uint8)
+        buffer = torch.empty(sum(padded) + 64, dtype=torch.uint8, device=CPU)
         start = -(-buffer.data_ptr() // 64) * 64
         offsets = [start + sum(padded[:i]) for i in range(len(sizes))]
         found = cache[(m, k)] = (buffer, tuple(offsets))
@@ -95,8 +96,9 @@ def _scratch_pointers(m: int, k: int) -> tuple[int, int, int, int, int]:
 def quantize_activations(x, threshold):
     m, k = x.shape
     # separate tensors: an op's outputs may not alias one another
-    q_x, s_x = torch.empty((m, k), dtype=torch.int8), torch.empty(m, dtype=torch.float32)
-    cols, count, flags = torch.empty(k, dtype=torch.int32), torch.empty(1, dtype=torch.int32), torch.empty(k, dtype=torch.uint8)
+    q_x, s_x = torch.empty((m, k), dtype=torch.int8, device=CPU), torch.empty(m, dtype=torch.float32, device=CPU)
+    cols, count = torch.empty(k, dtype=torch.int32, device=CPU), torch.empty(1, dtype=torch.int32, device=CPU)
+    flags = torch.empty(k, dtype=torch.uint8, device=CPU)
     _check(library().int8mm_cpu_quantize_activations(
         x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), threshold, q_x.data_ptr(),
         s_x.data_ptr(), cols.data_ptr(), count.data_ptr(), flags.data_ptr()), "quantize_activations")
@@ -113,7 +115,7 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
     bias = bias.contiguous() if bias is not None else None
     bias_ptr, bias_code = (bias.data_ptr(), _DTYPE_CODES[bias.dtype]) if bias is not None else (None, 0)
-    out = torch.empty((m, n), dtype=x.dtype)
+    out = torch.empty((m, n), dtype=x.dtype, device=CPU)
     lib = library()
     threads = torch.get_num_threads()
     if m <= FUSED_MAX_M:
