@@ -127,12 +127,12 @@ def test_registered_classes():
         hf_integration.Int8MMHfQuantizer({"quant_method": "int8mm"})
 
 
-def _run(code: str) -> str:
+def _run(code: str, stderr_too: bool = False) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return (done.stderr + done.stdout).strip() if stderr_too else done.stdout
 
 
 @pytest.mark.slow
@@ -156,6 +156,18 @@ def test_registration_when_transformers_came_first():
         print("int8mm" in auto.AUTO_QUANTIZER_MAPPING, "int8mm" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING)
     """)
     assert out.split() == ["False", "True", "True"]
+
+
+@pytest.mark.slow
+def test_importing_the_integration_module_first_registers_without_a_warning():
+    out = _run("""
+        import logging
+        logging.basicConfig(format="LOG %(message)s")
+        import int8mm.integrations.transformers
+        from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+        print("int8mm" in AUTO_QUANTIZER_MAPPING)
+    """, stderr_too=True)
+    assert out.split("\n")[-1] == "True" and "not registered" not in out, out
 
 
 @pytest.mark.slow

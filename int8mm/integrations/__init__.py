@@ -29,6 +29,9 @@ def register_with_transformers_when_imported() -> None:
 
 
 def _register() -> None:
+    own = sys.modules.get(__name__ + ".transformers")
+    if own is not None and not hasattr(own, "register"):
+        return  # importing int8mm.integrations.transformers set this off; that module registers itself at its end
     try:
         from . import transformers as integration
 
