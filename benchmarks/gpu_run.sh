@@ -32,7 +32,7 @@ export INT8MM_AUTOTUNE=0
 # rest). New code paths first: the eager direct launch (Int8Linear without the custom op, inside a CUDA graph
 # too), opcheck on CUDA tensors, the CPU-side host time per call on the GPU.
 stage new_paths "${NEW_PATHS_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py
+  tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
 stage cuda_tests "${CUDA_TEST_TIMEOUT:-75}" python3 -m pytest -q -p no:cacheprovider -k cuda $KERNEL_TESTS
 if [ "${MEMCHECK:-1}" = 1 ]; then
   stage memcheck "${MEMCHECK_TIMEOUT:-60}" compute-sanitizer --tool memcheck --error-exitcode 1 \

@@ -187,3 +187,13 @@ def test_the_portable_gemv_matches_too(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpu_backend.library.cache_clear()
+
+
+def test_the_c_library_and_python_agree_on_the_fused_row_limit():
+    """The C entry point refuses more rows than its #define with a bare 'invalid argument': the Python side
+    must send it exactly the calls it takes."""
+    import re
+
+    source = (cpu_build.source_dir() / "int8mm_cpu.c").read_text()
+    defined = int(re.search(r"#define DECODE_MAX_M (\d+)", source).group(1))
+    assert defined == cpu_backend.FUSED_MAX_M

@@ -174,7 +174,7 @@ def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: switched.append(device) or contextlib.nullcontext())
     for device in (torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cpu")):
-        with triton_backend._on_device_of(type("FakeTensor", (), {"device": device})()):
+        with triton_backend.on_device_of(type("FakeTensor", (), {"device": device})()):
             pass
     assert switched == [torch.device("cuda", 1)]
 

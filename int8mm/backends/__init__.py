@@ -150,6 +150,7 @@ AUTO_PREFERENCE = {"decode": (Backend.TRITON, Backend.CUDA), "prefill": (Backend
 
 _default_choice: Backend | None = None  # INT8MM_BACKEND, read at the first op call
 _resolved: dict[tuple, str] = {}  # (choice, device, decode) -> the backend's name
+_generation = 0  # bumped by set_default_backend: a resolution begun before it is not remembered
 
 
 def backend_for(backend, device: torch.device, decode: bool = False) -> str:
@@ -166,19 +167,22 @@ def backend_for(backend, device: torch.device, decode: bool = False) -> str:
     except (KeyError, TypeError):  # TypeError: an unhashable choice, refused below
         pass
     global _default_choice
+    generation = _generation
     if backend is None and _default_choice is None:
         _default_choice = default_backend()  # raises on a bad value, read again next time
     choice = _default_choice if backend is None else parse_backend(backend)
     name = resolve_backend(choice, device, decode).value
-    _resolved[(backend, device, decode)] = name
+    if generation == _generation:  # another thread changed the default meanwhile: do not store the old choice
+        _resolved[(backend, device, decode)] = name
     return name
 
 
 def set_default_backend(backend) -> None:
     """Make ``backend`` (a ``Backend`` or its name; None: INT8MM_BACKEND again) the default of every op
     call that names none."""
-    global _default_choice
+    global _default_choice, _generation
     _default_choice = parse_backend(backend, argument="backend") if backend is not None else None
+    _generation += 1
     _resolved.clear()
 
 

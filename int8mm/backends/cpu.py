@@ -59,7 +59,7 @@ def library_available() -> bool:
     try:
         library()
         return True
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ImportError) as exc:  # ImportError: no fcntl (not a POSIX system)
         log.warning("int8mm: the CPU library is not available (%s); the reference backend serves CPU tensors", exc)
         return False
 

@@ -145,7 +145,7 @@ def _unit_k_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
-def _on_device_of(t: torch.Tensor):
+def on_device_of(t: torch.Tensor):
     """Triton launches on the current CUDA device; a model spread over GPUs (device_map="auto") calls layers
     whose tensors live on another one, and accelerate moves the inputs there without changing the current
     device. Switch only when needed (the switch costs host time on every call)."""
@@ -156,14 +156,14 @@ def _on_device_of(t: torch.Tensor):
 
 @registry.register(BACKEND, "quantize_activations")
 def quantize_activations(x, threshold):
-    with _on_device_of(x):
+    with on_device_of(x):
         return _quantize_activations(x, threshold, clear_unused_columns=True)
 
 
 @registry.register(BACKEND, "int8_matmul")
 def int8_matmul(a, b):
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
-    with _on_device_of(a):
+    with on_device_of(a):
         return _launch_gemm(a, b, out)
 
 
@@ -172,6 +172,6 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    with _on_device_of(x):
+    with on_device_of(x):
         q_x, s_x, outlier_cols, outlier_count = _quantize_activations(x, threshold)
         return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)

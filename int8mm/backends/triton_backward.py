@@ -8,6 +8,7 @@ import triton
 
 from ..kernels.triton.backward import _dequant_matmul_kernel
 from . import triton_interpreting
+from .triton import on_device_of
 
 # fp32 FMA tiles (no tensor cores at IEEE fp32); the interpreter gets the smallest tile tl.dot accepts
 GPU_TILE = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
@@ -31,9 +32,10 @@ def dequant_matmul(grad_y: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor) -
         return out.zero_()
     tile = INTERPRETER_TILE if triton_interpreting() else GPU_TILE
     grid = (triton.cdiv(m, tile["BLOCK_M"]), triton.cdiv(k, tile["BLOCK_K"]))
-    _dequant_matmul_kernel[grid](
-        grad_y, q_w, s_w, out, m, n, k,
-        grad_y.stride(0), grad_y.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
-        **tile,
-    )
+    with on_device_of(grad_y):  # a layer on another GPU than the current one (device_map="auto")
+        _dequant_matmul_kernel[grid](
+            grad_y, q_w, s_w, out, m, n, k,
+            grad_y.stride(0), grad_y.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
+            **tile,
+        )
     return out
