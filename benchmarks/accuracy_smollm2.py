@@ -11,7 +11,6 @@ Prints a markdown report; with --out also writes DIR/accuracy.{json,md}. Runs on
 tokens for the four models on 2 cores).
 """
 import argparse
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from int8mm.bench.environment import device_name
+from int8mm.bench.report import write_json_and_markdown
 
 MODELS = {"bnb_6": "bitsandbytes 8-bit, threshold 6.0", "int8mm_6": "int8mm, threshold 6.0",
           "int8mm_0": "int8mm, threshold 0.0"}
@@ -105,11 +105,8 @@ def main(argv=None) -> None:
     text_report = markdown(result)
     print(text_report)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "accuracy.md").write_text(text_report)
-        print("wrote", out / "accuracy.json", out / "accuracy.md")
+        paths = write_json_and_markdown(result, text_report, args.out, "accuracy")
+        print("wrote", paths["json"], paths["md"])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from int8mm.bench.report import write_json_and_markdown
+
 BASES = {"fp32": "fp32 (no quantization)", "bnb": "bitsandbytes 8-bit (threshold 6.0)",
          "int8mm": "int8mm (threshold 6.0)"}
 HELD_OUT_WINDOWS = 4
@@ -184,11 +186,8 @@ def main(argv=None) -> None:
     report = markdown(result)
     print(report)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "lora_smollm2.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "lora_smollm2.md").write_text(report)
-        print("wrote", out / "lora_smollm2.json", out / "lora_smollm2.md")
+        paths = write_json_and_markdown(result, report, args.out, "lora_smollm2")
+        print("wrote", paths["json"], paths["md"])
 
 
 if __name__ == "__main__":
