@@ -138,12 +138,16 @@ def replace_int8_tensors(module: nn.Module, weight: torch.Tensor, scale: torch.T
 def keep_scale_fp32(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
     """Run ``apply(fn, recurse)`` (``nn.Module._apply``: what ``.to()``, ``.half()``, ``.cuda()`` call) so that
     the move never changes the format: the int8 weight is not floating, so no cast touches it; the fp32 scale
-    is put back in fp32 (on the new device) when ``fn`` cast it (docs/SPEC.md: the scale is fp32)."""
-    scale = module._buffers[SCALE]
+    is put back in fp32 (on the new device) when ``fn`` cast it (docs/SPEC.md: the scale is fp32). The scale may
+    be a buffer (``Int8Linear``) or a frozen parameter (the layers transformers loads); it stays what it was."""
+    slots = module._parameters if SCALE in module._parameters else module._buffers
+    # detached: nn.Module._apply may cast a parameter in place (param.data = ...); this keeps the fp32 storage
+    scale = slots[SCALE].detach() if slots[SCALE] is not None else None
     apply(fn, recurse)
-    moved = module._buffers[SCALE]
+    moved = slots[SCALE]
     if moved is not None and moved.dtype != SCALE_DTYPE:
-        module._buffers[SCALE] = scale.to(moved.device)
+        restored = scale.to(moved.device)
+        slots[SCALE] = nn.Parameter(restored, requires_grad=False) if slots is module._parameters else restored
     return module
 
 

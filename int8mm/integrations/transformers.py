@@ -71,19 +71,6 @@ class HfInt8Linear(Int8Linear):
             self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
         self.register_buffer(FORMAT, format_marker(device))
 
-    def _apply(self, fn, recurse=True):
-        # as Int8Linear: casts (.half()) leave the fp32 scale alone; it is a parameter here, so rebuild it as one
-        scale = self._parameters.pop("SCB")
-        try:
-            nn.Module._apply(self, fn, recurse)
-        finally:
-            self._parameters["SCB"] = scale
-        moved = fn(scale.detach())
-        if moved.dtype != torch.float32:
-            moved = scale.detach().to(moved.device)
-        self._parameters["SCB"] = nn.Parameter(moved, requires_grad=False)
-        return self
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
