@@ -141,7 +141,7 @@ def dequant_matmul(grad_y: Tensor, q_w: Tensor, s_w: Tensor) -> Tensor:
         from .backends.triton_backward import dequant_matmul as tiled
 
         return tiled(grad_y, q_w, s_w)
-    return grad_y.float() @ (q_w.float() * (s_w / reference.INT8_MAX)[:, None])
+    return grad_y.float() @ reference.dequantize_weight(q_w, s_w)
 
 
 @dequant_matmul.register_fake

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from . import functional as F8
-from ._constants import DEFAULT_THRESHOLD, INT8_MAX
-from .backends import Backend, parse_backend
+from ._constants import DEFAULT_THRESHOLD
+from .backends import Backend, parse_backend, reference
 from . import weight_format
 
 
@@ -87,7 +87,7 @@ class Int8Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight the int8 values stand for: ``weight * SCB / 127`` ([N, K])."""
-        return self.weight.float() * (self.SCB / INT8_MAX)[:, None]
+        return reference.dequantize_weight(self.weight, self.SCB)
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A plain ``nn.Linear`` with the de-quantized weight (for export or removing the layer)."""

@@ -21,6 +21,12 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q_w, s_w
 
 
+def dequantize_weight(q_w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight the int8 values stand for: ``q_w * (s_w / 127)`` ([N, K]); the backward, the float layer
+    a hook gives back and ``Int8Linear.dequantize`` all use it."""
+    return q_w.float() * (s_w / INT8_MAX)[:, None]
+
+
 def quantize_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row scales without outliers, int8 rows with outlier columns zeroed, and the outlier columns.
 

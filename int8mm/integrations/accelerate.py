@@ -22,8 +22,8 @@ from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
 from .. import functional as F8
-from .._constants import DEFAULT_THRESHOLD, INT8_MAX
-from ..backends import Backend, parse_backend
+from .._constants import DEFAULT_THRESHOLD
+from ..backends import Backend, parse_backend, reference
 from .. import weight_format
 from ..config import Int8MMConfig, resolve_config
 from ..model import record_config
@@ -105,7 +105,7 @@ class Int8Hook(ModelHook):
         q_w, s_w = module.weight, module.SCB
         if q_w.is_meta:
             q_w, s_w = _take_back_offloaded(module)
-        weight = (q_w.float() * (s_w / INT8_MAX)[:, None]).to(self._float_dtype)
+        weight = reference.dequantize_weight(q_w, s_w).to(self._float_dtype)
         if self._transposed:
             weight = weight.t().contiguous()
         for handle in self._handles:

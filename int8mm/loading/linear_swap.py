@@ -11,7 +11,6 @@ def replace_linears_on_meta(
     model: nn.Module,
     config: Int8MMConfig,
     linear_cls: type[Int8Linear] = Int8Linear,
-    selection: Selection | None = None,
 ) -> tuple[dict[str, bool], Selection]:
     """Swap each layer that ``int8mm.selection`` picks for an empty ``linear_cls`` on meta. No weight is read.
 
@@ -19,12 +18,11 @@ def replace_linears_on_meta(
         model: a model whose layers may still be on the meta device.
         config: threshold and backend of every new layer, and what to skip.
         linear_cls: ``Int8Linear`` or a subclass.
-        selection: the layers to swap, if chosen already (else ``select_layers(model, config)``).
     Returns:
         ``({qualified name: transposed}, selection)``; ``transposed`` is True for a ``Conv1D``, whose checkpoint
         weight is ``[in, out]`` (the transpose of an ``nn.Linear`` weight). Every alias of a layer is listed.
     """
-    selection = selection if selection is not None else select_layers(model, config)
+    selection = select_layers(model, config)
     transposed: dict[str, bool] = {}
     for layer in selection.quantize:
         module = layer.module
