@@ -137,7 +137,8 @@ def _int8_linear_setup_context(ctx, inputs, output):
 def dequant_matmul(grad_y: Tensor, q_w: Tensor, s_w: Tensor) -> Tensor:
     """fp32 ``grad_y [M, N] @ (q_w * s_w[:, None] / 127)`` ([M, K]). On CUDA with Triton: tile by tile, never
     building the fp32 weight (4 bytes an element) that the reference formula materializes."""
-    if grad_y.is_cuda and backends.Backend.TRITON in backends.available_backends(grad_y.device):
+    # asks about Triton alone: listing every backend would load (or build) the CUDA library on a backward call
+    if grad_y.is_cuda and backends.triton_runs_on(grad_y.device):
         from .backends.triton_backward import dequant_matmul as tiled
 
         return tiled(grad_y, q_w, s_w)

@@ -80,11 +80,17 @@ def _cpu_library_loadable() -> bool:
     return cpu_backend.library_available()
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton is installed and can run on ``device`` (a GPU, or CPU tensors under TRITON_INTERPRET=1); probes
+    nothing else (no library is loaded or built)."""
+    return _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting()))
+
+
 def available_backends(device: torch.device | str | None = None) -> list[Backend]:
     """The backends that can run on ``device`` (default: CUDA if present, else CPU), AUTO excluded."""
     device = torch.device(device) if device is not None else default_device()
     found = [Backend.REFERENCE]
-    if _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting())):
+    if triton_runs_on(device):
         found.append(Backend.TRITON)
     if device.type == "cuda" and _cuda_library_loadable():
         found.append(Backend.CUDA)
