@@ -110,7 +110,7 @@ class Int8LoraLinear(LoraLinear):
         base = self.get_base_layer()
         delta = sum(self.get_delta_weight(a).to(base.weight.device) for a in adapter_names)
         bias = self._bias_after(base, adapter_names, sign=1.0)
-        self._requantize(base, base.dequantize() + delta, delta, adapter_names, action="merging")
+        self._requantize(base, delta, adapter_names, action="merging")
         if bias is not None:
             base.bias.copy_(bias)
         self.merged_adapters.extend(adapter_names)
@@ -126,7 +126,7 @@ class Int8LoraLinear(LoraLinear):
         if adapter_names:
             delta = sum(self.get_delta_weight(a).to(base.weight.device) for a in adapter_names)
             bias = self._bias_after(base, adapter_names, sign=-1.0)
-            self._requantize(base, base.dequantize() - delta, -delta, adapter_names, action="unmerging")
+            self._requantize(base, -delta, adapter_names, action="unmerging")
             if bias is not None:
                 base.bias.copy_(bias)
         self.merged_adapters.clear()
@@ -143,14 +143,15 @@ class Int8LoraLinear(LoraLinear):
                              f"bias; the layer was left unchanged")
         return bias.to(base.bias.dtype)
 
-    def _requantize(self, base: Int8Linear, weight: torch.Tensor, delta: torch.Tensor, adapter_names: list[str],
-                    action: str) -> None:
+    def _requantize(self, base: Int8Linear, delta: torch.Tensor, adapter_names: list[str], action: str) -> None:
+        """``base``'s weight becomes ``quantize(dequantize(W) + delta)``; records ``merge_error``."""
+        before = base.dequantize()
+        weight = before + delta
         bad = int((~torch.isfinite(weight)).sum())
         if bad:  # quantize_weight would refuse it too; this names the adapter
             raise ValueError(f"{action} adapter(s) {adapter_names} gives {bad} non-finite weight value(s) "
                              f"(NaN/Inf): the adapter seems broken; the layer was left unchanged")
         q_w, s_w = quantize_weight(weight, name=f"{action} adapter(s) {adapter_names}")
-        before = base.dequantize()
         # new tensors, not copies into the old ones: another layer may share this int8 weight and must keep it
         replace_int8_tensors(base, q_w, s_w)
         # how much of the delta the int8 weight carries: rounding to the int8 grid keeps a delta well above the
