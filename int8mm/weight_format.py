@@ -29,7 +29,7 @@ STATE_DICT_SOURCE = "state_dict"  # how messages name a state dict that came fro
 __all__ = [
     "BIAS", "FORMAT", "SCALE", "SCALE_DTYPE", "STATE_DICT_KEYS", "STATE_DICT_SOURCE", "WEIGHT", "WEIGHT_FORMAT_DTYPE",
     "WEIGHT_FORMAT_ROW", "add_format_marker", "check_format_value", "check_int8_layout", "check_int8_values",
-    "format_marker", "int8_state_for_loading", "keep_scale_fp32",
+    "format_marker", "int8_state_for_loading", "keep_scale_fp32", "replace_int8_tensors",
 ]
 
 
