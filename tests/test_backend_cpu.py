@@ -1,8 +1,9 @@
 """The CPU library (kernels/cpu, int8mm/backends/cpu.py) against the reference, on every machine.
 
 Quantized values and scales must be the reference's bit for bit (the same fp32 math, no fast-math); the
-int32 products exact; outputs within SPEC tolerances. The shapes walk the fused GEMV's edges: rows in blocks
-of four, K around the 64-byte vector, M at the fused/GEMM boundary (16/17).
+int32 products exact; outputs within SPEC tolerances (and the many-row path, which keeps the reference's order of
+operations, bit for bit). The shapes walk the fused GEMV's edges: weight rows in blocks of eight, rows of x in
+tiles of one to four, K around the 64-byte vector, M at the fused/GEMM boundary (16/17).
 """
 import platform
 import subprocess
@@ -70,9 +71,51 @@ def test_without_outliers_or_bias_the_output_is_the_reference_bit_for_bit(m, k):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16])
+def test_weights_of_minus_128_are_exact(m):
+    """A checkpoint's int8 weight may hold -128 (quantize_weight never writes it): the VNNI GEMV turns w into an
+    unsigned byte, which must be exact for every int8 value."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 200, generator=g)
+    q_w = torch.randint(-128, 128, (19, 200), dtype=torch.int8, generator=g)
+    q_w[:, :50] = -128
+    s_w = torch.rand(19, generator=g) + 0.5
+    ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, 0.0)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("threshold", [THRESHOLD, 1000.0])  # with outlier columns, and with none
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_many_rows_are_the_reference_bit_for_bit(dtype, threshold, with_bias):
+    """Past the fused limit the C quantization and the C scaling pass keep the reference's order of operations
+    (integer part, then the outlier term, then the bias): the outputs are identical, in every dtype."""
+    x = planted_outliers(40, 300, dtype, zero_row=True, seed=11)
+    q_w, s_w = int8mm.quantize_weight(random_weight(37, 300))
+    bias = torch.randn(37).to(dtype) if with_bias else None
+    ref, got = _both(_ops.int8_linear, x, q_w, s_w, bias, threshold)
+    assert got.dtype == dtype and torch.equal(got, ref)
+
+
+def test_quantization_in_parallel_is_the_reference():
+    """Large inputs quantize their rows on several threads (the column flags raised from any of them)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in FLOAT_DTYPES:
+            x = planted_outliers(300, 1030, dtype, zero_row=True, seed=5)  # 309,000 elements: past the limit
+            x[7, 1000] = 50.0  # an outlier column only one row (one thread's share) sees
+            x[299, 3] = -60.0
+            got = _ops.quantize_activations(x, THRESHOLD, "cpu")
+            _assert_quantize_identical(_ops.quantize_activations(x, THRESHOLD, "reference"), got)
+            assert {1000, 3} <= set(got[2][: int(got[3])].tolist())
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_large_k_sums_wrap_back_exactly():
-    """The VNNI path adds 128 to x's int8 values: sum((x + 128) * w) passes 2^31 beyond K = 66,313, and must
-    still come back to the exact int32 result."""
+    """The VNNI path adds 128 to the weight's int8 values: sum((w + 128) * x) passes 2^31 beyond K = 66,313, and
+    must still come back to the exact int32 result."""
     k = 70_000
     x = torch.ones(2, k)
     x[1] = -1.0
@@ -172,12 +215,12 @@ def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
 
 
 def test_the_portable_gemv_matches_too(monkeypatch, tmp_path):
-    """Built for a CPU without AVX-512 (x86-64-v3) the fused GEMV takes its plain C loop: same results."""
+    """Built for a CPU without AVX-512 (x86-64-v3) the library takes its plain C loops: same results."""
     march = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"  # elsewhere native is plain C
     monkeypatch.setenv("INT8MM_CPU_LIB", str(cpu_build.build(tmp_path, march=march)))
     cpu_backend.library.cache_clear()
     try:
-        for m, k in ((1, 65), (5, 130), (16, 576)):
+        for m, k in ((1, 65), (5, 130), (16, 576), (40, 300)):  # 40 rows: the plain quantize and scaling loops
             x = planted_outliers(m, k, seed=m)
             q_w, s_w = int8mm.quantize_weight(random_weight(33, k))
             ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, THRESHOLD)

@@ -1,13 +1,15 @@
 """The CPU backend: compiled C kernels (kernels/cpu) called through ctypes; the reference stays the spec.
 
-Activation quantization is one C function (two passes over x instead of a dozen torch ops); decode-sized
-batches (M <= FUSED_MAX_M) run quantize + int8 GEMV + epilogue in one call that reads the weight once;
-larger batches take the reference path (``torch._int_mm``, oneDNN's tiled int8 GEMM, and BLAS for the outliers).
+Activation quantization is one C function (two vectorized passes over x instead of a dozen torch ops);
+decode-sized batches (M <= FUSED_MAX_M) run quantize + int8 GEMV + epilogue in one call that reads the weight
+once; larger batches quantize in C, multiply with ``torch._int_mm`` (oneDNN's tiled int8 GEMM), scale the int32
+result in one C pass and add the outlier term with BLAS, in the reference's order of operations.
 The quantized values and scales are the reference's bit for bit (tests/test_backend_cpu.py checks them).
 """
 import ctypes
 import functools
 import logging
+import struct
 import threading
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from . import cpu_build, reference, registry
 
 BACKEND = "cpu"
-ABI_VERSION = 1
+ABI_VERSION = 3
 # up to this many rows the fused GEMV (weights read once, all rows served from cache) beats oneDNN's GEMM
 FUSED_MAX_M = 16
 _SCRATCH_SHAPES = 8  # scratch buffers kept per thread
@@ -25,11 +27,16 @@ log = logging.getLogger("int8mm")
 CPU = torch.device("cpu")  # every buffer this backend hands to C: never the default device (set_default_device)
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# struct int8mm_linear_call (kernels/cpu/int8mm_cpu.c): x, dtype, M, K, sxm, sxk, q_w, s_w, N, bias, bias_dtype,
+# q_x, s_x, outlier_cols, outlier_count, workspace, out, num_threads as int64, then the threshold as a double.
+# One packed argument instead of nineteen: ctypes' per-argument conversion cost more than a small GEMV.
+_LINEAR_CALL = struct.Struct("<18qd")
 _SIGNATURES = {
     "int8mm_cpu_abi_version": (_i32, []),
-    "int8mm_cpu_quantize_activations": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _p, _p, _p, _p]),
-    "int8mm_cpu_int8_linear": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i32, _f32, _p, _p, _p, _p,
-                                      _p, _p, _i32]),
+    "int8mm_cpu_quantize_activations": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _p, _p, _p, _p, _i32]),
+    "int8mm_cpu_scale_int32": (_i32, [_p, _i64, _i64, _p, _p, _p, _i32, _p, _i32, _i32]),
+    "int8mm_cpu_int8_linear": (_i32, [_p]),  # one packed struct: _LINEAR_CALL
+    "int8mm_cpu_linear_call_size": (_i32, []),
 }
 
 
@@ -48,6 +55,9 @@ def library() -> ctypes.CDLL:
         fn.restype, fn.argtypes = restype, argtypes
     if lib.int8mm_cpu_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} speaks ABI {lib.int8mm_cpu_abi_version()}, this int8mm needs {ABI_VERSION}")
+    if lib.int8mm_cpu_linear_call_size() != _LINEAR_CALL.size:
+        raise RuntimeError(f"{path} packs its call in {lib.int8mm_cpu_linear_call_size()} bytes, this int8mm in "
+                           f"{_LINEAR_CALL.size}")
     return lib
 
 
@@ -67,16 +77,23 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"int8mm CPU kernel {what} failed: {_ERRORS.get(status, status)}")
 
 
-_scratch_of_thread = threading.local()
+class _ThreadScratch(threading.local):
+    """Per thread: scratch buffers by (M, K) and the packed-argument buffer of the fused call."""
+
+    def __init__(self):
+        self.buffers = {}
+        self.call = ctypes.create_string_buffer(_LINEAR_CALL.size)
+        self.call_address = ctypes.addressof(self.call)
+
+
+_scratch_of_thread = _ThreadScratch()
 
 
 def _scratch_pointers(m: int, k: int) -> tuple[int, int, int, int, int]:
     """Addresses of q_x int8 [M, K], s_x fp32 [M], outlier columns int32 [K], count int32 [1] and column flags
     uint8 [K] in one scratch buffer, kept per thread and per (M, K): the fused call never returns them, and a
     decode step calls the same shapes again and again (each allocation is host time such a call feels)."""
-    cache = getattr(_scratch_of_thread, "buffers", None)
-    if cache is None:
-        cache = _scratch_of_thread.buffers = {}
+    cache = _scratch_of_thread.buffers
     found = cache.get((m, k))
     if found is None:
         if len(cache) >= _SCRATCH_SHAPES:  # many prompt lengths: keep memory bounded
@@ -99,29 +116,56 @@ def quantize_activations(x, threshold):
     flags = torch.empty(k, dtype=torch.uint8, device=CPU)
     _check(library().int8mm_cpu_quantize_activations(
         x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), threshold, q_x.data_ptr(),
-        s_x.data_ptr(), cols.data_ptr(), count.data_ptr(), flags.data_ptr()), "quantize_activations")
+        s_x.data_ptr(), cols.data_ptr(), count.data_ptr(), flags.data_ptr(), torch.get_num_threads()),
+        "quantize_activations")
     return q_x, s_x, cols, count
 
 
 registry.register(BACKEND, "int8_matmul")(reference.int8_matmul)  # oneDNN's int8 GEMM, made exact there
 
 
+def _pointer_and_code(t):
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype]) if t is not None else (None, 0)
+
+
+def _int8_linear_many_rows(x, q_w, s_w, bias, threshold):
+    """The reference's int8_linear with its passes over x and [M, N] done in C: the same results bit for bit."""
+    q_x, s_x, cols, count = quantize_activations(x, threshold)
+    acc = reference.int8_matmul(q_x, q_w)
+    outliers = cols[: int(count)]
+    # the outlier term comes between the integer part and the bias (the reference's order): y stays fp32 then
+    out_dtype = x.dtype if outliers.numel() == 0 else torch.float32
+    y = torch.empty(acc.shape, dtype=out_dtype, device=CPU)
+    s_w = s_w.contiguous()
+    bias_ptr, bias_code = _pointer_and_code(bias.contiguous() if bias is not None and outliers.numel() == 0 else None)
+    _check(library().int8mm_cpu_scale_int32(
+        acc.data_ptr(), acc.shape[0], acc.shape[1], s_x.data_ptr(), s_w.data_ptr(), bias_ptr, bias_code,
+        y.data_ptr(), _DTYPE_CODES[out_dtype], torch.get_num_threads()), "scale_int32")
+    if outliers.numel() == 0:
+        return y
+    y.addmm_(x.index_select(1, outliers).float(), reference.dequantized_columns(q_w, s_w, outliers).t())
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
 @registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     if m > FUSED_MAX_M:
-        # Many rows: the reference path (torch's vectorized quantization, oneDNN's int8 GEMM, the outlier term as
-        # a BLAS matmul). A C epilogue looping over the outlier columns per output measured 1.5x slower on
-        # SmolLM2's real activations (make demo's 1024-token windows: 437 vs 664 tokens/s, 2-core AMD EPYC).
-        return reference.int8_linear(x, q_w, s_w, bias, threshold)
+        # Many rows: oneDNN's int8 GEMM and the outlier term as a BLAS matmul. A C epilogue looping over the
+        # outlier columns per output measured 1.5x slower on SmolLM2's real activations (make demo's 1024-token
+        # windows: 437 vs 664 tokens/s, 2-core AMD EPYC).
+        return _int8_linear_many_rows(x, q_w, s_w, bias, threshold)
     n = q_w.shape[0]
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    bias_ptr, bias_code = (bias.data_ptr(), _DTYPE_CODES[bias.dtype]) if bias is not None else (None, 0)
+    bias_ptr, bias_code = _pointer_and_code(bias.contiguous() if bias is not None else None)
     out = torch.empty((m, n), dtype=x.dtype, device=CPU)
+    scratch = _scratch_of_thread
     q_x, s_x, cols, count, flags = _scratch_pointers(m, k)
-    _check(library().int8mm_cpu_int8_linear(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(), s_w.data_ptr(), n,
-        bias_ptr, bias_code, threshold, q_x, s_x, cols, count, flags, out.data_ptr(), torch.get_num_threads()),
-        "int8_linear")
+    sxm, sxk = x.stride()
+    _LINEAR_CALL.pack_into(scratch.call, 0, x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, sxm, sxk, q_w.data_ptr(),
+                           s_w.data_ptr(), n, bias_ptr or 0, bias_code, q_x, s_x, cols, count, flags, out.data_ptr(),
+                           torch.get_num_threads(), threshold)
+    _check(library().int8mm_cpu_int8_linear(scratch.call_address), "int8_linear")
     return out

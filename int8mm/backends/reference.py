@@ -114,11 +114,15 @@ def int8_linear(x, q_w, s_w, bias, threshold: float) -> torch.Tensor:
     y = torch.mul(acc, s_x[:, None]).mul_(s_w[None, :] * (1.0 / INT8_MAX**2))
     if cols.numel() > 0:
         # de-quantized outlier weight columns are [N, n_out], small: scale them, then add in one addmm
-        w_out = q_w[:, cols].float().mul_((s_w * (1.0 / INT8_MAX))[:, None])
-        y.addmm_(x.index_select(1, cols).float(), w_out.t())
+        y.addmm_(x.index_select(1, cols).float(), dequantized_columns(q_w, s_w, cols).t())
     if bias is not None:
         y += bias
     return y.to(x.dtype)
+
+
+def dequantized_columns(q_w: torch.Tensor, s_w: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``q_w[:, cols] * s_w / 127`` in fp32, ``[N, len(cols)]``: the weight side of the outlier term."""
+    return q_w[:, cols].float().mul_((s_w * (1.0 / INT8_MAX))[:, None])
 
 
 def _reciprocal_scale(scale: torch.Tensor) -> torch.Tensor:
