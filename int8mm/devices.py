@@ -2,7 +2,11 @@
 
 Loading (``device_map=None``), backend lookup (``available_backends()``) and the benchmark and command-line
 ``--device auto`` all use it, so they agree on where work goes.
+
+``on_device_of`` makes a tensor's GPU the current one for a launch, only when it is not already.
 """
+import contextlib
+
 import torch
 
 
@@ -12,3 +16,13 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def on_device_of(t: torch.Tensor):
+    """A context in which ``t``'s CUDA device is the current one. Kernels launch on the current device; a model
+    spread over GPUs (device_map="auto") calls layers whose tensors live on another one, and accelerate moves
+    the inputs there without changing the current device. Switches only when needed (the switch costs host
+    time on every call)."""
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

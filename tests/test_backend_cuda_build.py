@@ -11,7 +11,7 @@ import pytest
 from int8mm.backends import cuda, cuda_build
 
 EXPORTED = {"int8mm_abi_version", "int8mm_error_string", "int8mm_workspace_ints", "int8mm_quantize_activations",
-            "int8mm_int8_matmul", "int8mm_int8_linear"}
+            "int8mm_int8_matmul", "int8mm_int8_linear", "int8mm_linear_call_size"}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,32 @@ def test_host_side_calls_work_without_a_gpu(library, monkeypatch):
     m, k = 5, 3000
     assert lib.int8mm_workspace_ints(m, k) == m + k + -(-k // 1024)
     assert lib.int8mm_error_string(1).decode()  # cudaErrorInvalidValue has a message
+
+
+def test_the_packed_linear_call_reads_its_fields_in_order(library, monkeypatch):
+    """The fused call takes one packed struct: Python and the library must agree on its size and field order.
+    Its argument checks run on the host, so fields in the wrong place show as the wrong verdict here."""
+    import ctypes
+
+    monkeypatch.setenv(cuda_build.LIBRARY_ENV_VAR, str(library))
+    cuda.library.cache_clear()
+    lib = cuda.library()  # raises if the sizes differ
+    assert lib.int8mm_linear_call_size() == cuda._LINEAR_CALL.size == 18 * 8 + 8
+    fields = ("x", "x_dtype", "M", "K", "stride_xm", "stride_xk", "q_w", "s_w", "N", "bias", "bias_dtype",
+              "workspace", "q_x", "s_x", "outlier_cols", "outlier_count", "out", "stream")
+
+    def call(threshold=6.0, **values):
+        buffer = ctypes.create_string_buffer(cuda._LINEAR_CALL.size)
+        cuda._LINEAR_CALL.pack_into(buffer, 0, *(values.get(name, 0) for name in fields), threshold)
+        return lib.int8mm_int8_linear(ctypes.addressof(buffer))
+
+    invalid = 1  # cudaErrorInvalidValue
+    assert call(M=0, N=5, K=7) == 0 and call(M=3, N=0, K=7) == 0  # nothing to compute: no CUDA call at all
+    for field in ("M", "N", "K"):
+        assert call(**{"M": 3, "N": 5, "K": 7, field: -1}) == invalid, field
+    assert call(threshold=float("nan"), M=3, N=5, K=7) == invalid
+    assert call(threshold=-1.0, M=0, N=5, K=7) == invalid  # the threshold is the last field, a double
+    assert lib.int8mm_int8_linear(None) == invalid
     cuda.library.cache_clear()
 
 

@@ -169,12 +169,12 @@ def test_int8_linear_module_uses_the_backend(backend):
 def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     """Triton launches on the current device: a layer on another GPU (device_map="auto") must switch to its own
     for the launch, and only then. The GPU test with two devices checks the effect; this checks the choice."""
-    from int8mm.backends import triton as triton_backend
+    from int8mm.devices import on_device_of
     switched = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: switched.append(device) or contextlib.nullcontext())
     for device in (torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cpu")):
-        with triton_backend.on_device_of(type("FakeTensor", (), {"device": device})()):
+        with on_device_of(type("FakeTensor", (), {"device": device})()):
             pass
     assert switched == [torch.device("cuda", 1)]
 

@@ -5,13 +5,16 @@ loaded (and, where nvcc is present, built into the cache) at first use, never at
 """
 import ctypes
 import functools
+import struct
+import threading
 
 import torch
 
+from ..devices import on_device_of
 from . import cuda_build, registry
 
 BACKEND = "cuda"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -21,9 +24,14 @@ _SIGNATURES = {
     "int8mm_workspace_ints": (_i64, [_i64, _i64]),
     "int8mm_quantize_activations": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _p, _p, _p, _p, _p]),
     "int8mm_int8_matmul": (_i32, [_p, _p, _p, _i64, _i64, _i64, _p]),
-    "int8mm_int8_linear": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _p, _p, _i64, _p, _i32, _f32, _p, _p, _p, _p,
-                                  _p, _p, _p]),
+    "int8mm_int8_linear": (_i32, [_p]),  # one packed struct int8mm_linear_call: _LINEAR_CALL
+    "int8mm_linear_call_size": (_i32, []),
 }
+# struct int8mm_linear_call (kernels/cuda/int8mm.h): x, x_dtype, M, K, stride_xm, stride_xk, q_w, s_w, N, bias,
+# bias_dtype, workspace, q_x, s_x, outlier_cols, outlier_count, out, stream as int64, then the threshold as a
+# double. One packed argument instead of nineteen: ctypes converts each argument of a call on its own.
+_LINEAR_CALL = struct.Struct("<18qd")
+_SCRATCH_ALIGN = 256  # bytes: each buffer carved from the fused call's scratch starts this aligned
 
 
 @functools.cache
@@ -41,6 +49,9 @@ def library() -> ctypes.CDLL:
     if lib.int8mm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"the int8mm CUDA library speaks ABI {lib.int8mm_abi_version()}, this int8mm "
                            f"needs {ABI_VERSION}: {cuda_build.HOW_TO_BUILD}")
+    if lib.int8mm_linear_call_size() != _LINEAR_CALL.size:
+        raise RuntimeError(f"the int8mm CUDA library packs its call in {lib.int8mm_linear_call_size()} bytes, this "
+                           f"int8mm in {_LINEAR_CALL.size}: {cuda_build.HOW_TO_BUILD}")
     return lib
 
 
@@ -82,7 +93,7 @@ def quantize_activations(x, threshold):
     m, k = x.shape
     workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
     outlier_cols.zero_()  # the standalone op's outputs depend on its inputs alone: no stale tail in the list
-    with torch.cuda.device(x.device):
+    with on_device_of(x):
         _check(library().int8mm_quantize_activations(
             _ptr(x), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), threshold, _ptr(workspace), _ptr(q_x),
             _ptr(s_x), _ptr(outlier_cols), _ptr(outlier_count), _stream(x.device)))
@@ -93,23 +104,58 @@ def quantize_activations(x, threshold):
 def int8_matmul(a, b):
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
-    with torch.cuda.device(a.device):
+    with on_device_of(a):
         _check(library().int8mm_int8_matmul(_ptr(a), _ptr(b), _ptr(out), a.shape[0], b.shape[0], a.shape[1],
                                             _stream(a.device)))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _scratch_layout(m: int, k: int) -> tuple[int, tuple[int, ...]]:
+    """Total bytes and the offsets of workspace int32 [library's count], q_x int8 [M, K], s_x fp32 [M], outlier
+    columns int32 [K] and count int32 [1] in the fused call's one scratch allocation (five would cost five
+    trips through the caching allocator on every call)."""
+    sizes = [4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4]
+    padded = [-(-size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN for size in sizes]
+    return sum(padded), tuple(sum(padded[:i]) for i in range(len(sizes)))
+
+
+class _PackedCall(threading.local):
+    """Per thread: the buffer the fused call's arguments are packed into."""
+
+    def __init__(self):
+        self.buffer = ctypes.create_string_buffer(_LINEAR_CALL.size)
+        self.address = ctypes.addressof(self.buffer)
+
+
+_packed_call = _PackedCall()
+
+
+def _raw_stream(device: torch.device) -> int:
+    # the current stream's handle without building a torch.cuda.Stream object (what torch's own generated
+    # kernels use); the public call as a fallback for a torch without it
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get_raw(device.index) if get_raw is not None else _stream(device)
 
 
 @registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    workspace, q_x, s_x, outlier_cols, outlier_count = _activation_buffers(x)
-    with torch.cuda.device(x.device):
-        _check(library().int8mm_int8_linear(
-            _ptr(x), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), _ptr(q_w), _ptr(s_w), n, _ptr(bias),
-            _DTYPE_CODES[bias.dtype if bias is not None else x.dtype], threshold, _ptr(workspace), _ptr(q_x),
-            _ptr(s_x), _ptr(outlier_cols), _ptr(outlier_count), _ptr(out), _stream(x.device)))
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # the intermediates live in one allocation, freed (stream-ordered) when this call returns
+    total, offsets = _scratch_layout(m, k)
+    scratch = torch.empty(total, dtype=torch.uint8, device=x.device)
+    base = scratch.data_ptr()
+    workspace, q_x, s_x, outlier_cols, outlier_count = (base + offset for offset in offsets)
+    call = _packed_call
+    with on_device_of(x):
+        _LINEAR_CALL.pack_into(
+            call.buffer, 0, x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(),
+            s_w.data_ptr(), n, bias.data_ptr() if bias is not None else 0,
+            _DTYPE_CODES[bias.dtype if bias is not None else x.dtype], workspace, q_x, s_x, outlier_cols,
+            outlier_count, out.data_ptr(), _raw_stream(x.device), threshold)
+        _check(library().int8mm_int8_linear(call.address))
     return out

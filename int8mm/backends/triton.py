@@ -8,7 +8,6 @@ and many programs along N for decode (M <= 16) and large tensor-core tiles for p
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
 """
-import contextlib
 import functools
 import os
 
@@ -17,6 +16,7 @@ import triton
 
 from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
+from ..devices import on_device_of
 from . import registry, triton_interpreting
 
 BACKEND = "triton"
@@ -143,15 +143,6 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
 
 def _unit_k_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
-
-
-def on_device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device; a model spread over GPUs (device_map="auto") calls layers
-    whose tensors live on another one, and accelerate moves the inputs there without changing the current
-    device. Switch only when needed (the switch costs host time on every call)."""
-    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 @registry.register(BACKEND, "quantize_activations")

@@ -8,7 +8,7 @@ import triton
 
 from ..kernels.triton.backward import _dequant_matmul_kernel
 from . import triton_interpreting
-from .triton import on_device_of
+from ..devices import on_device_of
 
 # fp32 FMA tiles (no tensor cores at IEEE fp32); the interpreter gets the smallest tile tl.dot accepts
 GPU_TILE = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}

@@ -65,20 +65,32 @@ int int8mm_int8_matmul(const int8_t* a, const int8_t* b, int32_t* out, int64_t M
   return launch_int8_matmul(args, static_cast<cudaStream_t>(stream));
 }
 
-int int8mm_int8_linear(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm, int64_t stride_xk,
-                       const int8_t* q_w, const float* s_w, int64_t N, const void* bias, int bias_dtype,
-                       float threshold, int32_t* workspace, int8_t* q_x, float* s_x, int32_t* outlier_cols,
-                       int32_t* outlier_count, void* out, void* stream) {
+int int8mm_linear_call_size(void) { return static_cast<int>(sizeof(int8mm_linear_call)); }
+
+int int8mm_int8_linear(const int8mm_linear_call* call) {
+  if (call == nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t M = call->M, N = call->N, K = call->K;
+  const float threshold = static_cast<float>(call->threshold);
   if (M < 0 || N < 0 || K < 0 || !(threshold >= 0.0f)) return static_cast<int>(cudaErrorInvalidValue);
   if (M == 0 || N == 0) return 0;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  auto pointer = [](int64_t address) { return reinterpret_cast<void*>(static_cast<intptr_t>(address)); };
+  const void* x = pointer(call->x);
+  auto* q_x = static_cast<int8_t*>(pointer(call->q_x));
+  auto* s_x = static_cast<float*>(pointer(call->s_x));
+  auto* outlier_cols = static_cast<int32_t*>(pointer(call->outlier_cols));
+  auto* outlier_count = static_cast<int32_t*>(pointer(call->outlier_count));
+  const int x_dtype = static_cast<int>(call->x_dtype), bias_dtype = static_cast<int>(call->bias_dtype);
+  cudaStream_t s = static_cast<cudaStream_t>(pointer(call->stream));
   int num_sms = 0;
   int status = multiprocessors(&num_sms);
   if (status != 0) return status;
-  status = quantize_activations_impl(x, x_dtype, M, K, stride_xm, stride_xk, threshold, workspace, q_x, s_x,
-                                     outlier_cols, outlier_count, s, num_sms);
+  status = quantize_activations_impl(x, x_dtype, M, K, call->stride_xm, call->stride_xk, threshold,
+                                     static_cast<int32_t*>(pointer(call->workspace)), q_x, s_x, outlier_cols,
+                                     outlier_count, s, num_sms);
   if (status != 0) return status;
-  GemmArgs args{q_x, q_w, out, s_x, s_w, x, stride_xm, stride_xk, outlier_cols, outlier_count, bias, M, N, K};
+  GemmArgs args{q_x, static_cast<const int8_t*>(pointer(call->q_w)), pointer(call->out), s_x,
+                static_cast<const float*>(pointer(call->s_w)), x, call->stride_xm, call->stride_xk, outlier_cols,
+                outlier_count, pointer(call->bias), M, N, K};
   if (M <= kDecodeMaxM) return launch_int8_linear_gemv(args, x_dtype, bias_dtype, s);
   return launch_int8_linear_gemm(args, x_dtype, bias_dtype, s);
 }

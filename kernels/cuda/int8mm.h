@@ -10,7 +10,7 @@
 extern "C" {
 #endif
 
-#define INT8MM_ABI_VERSION 1
+#define INT8MM_ABI_VERSION 2
 // the library is built with hidden visibility: only these functions are exported
 #define INT8MM_API __attribute__((visibility("default")))
 
@@ -35,10 +35,17 @@ INT8MM_API int int8mm_int8_matmul(const int8_t* a, const int8_t* b, int32_t* out
 
 // The fused forward: out [M, N] (x's dtype, contiguous) = int8 part * s_x * s_w / 127^2
 // + x[:, O] @ (q_w[:, O] * s_w / 127)^T + bias. Uses the same buffers as int8mm_quantize_activations.
-INT8MM_API int int8mm_int8_linear(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm, int64_t stride_xk,
-                       const int8_t* q_w, const float* s_w, int64_t N, const void* bias, int bias_dtype,
-                       float threshold, int32_t* workspace, int8_t* q_x, float* s_x, int32_t* outlier_cols,
-                       int32_t* outlier_count, void* out, void* stream);
+// Its arguments come packed in one struct, every field 8 bytes, in this order: ctypes converts each argument of
+// a call on its own, and nineteen of them cost microseconds of host time on every decode step.
+struct int8mm_linear_call {
+  int64_t x, x_dtype, M, K, stride_xm, stride_xk;  // activations [M, K] with element strides, int8mm_dtype
+  int64_t q_w, s_w, N, bias, bias_dtype;           // the layer: int8 [N, K] contiguous, fp32 [N], bias [N] or 0
+  int64_t workspace, q_x, s_x, outlier_cols, outlier_count;  // as int8mm_quantize_activations takes them
+  int64_t out, stream;                             // [M, N] in x's dtype; a cudaStream_t
+  double threshold;
+};
+INT8MM_API int int8mm_linear_call_size(void);
+INT8MM_API int int8mm_int8_linear(const struct int8mm_linear_call* call);
 
 #ifdef __cplusplus
 }
