@@ -36,7 +36,7 @@ INT8MM_API int int8mm_int8_matmul(const int8_t* a, const int8_t* b, int32_t* out
 // The fused forward: out [M, N] (x's dtype, contiguous) = int8 part * s_x * s_w / 127^2
 // + x[:, O] @ (q_w[:, O] * s_w / 127)^T + bias. Uses the same buffers as int8mm_quantize_activations.
 // Its arguments come packed in one struct, every field 8 bytes, in this order: ctypes converts each argument of
-// a call on its own, and nineteen of them cost microseconds of host time on every decode step.
+// a call on its own, 1.6 us for nineteen of them against 0.5 us packed (2-core AMD EPYC), on every call.
 struct int8mm_linear_call {
   int64_t x, x_dtype, M, K, stride_xm, stride_xk;  // activations [M, K] with element strides, int8mm_dtype
   int64_t q_w, s_w, N, bias, bias_dtype;           // the layer: int8 [N, K] contiguous, fp32 [N], bias [N] or 0
