@@ -1,0 +1,139 @@
+"""The persistent TMA prefill GEMM (kernels/triton/gemm_persistent.py) against the reference, and its selection.
+
+On a CPU machine the kernel runs through Triton's interpreter, which executes tensor-descriptor loads as masked
+loads with zero padding (the behaviour of TMA out of bounds): the persistent tile walk, the descriptor
+offsets, the zero-filled ragged edges and the shared epilogue all run here; TMA itself, wgmma and the pipelining
+are checked ahead of time in tests/test_triton_compile.py and measured by benchmarks/bench_prefill_gemm.py.
+"""
+import logging
+
+import pytest
+import torch
+
+import int8mm
+from int8mm import _ops
+from int8mm.backends import reference
+from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
+
+pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+from int8mm.backends import triton_prefill  # noqa: E402  (imports triton)
+
+# (M, K, N): M > 16 rows (prefill), K a multiple of 16 (TMA rows), none a multiple of the interpreter's tiles;
+# the last spans 7 x 5 tiles, several per program (the interpreter's launch gets 4 "SMs")
+SHAPES = [(17, 64, 7), (40, 304, 50), (100, 96, 130)]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.fixture
+def persistent_launches(monkeypatch):
+    """INT8MM_PREFILL_GEMM=persistent; yields the list of shapes the persistent launcher was called with."""
+    monkeypatch.setenv(triton_prefill.PREFILL_GEMM_ENV_VAR, triton_prefill.PERSISTENT)
+    calls = []
+    launch = triton_prefill.launch_persistent_gemm
+
+    def counting(q_x, q_w, *args, **kwargs):
+        calls.append((q_x.shape[0], q_x.shape[1], q_w.shape[0]))
+        return launch(q_x, q_w, *args, **kwargs)
+
+    monkeypatch.setattr(triton_prefill, "launch_persistent_gemm", counting)
+    triton_prefill.log_classic_fallback_once.cache_clear()
+    yield calls
+    triton_prefill.log_classic_fallback_once.cache_clear()
+
+
+def _int8(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-127, 128, shape, dtype=torch.int8, generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_int32_product_is_exact(m, k, n, persistent_launches):
+    a, b = _int8((m, k), m), _int8((n, k), k)
+    got = _ops.int8_matmul(a, b, "triton")
+    assert persistent_launches == [(m, k, n)]
+    assert got.dtype == torch.int32 and torch.equal(got, reference.int8_matmul(a, b))
+
+
+def test_int32_extremes_do_not_overflow(persistent_launches):
+    k = 4096  # every product is -127^2: far beyond int16, exact in int32
+    a = torch.full((17, k), -127, dtype=torch.int8, device=DEVICE)
+    b = torch.full((9, k), 127, dtype=torch.int8, device=DEVICE)
+    got = _ops.int8_matmul(a, b, "triton")
+    assert persistent_launches and torch.equal(got, reference.int8_matmul(a, b))
+    assert int(got[0, 0]) == -127 * 127 * k
+
+
+@pytest.mark.parametrize("outlier_cols", [0, 3, 8])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_fused_output_matches_reference(m, k, n, dtype, bias, outlier_cols, persistent_launches):
+    # outlier_cols=0: no value reaches the threshold, the epilogue's outlier loop runs zero times
+    x = planted_outliers(m, k, dtype, n_outlier_cols=outlier_cols, at_threshold=6.0 if outlier_cols else None,
+                         zero_row=True).to(DEVICE)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    b = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype).to(DEVICE) if bias else None
+    got = _ops.int8_linear(x, q_w, s_w, b, 6.0, "triton")
+    assert persistent_launches == [(m, k, n)]
+    count = reference.quantize_activations(x, 6.0)[2].numel()
+    assert (count == 0) == (outlier_cols == 0)
+    assert got.dtype == dtype
+    assert_output_close(got, reference.int8_linear(x, q_w, s_w, b, 6.0))
+
+
+def test_persistent_programs_walk_several_tiles(persistent_launches):
+    # the interpreter's grid is min(tiles, 4 "SMs"): 7 x 5 tiles of 16 x 32 over 4 programs
+    m, k, n = SHAPES[-1]
+    meta = triton_prefill.INTERPRETER_PERSISTENT
+    tiles = -(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"])
+    assert tiles > 4 * meta["PROGRAMS_PER_SM"]
+    a, b = _int8((m, k), 5), _int8((n, k), 6)
+    assert torch.equal(_ops.int8_matmul(a, b, "triton"), reference.int8_matmul(a, b))
+
+
+def test_classic_is_the_default(monkeypatch, persistent_launches):
+    monkeypatch.delenv(triton_prefill.PREFILL_GEMM_ENV_VAR)
+    a, b = _int8((40, 64), 1), _int8((24, 64), 2)
+    assert torch.equal(_ops.int8_matmul(a, b, "triton"), reference.int8_matmul(a, b))
+    assert persistent_launches == []
+
+
+def test_decode_rows_keep_the_decode_kernel(persistent_launches):
+    a, b = _int8((16, 64), 1), _int8((24, 64), 2)
+    assert torch.equal(_ops.int8_matmul(a, b, "triton"), reference.int8_matmul(a, b))
+    assert persistent_launches == []
+
+
+def test_unknown_schedule_is_refused(monkeypatch):
+    monkeypatch.setenv(triton_prefill.PREFILL_GEMM_ENV_VAR, "stream-k")
+    a, b = _int8((40, 64), 1), _int8((24, 64), 2)
+    with pytest.raises(ValueError, match=r"INT8MM_PREFILL_GEMM must be one of 'classic', 'persistent', got 'stream-k'"):
+        _ops.int8_matmul(a, b, "triton")
+
+
+def _assert_classic_fallback(caplog, calls, a, b, reason):
+    with caplog.at_level(logging.WARNING, logger="int8mm"):
+        got = _ops.int8_matmul(a, b, "triton")
+    assert calls == []
+    assert torch.equal(got, reference.int8_matmul(a, b))
+    assert reason in caplog.text and "classic prefill GEMM runs" in caplog.text
+
+
+def test_pre_hopper_gpus_keep_the_classic_kernel(monkeypatch, caplog, persistent_launches):
+    monkeypatch.setattr(triton_prefill, "device_capability", lambda device: (8, 0))
+    _assert_classic_fallback(caplog, persistent_launches, _int8((40, 64), 1), _int8((24, 64), 2), "sm_80")
+    monkeypatch.setattr(triton_prefill, "device_capability", lambda device: (9, 0))
+    assert triton_prefill.persistent_unsupported(_int8((40, 64), 1), _int8((24, 64), 2)) is None
+
+
+def test_operands_tma_cannot_address_fall_back(caplog, persistent_launches):
+    # K = 499: rows are not 16-byte multiples; the classic kernel computes it (exactly), logged once
+    _assert_classic_fallback(caplog, persistent_launches, _int8((40, 499), 1), _int8((24, 499), 2),
+                             "16-byte aligned")
+
+
+def test_unaligned_weight_view_falls_back(caplog, persistent_launches):
+    big = _int8((25, 65), 3)
+    b = big[1:, 1:]  # a view: row stride 65, base one byte past an aligned address
+    assert triton_prefill.persistent_unsupported(_int8((40, 64), 1), b) is not None
+    _assert_classic_fallback(caplog, persistent_launches, _int8((40, 64), 1), b, "16-byte aligned")
