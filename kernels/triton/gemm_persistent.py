@@ -73,6 +73,8 @@ def _int8_gemm_dequant_persistent_kernel(
         else:
             # int32 out in two column halves: the flattened loop keeps the operand buffers in shared memory during
             # the epilogue, and the store's layout change through shared memory needs half as much per half tile
+            # (a whole 128 x 256 int32 tile would not fit next to them). The fused epilogue is not flattened (its
+            # outlier loop is a nested loop) and stays whole: split, it used more registers, not fewer (AOT, sm_90)
             halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             for h in tl.static_range(2):
                 offs_n = off_n + h * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
