@@ -5,6 +5,7 @@ loads with zero padding (the behaviour of TMA out of bounds): the persistent til
 offsets, the zero-filled ragged edges and the shared epilogue all run here; TMA itself, wgmma and the pipelining
 are checked ahead of time in tests/test_triton_compile.py and measured by benchmarks/bench_prefill_gemm.py.
 """
+import json
 import logging
 
 import pytest
@@ -137,3 +138,37 @@ def test_unaligned_weight_view_falls_back(caplog, persistent_launches):
     b = big[1:, 1:]  # a view: row stride 65, base one byte past an aligned address
     assert triton_prefill.persistent_unsupported(_int8((40, 64), 1), b) is not None
     _assert_classic_fallback(caplog, persistent_launches, _int8((40, 64), 1), b, "16-byte aligned")
+
+
+def _bench_script():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill_gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_prefill_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_script_dry_run(tmp_path, monkeypatch):
+    # the script sets these for its process: restore them for the other tests
+    monkeypatch.setenv(triton_prefill.PREFILL_GEMM_ENV_VAR, triton_prefill.CLASSIC)
+    monkeypatch.setenv("INT8MM_AUTOTUNE", "1")
+    result = _bench_script().main(["--out", str(tmp_path), "--dry-run"])
+    rows = result["rows"]
+    providers = {r["provider"] for r in rows}
+    assert providers == {"cuBLAS torch._int_mm", "fp16 F.linear", "triton classic int32", "triton classic fused",
+                         "triton persistent int32", "triton persistent fused"}
+    persistent = [r for r in rows if "persistent" in r["provider"]]
+    assert persistent and all(r["matches_classic"] is True and r["persistent_unsupported"] is None
+                              for r in persistent)
+    assert all(r["median_us"] > 0 and r["vs_fp16"] > 0 for r in rows)
+    assert [r["provider"] for r in rows if r["vs_int_mm"] == 1.0][0] == "cuBLAS torch._int_mm"
+    saved = json.loads((tmp_path / "prefill_gemm.json").read_text())
+    assert saved["meta"]["dry_run"] and len(saved["rows"]) == len(rows)
+    assert "| tiny proj (64 -> 48) | 32 | triton persistent fused |" in (tmp_path / "prefill_gemm.md").read_text()
+
+
+def test_benchmark_script_refuses_decode_rows():
+    with pytest.raises(SystemExit, match="--m must be prefill row counts"):
+        _bench_script().main(["--out", "unused", "--m", "16", "--dry-run"])

@@ -184,3 +184,20 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     with on_device_of(x):
         q_x, s_x, outlier_cols, outlier_count = _quantize_activations(x, threshold)
         return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
+
+
+def int8_gemm_dequant(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, outlier_count=None, bias=None):
+    """The GEMM stage of ``int8_linear`` alone, over activations quantized beforehand (benchmarks time it).
+
+    ``out = q_x @ q_w.T`` (int32 ``out``) when ``s_x`` is None; else the de-quantized LLM.int8() output with the
+    outlier term and ``bias``, from ``quantize_activations``' outputs ``(q_x, s_x, outlier_cols, outlier_count)``
+    and the weight's ``(q_w, s_w)``. Prefill rows (M > 16) take the schedule ``INT8MM_PREFILL_GEMM`` names.
+    Shapes and dtypes are the caller's to check (as ``int8_linear`` does).
+    """
+    with on_device_of(q_x):
+        return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
+
+
+def prefill_autotuner():
+    """The classic prefill GEMM's autotuner (its ``cache`` maps each shape key to the config chosen)."""
+    return _gemm_prefill
