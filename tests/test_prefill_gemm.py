@@ -88,13 +88,16 @@ def test_fused_output_matches_reference(m, k, n, dtype, bias, outlier_cols, pers
 
 
 def test_persistent_programs_walk_several_tiles(persistent_launches):
-    # the interpreter's grid is min(tiles, 4 "SMs"): 7 x 5 tiles of 16 x 32 over 4 programs
-    m, k, n = SHAPES[-1]
-    meta = triton_prefill.INTERPRETER_PERSISTENT
-    tiles = -(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"])
-    assert tiles > 4 * meta["PROGRAMS_PER_SM"]
+    # more tiles than programs: under the interpreter 7 x 5 tiles of 16 x 32 over min(tiles, 4 "SMs") programs;
+    # on a GPU 4096 x 8192 outputs are at least 256 tiles of the largest config, for at most 2 x 132 programs
+    m, k, n = SHAPES[-1] if DEVICE.type == "cpu" else (4096, 256, 8192)
+    if DEVICE.type == "cpu":
+        meta = triton_prefill.INTERPRETER_PERSISTENT
+        tiles = -(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"])
+        assert tiles > 4 * meta["PROGRAMS_PER_SM"]
     a, b = _int8((m, k), 5), _int8((n, k), 6)
     assert torch.equal(_ops.int8_matmul(a, b, "triton"), reference.int8_matmul(a, b))
+    assert persistent_launches == [(m, k, n)]
 
 
 def test_classic_is_the_default(monkeypatch, persistent_launches):

@@ -35,8 +35,14 @@ def store_dequantized_tile(
     b_ptr, out_ptr, s_x_ptr, s_w_ptr, x_ptr, outlier_cols_ptr, outlier_count_ptr, bias_ptr,  # as in the kernel
     stride_bn, stride_bk, stride_om, stride_on, stride_xm, stride_xk,
     FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    OUTLIER_UNROLL: tl.constexpr = 1,  # outlier columns per loop step (their loads issue together)
 ):
-    """Writes ``acc`` (FUSED=False) or the de-quantized output with the outlier term and bias (FUSED=True)."""
+    """Writes ``acc`` (FUSED=False) or the de-quantized output with the outlier term and bias (FUSED=True).
+
+    The outlier columns are added one at a time in list order (the same fp32 sums whatever OUTLIER_UNROLL is);
+    with OUTLIER_UNROLL > 1 each step handles that many, masked past the count, so that their gathers of x and
+    of weight columns (stride K apart) wait on memory once per step rather than once per column.
+    """
     in_m = offs_m < M
     in_n = offs_n < N
     # element offsets of rows are int64: [M, K], [M, N] and [N, K] may hold more than 2^31 elements (a long
@@ -52,11 +58,15 @@ def store_dequantized_tile(
         # outlier columns in fp32: a rank-1 update per column, each weight column de-quantized
         w_scale = s_w * INV_INT8_MAX
         num_outliers = tl.load(outlier_count_ptr)
-        for j in range(0, num_outliers):
-            col = tl.load(outlier_cols_ptr + j).to(tl.int64)  # x may be a strided view: int64 offsets
-            x_col = tl.load(x_ptr + rows * stride_xm + col * stride_xk, mask=in_m, other=0.0).to(tl.float32)
-            w_col = tl.load(b_ptr + cols * stride_bn + col * stride_bk, mask=in_n, other=0).to(tl.float32)
-            y += x_col[:, None] * (w_col * w_scale)[None, :]
+        for first in range(0, num_outliers, OUTLIER_UNROLL):
+            for step in tl.static_range(OUTLIER_UNROLL):
+                j = first + step
+                listed = j < num_outliers
+                # x may be a strided view: int64 offsets
+                col = tl.load(outlier_cols_ptr + j, mask=listed, other=0).to(tl.int64)
+                x_col = tl.load(x_ptr + rows * stride_xm + col * stride_xk, mask=in_m & listed, other=0.0)
+                w_col = tl.load(b_ptr + cols * stride_bn + col * stride_bk, mask=in_n & listed, other=0)
+                y += x_col.to(tl.float32)[:, None] * (w_col.to(tl.float32) * w_scale)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -2,11 +2,12 @@
 
 Computes exactly what ``_int8_gemm_dequant_kernel`` (gemm.py) computes, with the same epilogue
 (``store_dequantized_tile``): exact int32 ``q_x @ q_w.T`` when ``FUSED=False``, else the de-quantized output
-plus the fp32 outlier term and the bias. Two things differ:
+plus the fp32 outlier term and the bias. Three things differ:
 
 - Persistent schedule: the launcher starts at most one program per SM; each walks the output tiles
   ``pid, pid + num_programs, ...`` in the grouped order of gemm.py. No tail of short-lived programs, and one
   program's epilogue overlaps the other programs' K loops instead of leaving its SM idle at a launch boundary.
+- The epilogue gathers the outlier columns two at a time (``OUTLIER_UNROLL``), the same sums in the same order.
 - Operand tiles arrive by TMA (``cp.async.bulk.tensor``) through host-built tensor descriptors: one
   instruction per tile instead of per-thread address arithmetic and masks; out-of-range rows and K columns
   are filled with zeros by the hardware, which keeps the int32 sum exact on ragged shapes.
@@ -20,6 +21,11 @@ import triton
 import triton.language as tl
 
 from .gemm import grouped_tile, store_dequantized_tile
+
+# outlier columns the epilogue gathers per step: their loads (x columns, and weight columns K bytes apart) wait
+# on memory together, where one at a time each tile's epilogue waited once per column. 2, not more: at 4 the
+# fused fp16 epilogue of the 128x256 tile spills registers (AOT, sm_90), at 2 it does not
+OUTLIER_UNROLL = tl.constexpr(2)
 
 
 @triton.jit
@@ -69,7 +75,7 @@ def _int8_gemm_dequant_persistent_kernel(
             store_dequantized_tile(acc, offs_m, offs_n, M, N,
                                    b_ptr, out_ptr, s_x_ptr, s_w_ptr, x_ptr, outlier_cols_ptr, outlier_count_ptr,
                                    bias_ptr, stride_bn, stride_bk, stride_om, stride_on, stride_xm, stride_xk,
-                                   FUSED, HAS_BIAS)
+                                   FUSED, HAS_BIAS, OUTLIER_UNROLL)
         else:
             # int32 out in two column halves: the flattened loop keeps the operand buffers in shared memory during
             # the epilogue, and the store's layout change through shared memory needs half as much per half tile
