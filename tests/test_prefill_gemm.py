@@ -19,6 +19,7 @@ import torch
 import int8mm
 from int8mm import _ops
 from int8mm.backends import reference
+from gpu import requires_cuda
 from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
@@ -146,6 +147,47 @@ def test_unaligned_weight_view_falls_back(caplog, persistent_launches):
     b = big[1:, 1:]  # a view: row stride 65, base one byte past an aligned address
     assert triton_prefill.persistent_unsupported(_int8((40, 64), 1), b) is not None
     _assert_classic_fallback(caplog, persistent_launches, _int8((40, 64), 1), b, "16-byte aligned")
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [300, 2048])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_sized_shapes_on_the_gpu(m, dtype, persistent_launches):
+    k, n = 4096, 1536
+    x = planted_outliers(m, k, dtype, n_outlier_cols=8, zero_row=True).to("cuda")
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to("cuda"))
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    assert_output_close(_ops.int8_linear(x, q_w, s_w, bias, 6.0, "triton"),
+                        reference.int8_linear(x, q_w, s_w, bias, 6.0))
+    q_x = reference.quantize_activations(x, 6.0)[0]
+    assert torch.equal(_ops.int8_matmul(q_x, q_w, "triton"), reference.int8_matmul(q_x, q_w))
+    assert persistent_launches == [(m, k, n)] * 2
+
+
+@requires_cuda
+def test_gpu_forward_never_syncs_and_replays_in_a_cuda_graph(persistent_launches):
+    layer = int8mm.Int8Linear.from_linear(torch.nn.Linear(2048, 1024).to("cuda", torch.float16), backend="triton")
+    x = planted_outliers(64, 2048, torch.float16, n_outlier_cols=8).to("cuda")
+    eager = layer(x)  # autotune, compile and load first: those may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, eager)
+    other = planted_outliers(64, 2048, torch.float16, n_outlier_cols=8, seed=7).to("cuda")
+    static_x.copy_(other)  # outliers in other columns: the graph re-derives them on the device
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, layer(other))
+    assert persistent_launches and set(persistent_launches) == {(64, 2048, 1024)}
 
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill_gemm.py"
