@@ -18,7 +18,7 @@ Autotuning is on (INT8MM_AUTOTUNE=1 is set for this process; both schedules tune
     python benchmarks/bench_prefill_gemm.py --out DIR [--m 512 2048] [--models Llama-3-8B Llama-3-70B] [--forward]
     python benchmarks/bench_prefill_gemm.py --out DIR --dry-run   # CPU, Triton interpreter, tiny shapes: checks
                                                                   # the logic and the files, times nothing real
-Writes DIR/prefill_gemm.json (long-form rows + run metadata) and DIR/prefill_gemm.md.
+Writes DIR/prefill_gemm.json (long-form rows + run metadata) and DIR/prefill_gemm.md, again after every cell.
 """
 import argparse
 import json
@@ -78,24 +78,29 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         meta["capability"] = f"sm_{major}{minor}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = []
+    result = {"meta": meta, "rows": []}
     with torch.inference_mode():
         for shape in shapes:
             for m in m_values:
                 cell = measure_cell(shape, m, device, args)
-                rows += cell
+                result["rows"] += cell
                 print_cell(cell, time.perf_counter() - started)
-    meta["seconds"] = round(time.perf_counter() - started, 1)
-    meta["autotune"] = autotune_choices()
-    result = {"meta": meta, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prefill_gemm.json").write_text(json.dumps(result, indent=1))
-    (out / "prefill_gemm.md").write_text(markdown(result))
+                # after every cell: a run stopped by a time limit still leaves what it measured
+                meta["seconds"] = round(time.perf_counter() - started, 1)
+                meta["complete"] = shape == shapes[-1] and m == m_values[-1]
+                write(result, out)
     print(markdown(result))
     print("wrote", out / "prefill_gemm.json", out / "prefill_gemm.md")
     return result
+
+
+def write(result: dict, out: Path) -> None:
+    result["meta"]["autotune"] = autotune_choices()
+    (out / "prefill_gemm.json").write_text(json.dumps(result, indent=1))
+    (out / "prefill_gemm.md").write_text(markdown(result))
 
 
 def _input_sets(weight_bytes: int, device: torch.device) -> int:
@@ -228,7 +233,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Prefill GEMMs side by side: {meta['device']}, {meta['date']}", "",
              f"- torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('capability', 'CPU')}; "
              f"timer: {meta['timer']}; {meta['seconds']} s in all" + (" (DRY RUN: interpreter, nothing real)"
-                                                                      if meta["dry_run"] else ""),
+                                                                      if meta["dry_run"] else "")
+             + ("" if meta["complete"] else " (INCOMPLETE: stopped before the last cell)"),
              f"- fp16 inputs with {meta['outlier_columns']} outlier columns (threshold {meta['threshold']:g}); "
              "fused rows include the outlier term and a bias; int32 rows are the bare product",
              "- TOPS = 2 M N K / median time; x _int_mm = TOPS / cuBLAS int8 TOPS; x fp16 = fp16 F.linear time / "

@@ -202,7 +202,7 @@ def test_benchmark_script_dry_run(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     saved = json.loads((tmp_path / "prefill_gemm.json").read_text())
     rows = saved["rows"]
-    assert saved["meta"]["dry_run"]
+    assert saved["meta"]["dry_run"] and saved["meta"]["complete"]
     providers = {r["provider"] for r in rows}
     assert providers == {"cuBLAS torch._int_mm", "fp16 F.linear", "triton classic int32", "triton classic fused",
                          "triton persistent int32", "triton persistent fused"}
