@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--m must be prefill row counts (> 16), got {args.m}")
     os.environ["INT8MM_AUTOTUNE"] = "1"  # a lent GPU's test stage may have exported 0
     if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (int8mm imports them lazily)
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined: no int8mm module is imported yet
     elif not torch.cuda.is_available():
         raise SystemExit("bench_prefill_gemm.py needs an NVIDIA GPU and a CUDA build of torch; none here "
                          "(--dry-run checks the script on the CPU)")
