@@ -54,7 +54,7 @@ def _config(block_m, block_n, block_k, stages, warps, programs_per_sm):
 # on Hopper, once with 128-byte K steps and once with 64-byte steps and twice the stages (finer pipelining, the
 # same bytes in flight); 128x128 with two programs per SM (2 x 96 KiB of shared memory fit), so that one
 # program's epilogue overlaps the other's K loop; 128x128 with four stages, one per SM. 256x128 is left out:
-# its fused epilogue spills registers (280 B of stack per thread at sm_90, tests/test_triton_compile.py).
+# its fused epilogue spilled registers when tried (280 B of stack per thread at sm_90; see the AOT test).
 PERSISTENT_CONFIGS = [
     _config(128, 256, 128, 3, 8, 1),
     _config(128, 256, 64, 6, 8, 1),

@@ -4,9 +4,11 @@ Computes exactly what ``_int8_gemm_dequant_kernel`` (gemm.py) computes, with the
 (``store_dequantized_tile``): exact int32 ``q_x @ q_w.T`` when ``FUSED=False``, else the de-quantized output
 plus the fp32 outlier term and the bias. Three things differ:
 
-- Persistent schedule: the launcher starts at most one program per SM; each walks the output tiles
-  ``pid, pid + num_programs, ...`` in the grouped order of gemm.py. No tail of short-lived programs, and one
-  program's epilogue overlaps the other programs' K loops instead of leaving its SM idle at a launch boundary.
+- Persistent schedule: the launcher starts at most PROGRAMS_PER_SM programs per SM (1, or 2 where two fit);
+  each walks the output tiles ``pid, pid + num_programs, ...`` in the grouped order of gemm.py. No tail of
+  short-lived programs; with two per SM one program's epilogue overlaps the other's K loop. The int32 form's
+  tile loop is flattened into its K loop (the next tile's loads start during the epilogue); the fused form's
+  is not (its outlier loop is a nested loop, which the flattening pass does not take).
 - The epilogue gathers the outlier columns two at a time (``OUTLIER_UNROLL``), the same sums in the same order.
 - Operand tiles arrive by TMA (``cp.async.bulk.tensor``) through host-built tensor descriptors: one
   instruction per tile instead of per-thread address arithmetic and masks; out-of-range rows and K columns
