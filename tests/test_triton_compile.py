@@ -13,12 +13,17 @@ import pytest
 pytest.importorskip("triton", reason="needs the triton package")
 
 from int8mm.backends import triton as triton_backend  # noqa: E402
+from int8mm.backends import triton_prefill  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module fixture compiles every config ahead of time
 
-HOPPER_SHARED_MEMORY = 227 * 1024
+HOPPER_SHARED_MEMORY = 227 * 1024  # per block
+HOPPER_SHARED_MEMORY_PER_SM = 228 * 1024  # per SM, of which the driver reserves 1 KiB per resident block
+RESERVED_PER_BLOCK = 1024
+MAX_REGISTERS = 255
 PREFILL = triton_backend.PREFILL_CONFIGS
 DECODE = triton_backend.DECODE_CONFIGS
+PERSISTENT = triton_prefill.PERSISTENT_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +72,45 @@ def test_quantize_kernels(report, key):
     quantize = report["quantize"][key]["quantize"]
     assert quantize["div_rn"] and not quantize["div_approx"], "row reciprocal must be an IEEE division"
     assert quantize["rint"], "rounding must be half-to-even (cvt.rni)"
+
+
+def _persistent_id(config):
+    return "persistent-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**config.kwargs) + f"-s{config.num_stages}"
+
+
+@pytest.mark.parametrize("out_type", ["fp16", "bf16", "fp32", "i32"])
+@pytest.mark.parametrize("config", PERSISTENT, ids=[_persistent_id(c) for c in PERSISTENT])
+def test_persistent_gemm_configs(report, config, out_type):
+    got = report["persistent"][f"sm90/{_persistent_id(config)}/{out_type}"]
+    assert got["wgmma_s8"], "the persistent GEMM does not use int8 wgmma"
+    assert got["tma"], "operand tiles are not loaded by TMA (cp.async.bulk.tensor)"
+    assert not got["spills"], "the kernel uses local memory"
+    assert got["shared_bytes"] <= HOPPER_SHARED_MEMORY
+    assert got["registers"] is None or got["registers"] <= MAX_REGISTERS
+    # register spills show only in the cubin (stack frame). Known: fp32 outputs with 128 x 256 tiles spill about
+    # 100 B per thread in the epilogue (fp32 y beside the int32 tile); fp16/bf16 (the product) and int32 may not
+    if out_type != "fp32" and got["stack_bytes"] is not None:
+        assert got["stack_bytes"] == 0, f"registers spill: {got['stack_bytes']} B of stack per thread"
+
+
+@pytest.mark.parametrize("config", [c for c in PERSISTENT if c.kwargs["PROGRAMS_PER_SM"] > 1],
+                         ids=lambda c: _persistent_id(c))
+def test_two_programs_per_sm_fit(report, config):
+    # the launcher starts PROGRAMS_PER_SM programs per SM for these: the fused kernel (the product) must fit that
+    # many times in shared memory and registers, or the extra programs only wait for a free SM
+    for out_type in ("fp16", "bf16", "fp32"):
+        got = report["persistent"][f"sm90/{_persistent_id(config)}/{out_type}"]
+        programs = config.kwargs["PROGRAMS_PER_SM"]
+        assert programs * (got["shared_bytes"] + RESERVED_PER_BLOCK) <= HOPPER_SHARED_MEMORY_PER_SM
+        if got["registers"] is not None:
+            assert programs * got["registers"] * 32 * config.num_warps <= 64 * 1024
+
+
+def test_persistent_resources_are_reported(report, capsys):
+    """Prints registers and shared memory of every persistent config (pytest -s shows them)."""
+    with capsys.disabled():
+        for key, got in sorted(report["persistent"].items()):
+            print(f"\n{key}: {got['registers']} registers, {got['stack_bytes']} B stack, "
+                  f"{got['shared_bytes']} B shared", end="")
+        print()
+    assert report["persistent"]

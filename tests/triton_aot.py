@@ -5,17 +5,23 @@ replaces Triton's own jit functions at import, so compiling must happen in a pro
 Prints one JSON object; ``test_triton_compile.py`` asserts on it.
 Integer arguments get the specialisations a real launch gives contiguous, 16-byte aligned tensors (unit
 strides as constants, divisibility by 16), since software pipelining (cp.async) depends on them.
+Registers per thread come from the cubin (cuobjdump, shipped with Triton's NVIDIA backend).
 """
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
+from int8mm.backends import triton_prefill
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
+from int8mm.kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
 from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
@@ -23,6 +29,10 @@ UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_on", "stride_xk")
 GEMM_ALIGNED = ("a_ptr", "b_ptr", "out_ptr", "s_x_ptr", "s_w_ptr", "x_ptr", "outlier_cols_ptr",
                 "outlier_count_ptr", "bias_ptr", "N", "K", "stride_am", "stride_bn", "stride_om", "stride_xm")
 X_ALIGNED = ("x_ptr", "K", "stride_xm")
+PERSISTENT_UNIT_STRIDES = ("stride_bk", "stride_on", "stride_xk")
+PERSISTENT_ALIGNED = ("b_ptr", "out_ptr", "s_x_ptr", "s_w_ptr", "x_ptr", "outlier_cols_ptr", "outlier_count_ptr",
+                      "bias_ptr", "N", "K", "stride_bn", "stride_om", "stride_xm")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def _compile(kernel, signature, constexprs, aligned, target, num_warps, num_stages=3):
@@ -32,10 +42,26 @@ def _compile(kernel, signature, constexprs, aligned, target, num_warps, num_stag
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _resource_usage(compiled):
+    """Registers per thread and stack bytes per thread (register spills: ptxas spills to the stack frame,
+    which PTX's ld.local cannot show) of the compiled kernel, read from its cubin; None where cuobjdump is
+    missing."""
+    if not os.path.exists(CUOBJDUMP):
+        return {"registers": None, "stack_bytes": None}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))} if found else {
+        "registers": None, "stack_bytes": None}
+
+
 def _features(compiled):
     ptx = compiled.asm["ptx"]
     return {
         "wgmma_s8": bool(re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", ptx)),
+        "tma": "cp.async.bulk.tensor" in ptx,
         "mma_s8": bool(re.search(r"mma\.sync\.aligned\.m16n8k32\.row\.col(?:\.satfinite)?\.s32\.s8\.s8\.s32", ptx)),
         "cp_async": "cp.async" in ptx,
         "spills": "ld.local" in ptx,
@@ -64,6 +90,30 @@ def compile_gemm(config, target, out_type="fp16"):
                               target, config.num_warps, config.num_stages))
 
 
+def _persistent_signature(config, out_type):
+    tile = config.kwargs
+    x_type = "fp16" if out_type == "i32" else out_type  # fused: x, bias and out share the dtype
+    sig = {"a_desc": f"tensordesc<i8[{tile['BLOCK_M']}, {tile['BLOCK_K']}]>",
+           "b_desc": f"tensordesc<i8[{tile['BLOCK_N']}, {tile['BLOCK_K']}]>",
+           "b_ptr": "*i8", "out_ptr": f"*{out_type}", "s_x_ptr": "*fp32", "s_w_ptr": "*fp32",
+           "x_ptr": f"*{x_type}", "outlier_cols_ptr": "*i32", "outlier_count_ptr": "*i32", "bias_ptr": f"*{x_type}"}
+    for name in ("M", "N", "K", "M_BUCKET", "stride_bn", "stride_bk", "stride_om", "stride_on", "stride_xm",
+                 "stride_xk"):
+        sig[name] = "constexpr" if name in PERSISTENT_UNIT_STRIDES else "i32"
+    for name in ("FUSED", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PROGRAMS_PER_SM"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def compile_persistent(config, target, out_type="fp16"):
+    """The persistent TMA kernel (sm_90+ only: the launcher never gives it to an older GPU) with its registers."""
+    fused = out_type != "i32"
+    constexprs = dict(config.kwargs, FUSED=fused, HAS_BIAS=fused, **{s: 1 for s in PERSISTENT_UNIT_STRIDES})
+    compiled = _compile(_int8_gemm_dequant_persistent_kernel, _persistent_signature(config, out_type), constexprs,
+                        PERSISTENT_ALIGNED, target, config.num_warps, config.num_stages)
+    return dict(_features(compiled), **_resource_usage(compiled))
+
+
 def compile_quantize(m, target):
     block_m, block_k, num_warps = triton_backend._stats_tile(m)
     tiles = {"BLOCK_M": block_m, "BLOCK_K": block_k, "stride_xk": 1}
@@ -87,7 +137,7 @@ def config_id(kind, config):
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
@@ -98,6 +148,10 @@ def main():
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
     for out_type in ("i32", "bf16", "fp32"):
         report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
+    for config in triton_prefill.PERSISTENT_CONFIGS:
+        for out_type in ("fp16", "bf16", "fp32", "i32"):
+            key = f"sm90/{config_id('persistent', config)}-s{config.num_stages}/{out_type}"
+            report["persistent"][key] = compile_persistent(config, TARGETS["sm90"], out_type)
     json.dump(report, sys.stdout)
 
 

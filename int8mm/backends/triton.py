@@ -3,7 +3,8 @@
 Registered as the ``triton`` backend of the ops in ``int8mm._ops``. ``int8_linear`` never reads a device
 value on the host, so it can be captured in a CUDA graph:
 zero-fill, activation statistics, quantization + outlier list, fused GEMM, with thin 16-row tiles
-and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill.
+and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill (one program per
+tile, or the persistent TMA kernel on sm_90+ when INT8MM_PREFILL_GEMM=persistent: see triton_prefill.py).
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
@@ -17,7 +18,7 @@ import triton
 from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 from ..devices import on_device_of
-from . import registry, triton_interpreting
+from . import registry, triton_interpreting, triton_prefill
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -119,6 +120,14 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
     fused = s_x is not None
     if not fused:  # int8_matmul: the epilogue pointers are never read; pass any tensor
         s_x = s_w = x = outlier_cols = outlier_count = q_x
+    autotune = os.environ.get(AUTOTUNE_ENV_VAR, "1") != "0"
+    if m > DECODE_MAX_M and triton_prefill.prefill_gemm() == triton_prefill.PERSISTENT:
+        reason = triton_prefill.persistent_unsupported(q_x, q_w)
+        if reason is None:
+            return triton_prefill.launch_persistent_gemm(
+                q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias, fused=fused,
+                num_sms=_multiprocessors(q_x.device), autotune=autotune)
+        triton_prefill.log_classic_fallback_once(reason)
     args = (
         q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out,
         m, n, k, triton.next_power_of_2(m),
@@ -132,7 +141,7 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
 
     if triton_interpreting():
         _int8_gemm_dequant_kernel[grid](*args, **flags, **INTERPRETER_GEMM)
-    elif os.environ.get(AUTOTUNE_ENV_VAR, "1") == "0":
+    elif not autotune:
         cfg = (DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS)[0]
         _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
                                         num_stages=cfg.num_stages)
@@ -166,3 +175,20 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     with on_device_of(x):
         q_x, s_x, outlier_cols, outlier_count = _quantize_activations(x, threshold)
         return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
+
+
+def int8_gemm_dequant(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, outlier_count=None, bias=None):
+    """The GEMM stage of ``int8_linear`` alone, over activations quantized beforehand (benchmarks time it).
+
+    ``out = q_x @ q_w.T`` (int32 ``out``) when ``s_x`` is None; else the de-quantized LLM.int8() output with the
+    outlier term and ``bias``, from ``quantize_activations``' outputs ``(q_x, s_x, outlier_cols, outlier_count)``
+    and the weight's ``(q_w, s_w)``. Prefill rows (M > 16) take the schedule ``INT8MM_PREFILL_GEMM`` names.
+    Shapes and dtypes are the caller's to check (as ``int8_linear`` does).
+    """
+    with on_device_of(q_x):
+        return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
+
+
+def prefill_autotuner():
+    """The classic prefill GEMM's autotuner (its ``cache`` maps each shape key to the config chosen)."""
+    return _gemm_prefill
