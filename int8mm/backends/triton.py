@@ -16,7 +16,8 @@ import torch
 import triton
 
 from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
-from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
+from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
+                                       _rowwise_quantize_kernel)
 from . import registry, triton_interpreting
 
 BACKEND = "triton"
@@ -90,6 +91,79 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Which activation quantization serves prefill (M > DECODE_MAX_M): "classic" (the stats pass, then the quantize
+# pass, each over [BLOCK_M, BLOCK_K] tiles) or "rowwise" (_rowwise_quantize_kernel, then
+# _outlier_columns_kernel). Both compute the same values bit for bit; decode always takes "classic".
+PREFILL_QUANT_ENV_VAR = "INT8MM_PREFILL_QUANT"
+PREFILL_QUANT_SCHEMES = ("classic", "rowwise")
+DEFAULT_PREFILL_QUANT = "classic"  # until a GPU run measures "rowwise" (benchmarks/bench_quantize_pass.py)
+
+
+@functools.cache
+def prefill_quant_scheme() -> str:
+    """The prefill quantization scheme named by INT8MM_PREFILL_QUANT (read once; ``cache_clear()`` re-reads it).
+
+    Raises:
+        ValueError: the variable names no scheme.
+    """
+    value = os.environ.get(PREFILL_QUANT_ENV_VAR, DEFAULT_PREFILL_QUANT)
+    if value not in PREFILL_QUANT_SCHEMES:
+        raise ValueError(f"{PREFILL_QUANT_ENV_VAR} must be one of {', '.join(PREFILL_QUANT_SCHEMES)}, got {value!r}")
+    return value
+
+
+# rowwise: 2048 columns per tile (16 KB of fp16 per program and sweep step at BLOCK_M = 4) and 4 warps; each
+# program owns up to 4 rows at a time, with at least this many programs per SM so that loads stay in flight
+ROWWISE_BLOCK_K = 2048
+ROWWISE_WARPS = 4
+ROWWISE_MAX_BLOCK_M = 4
+ROWWISE_PROGRAMS_PER_SM = 4
+# the rows all programs hold between their two sweeps must stay in L2 for the second sweep to hit it: keep
+# them to this share of the L2 size
+ROWWISE_L2_SHARE = 0.5
+# _outlier_columns_kernel: rows each program zeroes, and its store tile
+OUTLIER_ROWS_PER_PROGRAM = 256
+OUTLIER_TILE = {"BLOCK_R": 64, "COLS_CHUNK": 16}
+
+
+def _rowwise_schedule(x: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_M, programs) of _rowwise_quantize_kernel: the tallest row block that still gives every SM
+    ROWWISE_PROGRAMS_PER_SM programs, and no more programs than keep their rows within the L2 share."""
+    m, k = x.shape
+    sms, l2_bytes = _multiprocessors(x.device), _l2_cache_bytes(x.device)
+    wanted = sms * ROWWISE_PROGRAMS_PER_SM
+    block_m = ROWWISE_MAX_BLOCK_M
+    while block_m > 1 and triton.cdiv(m, block_m) < wanted:
+        block_m //= 2
+    row_block_bytes = block_m * k * x.element_size()
+    in_l2 = max(sms, int(l2_bytes * ROWWISE_L2_SHARE) // row_block_bytes)
+    return block_m, min(triton.cdiv(m, block_m), wanted, in_l2)
+
+
+@functools.cache
+def _l2_cache_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 20  # the interpreter: small, so that the tests run a few programs over many row blocks
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
+    m, k = x.shape
+    num_k_blocks = triton.cdiv(k, ROWWISE_BLOCK_K)
+    buffer = torch.zeros(k + num_k_blocks, dtype=torch.int32, device=x.device)
+    col_flags, block_counts = buffer.split([k, num_k_blocks])
+    block_m, programs = _rowwise_schedule(x)
+    _rowwise_quantize_kernel[(programs,)](
+        x, q_x, s_x, col_flags, block_counts, m, k, x.stride(0), x.stride(1), threshold,
+        BLOCK_M=block_m, BLOCK_K=ROWWISE_BLOCK_K, INTERPRET=triton_interpreting(), num_warps=ROWWISE_WARPS,
+    )
+    _outlier_columns_kernel[(num_k_blocks, triton.cdiv(m, OUTLIER_ROWS_PER_PROGRAM))](
+        col_flags, block_counts, q_x, outlier_cols, outlier_count, m, k, num_k_blocks, OUTLIER_ROWS_PER_PROGRAM,
+        BLOCK_K=ROWWISE_BLOCK_K, MAX_K_BLOCKS=triton.next_power_of_2(num_k_blocks), **OUTLIER_TILE,
+        num_warps=ROWWISE_WARPS,
+    )
+
+
 def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_columns: bool = False):
     m, k = x.shape
     dev = x.device
@@ -101,6 +175,9 @@ def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_column
     outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
     if m == 0 or k == 0:  # no pass runs: rows without elements have scale 0, and there are no outliers
         return q_x, s_x.zero_(), outlier_cols, outlier_count.zero_()
+    if m > DECODE_MAX_M and prefill_quant_scheme() == "rowwise":
+        _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count)
+        return q_x, s_x, outlier_cols, outlier_count
     stats = _ActivationStats(x, threshold)
     _quantize_rows_kernel[stats.grid](
         x, stats.row_max_bits, stats.col_flags, stats.block_counts, q_x, s_x, outlier_cols, outlier_count,
