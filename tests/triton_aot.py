@@ -7,8 +7,11 @@ Integer arguments get the specialisations a real launch gives contiguous, 16-byt
 strides as constants, divisibility by 16), since software pipelining (cp.async) depends on them.
 """
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -16,7 +19,8 @@ from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
-from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
+from int8mm.kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
+                                            _rowwise_quantize_kernel)
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_on", "stride_xk")
@@ -32,6 +36,17 @@ def _compile(kernel, signature, constexprs, aligned, target, num_warps, num_stag
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _registers(compiled) -> int:
+    """Registers per thread, from the cubin (the compiled kernel's own count needs a GPU to load it)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
 def _features(compiled):
     ptx = compiled.asm["ptx"]
     return {
@@ -42,7 +57,11 @@ def _features(compiled):
         "div_rn": "div.rn.f32" in ptx,
         "div_approx": "div.full.f32" in ptx or "div.approx.f32" in ptx,
         "rint": "cvt.rni.f32.f32" in ptx,
+        "rint_to_int": bool(re.search(r"cvt\.rni(?:\.ftz)?\.s32\.f32", ptx)),
+        "load_16_bytes": bool(re.search(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
+        "non_coherent_loads": ".nc." in ptx,
         "shared_bytes": compiled.metadata.shared,
+        "registers": _registers(compiled),
     }
 
 
@@ -82,12 +101,36 @@ def compile_quantize(m, target):
     return {"stats": _features(stats), "quantize": _features(quant)}
 
 
+def compile_rowwise(block_m, x_type, target):
+    """The prefill "rowwise" pass: _rowwise_quantize_kernel at one row-block height and input dtype, and
+    _outlier_columns_kernel, with the launcher's constants."""
+    quant_sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "col_flags_ptr": "*i32",
+                 "block_counts_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
+                 "threshold": "fp32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "INTERPRET": "constexpr"}
+    quant_consts = {"BLOCK_M": block_m, "BLOCK_K": triton_backend.ROWWISE_BLOCK_K, "INTERPRET": False,
+                    "stride_xk": 1}
+    quant = _compile(_rowwise_quantize_kernel, quant_sig, quant_consts, X_ALIGNED + ("q_ptr",), target,
+                     triton_backend.rowwise_warps(block_m))
+    cols_sig = {"col_flags_ptr": "*i32", "block_counts_ptr": "*i32", "q_ptr": "*i8", "outlier_cols_ptr": "*i32",
+                "outlier_count_ptr": "*i32", "M": "i32", "K": "i32", "num_k_blocks": "i32",
+                "ROWS_PER_PROGRAM": "i32", "BLOCK_K": "constexpr", "MAX_K_BLOCKS": "constexpr",
+                "BLOCK_R": "constexpr", "COLS_CHUNK": "constexpr"}
+    cols_consts = dict(triton_backend.OUTLIER_TILE, BLOCK_K=triton_backend.ROWWISE_BLOCK_K, MAX_K_BLOCKS=16)
+    cols = _compile(_outlier_columns_kernel, cols_sig, cols_consts, ("q_ptr", "K"), target,
+                    triton_backend.OUTLIER_WARPS)
+    return {"quantize": _features(quant), "outlier_columns": _features(cols)}
+
+
+ROWWISE_BLOCK_MS = (1, 2)
+ROWWISE_X_TYPES = ("fp16", "bf16", "fp32")
+
+
 def config_id(kind, config):
     return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "rowwise": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
@@ -96,6 +139,9 @@ def main():
                 report["gemm"][f"{arch}/{config_id('decode', config)}/{out_type}"] = compile_gemm(config, target, out_type)
         for m in (1, 4096):
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
+        for block_m in ROWWISE_BLOCK_MS:
+            for x_type in ROWWISE_X_TYPES:
+                report["rowwise"][f"{arch}/bm{block_m}/{x_type}"] = compile_rowwise(block_m, x_type, target)
     for out_type in ("i32", "bf16", "fp32"):
         report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
     json.dump(report, sys.stdout)

@@ -112,32 +112,38 @@ def prefill_quant_scheme() -> str:
     return value
 
 
-# rowwise: 2048 columns per tile (16 KB of fp16 per program and sweep step at BLOCK_M = 4) and 4 warps; each
-# program owns up to 4 rows at a time, with at least this many programs per SM so that loads stay in flight
+# rowwise: tiles of BLOCK_M rows x 2048 columns, 16 elements per thread (4 warps per row). The running maxima
+# take two registers per element: 80 registers per thread at BLOCK_M = 1, so 6 programs (rows) fit on an SM;
+# BLOCK_M = 2 takes 99-115 (sm_80/sm_90, AOT), 2 programs (4 rows) per SM, so one row per program it is
 ROWWISE_BLOCK_K = 2048
-ROWWISE_WARPS = 4
-ROWWISE_MAX_BLOCK_M = 4
-ROWWISE_PROGRAMS_PER_SM = 4
+ROWWISE_WARPS_PER_ROW = 4
+ROWWISE_MAX_BLOCK_M = 1
+ROWWISE_ROWS_PER_SM = 6
 # the rows all programs hold between their two sweeps must stay in L2 for the second sweep to hit it: keep
 # them to this share of the L2 size
 ROWWISE_L2_SHARE = 0.5
-# _outlier_columns_kernel: rows each program zeroes, and its store tile
+# _outlier_columns_kernel: rows each program zeroes, its store tile, its warps
 OUTLIER_ROWS_PER_PROGRAM = 256
 OUTLIER_TILE = {"BLOCK_R": 64, "COLS_CHUNK": 16}
+OUTLIER_WARPS = 4
+
+
+def rowwise_warps(block_m: int) -> int:
+    return ROWWISE_WARPS_PER_ROW * block_m
 
 
 def _rowwise_schedule(x: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_M, programs) of _rowwise_quantize_kernel: the tallest row block that still gives every SM
-    ROWWISE_PROGRAMS_PER_SM programs, and no more programs than keep their rows within the L2 share."""
+    """(BLOCK_M, programs) of _rowwise_quantize_kernel: ROWWISE_ROWS_PER_SM rows in flight per SM, two per
+    program where M gives every program at least one row block, and no more programs than keep their rows
+    within the L2 share (at least one per SM)."""
     m, k = x.shape
     sms, l2_bytes = _multiprocessors(x.device), _l2_cache_bytes(x.device)
-    wanted = sms * ROWWISE_PROGRAMS_PER_SM
     block_m = ROWWISE_MAX_BLOCK_M
-    while block_m > 1 and triton.cdiv(m, block_m) < wanted:
+    while block_m > 1 and triton.cdiv(m, block_m) < sms * ROWWISE_ROWS_PER_SM // block_m:
         block_m //= 2
     row_block_bytes = block_m * k * x.element_size()
     in_l2 = max(sms, int(l2_bytes * ROWWISE_L2_SHARE) // row_block_bytes)
-    return block_m, min(triton.cdiv(m, block_m), wanted, in_l2)
+    return block_m, min(triton.cdiv(m, block_m), sms * ROWWISE_ROWS_PER_SM // block_m, in_l2)
 
 
 @functools.cache
@@ -155,12 +161,12 @@ def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
     block_m, programs = _rowwise_schedule(x)
     _rowwise_quantize_kernel[(programs,)](
         x, q_x, s_x, col_flags, block_counts, m, k, x.stride(0), x.stride(1), threshold,
-        BLOCK_M=block_m, BLOCK_K=ROWWISE_BLOCK_K, INTERPRET=triton_interpreting(), num_warps=ROWWISE_WARPS,
+        BLOCK_M=block_m, BLOCK_K=ROWWISE_BLOCK_K, INTERPRET=triton_interpreting(), num_warps=rowwise_warps(block_m),
     )
     _outlier_columns_kernel[(num_k_blocks, triton.cdiv(m, OUTLIER_ROWS_PER_PROGRAM))](
         col_flags, block_counts, q_x, outlier_cols, outlier_count, m, k, num_k_blocks, OUTLIER_ROWS_PER_PROGRAM,
         BLOCK_K=ROWWISE_BLOCK_K, MAX_K_BLOCKS=triton.next_power_of_2(num_k_blocks), **OUTLIER_TILE,
-        num_warps=ROWWISE_WARPS,
+        num_warps=OUTLIER_WARPS,
     )
 
 
