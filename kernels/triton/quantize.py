@@ -143,13 +143,16 @@ def _quantize_rows_kernel(
 
 # ---- prefill (M > 16), scheme "rowwise": stats and quantization in one pass over rows ----
 @triton.jit
-def _round_to_int(v, INTERPRET: tl.constexpr):
-    """round_half_even(v) as int32 for |v| <= 127: one cvt.rni.s32.f32 on the GPU (rint then a truncating
-    conversion would take two conversion instructions, which run at a quarter of the FMA rate)."""
+def _clamp_round_to_int(v, INTERPRET: tl.constexpr):
+    """round_half_even(clamp(v, -127, 127)) as int32, with one cvt.rni.s32.f32 on the GPU (rint then a
+    truncating conversion would take two conversion instructions, which run at a quarter of the FMA rate).
+    Clamping first equals clamping after (the bounds are integers). NaN gives -127: the GPU's max.f32 returns
+    the other operand, and the interpreter (whose numpy max keeps NaN) is made to do the same."""
     if INTERPRET:
+        v = tl.minimum(tl.maximum(tl.where(v != v, -INT8_MAX, v), -INT8_MAX), INT8_MAX)
         return ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int32)
     else:
-        return libdevice.float2int_rn(v)
+        return libdevice.float2int_rn(tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX))
 
 
 @triton.jit
@@ -211,10 +214,8 @@ def _rowwise_quantize_kernel(
             x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk,
                         mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
             is_outlier = tl.abs(x) >= outlier_bound
-            # clamping before rounding equals rounding then clamping (the bounds are integers); NaN only
-            # reaches elements that the where() below zeroes
-            scaled = tl.minimum(tl.maximum(x * reciprocal[:, None], -INT8_MAX), INT8_MAX)
-            q = tl.where(is_outlier | zero_row, 0, _round_to_int(scaled, INTERPRET))
+            # NaN (x * 0 in a NaN/Inf row) only reaches elements that the where() zeroes
+            q = tl.where(is_outlier | zero_row, 0, _clamp_round_to_int(x * reciprocal[:, None], INTERPRET))
             tl.store(q_rows + offs_k[None, :].to(tl.int64), q.to(tl.int8), mask=in_m[:, None] & in_k[None, :])
             if has_outlier:  # rows without outliers (and threshold 0) skip the flags entirely
                 col_flag = tl.max(is_outlier.to(tl.int32), axis=0)
