@@ -170,7 +170,8 @@ def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
     )
 
 
-def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_columns: bool = False):
+def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_columns: bool = False,
+                          prefill_scheme: str | None = None):
     m, k = x.shape
     dev = x.device
     # no fills: the quantize pass writes every row scale and the count (each fill is a kernel of its own); the
@@ -181,7 +182,7 @@ def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_column
     outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
     if m == 0 or k == 0:  # no pass runs: rows without elements have scale 0, and there are no outliers
         return q_x, s_x.zero_(), outlier_cols, outlier_count.zero_()
-    if m > DECODE_MAX_M and prefill_quant_scheme() == "rowwise":
+    if m > DECODE_MAX_M and (prefill_scheme or prefill_quant_scheme()) == "rowwise":
         _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count)
         return q_x, s_x, outlier_cols, outlier_count
     stats = _ActivationStats(x, threshold)
@@ -192,6 +193,25 @@ def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_column
         INTERPRET=triton_interpreting(), num_warps=stats.num_warps,
     )
     return q_x, s_x, outlier_cols, outlier_count
+
+
+def quantize_pass(x: torch.Tensor, threshold: float, prefill_scheme: str) -> tuple[torch.Tensor, ...]:
+    """The activation quantization of the fused forward (the column list's tail left as it is), with the
+    prefill scheme named rather than read from INT8MM_PREFILL_QUANT: benchmarks time the schemes side by side.
+
+    Args:
+        x: ``[M, K]`` float activations on the device (M > 16 takes ``prefill_scheme``).
+        threshold: outlier threshold (0 disables decomposition).
+        prefill_scheme: one of ``PREFILL_QUANT_SCHEMES``.
+    Returns:
+        ``q_x`` int8 ``[M, K]``, ``s_x`` fp32 ``[M]``, outlier columns int32 ``[K]``, their count int32 ``[1]``.
+    Raises:
+        ValueError: an unknown scheme.
+    """
+    if prefill_scheme not in PREFILL_QUANT_SCHEMES:
+        raise ValueError(f"prefill_scheme must be one of {', '.join(PREFILL_QUANT_SCHEMES)}, got {prefill_scheme!r}")
+    with on_device_of(x):
+        return _quantize_activations(x, threshold, prefill_scheme=prefill_scheme)
 
 
 def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, outlier_count=None, bias=None):
