@@ -9,7 +9,7 @@ fused forward runs it (stats-buffer fill included). Both passes' outputs are che
     copy rate       = 2*M*K*elem bytes (read + written) / time of the copy
     fraction        = effective rate / copy rate (1.0: the pass moves its bytes as fast as the copy does)
 
-    python benchmarks/bench_quantize_pass.py --out DIR       # an NVIDIA GPU; about 30 s on an H200
+    python benchmarks/bench_quantize_pass.py --out DIR       # an NVIDIA GPU (sized for under a minute on an H200)
     python benchmarks/bench_quantize_pass.py --dry-run --out DIR   # tiny shapes, CPU, Triton's interpreter
 Writes DIR/quantize_pass.json (long-form rows) and DIR/quantize_pass.md.
 """
