@@ -99,9 +99,9 @@ def measure(args, device: torch.device) -> list[dict]:
                              "bytes_per_s": rate, "fraction_of_copy": rate / copy_rate, "rotations": len(xs),
                              "equal": equal if name != "copy" else None})
             del xs
-            print(f"M={m} K={k}: " + ", ".join(f"{r['provider']} {r['us']:.1f} us ({r['fraction_of_copy']:.2f} of copy)"
-                                              for r in rows[-len(timings):]) + ("" if equal else "  OUTPUTS DIFFER"),
-                  flush=True)
+            cells = [f"{r['provider']} {r['us']:.1f} us ({r['fraction_of_copy']:.2f} of copy)"
+                     for r in rows[-len(timings):]]
+            print(f"M={m} K={k}: " + ", ".join(cells) + ("" if equal else "  OUTPUTS DIFFER"), flush=True)
     return rows
 
 
