@@ -225,6 +225,17 @@ def test_default_is_classic(scheme, monkeypatch):
     assert triton_backend.prefill_quant_scheme() == "classic"
 
 
+def test_refresh_from_environment_reads_the_scheme_again(scheme, monkeypatch):
+    from int8mm.backends import refresh_from_environment
+
+    scheme("classic")
+    assert triton_backend.prefill_quant_scheme() == "classic"
+    monkeypatch.setenv(triton_backend.PREFILL_QUANT_ENV_VAR, "rowwise")
+    assert triton_backend.prefill_quant_scheme() == "classic"  # read once
+    refresh_from_environment()
+    assert triton_backend.prefill_quant_scheme() == "rowwise"
+
+
 def test_benchmark_dry_run(tmp_path):
     """benchmarks/bench_quantize_pass.py --dry-run: tiny shapes, CPU tensors through the interpreter; both
     passes are checked against each other, and the JSON and markdown land under --out."""

@@ -101,7 +101,8 @@ DEFAULT_PREFILL_QUANT = "classic"  # until a GPU run measures "rowwise" (benchma
 
 @functools.cache
 def prefill_quant_scheme() -> str:
-    """The prefill quantization scheme named by INT8MM_PREFILL_QUANT (read once; ``cache_clear()`` re-reads it).
+    """The prefill quantization scheme named by INT8MM_PREFILL_QUANT (read once;
+    ``int8mm.backends.refresh_from_environment()`` reads it again).
 
     Raises:
         ValueError: the variable names no scheme.
@@ -133,9 +134,9 @@ def rowwise_warps(block_m: int) -> int:
 
 
 def _rowwise_schedule(x: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_M, programs) of _rowwise_quantize_kernel: ROWWISE_ROWS_PER_SM rows in flight per SM, two per
-    program where M gives every program at least one row block, and no more programs than keep their rows
-    within the L2 share (at least one per SM)."""
+    """(BLOCK_M, programs) of _rowwise_quantize_kernel: ROWWISE_ROWS_PER_SM rows in flight per SM, in blocks of
+    the most rows (up to ROWWISE_MAX_BLOCK_M) that still give every program a row block, and no more programs
+    than keep their rows within the L2 share (at least one per SM)."""
     m, k = x.shape
     sms, l2_bytes = _multiprocessors(x.device), _l2_cache_bytes(x.device)
     block_m = ROWWISE_MAX_BLOCK_M
