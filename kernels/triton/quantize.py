@@ -11,6 +11,11 @@ zero-filled int32 buffer with atomics:
 ``_quantize_rows_kernel``, same tiling: int8 rows with outlier columns zeroed, the fp32 row scales,
 and the ascending list of outlier columns (each column block writes its own slice at the offset given
 by the counts of the blocks before it), so the result never depends on scheduling.
+
+Prefill scheme "rowwise" (INT8MM_PREFILL_QUANT), the same outputs bit for bit:
+``_rowwise_quantize_kernel``, persistent programs that own whole rows: row scales without atomics, int8
+values, and the same col_flags / block_counts (zero-filled); ``_outlier_columns_kernel`` writes the
+ascending list and count as above and zeroes the outlier columns of q.
 """
 import triton
 import triton.language as tl
