@@ -106,9 +106,10 @@ def compile_rowwise(block_m, x_type, target):
     _outlier_columns_kernel, with the launcher's constants."""
     quant_sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "col_flags_ptr": "*i32",
                  "block_counts_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
-                 "threshold": "fp32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "INTERPRET": "constexpr"}
-    quant_consts = {"BLOCK_M": block_m, "BLOCK_K": triton_backend.ROWWISE_BLOCK_K, "INTERPRET": False,
-                    "stride_xk": 1}
+                 "threshold": "fp32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "SWEEP_PARTS": "constexpr",
+                 "INTERPRET": "constexpr"}
+    quant_consts = {"BLOCK_M": block_m, "BLOCK_K": triton_backend.ROWWISE_BLOCK_K,
+                    "SWEEP_PARTS": triton_backend.ROWWISE_SWEEP_PARTS, "INTERPRET": False, "stride_xk": 1}
     quant = _compile(_rowwise_quantize_kernel, quant_sig, quant_consts, X_ALIGNED + ("q_ptr",), target,
                      triton_backend.rowwise_warps(block_m))
     cols_sig = {"col_flags_ptr": "*i32", "block_counts_ptr": "*i32", "q_ptr": "*i8", "outlier_cols_ptr": "*i32",

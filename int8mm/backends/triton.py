@@ -113,10 +113,13 @@ def prefill_quant_scheme() -> str:
     return value
 
 
-# rowwise: tiles of BLOCK_M rows x 2048 columns, 16 elements per thread (4 warps per row). The running maxima
-# take two registers per element: 80 registers per thread at BLOCK_M = 1, so 6 programs (rows) fit on an SM;
-# BLOCK_M = 2 takes 99-115 (sm_80/sm_90, AOT), 2 programs (4 rows) per SM, so one row per program it is
+# rowwise: tiles of BLOCK_M rows x 2048 columns, 16 elements per thread (4 warps per row): 80 registers per
+# thread at BLOCK_M = 1 (sm_80/sm_90, AOT), so 6 programs (rows) fit on an SM; BLOCK_M = 2 (8 warps) takes up
+# to 97, 2 programs (4 rows) per SM, so one row per program it is
 ROWWISE_BLOCK_K = 2048
+# the first sweep loads 4 slices of 1024 columns per step (4 x 16 bytes per thread) before using them, folded
+# into 1024-wide maxima: more bytes in flight per SM at the same 80 registers (AOT)
+ROWWISE_SWEEP_PARTS = 4
 ROWWISE_WARPS_PER_ROW = 4
 ROWWISE_MAX_BLOCK_M = 1
 ROWWISE_ROWS_PER_SM = 6
@@ -162,7 +165,8 @@ def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
     block_m, programs = _rowwise_schedule(x)
     _rowwise_quantize_kernel[(programs,)](
         x, q_x, s_x, col_flags, block_counts, m, k, x.stride(0), x.stride(1), threshold,
-        BLOCK_M=block_m, BLOCK_K=ROWWISE_BLOCK_K, INTERPRET=triton_interpreting(), num_warps=rowwise_warps(block_m),
+        BLOCK_M=block_m, BLOCK_K=ROWWISE_BLOCK_K, SWEEP_PARTS=ROWWISE_SWEEP_PARTS, INTERPRET=triton_interpreting(),
+        num_warps=rowwise_warps(block_m),
     )
     _outlier_columns_kernel[(num_k_blocks, triton.cdiv(m, OUTLIER_ROWS_PER_PROGRAM))](
         col_flags, block_counts, q_x, outlier_cols, outlier_count, m, k, num_k_blocks, OUTLIER_ROWS_PER_PROGRAM,

@@ -175,10 +175,10 @@ def _rowwise_quantize_kernel(
     # parameters
     threshold,          # fp32; |x| >= threshold is an outlier, 0 disables decomposition
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SWEEP_PARTS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """A persistent program owns BLOCK_M whole rows at a time and sweeps them twice: the first sweep keeps
-    per-element running maxima in registers (no reduction, barrier or atomic per tile) and reduces them once
+    per-element running maxima in registers (no reduction, barrier or atomic per step) and reduces them once
     per row block, so the row scale needs no atomics; the second sweep quantizes. The launcher keeps the rows
     in flight small enough for the second sweep to read them from L2, so DRAM sees x about once.
 
@@ -195,17 +195,20 @@ def _rowwise_quantize_kernel(
         q_rows = q_ptr + offs_m[:, None].to(tl.int64) * K
 
         # sweep 1: the fp32 bits of |x| with the sign bit cleared order like the magnitudes, with NaN above
-        # Inf, so an integer max both keeps the largest magnitude and lets NaN win (no NaN count per tile)
-        kept_bits = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        seen_outlier = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int1)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk,
-                        mask=in_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-            is_outlier = tl.abs(x) >= outlier_bound  # padding is 0, never an outlier
-            magnitude_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-            kept_bits = tl.maximum(kept_bits, tl.where(is_outlier, 0, magnitude_bits))
-            seen_outlier = seen_outlier | is_outlier
+        # Inf, so an integer max both keeps the largest magnitude and lets NaN win (no NaN count per step).
+        # Each step loads SWEEP_PARTS slices of BLOCK_K // 2 columns before using any and folds them into
+        # one set of BLOCK_K // 2 maxima: more bytes in flight per program than the maxima take registers.
+        kept_bits = tl.zeros([BLOCK_M, BLOCK_K // 2], dtype=tl.int32)
+        seen_outlier = tl.zeros([BLOCK_M, BLOCK_K // 2], dtype=tl.int1)
+        for k0 in range(0, K, SWEEP_PARTS * (BLOCK_K // 2)):
+            for part in tl.static_range(SWEEP_PARTS):
+                offs_k = k0 + part * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+                x = tl.load(x_rows + offs_k[None, :].to(tl.int64) * stride_xk,
+                            mask=in_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+                is_outlier = tl.abs(x) >= outlier_bound  # padding is 0, never an outlier
+                magnitude_bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                kept_bits = tl.maximum(kept_bits, tl.where(is_outlier, 0, magnitude_bits))
+                seen_outlier = seen_outlier | is_outlier
         s_x = tl.max(kept_bits, axis=1).to(tl.float32, bitcast=True)
         tl.store(s_x_ptr + offs_m, s_x, mask=in_m)
         has_outlier = tl.max(tl.max(seen_outlier.to(tl.int32), axis=1), axis=0) > 0
