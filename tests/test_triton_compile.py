@@ -114,3 +114,22 @@ def test_persistent_resources_are_reported(report, capsys):
                   f"{got['shared_bytes']} B shared", end="")
         print()
     assert report["persistent"]
+
+
+@pytest.mark.parametrize("x_type", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("block_m", [1, 2])
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_rowwise_prefill_quantize_kernels(report, arch, block_m, x_type):
+    """The prefill "rowwise" pass (INT8MM_PREFILL_QUANT=rowwise): an IEEE division per row, rounding half to
+    even in the conversion to int (cvt.rni), 16-byte loads of x, and registers that leave room for several
+    programs per SM (the launcher's schedule assumes 6 at BLOCK_M = 1)."""
+    got = report["rowwise"][f"{arch}/bm{block_m}/{x_type}"]
+    quantize, columns = got["quantize"], got["outlier_columns"]
+    assert quantize["div_rn"] and not quantize["div_approx"], "row reciprocal must be an IEEE division"
+    assert quantize["rint_to_int"], "rounding must be half-to-even (cvt.rni)"
+    assert quantize["load_16_bytes"], "x is not read with 16-byte loads"
+    assert not quantize["spills"] and not columns["spills"], "registers spill to local memory"
+    # the outlier columns kernel reads back the list slice it wrote: it must not go through the read-only cache
+    assert not columns["non_coherent_loads"]
+    if block_m == 1:
+        assert quantize["registers"] <= 80, f"{quantize['registers']} registers: fewer than 6 programs fit on an SM"

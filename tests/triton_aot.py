@@ -22,7 +22,8 @@ from int8mm.backends import triton as triton_backend
 from int8mm.backends import triton_prefill
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
 from int8mm.kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
-from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
+from int8mm.kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
+                                            _rowwise_quantize_kernel)
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_on", "stride_xk")
@@ -68,7 +69,11 @@ def _features(compiled):
         "div_rn": "div.rn.f32" in ptx,
         "div_approx": "div.full.f32" in ptx or "div.approx.f32" in ptx,
         "rint": "cvt.rni.f32.f32" in ptx,
+        "rint_to_int": bool(re.search(r"cvt\.rni(?:\.ftz)?\.s32\.f32", ptx)),
+        "load_16_bytes": bool(re.search(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)),
+        "non_coherent_loads": ".nc." in ptx,
         "shared_bytes": compiled.metadata.shared,
+        **_resource_usage(compiled),
     }
 
 
@@ -111,7 +116,7 @@ def compile_persistent(config, target, out_type="fp16"):
     constexprs = dict(config.kwargs, FUSED=fused, HAS_BIAS=fused, **{s: 1 for s in PERSISTENT_UNIT_STRIDES})
     compiled = _compile(_int8_gemm_dequant_persistent_kernel, _persistent_signature(config, out_type), constexprs,
                         PERSISTENT_ALIGNED, target, config.num_warps, config.num_stages)
-    return dict(_features(compiled), **_resource_usage(compiled))
+    return _features(compiled)
 
 
 def compile_quantize(m, target):
@@ -132,12 +137,37 @@ def compile_quantize(m, target):
     return {"stats": _features(stats), "quantize": _features(quant)}
 
 
+def compile_rowwise(block_m, x_type, target):
+    """The prefill "rowwise" pass: _rowwise_quantize_kernel at one row-block height and input dtype, and
+    _outlier_columns_kernel, with the launcher's constants."""
+    quant_sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "col_flags_ptr": "*i32",
+                 "block_counts_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
+                 "threshold": "fp32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "SWEEP_PARTS": "constexpr",
+                 "INTERPRET": "constexpr"}
+    quant_consts = {"BLOCK_M": block_m, "BLOCK_K": triton_backend.ROWWISE_BLOCK_K,
+                    "SWEEP_PARTS": triton_backend.ROWWISE_SWEEP_PARTS, "INTERPRET": False, "stride_xk": 1}
+    quant = _compile(_rowwise_quantize_kernel, quant_sig, quant_consts, X_ALIGNED + ("q_ptr",), target,
+                     triton_backend.rowwise_warps(block_m))
+    cols_sig = {"col_flags_ptr": "*i32", "block_counts_ptr": "*i32", "q_ptr": "*i8", "outlier_cols_ptr": "*i32",
+                "outlier_count_ptr": "*i32", "M": "i32", "K": "i32", "num_k_blocks": "i32",
+                "ROWS_PER_PROGRAM": "i32", "BLOCK_K": "constexpr", "MAX_K_BLOCKS": "constexpr",
+                "BLOCK_R": "constexpr", "COLS_CHUNK": "constexpr"}
+    cols_consts = dict(triton_backend.OUTLIER_TILE, BLOCK_K=triton_backend.ROWWISE_BLOCK_K, MAX_K_BLOCKS=16)
+    cols = _compile(_outlier_columns_kernel, cols_sig, cols_consts, ("q_ptr", "K"), target,
+                    triton_backend.OUTLIER_WARPS)
+    return {"quantize": _features(quant), "outlier_columns": _features(cols)}
+
+
+ROWWISE_BLOCK_MS = (1, 2)
+ROWWISE_X_TYPES = ("fp16", "bf16", "fp32")
+
+
 def config_id(kind, config):
     return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
@@ -146,6 +176,9 @@ def main():
                 report["gemm"][f"{arch}/{config_id('decode', config)}/{out_type}"] = compile_gemm(config, target, out_type)
         for m in (1, 4096):
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
+        for block_m in ROWWISE_BLOCK_MS:
+            for x_type in ROWWISE_X_TYPES:
+                report["rowwise"][f"{arch}/bm{block_m}/{x_type}"] = compile_rowwise(block_m, x_type, target)
     for out_type in ("i32", "bf16", "fp32"):
         report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
     for config in triton_prefill.PERSISTENT_CONFIGS:

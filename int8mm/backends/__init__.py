@@ -193,10 +193,14 @@ def set_default_backend(backend) -> None:
 
 
 def refresh_from_environment() -> None:
-    """Read INT8MM_BACKEND and TRITON_INTERPRET again at the next op call (they are read once otherwise)."""
+    """Read INT8MM_BACKEND, TRITON_INTERPRET and INT8MM_PREFILL_QUANT again at the next op call (they are read
+    once otherwise)."""
     global _triton_interpreting
     _triton_interpreting = None
     set_default_backend(None)
+    triton_backend = sys.modules.get(f"{__name__}.triton")
+    if triton_backend is not None:  # not imported yet: it reads the variable at its first prefill call anyway
+        triton_backend.prefill_quant_scheme.cache_clear()
 
 
 @functools.cache

@@ -1,0 +1,165 @@
+"""The prefill activation quantization pass against a plain copy of x, side by side in one process.
+
+For fp16 x of [M, K] with planted outlier columns, under CUDA graphs over rotating inputs (so that L2 does not
+hold the next input): a copy ``torch.empty_like(x).copy_(x)`` (the ceiling), the Triton backend's "classic"
+pass (stats kernel, then quantize kernel) and its "rowwise" pass (INT8MM_PREFILL_QUANT), each timed as the
+fused forward runs it (stats-buffer fill included). Both passes' outputs are checked equal on every shape.
+
+    effective rate  = (M*K*elem bytes of x read once + M*K bytes of int8 written) / time
+    copy rate       = 2*M*K*elem bytes (read + written) / time of the copy
+    fraction        = effective rate / copy rate (1.0: the pass moves its bytes as fast as the copy does)
+
+    python benchmarks/bench_quantize_pass.py --out DIR       # an NVIDIA GPU (sized for under a minute on an H200)
+    python benchmarks/bench_quantize_pass.py --dry-run --out DIR   # tiny shapes, CPU, Triton's interpreter
+Writes DIR/quantize_pass.json (long-form rows) and DIR/quantize_pass.md.
+"""
+import argparse
+import math
+import os
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SCHEMES = ("classic", "rowwise")
+# inputs rotate through at least this many bytes (several times an H100/H200 L2 of 50 MB)
+ROTATION_BYTES = 256 * 1024**2
+MAX_ROTATIONS = 32
+DRY_RUN_SHAPES = {"m": [17, 40], "k": [64, 300]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for quantize_pass.{json,md}")
+    parser.add_argument("--m", type=int, nargs="+", default=[512, 2048, 8192], help="rows (tokens)")
+    parser.add_argument("--k", type=int, nargs="+", default=[4096, 8192, 14336, 28672], help="columns")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    parser.add_argument("--outliers", type=int, default=8, help="planted outlier columns (magnitude 20-60)")
+    parser.add_argument("--threshold", type=float, default=6.0)
+    parser.add_argument("--replays", type=int, default=20, help="graph replays per timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"tiny shapes (M {DRY_RUN_SHAPES['m']}, K {DRY_RUN_SHAPES['k']}) on the CPU through "
+                             "Triton's interpreter, host-clock timings: checks that the script runs")
+    return parser
+
+
+def rotations_for(x_bytes: int) -> int:
+    return max(2, min(MAX_ROTATIONS, math.ceil(ROTATION_BYTES / max(x_bytes, 1))))
+
+
+def check_equal(outputs: dict[str, tuple], x: torch.Tensor, threshold: float, with_reference: bool) -> bool:
+    """Both schemes give the same q_x, s_x (NaN alike), count and outlier columns (and the reference's)."""
+    from int8mm.backends.reference import quantize_activations_op
+
+    results = list(outputs.values())
+    if with_reference:
+        results.append(quantize_activations_op(x, threshold))
+    first = results[0]
+    for other in results[1:]:
+        count = int(first[3])
+        same = (torch.equal(first[0], other[0]) and torch.equal(first[1].isnan(), other[1].isnan())
+                and torch.equal(first[1].nan_to_num(), other[1].nan_to_num()) and torch.equal(first[3], other[3])
+                and torch.equal(first[2][:count], other[2][:count]))
+        if not same:
+            return False
+    return True
+
+
+def measure(args, device: torch.device) -> list[dict]:
+    from int8mm.backends import triton as triton_backend
+    from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations
+    from int8mm.bench.timing import time_cpu, time_cuda_graph
+
+    dtype = DTYPES[args.dtype]
+    generator = make_generator(device, args.seed)
+    spec = OutlierSpec(count=args.outliers)
+    rows = []
+    for m in args.m:
+        for k in args.k:
+            elem = torch.tensor([], dtype=dtype).element_size()
+            x_bytes = m * k * elem
+            xs = [planted_activations(m, k, spec, dtype, device, generator) for _ in range(rotations_for(x_bytes))]
+            calls = {"copy": lambda x: torch.empty_like(x).copy_(x)}
+            for scheme in SCHEMES:
+                calls[scheme] = lambda x, scheme=scheme: triton_backend.quantize_pass(x, args.threshold, scheme)
+            with torch.inference_mode():
+                equal = check_equal({s: calls[s](xs[0]) for s in SCHEMES}, xs[0], args.threshold,
+                                    with_reference=m * k <= 2**24)
+                inputs = [(x,) for x in xs]
+                if device.type == "cuda":
+                    timings = {name: time_cuda_graph(fn, inputs, replays=args.replays) for name, fn in calls.items()}
+                else:
+                    timings = {name: time_cpu(fn, inputs, warmup=1, reps=2) for name, fn in calls.items()}
+            copy_rate = 2 * x_bytes / timings["copy"].median_s
+            for name, timing in timings.items():
+                moved = 2 * x_bytes if name == "copy" else x_bytes + m * k  # x read once + int8 written
+                rate = moved / timing.median_s
+                rows.append({"m": m, "k": k, "dtype": args.dtype, "provider": name, "us": timing.median_s * 1e6,
+                             "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6, "bytes": moved,
+                             "bytes_per_s": rate, "fraction_of_copy": rate / copy_rate, "rotations": len(xs),
+                             "equal": equal if name != "copy" else None})
+            del xs
+            cells = [f"{r['provider']} {r['us']:.1f} us ({r['fraction_of_copy']:.2f} of copy)"
+                     for r in rows[-len(timings):]]
+            print(f"M={m} K={k}: " + ", ".join(cells) + ("" if equal else "  OUTPUTS DIFFER"), flush=True)
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    from int8mm.bench.report import format_rate, markdown_table
+
+    lines = [f"# Prefill quantization pass vs copy: {meta['device']}, {meta['date']}", "",
+             f"- versions: torch {meta['torch']}, triton {meta['triton']}, int8mm {meta['int8mm']}",
+             f"- x: {meta['dtype']} [M, K], {meta['outliers']} planted outlier columns (20-60), threshold "
+             f"{meta['threshold']:g}; timings: {meta['timer']}",
+             "- effective rate = (M*K*elem bytes of x read once + M*K bytes of int8 written) / time; copy rate = "
+             "2*M*K*elem bytes / time of `torch.empty_like(x).copy_(x)`; fraction of copy = effective rate / copy "
+             "rate, same shape, same run",
+             "- each pass as the fused forward runs it: classic = stats-buffer fill + stats + quantize kernels; "
+             "rowwise = flag-buffer fill + rowwise + outlier-columns kernels", ""]
+    header = ["M", "K", "copy", "copy rate"]
+    for scheme in SCHEMES:
+        header += [f"{scheme}", f"{scheme} rate", f"{scheme} fraction of copy"]
+    header += ["rowwise speed-up", "outputs equal"]
+    body = []
+    by_shape: dict[tuple, dict] = {}
+    for r in rows:
+        by_shape.setdefault((r["m"], r["k"]), {})[r["provider"]] = r
+    for (m, k), cells in by_shape.items():
+        line = [str(m), str(k), f"{cells['copy']['us']:.1f} us", format_rate(cells["copy"]["bytes_per_s"], "B/s")]
+        for scheme in SCHEMES:
+            c = cells[scheme]
+            line += [f"{c['us']:.1f} us", format_rate(c["bytes_per_s"], "B/s"), f"{c['fraction_of_copy']:.2f}"]
+        line += [f"{cells['classic']['us'] / cells['rowwise']['us']:.2f}x", str(cells["rowwise"]["equal"])]
+        body.append(line)
+    return "\n".join(lines + markdown_table(header, body)) + "\n"
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.dry_run:
+        args.m, args.k = DRY_RUN_SHAPES["m"], DRY_RUN_SHAPES["k"]
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"  # before the Triton backend is first used
+        args.replays = 2
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_quantize_pass.py needs an NVIDIA GPU and a CUDA build of torch; none here "
+                         "(--dry-run runs tiny shapes on the CPU)")
+    from int8mm.bench.environment import run_metadata
+    from int8mm.bench.report import write_json_and_markdown
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = measure(args, device)
+    meta = dict(run_metadata(device), dtype=args.dtype, outliers=args.outliers, threshold=args.threshold,
+                timer="CUDA graph over rotating inputs, median" if device.type == "cuda" else
+                "host clock, Triton interpreter (dry run: not a measurement)", dry_run=args.dry_run)
+    text = markdown(meta, rows)
+    paths = write_json_and_markdown({"meta": meta, "rows": rows}, text, args.out, "quantize_pass")
+    print(text)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    if not all(r["equal"] for r in rows if r["equal"] is not None):
+        raise SystemExit("the classic and rowwise passes gave different outputs (see the table)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The Triton prefill quantization pass "rowwise" (INT8MM_PREFILL_QUANT=rowwise) against the reference backend.
+
+Every output must equal the reference's bit for bit: int8 values, fp32 row scales (NaN where the reference has
+NaN), the whole outlier-column buffer (ascending, compact, tail cleared) and the count. Without a GPU the
+kernels run on CPU tensors through Triton's interpreter (conftest.py); the interpreter's "GPU" has 4 SMs and a
+1 MiB L2 (int8mm.backends.triton), so every case below runs persistent programs over several rows each, and
+M = 300 spans two row ranges of the outlier-column pass.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import int8mm
+from int8mm.backends import registry
+from int8mm.backends.reference import quantize_activations_op as reference_quantize
+from helpers import DEVICE, planted_outliers, random_weight
+
+triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+from int8mm.backends import triton as triton_backend  # noqa: E402
+
+# M = 300 takes 3-6 s per case under the interpreter (one row per program step): marked slow
+PREFILL_M = [17, 64, 100, pytest.param(300, marks=pytest.mark.slow)]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+BENCH_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_quantize_pass.py")
+
+
+@pytest.fixture
+def scheme(monkeypatch):
+    """Sets INT8MM_PREFILL_QUANT for the test (the backend reads it once; the cache is cleared around)."""
+    def choose(name):
+        monkeypatch.setenv(triton_backend.PREFILL_QUANT_ENV_VAR, name)
+        triton_backend.prefill_quant_scheme.cache_clear()
+
+    yield choose
+    monkeypatch.delenv(triton_backend.PREFILL_QUANT_ENV_VAR, raising=False)
+    triton_backend.prefill_quant_scheme.cache_clear()
+
+
+@pytest.fixture
+def rowwise(scheme):
+    scheme("rowwise")
+
+
+def _activations(m, k, dtype=torch.float16, **kwargs):
+    return planted_outliers(m, k, dtype, zero_row=m > 2, **kwargs).to(DEVICE)
+
+
+def _triton_quantize(x, threshold):
+    return registry.lookup("triton", "quantize_activations")(x, threshold)
+
+
+def assert_same_quantization(x, threshold):
+    """The Triton op's four outputs equal the reference's exactly; returns them."""
+    q_r, s_r, cols_r, n_r = reference_quantize(x, threshold)
+    q_t, s_t, cols_t, n_t = _triton_quantize(x, threshold)
+    assert torch.equal(q_t, q_r), f"{int((q_t != q_r).sum())} int8 values differ"
+    assert torch.equal(s_t.isnan(), s_r.isnan()), "NaN pattern of the row scales differs"
+    assert torch.equal(s_t.nan_to_num(), s_r.nan_to_num()), "row scales differ"
+    assert torch.equal(n_t, n_r), f"outlier count {int(n_t)} != {int(n_r)}"
+    assert torch.equal(cols_t, cols_r), "outlier column lists differ"
+    return q_t, s_t, cols_t, n_t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 123, 2049])
+@pytest.mark.parametrize("m", PREFILL_M)
+def test_rowwise_matches_reference(m, k, dtype, rowwise):
+    """Ragged shapes: K below one tile, and one column past a whole tile (the last tile holds one column);
+    planted outlier columns, two values exactly at +-threshold, an all-zero row."""
+    assert_same_quantization(_activations(m, k, dtype), 6.0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 1e9])
+@pytest.mark.parametrize("m", PREFILL_M)
+def test_thresholds(m, threshold, rowwise):
+    """0 disables decomposition (plain row absmax, no outlier columns); 1e9 finds none."""
+    q, _, _, count = assert_same_quantization(_activations(m, 499), threshold)
+    if threshold != 6.0:
+        assert int(count) == 0
+    else:
+        assert int(count) >= 8 and not q[:, (_activations(m, 499).abs() >= 6.0).any(0)].any()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("m", PREFILL_M)
+def test_non_finite_rows(m, bad, threshold, rowwise):
+    """A NaN row gets a NaN scale and int8 zeros; +-Inf is an outlier at threshold 6 and makes the scale Inf
+    (and the row zero) at threshold 0. The other rows are untouched, outliers in a NaN row still count."""
+    x = _activations(m, 300, torch.float32)
+    x[4, 17] = bad
+    x[m - 1, 0] = bad  # the last row, first column
+    x[m - 1, 299] = 50.0  # an outlier in the same row as the NaN/Inf: its column is still an outlier column
+    q, s, _, _ = assert_same_quantization(x, threshold)
+    if math.isnan(bad) or threshold == 0.0:
+        assert not q[4].any() and not torch.isfinite(s[4])
+
+
+@pytest.mark.parametrize("m", PREFILL_M)
+def test_outlier_columns_across_blocks_and_row_ranges(m, rowwise):
+    """Outliers in several 2048-column blocks (the last one partial), some in a single row only: the list
+    is assembled from every block in ascending order and each column is zeroed in every row."""
+    k = 4100
+    x = _activations(m, k, n_outlier_cols=0, at_threshold=None)
+    planted = [0, 7, 2047, 2048, 3000, 4096, 4099]
+    for i, col in enumerate(planted):
+        x[(i * 37) % m, col] = (-1) ** i * (6.0 + i)
+    x[:, 2100] = 30.0  # a whole outlier column too
+    _, _, cols, count = assert_same_quantization(x, 6.0)
+    assert cols[: int(count)].tolist() == sorted(planted + [2100])
+
+
+def test_every_column_an_outlier(rowwise):
+    """count == K: the list spans two column blocks and many chunks of the zeroing loop."""
+    x = _activations(40, 2100, torch.float32) + 100.0
+    q, _, cols, count = assert_same_quantization(x, 6.0)
+    assert int(count) == 2100 and not q.any() and torch.equal(cols.cpu(), torch.arange(2100, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("layout", ["column-major", "padded rows"])
+@pytest.mark.parametrize("m", [17, 100])
+def test_strided_inputs(m, layout, rowwise):
+    base = _activations(m, 300, torch.bfloat16)
+    if layout == "column-major":
+        x = base.t().contiguous().t()
+    else:
+        x = torch.zeros(m, 333, dtype=base.dtype, device=DEVICE)[:, 7:307]
+        x.copy_(base)
+    assert not x.is_contiguous()
+    assert_same_quantization(x, 6.0)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_views_spanning_more_than_2_to_31_elements(layout, rowwise):
+    """Element offsets beyond 2^31 must not wrap: x is a view whose last row, or last column, lies more than
+    2^31 elements into its storage (only the viewed elements are written: address space, not memory)."""
+    m, k, strides = (17, 64, (2**27 + 64, 1)) if layout == "rows" else (17, 34, (1, 2**26))
+    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
+    assert span > 2**31
+    x = torch.empty(span, dtype=torch.float16, device=DEVICE).as_strided((m, k), strides)
+    x.copy_(_activations(m, k))
+    x[-1, -1] = 40.0  # an outlier at the far end
+    _, _, cols, count = assert_same_quantization(x, 6.0)
+    assert int(cols[int(count) - 1]) == k - 1
+
+
+@pytest.mark.parametrize("m", [17, 101])
+def test_two_rows_per_program(m, rowwise, monkeypatch):
+    """The kernel takes BLOCK_M rows at a time (the launcher picks 1 today); an odd M leaves a half block.
+    The schedule is pinned to 4 SMs and 2 rows per SM so that it picks 2-row blocks on any device."""
+    monkeypatch.setattr(triton_backend, "ROWWISE_MAX_BLOCK_M", 2)
+    monkeypatch.setattr(triton_backend, "ROWWISE_ROWS_PER_SM", 2)
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 4)
+    x = _activations(m, 499)
+    assert triton_backend._rowwise_schedule(x)[0] == 2
+    assert_same_quantization(x, 6.0)
+
+
+def test_fused_forward_is_the_same(scheme):
+    """int8_linear over the rowwise pass gives exactly what it gives over the classic pass."""
+    x = _activations(100, 499)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 499).to(DEVICE))
+    linear = registry.lookup("triton", "int8_linear")
+    scheme("classic")
+    classic = linear(x, q_w, s_w, None, 6.0)
+    scheme("rowwise")
+    assert torch.equal(linear(x, q_w, s_w, None, 6.0), classic)
+
+
+def test_rowwise_serves_prefill_only(scheme, monkeypatch):
+    """Decode (M <= 16) keeps the classic kernels whatever the variable says; prefill follows it."""
+    launched = []
+
+    def record(*args):
+        launched.append(args[0].shape[0])
+
+    monkeypatch.setattr(triton_backend, "_quantize_rowwise", record)
+    scheme("rowwise")
+    for m in (1, 16, 17):
+        _triton_quantize(_activations(m, 64), 6.0)
+    scheme("classic")
+    _triton_quantize(_activations(64, 64), 6.0)
+    assert launched == [17]
+
+
+class _FillCounter(TorchDispatchMode):
+    FILLS = frozenset({"aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.full.default",
+                       "aten.new_zeros.default", "aten.zeros_like.default", "aten.full_like.default"})
+
+    def __init__(self):
+        super().__init__()
+        self.fills = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in self.FILLS:
+            self.fills.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_fills_only_the_flag_buffer(rowwise):
+    """A prefill forward launches one fill (column flags + block counts), the rowwise pass, the outlier-column
+    pass and the GEMM; the passes write every row scale and the count themselves."""
+    x = _activations(40, 96)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
+    with _FillCounter() as counter:
+        registry.lookup("triton", "int8_linear")(x, q_w, s_w, None, 6.0)
+    assert counter.fills == ["aten.zeros.default"]
+
+
+@pytest.mark.parametrize("value", ["fast", "", "ROWWISE"])
+def test_unknown_scheme_is_an_error(value, scheme):
+    scheme(value)
+    with pytest.raises(ValueError, match=rf"INT8MM_PREFILL_QUANT must be one of classic, rowwise, got '{value}'"):
+        _triton_quantize(_activations(17, 64), 6.0)
+
+
+def test_default_is_classic(scheme, monkeypatch):
+    monkeypatch.delenv(triton_backend.PREFILL_QUANT_ENV_VAR, raising=False)
+    triton_backend.prefill_quant_scheme.cache_clear()
+    assert triton_backend.prefill_quant_scheme() == "classic"
+
+
+def test_refresh_from_environment_reads_the_scheme_again(scheme, monkeypatch):
+    from int8mm.backends import refresh_from_environment
+
+    scheme("classic")
+    assert triton_backend.prefill_quant_scheme() == "classic"
+    monkeypatch.setenv(triton_backend.PREFILL_QUANT_ENV_VAR, "rowwise")
+    assert triton_backend.prefill_quant_scheme() == "classic"  # read once
+    refresh_from_environment()
+    assert triton_backend.prefill_quant_scheme() == "rowwise"
+
+
+def test_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_quantize_pass.py --dry-run: tiny shapes, CPU tensors through the interpreter; both
+    passes are checked against each other, and the JSON and markdown land under --out."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, BENCH_SCRIPT, "--dry-run", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "quantize_pass.json").is_file() and (tmp_path / "quantize_pass.md").is_file()
+    assert "fraction of copy" in (tmp_path / "quantize_pass.md").read_text()
