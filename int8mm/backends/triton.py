@@ -17,7 +17,7 @@ import triton
 
 from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
-from . import registry, triton_interpreting
+from . import decode_path, registry, triton_decode, triton_interpreting
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -173,5 +173,8 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     n = q_w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     with on_device_of(x):
-        q_x, s_x, outlier_cols, outlier_count = _quantize_activations(x, threshold)
+        quantized = None
+        if 0 < m <= DECODE_MAX_M and k > 0 and decode_path() == "fused":  # INT8MM_DECODE_PATH
+            quantized = triton_decode.quantize_for_decode(x, threshold)  # one launch, no fills
+        q_x, s_x, outlier_cols, outlier_count = quantized or _quantize_activations(x, threshold)
         return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
