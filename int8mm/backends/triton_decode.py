@@ -28,9 +28,12 @@ from . import triton_interpreting
 
 log = logging.getLogger("int8mm")
 
-# Columns a program loads at once: a decode row up to this long (Llama-3-70B down_proj: 28672) is loaded in
-# one go and quantized from registers; longer rows are swept twice
-ROW_TILE_MAX = 32768
+# Columns a program loads at once (about 32 per thread at 16 warps, which fits the 128 registers a thread has
+# then without spilling, AOT-checked): a row up to this long is loaded in one go and quantized from registers;
+# longer rows (Llama-3-70B down_proj: 28672) are swept twice, the second sweep mostly from L1/L2
+ROW_TILE_MAX = 16384
+# columns per step of the last program's union of the outlier lists (few registers; several steps for long rows)
+UNION_TILE_MAX = 4096
 # list entries per step when the last program merges the rows' outlier lists
 LIST_TILE = 32
 # counters per chunk, and int32s between two counters (one 32-byte sector each: no contention between kernels
@@ -135,7 +138,7 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
     _decode_quantize_kernel[(m,)](
         x, q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags, counter,
         m, k, x.stride(0), x.stride(1), threshold,
-        TILE=tile, ROW_IN_REGISTERS=k <= tile, LIST_TILE=LIST_TILE, INTERPRET=triton_interpreting(),
+        TILE=tile, ROW_IN_REGISTERS=k <= tile, UNION_TILE=min(tile, UNION_TILE_MAX), LIST_TILE=LIST_TILE, INTERPRET=triton_interpreting(),
         num_warps=num_warps(tile),
     )
     return q_x, s_x, outlier_cols, outlier_count

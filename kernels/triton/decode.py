@@ -72,7 +72,7 @@ def _take_ticket(ticket_ptr):
 @triton.jit
 def _union_outlier_columns(
     q_ptr, outlier_cols_ptr, outlier_count_ptr, row_cols_ptr, row_counts_ptr, union_flags_ptr,
-    M, K, TILE: tl.constexpr, LIST_TILE: tl.constexpr,
+    M, K, UNION_TILE: tl.constexpr, LIST_TILE: tl.constexpr,
 ):
     """The last program's step: the ascending union of the rows' outlier lists, its count, and q_x = 0 in
     those columns for every row."""
@@ -83,9 +83,9 @@ def _union_outlier_columns(
     total = most * 0
     if most > 0:
         # the union as flags over K: cleared here (the scratch is per call and uninitialised), then set
-        offs = tl.arange(0, TILE)
-        for k0 in range(0, K, TILE):
-            tl.store(union_flags_ptr + k0 + offs, tl.zeros([TILE], tl.int8), mask=k0 + offs < K)
+        offs = tl.arange(0, UNION_TILE)
+        for k0 in range(0, K, UNION_TILE):
+            tl.store(union_flags_ptr + k0 + offs, tl.zeros([UNION_TILE], tl.int8), mask=k0 + offs < K)
         tl.debug_barrier()  # the CTA's clearing stores before its flag stores
         row_lists = row_cols_ptr + rows[:, None].to(tl.int64) * K
         for j0 in range(0, most, LIST_TILE):
@@ -94,7 +94,7 @@ def _union_outlier_columns(
             cols = tl.load(row_lists + j[None, :], mask=listed, other=0, cache_modifier=".cg")
             tl.store(union_flags_ptr + cols, tl.full([MAX_DECODE_ROWS, LIST_TILE], 1, tl.int8), mask=listed)
         tl.debug_barrier()  # the flag stores before the CTA reads them back
-        for k0 in range(0, K, TILE):
+        for k0 in range(0, K, UNION_TILE):
             offs_k = k0 + offs
             flags = tl.load(union_flags_ptr + offs_k, mask=offs_k < K, other=0).to(tl.int32)
             total += _append_columns(outlier_cols_ptr, total, offs_k, flags)
@@ -129,6 +129,7 @@ def _decode_quantize_kernel(
     # meta-parameters
     TILE: tl.constexpr,              # columns per step, a power of two
     ROW_IN_REGISTERS: tl.constexpr,  # K <= TILE: one load, quantized from registers
+    UNION_TILE: tl.constexpr,        # columns per step of the union (<= TILE: fewer registers)
     LIST_TILE: tl.constexpr,         # list entries per step of the union
     INTERPRET: tl.constexpr,
 ):
@@ -139,12 +140,12 @@ def _decode_quantize_kernel(
     own_cols = row_cols_ptr + row.to(tl.int64) * K
     if ROW_IN_REGISTERS:
         in_k = offs < K
-        x = tl.load(x_row + offs[None, :].to(tl.int64) * stride_xk, mask=in_k[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_row + offs[None, :] * stride_xk, mask=in_k[None, :], other=0.0).to(tl.float32)
         row_max, nans, flags = _row_stats(x, in_k, threshold)
-        count = _append_columns(own_cols, 0, offs, flags)
         s_x = tl.where(nans > 0, float("nan"), row_max) + tl.zeros([1], tl.float32)
         q = _quantize_tile(x, _row_reciprocal(s_x), flags > 0, INTERPRET)
         tl.store(q_row + offs[None, :], q, mask=in_k[None, :])
+        count = _append_columns(own_cols, 0, offs, flags)  # after the store: x no longer holds registers
     else:
         # a row longer than a tile: statistics, then quantization on a second sweep (mostly L1/L2 hits)
         row_max = 0.0
@@ -153,7 +154,7 @@ def _decode_quantize_kernel(
         for k0 in range(0, K, TILE):
             offs_k = k0 + offs
             in_k = offs_k < K
-            x = tl.load(x_row + offs_k[None, :].to(tl.int64) * stride_xk, mask=in_k[None, :],
+            x = tl.load(x_row + offs_k[None, :] * stride_xk, mask=in_k[None, :],
                         other=0.0).to(tl.float32)
             tile_max, tile_nans, flags = _row_stats(x, in_k, threshold)
             row_max = tl.maximum(row_max, tile_max)
@@ -164,7 +165,7 @@ def _decode_quantize_kernel(
         for k0 in range(0, K, TILE):
             offs_k = k0 + offs
             in_k = offs_k < K
-            x = tl.load(x_row + offs_k[None, :].to(tl.int64) * stride_xk, mask=in_k[None, :],
+            x = tl.load(x_row + offs_k[None, :] * stride_xk, mask=in_k[None, :],
                         other=0.0).to(tl.float32)
             magnitude = tl.abs(x)
             is_outlier = (magnitude >= threshold) & (threshold > 0.0)
@@ -175,6 +176,6 @@ def _decode_quantize_kernel(
     if M > 1:
         if _take_ticket(ticket_ptr) == M - 1:
             _union_outlier_columns(q_ptr, outlier_cols_ptr, outlier_count_ptr, row_cols_ptr, row_counts_ptr,
-                                   union_flags_ptr, M, K, TILE, LIST_TILE)
+                                   union_flags_ptr, M, K, UNION_TILE, LIST_TILE)
             # every program has drawn its ticket: the counter is free for the next launch
             tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
