@@ -88,7 +88,8 @@ _pools: dict[torch.device, _CounterPool] = {}
 _pools_lock = threading.Lock()
 
 
-def _pool(device: torch.device) -> _CounterPool:
+def counter_pool(device: torch.device) -> _CounterPool:
+    """The counters of ``device`` (created at first use)."""
     pool = _pools.get(device)
     if pool is None:
         with _pools_lock:
@@ -127,7 +128,7 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
     if m == 1:  # the row's own outlier list is the batch's: written straight into the outputs, no counter
         row_cols, row_counts, union_flags, counter = outlier_cols, outlier_count, outlier_cols, outlier_cols
     else:
-        counter = _pool(dev).counter()
+        counter = counter_pool(dev).counter()
         if counter is None:
             _log_capture_fallback_once(dev)
             return None
