@@ -6,6 +6,10 @@ GPU the kernels run on CPU tensors through Triton's interpreter (conftest.py), w
 after another: the last-arrival logic, the list merge and the clearing run, the memory ordering does not
 (the GPU tests at the end check it under real concurrency, CUDA graphs and two streams).
 """
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -267,6 +271,20 @@ def test_capture_without_a_free_counter_takes_the_classic_path(fused, monkeypatc
         got = triton_linear(x, q_w, s_w, None, 6.0)
     assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
     assert triton_decode.quantize_for_decode(x, 6.0) is None
+
+
+def test_bench_decode_dry_run(tmp_path):
+    """benchmarks/bench_decode.py runs end to end on the CPU (interpreter) and writes its two files."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--dry-run", "--m", "1", "3", "--reps", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
+    assert [(r["m"], r["provider"]) for r in rows] == [(m, p) for m in (1, 3) for p in script.PROVIDERS]
+    assert all(r["median_us"] > 0 for r in rows)
+    assert "DRY RUN" in (tmp_path / "decode_bench.md").read_text()
+    assert backends.decode_path() == "classic"  # the script restores the variable
 
 
 # ---- on a GPU: real concurrency, CUDA graphs, streams ----

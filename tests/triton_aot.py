@@ -7,15 +7,20 @@ Integer arguments get the specialisations a real launch gives contiguous, 16-byt
 strides as constants, divisibility by 16), since software pipelining (cp.async) depends on them.
 """
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
+from int8mm.backends import triton_decode
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
+from int8mm.kernels.triton.decode import _decode_quantize_kernel
 from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
@@ -82,12 +87,48 @@ def compile_quantize(m, target):
     return {"stats": _features(stats), "quantize": _features(quant)}
 
 
+# the decode rows of Llama-3-8B and -70B (K of qkv/o/gate_up, 8B down_proj, 70B down_proj)
+DECODE_ROW_LENGTHS = (4096, 8192, 14336, 28672)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(compiled):
+    """Registers per thread and spill (local) bytes of the cubin, from cuobjdump; None where it is missing."""
+    if not os.path.exists(CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", dump.stdout)
+    return {"registers": int(found[1]), "stack_bytes": int(found[2]), "local_bytes": int(found[4])} if found else None
+
+
+def compile_decode_quantize(k, target, x_type="fp16"):
+    """The fused decode quantization as the launcher would launch it for rows of ``k`` columns."""
+    tile = triton_decode.row_tile(k)
+    sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "outlier_cols_ptr": "*i32",
+           "outlier_count_ptr": "*i32", "row_cols_ptr": "*i32", "row_counts_ptr": "*i32", "union_flags_ptr": "*i8",
+           "ticket_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
+           "threshold": "fp32", "TILE": "constexpr", "ROW_IN_REGISTERS": "constexpr", "UNION_TILE": "constexpr",
+           "LIST_TILE": "constexpr", "INTERPRET": "constexpr"}
+    constexprs = {"stride_xk": 1, "TILE": tile, "ROW_IN_REGISTERS": k <= tile,
+                  "UNION_TILE": min(tile, triton_decode.UNION_TILE_MAX), "LIST_TILE": triton_decode.LIST_TILE,
+                  "INTERPRET": False}
+    aligned = ("x_ptr", "q_ptr", "row_cols_ptr", "K", "stride_xm")
+    compiled = _compile(_decode_quantize_kernel, sig, constexprs, aligned, target, triton_decode.num_warps(tile),
+                        num_stages=1)
+    ptx = compiled.asm["ptx"]
+    return {**_features(compiled), "resources": _resource_usage(compiled),
+            "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx, "cta_barrier": "bar.sync" in ptx}
+
+
 def config_id(kind, config):
     return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "decode_quantize": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
@@ -96,6 +137,9 @@ def main():
                 report["gemm"][f"{arch}/{config_id('decode', config)}/{out_type}"] = compile_gemm(config, target, out_type)
         for m in (1, 4096):
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
+        for k in DECODE_ROW_LENGTHS:
+            report["decode_quantize"][f"{arch}/k{k}/fp16"] = compile_decode_quantize(k, target)
+        report["decode_quantize"][f"{arch}/k28672/fp32"] = compile_decode_quantize(28672, target, "fp32")
     for out_type in ("i32", "bf16", "fp32"):
         report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
     json.dump(report, sys.stdout)
