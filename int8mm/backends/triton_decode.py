@@ -126,7 +126,8 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
     outlier_cols = torch.empty(k, dtype=torch.int32, device=dev)
     outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
     if m == 1:  # the row's own outlier list is the batch's: written straight into the outputs, no counter
-        row_cols, row_counts, union_flags, counter = outlier_cols, outlier_count, outlier_cols, outlier_cols
+        row_cols, row_counts = outlier_cols, outlier_count
+        union_flags, counter = q_x, outlier_count  # never touched with one row; typed as the kernel expects
     else:
         counter = counter_pool(dev).counter()
         if counter is None:
