@@ -81,6 +81,17 @@ def test_no_outliers(m):
     assert _assert_same_quantization(x, 6.0) == 0
 
 
+@pytest.mark.parametrize("merge_tile", [0, 8, 32])  # 0: the union always sweeps flags over K
+@pytest.mark.parametrize("outlier_cols", [0, 3, 12])
+@pytest.mark.parametrize("m", [2, 5, 16])
+def test_both_ways_of_merging_the_rows_lists(m, outlier_cols, merge_tile, monkeypatch):
+    """Rows with few outlier columns are merged in registers, rows with many by flags swept over K."""
+    monkeypatch.setattr(triton_decode, "MERGE_TILE", merge_tile)
+    x = _activations(m, 257, n_outlier_cols=outlier_cols, seed=outlier_cols)
+    x[0, 100] = -7.0  # a column only one row flags
+    assert _assert_same_quantization(x, 6.0) >= outlier_cols + 1
+
+
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_rows_longer_than_a_tile(m, monkeypatch):
     """Rows swept twice (longer than the kernel's tile) and the union in several steps, with small tiles."""

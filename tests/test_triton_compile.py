@@ -69,8 +69,8 @@ def test_quantize_kernels(report, key):
     assert quantize["rint"], "rounding must be half-to-even (cvt.rni)"
 
 
-DECODE_QUANTIZE = ["sm80/k4096/fp16", "sm80/k8192/fp16", "sm80/k14336/fp16", "sm80/k28672/fp16", "sm80/k28672/fp32",
-                   "sm90/k4096/fp16", "sm90/k8192/fp16", "sm90/k14336/fp16", "sm90/k28672/fp16", "sm90/k28672/fp32"]
+DECODE_QUANTIZE = [f"{arch}/k{k}/fp16{rows}" for arch in ("sm80", "sm90") for k in (4096, 8192, 14336, 28672)
+                   for rows in ("/m1", "")] + ["sm80/k28672/fp32", "sm90/k28672/fp32"]
 
 
 @pytest.mark.parametrize("key", DECODE_QUANTIZE)
@@ -79,7 +79,8 @@ def test_decode_quantize_kernel(report, key):
     got = report["decode_quantize"][key]
     assert got["div_rn"] and not got["div_approx"], "row reciprocal must be an IEEE division"
     assert got["rint"], "rounding must be half-to-even (cvt.rni)"
-    assert got["ticket_acq_rel"] and got["cta_barrier"], "the last-arrival ticket lost its memory ordering"
+    if not key.endswith("/m1"):  # one row draws no ticket
+        assert got["ticket_acq_rel"] and got["cta_barrier"], "the last-arrival ticket lost its memory ordering"
     assert not got["spills"], "registers spill to local memory (PTX)"
     if got["resources"] is not None:  # cuobjdump ships with triton; the SASS spills are what counts
         assert got["resources"]["stack_bytes"] == 0 and got["resources"]["local_bytes"] == 0, got["resources"]

@@ -104,20 +104,22 @@ def _resource_usage(compiled):
     return {"registers": int(found[1]), "stack_bytes": int(found[2]), "local_bytes": int(found[4])} if found else None
 
 
-def compile_decode_quantize(k, target, x_type="fp16"):
-    """The fused decode quantization as the launcher would launch it for rows of ``k`` columns."""
+def compile_decode_quantize(k, target, x_type="fp16", m=None):
+    """The fused decode quantization as the launcher would launch it for rows of ``k`` columns: one row (``m=1``,
+    a launch specialises it, which drops the merge of the rows' lists) or several (``m=None``)."""
     tile = triton_decode.row_tile(k)
     sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "outlier_cols_ptr": "*i32",
            "outlier_count_ptr": "*i32", "row_cols_ptr": "*i32", "row_counts_ptr": "*i32", "union_flags_ptr": "*i8",
-           "ticket_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
-           "threshold": "fp32", "TILE": "constexpr", "ROW_IN_REGISTERS": "constexpr", "UNION_TILE": "constexpr",
-           "LIST_TILE": "constexpr", "INTERPRET": "constexpr"}
+           "ticket_ptr": "*i32", "M": "i32" if m is None else "constexpr", "K": "i32", "stride_xm": "i32",
+           "stride_xk": "constexpr", "threshold": "fp32", "TILE": "constexpr", "ROW_IN_REGISTERS": "constexpr",
+           "MERGE_TILE": "constexpr", "UNION_TILE": "constexpr", "LIST_TILE": "constexpr", "INTERPRET": "constexpr"}
     constexprs = {"stride_xk": 1, "TILE": tile, "ROW_IN_REGISTERS": k <= tile,
+                  "MERGE_TILE": triton_decode.MERGE_TILE,
                   "UNION_TILE": min(tile, triton_decode.UNION_TILE_MAX), "LIST_TILE": triton_decode.LIST_TILE,
-                  "INTERPRET": False}
+                  "INTERPRET": False, **({} if m is None else {"M": m})}
     aligned = ("x_ptr", "q_ptr", "row_cols_ptr", "K", "stride_xm")
-    compiled = _compile(_decode_quantize_kernel, sig, constexprs, aligned, target, triton_decode.num_warps(tile),
-                        num_stages=1)
+    warps = triton_decode.num_warps(tile, m or triton_decode.MAX_ROWS)
+    compiled = _compile(_decode_quantize_kernel, sig, constexprs, aligned, target, warps, num_stages=1)
     ptx = compiled.asm["ptx"]
     return {**_features(compiled), "resources": _resource_usage(compiled),
             "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx, "cta_barrier": "bar.sync" in ptx}
@@ -138,6 +140,7 @@ def main():
         for m in (1, 4096):
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
         for k in DECODE_ROW_LENGTHS:
+            report["decode_quantize"][f"{arch}/k{k}/fp16/m1"] = compile_decode_quantize(k, target, m=1)
             report["decode_quantize"][f"{arch}/k{k}/fp16"] = compile_decode_quantize(k, target)
         report["decode_quantize"][f"{arch}/k28672/fp32"] = compile_decode_quantize(28672, target, "fp32")
     for out_type in ("i32", "bf16", "fp32"):

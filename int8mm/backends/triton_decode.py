@@ -28,11 +28,15 @@ from . import triton_interpreting
 
 log = logging.getLogger("int8mm")
 
+MAX_ROWS = 16  # the kernel's row limit (the decode regime)
 # Columns a program loads at once (about 32 per thread at 16 warps, which fits the 128 registers a thread has
 # then without spilling, AOT-checked): a row up to this long is loaded in one go and quantized from registers;
 # longer rows (Llama-3-70B down_proj: 28672) are swept twice, the second sweep mostly from L1/L2
 ROW_TILE_MAX = 16384
-# columns per step of the last program's union of the outlier lists (few registers; several steps for long rows)
+# the last program merges the rows' outlier lists in registers when none lists more than MERGE_TILE columns
+# (LLM activations hold a handful of outlier features per token); otherwise it sweeps union flags over K,
+# UNION_TILE_MAX columns per step (few registers; several steps for long rows)
+MERGE_TILE = 8
 UNION_TILE_MAX = 4096
 # list entries per step when the last program merges the rows' outlier lists
 LIST_TILE = 32
@@ -108,9 +112,10 @@ def row_tile(k: int) -> int:
     return min(triton.next_power_of_2(k), ROW_TILE_MAX)
 
 
-def num_warps(tile: int) -> int:
-    """Warps per row program: about 32 columns per thread, between 4 and 16 warps."""
-    return max(4, min(16, tile // 1024))
+def num_warps(tile: int, m: int) -> int:
+    """Warps per row program: one row, about 32 columns per thread (4 to 16 warps); several rows, 16 warps, so
+    that the last program's merge of up to 16 x MERGE_TILE columns (pairwise in registers) does not spill."""
+    return max(4, min(16, tile // 1024)) if m == 1 else 16
 
 
 def quantize_for_decode(x: torch.Tensor, threshold: float):
@@ -140,7 +145,8 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
     _decode_quantize_kernel[(m,)](
         x, q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags, counter,
         m, k, x.stride(0), x.stride(1), threshold,
-        TILE=tile, ROW_IN_REGISTERS=k <= tile, UNION_TILE=min(tile, UNION_TILE_MAX), LIST_TILE=LIST_TILE, INTERPRET=triton_interpreting(),
-        num_warps=num_warps(tile),
+        TILE=tile, ROW_IN_REGISTERS=k <= tile, MERGE_TILE=MERGE_TILE, UNION_TILE=min(tile, UNION_TILE_MAX),
+        LIST_TILE=LIST_TILE, INTERPRET=triton_interpreting(),
+        num_warps=num_warps(tile, m),
     )
     return q_x, s_x, outlier_cols, outlier_count

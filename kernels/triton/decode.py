@@ -13,11 +13,12 @@ Outlier columns are a property of the whole batch (a column is an outlier if any
 step needs every row: the union of the rows' lists (ascending), the count, and zeroing the union's
 columns in every row of q_x. The program that arrives last does it (the ticket pattern: each program
 takes a ticket with an acq_rel atomic on a counter; the one that draws M - 1 knows all others are done
-and sees their writes, see ``_take_ticket``), then resets the counter to 0 for the next launch. With a
-single row the row's own list is the union: the program writes it straight into the outputs and draws
-no ticket. The union flags live in scratch the last program clears itself before use, so only the
-counter must be zero when a launch starts; the launcher keeps it per (device, stream) or per captured
-call (int8mm/backends/triton_decode.py).
+and sees their writes, see ``_take_ticket``), then resets the counter to 0 for the next launch. It merges
+short lists (the usual case: a few outlier features per token) in registers, longer ones through flags
+swept over K in scratch it clears itself first. With a single row the row's own list is the union: the
+program writes it straight into the outputs and draws no ticket. Only the counter must be zero when a
+launch starts; the launcher keeps one per (device, stream) or per captured call
+(int8mm/backends/triton_decode.py).
 
 Every value equals the classic path's bit for bit (``_activation_stats_kernel`` + ``_quantize_rows_kernel``):
 the row maximum is the same max over the same elements, and the quantization is the same function.
@@ -70,9 +71,61 @@ def _take_ticket(ticket_ptr):
 
 
 @triton.jit
+def _merge_short_lists(q_ptr, outlier_cols_ptr, row_cols_ptr, counts, rows, in_m, K, MERGE_TILE: tl.constexpr):
+    """The union when no row lists more than MERGE_TILE columns (the usual case), ranked in registers: a
+    column is kept at its first occurrence, and its slot is the number of distinct columns below it."""
+    j = tl.arange(0, MERGE_TILE)
+    listed = in_m[:, None] & (j[None, :] < counts[:, None])
+    cols = tl.load(row_cols_ptr + rows[:, None].to(tl.int64) * K + j[None, :], mask=listed, other=0,
+                   cache_modifier=".cg")
+    value = tl.reshape(cols, [MAX_DECODE_ROWS * MERGE_TILE])
+    valid = tl.reshape(listed.to(tl.int32), [MAX_DECODE_ROWS * MERGE_TILE]) > 0
+    order = tl.arange(0, MAX_DECODE_ROWS * MERGE_TILE)
+    seen_before = (value[:, None] == value[None, :]) & valid[None, :] & (order[None, :] < order[:, None])
+    first = valid & (tl.max(seen_before.to(tl.int32), axis=1) == 0)
+    slot = tl.sum(((value[None, :] < value[:, None]) & first[None, :]).to(tl.int32), axis=1)
+    tl.store(outlier_cols_ptr + slot, value, mask=first)
+    q_rows = q_ptr + rows[:, None].to(tl.int64) * K
+    tl.store(q_rows + value[None, :], tl.zeros([MAX_DECODE_ROWS, MAX_DECODE_ROWS * MERGE_TILE], tl.int8),
+             mask=in_m[:, None] & first[None, :])
+    return tl.sum(first.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _union_by_flags(q_ptr, outlier_cols_ptr, row_cols_ptr, union_flags_ptr, counts, most, rows, in_m, K,
+                    UNION_TILE: tl.constexpr, LIST_TILE: tl.constexpr):
+    """The union for rows with many outlier columns: flags over K (cleared here: the scratch is per call and
+    uninitialised), set from every row's list, then swept in order."""
+    offs = tl.arange(0, UNION_TILE)
+    for k0 in range(0, K, UNION_TILE):
+        tl.store(union_flags_ptr + k0 + offs, tl.zeros([UNION_TILE], tl.int8), mask=k0 + offs < K)
+    tl.debug_barrier()  # the CTA's clearing stores before its flag stores
+    row_lists = row_cols_ptr + rows[:, None].to(tl.int64) * K
+    for j0 in range(0, most, LIST_TILE):
+        j = j0 + tl.arange(0, LIST_TILE)
+        listed = in_m[:, None] & (j[None, :] < counts[:, None])
+        cols = tl.load(row_lists + j[None, :], mask=listed, other=0, cache_modifier=".cg")
+        tl.store(union_flags_ptr + cols, tl.full([MAX_DECODE_ROWS, LIST_TILE], 1, tl.int8), mask=listed)
+    tl.debug_barrier()  # the flag stores before the CTA reads them back
+    total = most * 0
+    for k0 in range(0, K, UNION_TILE):
+        offs_k = k0 + offs
+        flags = tl.load(union_flags_ptr + offs_k, mask=offs_k < K, other=0).to(tl.int32)
+        total += _append_columns(outlier_cols_ptr, total, offs_k, flags)
+    tl.debug_barrier()  # the list's stores before the CTA reads it back
+    q_rows = q_ptr + rows[:, None].to(tl.int64) * K
+    for j0 in range(0, total, LIST_TILE):
+        j = j0 + tl.arange(0, LIST_TILE)
+        cols = tl.load(outlier_cols_ptr + j, mask=j < total, other=0)
+        tl.store(q_rows + cols[None, :], tl.zeros([MAX_DECODE_ROWS, LIST_TILE], tl.int8),
+                 mask=in_m[:, None] & (j < total)[None, :])
+    return total
+
+
+@triton.jit
 def _union_outlier_columns(
     q_ptr, outlier_cols_ptr, outlier_count_ptr, row_cols_ptr, row_counts_ptr, union_flags_ptr,
-    M, K, UNION_TILE: tl.constexpr, LIST_TILE: tl.constexpr,
+    M, K, MERGE_TILE: tl.constexpr, UNION_TILE: tl.constexpr, LIST_TILE: tl.constexpr,
 ):
     """The last program's step: the ascending union of the rows' outlier lists, its count, and q_x = 0 in
     those columns for every row."""
@@ -82,29 +135,11 @@ def _union_outlier_columns(
     most = tl.max(counts, axis=0)
     total = most * 0
     if most > 0:
-        # the union as flags over K: cleared here (the scratch is per call and uninitialised), then set
-        offs = tl.arange(0, UNION_TILE)
-        for k0 in range(0, K, UNION_TILE):
-            tl.store(union_flags_ptr + k0 + offs, tl.zeros([UNION_TILE], tl.int8), mask=k0 + offs < K)
-        tl.debug_barrier()  # the CTA's clearing stores before its flag stores
-        row_lists = row_cols_ptr + rows[:, None].to(tl.int64) * K
-        for j0 in range(0, most, LIST_TILE):
-            j = j0 + tl.arange(0, LIST_TILE)
-            listed = in_m[:, None] & (j[None, :] < counts[:, None])
-            cols = tl.load(row_lists + j[None, :], mask=listed, other=0, cache_modifier=".cg")
-            tl.store(union_flags_ptr + cols, tl.full([MAX_DECODE_ROWS, LIST_TILE], 1, tl.int8), mask=listed)
-        tl.debug_barrier()  # the flag stores before the CTA reads them back
-        for k0 in range(0, K, UNION_TILE):
-            offs_k = k0 + offs
-            flags = tl.load(union_flags_ptr + offs_k, mask=offs_k < K, other=0).to(tl.int32)
-            total += _append_columns(outlier_cols_ptr, total, offs_k, flags)
-        tl.debug_barrier()  # the list's stores before the CTA reads it back
-        q_rows = q_ptr + rows[:, None].to(tl.int64) * K
-        for j0 in range(0, total, LIST_TILE):
-            j = j0 + tl.arange(0, LIST_TILE)
-            cols = tl.load(outlier_cols_ptr + j, mask=j < total, other=0)
-            tl.store(q_rows + cols[None, :], tl.zeros([MAX_DECODE_ROWS, LIST_TILE], tl.int8),
-                     mask=in_m[:, None] & (j < total)[None, :])
+        if most <= MERGE_TILE:
+            total = _merge_short_lists(q_ptr, outlier_cols_ptr, row_cols_ptr, counts, rows, in_m, K, MERGE_TILE)
+        else:
+            total = _union_by_flags(q_ptr, outlier_cols_ptr, row_cols_ptr, union_flags_ptr, counts, most, rows,
+                                    in_m, K, UNION_TILE, LIST_TILE)
     tl.store(outlier_count_ptr + tl.arange(0, 1), total + tl.zeros([1], tl.int32))
 
 
@@ -129,7 +164,8 @@ def _decode_quantize_kernel(
     # meta-parameters
     TILE: tl.constexpr,              # columns per step, a power of two
     ROW_IN_REGISTERS: tl.constexpr,  # K <= TILE: one load, quantized from registers
-    UNION_TILE: tl.constexpr,        # columns per step of the union (<= TILE: fewer registers)
+    MERGE_TILE: tl.constexpr,        # rows listing at most this many columns are merged in registers
+    UNION_TILE: tl.constexpr,        # else the union sweeps K, this many columns per step (<= TILE)
     LIST_TILE: tl.constexpr,         # list entries per step of the union
     INTERPRET: tl.constexpr,
 ):
@@ -176,6 +212,6 @@ def _decode_quantize_kernel(
     if M > 1:
         if _take_ticket(ticket_ptr) == M - 1:
             _union_outlier_columns(q_ptr, outlier_cols_ptr, outlier_count_ptr, row_cols_ptr, row_counts_ptr,
-                                   union_flags_ptr, M, K, UNION_TILE, LIST_TILE)
+                                   union_flags_ptr, M, K, MERGE_TILE, UNION_TILE, LIST_TILE)
             # every program has drawn its ticket: the counter is free for the next launch
             tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
