@@ -344,7 +344,7 @@ def test_gpu_graph_replays_follow_their_inputs(m, fused):
 
 @requires_cuda
 def test_gpu_two_graphs_and_two_streams(fused):
-    """Two graphs replayed at once on two streams, next to eager calls on a third: each has its own counter."""
+    """Two graphs replayed at once on two streams, next to eager calls on two more: each has its own counter."""
     m, k, n = 16, 8192, 2048
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     xs = [_activations(m, k, seed=s) for s in range(2)]
@@ -356,17 +356,18 @@ def test_gpu_two_graphs_and_two_streams(fused):
         with torch.cuda.graph(graph):
             outs.append(triton_linear(x, q_w, s_w, None, 6.0))
         graphs.append(graph)
-    streams = [torch.cuda.Stream() for _ in range(3)]
+    streams = [torch.cuda.Stream() for _ in range(4)]
     eager = []
     torch.cuda.synchronize()
     for _ in range(20):
         for graph, stream in zip(graphs, streams):
             with torch.cuda.stream(stream):
                 graph.replay()
-        with torch.cuda.stream(streams[2]):
-            eager.append(triton_linear(xs[1], q_w, s_w, None, 6.0))
+        for which, stream in ((0, streams[2]), (1, streams[3])):  # eager calls on two streams at once
+            with torch.cuda.stream(stream):
+                eager.append((which, triton_linear(xs[which], q_w, s_w, None, 6.0)))
     torch.cuda.synchronize()
     for got, want in zip(outs, expected):
         _assert_same_output(got, want)
-    for got in eager:
-        _assert_same_output(got, expected[1])
+    for which, got in eager:
+        _assert_same_output(got, expected[which])
