@@ -261,6 +261,20 @@ def test_decode_path_variable(monkeypatch):
     _decode_path(monkeypatch, "classic")
 
 
+@pytest.mark.parametrize("shape", [(17, 8), (0, 8), (3, 0)])
+def test_shapes_outside_decode_are_refused(shape):
+    with pytest.raises(ValueError, match=rf"1 to 16 rows .* got shape \({shape[0]}, {shape[1]}\)"):
+        triton_decode.quantize_for_decode(torch.zeros(shape, device=DEVICE), 6.0)
+
+
+def test_empty_inputs(fused):
+    q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
+    assert triton_linear(torch.empty(0, 32, device=DEVICE), q_w, s_w, None, 6.0).shape == (0, 8)
+    empty_w, empty_s = int8mm.quantize_weight(random_weight(8, 0).to(DEVICE))
+    y = triton_linear(torch.empty(3, 0, device=DEVICE), empty_w, empty_s, None, 6.0)
+    assert y.shape == (3, 8) and not y.any()
+
+
 def test_prefill_ignores_the_decode_path(fused, monkeypatch):
     called = []
     monkeypatch.setattr(triton_decode, "quantize_for_decode", lambda *a: called.append(a))

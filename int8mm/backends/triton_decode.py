@@ -123,8 +123,14 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
 
     Equal bit for bit to the classic path's; ``outlier_cols`` beyond ``outlier_count`` is undefined.
     Returns None (logged once) when a CUDA-graph capture finds no free counter: use the classic path then.
+
+    Raises:
+        ValueError: ``x`` has no element or more than MAX_ROWS rows (the kernel's merge covers 16 rows).
     """
     m, k = x.shape
+    if not (1 <= m <= MAX_ROWS and k >= 1):
+        raise ValueError(f"quantize_for_decode takes x of 1 to {MAX_ROWS} rows and at least one column, "
+                         f"got shape {tuple(x.shape)}")
     dev = x.device
     q_x = torch.empty((m, k), dtype=torch.int8, device=dev)
     s_x = torch.empty(m, dtype=torch.float32, device=dev)
