@@ -123,6 +123,23 @@ def test_strided_inputs(view):
     _assert_same_quantization(x, 6.0)
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_views_spanning_more_than_2_to_31_elements(layout, fused):
+    """x's last row, or last column, lies more than 2^31 elements into its storage: offsets must not wrap
+    (only the viewed elements are written, so on the CPU the storage costs address space, not memory)."""
+    m, k, strides = (3, 64, (2**30 + 64, 1)) if layout == "rows" else (4, 34, (1, 2**26))
+    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
+    assert span > 2**31
+    x = torch.empty(span, dtype=torch.float16, device=DEVICE).as_strided((m, k), strides)
+    x.copy_(_activations(m, k))
+    x[-1, -1] = 40.0  # an outlier at the far end
+    _, _, cols, count = classic_quantize(x, 6.0)
+    assert k - 1 in cols[: int(count)].tolist()
+    _assert_same_quantization(x, 6.0)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, k).to(DEVICE))
+    assert_output_close(triton_linear(x, q_w, s_w, None, 6.0), int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+
 def test_scratch_content_does_not_matter(monkeypatch):
     """The per-call scratch (the rows' lists, the union flags) is torch.empty memory: fill it with junk."""
     x = _activations(16, 257)

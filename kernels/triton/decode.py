@@ -171,12 +171,13 @@ def _decode_quantize_kernel(
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, TILE)
-    x_row = x_ptr + row.to(tl.int64) * stride_xm  # int64: x may span more than 2^31 elements
+    # int64 element offsets: x (any strides, a view whose rows or columns lie far apart) may span more than 2^31
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * K
     own_cols = row_cols_ptr + row.to(tl.int64) * K
     if ROW_IN_REGISTERS:
         in_k = offs < K
-        x = tl.load(x_row + offs[None, :] * stride_xk, mask=in_k[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_row + offs[None, :].to(tl.int64) * stride_xk, mask=in_k[None, :], other=0.0).to(tl.float32)
         row_max, nans, flags = _row_stats(x, in_k, threshold)
         s_x = tl.where(nans > 0, float("nan"), row_max) + tl.zeros([1], tl.float32)
         q = _quantize_tile(x, _row_reciprocal(s_x), flags > 0, INTERPRET)
@@ -190,7 +191,7 @@ def _decode_quantize_kernel(
         for k0 in range(0, K, TILE):
             offs_k = k0 + offs
             in_k = offs_k < K
-            x = tl.load(x_row + offs_k[None, :] * stride_xk, mask=in_k[None, :],
+            x = tl.load(x_row + offs_k[None, :].to(tl.int64) * stride_xk, mask=in_k[None, :],
                         other=0.0).to(tl.float32)
             tile_max, tile_nans, flags = _row_stats(x, in_k, threshold)
             row_max = tl.maximum(row_max, tile_max)
@@ -201,7 +202,7 @@ def _decode_quantize_kernel(
         for k0 in range(0, K, TILE):
             offs_k = k0 + offs
             in_k = offs_k < K
-            x = tl.load(x_row + offs_k[None, :] * stride_xk, mask=in_k[None, :],
+            x = tl.load(x_row + offs_k[None, :].to(tl.int64) * stride_xk, mask=in_k[None, :],
                         other=0.0).to(tl.float32)
             magnitude = tl.abs(x)
             is_outlier = (magnitude >= threshold) & (threshold > 0.0)
