@@ -38,7 +38,7 @@ ROW_TILE_MAX = 16384
 # UNION_TILE_MAX columns per step (few registers; several steps for long rows)
 MERGE_TILE = 8
 UNION_TILE_MAX = 4096
-# list entries per step when the last program merges the rows' outlier lists
+# list entries per step of the flag sweep (setting the flags from the rows' lists, zeroing the columns of q_x)
 LIST_TILE = 32
 # counters per chunk, and int32s between two counters (one 32-byte sector each: no contention between kernels
 # running at once on different streams)
