@@ -3,7 +3,9 @@
 Registered as the ``triton`` backend of the ops in ``int8mm._ops``. ``int8_linear`` never reads a device
 value on the host, so it can be captured in a CUDA graph:
 zero-fill, activation statistics, quantization + outlier list, fused GEMM, with thin 16-row tiles
-and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill.
+and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill. With
+INT8MM_DECODE_PATH=fused a decode call is two kernels instead (``triton_decode``: one quantization kernel,
+no fill; then the same GEMM).
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
