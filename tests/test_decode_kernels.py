@@ -258,7 +258,8 @@ def test_two_launches_and_no_fills(m, monkeypatch):
     with recorder:
         fused = triton_linear(x, q_w, s_w, None, 6.0)
     _decode_path(monkeypatch, "classic")
-    assert launches == ["decode_quantize_kernel", "int8_gemm_dequant_kernel"]
+    # the GEMM is the autotuned decode GEMM on a GPU, the plain kernel under the interpreter
+    assert len(launches) == 2 and launches[0] == "decode_quantize_kernel" and "gemm" in launches[1], launches
     assert set(recorder.ops) <= _OpRecorder.ALLOCATIONS_AND_VIEWS, recorder.ops
     _assert_same_output(fused, classic)
     _assert_same_output(fused, expected)
