@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
-from int8mm import _ops
+from int8mm import _ops, backends
 from int8mm.backends import registry
 from gpu import requires_cuda
 from helpers import DEVICE, assert_output_close, assert_quantized_equal, planted_outliers, random_weight
@@ -201,9 +201,11 @@ def test_forward_fills_only_the_stats_buffer(backend):
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
     impl = registry.lookup(backend, "int8_linear")
     ref = _ops.int8_linear(x, q_w, s_w, None, 6.0, "reference")
+    impl(x, q_w, s_w, None, 6.0)  # one-time set-up (the fused decode path's counters) is not a call's cost
     with _FillCounter() as counter:
         got = impl(x, q_w, s_w, None, 6.0)
-    assert counter.fills == (["aten.zeros.default"] if backend == "triton" else [])
+    classic_triton = backend == "triton" and backends.decode_path() == "classic"  # INT8MM_DECODE_PATH=fused: none
+    assert counter.fills == (["aten.zeros.default"] if classic_triton else [])
     assert_output_close(got, ref)
 
 

@@ -133,3 +133,20 @@ def test_rowwise_prefill_quantize_kernels(report, arch, block_m, x_type):
     assert not columns["non_coherent_loads"]
     if block_m == 1:
         assert quantize["registers"] <= 80, f"{quantize['registers']} registers: fewer than 6 programs fit on an SM"
+
+
+DECODE_QUANTIZE = [f"{arch}/k{k}/fp16{rows}" for arch in ("sm80", "sm90") for k in (4096, 8192, 14336, 28672)
+                   for rows in ("/m1", "")] + ["sm80/k28672/fp32", "sm90/k28672/fp32"]
+
+
+@pytest.mark.parametrize("key", DECODE_QUANTIZE)
+def test_decode_quantize_kernel(report, key):
+    """The fused decode quantization (INT8MM_DECODE_PATH=fused) at the Llama-3 row lengths."""
+    got = report["decode_quantize"][key]
+    assert got["div_rn"] and not got["div_approx"], "row reciprocal must be an IEEE division"
+    assert got["rint"], "rounding must be half-to-even (cvt.rni)"
+    if not key.endswith("/m1"):  # one row draws no ticket
+        assert got["ticket_acq_rel"] and got["cta_barrier"], "the last-arrival ticket lost its memory ordering"
+    assert not got["spills"], "registers spill to local memory (PTX)"
+    if got["stack_bytes"] is not None:  # cuobjdump ships with triton; the SASS spills are what counts
+        assert got["stack_bytes"] == 0 and got["local_bytes"] == 0, (got["stack_bytes"], got["local_bytes"])

@@ -19,7 +19,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
-from int8mm.backends import triton_prefill
+from int8mm.backends import triton_decode, triton_prefill
+from int8mm.kernels.triton.decode import _decode_quantize_kernel
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
 from int8mm.kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
 from int8mm.kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
@@ -44,18 +45,20 @@ def _compile(kernel, signature, constexprs, aligned, target, num_warps, num_stag
 
 
 def _resource_usage(compiled):
-    """Registers per thread and stack bytes per thread (register spills: ptxas spills to the stack frame,
-    which PTX's ld.local cannot show) of the compiled kernel, read from its cubin; None where cuobjdump is
-    missing."""
+    """Registers per thread, stack bytes per thread (register spills: ptxas spills to the stack frame, which
+    PTX's ld.local cannot show) and local-memory bytes of the compiled kernel, read from its cubin; None values
+    where cuobjdump is missing."""
+    missing = {"registers": None, "stack_bytes": None, "local_bytes": None}
     if not os.path.exists(CUOBJDUMP):
-        return {"registers": None, "stack_bytes": None}
+        return missing
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))} if found else {
-        "registers": None, "stack_bytes": None}
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if not found:
+        return missing
+    return {"registers": int(found[1]), "stack_bytes": int(found[2]), "local_bytes": int(found[3])}
 
 
 def _features(compiled):
@@ -162,12 +165,36 @@ ROWWISE_BLOCK_MS = (1, 2)
 ROWWISE_X_TYPES = ("fp16", "bf16", "fp32")
 
 
+# the decode rows of Llama-3-8B and -70B (K of qkv/o/gate_up, 8B down_proj, 70B down_proj)
+DECODE_ROW_LENGTHS = (4096, 8192, 14336, 28672)
+
+
+def compile_decode_quantize(k, target, x_type="fp16", m=None):
+    """The fused decode quantization as the launcher would launch it for rows of ``k`` columns: one row (``m=1``,
+    a launch specialises it, which drops the merge of the rows' lists) or several (``m=None``)."""
+    tile = triton_decode.row_tile(k)
+    sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "outlier_cols_ptr": "*i32",
+           "outlier_count_ptr": "*i32", "row_cols_ptr": "*i32", "row_counts_ptr": "*i32", "union_flags_ptr": "*i8",
+           "ticket_ptr": "*i32", "M": "i32" if m is None else "constexpr", "K": "i32", "stride_xm": "i32",
+           "stride_xk": "constexpr", "threshold": "fp32", "TILE": "constexpr", "ROW_IN_REGISTERS": "constexpr",
+           "MERGE_TILE": "constexpr", "UNION_TILE": "constexpr", "LIST_TILE": "constexpr", "INTERPRET": "constexpr"}
+    constexprs = {"stride_xk": 1, "TILE": tile, "ROW_IN_REGISTERS": k <= tile,
+                  "MERGE_TILE": triton_decode.MERGE_TILE,
+                  "UNION_TILE": min(tile, triton_decode.UNION_TILE_MAX), "LIST_TILE": triton_decode.LIST_TILE,
+                  "INTERPRET": False, **({} if m is None else {"M": m})}
+    aligned = ("x_ptr", "q_ptr", "row_cols_ptr", "K", "stride_xm")
+    warps = triton_decode.num_warps(tile, m or triton_decode.MAX_ROWS)
+    compiled = _compile(_decode_quantize_kernel, sig, constexprs, aligned, target, warps, num_stages=1)
+    ptx = compiled.asm["ptx"]
+    return {**_features(compiled), "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx, "cta_barrier": "bar.sync" in ptx}
+
+
 def config_id(kind, config):
     return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}, "decode_quantize": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
@@ -179,6 +206,10 @@ def main():
         for block_m in ROWWISE_BLOCK_MS:
             for x_type in ROWWISE_X_TYPES:
                 report["rowwise"][f"{arch}/bm{block_m}/{x_type}"] = compile_rowwise(block_m, x_type, target)
+        for k in DECODE_ROW_LENGTHS:
+            report["decode_quantize"][f"{arch}/k{k}/fp16/m1"] = compile_decode_quantize(k, target, m=1)
+            report["decode_quantize"][f"{arch}/k{k}/fp16"] = compile_decode_quantize(k, target)
+        report["decode_quantize"][f"{arch}/k28672/fp32"] = compile_decode_quantize(28672, target, "fp32")
     for out_type in ("i32", "bf16", "fp32"):
         report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
     for config in triton_prefill.PERSISTENT_CONFIGS:

@@ -47,6 +47,29 @@ def triton_interpreting() -> bool:
     return _triton_interpreting
 
 
+DECODE_PATH_ENV_VAR = "INT8MM_DECODE_PATH"
+# how the Triton backend runs a decode call (M <= 16 rows): "classic" = zero-fill, statistics, quantization and
+# GEMM kernels; "fused" = one quantization kernel (no fills) and the GEMM (int8mm/backends/triton_decode.py)
+DECODE_PATHS = ("classic", "fused")
+_decode_path: str | None = None
+
+
+def decode_path() -> str:
+    """INT8MM_DECODE_PATH (default "classic"), read once (see ``refresh_from_environment``).
+
+    Raises:
+        ValueError: the variable holds another value (raised at every call until it is fixed).
+    """
+    global _decode_path
+    if _decode_path is None:
+        value = os.environ.get(DECODE_PATH_ENV_VAR, "classic")
+        if value not in DECODE_PATHS:
+            raise ValueError(f"{DECODE_PATH_ENV_VAR} must be one of {', '.join(map(repr, DECODE_PATHS))}, "
+                             f"got {value!r}")
+        _decode_path = value
+    return _decode_path
+
+
 # Probed once at import (without importing either): torch.compile traces backend resolution, and
 # importlib cannot be traced; a failed import on every call would also be slow.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -193,10 +216,11 @@ def set_default_backend(backend) -> None:
 
 
 def refresh_from_environment() -> None:
-    """Read INT8MM_BACKEND, TRITON_INTERPRET and INT8MM_PREFILL_QUANT again at the next op call (they are read
-    once otherwise)."""
-    global _triton_interpreting
+    """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH and INT8MM_PREFILL_QUANT again at the next op
+    call (they are read once otherwise)."""
+    global _triton_interpreting, _decode_path
     _triton_interpreting = None
+    _decode_path = None
     set_default_backend(None)
     triton_backend = sys.modules.get(f"{__name__}.triton")
     if triton_backend is not None:  # not imported yet: it reads the variable at its first prefill call anyway

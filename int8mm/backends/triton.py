@@ -5,6 +5,8 @@ value on the host, so it can be captured in a CUDA graph:
 zero-fill, activation statistics, quantization + outlier list, fused GEMM, with thin 16-row tiles
 and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill (one program per
 tile, or the persistent TMA kernel on sm_90+ when INT8MM_PREFILL_GEMM=persistent: see triton_prefill.py).
+With INT8MM_DECODE_PATH=fused a decode call is two kernels instead (``triton_decode``: one quantization kernel,
+no fill; then the same GEMM).
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
@@ -19,7 +21,7 @@ from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
                                        _rowwise_quantize_kernel)
 from ..devices import on_device_of
-from . import registry, triton_interpreting, triton_prefill
+from . import decode_path, registry, triton_decode, triton_interpreting, triton_prefill
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -281,7 +283,10 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     n = q_w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     with on_device_of(x):
-        q_x, s_x, outlier_cols, outlier_count = _quantize_activations(x, threshold)
+        quantized = None
+        if 0 < m <= DECODE_MAX_M and k > 0 and decode_path() == "fused":  # INT8MM_DECODE_PATH
+            quantized = triton_decode.quantize_for_decode(x, threshold)  # one launch, no fills
+        q_x, s_x, outlier_cols, outlier_count = quantized or _quantize_activations(x, threshold)
         return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
 
 

@@ -1,0 +1,176 @@
+"""Decode (M <= 16) side by side: fp16 F.linear vs the Triton backend's classic and fused decode paths.
+
+The classic path launches a zero-fill, a statistics pass, a quantization pass and the GEMM; the fused path
+(INT8MM_DECODE_PATH=fused) one quantization kernel and the same GEMM. Both are timed in one process, on
+Llama-3-8B and -70B layer shapes, under CUDA graphs (launch overhead gone, as in a graphed decode loop)
+and eager (L2 flushed before each call), with fp16 inputs holding planted outlier columns. Each timed call
+uses the next of several layers (distinct weights, more bytes than L2 holds) so no weight stays cached.
+
+    python benchmarks/bench_decode.py --out DIR [--models Llama-3-8B Llama-3-70B] [--m 1 16]
+    TRITON_INTERPRET=1 python benchmarks/bench_decode.py --dry-run --out DIR   (CPU: checks the plumbing only)
+Writes DIR/decode_bench.json (long-form rows) and DIR/decode_bench.md. Takes well under a minute on an H200.
+"""
+import argparse
+import contextlib
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+import int8mm
+from int8mm import backends
+from int8mm.bench.environment import run_metadata
+from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations, random_weight
+from int8mm.bench.report import format_speedup, format_time, geomean, markdown_table, write_json_and_markdown
+from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
+from int8mm.bench.timing import time_cpu, time_cuda_eager, time_cuda_graph
+
+PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused")
+DECODE_PATHS = {"int8mm classic": "classic", "int8mm fused": "fused"}
+THRESHOLD = 6.0
+# layers per shape: enough distinct weights that a timed round reads more than L2 holds (at least two)
+L2_MULTIPLE = 2
+MAX_LAYERS = 8
+DEFAULT_L2_BYTES = 50 * 1024 * 1024
+# the dry run: one small shape, host-clock timing of a few calls (the interpreter is slow)
+DRY_RUN_SHAPE = LayerShape("tiny", "o_proj", 64, 48)
+
+
+@contextlib.contextmanager
+def decode_path(path: str | None):
+    """INT8MM_DECODE_PATH=path for the calls inside (None: leave it as it is)."""
+    if path is None:
+        yield
+        return
+    before = os.environ.get(backends.DECODE_PATH_ENV_VAR)
+    os.environ[backends.DECODE_PATH_ENV_VAR] = path
+    backends.refresh_from_environment()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(backends.DECODE_PATH_ENV_VAR)
+        else:
+            os.environ[backends.DECODE_PATH_ENV_VAR] = before
+        backends.refresh_from_environment()
+
+
+def layers_per_shape(shape: LayerShape, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+    return max(2, min(MAX_LAYERS, math.ceil(L2_MULTIPLE * l2 / (shape.n * shape.k))))
+
+
+def build_layers(shape: LayerShape, count: int, device: torch.device, generator: torch.Generator):
+    """``count`` pairs of (fp16 weight, Int8Linear on the Triton backend) of one shape."""
+    pairs = []
+    for _ in range(count):
+        w = random_weight(shape.n, shape.k, device, generator)
+        layer = int8mm.Int8Linear(shape.k, shape.n, bias=False, threshold=THRESHOLD, backend="triton",
+                                  device=torch.device("meta"))
+        layer.weight, layer.SCB = int8mm.quantize_weight(w)
+        pairs.append((w.half(), layer))
+        del w
+    return pairs
+
+
+def time_provider(provider: str, mode: str, layers, xs, device: torch.device, reps: int):
+    if provider == "fp16 F.linear":
+        fn, inputs = F.linear, [(x, w16) for x, (w16, _) in zip(xs, layers)]
+    else:
+        fn, inputs = (lambda x, layer: layer(x)), [(x, layer) for x, (_, layer) in zip(xs, layers)]
+    with decode_path(DECODE_PATHS.get(provider)), torch.inference_mode():
+        if device.type != "cuda":
+            return time_cpu(fn, inputs, warmup=1, reps=reps)
+        if mode == "graph":
+            return time_cuda_graph(fn, inputs, replays=reps)
+        return time_cuda_eager(fn, inputs, warmup=len(inputs) + 2, reps=reps)
+
+
+def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: OutlierSpec, seed: int) -> dict:
+    generator = make_generator(device, seed)
+    meta = {**run_metadata(device), "threshold": THRESHOLD, "outliers": vars(outliers), "modes": list(modes)}
+    rows = []
+    for shape in shapes:
+        layers = build_layers(shape, layers_per_shape(shape, device), device, generator)
+        for m in m_values:
+            xs = [planted_activations(m, shape.k, outliers, torch.float16, device, generator) for _ in layers]
+            for mode in modes:
+                for provider in PROVIDERS:
+                    timing = time_provider(provider, mode, layers, xs, device, reps)
+                    rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
+                                 "provider": provider, "median_us": timing.median_s * 1e6,
+                                 "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6})
+                    print(f"{shape.name} M={m} {mode} {provider}: {format_time(rows[-1]['median_us'])}", flush=True)
+        del layers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"meta": meta, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    meta = result["meta"]
+    lines = [f"# Decode: classic vs fused, {meta['device']}, {meta['date']}", "",
+             "Median time per call; speed-up = fp16 F.linear time / int8mm time, in the same run.", ""]
+    if meta.get("dry_run"):
+        lines += ["DRY RUN: Triton's interpreter on the CPU; these times say nothing about a GPU.", ""]
+    table = []
+    by_key = {(r["shape"], r["m"], r["mode"], r["provider"]): r["median_us"] for r in rows}
+    for shape, m, mode in dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows):
+        fp16, classic, fused = (by_key[(shape, m, mode, p)] for p in PROVIDERS)
+        table.append([shape, str(m), mode, format_time(fp16), format_time(classic), format_time(fused),
+                      format_speedup(fp16 / classic), format_speedup(fp16 / fused)])
+    lines += markdown_table(["layer", "M", "mode", "fp16", "classic", "fused", "classic vs fp16",
+                             "fused vs fp16"], table)
+    lines += ["", "Geometric mean of the speed-up over fp16 per model, M and mode:", ""]
+    groups = {}
+    for shape, m, mode in dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows):
+        model = shape.rsplit(" ", 1)[0]
+        fp16, classic, fused = (by_key[(shape, m, mode, p)] for p in PROVIDERS)
+        groups.setdefault((model, m, mode), []).append((fp16 / classic, fp16 / fused))
+    lines += markdown_table(["model", "M", "mode", "classic", "fused"], [
+        [model, str(m), mode, format_speedup(geomean(c for c, _ in v)), format_speedup(geomean(f for _, f in v))]
+        for (model, m, mode), v in groups.items()])
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for decode_bench.{json,md}")
+    parser.add_argument("--models", nargs="+", default=["Llama-3-8B", "Llama-3-70B"], choices=sorted(LAYER_SHAPES))
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 16], help="rows per call (decode: 1..16)")
+    parser.add_argument("--reps", type=int, default=30, help="timed calls (eager) or graph replays per cell")
+    parser.add_argument("--outlier-cols", type=int, default=8, help="planted outlier columns per input")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU tensors through TRITON_INTERPRET=1, one tiny shape, a few calls: checks the plumbing")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if any(not 1 <= m <= 16 for m in args.m):
+        raise SystemExit(f"--m takes decode row counts 1..16, got {args.m}")
+    outliers = OutlierSpec(count=args.outlier_cols)
+    if args.dry_run:
+        if not backends.triton_interpreting():
+            raise SystemExit("--dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
+        result = run([DRY_RUN_SHAPE], args.m, torch.device("cpu"), ["eager"], min(args.reps, 2), outliers, args.seed)
+        result["meta"]["dry_run"] = True
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_decode.py needs an NVIDIA GPU (or --dry-run with TRITON_INTERPRET=1)")
+        shapes = [s for model in args.models for s in LAYER_SHAPES[model]]
+        result = run(shapes, args.m, torch.device("cuda"), ["graph", "eager"], args.reps, outliers, args.seed)
+    text = markdown(result)
+    paths = write_json_and_markdown(result, text, args.out, "decode_bench")
+    print(text)
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""The fused decode path of the Triton backend (INT8MM_DECODE_PATH=fused): one quantization kernel, no fills.
+
+Its quantized values, row scales, outlier list and count must equal the classic path's bit for bit, and its
+``int8_linear`` output must equal the classic path's exactly (the same GEMM reads the same values). Without a
+GPU the kernels run on CPU tensors through Triton's interpreter (conftest.py), which runs the programs one
+after another: the last-arrival logic, the list merge and the clearing run, the memory ordering does not
+(the GPU tests at the end check it under real concurrency, CUDA graphs and two streams).
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import int8mm
+from int8mm import backends
+from int8mm.backends import registry
+
+from gpu import requires_cuda
+from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
+
+triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+from int8mm.backends import triton as triton_backend  # noqa: E402  (needs triton)
+from int8mm.backends import triton_decode  # noqa: E402
+
+classic_quantize = registry.lookup("triton", "quantize_activations")
+triton_linear = registry.lookup("triton", "int8_linear")
+
+DECODE_ROWS = [1, 2, 5, 16]
+COLUMNS = [1, 33, 499]  # one column, ragged, longer than the interpreter's tiles below
+
+
+def _decode_path(monkeypatch, path):
+    monkeypatch.setenv(backends.DECODE_PATH_ENV_VAR, path)
+    backends.refresh_from_environment()
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    _decode_path(monkeypatch, "fused")
+    yield
+    monkeypatch.delenv(backends.DECODE_PATH_ENV_VAR)
+    backends.refresh_from_environment()
+
+
+def _activations(m, k, dtype=torch.float16, n_outlier_cols=8, seed=0):
+    return planted_outliers(m, k, dtype, n_outlier_cols=n_outlier_cols, zero_row=m > 2, seed=seed).to(DEVICE)
+
+
+def _assert_same_quantization(x, threshold):
+    """The fused kernel's four outputs equal the classic path's, bit for bit."""
+    q_c, s_c, cols_c, n_c = classic_quantize(x, threshold)
+    q_f, s_f, cols_f, n_f = triton_decode.quantize_for_decode(x, threshold)
+    assert torch.equal(n_f, n_c), (int(n_f), int(n_c))
+    count = int(n_c)
+    assert torch.equal(cols_f[:count], cols_c[:count]), "outlier lists differ"
+    assert torch.equal(s_f.view(torch.int32), s_c.view(torch.int32)), "row scales differ (as fp32 bits)"
+    assert torch.equal(q_f, q_c), "quantized values differ"
+    return count
+
+
+def _assert_same_output(got, expected):
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", COLUMNS)
+@pytest.mark.parametrize("m", DECODE_ROWS)
+def test_quantization_equals_the_classic_path(m, k, dtype, threshold):
+    count = _assert_same_quantization(_activations(m, k, dtype), threshold)
+    assert count == 0 if threshold == 0.0 else count > 0
+
+
+@pytest.mark.parametrize("m", DECODE_ROWS)
+def test_no_outliers(m):
+    x = planted_outliers(m, 130, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE)
+    assert _assert_same_quantization(x, 6.0) == 0
+
+
+@pytest.mark.parametrize("merge_tile", [0, 8, 32])  # 0: the union always sweeps flags over K
+@pytest.mark.parametrize("outlier_cols", [0, 3, 12])
+@pytest.mark.parametrize("m", [2, 5, 16])
+def test_both_ways_of_merging_the_rows_lists(m, outlier_cols, merge_tile, monkeypatch):
+    """Rows with few outlier columns are merged in registers, rows with many by flags swept over K."""
+    monkeypatch.setattr(triton_decode, "MERGE_TILE", merge_tile)
+    x = _activations(m, 257, n_outlier_cols=outlier_cols, seed=outlier_cols)
+    x[0, 100] = -7.0  # a column only one row flags
+    assert _assert_same_quantization(x, 6.0) >= outlier_cols + 1
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_rows_longer_than_a_tile(m, monkeypatch):
+    """Rows swept twice (longer than the kernel's tile) and the union in several steps, with small tiles."""
+    monkeypatch.setattr(triton_decode, "ROW_TILE_MAX", 64)
+    monkeypatch.setattr(triton_decode, "UNION_TILE_MAX", 32)
+    monkeypatch.setattr(triton_decode, "LIST_TILE", 2)
+    for dtype in (torch.float16, torch.float32):
+        assert _assert_same_quantization(_activations(m, 499, dtype, n_outlier_cols=12), 6.0) > 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_non_finite_rows(bad, threshold):
+    x = _activations(5, 130, torch.float32)
+    x[3, 17] = bad
+    _assert_same_quantization(x, threshold)
+
+
+def test_every_column_an_outlier():
+    x = _activations(5, 100, torch.float32) + 100.0
+    assert _assert_same_quantization(x, 6.0) == 100
+
+
+@pytest.mark.parametrize("view", ["column-major", "every other column"])
+def test_strided_inputs(view):
+    base = _activations(16, 2 * 123, torch.float16)
+    x = base.t().contiguous().t() if view == "column-major" else base[:, ::2]
+    assert not x.is_contiguous()
+    _assert_same_quantization(x, 6.0)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_views_spanning_more_than_2_to_31_elements(layout, fused):
+    """x's last row, or last column, lies more than 2^31 elements into its storage: offsets must not wrap
+    (only the viewed elements are written, so on the CPU the storage costs address space, not memory)."""
+    m, k, strides = (3, 64, (2**30 + 64, 1)) if layout == "rows" else (4, 34, (1, 2**26))
+    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
+    assert span > 2**31
+    x = torch.empty(span, dtype=torch.float16, device=DEVICE).as_strided((m, k), strides)
+    x.copy_(_activations(m, k))
+    x[-1, -1] = 40.0  # an outlier at the far end
+    _, _, cols, count = classic_quantize(x, 6.0)
+    assert k - 1 in cols[: int(count)].tolist()
+    _assert_same_quantization(x, 6.0)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, k).to(DEVICE))
+    assert_output_close(triton_linear(x, q_w, s_w, None, 6.0), int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+
+def test_scratch_content_does_not_matter(monkeypatch):
+    """The per-call scratch (the rows' lists, the union flags) is torch.empty memory: fill it with junk."""
+    x = _activations(16, 257)
+    expected = classic_quantize(x, 6.0)
+    real_empty = torch.empty
+
+    def junk(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(0x01010101 if t.dtype == torch.int32 else 1)
+
+    monkeypatch.setattr(triton_decode.torch, "empty", junk)
+    q_f, s_f, cols_f, n_f = triton_decode.quantize_for_decode(x, 6.0)
+    monkeypatch.undo()
+    count = int(expected[3])
+    assert torch.equal(n_f, expected[3]) and torch.equal(cols_f[:count], expected[2][:count])
+    assert torch.equal(q_f, expected[0]) and torch.equal(s_f, expected[1])
+
+
+def test_calls_in_a_row_leave_the_counter_at_zero():
+    """The second call's outliers must not include the first's: the counter is reset by each launch's last
+    program, so each launch finds its own last program."""
+    first = _activations(5, 200, n_outlier_cols=8, seed=1)
+    second = _activations(5, 200, n_outlier_cols=3, seed=2)
+    counter = triton_decode.counter_pool(DEVICE).counter()
+    for x in (first, second, first, first[:2], second[:1], second):
+        _assert_same_quantization(x, 6.0)
+        assert int(counter) == 0
+    assert set(classic_quantize(first, 6.0)[2][:8].tolist()) != set(classic_quantize(second, 6.0)[2][:3].tolist())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (2, 499, 33), (5, 123, 7), (16, 256, 48)])
+def test_int8_linear_equals_the_classic_path(m, k, n, dtype, bias, monkeypatch):
+    x = _activations(m, k, dtype)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    _decode_path(monkeypatch, "classic")
+    classic = triton_linear(x, q_w, s_w, b, 6.0)
+    _decode_path(monkeypatch, "fused")
+    fused = triton_linear(x, q_w, s_w, b, 6.0)
+    _decode_path(monkeypatch, "classic")
+    _assert_same_output(fused, classic)
+    assert_output_close(fused, int8mm.int8_linear(x, q_w, s_w, b, backend="reference"))
+
+
+def test_non_finite_rows_in_int8_linear(fused):
+    x = _activations(5, 130, torch.float32)
+    x[2, 9] = float("nan")
+    q_w, s_w = int8mm.quantize_weight(random_weight(12, 130).to(DEVICE))
+    got = triton_linear(x, q_w, s_w, None, 6.0)
+    assert not torch.isfinite(got[2]).any() and torch.isfinite(got[torch.arange(5, device=DEVICE) != 2]).all()
+    assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+
+class _OpRecorder(TorchDispatchMode):
+    """The torch ops a call runs outside the Triton launches (on a GPU each compute op is a kernel)."""
+
+    # no kernel behind any of these (Tensor.view(dtype) records a detach as well)
+    ALLOCATIONS_AND_VIEWS = frozenset({"aten.empty.memory_format", "aten.split.Tensor", "aten.view.dtype",
+                                       "aten.detach.default", "aten.slice.Tensor", "aten.split_with_sizes.default"})
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _count_launches(monkeypatch, recorder):
+    """Wraps every Triton kernel the launchers can reach; returns the list each launch appends its name to."""
+    launches = []
+
+    class Counted:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append(self.name)
+                recorder.paused = True  # the interpreter's own copies are not ops of the forward
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    recorder.paused = False
+            return run
+
+    for module in (triton_backend, triton_decode):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.KernelInterface):
+                monkeypatch.setattr(module, name, Counted(value, name.strip("_")))
+    return launches
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_two_launches_and_no_fills(m, monkeypatch):
+    x = _activations(m, 96)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
+    _decode_path(monkeypatch, "classic")
+    expected = triton_linear(x, q_w, s_w, None, 6.0)
+    triton_decode.counter_pool(DEVICE).counter()  # the counters' one-time allocation is not part of a call
+    recorder = _OpRecorder()
+    launches = _count_launches(monkeypatch, recorder)
+    with recorder:
+        classic = triton_linear(x, q_w, s_w, None, 6.0)
+    assert len(launches) == 3 and "aten.zeros.default" in recorder.ops  # what the fused path removes
+    _decode_path(monkeypatch, "fused")
+    launches.clear()
+    recorder.ops.clear()
+    with recorder:
+        fused = triton_linear(x, q_w, s_w, None, 6.0)
+    _decode_path(monkeypatch, "classic")
+    # the GEMM is the autotuned decode GEMM on a GPU, the plain kernel under the interpreter
+    assert len(launches) == 2 and launches[0] == "decode_quantize_kernel" and "gemm" in launches[1], launches
+    assert set(recorder.ops) <= _OpRecorder.ALLOCATIONS_AND_VIEWS, recorder.ops
+    _assert_same_output(fused, classic)
+    _assert_same_output(fused, expected)
+
+
+def test_decode_path_variable(monkeypatch):
+    monkeypatch.delenv(backends.DECODE_PATH_ENV_VAR, raising=False)
+    backends.refresh_from_environment()
+    assert backends.decode_path() == "classic"  # the default until a GPU run measures the fused path
+    _decode_path(monkeypatch, "fast")
+    with pytest.raises(ValueError, match=r"INT8MM_DECODE_PATH must be one of 'classic', 'fused', got 'fast'"):
+        backends.decode_path()
+    x = _activations(2, 32)
+    q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
+    with pytest.raises(ValueError, match="INT8MM_DECODE_PATH"):
+        triton_linear(x, q_w, s_w, None, 6.0)
+    _decode_path(monkeypatch, "classic")
+
+
+@pytest.mark.parametrize("shape", [(17, 8), (0, 8), (3, 0)])
+def test_shapes_outside_decode_are_refused(shape):
+    with pytest.raises(ValueError, match=rf"1 to 16 rows .* got shape \({shape[0]}, {shape[1]}\)"):
+        triton_decode.quantize_for_decode(torch.zeros(shape, device=DEVICE), 6.0)
+
+
+def test_empty_inputs(fused):
+    q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
+    assert triton_linear(torch.empty(0, 32, device=DEVICE), q_w, s_w, None, 6.0).shape == (0, 8)
+    empty_w, empty_s = int8mm.quantize_weight(random_weight(8, 0).to(DEVICE))
+    y = triton_linear(torch.empty(3, 0, device=DEVICE), empty_w, empty_s, None, 6.0)
+    assert y.shape == (3, 8) and not y.any()
+
+
+def test_prefill_ignores_the_decode_path(fused, monkeypatch):
+    called = []
+    monkeypatch.setattr(triton_decode, "quantize_for_decode", lambda *a: called.append(a))
+    x = _activations(17, 64)
+    q_w, s_w = int8mm.quantize_weight(random_weight(8, 64).to(DEVICE))
+    triton_linear(x, q_w, s_w, None, 6.0)
+    assert not called
+
+
+def test_capture_without_a_free_counter_takes_the_classic_path(fused, monkeypatch, caplog):
+    class Exhausted:
+        def counter(self):
+            return None
+
+    monkeypatch.setattr(triton_decode, "counter_pool", lambda device: Exhausted())
+    x = _activations(5, 64)
+    q_w, s_w = int8mm.quantize_weight(random_weight(8, 64).to(DEVICE))
+    with caplog.at_level("WARNING", logger="int8mm"):
+        got = triton_linear(x, q_w, s_w, None, 6.0)
+    assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+    assert triton_decode.quantize_for_decode(x, 6.0) is None
+
+
+def test_bench_decode_script(tmp_path):
+    """benchmarks/bench_decode.py runs end to end and writes its two files: a dry run through the interpreter
+    on the CPU, the smallest model's layers on a GPU."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    if DEVICE.type == "cuda":
+        script.main(["--models", "SmolLM2-135M", "--m", "1", "--reps", "3", "--out", str(tmp_path)])
+        cells = 4 * 2  # SmolLM2's four layers, under graphs and eager
+    else:
+        script.main(["--dry-run", "--m", "1", "3", "--reps", "1", "--out", str(tmp_path)])
+        cells = 2  # one tiny layer, M = 1 and 3, eager
+    rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == list(script.PROVIDERS) * cells
+    assert all(r["median_us"] > 0 for r in rows)
+    assert ("DRY RUN" in (tmp_path / "decode_bench.md").read_text()) == (DEVICE.type != "cuda")
+    assert backends.decode_path() == "classic"  # the script restores the variable
+
+
+# ---- on a GPU: real concurrency, CUDA graphs, streams ----
+LLAMA_DECODE = [(1, 4096, 4096), (16, 4096, 6144), (1, 14336, 4096), (16, 28672, 512), (5, 8192, 1000)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("m,k,n", LLAMA_DECODE)
+def test_gpu_fused_equals_classic(m, k, n, monkeypatch):
+    for seed in range(3):
+        x = _activations(m, k, seed=seed)
+        _assert_same_quantization(x, 6.0)
+        q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+        _decode_path(monkeypatch, "classic")
+        classic = triton_linear(x, q_w, s_w, None, 6.0)
+        _decode_path(monkeypatch, "fused")
+        _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), classic)
+    _decode_path(monkeypatch, "classic")
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_graph_replays_follow_their_inputs(m, fused):
+    """Outliers appear, move and disappear between replays; each replay equals an eager classic call."""
+    k, n = 4096, 1024
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    inputs = [_activations(m, k, seed=s) for s in range(3)]
+    inputs.append(planted_outliers(m, k, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE))
+    static_x = inputs[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_linear(static_x, q_w, s_w, None, 6.0)  # warm-up: compile, autotune, counters
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = triton_linear(static_x, q_w, s_w, None, 6.0)
+    for replay in range(8):
+        x = inputs[replay % len(inputs)]
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_same_output(static_y, triton_linear(x, q_w, s_w, None, 6.0))
+        assert_output_close(static_y, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+
+@requires_cuda
+def test_gpu_two_graphs_and_two_streams(fused):
+    """Two graphs replayed at once on two streams, next to eager calls on two more: each has its own counter."""
+    m, k, n = 16, 8192, 2048
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    xs = [_activations(m, k, seed=s) for s in range(2)]
+    expected = [triton_linear(x, q_w, s_w, None, 6.0) for x in xs]
+    graphs, outs = [], []
+    for x in xs:
+        triton_linear(x, q_w, s_w, None, 6.0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(triton_linear(x, q_w, s_w, None, 6.0))
+        graphs.append(graph)
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    eager = []
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for graph, stream in zip(graphs, streams):
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for which, stream in ((0, streams[2]), (1, streams[3])):  # eager calls on two streams at once
+            with torch.cuda.stream(stream):
+                eager.append((which, triton_linear(xs[which], q_w, s_w, None, 6.0)))
+    torch.cuda.synchronize()
+    for got, want in zip(outs, expected):
+        _assert_same_output(got, want)
+    for which, got in eager:
+        _assert_same_output(got, expected[which])
