@@ -1,0 +1,110 @@
+"""Pick the Triton schedules a GPU run measured as faster, for the benchmarks that follow in the same run.
+
+Reads what the candidate benchmarks wrote into DIR (any that is missing keeps its default):
+- ``decode_bench.json`` (benchmarks/bench_decode.py): ``INT8MM_DECODE_PATH`` classic or fused;
+- ``quantize_pass.json`` (benchmarks/bench_quantize_pass.py): ``INT8MM_PREFILL_QUANT`` classic or rowwise;
+- ``prefill_gemm.json`` (benchmarks/bench_prefill_gemm.py): ``INT8MM_PREFILL_GEMM`` classic or persistent.
+
+A candidate wins only if its outputs agreed with the classic path's in every row the benchmark checked and its
+geometric-mean speed-up over classic is at least ``MIN_GAIN`` (and, for decode, eager is not slower either).
+Prints ``export NAME=value`` lines (for ``eval`` in benchmarks/gpu_run.sh) and, on stderr, why.
+
+    python benchmarks/gpu_choose.py DIR
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+MIN_GAIN = 1.02  # below this a "win" is within run-to-run noise: keep the default
+
+
+def geomean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _rows(directory: Path, name: str):
+    path = directory / name
+    return json.loads(path.read_text())["rows"] if path.exists() else None
+
+
+def _speedups(rows, key_fields, time_field, provider_field, classic, candidate):
+    """classic time / candidate time for every cell (rows sharing ``key_fields``) that has both."""
+    cells = {}
+    for row in rows:
+        cells.setdefault(tuple(row[f] for f in key_fields), {})[row[provider_field]] = row[time_field]
+    return [cell[classic] / cell[candidate] for cell in cells.values() if classic in cell and candidate in cell]
+
+
+def choose_decode(rows):
+    if not rows:
+        return None, "no decode_bench.json"
+    gains = {}
+    for mode in ("graph", "eager"):
+        mine = [r for r in rows if r["mode"] == mode]
+        gains[mode] = geomean(_speedups(mine, ("shape", "m"), "median_us", "provider", "int8mm classic",
+                                        "int8mm fused"))
+    if gains["graph"] is None:
+        return None, "decode: no graph rows with both paths"
+    why = f"decode: fused vs classic geomean {gains['graph']:.3f}x under graphs, " + (
+        f"{gains['eager']:.3f}x eager" if gains["eager"] is not None else "no eager rows")
+    wins = gains["graph"] >= MIN_GAIN and (gains["eager"] is None or gains["eager"] >= 1.0)
+    return ("fused" if wins else None), why
+
+
+def choose_prefill_quant(rows):
+    if not rows:
+        return None, "no quantize_pass.json"
+    if any(r["provider"] == "rowwise" and r["equal"] is not True for r in rows):
+        return None, "prefill quantization: rowwise disagreed with classic in some row: kept classic"
+    gain = geomean(_speedups(rows, ("m", "k", "dtype"), "us", "provider", "classic", "rowwise"))
+    if gain is None:
+        return None, "prefill quantization: no cell with both passes"
+    return ("rowwise" if gain >= MIN_GAIN else None), f"prefill quantization: rowwise vs classic geomean {gain:.3f}x"
+
+
+def choose_prefill_gemm(rows):
+    if not rows:
+        return None, "no prefill_gemm.json"
+    persistent = [r for r in rows if r["provider"].startswith("triton persistent")]
+    if any(r["matches_classic"] is not True or r.get("persistent_unsupported") for r in persistent):
+        return None, "prefill GEMM: persistent disagreed with classic or did not run in some row: kept classic"
+    gain = geomean(_speedups(rows, ("shape", "m"), "median_us", "provider", "triton classic fused",
+                             "triton persistent fused"))
+    if gain is None:
+        return None, "prefill GEMM: no cell with both fused schedules"
+    return ("persistent" if gain >= MIN_GAIN else None), f"prefill GEMM: persistent vs classic (fused) geomean {gain:.3f}x"
+
+
+CHOOSERS = {
+    "INT8MM_DECODE_PATH": (choose_decode, "decode_bench.json"),
+    "INT8MM_PREFILL_QUANT": (choose_prefill_quant, "quantize_pass.json"),
+    "INT8MM_PREFILL_GEMM": (choose_prefill_gemm, "prefill_gemm.json"),
+}
+
+
+def choices(directory: Path) -> tuple[dict, list[str]]:
+    """The variables to set (only winners) and one line of reasons per variable."""
+    chosen, reasons = {}, []
+    for variable, (choose, filename) in CHOOSERS.items():
+        value, why = choose(_rows(directory, filename))
+        reasons.append(f"{variable}={value or '(default)'}: {why}")
+        if value is not None:
+            chosen[variable] = value
+    return chosen, reasons
+
+
+def main(argv=None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python benchmarks/gpu_choose.py DIR")
+    chosen, reasons = choices(Path(args[0]))
+    for line in reasons:
+        print(line, file=sys.stderr)
+    for variable, value in chosen.items():
+        print(f"export {variable}={value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""benchmarks/gpu_choose.py: a GPU run switches to a candidate schedule only when it measured faster and agreed
+with the classic path (synthetic benchmark rows, in the three scripts' formats)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_choose.py"
+
+
+@pytest.fixture(scope="module")
+def choose():
+    spec = importlib.util.spec_from_file_location("gpu_choose", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _decode_rows(classic_us, fused_us, eager_fused_us=None):
+    rows = []
+    for shape in ("o_proj", "qkv_proj"):
+        for mode, fused in (("graph", fused_us), ("eager", eager_fused_us or classic_us)):
+            rows += [{"shape": shape, "m": 1, "mode": mode, "provider": "int8mm classic", "median_us": classic_us},
+                     {"shape": shape, "m": 1, "mode": mode, "provider": "int8mm fused", "median_us": fused},
+                     {"shape": shape, "m": 1, "mode": mode, "provider": "fp16 F.linear", "median_us": 1.0}]
+    return rows
+
+
+def _quant_rows(rowwise_us, equal=True):
+    return [{"m": 2048, "k": 4096, "dtype": "fp16", "provider": "copy", "us": 8.0, "equal": None},
+            {"m": 2048, "k": 4096, "dtype": "fp16", "provider": "classic", "us": 30.0, "equal": True},
+            {"m": 2048, "k": 4096, "dtype": "fp16", "provider": "rowwise", "us": rowwise_us, "equal": equal}]
+
+
+def _gemm_rows(persistent_us, matches=True):
+    base = {"shape": "o_proj", "m": 2048}
+    return [dict(base, provider="triton classic fused", median_us=100.0, matches_classic=None),
+            dict(base, provider="triton persistent fused", median_us=persistent_us, matches_classic=matches,
+                 persistent_unsupported=None)]
+
+
+def _write(tmp_path, decode=None, quant=None, gemm=None):
+    for name, rows in (("decode_bench.json", decode), ("quantize_pass.json", quant), ("prefill_gemm.json", gemm)):
+        if rows is not None:
+            (tmp_path / name).write_text(json.dumps({"meta": {}, "rows": rows}))
+    return tmp_path
+
+
+def test_faster_and_agreeing_candidates_are_chosen(choose, tmp_path):
+    chosen, reasons = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0), _quant_rows(15.0), _gemm_rows(90.0)))
+    assert chosen == {"INT8MM_DECODE_PATH": "fused", "INT8MM_PREFILL_QUANT": "rowwise",
+                      "INT8MM_PREFILL_GEMM": "persistent"}
+    assert len(reasons) == 3 and "1.250x" in reasons[0]
+
+
+def test_slower_noise_level_or_disagreeing_candidates_keep_the_defaults(choose, tmp_path):
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 29.9), _quant_rows(15.0, equal=False),
+                                      _gemm_rows(90.0, matches=False)))
+    assert chosen == {}
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, eager_fused_us=33.0), _quant_rows(31.0),
+                                      _gemm_rows(101.0)))
+    assert chosen == {}  # decode: faster under graphs but slower eager
+
+
+def test_missing_results_keep_the_defaults_and_main_prints_exports(choose, tmp_path, capsys):
+    assert choose.choices(tmp_path)[0] == {}
+    _write(tmp_path, gemm=_gemm_rows(50.0))
+    choose.main([str(tmp_path)])
+    out = capsys.readouterr()
+    assert out.out == "export INT8MM_PREFILL_GEMM=persistent\n"
+    assert "no decode_bench.json" in out.err
