@@ -3,7 +3,8 @@
 Loading (``device_map=None``), backend lookup (``available_backends()``) and the benchmark and command-line
 ``--device auto`` all use it, so they agree on where work goes.
 
-``on_device_of`` makes a tensor's GPU the current one for a launch, only when it is not already.
+``on_device_of`` makes a tensor's GPU the current one for a launch, only when it is not already; ``raw_stream``
+is the current stream's handle, cheaply.
 """
 import contextlib
 
@@ -26,3 +27,13 @@ def on_device_of(t: torch.Tensor):
     if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def raw_stream(device: torch.device) -> int:
+    """The handle (``cudaStream_t`` as an int) of ``device``'s current stream, without building a
+    ``torch.cuda.Stream`` object each call (what torch's own generated kernels use); the public call where this
+    torch lacks it."""
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get_raw is not None:
+        return get_raw(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream

@@ -34,6 +34,9 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 @pytest.fixture
 def persistent_launches(monkeypatch):
     """INT8MM_PREFILL_GEMM=persistent; yields the list of shapes the persistent launcher was called with."""
+    capability = triton_prefill.device_capability(DEVICE)
+    if capability is not None and capability < triton_prefill.TMA_MIN_CAPABILITY:
+        pytest.skip("needs an NVIDIA GPU of sm_90 or newer (TMA); this one falls back to the classic kernel")
     monkeypatch.setenv(triton_prefill.PREFILL_GEMM_ENV_VAR, triton_prefill.PERSISTENT)
     calls = []
     launch = triton_prefill.launch_persistent_gemm
@@ -112,6 +115,25 @@ def test_decode_rows_keep_the_decode_kernel(persistent_launches):
     a, b = _int8((16, 64), 1), _int8((24, 64), 2)
     assert torch.equal(_ops.int8_matmul(a, b, "triton"), reference.int8_matmul(a, b))
     assert persistent_launches == []
+
+
+def test_a_triton_without_host_tensor_descriptors_keeps_the_backend_and_the_classic_gemm():
+    """triton.tools.tensor_descriptor came with Triton 3.3; setup.py allows older ones: the Triton backend must
+    still import there, and a persistent request falls back to the classic kernel (run apart: it hides the
+    module from a fresh interpreter)."""
+    code = """
+import sys
+sys.modules["triton.tools.tensor_descriptor"] = None  # import of it raises ImportError
+import torch
+from int8mm.backends import triton, triton_prefill
+a = torch.zeros(40, 64, dtype=torch.int8)
+reason = triton_prefill.persistent_unsupported(a, a)
+assert reason is not None and "host-side TMA descriptors" in reason, reason
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter imports the module
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_unknown_schedule_is_refused(monkeypatch):

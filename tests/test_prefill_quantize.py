@@ -215,7 +215,7 @@ def test_forward_fills_only_the_flag_buffer(rowwise):
 @pytest.mark.parametrize("value", ["fast", "", "ROWWISE"])
 def test_unknown_scheme_is_an_error(value, scheme):
     scheme(value)
-    with pytest.raises(ValueError, match=rf"INT8MM_PREFILL_QUANT must be one of classic, rowwise, got '{value}'"):
+    with pytest.raises(ValueError, match=rf"INT8MM_PREFILL_QUANT must be one of 'classic', 'rowwise', got '{value}'"):
         _triton_quantize(_activations(17, 64), 6.0)
 
 

@@ -186,7 +186,19 @@ def compile_decode_quantize(k, target, x_type="fp16", m=None):
     warps = triton_decode.num_warps(tile, m or triton_decode.MAX_ROWS)
     compiled = _compile(_decode_quantize_kernel, sig, constexprs, aligned, target, warps, num_stages=1)
     ptx = compiled.asm["ptx"]
-    return {**_features(compiled), "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx, "cta_barrier": "bar.sync" in ptx}
+    return {**_features(compiled), "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx,
+            "stores_fenced_before_ticket": _barrier_between_stores_and_ticket(ptx)}
+
+
+def _barrier_between_stores_and_ticket(ptx: str) -> bool:
+    """The program's global stores (its row's int8 values, scale and outlier list) must be ordered before the
+    ticket that tells the last program to read them: a CTA barrier between the last global store and the first
+    acq_rel atomic (one thread draws the ticket; the barrier orders the other threads' stores before it)."""
+    ticket = ptx.find("atom.global.gpu.acq_rel.add")
+    if ticket < 0:
+        return False
+    last_store = ptx.rfind("st.global", 0, ticket)
+    return last_store >= 0 and "bar.sync" in ptx[last_store:ticket]
 
 
 def config_id(kind, config):

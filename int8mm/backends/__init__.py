@@ -54,6 +54,18 @@ DECODE_PATHS = ("classic", "fused")
 _decode_path: str | None = None
 
 
+def env_choice(variable: str, choices: tuple[str, ...], default: str) -> str:
+    """The value of the environment variable ``variable``: one of ``choices``, ``default`` when unset.
+
+    Raises:
+        ValueError: it holds another value (naming the variable, the choices and the value).
+    """
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        raise ValueError(f"{variable} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def decode_path() -> str:
     """INT8MM_DECODE_PATH (default "classic"), read once (see ``refresh_from_environment``).
 
@@ -62,11 +74,7 @@ def decode_path() -> str:
     """
     global _decode_path
     if _decode_path is None:
-        value = os.environ.get(DECODE_PATH_ENV_VAR, "classic")
-        if value not in DECODE_PATHS:
-            raise ValueError(f"{DECODE_PATH_ENV_VAR} must be one of {', '.join(map(repr, DECODE_PATHS))}, "
-                             f"got {value!r}")
-        _decode_path = value
+        _decode_path = env_choice(DECODE_PATH_ENV_VAR, DECODE_PATHS, "classic")
     return _decode_path
 
 

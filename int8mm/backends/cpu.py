@@ -27,7 +27,7 @@ log = logging.getLogger("int8mm")
 CPU = torch.device("cpu")  # every buffer this backend hands to C: never the default device (set_default_device)
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-# struct int8mm_linear_call (kernels/cpu/int8mm_cpu.c): x, dtype, M, K, sxm, sxk, q_w, s_w, N, bias, bias_dtype,
+# struct int8mm_cpu_linear_call (kernels/cpu/int8mm_cpu.c): x, dtype, M, K, sxm, sxk, q_w, s_w, N, bias, bias_dtype,
 # q_x, s_x, outlier_cols, outlier_count, workspace, out, num_threads as int64, then the threshold as a double.
 # One packed argument instead of nineteen: ctypes converts arguments one by one (1.6 us for nineteen, 0.5 packed).
 _LINEAR_CALL = struct.Struct("<18qd")

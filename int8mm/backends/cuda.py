@@ -10,7 +10,7 @@ import threading
 
 import torch
 
-from ..devices import on_device_of
+from ..devices import on_device_of, raw_stream
 from . import cuda_build, registry
 
 BACKEND = "cuda"
@@ -72,10 +72,6 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _stream(device: torch.device):
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 def _activation_buffers(x: torch.Tensor):
     m, k = x.shape
     dev = x.device
@@ -96,7 +92,7 @@ def quantize_activations(x, threshold):
     with on_device_of(x):
         _check(library().int8mm_quantize_activations(
             _ptr(x), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), threshold, _ptr(workspace), _ptr(q_x),
-            _ptr(s_x), _ptr(outlier_cols), _ptr(outlier_count), _stream(x.device)))
+            _ptr(s_x), _ptr(outlier_cols), _ptr(outlier_count), raw_stream(x.device)))
     return q_x, s_x, outlier_cols, outlier_count
 
 
@@ -106,7 +102,7 @@ def int8_matmul(a, b):
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
     with on_device_of(a):
         _check(library().int8mm_int8_matmul(_ptr(a), _ptr(b), _ptr(out), a.shape[0], b.shape[0], a.shape[1],
-                                            _stream(a.device)))
+                                            raw_stream(a.device)))
     return out
 
 
@@ -131,13 +127,6 @@ class _PackedCall(threading.local):
 _packed_call = _PackedCall()
 
 
-def _raw_stream(device: torch.device) -> int:
-    # the current stream's handle without building a torch.cuda.Stream object (what torch's own generated
-    # kernels use); the public call as a fallback for a torch without it
-    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return get_raw(device.index) if get_raw is not None else _stream(device)
-
-
 @registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
@@ -156,6 +145,6 @@ def int8_linear(x, q_w, s_w, bias, threshold):
             call.buffer, 0, x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(),
             s_w.data_ptr(), n, bias.data_ptr() if bias is not None else 0,
             _DTYPE_CODES[bias.dtype if bias is not None else x.dtype], workspace, q_x, s_x, outlier_cols,
-            outlier_count, out.data_ptr(), _raw_stream(x.device), threshold)
+            outlier_count, out.data_ptr(), raw_stream(x.device), threshold)
         _check(library().int8mm_int8_linear(call.address))
     return out

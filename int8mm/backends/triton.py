@@ -21,7 +21,7 @@ from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
                                        _rowwise_quantize_kernel)
 from ..devices import on_device_of
-from . import decode_path, registry, triton_decode, triton_interpreting, triton_prefill
+from . import decode_path, env_choice, registry, triton_decode, triton_interpreting, triton_prefill
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -110,10 +110,7 @@ def prefill_quant_scheme() -> str:
     Raises:
         ValueError: the variable names no scheme.
     """
-    value = os.environ.get(PREFILL_QUANT_ENV_VAR, DEFAULT_PREFILL_QUANT)
-    if value not in PREFILL_QUANT_SCHEMES:
-        raise ValueError(f"{PREFILL_QUANT_ENV_VAR} must be one of {', '.join(PREFILL_QUANT_SCHEMES)}, got {value!r}")
-    return value
+    return env_choice(PREFILL_QUANT_ENV_VAR, PREFILL_QUANT_SCHEMES, DEFAULT_PREFILL_QUANT)
 
 
 # rowwise: tiles of BLOCK_M rows x 2048 columns, 16 elements per thread (4 warps per row): 80 registers per

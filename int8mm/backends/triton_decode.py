@@ -13,8 +13,10 @@ calls: int32s in zeroed chunks allocated once per device (never zeroed again). W
   captured, so two graphs (or a graph and eager work) never share one, whatever streams they replay on.
   A graph must not be replayed concurrently with itself (as for any CUDA graph: its buffers are shared).
 Counters are handed out only from chunks already allocated: a chunk is allocated (and, once, the host
-waits for its zero-fill) outside graph capture. If a capture finds none left, that call takes the classic
-path, logged once. A single row needs no counter (its own outlier list is the batch's).
+waits for its zero-fill) outside graph capture, whenever an eager call finds fewer than CAPTURE_RESERVE
+counters left. If a capture still finds none (more captures in a row than the reserve, with no eager call
+between them), that call takes the classic path, logged once. A single row needs no counter (its own outlier
+list is the batch's).
 """
 import functools
 import logging
@@ -23,6 +25,7 @@ import threading
 import torch
 import triton
 
+from ..devices import raw_stream
 from ..kernels.triton.decode import _decode_quantize_kernel
 from . import triton_interpreting
 
@@ -44,6 +47,9 @@ LIST_TILE = 32
 # running at once on different streams)
 COUNTERS_PER_CHUNK = 1024
 COUNTER_STRIDE = 8
+# an eager call adds a chunk when fewer counters than this are left for captures (the chunk's zero-fill is one
+# host wait, outside capture, once per COUNTERS_PER_CHUNK - CAPTURE_RESERVE captured calls)
+CAPTURE_RESERVE = COUNTERS_PER_CHUNK // 2
 
 
 class _CounterPool:
@@ -78,10 +84,14 @@ class _CounterPool:
             if self.device.type != "cuda":  # CPU tensors under the interpreter: one program at a time
                 stream, capturing = 0, False
             else:
-                stream = torch.cuda.current_stream(self.device).cuda_stream
+                stream = raw_stream(self.device)
                 capturing = torch.cuda.is_current_stream_capturing()
             if capturing:
                 return self._take(may_allocate=False)
+            # outside capture the pool keeps a reserve for the captures to come (each takes a counter for good:
+            # a model captured at many batch sizes, or recaptured, draws thousands)
+            if len(self.chunks) * COUNTERS_PER_CHUNK - self.next_free < CAPTURE_RESERVE:
+                self._allocate_chunk()
             counter = self.by_stream.get(stream)
             if counter is None:
                 counter = self.by_stream[stream] = self._take(may_allocate=True)
@@ -103,8 +113,9 @@ def counter_pool(device: torch.device) -> _CounterPool:
 
 @functools.cache
 def _log_capture_fallback_once(device: torch.device) -> None:
-    log.warning("int8mm: INT8MM_DECODE_PATH=fused found no free counter on %s while capturing a CUDA graph; "
-                "that call uses the classic decode path. Call the layer once outside capture first.", device)
+    log.warning("int8mm: INT8MM_DECODE_PATH=fused found no free counter on %s while capturing a CUDA graph (each "
+                "captured call of 2-16 rows keeps one; an eager decode call adds %d when fewer than %d are left): "
+                "such calls use the classic decode path", device, COUNTERS_PER_CHUNK, CAPTURE_RESERVE)
 
 
 def row_tile(k: int) -> int:

@@ -15,14 +15,12 @@ graph records by value.
 """
 import functools
 import logging
-import os
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
-from . import triton_interpreting
+from . import env_choice, triton_interpreting
 
 log = logging.getLogger("int8mm")
 
@@ -79,11 +77,7 @@ def prefill_gemm() -> str:
     Raises:
         ValueError: the variable holds another value (quoted, with the choices).
     """
-    value = os.environ.get(PREFILL_GEMM_ENV_VAR, DEFAULT_PREFILL_GEMM)
-    if value not in PREFILL_GEMMS:
-        choices = ", ".join(repr(v) for v in PREFILL_GEMMS)
-        raise ValueError(f"{PREFILL_GEMM_ENV_VAR} must be one of {choices}, got {value!r}")
-    return value
+    return env_choice(PREFILL_GEMM_ENV_VAR, PREFILL_GEMMS, DEFAULT_PREFILL_GEMM)
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
@@ -102,6 +96,8 @@ def persistent_unsupported(q_x: torch.Tensor, q_w: torch.Tensor) -> str | None:
     capability = device_capability(q_x.device)
     if capability is not None and capability < TMA_MIN_CAPABILITY:
         return f"it needs TMA (sm_90 or newer), this GPU is sm_{capability[0]}{capability[1]}"
+    if not _host_tensor_descriptors():
+        return f"it needs host-side TMA descriptors (triton.tools.tensor_descriptor), which triton {triton.__version__} lacks"
     if q_x.numel() == 0 or q_w.numel() == 0:
         return "an operand has no elements"
     for name, t in (("q_x", q_x), ("q_w", q_w)):
@@ -109,6 +105,17 @@ def persistent_unsupported(q_x: torch.Tensor, q_w: torch.Tensor) -> str | None:
             return (f"TMA needs 16-byte aligned operands: {name} starts at address mod 16 = "
                     f"{t.data_ptr() % TMA_ALIGNMENT_BYTES} with a row stride of {t.stride(0)} bytes")
     return None
+
+
+@functools.cache
+def _host_tensor_descriptors() -> bool:
+    """Whether this Triton has host-side tensor descriptors (3.3 and later; setup.py allows older ones, for which
+    the classic kernel serves prefill and the rest of the backend imports as before)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.cache
@@ -125,6 +132,8 @@ def launch_persistent_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_cou
     n = q_w.shape[0]
     first = PERSISTENT_CONFIGS[0].kwargs
     # block shapes are placeholders until _set_block_shapes (or the fixed config below) sets them
+    from triton.tools.tensor_descriptor import TensorDescriptor  # checked importable by persistent_unsupported
+
     a_desc = TensorDescriptor(q_x, [m, k], [q_x.stride(0), 1], [first["BLOCK_M"], first["BLOCK_K"]])
     b_desc = TensorDescriptor(q_w, [n, k], [q_w.stride(0), 1], [first["BLOCK_N"], first["BLOCK_K"]])
     args = (

@@ -399,7 +399,7 @@ static void linear_block(const struct linear_args* p, int64_t n0) {
 //
 // The arguments come packed in one struct (every field 8 bytes, in this order): ctypes converts each argument
 // of a call on its own, 1.6 us for nineteen of them against 0.5 us packed (2-core AMD EPYC), on every call.
-struct int8mm_linear_call {
+struct int8mm_cpu_linear_call {
   int64_t x, dtype, M, K, sxm, sxk;             // activations [M, K] with element strides, DTYPE_*
   int64_t q_w, s_w, N, bias, bias_dtype;        // the layer: int8 [N, K] row-major, fp32 [N], bias [N] or 0
   int64_t q_x, s_x, outlier_cols, outlier_count, workspace;  // scratch: [M, K] int8, [M] fp32, [K] int32, [1], K bytes
@@ -407,10 +407,10 @@ struct int8mm_linear_call {
   double threshold;
 };
 
-int int8mm_cpu_linear_call_size(void) { return (int)sizeof(struct int8mm_linear_call); }
+int int8mm_cpu_linear_call_size(void) { return (int)sizeof(struct int8mm_cpu_linear_call); }
 
 #define PTR(type, field) ((type)(intptr_t)call->field)
-int int8mm_cpu_int8_linear(const struct int8mm_linear_call* call) {
+int int8mm_cpu_int8_linear(const struct int8mm_cpu_linear_call* call) {
   const int64_t M = call->M, K = call->K, N = call->N;
   const int dtype = (int)call->dtype, bias_dtype = (int)call->bias_dtype, num_threads = (int)call->num_threads;
   const float threshold = (float)call->threshold;
