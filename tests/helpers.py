@@ -8,6 +8,7 @@ rounded once more to fp32 equals the fp32 operation (53 >= 2 * 24 + 2 bits, so d
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpu import requires_cuda  # noqa: F401  (the one place that decides whether GPU tests run)
 
@@ -257,3 +258,25 @@ def bad_int8_states(state: dict) -> list[tuple[str, dict, str]]:
         ("negative scale", _with(state, SCB=negative_scale), r"'SCB' holds -1.0"),
         ("nan scale", _with(state, SCB=nan_scale), r"'SCB' holds nan"),
     ]
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every torch op run inside it (on a GPU each compute op is a kernel of its own);
+    ``paused`` stops recording for a while. ``fills`` lists the ones that only write a constant."""
+
+    FILL_OPS = frozenset({"aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.full.default",
+                          "aten.new_zeros.default", "aten.zeros_like.default", "aten.full_like.default"})
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def fills(self) -> list[str]:
+        return [op for op in self.ops if op in self.FILL_OPS]

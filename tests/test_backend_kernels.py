@@ -8,13 +8,13 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
 from int8mm import _ops, backends
 from int8mm.backends import registry
 from gpu import requires_cuda
-from helpers import DEVICE, assert_output_close, assert_quantized_equal, planted_outliers, random_weight
+from helpers import (DEVICE, OpRecorder, assert_output_close, assert_quantized_equal, planted_outliers,
+                     random_weight)
 
 def _activations(m, k, dtype, **kwargs):
     """Planted outlier columns, values exactly at +-6.0, and (past 2 rows) an all-zero row, on DEVICE."""
@@ -179,20 +179,6 @@ def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     assert switched == [torch.device("cuda", 1)]
 
 
-class _FillCounter(TorchDispatchMode):
-    FILLS = frozenset({"aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.full.default",
-             "aten.new_zeros.default", "aten.zeros_like.default", "aten.full_like.default"})
-
-    def __init__(self):
-        super().__init__()
-        self.fills = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in self.FILLS:
-            self.fills.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_forward_fills_only_the_stats_buffer(backend):
     """On a GPU every fill is a kernel of its own, a visible share of a decode call: the passes write each row
     scale and the outlier count themselves, so the forward fills at most the buffer the stats pass
@@ -202,7 +188,7 @@ def test_forward_fills_only_the_stats_buffer(backend):
     impl = registry.lookup(backend, "int8_linear")
     ref = _ops.int8_linear(x, q_w, s_w, None, 6.0, "reference")
     impl(x, q_w, s_w, None, 6.0)  # one-time set-up (the fused decode path's counters) is not a call's cost
-    with _FillCounter() as counter:
+    with OpRecorder() as counter:
         got = impl(x, q_w, s_w, None, 6.0)
     classic_triton = backend == "triton" and backends.decode_path() == "classic"  # INT8MM_DECODE_PATH=fused: none
     assert counter.fills == (["aten.zeros.default"] if classic_triton else [])

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
 from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import requires_cuda
-from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
+from helpers import DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -195,22 +194,9 @@ def test_non_finite_rows_in_int8_linear(fused):
     assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
 
 
-class _OpRecorder(TorchDispatchMode):
-    """The torch ops a call runs outside the Triton launches (on a GPU each compute op is a kernel)."""
-
-    # no kernel behind any of these (Tensor.view(dtype) records a detach as well)
-    ALLOCATIONS_AND_VIEWS = frozenset({"aten.empty.memory_format", "aten.split.Tensor", "aten.view.dtype",
-                                       "aten.detach.default", "aten.slice.Tensor", "aten.split_with_sizes.default"})
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+# no kernel behind any of these torch ops (Tensor.view(dtype) records a detach as well)
+ALLOCATIONS_AND_VIEWS = frozenset({"aten.empty.memory_format", "aten.split.Tensor", "aten.view.dtype",
+                                   "aten.detach.default", "aten.slice.Tensor", "aten.split_with_sizes.default"})
 
 
 def _count_launches(monkeypatch, recorder):
@@ -247,7 +233,7 @@ def test_two_launches_and_no_fills(m, monkeypatch):
     _decode_path(monkeypatch, "classic")
     expected = triton_linear(x, q_w, s_w, None, 6.0)
     triton_decode.counter_pool(DEVICE).counter()  # the counters' one-time allocation is not part of a call
-    recorder = _OpRecorder()
+    recorder = OpRecorder()
     launches = _count_launches(monkeypatch, recorder)
     with recorder:
         classic = triton_linear(x, q_w, s_w, None, 6.0)
@@ -260,7 +246,7 @@ def test_two_launches_and_no_fills(m, monkeypatch):
     _decode_path(monkeypatch, "classic")
     # the GEMM is the autotuned decode GEMM on a GPU, the plain kernel under the interpreter
     assert len(launches) == 2 and launches[0] == "decode_quantize_kernel" and "gemm" in launches[1], launches
-    assert set(recorder.ops) <= _OpRecorder.ALLOCATIONS_AND_VIEWS, recorder.ops
+    assert set(recorder.ops) <= ALLOCATIONS_AND_VIEWS, recorder.ops
     _assert_same_output(fused, classic)
     _assert_same_output(fused, expected)
 

@@ -11,10 +11,9 @@ import weakref
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
-from helpers import planted_outliers, requires_cuda
+from helpers import OpRecorder, planted_outliers, requires_cuda
 from int8mm import Int8Linear, _ops, backends
 from int8mm.backends import registry
 
@@ -24,16 +23,6 @@ THRESHOLD = 6.0
 def _layer(k=64, n=33, seed=0, backend="reference"):
     torch.manual_seed(seed)
     return Int8Linear.from_linear(nn.Linear(k, n), threshold=THRESHOLD, backend=backend)
-
-
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _refuse_the_op(monkeypatch):
@@ -59,7 +48,7 @@ def test_autograd_and_dispatch_modes_see_the_op():
     x = planted_outliers(4, 64, seed=2).requires_grad_()
     layer(x).sum().backward()  # the op's registered backward
     assert x.grad is not None and x.grad.shape == x.shape
-    with _OpRecorder() as recorder:
+    with OpRecorder() as recorder:
         layer(planted_outliers(4, 64))
     assert "int8mm.int8_linear.default" in recorder.ops
 

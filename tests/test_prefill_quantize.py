@@ -13,12 +13,11 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import int8mm
 from int8mm.backends import registry
 from int8mm.backends.reference import quantize_activations_op as reference_quantize
-from helpers import DEVICE, planted_outliers, random_weight
+from helpers import DEVICE, OpRecorder, planted_outliers, random_weight
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 from int8mm.backends import triton as triton_backend  # noqa: E402
@@ -188,26 +187,12 @@ def test_rowwise_serves_prefill_only(scheme, monkeypatch):
     assert launched == [17]
 
 
-class _FillCounter(TorchDispatchMode):
-    FILLS = frozenset({"aten.zeros.default", "aten.zero_.default", "aten.fill_.Scalar", "aten.full.default",
-                       "aten.new_zeros.default", "aten.zeros_like.default", "aten.full_like.default"})
-
-    def __init__(self):
-        super().__init__()
-        self.fills = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in self.FILLS:
-            self.fills.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_forward_fills_only_the_flag_buffer(rowwise):
     """A prefill forward launches one fill (column flags + block counts), the rowwise pass, the outlier-column
     pass and the GEMM; the passes write every row scale and the count themselves."""
     x = _activations(40, 96)
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
-    with _FillCounter() as counter:
+    with OpRecorder() as counter:
         registry.lookup("triton", "int8_linear")(x, q_w, s_w, None, 6.0)
     assert counter.fills == ["aten.zeros.default"]
 
