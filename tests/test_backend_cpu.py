@@ -97,6 +97,23 @@ def test_many_rows_are_the_reference_bit_for_bit(dtype, threshold, with_bias):
     assert got.dtype == dtype and torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_the_gemv_on_several_threads_is_the_reference(m):
+    """Large enough layers split their weight-row blocks over threads (a ragged last block included)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(m)
+        q_w, s_w = int8mm.quantize_weight(torch.randn(203, 1030, generator=g))  # 209,090 weight bytes
+        x = torch.randn(m, 1030, generator=g)
+        assert torch.equal(*_both(_ops.int8_linear, x, q_w, s_w, None, 0.0))  # no outlier term: bit for bit
+        x = planted_outliers(m, 1030, seed=m)
+        bias = torch.randn(203, generator=g)
+        assert_output_close(*reversed(_both(_ops.int8_linear, x, q_w, s_w, bias, THRESHOLD)))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_quantization_in_parallel_is_the_reference():
     """Large inputs quantize their rows on several threads (the column flags raised from any of them)."""
     previous = torch.get_num_threads()
