@@ -89,25 +89,45 @@ def time_provider(provider: str, mode: str, layers, xs, device: torch.device, re
         return time_cuda_eager(fn, inputs, warmup=len(inputs) + 2, reps=reps)
 
 
-def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: OutlierSpec, seed: int) -> dict:
+def fused_matches_classic(layer, x) -> bool:
+    """Whether the fused path's output equals the classic path's, bit for bit, on one input."""
+    with torch.inference_mode():
+        with decode_path("classic"):
+            classic = layer(x)
+        with decode_path("fused"):
+            fused = layer(x)
+    return bool(torch.equal(classic, fused))
+
+
+def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: OutlierSpec, seed: int,
+        checkpoint=None) -> dict:
+    """Every (shape, M, mode, provider) timed; ``checkpoint(result)`` after each shape, so that a run stopped
+    at a time limit still leaves what it measured."""
     generator = make_generator(device, seed)
     meta = {**run_metadata(device), "threshold": THRESHOLD, "outliers": vars(outliers), "modes": list(modes)}
-    rows = []
+    result = {"meta": meta, "rows": []}
+    rows = result["rows"]
     for shape in shapes:
         layers = build_layers(shape, layers_per_shape(shape, device), device, generator)
         for m in m_values:
             xs = [planted_activations(m, shape.k, outliers, torch.float16, device, generator) for _ in layers]
+            matches = fused_matches_classic(layers[0][1], xs[0])
             for mode in modes:
                 for provider in PROVIDERS:
                     timing = time_provider(provider, mode, layers, xs, device, reps)
                     rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
                                  "provider": provider, "median_us": timing.median_s * 1e6,
-                                 "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6})
+                                 "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6,
+                                 "matches_classic": matches if provider == "int8mm fused" else None})
                     print(f"{shape.name} M={m} {mode} {provider}: {format_time(rows[-1]['median_us'])}", flush=True)
+            if not matches:
+                print(f"{shape.name} M={m}: FUSED OUTPUT DIFFERS FROM CLASSIC", flush=True)
         del layers
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"meta": meta, "rows": rows}
+        if checkpoint is not None:
+            checkpoint(result)
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -155,16 +175,22 @@ def main(argv=None) -> dict:
     if any(not 1 <= m <= 16 for m in args.m):
         raise SystemExit(f"--m takes decode row counts 1..16, got {args.m}")
     outliers = OutlierSpec(count=args.outlier_cols)
+
+    def checkpoint(partial):
+        write_json_and_markdown(partial, markdown(partial), args.out, "decode_bench")
+
     if args.dry_run:
         if not backends.triton_interpreting():
             raise SystemExit("--dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
-        result = run([DRY_RUN_SHAPE], args.m, torch.device("cpu"), ["eager"], min(args.reps, 2), outliers, args.seed)
+        result = run([DRY_RUN_SHAPE], args.m, torch.device("cpu"), ["eager"], min(args.reps, 2), outliers, args.seed,
+                     checkpoint)
         result["meta"]["dry_run"] = True
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_decode.py needs an NVIDIA GPU (or --dry-run with TRITON_INTERPRET=1)")
         shapes = [s for model in args.models for s in LAYER_SHAPES[model]]
-        result = run(shapes, args.m, torch.device("cuda"), ["graph", "eager"], args.reps, outliers, args.seed)
+        result = run(shapes, args.m, torch.device("cuda"), ["graph", "eager"], args.reps, outliers, args.seed,
+                     checkpoint)
     text = markdown(result)
     paths = write_json_and_markdown(result, text, args.out, "decode_bench")
     print(text)

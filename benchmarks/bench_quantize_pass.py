@@ -65,7 +65,8 @@ def check_equal(outputs: dict[str, tuple], x: torch.Tensor, threshold: float, wi
     return True
 
 
-def measure(args, device: torch.device) -> list[dict]:
+def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
+    """Every (M, K) cell; ``checkpoint(rows)`` after each, so that a run stopped at a time limit keeps them."""
     from int8mm.backends import triton as triton_backend
     from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations
     from int8mm.bench.timing import time_cpu, time_cuda_graph
@@ -102,6 +103,8 @@ def measure(args, device: torch.device) -> list[dict]:
             cells = [f"{r['provider']} {r['us']:.1f} us ({r['fraction_of_copy']:.2f} of copy)"
                      for r in rows[-len(timings):]]
             print(f"M={m} K={k}: " + ", ".join(cells) + ("" if equal else "  OUTPUTS DIFFER"), flush=True)
+            if checkpoint is not None:
+                checkpoint(rows)
     return rows
 
 
@@ -149,10 +152,15 @@ def main(argv=None) -> None:
     from int8mm.bench.report import write_json_and_markdown
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = measure(args, device)
     meta = dict(run_metadata(device), dtype=args.dtype, outliers=args.outliers, threshold=args.threshold,
                 timer="CUDA graph over rotating inputs, median" if device.type == "cuda" else
                 "host clock, Triton interpreter (dry run: not a measurement)", dry_run=args.dry_run)
+
+    def checkpoint(rows_so_far):
+        write_json_and_markdown({"meta": meta, "rows": rows_so_far}, markdown(meta, rows_so_far), args.out,
+                                "quantize_pass")
+
+    rows = measure(args, device, checkpoint)
     text = markdown(meta, rows)
     paths = write_json_and_markdown({"meta": meta, "rows": rows}, text, args.out, "quantize_pass")
     print(text)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The script a lent GPU machine runs, in one or two calls of at most 10 minutes each (a session has about 15
 # minutes of device time in all, the machine's start included):
-#   PLAN=first  (default, ~9 min): the GPU tests of what never ran on a GPU, the three candidate benchmarks
+#   PLAN=first  (default, ~9.5 min of stage limits): the GPU tests of what never ran on a GPU, the three candidate benchmarks
 #               (two-kernel decode, rowwise prefill quantization, persistent prefill GEMM), benchmarks/gpu_choose.py
 #               picking the winners, then the per-layer benchmark at M = 1 and 16 with them.
 #   PLAN=second (~8 min): compute-sanitizer, the remaining Triton tests, the host-time suite, the per-layer
 #               benchmark at M = 512 and 2048, the end-to-end model benchmark. Pass the first call's choices
-#               (results/choices.txt) as environment variables, e.g. PLAN=second INT8MM_DECODE_PATH=fused bash ...
+#               (choices.txt in the archive) as environment variables, e.g. PLAN=second INT8MM_DECODE_PATH=fused.
+#               After a machine start and PLAN=first, a 15-minute session rarely has the time left for it:
+#               plan it for the next session that draws a GPU.
 #   PLAN=all    both, one after the other (over 10 minutes: for a machine without the per-call limit).
 # Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh (timeout_s 600).
@@ -20,11 +22,12 @@ OUT="${OUT:-$PWD/.out}"; mkdir -p "$OUT"
 PLAN="${PLAN:-first}"
 case "$PLAN" in first|second|all) ;; *) echo "PLAN must be first, second or all, got '$PLAN'"; exit 2 ;; esac
 WORK="$(mktemp -d)"
-pack() { tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null; }
+# written beside, then renamed: a call killed while packing keeps the previous archive whole
+pack() { tar czf "$OUT/results.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep the log, summarise its tail, pack
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s, $(date -u +%H:%M:%S))" | tee -a "$OUT/summary.log"
-  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   echo "rc=$?" >>"$WORK/$name.log"
   grep -v "^|" "$WORK/$name.log" | tail -15 | tee -a "$OUT/summary.log"
   pack
@@ -36,8 +39,11 @@ if ! INT8MM_BUILD_CUDA=0 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no
     >"$WORK/install.log" 2>&1; then
   echo "pip install -e . failed:"; tail -20 "$WORK/install.log"; pack; exit 1
 fi
-# a carried prebuilt library: name it, since copying can leave the sources newer than it (it would rebuild)
-[ -f kernels/cuda/libint8mm_cuda.so ] && export INT8MM_CUDA_LIB="$PWD/kernels/cuda/libint8mm_cuda.so"
+# a carried prebuilt library: name it, since copying can leave the sources newer than it (it would rebuild), but
+# only if it loads there (built elsewhere, it may not): otherwise the library is built there at first use (nvcc)
+CARRIED_LIB="$PWD/kernels/cuda/libint8mm_cuda.so"
+if [ -f "$CARRIED_LIB" ] && python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$CARRIED_LIB" 2>>"$WORK/install.log"
+then export INT8MM_CUDA_LIB="$CARRIED_LIB"; else echo "the carried CUDA library does not load: built at first use"; fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -46,29 +52,38 @@ fi
 
 first() {
   # Tests use fixed Triton schedules (autotuning every ragged test shape costs minutes); benchmarks autotune.
-  # New code paths first: the eager direct launch, opcheck on CUDA tensors, the tiled backward, the two-kernel
-  # decode, the rowwise prefill pass and the persistent GEMM (equality with the classic paths, graph replays).
-  INT8MM_AUTOTUNE=0 stage new_paths "${NEW_PATHS_TIMEOUT:-100}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py \
-    tests/test_decode_kernels.py tests/test_prefill_quantize.py tests/test_prefill_gemm.py
-  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-75}" python3 -m pytest -q -p no:cacheprovider -k cuda \
-    tests/test_backend_gpu.py tests/test_backend_kernels.py
-  # the candidates against the classic paths, side by side (each checks its outputs against classic)
+  # New code paths first: the eager direct launch, opcheck on CUDA tensors, the CUDA backend's packed call,
+  # the tiled backward; then each candidate's own tests, whose result gates that candidate alone.
+  INT8MM_AUTOTUNE=0 stage new_paths "${NEW_PATHS_TIMEOUT:-80}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
+  INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_decode_kernels.py
+  INT8MM_AUTOTUNE=0 stage quantize_tests "${QUANTIZE_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_prefill_quantize.py
+  INT8MM_AUTOTUNE=0 stage prefill_gemm_tests "${PREFILL_GEMM_TEST_TIMEOUT:-40}" python3 -m pytest -q \
+    -p no:cacheprovider tests/test_prefill_gemm.py
+  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider -k cuda \
+    tests/test_backend_kernels.py
+  # the candidates against the classic paths, side by side (each compares its outputs with classic)
   stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
-  stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
-  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-120}" python3 benchmarks/bench_prefill_gemm.py \
+  stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-50}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
+  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-100}" python3 benchmarks/bench_prefill_gemm.py \
     --out "$WORK" --forward
-  # the winners (only if the new-path tests passed) serve the per-layer benchmark that follows
-  if grep -q "^rc=0$" "$WORK/new_paths.log"; then
-    python3 benchmarks/gpu_choose.py "$WORK" >"$WORK/choices.sh" 2>"$WORK/choices.txt"
-    cat "$WORK/choices.sh" >>"$WORK/choices.txt"
-    # shellcheck disable=SC1091
-    . "$WORK/choices.sh"
-  else
-    echo "new-path tests failed: the classic schedules stay" >"$WORK/choices.txt"
-  fi
+  # the winners serve the per-layer benchmark that follows: each only if its own tests passed
+  python3 benchmarks/gpu_choose.py "$WORK" >"$WORK/choices.all" 2>"$WORK/choices.txt"
+  : >"$WORK/choices.sh"
+  for pair in INT8MM_DECODE_PATH:decode_tests INT8MM_PREFILL_QUANT:quantize_tests \
+              INT8MM_PREFILL_GEMM:prefill_gemm_tests; do
+    variable=${pair%%:*} tests=${pair##*:}
+    if grep -q "^rc=0$" "$WORK/$tests.log"; then grep "^export $variable=" "$WORK/choices.all" >>"$WORK/choices.sh"
+    else echo "$variable: its tests ($tests) did not pass: kept the default" >>"$WORK/choices.txt"; fi
+  done
+  cat "$WORK/choices.sh" >>"$WORK/choices.txt"
+  # shellcheck disable=SC1091
+  . "$WORK/choices.sh"
   tee -a "$OUT/summary.log" <"$WORK/choices.txt"
-  stage bench "${BENCH_TIMEOUT:-110}" python3 benchmarks/bench_gpu.py --out "$WORK" \
+  pack
+  stage bench "${BENCH_TIMEOUT:-90}" python3 benchmarks/bench_gpu.py --out "$WORK" \
     ${BENCH_ARGS:---m 1 16 --models Llama-3-8B Llama-3-70B}
 }
 
@@ -78,7 +93,7 @@ second() {
       python3 tests/cuda_memcheck.py
   fi
   INT8MM_AUTOTUNE=0 stage triton_tests "${TRITON_TEST_TIMEOUT:-100}" python3 -m pytest -q -p no:cacheprovider \
-    -k "not cuda" tests/test_backend_gpu.py tests/test_backend_kernels.py
+    -k "not cuda" tests/test_backend_kernels.py
   if [ "${INTEGRATION:-0}" = 1 ]; then  # loading/accelerate/transformers flows on the GPU (opt-in: time)
     stage integration_tests "${INTEGRATION_TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_loading.py tests/test_integrations_accelerate.py tests/test_integrations_transformers.py

@@ -17,12 +17,13 @@ def choose():
     return module
 
 
-def _decode_rows(classic_us, fused_us, eager_fused_us=None):
+def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True):
     rows = []
     for shape in ("o_proj", "qkv_proj"):
         for mode, fused in (("graph", fused_us), ("eager", eager_fused_us or classic_us)):
             rows += [{"shape": shape, "m": 1, "mode": mode, "provider": "int8mm classic", "median_us": classic_us},
-                     {"shape": shape, "m": 1, "mode": mode, "provider": "int8mm fused", "median_us": fused},
+                     {"shape": shape, "m": 1, "mode": mode, "provider": "int8mm fused", "median_us": fused,
+                      "matches_classic": matches},
                      {"shape": shape, "m": 1, "mode": mode, "provider": "fp16 F.linear", "median_us": 1.0}]
     return rows
 
@@ -61,6 +62,33 @@ def test_slower_noise_level_or_disagreeing_candidates_keep_the_defaults(choose, 
     chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, eager_fused_us=33.0), _quant_rows(31.0),
                                       _gemm_rows(101.0)))
     assert chosen == {}  # decode: faster under graphs but slower eager
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, matches=False)))
+    assert "INT8MM_DECODE_PATH" not in chosen  # faster, but its output differed from classic
+
+
+def test_a_result_file_cut_short_keeps_only_its_own_default(choose, tmp_path):
+    _write(tmp_path, _decode_rows(30.0, 24.0), gemm=_gemm_rows(90.0))
+    (tmp_path / "quantize_pass.json").write_text('{"meta": {}, "rows": [{"m": 20')  # killed mid-write
+    chosen, reasons = choose.choices(tmp_path)
+    assert chosen == {"INT8MM_DECODE_PATH": "fused", "INT8MM_PREFILL_GEMM": "persistent"}
+    assert "could not be read" in reasons[1]
+
+
+def test_the_field_names_are_the_benchmarks_own(choose):
+    """gpu_choose reads provider names the three benchmark scripts write: a rename there must show here."""
+    import ast
+
+    def strings(script):
+        tree = ast.parse((SCRIPT.parent / script).read_text())
+        return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+    assert {"int8mm classic", "int8mm fused", "graph", "eager", "matches_classic"} <= strings("bench_decode.py")
+    assert {"classic", "rowwise", "equal", "us"} <= strings("bench_quantize_pass.py")
+    prefill = strings("bench_prefill_gemm.py")
+    assert {"matches_classic", "persistent_unsupported", "median_us"} <= prefill
+    assert {"classic", "persistent"} <= prefill
+    # its providers are named f"triton {schedule} fused" for schedule in (classic, persistent)
+    assert 'f"triton {schedule} fused"' in (SCRIPT.parent / "bench_prefill_gemm.py").read_text()
 
 
 def test_missing_results_keep_the_defaults_and_main_prints_exports(choose, tmp_path, capsys):

@@ -34,9 +34,6 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 @pytest.fixture
 def persistent_launches(monkeypatch):
     """INT8MM_PREFILL_GEMM=persistent; yields the list of shapes the persistent launcher was called with."""
-    capability = triton_prefill.device_capability(DEVICE)
-    if capability is not None and capability < triton_prefill.TMA_MIN_CAPABILITY:
-        pytest.skip("needs an NVIDIA GPU of sm_90 or newer (TMA); this one falls back to the classic kernel")
     monkeypatch.setenv(triton_prefill.PREFILL_GEMM_ENV_VAR, triton_prefill.PERSISTENT)
     calls = []
     launch = triton_prefill.launch_persistent_gemm
@@ -51,25 +48,36 @@ def persistent_launches(monkeypatch):
     triton_prefill.log_classic_fallback_once.cache_clear()
 
 
+@pytest.fixture
+def tma_launches(persistent_launches):
+    """``persistent_launches`` where the persistent kernel can run: the interpreter, or a GPU with TMA (on an
+    older one the launcher rightly takes the classic kernel, which test_pre_hopper_gpus_keep_the_classic_kernel
+    checks)."""
+    capability = triton_prefill.device_capability(DEVICE)
+    if capability is not None and capability < triton_prefill.TMA_MIN_CAPABILITY:
+        pytest.skip("needs an NVIDIA GPU of sm_90 or newer (TMA); this one falls back to the classic kernel")
+    return persistent_launches
+
+
 def _int8(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-127, 128, shape, dtype=torch.int8, generator=g).to(DEVICE)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_int32_product_is_exact(m, k, n, persistent_launches):
+def test_int32_product_is_exact(m, k, n, tma_launches):
     a, b = _int8((m, k), m), _int8((n, k), k)
     got = _ops.int8_matmul(a, b, "triton")
-    assert persistent_launches == [(m, k, n)]
+    assert tma_launches == [(m, k, n)]
     assert got.dtype == torch.int32 and torch.equal(got, reference.int8_matmul(a, b))
 
 
-def test_int32_extremes_do_not_overflow(persistent_launches):
+def test_int32_extremes_do_not_overflow(tma_launches):
     k = 4096  # every product is -127^2: far beyond int16, exact in int32
     a = torch.full((17, k), -127, dtype=torch.int8, device=DEVICE)
     b = torch.full((9, k), 127, dtype=torch.int8, device=DEVICE)
     got = _ops.int8_matmul(a, b, "triton")
-    assert persistent_launches and torch.equal(got, reference.int8_matmul(a, b))
+    assert tma_launches and torch.equal(got, reference.int8_matmul(a, b))
     assert int(got[0, 0]) == -127 * 127 * k
 
 
@@ -77,21 +85,21 @@ def test_int32_extremes_do_not_overflow(persistent_launches):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_fused_output_matches_reference(m, k, n, dtype, bias, outlier_cols, persistent_launches):
+def test_fused_output_matches_reference(m, k, n, dtype, bias, outlier_cols, tma_launches):
     # outlier_cols=0: no value reaches the threshold, the epilogue's outlier loop runs zero times
     x = planted_outliers(m, k, dtype, n_outlier_cols=outlier_cols, at_threshold=6.0 if outlier_cols else None,
                          zero_row=True).to(DEVICE)
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     b = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype).to(DEVICE) if bias else None
     got = _ops.int8_linear(x, q_w, s_w, b, 6.0, "triton")
-    assert persistent_launches == [(m, k, n)]
+    assert tma_launches == [(m, k, n)]
     count = reference.quantize_activations(x, 6.0)[2].numel()
     assert (count == 0) == (outlier_cols == 0)
     assert got.dtype == dtype
     assert_output_close(got, reference.int8_linear(x, q_w, s_w, b, 6.0))
 
 
-def test_persistent_programs_walk_several_tiles(persistent_launches):
+def test_persistent_programs_walk_several_tiles(tma_launches):
     # more tiles than programs: under the interpreter 7 x 5 tiles of 16 x 32 over min(tiles, 4 "SMs") programs;
     # on a GPU 4096 x 8192 outputs are at least 256 tiles of the largest config, for at most 2 x 132 programs
     m, k, n = SHAPES[-1] if DEVICE.type == "cpu" else (4096, 256, 8192)
@@ -101,7 +109,7 @@ def test_persistent_programs_walk_several_tiles(persistent_launches):
         assert tiles > 4 * meta["PROGRAMS_PER_SM"]
     a, b = _int8((m, k), 5), _int8((n, k), 6)
     assert torch.equal(_ops.int8_matmul(a, b, "triton"), reference.int8_matmul(a, b))
-    assert persistent_launches == [(m, k, n)]
+    assert tma_launches == [(m, k, n)]
 
 
 def test_classic_is_the_default(monkeypatch, persistent_launches):
@@ -158,23 +166,23 @@ def test_pre_hopper_gpus_keep_the_classic_kernel(monkeypatch, caplog, persistent
     assert triton_prefill.persistent_unsupported(_int8((40, 64), 1), _int8((24, 64), 2)) is None
 
 
-def test_operands_tma_cannot_address_fall_back(caplog, persistent_launches):
+def test_operands_tma_cannot_address_fall_back(caplog, tma_launches):
     # K = 499: rows are not 16-byte multiples; the classic kernel computes it (exactly), logged once
-    _assert_classic_fallback(caplog, persistent_launches, _int8((40, 499), 1), _int8((24, 499), 2),
+    _assert_classic_fallback(caplog, tma_launches, _int8((40, 499), 1), _int8((24, 499), 2),
                              "16-byte aligned")
 
 
-def test_unaligned_weight_view_falls_back(caplog, persistent_launches):
+def test_unaligned_weight_view_falls_back(caplog, tma_launches):
     big = _int8((25, 65), 3)
     b = big[1:, 1:]  # a view: row stride 65, base one byte past an aligned address
     assert triton_prefill.persistent_unsupported(_int8((40, 64), 1), b) is not None
-    _assert_classic_fallback(caplog, persistent_launches, _int8((40, 64), 1), b, "16-byte aligned")
+    _assert_classic_fallback(caplog, tma_launches, _int8((40, 64), 1), b, "16-byte aligned")
 
 
 @requires_cuda
 @pytest.mark.parametrize("m", [300, 2048])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_model_sized_shapes_on_the_gpu(m, dtype, persistent_launches):
+def test_model_sized_shapes_on_the_gpu(m, dtype, tma_launches):
     k, n = 4096, 1536
     x = planted_outliers(m, k, dtype, n_outlier_cols=8, zero_row=True).to("cuda")
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to("cuda"))
@@ -183,11 +191,11 @@ def test_model_sized_shapes_on_the_gpu(m, dtype, persistent_launches):
                         reference.int8_linear(x, q_w, s_w, bias, 6.0))
     q_x = reference.quantize_activations(x, 6.0)[0]
     assert torch.equal(_ops.int8_matmul(q_x, q_w, "triton"), reference.int8_matmul(q_x, q_w))
-    assert persistent_launches == [(m, k, n)] * 2
+    assert tma_launches == [(m, k, n)] * 2
 
 
 @requires_cuda
-def test_gpu_forward_never_syncs_and_replays_in_a_cuda_graph(persistent_launches):
+def test_gpu_forward_never_syncs_and_replays_in_a_cuda_graph(tma_launches):
     layer = int8mm.Int8Linear.from_linear(torch.nn.Linear(2048, 1024).to("cuda", torch.float16), backend="triton")
     x = planted_outliers(64, 2048, torch.float16, n_outlier_cols=8).to("cuda")
     eager = layer(x)  # autotune, compile and load first: those may sync
@@ -209,7 +217,7 @@ def test_gpu_forward_never_syncs_and_replays_in_a_cuda_graph(persistent_launches
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, layer(other))
-    assert persistent_launches and set(persistent_launches) == {(64, 2048, 1024)}
+    assert tma_launches and set(tma_launches) == {(64, 2048, 1024)}
 
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill_gemm.py"

@@ -193,7 +193,9 @@ def compile_decode_quantize(k, target, x_type="fp16", m=None):
 def _barrier_between_stores_and_ticket(ptx: str) -> bool:
     """The program's global stores (its row's int8 values, scale and outlier list) must be ordered before the
     ticket that tells the last program to read them: a CTA barrier between the last global store and the first
-    acq_rel atomic (one thread draws the ticket; the barrier orders the other threads' stores before it)."""
+    acq_rel atomic (one thread draws the ticket; the barrier orders the other threads' stores before it). Triton
+    3.7 emits a barrier there for the scalar atomic's result broadcast as well, so this guards the compiled
+    ordering (against a codegen change), not the kernel's own tl.debug_barrier() line."""
     ticket = ptx.find("atom.global.gpu.acq_rel.add")
     if ticket < 0:
         return False

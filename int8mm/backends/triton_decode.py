@@ -47,9 +47,10 @@ LIST_TILE = 32
 # running at once on different streams)
 COUNTERS_PER_CHUNK = 1024
 COUNTER_STRIDE = 8
-# an eager call adds a chunk when fewer counters than this are left for captures (the chunk's zero-fill is one
-# host wait, outside capture, once per COUNTERS_PER_CHUNK - CAPTURE_RESERVE captured calls)
-CAPTURE_RESERVE = COUNTERS_PER_CHUNK // 2
+# an eager call adds chunks while fewer counters than this are left for captures: one captured decode step of
+# Llama-3-70B draws 560 (80 layers x 7 linears), and a model is often captured at several batch sizes (each
+# chunk's zero-fill is one host wait, outside capture; 4096 counters take 128 KB)
+CAPTURE_RESERVE = 4 * COUNTERS_PER_CHUNK
 
 
 class _CounterPool:
@@ -88,13 +89,13 @@ class _CounterPool:
                 capturing = torch.cuda.is_current_stream_capturing()
             if capturing:
                 return self._take(may_allocate=False)
-            # outside capture the pool keeps a reserve for the captures to come (each takes a counter for good:
-            # a model captured at many batch sizes, or recaptured, draws thousands)
-            if len(self.chunks) * COUNTERS_PER_CHUNK - self.next_free < CAPTURE_RESERVE:
-                self._allocate_chunk()
             counter = self.by_stream.get(stream)
             if counter is None:
                 counter = self.by_stream[stream] = self._take(may_allocate=True)
+            # outside capture the pool keeps a reserve for the captures to come (each takes a counter for good:
+            # a model captured at many batch sizes, or recaptured, draws thousands)
+            while len(self.chunks) * COUNTERS_PER_CHUNK - self.next_free < CAPTURE_RESERVE:
+                self._allocate_chunk()
             return counter
 
 

@@ -96,7 +96,7 @@ def persistent_unsupported(q_x: torch.Tensor, q_w: torch.Tensor) -> str | None:
     capability = device_capability(q_x.device)
     if capability is not None and capability < TMA_MIN_CAPABILITY:
         return f"it needs TMA (sm_90 or newer), this GPU is sm_{capability[0]}{capability[1]}"
-    if not _host_tensor_descriptors():
+    if _host_tensor_descriptor_class() is None:
         return f"it needs host-side TMA descriptors (triton.tools.tensor_descriptor), which triton {triton.__version__} lacks"
     if q_x.numel() == 0 or q_w.numel() == 0:
         return "an operand has no elements"
@@ -108,14 +108,14 @@ def persistent_unsupported(q_x: torch.Tensor, q_w: torch.Tensor) -> str | None:
 
 
 @functools.cache
-def _host_tensor_descriptors() -> bool:
-    """Whether this Triton has host-side tensor descriptors (3.3 and later; setup.py allows older ones, for which
-    the classic kernel serves prefill and the rest of the backend imports as before)."""
+def _host_tensor_descriptor_class():
+    """Triton's host-side tensor descriptor class (3.3 and later), or None: setup.py allows older Tritons, for
+    which the classic kernel serves prefill and the rest of the backend imports as before."""
     try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+        from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
-        return False
-    return True
+        return None
+    return TensorDescriptor
 
 
 @functools.cache
@@ -132,7 +132,7 @@ def launch_persistent_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_cou
     n = q_w.shape[0]
     first = PERSISTENT_CONFIGS[0].kwargs
     # block shapes are placeholders until _set_block_shapes (or the fixed config below) sets them
-    from triton.tools.tensor_descriptor import TensorDescriptor  # checked importable by persistent_unsupported
+    TensorDescriptor = _host_tensor_descriptor_class()  # not None: persistent_unsupported checked it
 
     a_desc = TensorDescriptor(q_x, [m, k], [q_x.stride(0), 1], [first["BLOCK_M"], first["BLOCK_K"]])
     b_desc = TensorDescriptor(q_w, [n, k], [q_w.stride(0), 1], [first["BLOCK_N"], first["BLOCK_K"]])
