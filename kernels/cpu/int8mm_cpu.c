@@ -217,8 +217,9 @@ static void row_sums(const int8_t* a, int64_t M, int64_t K, int32_t* sums) {
 // hardly pick up; each step also asks for the same bytes of the rows two blocks ahead, into L2 (T1: more misses
 // in flight than L1 allows). On the 2-core AMD EPYC, weights not in cache (what a model's layers see), median
 // of 5 against T0 prefetches: 576 x 576 16.5 -> 10.8 us, 4096 x 4096 645 -> 533 us; a 576 x 576 weight already
-// in L2 pays 5.7 -> 6.7 us (benchmarks/cpu_gemv_timer.c; results/2026-11-30-cpu-epyc-c/gemv-prefetch/). The address is computed as an integer: past the weight's end it is never a pointer
-// C would call out of bounds, and a prefetch of it cannot fault.
+// in L2 pays 5.7 -> 6.7 us (benchmarks/cpu_gemv_timer.c; results/2026-11-30-cpu-epyc-c/gemv-prefetch/).
+// The address is computed as an integer: past the weight's end it is never a pointer C would call out of
+// bounds, and a prefetch of it cannot fault.
 #define PREFETCH_AHEAD (2 * W_BLOCK * K)
 
 // One 64-byte step of a tile: W weight vectors (flipped to unsigned), each multiplied into X rows of x.
