@@ -115,8 +115,8 @@ def counter_pool(device: torch.device) -> _CounterPool:
 @functools.cache
 def _log_capture_fallback_once(device: torch.device) -> None:
     log.warning("int8mm: INT8MM_DECODE_PATH=fused found no free counter on %s while capturing a CUDA graph (each "
-                "captured call of 2-16 rows keeps one; an eager decode call adds %d when fewer than %d are left): "
-                "such calls use the classic decode path", device, COUNTERS_PER_CHUNK, CAPTURE_RESERVE)
+                "captured call of 2-16 rows keeps one; an eager decode call tops the free ones up to %d): such "
+                "calls use the classic decode path", device, CAPTURE_RESERVE)
 
 
 def row_tile(k: int) -> int:
