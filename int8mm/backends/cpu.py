@@ -9,33 +9,31 @@ The quantized values and scales are the reference's bit for bit (tests/test_back
 import ctypes
 import functools
 import logging
-import struct
 import threading
 
 import torch
 
-from . import cpu_build, reference, registry
+from . import c_calls, cpu_build, reference, registry
 
 BACKEND = "cpu"
 ABI_VERSION = 3
 # up to this many rows the fused GEMV (weights read once, all rows served from cache) beats oneDNN's GEMM
 FUSED_MAX_M = 16
 _SCRATCH_SHAPES = 8  # scratch buffers kept per thread
+_SCRATCH_ALIGN = 64  # bytes: each scratch buffer starts on a cache line (and a 512-bit vector)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _ERRORS = {1: "invalid argument", 2: "unsupported dtype", 3: "out of memory"}
 log = logging.getLogger("int8mm")
 CPU = torch.device("cpu")  # every buffer this backend hands to C: never the default device (set_default_device)
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-# struct int8mm_cpu_linear_call (kernels/cpu/int8mm_cpu.c): x, dtype, M, K, sxm, sxk, q_w, s_w, N, bias, bias_dtype,
-# q_x, s_x, outlier_cols, outlier_count, workspace, out, num_threads as int64, then the threshold as a double.
-# One packed argument instead of nineteen: ctypes converts arguments one by one (1.6 us for nineteen, 0.5 packed).
-_LINEAR_CALL = struct.Struct("<18qd")
 _SIGNATURES = {
     "int8mm_cpu_abi_version": (_i32, []),
     "int8mm_cpu_quantize_activations": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _p, _p, _p, _p, _i32]),
     "int8mm_cpu_scale_int32": (_i32, [_p, _i64, _i64, _p, _p, _p, _i32, _p, _i32, _i32]),
-    "int8mm_cpu_int8_linear": (_i32, [_p]),  # one packed struct: _LINEAR_CALL
+    # one packed struct int8mm_cpu_linear_call (kernels/cpu/int8mm_cpu.c), c_calls.LINEAR_CALL: x, dtype, M, K, sxm,
+    # sxk, q_w, s_w, N, bias, bias_dtype, q_x, s_x, outlier_cols, outlier_count, workspace, out, num_threads, threshold
+    "int8mm_cpu_int8_linear": (_i32, [_p]),
     "int8mm_cpu_linear_call_size": (_i32, []),
 }
 
@@ -55,9 +53,7 @@ def library() -> ctypes.CDLL:
         fn.restype, fn.argtypes = restype, argtypes
     if lib.int8mm_cpu_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} speaks ABI {lib.int8mm_cpu_abi_version()}, this int8mm needs {ABI_VERSION}")
-    if lib.int8mm_cpu_linear_call_size() != _LINEAR_CALL.size:
-        raise RuntimeError(f"{path} packs its call in {lib.int8mm_cpu_linear_call_size()} bytes, this int8mm in "
-                           f"{_LINEAR_CALL.size}")
+    c_calls.check_call_size(lib.int8mm_cpu_linear_call_size(), str(path))
     return lib
 
 
@@ -78,15 +74,14 @@ def _check(status: int, what: str) -> None:
 
 
 class _ThreadScratch(threading.local):
-    """Per thread: scratch buffers by (M, K) and the packed-argument buffer of the fused call."""
+    """Per thread: scratch buffers by (M, K)."""
 
     def __init__(self):
         self.buffers = {}
-        self.call = ctypes.create_string_buffer(_LINEAR_CALL.size)
-        self.call_address = ctypes.addressof(self.call)
 
 
 _scratch_of_thread = _ThreadScratch()
+_packed_call = c_calls.PackedCall()  # the fused call's arguments, per thread
 
 
 def _scratch_pointers(m: int, k: int) -> tuple[int, int, int, int, int]:
@@ -98,11 +93,10 @@ def _scratch_pointers(m: int, k: int) -> tuple[int, int, int, int, int]:
     if found is None:
         if len(cache) >= _SCRATCH_SHAPES:  # many prompt lengths: keep memory bounded
             cache.clear()
-        sizes = [m * k, 4 * m, 4 * k, 4, k]
-        padded = [-(-size // 64) * 64 for size in sizes]  # 64-byte aligned starts
-        buffer = torch.empty(sum(padded) + 64, dtype=torch.uint8, device=CPU)
-        start = -(-buffer.data_ptr() // 64) * 64
-        offsets = [start + sum(padded[:i]) for i in range(len(sizes))]
+        total, offsets = c_calls.aligned_offsets([m * k, 4 * m, 4 * k, 4, k], _SCRATCH_ALIGN)
+        buffer = torch.empty(total + _SCRATCH_ALIGN, dtype=torch.uint8, device=CPU)
+        start = -(-buffer.data_ptr() // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        offsets = [start + offset for offset in offsets]
         found = cache[(m, k)] = (buffer, tuple(offsets))
     return found[1]
 
@@ -161,11 +155,10 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
     bias_ptr, bias_code = _pointer_and_code(bias.contiguous() if bias is not None else None)
     out = torch.empty((m, n), dtype=x.dtype, device=CPU)
-    scratch = _scratch_of_thread
     q_x, s_x, cols, count, flags = _scratch_pointers(m, k)
     sxm, sxk = x.stride()
-    _LINEAR_CALL.pack_into(scratch.call, 0, x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, sxm, sxk, q_w.data_ptr(),
-                           s_w.data_ptr(), n, bias_ptr or 0, bias_code, q_x, s_x, cols, count, flags, out.data_ptr(),
-                           torch.get_num_threads(), threshold)
-    _check(library().int8mm_cpu_int8_linear(scratch.call_address), "int8_linear")
+    call = _packed_call.pack(x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, sxm, sxk, q_w.data_ptr(), s_w.data_ptr(), n,
+                             bias_ptr or 0, bias_code, q_x, s_x, cols, count, flags, out.data_ptr(),
+                             torch.get_num_threads(), threshold)
+    _check(library().int8mm_cpu_int8_linear(call), "int8_linear")
     return out

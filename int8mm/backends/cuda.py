@@ -5,13 +5,11 @@ loaded (and, where nvcc is present, built into the cache) at first use, never at
 """
 import ctypes
 import functools
-import struct
-import threading
 
 import torch
 
 from ..devices import on_device_of, raw_stream
-from . import cuda_build, registry
+from . import c_calls, cuda_build, registry
 
 BACKEND = "cuda"
 ABI_VERSION = 2
@@ -24,13 +22,11 @@ _SIGNATURES = {
     "int8mm_workspace_ints": (_i64, [_i64, _i64]),
     "int8mm_quantize_activations": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _p, _p, _p, _p, _p]),
     "int8mm_int8_matmul": (_i32, [_p, _p, _p, _i64, _i64, _i64, _p]),
-    "int8mm_int8_linear": (_i32, [_p]),  # one packed struct int8mm_linear_call: _LINEAR_CALL
+    # one packed struct int8mm_linear_call (kernels/cuda/int8mm.h), c_calls.LINEAR_CALL: x, x_dtype, M, K, stride_xm,
+    # stride_xk, q_w, s_w, N, bias, bias_dtype, workspace, q_x, s_x, outlier_cols, outlier_count, out, stream, threshold
+    "int8mm_int8_linear": (_i32, [_p]),
     "int8mm_linear_call_size": (_i32, []),
 }
-# struct int8mm_linear_call (kernels/cuda/int8mm.h): x, x_dtype, M, K, stride_xm, stride_xk, q_w, s_w, N, bias,
-# bias_dtype, workspace, q_x, s_x, outlier_cols, outlier_count, out, stream as int64, then the threshold as a
-# double. One packed argument instead of nineteen: ctypes converts each argument of a call on its own.
-_LINEAR_CALL = struct.Struct("<18qd")
 _SCRATCH_ALIGN = 256  # bytes: each buffer carved from the fused call's scratch starts this aligned
 
 
@@ -49,9 +45,7 @@ def library() -> ctypes.CDLL:
     if lib.int8mm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"the int8mm CUDA library speaks ABI {lib.int8mm_abi_version()}, this int8mm "
                            f"needs {ABI_VERSION}: {cuda_build.HOW_TO_BUILD}")
-    if lib.int8mm_linear_call_size() != _LINEAR_CALL.size:
-        raise RuntimeError(f"the int8mm CUDA library packs its call in {lib.int8mm_linear_call_size()} bytes, this "
-                           f"int8mm in {_LINEAR_CALL.size}: {cuda_build.HOW_TO_BUILD}")
+    c_calls.check_call_size(lib.int8mm_linear_call_size(), "the int8mm CUDA library", f": {cuda_build.HOW_TO_BUILD}")
     return lib
 
 
@@ -111,20 +105,10 @@ def _scratch_layout(m: int, k: int) -> tuple[int, tuple[int, ...]]:
     """Total bytes and the offsets of workspace int32 [library's count], q_x int8 [M, K], s_x fp32 [M], outlier
     columns int32 [K] and count int32 [1] in the fused call's one scratch allocation (five would cost five
     trips through the caching allocator on every call)."""
-    sizes = [4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4]
-    padded = [-(-size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN for size in sizes]
-    return sum(padded), tuple(sum(padded[:i]) for i in range(len(sizes)))
+    return c_calls.aligned_offsets([4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4], _SCRATCH_ALIGN)
 
 
-class _PackedCall(threading.local):
-    """Per thread: the buffer the fused call's arguments are packed into."""
-
-    def __init__(self):
-        self.buffer = ctypes.create_string_buffer(_LINEAR_CALL.size)
-        self.address = ctypes.addressof(self.buffer)
-
-
-_packed_call = _PackedCall()
+_packed_call = c_calls.PackedCall()  # the fused call's arguments, per thread
 
 
 @registry.register(BACKEND, "int8_linear")
@@ -139,12 +123,10 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     scratch = torch.empty(total, dtype=torch.uint8, device=x.device)
     base = scratch.data_ptr()
     workspace, q_x, s_x, outlier_cols, outlier_count = (base + offset for offset in offsets)
-    call = _packed_call
     with on_device_of(x):
-        _LINEAR_CALL.pack_into(
-            call.buffer, 0, x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(),
-            s_w.data_ptr(), n, bias.data_ptr() if bias is not None else 0,
-            _DTYPE_CODES[bias.dtype if bias is not None else x.dtype], workspace, q_x, s_x, outlier_cols,
-            outlier_count, out.data_ptr(), raw_stream(x.device), threshold)
-        _check(library().int8mm_int8_linear(call.address))
+        call = _packed_call.pack(
+            x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(), s_w.data_ptr(), n,
+            bias.data_ptr() if bias is not None else 0, _DTYPE_CODES[bias.dtype if bias is not None else x.dtype],
+            workspace, q_x, s_x, outlier_cols, outlier_count, out.data_ptr(), raw_stream(x.device), threshold)
+        _check(library().int8mm_int8_linear(call))
     return out
