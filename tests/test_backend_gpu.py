@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import int8mm
-from gpu import requires_cuda, requires_two_gpus
+from gpu import host_syncs_refused, requires_cuda, requires_two_gpus
 from helpers import assert_output_close, planted_outliers, random_weight
 
 def _activations(m, k, dtype, **kwargs):
@@ -43,12 +43,8 @@ def test_forward_never_syncs_with_the_host(backend):
     layer = _layer(1024, 512, backend)
     x = _activations(16, 1024, torch.float16, n_outlier_cols=8)
     layer(x)  # autotune, compile and load first: those may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_refused():
         layer(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("m", [1, 64])

@@ -19,7 +19,7 @@ import torch
 import int8mm
 from int8mm import _ops
 from int8mm.backends import reference
-from gpu import requires_cuda
+from gpu import host_syncs_refused, requires_cuda
 from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
@@ -199,12 +199,8 @@ def test_gpu_forward_never_syncs_and_replays_in_a_cuda_graph(tma_launches):
     layer = int8mm.Int8Linear.from_linear(torch.nn.Linear(2048, 1024).to("cuda", torch.float16), backend="triton")
     x = planted_outliers(64, 2048, torch.float16, n_outlier_cols=8).to("cuda")
     eager = layer(x)  # autotune, compile and load first: those may sync
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_syncs_refused():
         layer(x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     static_x = x.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
