@@ -18,3 +18,24 @@ def host_syncs_refused():
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def assert_graph_replays_follow_inputs(layer, static_x, eager, other):
+    """``layer(static_x)`` captured in a CUDA graph replays to ``eager`` (its eager output); with ``other``'s
+    values copied into ``static_x`` (outliers in other columns: the graph must re-derive them on the device) it
+    replays to ``layer(other)``. Warmed up on a side stream first, as torch asks before a capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, eager)
+    static_x.copy_(other)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, layer(other))

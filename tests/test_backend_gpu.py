@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import int8mm
-from gpu import host_syncs_refused, requires_cuda, requires_two_gpus
+from gpu import assert_graph_replays_follow_inputs, host_syncs_refused, requires_cuda, requires_two_gpus
 from helpers import assert_output_close, planted_outliers, random_weight
 
 def _activations(m, k, dtype, **kwargs):
@@ -52,24 +52,8 @@ def test_cuda_graph_replay_equals_eager(m, backend):
     layer = _layer(2048, 1024, backend)
     x = _activations(m, 2048, torch.float16, n_outlier_cols=8)
     eager = layer(x)
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = layer(static_x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, eager)
-    # new inputs with outliers in other columns: the graph re-derives them on the device
     other = _activations(m, 2048, torch.float16, n_outlier_cols=8, seed=7)
-    static_x.copy_(other)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, layer(other))
+    assert_graph_replays_follow_inputs(layer, x.clone(), eager, other)
 
 
 def test_torch_compile_fullgraph(backend):

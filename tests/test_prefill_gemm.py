@@ -19,7 +19,7 @@ import torch
 import int8mm
 from int8mm import _ops
 from int8mm.backends import reference
-from gpu import host_syncs_refused, requires_cuda
+from gpu import assert_graph_replays_follow_inputs, host_syncs_refused, requires_cuda
 from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
@@ -201,18 +201,8 @@ def test_gpu_forward_never_syncs_and_replays_in_a_cuda_graph(tma_launches):
     eager = layer(x)  # autotune, compile and load first: those may sync
     with host_syncs_refused():
         layer(x)
-    static_x = x.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = layer(static_x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, eager)
     other = planted_outliers(64, 2048, torch.float16, n_outlier_cols=8, seed=7).to("cuda")
-    static_x.copy_(other)  # outliers in other columns: the graph re-derives them on the device
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, layer(other))
+    assert_graph_replays_follow_inputs(layer, x.clone(), eager, other)
     assert tma_launches and set(tma_launches) == {(64, 2048, 1024)}
 
 
