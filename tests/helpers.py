@@ -280,3 +280,16 @@ class OpRecorder(TorchDispatchMode):
     @property
     def fills(self) -> list[str]:
         return [op for op in self.ops if op in self.FILL_OPS]
+
+
+def view_beyond_2_31(values: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
+    """``values`` ([M, K]) copied into an fp16 view with ``strides`` whose last element lies more than 2^31
+    elements into its storage, with an outlier (40.0) at that far end: element offsets must not wrap. Only the
+    viewed elements are written, so on the CPU the storage costs address space, not memory."""
+    m, k = values.shape
+    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
+    assert span > 2**31
+    x = torch.empty(span, dtype=torch.float16, device=values.device).as_strided((m, k), strides)
+    x.copy_(values)
+    x[-1, -1] = 40.0
+    return x

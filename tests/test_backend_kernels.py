@@ -14,7 +14,7 @@ from int8mm import _ops, backends
 from int8mm.backends import registry
 from gpu import requires_cuda
 from helpers import (DEVICE, OpRecorder, assert_output_close, assert_quantized_equal, planted_outliers,
-                     random_weight)
+                     random_weight, view_beyond_2_31)
 
 def _activations(m, k, dtype, **kwargs):
     """Planted outlier columns, values exactly at +-6.0, and (past 2 rows) an all-zero row, on DEVICE."""
@@ -140,11 +140,7 @@ def test_views_spanning_more_than_2_to_31_elements(layout, backend):
     view whose last row, or last column, lies more than 2^31 elements into its storage. Only the viewed
     elements are written, so on the CPU the storage costs address space, not memory."""
     m, k, strides = (3, 64, (2**30 + 64, 1)) if layout == "rows" else (4, 34, (1, 2**26))
-    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
-    assert span > 2**31
-    x = torch.empty(span, dtype=torch.float16, device=DEVICE).as_strided((m, k), strides)
-    x.copy_(_activations(m, k, torch.float16))
-    x[-1, -1] = 40.0  # an outlier at the far end: the fused epilogue reads it from x as well
+    x = view_beyond_2_31(_activations(m, k, torch.float16), strides)  # the fused epilogue reads its outlier too
     q_w, s_w = int8mm.quantize_weight(random_weight(24, k).to(DEVICE))
     ref, got = _both(_ops.quantize_activations, backend, x, 6.0)
     _assert_quantize_equal(ref, got)

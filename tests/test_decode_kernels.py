@@ -18,7 +18,7 @@ from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import requires_cuda
-from helpers import DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight
+from helpers import DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight, view_beyond_2_31
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -127,11 +127,7 @@ def test_views_spanning_more_than_2_to_31_elements(layout, fused):
     """x's last row, or last column, lies more than 2^31 elements into its storage: offsets must not wrap
     (only the viewed elements are written, so on the CPU the storage costs address space, not memory)."""
     m, k, strides = (3, 64, (2**30 + 64, 1)) if layout == "rows" else (4, 34, (1, 2**26))
-    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
-    assert span > 2**31
-    x = torch.empty(span, dtype=torch.float16, device=DEVICE).as_strided((m, k), strides)
-    x.copy_(_activations(m, k))
-    x[-1, -1] = 40.0  # an outlier at the far end
+    x = view_beyond_2_31(_activations(m, k), strides)
     _, _, cols, count = classic_quantize(x, 6.0)
     assert k - 1 in cols[: int(count)].tolist()
     _assert_same_quantization(x, 6.0)

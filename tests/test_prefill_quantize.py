@@ -17,7 +17,7 @@ import torch
 import int8mm
 from int8mm.backends import registry
 from int8mm.backends.reference import quantize_activations_op as reference_quantize
-from helpers import DEVICE, OpRecorder, planted_outliers, random_weight
+from helpers import DEVICE, OpRecorder, planted_outliers, random_weight, view_beyond_2_31
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 from int8mm.backends import triton as triton_backend  # noqa: E402
@@ -139,11 +139,7 @@ def test_views_spanning_more_than_2_to_31_elements(layout, rowwise):
     """Element offsets beyond 2^31 must not wrap: x is a view whose last row, or last column, lies more than
     2^31 elements into its storage (only the viewed elements are written: address space, not memory)."""
     m, k, strides = (17, 64, (2**27 + 64, 1)) if layout == "rows" else (17, 34, (1, 2**26))
-    span = (m - 1) * strides[0] + (k - 1) * strides[1] + 1
-    assert span > 2**31
-    x = torch.empty(span, dtype=torch.float16, device=DEVICE).as_strided((m, k), strides)
-    x.copy_(_activations(m, k))
-    x[-1, -1] = 40.0  # an outlier at the far end
+    x = view_beyond_2_31(_activations(m, k), strides)
     _, _, cols, count = assert_same_quantization(x, 6.0)
     assert int(cols[int(count) - 1]) == k - 1
 
