@@ -1,7 +1,8 @@
-"""Decode (M <= 16) side by side: fp16 F.linear vs the Triton backend's classic and fused decode paths.
+"""Decode (M <= 16) side by side: fp16 F.linear vs the Triton backend's decode schedules.
 
 The classic path launches a zero-fill, a statistics pass, a quantization pass and the GEMM; the fused path
-(INT8MM_DECODE_PATH=fused) one quantization kernel and the same GEMM. Both are timed in one process, on
+(INT8MM_DECODE_PATH=fused) one quantization kernel and the same GEMM; "fused+splitk" adds
+INT8MM_DECODE_GEMM=splitk (the GEMM of a layer with few output tiles split along K). All are timed in one process, on
 Llama-3-8B and -70B layer shapes, under CUDA graphs (launch overhead gone, as in a graphed decode loop)
 and eager (L2 flushed before each call), with fp16 inputs holding planted outlier columns. Each timed call
 uses the next of several layers (distinct weights, more bytes than L2 holds) so no weight stays cached.
@@ -20,14 +21,21 @@ import torch.nn.functional as F
 
 import int8mm
 from int8mm import backends
+from int8mm.backends import triton_splitk
 from int8mm.bench.environment import run_metadata
 from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations, random_weight
 from int8mm.bench.report import format_speedup, format_time, geomean, markdown_table, write_json_and_markdown
 from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
 from int8mm.bench.timing import time_cpu, time_cuda_eager, time_cuda_graph
 
-PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused")
-DECODE_PATHS = {"int8mm classic": "classic", "int8mm fused": "fused"}
+PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk")
+# the environment each int8mm provider runs under
+SCHEDULES = {
+    "int8mm classic": {backends.DECODE_PATH_ENV_VAR: "classic", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
+    "int8mm fused": {backends.DECODE_PATH_ENV_VAR: "fused", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
+    "int8mm fused+splitk": {backends.DECODE_PATH_ENV_VAR: "fused", triton_splitk.DECODE_GEMM_ENV_VAR: "splitk"},
+}
+CANDIDATES = PROVIDERS[2:]  # compared with classic, output for output
 THRESHOLD = 6.0
 # layers per shape: enough distinct weights that a timed round reads more than L2 holds (at least two)
 L2_MULTIPLE = 2
@@ -38,21 +46,22 @@ DRY_RUN_SHAPE = LayerShape("tiny", "o_proj", 64, 48)
 
 
 @contextlib.contextmanager
-def decode_path(path: str | None):
-    """INT8MM_DECODE_PATH=path for the calls inside (None: leave it as it is)."""
-    if path is None:
+def schedule(variables: dict | None):
+    """The environment variables ``variables`` set for the calls inside (None: leave them as they are)."""
+    if variables is None:
         yield
         return
-    before = os.environ.get(backends.DECODE_PATH_ENV_VAR)
-    os.environ[backends.DECODE_PATH_ENV_VAR] = path
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     backends.refresh_from_environment()
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(backends.DECODE_PATH_ENV_VAR)
-        else:
-            os.environ[backends.DECODE_PATH_ENV_VAR] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
         backends.refresh_from_environment()
 
 
@@ -81,7 +90,7 @@ def time_provider(provider: str, mode: str, layers, xs, device: torch.device, re
         fn, inputs = F.linear, [(x, w16) for x, (w16, _) in zip(xs, layers)]
     else:
         fn, inputs = (lambda x, layer: layer(x)), [(x, layer) for x, (_, layer) in zip(xs, layers)]
-    with decode_path(DECODE_PATHS.get(provider)), torch.inference_mode():
+    with schedule(SCHEDULES.get(provider)), torch.inference_mode():
         if device.type != "cuda":
             return time_cpu(fn, inputs, warmup=1, reps=reps)
         if mode == "graph":
@@ -89,14 +98,14 @@ def time_provider(provider: str, mode: str, layers, xs, device: torch.device, re
         return time_cuda_eager(fn, inputs, warmup=len(inputs) + 2, reps=reps)
 
 
-def fused_matches_classic(layer, x) -> bool:
-    """Whether the fused path's output equals the classic path's, bit for bit, on one input."""
+def matches_classic(layer, x, provider: str) -> bool:
+    """Whether ``provider``'s output equals the classic path's, bit for bit, on one input."""
     with torch.inference_mode():
-        with decode_path("classic"):
+        with schedule(SCHEDULES["int8mm classic"]):
             classic = layer(x)
-        with decode_path("fused"):
-            fused = layer(x)
-    return bool(torch.equal(classic, fused))
+        with schedule(SCHEDULES[provider]):
+            candidate = layer(x)
+    return bool(torch.equal(classic, candidate))
 
 
 def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: OutlierSpec, seed: int,
@@ -111,17 +120,18 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
         layers = build_layers(shape, layers_per_shape(shape, device), device, generator)
         for m in m_values:
             xs = [planted_activations(m, shape.k, outliers, torch.float16, device, generator) for _ in layers]
-            matches = fused_matches_classic(layers[0][1], xs[0])
+            matches = {p: matches_classic(layers[0][1], xs[0], p) for p in CANDIDATES}
             for mode in modes:
                 for provider in PROVIDERS:
                     timing = time_provider(provider, mode, layers, xs, device, reps)
                     rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
                                  "provider": provider, "median_us": timing.median_s * 1e6,
                                  "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6,
-                                 "matches_classic": matches if provider == "int8mm fused" else None})
+                                 "matches_classic": matches.get(provider)})
                     print(f"{shape.name} M={m} {mode} {provider}: {format_time(rows[-1]['median_us'])}", flush=True)
-            if not matches:
-                print(f"{shape.name} M={m}: FUSED OUTPUT DIFFERS FROM CLASSIC", flush=True)
+            for provider, same in matches.items():
+                if not same:
+                    print(f"{shape.name} M={m}: {provider.upper()} OUTPUT DIFFERS FROM CLASSIC", flush=True)
         del layers
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -133,27 +143,26 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
 def markdown(result: dict) -> str:
     rows = result["rows"]
     meta = result["meta"]
-    lines = [f"# Decode: classic vs fused, {meta['device']}, {meta['date']}", "",
+    int8 = [p.removeprefix("int8mm ") for p in PROVIDERS[1:]]
+    lines = [f"# Decode: {' vs '.join(int8)}, {meta['device']}, {meta['date']}", "",
              "Median time per call; speed-up = fp16 F.linear time / int8mm time, in the same run.", ""]
     if meta.get("dry_run"):
         lines += ["DRY RUN: Triton's interpreter on the CPU; these times say nothing about a GPU.", ""]
     table = []
     by_key = {(r["shape"], r["m"], r["mode"], r["provider"]): r["median_us"] for r in rows}
-    for shape, m, mode in dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows):
-        fp16, classic, fused = (by_key[(shape, m, mode, p)] for p in PROVIDERS)
-        table.append([shape, str(m), mode, format_time(fp16), format_time(classic), format_time(fused),
-                      format_speedup(fp16 / classic), format_speedup(fp16 / fused)])
-    lines += markdown_table(["layer", "M", "mode", "fp16", "classic", "fused", "classic vs fp16",
-                             "fused vs fp16"], table)
-    lines += ["", "Geometric mean of the speed-up over fp16 per model, M and mode:", ""]
+    cells = list(dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows))
     groups = {}
-    for shape, m, mode in dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows):
+    for shape, m, mode in cells:
+        fp16, *times = (by_key[(shape, m, mode, p)] for p in PROVIDERS)
+        table.append([shape, str(m), mode, format_time(fp16), *map(format_time, times),
+                      *(format_speedup(fp16 / t) for t in times)])
         model = shape.rsplit(" ", 1)[0]
-        fp16, classic, fused = (by_key[(shape, m, mode, p)] for p in PROVIDERS)
-        groups.setdefault((model, m, mode), []).append((fp16 / classic, fp16 / fused))
-    lines += markdown_table(["model", "M", "mode", "classic", "fused"], [
-        [model, str(m), mode, format_speedup(geomean(c for c, _ in v)), format_speedup(geomean(f for _, f in v))]
-        for (model, m, mode), v in groups.items()])
+        groups.setdefault((model, m, mode), []).append([fp16 / t for t in times])
+    lines += markdown_table(["layer", "M", "mode", "fp16", *int8, *(f"{name} vs fp16" for name in int8)], table)
+    lines += ["", "Geometric mean of the speed-up over fp16 per model, M and mode:", ""]
+    lines += markdown_table(["model", "M", "mode", *int8], [
+        [model, str(m), mode, *(format_speedup(geomean(column)) for column in zip(*speedups))]
+        for (model, m, mode), speedups in groups.items()])
     return "\n".join(lines) + "\n"
 
 

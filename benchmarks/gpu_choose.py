@@ -1,7 +1,8 @@
 """Pick the Triton schedules a GPU run measured as faster, for the benchmarks that follow in the same run.
 
 Reads what the candidate benchmarks wrote into DIR (any that is missing keeps its default):
-- ``decode_bench.json`` (benchmarks/bench_decode.py): ``INT8MM_DECODE_PATH`` classic or fused;
+- ``decode_bench.json`` (benchmarks/bench_decode.py): ``INT8MM_DECODE_PATH`` classic or fused, and
+  ``INT8MM_DECODE_GEMM`` classic or splitk (split-K with the fused quantization against the fused path alone);
 - ``quantize_pass.json`` (benchmarks/bench_quantize_pass.py): ``INT8MM_PREFILL_QUANT`` classic or rowwise;
 - ``prefill_gemm.json`` (benchmarks/bench_prefill_gemm.py): ``INT8MM_PREFILL_GEMM`` classic or persistent.
 
@@ -39,22 +40,34 @@ def _speedups(rows, key_fields, time_field, provider_field, classic, candidate):
     return [cell[classic] / cell[candidate] for cell in cells.values() if classic in cell and candidate in cell]
 
 
-def choose_decode(rows):
+def _choose_decode_candidate(rows, baseline: str, candidate: str, value: str, what: str):
+    """``value`` if ``candidate`` agreed with classic in every row and beat ``baseline`` under graphs (geomean
+    >= MIN_GAIN) without losing eager beyond noise; else None. Returns (value or None, why)."""
     if not rows:
         return None, "no decode_bench.json"
-    if any(r["provider"] == "int8mm fused" and r.get("matches_classic") is not True for r in rows):
-        return None, "decode: fused disagreed with classic (or was not compared) in some row: kept classic"
+    if not any(r["provider"] == candidate for r in rows):
+        return None, f"{what}: no {candidate!r} rows"
+    if any(r["provider"] == candidate and r.get("matches_classic") is not True for r in rows):
+        return None, f"{what}: {candidate} disagreed with classic (or was not compared) in some row: kept the default"
     gains = {}
     for mode in ("graph", "eager"):
         mine = [r for r in rows if r["mode"] == mode]
-        gains[mode] = geomean(_speedups(mine, ("shape", "m"), "median_us", "provider", "int8mm classic",
-                                        "int8mm fused"))
+        gains[mode] = geomean(_speedups(mine, ("shape", "m"), "median_us", "provider", baseline, candidate))
     if gains["graph"] is None:
-        return None, "decode: no graph rows with both paths"
-    why = f"decode: fused vs classic geomean {gains['graph']:.3f}x under graphs, " + (
+        return None, f"{what}: no graph rows with both {baseline} and {candidate}"
+    why = f"{what}: {candidate} vs {baseline} geomean {gains['graph']:.3f}x under graphs, " + (
         f"{gains['eager']:.3f}x eager" if gains["eager"] is not None else "no eager rows")
     wins = gains["graph"] >= MIN_GAIN and (gains["eager"] is None or gains["eager"] >= EAGER_FLOOR)
-    return ("fused" if wins else None), why
+    return (value if wins else None), why
+
+
+def choose_decode(rows):
+    return _choose_decode_candidate(rows, "int8mm classic", "int8mm fused", "fused", "decode")
+
+
+def choose_decode_gemm(rows):
+    """The split-K GEMM against the same quantization with the classic GEMM: the GEMM's own gain."""
+    return _choose_decode_candidate(rows, "int8mm fused", "int8mm fused+splitk", "splitk", "decode GEMM")
 
 
 def choose_prefill_quant(rows):
@@ -83,6 +96,7 @@ def choose_prefill_gemm(rows):
 
 CHOOSERS = {
     "INT8MM_DECODE_PATH": (choose_decode, "decode_bench.json"),
+    "INT8MM_DECODE_GEMM": (choose_decode_gemm, "decode_bench.json"),
     "INT8MM_PREFILL_QUANT": (choose_prefill_quant, "quantize_pass.json"),
     "INT8MM_PREFILL_GEMM": (choose_prefill_gemm, "prefill_gemm.json"),
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The script a lent GPU machine runs, in one or two calls of at most 10 minutes each (a session has about 15
 # minutes of device time in all, the machine's start included):
-#   PLAN=first  (default, ~9.5 min of stage limits): the GPU tests of what never ran on a GPU, the three candidate benchmarks
-#               (two-kernel decode, rowwise prefill quantization, persistent prefill GEMM), benchmarks/gpu_choose.py
+#   PLAN=first  (default, ~9.5 min of stage limits): the GPU tests of what never ran on a GPU, the candidate benchmarks
+#               (two-kernel decode and split-K decode GEMM, rowwise prefill quantization, persistent prefill GEMM),
+#               benchmarks/gpu_choose.py
 #               picking the winners, then the per-layer benchmark at M = 1 and 16 with them.
 #   PLAN=second (~8 min): compute-sanitizer, the remaining Triton tests, the host-time suite, the per-layer
 #               benchmark at M = 512 and 2048, the end-to-end model benchmark. Pass the first call's choices
@@ -58,6 +59,8 @@ first() {
     tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
   INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_decode_kernels.py
+  INT8MM_AUTOTUNE=0 stage splitk_tests "${SPLITK_TEST_TIMEOUT:-30}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_decode_splitk.py
   INT8MM_AUTOTUNE=0 stage quantize_tests "${QUANTIZE_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_prefill_quantize.py
   INT8MM_AUTOTUNE=0 stage prefill_gemm_tests "${PREFILL_GEMM_TEST_TIMEOUT:-40}" python3 -m pytest -q \
@@ -65,14 +68,14 @@ first() {
   INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_backend_kernels.py
   # the candidates against the classic paths, side by side (each compares its outputs with classic)
-  stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
+  stage decode_bench "${DECODE_BENCH_TIMEOUT:-70}" python3 benchmarks/bench_decode.py --out "$WORK"
   stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-50}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
-  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-100}" python3 benchmarks/bench_prefill_gemm.py \
+  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-90}" python3 benchmarks/bench_prefill_gemm.py \
     --out "$WORK" --forward
   # the winners serve the per-layer benchmark that follows: each only if its own tests passed
   python3 benchmarks/gpu_choose.py "$WORK" >"$WORK/choices.all" 2>"$WORK/choices.txt"
   : >"$WORK/choices.sh"
-  for pair in INT8MM_DECODE_PATH:decode_tests INT8MM_PREFILL_QUANT:quantize_tests \
+  for pair in INT8MM_DECODE_PATH:decode_tests INT8MM_DECODE_GEMM:splitk_tests INT8MM_PREFILL_QUANT:quantize_tests \
               INT8MM_PREFILL_GEMM:prefill_gemm_tests; do
     variable=${pair%%:*} tests=${pair##*:}
     if grep -q "^rc=0$" "$WORK/$tests.log"; then grep "^export $variable=" "$WORK/choices.all" >>"$WORK/choices.sh"
@@ -83,7 +86,7 @@ first() {
   . "$WORK/choices.sh"
   tee -a "$OUT/summary.log" <"$WORK/choices.txt"
   pack
-  stage bench "${BENCH_TIMEOUT:-90}" python3 benchmarks/bench_gpu.py --out "$WORK" \
+  stage bench "${BENCH_TIMEOUT:-85}" python3 benchmarks/bench_gpu.py --out "$WORK" \
     ${BENCH_ARGS:---m 1 16 --models Llama-3-8B Llama-3-70B}
 }
 

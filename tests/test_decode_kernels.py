@@ -23,7 +23,7 @@ from helpers import DEVICE, OpRecorder, assert_output_close, planted_outliers, r
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
 from int8mm.backends import triton as triton_backend  # noqa: E402  (needs triton)
-from int8mm.backends import triton_decode  # noqa: E402
+from int8mm.backends import triton_counters, triton_decode  # noqa: E402
 
 classic_quantize = registry.lookup("triton", "quantize_activations")
 triton_linear = registry.lookup("triton", "int8_linear")
@@ -158,7 +158,7 @@ def test_calls_in_a_row_leave_the_counter_at_zero():
     program, so each launch finds its own last program."""
     first = _activations(5, 200, n_outlier_cols=8, seed=1)
     second = _activations(5, 200, n_outlier_cols=3, seed=2)
-    counter = triton_decode.counter_pool(DEVICE).counter()
+    counter = triton_counters.counter_pool(DEVICE).counters(1)
     for x in (first, second, first, first[:2], second[:1], second):
         _assert_same_quantization(x, 6.0)
         assert int(counter) == 0
@@ -228,7 +228,7 @@ def test_two_launches_and_no_fills(m, monkeypatch):
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
     _decode_path(monkeypatch, "classic")
     expected = triton_linear(x, q_w, s_w, None, 6.0)
-    triton_decode.counter_pool(DEVICE).counter()  # the counters' one-time allocation is not part of a call
+    triton_counters.counter_pool(DEVICE).counters(1)  # the counters' one-time allocation is not part of a call
     recorder = OpRecorder()
     launches = _count_launches(monkeypatch, recorder)
     with recorder:
@@ -285,26 +285,47 @@ def test_prefill_ignores_the_decode_path(fused, monkeypatch):
 
 
 def test_eager_calls_keep_a_reserve_of_counters_for_captures():
-    """Each captured call keeps a counter for good; captures only draw from allocated chunks, so eager calls
+    """Each captured call keeps its counters for good; captures only draw from allocated chunks, so eager calls
     top the pool up: a model captured at many batch sizes (or recaptured) must not run out."""
-    pool = triton_decode._CounterPool(torch.device("cpu"))
-    pool.counter()  # eager: the pool fills its reserve
-    left = len(pool.chunks) * triton_decode.COUNTERS_PER_CHUNK - pool.next_free
-    assert left >= triton_decode.CAPTURE_RESERVE
-    taken = [pool._take(may_allocate=False) for _ in range(left)]  # captures, one after another
-    assert all(c is not None for c in taken) and pool._take(may_allocate=False) is None  # all used up
-    pool.counter()  # an eager call between captures
-    fresh = [pool._take(may_allocate=False) for _ in range(triton_decode.CAPTURE_RESERVE)]
+    pool = triton_counters.CounterPool(torch.device("cpu"))
+    pool.counters(1)  # eager: the pool fills its reserve
+    left = pool.free_words()
+    assert left >= triton_counters.CAPTURE_RESERVE_WORDS
+    slot = triton_counters.SLOT_WORDS
+    taken = [pool.take(1, may_allocate=False) for _ in range(left // slot)]  # captures, one after another
+    assert all(c is not None for c in taken) and pool.take(1, may_allocate=False) is None  # all used up
+    pool.counters(1)  # an eager call between captures
+    fresh = [pool.take(1, may_allocate=False) for _ in range(triton_counters.CAPTURE_RESERVE_WORDS // slot)]
     assert all(c is not None and int(c) == 0 for c in fresh)
     assert len({c.data_ptr() for c in taken + fresh}) == len(taken) + len(fresh)  # never shared
 
 
+def test_counters_of_several_lengths_never_overlap():
+    """The split-K GEMM takes one counter per output tile: arrays of any length, each on sectors of its own,
+    one per (stream, length) for eager calls, and a request longer than a chunk gets a chunk of its own."""
+    pool = triton_counters.CounterPool(torch.device("cpu"))
+    eager = {length: pool.counters(length) for length in (1, 3, 8, 9, 128)}
+    assert all(pool.counters(length) is eager[length] for length in eager)  # the same stream: reused
+    huge = pool.counters(triton_counters.CHUNK_WORDS + 5)
+    captured = [pool.take(length, may_allocate=False) for length in (1, 40, 7)]
+    arrays = list(eager.values()) + [huge] + captured
+    assert all(a is not None and a.dtype == torch.int32 and not a.any() for a in arrays)
+    assert [a.numel() for a in arrays] == [1, 3, 8, 9, 128, triton_counters.CHUNK_WORDS + 5, 1, 40, 7]
+    words = [(a.data_ptr() // 4, a.data_ptr() // 4 + a.numel()) for a in arrays]
+    for i, (start, end) in enumerate(words):
+        assert start % triton_counters.SLOT_WORDS == 0  # 32-byte sectors of their own
+        for other_start, other_end in words[i + 1:]:
+            assert end <= other_start or other_end <= start, "two requests share counters"
+    with pytest.raises(ValueError, match="length must be at least 1, got 0"):
+        pool.counters(0)
+
+
 def test_capture_without_a_free_counter_takes_the_classic_path(fused, monkeypatch, caplog):
     class Exhausted:
-        def counter(self):
+        def counters(self, length):
             return None
 
-    monkeypatch.setattr(triton_decode, "counter_pool", lambda device: Exhausted())
+    monkeypatch.setattr(triton_counters, "counter_pool", lambda device: Exhausted())
     x = _activations(5, 64)
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 64).to(DEVICE))
     with caplog.at_level("WARNING", logger="int8mm"):

@@ -17,7 +17,7 @@ def choose():
     return module
 
 
-def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True):
+def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True, splitk_us=None, splitk_matches=True):
     rows = []
     for shape in ("o_proj", "qkv_proj"):
         for mode, fused in (("graph", fused_us), ("eager", eager_fused_us or classic_us)):
@@ -25,6 +25,9 @@ def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True):
                      {"shape": shape, "m": 1, "mode": mode, "provider": "int8mm fused", "median_us": fused,
                       "matches_classic": matches},
                      {"shape": shape, "m": 1, "mode": mode, "provider": "fp16 F.linear", "median_us": 1.0}]
+            if splitk_us is not None:
+                rows.append({"shape": shape, "m": 1, "mode": mode, "provider": "int8mm fused+splitk",
+                             "median_us": splitk_us if mode == "graph" else fused, "matches_classic": splitk_matches})
     return rows
 
 
@@ -52,7 +55,19 @@ def test_faster_and_agreeing_candidates_are_chosen(choose, tmp_path):
     chosen, reasons = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0), _quant_rows(15.0), _gemm_rows(90.0)))
     assert chosen == {"INT8MM_DECODE_PATH": "fused", "INT8MM_PREFILL_QUANT": "rowwise",
                       "INT8MM_PREFILL_GEMM": "persistent"}
-    assert len(reasons) == 3 and "1.250x" in reasons[0]
+    assert len(reasons) == 4 and "1.250x" in reasons[0]
+    assert "no 'int8mm fused+splitk' rows" in reasons[1]
+
+
+def test_the_split_k_gemm_is_judged_against_the_fused_path(choose, tmp_path):
+    """Split-K changes the GEMM only: it must beat the fused path (same quantization), not just classic."""
+    chosen, reasons = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, splitk_us=18.0)))
+    assert chosen == {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"}
+    assert "1.333x" in reasons[1]
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, splitk_us=23.9)))
+    assert chosen == {"INT8MM_DECODE_PATH": "fused"}  # faster than classic, but within noise of fused
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, splitk_us=18.0, splitk_matches=False)))
+    assert chosen == {"INT8MM_DECODE_PATH": "fused"}  # faster, but its output differed from classic
 
 
 def test_slower_noise_level_or_disagreeing_candidates_keep_the_defaults(choose, tmp_path):
@@ -71,7 +86,7 @@ def test_a_result_file_cut_short_keeps_only_its_own_default(choose, tmp_path):
     (tmp_path / "quantize_pass.json").write_text('{"meta": {}, "rows": [{"m": 20')  # killed mid-write
     chosen, reasons = choose.choices(tmp_path)
     assert chosen == {"INT8MM_DECODE_PATH": "fused", "INT8MM_PREFILL_GEMM": "persistent"}
-    assert "could not be read" in reasons[1]
+    assert "could not be read" in reasons[2]
 
 
 def test_the_field_names_are_the_benchmarks_own(choose):
@@ -82,7 +97,8 @@ def test_the_field_names_are_the_benchmarks_own(choose):
         tree = ast.parse((SCRIPT.parent / script).read_text())
         return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
 
-    assert {"int8mm classic", "int8mm fused", "graph", "eager", "matches_classic"} <= strings("bench_decode.py")
+    assert {"int8mm classic", "int8mm fused", "int8mm fused+splitk", "graph", "eager",
+            "matches_classic"} <= strings("bench_decode.py")
     assert {"classic", "rowwise", "equal", "us"} <= strings("bench_quantize_pass.py")
     prefill = strings("bench_prefill_gemm.py")
     assert {"matches_classic", "persistent_unsupported", "median_us"} <= prefill

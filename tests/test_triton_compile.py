@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("triton", reason="needs the triton package")
 
 from int8mm.backends import triton as triton_backend  # noqa: E402
-from int8mm.backends import triton_prefill  # noqa: E402
+from int8mm.backends import triton_prefill, triton_splitk  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module fixture compiles every config ahead of time
 
@@ -24,6 +24,7 @@ MAX_REGISTERS = 255
 PREFILL = triton_backend.PREFILL_CONFIGS
 DECODE = triton_backend.DECODE_CONFIGS
 PERSISTENT = triton_prefill.PERSISTENT_CONFIGS
+SPLITK = triton_splitk.SPLITK_CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +152,28 @@ def test_decode_quantize_kernel(report, key):
     assert not got["spills"], "registers spill to local memory (PTX)"
     if got["stack_bytes"] is not None:  # cuobjdump ships with triton; the SASS spills are what counts
         assert got["stack_bytes"] == 0 and got["local_bytes"] == 0, (got["stack_bytes"], got["local_bytes"])
+
+
+def _splitk_id(config):
+    return _id("splitk", config) + f"-s{config.num_stages}-w{config.num_warps}"
+
+
+@pytest.mark.parametrize("out_type", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+@pytest.mark.parametrize("config", SPLITK, ids=[_splitk_id(c) for c in SPLITK])
+def test_splitk_decode_gemm_configs(report, arch, config, out_type):
+    """The split-K decode GEMM (INT8MM_DECODE_GEMM=splitk): int8 tensor cores, a pipelined weight stream, the
+    ticket ordered after the slice's stores, the other slices' sums read from L2, and small enough that the
+    PROGRAMS_PER_SM programs the launcher counts on fit on one SM."""
+    got = report["splitk"][f"{arch}/{_splitk_id(config)}/{out_type}"]
+    assert got["mma_s8"], "16-row decode tiles do not use int8 mma.sync"
+    assert got["cp_async"], "the weight stream is not software-pipelined"
+    assert got["ticket_acq_rel"], "the last-arrival ticket is not an acq_rel atomic"
+    assert got["stores_fenced_before_ticket"], "no CTA barrier between the slice's stores and the ticket"
+    assert got["sums_read_from_l2"], "the other slices' sums are not read with ld.global.cg"
+    assert not got["spills"], "registers spill to local memory (PTX)"
+    programs = triton_splitk.PROGRAMS_PER_SM
+    assert programs * (got["shared_bytes"] + RESERVED_PER_BLOCK) <= HOPPER_SHARED_MEMORY_PER_SM
+    if got["registers"] is not None:
+        assert got["stack_bytes"] == 0 and got["local_bytes"] == 0, (got["stack_bytes"], got["local_bytes"])
+        assert programs * got["registers"] * 32 * config.num_warps <= 64 * 1024

@@ -19,10 +19,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
-from int8mm.backends import triton_decode, triton_prefill
+from int8mm.backends import triton_decode, triton_prefill, triton_splitk
 from int8mm.kernels.triton.decode import _decode_quantize_kernel
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
 from int8mm.kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
+from int8mm.kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
 from int8mm.kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
                                             _rowwise_quantize_kernel)
 
@@ -96,6 +97,24 @@ def compile_gemm(config, target, out_type="fp16"):
     constexprs = dict(config.kwargs, FUSED=fused, HAS_BIAS=fused, **{s: 1 for s in UNIT_STRIDES})
     return _features(_compile(_int8_gemm_dequant_kernel, _gemm_signature(out_type), constexprs, GEMM_ALIGNED,
                               target, config.num_warps, config.num_stages))
+
+
+def compile_splitk(config, target, out_type):
+    """The split-K decode GEMM as launched (always fused: x, bias and out share the dtype), with its ticket."""
+    sig = {**_gemm_signature(out_type), "x_ptr": f"*{out_type}", "bias_ptr": f"*{out_type}",
+           "partials_ptr": "*i32", "tickets_ptr": "*i32", "K_PER_SPLIT": "i32", "SPLIT_K": "i32"}
+    del sig["GROUP_M"]
+    order = ["a_ptr", "b_ptr", "out_ptr", "s_x_ptr", "s_w_ptr", "x_ptr", "outlier_cols_ptr", "outlier_count_ptr",
+             "bias_ptr", "partials_ptr", "tickets_ptr", "M", "N", "K", "K_PER_SPLIT", "SPLIT_K", "M_BUCKET"]
+    sig = {name: sig[name] for name in order + [n for n in sig if n not in order]}
+    constexprs = dict(config.kwargs, FUSED=True, HAS_BIAS=True, **{s: 1 for s in UNIT_STRIDES})
+    aligned = GEMM_ALIGNED + ("partials_ptr", "tickets_ptr", "K_PER_SPLIT")
+    compiled = _compile(_int8_gemm_splitk_kernel, sig, constexprs, aligned, target, config.num_warps,
+                        config.num_stages)
+    ptx = compiled.asm["ptx"]
+    return {**_features(compiled), "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx,
+            "stores_fenced_before_ticket": _barrier_between_stores_and_ticket(ptx),
+            "sums_read_from_l2": "ld.global.cg" in ptx}
 
 
 def _persistent_signature(config, out_type):
@@ -208,13 +227,18 @@ def config_id(kind, config):
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}, "decode_quantize": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}, "decode_quantize": {},
+              "splitk": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
         for config in triton_backend.DECODE_CONFIGS:
             for out_type in ("fp16", "bf16", "fp32"):
                 report["gemm"][f"{arch}/{config_id('decode', config)}/{out_type}"] = compile_gemm(config, target, out_type)
+        for config in triton_splitk.SPLITK_CONFIGS:
+            for out_type in ("fp16", "bf16", "fp32"):
+                key = f"{arch}/{config_id('splitk', config)}-s{config.num_stages}-w{config.num_warps}/{out_type}"
+                report["splitk"][key] = compile_splitk(config, target, out_type)
         for m in (1, 4096):
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
         for block_m in ROWWISE_BLOCK_MS:

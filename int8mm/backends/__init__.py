@@ -224,8 +224,8 @@ def set_default_backend(backend) -> None:
 
 
 def refresh_from_environment() -> None:
-    """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH and INT8MM_PREFILL_QUANT again at the next op
-    call (they are read once otherwise)."""
+    """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM and INT8MM_PREFILL_QUANT again
+    at the next op call (they are read once otherwise)."""
     global _triton_interpreting, _decode_path
     _triton_interpreting = None
     _decode_path = None
@@ -233,6 +233,9 @@ def refresh_from_environment() -> None:
     triton_backend = sys.modules.get(f"{__name__}.triton")
     if triton_backend is not None:  # not imported yet: it reads the variable at its first prefill call anyway
         triton_backend.prefill_quant_scheme.cache_clear()
+    splitk = sys.modules.get(f"{__name__}.triton_splitk")
+    if splitk is not None:
+        splitk.decode_gemm.cache_clear()
 
 
 @functools.cache

@@ -6,7 +6,8 @@ zero-fill, activation statistics, quantization + outlier list, fused GEMM, with 
 and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill (one program per
 tile, or the persistent TMA kernel on sm_90+ when INT8MM_PREFILL_GEMM=persistent: see triton_prefill.py).
 With INT8MM_DECODE_PATH=fused a decode call is two kernels instead (``triton_decode``: one quantization kernel,
-no fill; then the same GEMM).
+no fill; then the same GEMM); with INT8MM_DECODE_GEMM=splitk the decode GEMM of a layer with few output tiles is
+split along K (``triton_splitk``).
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
@@ -21,7 +22,7 @@ from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
                                        _rowwise_quantize_kernel)
 from ..devices import on_device_of
-from . import decode_path, env_choice, registry, triton_decode, triton_interpreting, triton_prefill
+from . import decode_path, env_choice, registry, triton_decode, triton_interpreting, triton_prefill, triton_splitk
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -228,6 +229,10 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
     if not fused:  # int8_matmul: the epilogue pointers are never read; pass any tensor
         s_x = s_w = x = outlier_cols = outlier_count = q_x
     autotune = os.environ.get(AUTOTUNE_ENV_VAR, "1") != "0"
+    if (fused and 0 < m <= DECODE_MAX_M and triton_splitk.decode_gemm() == triton_splitk.SPLITK
+            and triton_splitk.launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias,
+                                                 num_sms=_multiprocessors(q_x.device), autotune=autotune)):
+        return out
     if m > DECODE_MAX_M and triton_prefill.prefill_gemm() == triton_prefill.PERSISTENT:
         reason = triton_prefill.persistent_unsupported(q_x, q_w)
         if reason is None:

@@ -5,29 +5,19 @@ int8 rows, the ascending outlier list and its count) and the fused GEMM. Its out
 path's (``quantize_activations``) bit for bit.
 
 The kernel's last-arriving program finds itself with an atomic ticket on a counter that must be 0 when a
-launch starts; the program that draws the last ticket resets it. Counters are the only state kept between
-calls: int32s in zeroed chunks allocated once per device (never zeroed again). Who may use which counter:
-- an eager call uses the counter of its (device, stream): calls on one stream run one after another, calls
-  on two streams never share one;
-- a call captured into a CUDA graph takes a counter of its own for good: a graph replays the pointers it
-  captured, so two graphs (or a graph and eager work) never share one, whatever streams they replay on.
-  A graph must not be replayed concurrently with itself (as for any CUDA graph: its buffers are shared).
-Counters are handed out only from chunks already allocated: a chunk is allocated (and, once, the host
-waits for its zero-fill) outside graph capture, whenever an eager call finds fewer than CAPTURE_RESERVE
-counters left. If a capture still finds none (more captures in a row than the reserve, with no eager call
-between them), that call takes the classic path, logged once. A single row needs no counter (its own outlier
+launch starts; the program that draws the last ticket resets it. The counters come from
+``triton_counters.counter_pool`` (per (device, stream) for eager calls, for good per captured call). If a capture
+finds none left, that call takes the classic path, logged once. A single row needs no counter (its own outlier
 list is the batch's).
 """
 import functools
 import logging
-import threading
 
 import torch
 import triton
 
-from ..devices import raw_stream
 from ..kernels.triton.decode import _decode_quantize_kernel
-from . import triton_interpreting
+from . import triton_counters, triton_interpreting
 
 log = logging.getLogger("int8mm")
 
@@ -43,80 +33,13 @@ MERGE_TILE = 8
 UNION_TILE_MAX = 4096
 # list entries per step of the flag sweep (setting the flags from the rows' lists, zeroing the columns of q_x)
 LIST_TILE = 32
-# counters per chunk, and int32s between two counters (one 32-byte sector each: no contention between kernels
-# running at once on different streams)
-COUNTERS_PER_CHUNK = 1024
-COUNTER_STRIDE = 8
-# an eager call adds chunks while fewer counters than this are left for captures: one captured decode step of
-# Llama-3-70B draws 560 (80 layers x 7 linears), and a model is often captured at several batch sizes (each
-# chunk's zero-fill is one host wait, outside capture; 4096 counters take 128 KB)
-CAPTURE_RESERVE = 4 * COUNTERS_PER_CHUNK
-
-
-class _CounterPool:
-    """Zeroed int32 counters of one device (see the module docstring for who may use which)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.chunks: list[torch.Tensor] = []
-        self.next_free = 0  # counters handed out so far, over all chunks
-        self.by_stream: dict[int, torch.Tensor] = {}
-        self.lock = threading.Lock()
-
-    def _allocate_chunk(self) -> None:
-        chunk = torch.zeros(COUNTERS_PER_CHUNK * COUNTER_STRIDE, dtype=torch.int32, device=self.device)
-        if self.device.type == "cuda":
-            # once per chunk: any stream or graph may get a counter of it, so the fill must be done, not queued
-            torch.cuda.current_stream(self.device).synchronize()
-        self.chunks.append(chunk)
-
-    def _take(self, may_allocate: bool) -> torch.Tensor | None:
-        chunk, index = divmod(self.next_free, COUNTERS_PER_CHUNK)
-        if chunk == len(self.chunks):
-            if not may_allocate:
-                return None
-            self._allocate_chunk()
-        self.next_free += 1
-        return self.chunks[chunk][index * COUNTER_STRIDE: index * COUNTER_STRIDE + 1]
-
-    def counter(self) -> torch.Tensor | None:
-        """The counter for a call on the current stream now; None while capturing with none left."""
-        with self.lock:
-            if self.device.type != "cuda":  # CPU tensors under the interpreter: one program at a time
-                stream, capturing = 0, False
-            else:
-                stream = raw_stream(self.device)
-                capturing = torch.cuda.is_current_stream_capturing()
-            if capturing:
-                return self._take(may_allocate=False)
-            counter = self.by_stream.get(stream)
-            if counter is None:
-                counter = self.by_stream[stream] = self._take(may_allocate=True)
-            # outside capture the pool keeps a reserve for the captures to come (each takes a counter for good:
-            # a model captured at many batch sizes, or recaptured, draws thousands)
-            while len(self.chunks) * COUNTERS_PER_CHUNK - self.next_free < CAPTURE_RESERVE:
-                self._allocate_chunk()
-            return counter
-
-
-_pools: dict[torch.device, _CounterPool] = {}
-_pools_lock = threading.Lock()
-
-
-def counter_pool(device: torch.device) -> _CounterPool:
-    """The counters of ``device`` (created at first use)."""
-    pool = _pools.get(device)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.setdefault(device, _CounterPool(device))
-    return pool
 
 
 @functools.cache
 def _log_capture_fallback_once(device: torch.device) -> None:
     log.warning("int8mm: INT8MM_DECODE_PATH=fused found no free counter on %s while capturing a CUDA graph (each "
-                "captured call of 2-16 rows keeps one; an eager decode call tops the free ones up to %d): such "
-                "calls use the classic decode path", device, CAPTURE_RESERVE)
+                "captured call of 2-16 rows keeps one; an eager call tops the pool up to %d free counters): such "
+                "calls use the classic decode path", device, triton_counters.CAPTURE_RESERVE_WORDS)
 
 
 def row_tile(k: int) -> int:
@@ -152,7 +75,7 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
         row_cols, row_counts = outlier_cols, outlier_count
         union_flags, counter = q_x, outlier_count  # never touched with one row; typed as the kernel expects
     else:
-        counter = counter_pool(dev).counter()
+        counter = triton_counters.counter_pool(dev).counters(1)
         if counter is None:
             _log_capture_fallback_once(dev)
             return None

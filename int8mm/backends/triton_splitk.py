@@ -1,0 +1,118 @@
+"""Which Triton GEMM computes a decode call (M <= 16 rows), and the launcher of the split-K one.
+
+``INT8MM_DECODE_GEMM`` picks the schedule:
+
+- ``classic`` (default): ``_int8_gemm_dequant_kernel``, one program per 16 x BLOCK_N output tile;
+- ``splitk``: ``_int8_gemm_splitk_kernel`` (kernels/triton/gemm_splitk.py), SPLIT_K programs per output tile
+  of 16 x 32, each over one slice of K, so that a layer with few output tiles still runs about
+  PROGRAMS_PER_SM programs on every SM. Layers with enough tiles (SPLIT_K would be 1) take the classic kernel.
+
+Read once, at the first decode call (``int8mm.backends.refresh_from_environment()`` reads it again). Both compute
+the same output bit for bit. Per call the split-K GEMM allocates its slices' sums ([SPLIT_K, M, N] int32, never
+filled) and uses one counter per output tile from ``triton_counters`` (zeroed once, reset by the kernel); a CUDA
+graph capture that finds no free counters takes the classic kernel, logged once.
+"""
+import functools
+import logging
+
+import torch
+import triton
+
+from ..kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
+from . import env_choice, triton_counters, triton_interpreting
+
+log = logging.getLogger("int8mm")
+
+DECODE_GEMM_ENV_VAR = "INT8MM_DECODE_GEMM"
+CLASSIC = "classic"
+SPLITK = "splitk"
+DECODE_GEMMS = (CLASSIC, SPLITK)
+DEFAULT_DECODE_GEMM = CLASSIC  # until a GPU run measures the split-K kernel (benchmarks/bench_decode.py)
+
+BLOCK_M = 16  # the smallest int8 tensor-core tile: a whole decode batch
+BLOCK_N = 32  # fixed, so that the number of output tiles (and of counters) is known before autotuning
+# every slice of K is a multiple of K_STEP columns (so of every config's BLOCK_K) and at least MIN_SPLIT_COLUMNS
+# long (shorter slices would spend more on the slices' sums than they gain)
+K_STEP = 512
+MIN_SPLIT_COLUMNS = 1024
+# programs wanted per SM: with 4 warps and 32-48 KB of shared memory each, four fit on an SM, and four K loops
+# in flight per SM keep about four times the bytes in flight of one
+PROGRAMS_PER_SM = 4
+
+
+def _config(block_k, stages, warps):
+    return triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": block_k},
+                         num_stages=stages, num_warps=warps)
+
+
+# (BLOCK_K, stages, warps): a slice of 1024-3072 columns is 2-24 steps; the stages cover most of a short slice
+SPLITK_CONFIGS = [_config(256, 4, 4), _config(128, 6, 4), _config(512, 3, 4), _config(256, 3, 2)]
+INTERPRETER_CONFIG = {"BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "BLOCK_K": 64}
+
+_splitk_autotuned = triton.autotune(configs=SPLITK_CONFIGS, key=["M_BUCKET", "N", "K", "FUSED", "HAS_BIAS"])(
+    _int8_gemm_splitk_kernel)
+
+
+@functools.cache
+def decode_gemm() -> str:
+    """The decode GEMM named by INT8MM_DECODE_GEMM (read once; ``int8mm.backends.refresh_from_environment()``
+    reads it again).
+
+    Raises:
+        ValueError: the variable names no schedule.
+    """
+    return env_choice(DECODE_GEMM_ENV_VAR, DECODE_GEMMS, DEFAULT_DECODE_GEMM)
+
+
+def split_schedule(n: int, k: int, num_sms: int) -> tuple[int, int]:
+    """``(SPLIT_K, K_PER_SPLIT)`` for a decode GEMM of ``n`` outputs over ``k`` columns: enough splits that about
+    PROGRAMS_PER_SM programs run on each of ``num_sms`` SMs, none shorter than MIN_SPLIT_COLUMNS, none empty."""
+    tiles = triton.cdiv(n, BLOCK_N)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, tiles)
+    split = max(1, min(wanted, k // MIN_SPLIT_COLUMNS))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), K_STEP) * K_STEP
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+@functools.cache
+def _log_classic_fallback_once(device: torch.device) -> None:
+    log.warning("int8mm: INT8MM_DECODE_GEMM=splitk found no free counters on %s while capturing a CUDA graph (each "
+                "captured call keeps one per output tile; an eager call tops the pool up to %d free counters): such "
+                "calls use the classic decode GEMM", device, triton_counters.CAPTURE_RESERVE_WORDS)
+
+
+def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias, *, num_sms: int,
+                       autotune: bool) -> bool:
+    """The fused decode GEMM (``out`` = the de-quantized output, as the classic kernel writes it) split along K.
+
+    Operands as ``_launch_gemm`` passes them (int8 with unit K stride, 1 <= M <= 16). Returns False, launching
+    nothing, where the classic kernel should run instead: one split would do (the layer has enough output tiles,
+    or K is short), or a CUDA-graph capture found no free counters (logged once).
+    """
+    m, k = q_x.shape
+    n = q_w.shape[0]
+    split, k_per_split = split_schedule(n, k, num_sms)
+    if split == 1:
+        return False
+    tickets = triton_counters.counter_pool(q_x.device).counters(triton.cdiv(n, BLOCK_N))
+    if tickets is None:
+        _log_classic_fallback_once(q_x.device)
+        return False
+    partials = torch.empty((split, m, n), dtype=torch.int32, device=q_x.device)
+    args = (
+        q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out, partials, tickets,
+        m, n, k, k_per_split, split, triton.next_power_of_2(m),
+        q_x.stride(0), q_x.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1),
+    )
+    flags = {"FUSED": True, "HAS_BIAS": bias is not None}
+    grid = (triton.cdiv(n, BLOCK_N) * split,)
+    if triton_interpreting():
+        _int8_gemm_splitk_kernel[grid](*args, **flags, **INTERPRETER_CONFIG)
+    elif not autotune:
+        cfg = SPLITK_CONFIGS[0]
+        _int8_gemm_splitk_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                       num_stages=cfg.num_stages)
+    else:
+        _splitk_autotuned[grid](*args, **flags)
+    return True

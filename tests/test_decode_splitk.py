@@ -1,0 +1,323 @@
+"""The split-K decode GEMM of the Triton backend (INT8MM_DECODE_GEMM=splitk).
+
+Its output must equal the classic decode GEMM's bit for bit: the slices' sums are integers, added in any order to
+the same int32 value, then de-quantized by the same epilogue. Without a GPU the kernel runs on CPU tensors
+through Triton's interpreter (conftest.py), one program after another: the slices, the tickets, the last
+program's sum and the counter reset run, the memory ordering does not (the GPU tests at the end check it under
+real concurrency, CUDA graphs and several streams, with the split sizes as shipped). The small tests shrink the
+slices (K_STEP, MIN_SPLIT_COLUMNS) so that layers of a few hundred columns split several ways.
+"""
+import pytest
+import torch
+
+import int8mm
+from int8mm import backends
+from int8mm.backends import registry
+
+from gpu import requires_cuda
+from helpers import DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight
+
+triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+from int8mm.backends import triton as triton_backend  # noqa: E402  (needs triton)
+from int8mm.backends import triton_counters, triton_decode, triton_splitk  # noqa: E402
+
+triton_linear = registry.lookup("triton", "int8_linear")
+H200_SMS = 132
+
+
+def _set(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    backends.refresh_from_environment()
+
+
+@pytest.fixture
+def splitk_as_shipped(monkeypatch):
+    """INT8MM_DECODE_GEMM=splitk."""
+    _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "splitk")
+    yield
+    monkeypatch.delenv(triton_splitk.DECODE_GEMM_ENV_VAR)
+    backends.refresh_from_environment()
+
+
+@pytest.fixture
+def splitk(splitk_as_shipped, monkeypatch):
+    """INT8MM_DECODE_GEMM=splitk with short slices, so that layers of a few hundred columns split several ways
+    (a slice need not be a multiple of BLOCK_K: the kernel masks its last step)."""
+    monkeypatch.setattr(triton_splitk, "K_STEP", 64)
+    monkeypatch.setattr(triton_splitk, "MIN_SPLIT_COLUMNS", 64)
+
+
+def _activations(m, k, dtype=torch.float16, n_outlier_cols=8, seed=0):
+    return planted_outliers(m, k, dtype, n_outlier_cols=n_outlier_cols, zero_row=m > 2, seed=seed).to(DEVICE)
+
+
+def _classic(monkeypatch, *args):
+    _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "classic")
+    try:
+        return triton_linear(*args)
+    finally:
+        _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "splitk")
+
+
+def _assert_same_output(got, expected):
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def _launched_kernels(monkeypatch):
+    """Wraps the Triton kernels the decode launchers can reach; returns the list each launch appends its name to."""
+    launches = []
+
+    class Counted:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append((self.name, grid))
+                return launch(*args, **kwargs)
+            return run
+
+    for module in (triton_backend, triton_decode, triton_splitk):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.KernelInterface):
+                monkeypatch.setattr(module, name, Counted(value, name.strip("_")))
+    return launches
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,n", [(1, 499, 33), (2, 256, 32), (5, 300, 70), (16, 1000, 7), (16, 129, 64)])
+def test_equals_the_classic_gemm(m, k, n, dtype, bias, splitk, monkeypatch):
+    """Ragged K (slices that end inside a BLOCK_K step), N not a multiple of the tile, 1 to 16 rows."""
+    split, _ = triton_splitk.split_schedule(n, k, triton_backend._multiprocessors(DEVICE))
+    assert split > 1  # the shapes above do split: otherwise this would test the classic kernel against itself
+    x = _activations(m, k, dtype)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    got = triton_linear(x, q_w, s_w, b, 6.0)
+    _assert_same_output(got, _classic(monkeypatch, x, q_w, s_w, b, 6.0))
+    assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, b, backend="reference"))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_without_outliers_and_with_every_column_one(threshold, splitk, monkeypatch):
+    q_w, s_w = int8mm.quantize_weight(random_weight(40, 300).to(DEVICE))
+    for x in (_activations(5, 300, n_outlier_cols=0), _activations(5, 300, torch.float32) + 100.0):
+        _assert_same_output(triton_linear(x, q_w, s_w, None, threshold),
+                            _classic(monkeypatch, x, q_w, s_w, None, threshold))
+
+
+def test_calls_in_a_row_leave_the_counters_at_zero(splitk, monkeypatch):
+    """Each launch's last program per tile resets its counter: a later launch (other shapes, other splits)
+    must find its own last programs, or a tile would be written from a partial sum, or not at all."""
+    n = 70
+    weights = {k: int8mm.quantize_weight(random_weight(n, k).to(DEVICE)) for k in (300, 1000)}
+    tiles = triton.cdiv(n, triton_splitk.BLOCK_N)
+    counters = triton_counters.counter_pool(DEVICE).counters(tiles)
+    for m, k, seed in [(1, 300, 0), (5, 1000, 1), (16, 300, 2), (2, 1000, 3), (5, 300, 4)]:
+        x = _activations(m, k, seed=seed)
+        q_w, s_w = weights[k]
+        _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), _classic(monkeypatch, x, q_w, s_w, None, 6.0))
+        assert not counters.any()
+
+
+def test_slice_sums_content_does_not_matter(splitk, monkeypatch):
+    """The slices' sums live in torch.empty memory: junk there must not reach the output."""
+    x = _activations(5, 300)
+    q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
+    expected = _classic(monkeypatch, x, q_w, s_w, None, 6.0)
+    real_empty = torch.empty
+
+    def junk(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(0x01010101) if t.dtype == torch.int32 else t
+
+    monkeypatch.setattr(triton_splitk.torch, "empty", junk)
+    _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), expected)
+
+
+@pytest.mark.parametrize("path", ["classic", "fused"])
+def test_launches_and_no_fills(path, splitk, monkeypatch):
+    """With the fused decode path, a call is two kernels (quantization, split-K GEMM) and no fill."""
+    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, path)
+    x = _activations(5, 300)
+    q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
+    expected = triton_linear(x, q_w, s_w, None, 6.0)  # counters allocated, kernels compiled
+    launches = _launched_kernels(monkeypatch)
+    recorder = OpRecorder()
+    with recorder:
+        got = triton_linear(x, q_w, s_w, None, 6.0)
+    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
+    names = [name for name, _ in launches]
+    assert names[-1] == "int8_gemm_splitk_kernel", names
+    split, _ = triton_splitk.split_schedule(70, 300, triton_backend._multiprocessors(DEVICE))
+    assert launches[-1][1] == (triton.cdiv(70, triton_splitk.BLOCK_N) * split,)
+    if path == "fused":
+        assert names == ["decode_quantize_kernel", "int8_gemm_splitk_kernel"]
+        assert "aten.zeros.default" not in recorder.ops and "aten.fill_.Scalar" not in recorder.ops, recorder.ops
+    _assert_same_output(got, expected)
+
+
+def test_layers_with_enough_tiles_take_the_classic_kernel(splitk, monkeypatch):
+    """One split would do (many output tiles, or a short K): the classic kernel runs, nothing is allocated."""
+    sms = triton_backend._multiprocessors(DEVICE)
+    n = triton_splitk.BLOCK_N * triton_splitk.PROGRAMS_PER_SM * sms  # enough tiles alone
+    assert triton_splitk.split_schedule(n, 300, sms)[0] == 1
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, 300).to(DEVICE))
+    x = _activations(3, 300)
+    launches = _launched_kernels(monkeypatch)
+    got = triton_linear(x, q_w, s_w, None, 6.0)
+    assert [name for name, _ in launches][-1] == "int8_gemm_dequant_kernel"
+    assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+
+def test_capture_without_free_counters_takes_the_classic_kernel(splitk, monkeypatch, caplog):
+    class Exhausted:
+        def counters(self, length):
+            return None
+
+    monkeypatch.setattr(triton_counters, "counter_pool", lambda device: Exhausted())
+    x = _activations(5, 300)
+    q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
+    launches = _launched_kernels(monkeypatch)
+    with caplog.at_level("WARNING", logger="int8mm"):
+        got = triton_linear(x, q_w, s_w, None, 6.0)
+    assert [name for name, _ in launches][-1] == "int8_gemm_dequant_kernel"
+    assert "INT8MM_DECODE_GEMM=splitk found no free counters" in caplog.text
+    assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+
+def test_prefill_and_int8_matmul_keep_their_kernels(splitk, monkeypatch):
+    launches = _launched_kernels(monkeypatch)
+    q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
+    triton_linear(_activations(17, 300), q_w, s_w, None, 6.0)
+    registry.lookup("triton", "int8_matmul")(q_w[:5], q_w)
+    assert "int8_gemm_splitk_kernel" not in [name for name, _ in launches]
+
+
+def test_opcheck_and_torch_compile(splitk, monkeypatch):
+    """What torch.compile, export and opcheck see is the op: with split-K (and the fused quantization) behind it,
+    its schema, fake kernel and output must still hold."""
+    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "fused")
+    q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
+    bias = torch.randn(70, device=DEVICE)
+    x = _activations(5, 300, torch.float32)
+    torch.library.opcheck(torch.ops.int8mm.int8_linear, (x, q_w, s_w, bias, 6.0, "triton"))
+    torch._dynamo.reset()
+
+    def layer(x):
+        return torch.relu(int8mm.int8_linear(x, q_w, s_w, bias, 6.0, backend="triton"))
+
+    compiled = torch.compile(layer, fullgraph=True)
+    expected = _classic(monkeypatch, x, q_w, s_w, bias, 6.0).relu()
+    _assert_same_output(compiled(x), expected)
+    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
+
+
+# Llama-3-8B and -70B decode layers (N, K) on an H200's 132 SMs: the narrow ones split, the wide ones do not
+@pytest.mark.parametrize("n,k,expected_split", [
+    (4096, 4096, 4), (6144, 4096, 3), (4096, 14336, 5), (14336, 4096, 2), (28672, 4096, 1),
+    (8192, 8192, 3), (10240, 8192, 2), (8192, 28672, 3), (57344, 8192, 1),
+])
+def test_split_schedule_of_llama_layers(n, k, expected_split):
+    split, k_per_split = triton_splitk.split_schedule(n, k, H200_SMS)
+    assert split == expected_split
+    assert k_per_split % triton_splitk.K_STEP == 0  # slices start on whole K steps
+    assert (split - 1) * k_per_split < k <= split * k_per_split  # every slice holds columns; together all of K
+    if split > 1:
+        assert k_per_split >= triton_splitk.MIN_SPLIT_COLUMNS
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 100_000), (33, 1024), (4096, 2047), (200_000, 64)])
+def test_split_schedule_covers_k_without_empty_slices(n, k):
+    for sms in (1, 4, 132):
+        split, k_per_split = triton_splitk.split_schedule(n, k, sms)
+        assert split >= 1 and (split - 1) * k_per_split < k <= split * k_per_split
+
+
+def test_decode_gemm_variable(monkeypatch):
+    monkeypatch.delenv(triton_splitk.DECODE_GEMM_ENV_VAR, raising=False)
+    backends.refresh_from_environment()
+    assert triton_splitk.decode_gemm() == "classic"  # the default until a GPU run measures split-K
+    _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "stream-k")
+    with pytest.raises(ValueError, match=r"INT8MM_DECODE_GEMM must be one of 'classic', 'splitk', got 'stream-k'"):
+        triton_splitk.decode_gemm()
+    q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
+    with pytest.raises(ValueError, match="INT8MM_DECODE_GEMM"):
+        triton_linear(_activations(2, 32), q_w, s_w, None, 6.0)
+    monkeypatch.delenv(triton_splitk.DECODE_GEMM_ENV_VAR)
+    backends.refresh_from_environment()
+
+
+# ---- on a GPU: real concurrency, CUDA graphs, streams ----
+LLAMA_DECODE = [(1, 4096, 4096), (16, 4096, 6144), (1, 14336, 4096), (16, 8192, 8192), (5, 28672, 8192),
+                (3, 4096, 1000)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("m,k,n", LLAMA_DECODE)
+def test_gpu_equals_classic_on_llama_layers(m, k, n, splitk_as_shipped, monkeypatch):
+    assert triton_splitk.split_schedule(n, k, triton_backend._multiprocessors(DEVICE))[0] > 1
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    for seed in range(3):
+        x = _activations(m, k, seed=seed)
+        _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), _classic(monkeypatch, x, q_w, s_w, None, 6.0))
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_graph_replays_follow_their_inputs(m, splitk_as_shipped, monkeypatch):
+    """Outliers appear, move and disappear between replays; each replay equals an eager classic call."""
+    k, n = 4096, 2048
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    inputs = [_activations(m, k, seed=s) for s in range(3)]
+    inputs.append(planted_outliers(m, k, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE))
+    static_x = inputs[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_linear(static_x, q_w, s_w, None, 6.0)  # warm-up: compile, autotune, counters
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = triton_linear(static_x, q_w, s_w, None, 6.0)
+    for replay in range(8):
+        x = inputs[replay % len(inputs)]
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_same_output(static_y, _classic(monkeypatch, x, q_w, s_w, None, 6.0))
+
+
+@requires_cuda
+def test_gpu_two_graphs_and_two_streams(splitk_as_shipped, monkeypatch):
+    """Two graphs replayed at once on two streams, next to eager calls on two more: each has its own counters."""
+    m, k, n = 16, 8192, 2048
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    xs = [_activations(m, k, seed=s) for s in range(2)]
+    expected = [_classic(monkeypatch, x, q_w, s_w, None, 6.0) for x in xs]
+    graphs, outs = [], []
+    for x in xs:
+        triton_linear(x, q_w, s_w, None, 6.0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(triton_linear(x, q_w, s_w, None, 6.0))
+        graphs.append(graph)
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    eager = []
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for graph, stream in zip(graphs, streams):
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for which, stream in ((0, streams[2]), (1, streams[3])):
+            with torch.cuda.stream(stream):
+                eager.append((which, triton_linear(xs[which], q_w, s_w, None, 6.0)))
+    torch.cuda.synchronize()
+    for got, want in zip(outs, expected):
+        _assert_same_output(got, want)
+    for which, got in eager:
+        _assert_same_output(got, expected[which])
