@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import int8mm
-from helpers import OpRecorder, planted_outliers, requires_cuda
+from helpers import OpRecorder, assert_output_close, planted_outliers, requires_cuda
 from int8mm import Int8Linear, _ops, backends
+from int8mm.backends import Backend
 from int8mm.backends import registry
 
 THRESHOLD = 6.0
@@ -173,3 +174,92 @@ def test_gpu_direct_launch_equals_the_op(monkeypatch, backend, m):
     torch.cuda.synchronize()
     assert torch.equal(static_y, torch.ops.int8mm.int8_linear(other, layer.weight, layer.SCB, layer.bias, THRESHOLD,
                                                               backend))
+
+
+def test_auto_chooses_per_regime_on_cuda(monkeypatch):
+    """AUTO on a GPU: eager decode, decode inside a CUDA-graph capture or torch.compile trace, and prefill may
+    each prefer another backend; each regime's choice is remembered apart. (No GPU needed: the available
+    backends and the graph state are stood in for.)"""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(backends, "available_backends", lambda device=None: [Backend.TRITON, Backend.CUDA,
+                                                                             Backend.REFERENCE])
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode", (Backend.CUDA, Backend.TRITON))
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode_graph", (Backend.TRITON, Backend.CUDA))
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "prefill", (Backend.TRITON, Backend.CUDA))
+    assert backends.resolve_backend(Backend.AUTO, gpu, decode=True) is Backend.CUDA
+    assert backends.resolve_backend(Backend.AUTO, gpu, decode=True, graph=True) is Backend.TRITON
+    assert backends.resolve_backend(Backend.AUTO, gpu, decode=False, graph=True) is Backend.TRITON
+    backends.set_default_backend(None)  # forget earlier resolutions
+    in_graph = []
+    monkeypatch.setattr(backends, "_in_graph", lambda: bool(in_graph))
+    try:
+        assert backends.backend_for("auto", gpu, decode=True) == "cuda"
+        in_graph.append(True)
+        assert backends.backend_for("auto", gpu, decode=True) == "triton"  # not the eager choice remembered
+        assert backends.backend_for("auto", gpu, decode=False) == "triton"
+        in_graph.clear()
+        assert backends.backend_for("auto", gpu, decode=True) == "cuda"
+        assert backends.backend_for("cuda", gpu, decode=True) == "cuda"  # an explicit choice is kept anyway
+    finally:
+        backends.set_default_backend(None)
+
+
+def test_the_graph_state_is_asked_only_where_the_decode_regimes_differ(monkeypatch):
+    """Asking whether a CUDA graph is being captured costs host time on every call: with the same preference in
+    both decode regimes (the shipped table until the CUDA library is measured) it is never asked."""
+    monkeypatch.setattr(backends, "_in_graph", lambda: pytest.fail("the graph state was asked"))
+    monkeypatch.setattr(backends, "available_backends", lambda device=None: [Backend.TRITON, Backend.REFERENCE])
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode_graph", backends.AUTO_PREFERENCE["decode"])
+    backends.set_default_backend(None)
+    try:
+        assert backends.backend_for("auto", torch.device("cuda", 0), decode=True) == "triton"
+        assert backends.backend_for(None, torch.device("cpu"), decode=True)  # CPU: never asked either
+    finally:
+        backends.set_default_backend(None)
+
+
+def test_in_graph_is_true_while_torch_compile_traces():
+    torch._dynamo.reset()
+    seen = []
+
+    def probe(x):
+        seen.append(backends._in_graph())
+        return x + 1
+
+    if torch.cuda.is_available():  # outside a trace it asks CUDA (only ever for a CUDA device's call)
+        assert not backends._in_graph()
+    torch.compile(probe, fullgraph=True)(torch.zeros(2))
+    assert seen == [True]
+
+
+@requires_cuda
+def test_gpu_auto_takes_the_graph_regime_inside_a_capture(monkeypatch):
+    """With eager decode preferring the CUDA library and graphs preferring Triton, a layer on AUTO runs the CUDA
+    library eagerly and Triton inside a CUDA-graph capture, both within the contract's tolerance."""
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode", (Backend.CUDA, Backend.TRITON))
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode_graph", (Backend.TRITON, Backend.CUDA))
+    backends.set_default_backend(None)
+    layer = _layer(512, 256, backend=None).cuda()
+    x = planted_outliers(4, 512, torch.float16, seed=3).cuda()
+    ran = []
+    impls = {name: registry.lookup(name, "int8_linear") for name in ("cuda", "triton")}
+    try:
+        with registry.replaced("cuda", "int8_linear", lambda *a: ran.append("cuda") or impls["cuda"](*a)), \
+                registry.replaced("triton", "int8_linear", lambda *a: ran.append("triton") or impls["triton"](*a)):
+            eager = layer(x)
+            static_x = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                layer(static_x)  # outside the capture, on a side stream: still the eager regime
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = layer(static_x)
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        backends.set_default_backend(None)
+    assert ran == ["cuda", "cuda", "triton"]
+    assert_output_close(static_y, int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))
+    assert_output_close(eager, int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))

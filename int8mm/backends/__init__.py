@@ -149,18 +149,19 @@ def parse_backend(backend, argument: str = "backend") -> Backend:
     raise ValueError(f"{argument} must be a Backend or one of {names}, got {backend!r}")
 
 
-def resolve_backend(backend, device: torch.device, decode: bool = False) -> Backend:
+def resolve_backend(backend, device: torch.device, decode: bool = False, graph: bool = False) -> Backend:
     """The concrete backend to run on ``device``; raises if an explicit choice is unavailable there.
 
-    None means INT8MM_BACKEND as the environment says now; ``decode`` (M <= 16 rows) lets AUTO choose per
-    regime.
+    None means INT8MM_BACKEND as the environment says now; ``decode`` (M <= 16 rows) and ``graph`` (a CUDA graph
+    is being captured, or torch.compile traces) let AUTO choose per regime (``AUTO_PREFERENCE``).
     """
     chosen = parse_backend(backend)
     available = available_backends(device)
     if chosen is Backend.AUTO:
         if device.type != "cuda":
             return Backend.CPU if Backend.CPU in available else Backend.REFERENCE
-        for candidate in AUTO_PREFERENCE["decode" if decode else "prefill"]:
+        regime = ("decode_graph" if graph else "decode") if decode else "prefill"
+        for candidate in AUTO_PREFERENCE[regime]:
             if candidate in available:
                 return candidate
         _log_fallback_once(device.type)
@@ -180,13 +181,26 @@ def resolve_backend(backend, device: torch.device, decode: bool = False) -> Back
     return chosen
 
 
-# AUTO's preference on CUDA, per regime (decode: M <= DECODE_MAX_M rows). Both regimes prefer Triton until
-# the CUDA library's one-launch path has passed its GPU tests (benchmarks/gpu_run.sh runs them first).
+# AUTO's preference on CUDA, per regime: "decode" (M <= DECODE_MAX_M rows, run eagerly: host time per call
+# counts, where the CUDA library's one call beats Triton's launches), "decode_graph" (the same rows while a CUDA
+# graph is captured or torch.compile traces: only the kernels' time counts) and "prefill". Every regime prefers
+# Triton until the CUDA library's one-launch path has passed its GPU tests and been measured
+# (benchmarks/gpu_run.sh, benchmarks/TUNING.md); then "decode" is meant to prefer CUDA.
 DECODE_MAX_M = 16
-AUTO_PREFERENCE = {"decode": (Backend.TRITON, Backend.CUDA), "prefill": (Backend.TRITON, Backend.CUDA)}
+AUTO_PREFERENCE = {
+    "decode": (Backend.TRITON, Backend.CUDA),
+    "decode_graph": (Backend.TRITON, Backend.CUDA),
+    "prefill": (Backend.TRITON, Backend.CUDA),
+}
+
+
+def _in_graph() -> bool:
+    """True while torch.compile traces, or while the current CUDA stream captures a graph."""
+    return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+
 
 _default_choice: Backend | None = None  # INT8MM_BACKEND, read at the first op call
-_resolved: dict[tuple, str] = {}  # (choice, device, decode) -> the backend's name
+_resolved: dict[tuple, str] = {}  # (choice, device, decode, graph) -> the backend's name
 _generation = 0  # bumped by set_default_backend: a resolution begun before it is not remembered
 
 
@@ -199,8 +213,12 @@ def backend_for(backend, device: torch.device, decode: bool = False) -> str:
         device: the device of the op's inputs.
         decode: True for M <= DECODE_MAX_M rows (AUTO may choose per regime).
     """
+    # asked only where AUTO's two decode regimes differ (a CUDA call costs host time on every op call)
+    graph = (decode and device.type == "cuda" and AUTO_PREFERENCE["decode_graph"] != AUTO_PREFERENCE["decode"]
+             and _in_graph())
+    key = (backend, device, decode, graph)
     try:
-        return _resolved[(backend, device, decode)]
+        return _resolved[key]
     except (KeyError, TypeError):  # TypeError: an unhashable choice, refused below
         pass
     global _default_choice
@@ -208,9 +226,9 @@ def backend_for(backend, device: torch.device, decode: bool = False) -> str:
     if backend is None and _default_choice is None:
         _default_choice = default_backend()  # raises on a bad value, read again next time
     choice = _default_choice if backend is None else parse_backend(backend)
-    name = resolve_backend(choice, device, decode).value
+    name = resolve_backend(choice, device, decode, graph).value
     if generation == _generation:  # another thread changed the default meanwhile: do not store the old choice
-        _resolved[(backend, device, decode)] = name
+        _resolved[key] = name
     return name
 
 
