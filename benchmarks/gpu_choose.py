@@ -102,6 +102,10 @@ CHOOSERS = {
 }
 
 
+# a winner only counts together with these: what it was measured with ("fused+splitk" ran the fused quantization)
+REQUIRES = {"INT8MM_DECODE_GEMM": ("INT8MM_DECODE_PATH", "fused")}
+
+
 def choices(directory: Path) -> tuple[dict, list[str]]:
     """The variables to set (only winners) and one line of reasons per variable."""
     chosen, reasons = {}, []
@@ -110,6 +114,10 @@ def choices(directory: Path) -> tuple[dict, list[str]]:
             value, why = choose(_rows(directory, filename))
         except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:  # a file cut short, a field missing
             value, why = None, f"{filename} could not be read ({type(exc).__name__}: {exc}): kept the default"
+        required = REQUIRES.get(variable)
+        if value is not None and required is not None and chosen.get(required[0]) != required[1]:
+            why += f"; not set: it was measured with {required[0]}={required[1]}, which was not chosen"
+            value = None
         reasons.append(f"{variable}={value or '(default)'}: {why}")
         if value is not None:
             chosen[variable] = value

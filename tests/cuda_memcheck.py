@@ -9,8 +9,9 @@ import torch
 
 import int8mm
 
-# (1, 2576, 70) and (3, 1040, 33): the GEMV's one-row and few-row kernels, whose lanes end K outside the unrolled loop
-SHAPES = [(1, 123, 7), (5, 4096, 33), (16, 256, 1024), (17, 499, 65), (130, 1024, 300), (1, 2576, 70), (3, 1040, 33)]
+# (1 | 4 | 7, 2576, N): the GEMV's 1-, 4- and 8-row kernels through their unrolled loops, some lanes past them
+SHAPES = [(1, 123, 7), (5, 4096, 33), (16, 256, 1024), (17, 499, 65), (130, 1024, 300), (1, 2576, 70), (4, 2576, 70),
+          (7, 2576, 33)]
 
 
 def fp16_ulp(values: torch.Tensor) -> torch.Tensor:

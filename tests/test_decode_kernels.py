@@ -300,26 +300,6 @@ def test_eager_calls_keep_a_reserve_of_counters_for_captures():
     assert len({c.data_ptr() for c in taken + fresh}) == len(taken) + len(fresh)  # never shared
 
 
-def test_counters_of_several_lengths_never_overlap():
-    """The split-K GEMM takes one counter per output tile: arrays of any length, each on sectors of its own,
-    one per (stream, length) for eager calls, and a request longer than a chunk gets a chunk of its own."""
-    pool = triton_counters.CounterPool(torch.device("cpu"))
-    eager = {length: pool.counters(length) for length in (1, 3, 8, 9, 128)}
-    assert all(pool.counters(length) is eager[length] for length in eager)  # the same stream: reused
-    huge = pool.counters(triton_counters.CHUNK_WORDS + 5)
-    captured = [pool.take(length, may_allocate=False) for length in (1, 40, 7)]
-    arrays = list(eager.values()) + [huge] + captured
-    assert all(a is not None and a.dtype == torch.int32 and not a.any() for a in arrays)
-    assert [a.numel() for a in arrays] == [1, 3, 8, 9, 128, triton_counters.CHUNK_WORDS + 5, 1, 40, 7]
-    words = [(a.data_ptr() // 4, a.data_ptr() // 4 + a.numel()) for a in arrays]
-    for i, (start, end) in enumerate(words):
-        assert start % triton_counters.SLOT_WORDS == 0  # 32-byte sectors of their own
-        for other_start, other_end in words[i + 1:]:
-            assert end <= other_start or other_end <= start, "two requests share counters"
-    with pytest.raises(ValueError, match="length must be at least 1, got 0"):
-        pool.counters(0)
-
-
 def test_capture_without_a_free_counter_takes_the_classic_path(fused, monkeypatch, caplog):
     class Exhausted:
         def counters(self, length):

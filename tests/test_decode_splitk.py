@@ -125,7 +125,9 @@ def test_calls_in_a_row_leave_the_counters_at_zero(splitk, monkeypatch):
 
 
 def test_slice_sums_content_does_not_matter(splitk, monkeypatch):
-    """The slices' sums live in torch.empty memory: junk there must not reach the output."""
+    """The slices' sums live in torch.empty memory, filled with junk here: the last program of a tile must read
+    only slots that this launch wrote (a wrong slot or row index would add junk). Run one program after another,
+    this cannot show a slot read before it is written: that ordering is the ticket's, checked on a GPU below."""
     x = _activations(5, 300)
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
     expected = _classic(monkeypatch, x, q_w, s_w, None, 6.0)
@@ -217,6 +219,26 @@ def test_opcheck_and_torch_compile(splitk, monkeypatch):
     _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
 
 
+def test_counters_of_several_lengths_never_overlap():
+    """The split-K GEMM takes one counter per output tile: arrays of any length, each on sectors of its own,
+    one per (stream, length) for eager calls, and a request longer than a chunk gets a chunk of its own."""
+    pool = triton_counters.CounterPool(torch.device("cpu"))
+    eager = {length: pool.counters(length) for length in (1, 3, 8, 9, 128)}
+    assert all(pool.counters(length) is eager[length] for length in eager)  # the same stream: reused
+    huge = pool.counters(triton_counters.CHUNK_WORDS + 5)
+    captured = [pool.take(length, may_allocate=False) for length in (1, 40, 7)]
+    arrays = list(eager.values()) + [huge] + captured
+    assert all(a is not None and a.dtype == torch.int32 and not a.any() for a in arrays)
+    assert [a.numel() for a in arrays] == [1, 3, 8, 9, 128, triton_counters.CHUNK_WORDS + 5, 1, 40, 7]
+    words = [(a.data_ptr() // 4, a.data_ptr() // 4 + a.numel()) for a in arrays]
+    for i, (start, end) in enumerate(words):
+        assert start % triton_counters.SLOT_WORDS == 0  # 32-byte sectors of their own
+        for other_start, other_end in words[i + 1:]:
+            assert end <= other_start or other_end <= start, "two requests share counters"
+    with pytest.raises(ValueError, match="length must be at least 1, got 0"):
+        pool.counters(0)
+
+
 # Llama-3-8B and -70B decode layers (N, K) on an H200's 132 SMs: the narrow ones split, the wide ones do not
 @pytest.mark.parametrize("n,k,expected_split", [
     (4096, 4096, 4), (6144, 4096, 3), (4096, 14336, 5), (14336, 4096, 2), (28672, 4096, 1),
@@ -293,31 +315,34 @@ def test_gpu_graph_replays_follow_their_inputs(m, splitk_as_shipped, monkeypatch
 
 
 @requires_cuda
-def test_gpu_two_graphs_and_two_streams(splitk_as_shipped, monkeypatch):
-    """Two graphs replayed at once on two streams, next to eager calls on two more: each has its own counters."""
+def test_gpu_two_graphs_and_two_streams(splitk_as_shipped, monkeypatch, caplog):
+    """Two graphs replayed at once on two streams, next to eager calls on two more: each has its own counters.
+    Every replay's output is kept (a race in any replay shows), and the captures must have taken split-K."""
     m, k, n = 16, 8192, 2048
+    assert triton_splitk.split_schedule(n, k, triton_backend._multiprocessors(DEVICE))[0] > 1
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     xs = [_activations(m, k, seed=s) for s in range(2)]
     expected = [_classic(monkeypatch, x, q_w, s_w, None, 6.0) for x in xs]
     graphs, outs = [], []
-    for x in xs:
-        triton_linear(x, q_w, s_w, None, 6.0)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs.append(triton_linear(x, q_w, s_w, None, 6.0))
-        graphs.append(graph)
+    with caplog.at_level("WARNING", logger="int8mm"):
+        for x in xs:
+            triton_linear(x, q_w, s_w, None, 6.0)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs.append(triton_linear(x, q_w, s_w, None, 6.0))
+            graphs.append(graph)
+    assert "found no free counters" not in caplog.text
     streams = [torch.cuda.Stream() for _ in range(4)]
-    eager = []
+    results = []  # (which input, output) of every replay and eager call
     torch.cuda.synchronize()
     for _ in range(20):
-        for graph, stream in zip(graphs, streams):
+        for which, (graph, stream) in enumerate(zip(graphs, streams)):
             with torch.cuda.stream(stream):
                 graph.replay()
+                results.append((which, outs[which].clone()))  # in stream order: after this replay, before the next
         for which, stream in ((0, streams[2]), (1, streams[3])):
             with torch.cuda.stream(stream):
-                eager.append((which, triton_linear(xs[which], q_w, s_w, None, 6.0)))
+                results.append((which, triton_linear(xs[which], q_w, s_w, None, 6.0)))
     torch.cuda.synchronize()
-    for got, want in zip(outs, expected):
-        _assert_same_output(got, want)
-    for which, got in eager:
+    for which, got in results:
         _assert_same_output(got, expected[which])

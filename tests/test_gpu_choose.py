@@ -68,6 +68,9 @@ def test_the_split_k_gemm_is_judged_against_the_fused_path(choose, tmp_path):
     assert chosen == {"INT8MM_DECODE_PATH": "fused"}  # faster than classic, but within noise of fused
     chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, splitk_us=18.0, splitk_matches=False)))
     assert chosen == {"INT8MM_DECODE_PATH": "fused"}  # faster, but its output differed from classic
+    chosen, reasons = choose.choices(_write(tmp_path, _decode_rows(30.0, 29.9, splitk_us=18.0)))
+    assert chosen == {}  # split-K won against fused, but fused itself was not chosen: never measured alone
+    assert "not set: it was measured with INT8MM_DECODE_PATH=fused" in reasons[1]
 
 
 def test_slower_noise_level_or_disagreeing_candidates_keep_the_defaults(choose, tmp_path):

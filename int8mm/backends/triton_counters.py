@@ -21,12 +21,13 @@ from ..devices import raw_stream
 
 # int32 words per chunk (256 KB; a larger request gets a chunk of its own size)
 CHUNK_WORDS = 64 * 1024
-# each request starts on a 32-byte sector of its own: no two kernels running at once on different streams
-# contend for one
+# each request starts on a 32-byte sector of its own and takes whole sectors: no two requests (kernels that may
+# run at once on different streams) share one. The counters of one request (one per output tile of a split-K
+# GEMM) are contiguous, 8 to a sector
 SLOT_WORDS = 8
 # eager calls keep this many words free for captures to come: a captured decode step of Llama-3-70B draws
-# about 70 thousand (80 layers x 7 linears: one counter per quantization, one per output tile of the split-K
-# GEMMs), and a model is often captured at several batch sizes (each chunk's zero-fill is one host wait,
+# about 71 thousand (80 layers x 7 linears: 8 words per quantization counter, one word per output tile of the
+# split-K GEMMs), and a model is often captured at several batch sizes (each chunk's zero-fill is one host wait,
 # outside capture)
 CAPTURE_RESERVE_WORDS = 8 * CHUNK_WORDS
 
@@ -38,11 +39,12 @@ class CounterPool:
         self.device = device
         self.chunks: list[torch.Tensor] = []
         self.used: list[int] = []  # words handed out of each chunk, from its start
+        self.free = 0  # words not handed out, over all chunks (kept, not summed: eager calls ask on every call)
         self.by_stream: dict[tuple[int, int], torch.Tensor] = {}
         self.lock = threading.Lock()
 
     def free_words(self) -> int:
-        return sum(chunk.numel() - used for chunk, used in zip(self.chunks, self.used))
+        return self.free
 
     def _allocate_chunk(self, words: int) -> None:
         chunk = torch.zeros(max(words, CHUNK_WORDS), dtype=torch.int32, device=self.device)
@@ -51,6 +53,7 @@ class CounterPool:
             torch.cuda.current_stream(self.device).synchronize()
         self.chunks.append(chunk)
         self.used.append(0)
+        self.free += chunk.numel()
 
     def take(self, length: int, may_allocate: bool) -> torch.Tensor | None:
         """``length`` counters of their own, from the first chunk with room (a new one if allowed), or None."""
@@ -58,11 +61,13 @@ class CounterPool:
         for index, (chunk, used) in enumerate(zip(self.chunks, self.used)):
             if chunk.numel() - used >= words:
                 self.used[index] = used + words
+                self.free -= words
                 return chunk[used: used + length]
         if not may_allocate:
             return None
         self._allocate_chunk(words)
         self.used[-1] = words
+        self.free -= words
         return self.chunks[-1][:length]
 
     def counters(self, length: int = 1) -> torch.Tensor | None:

@@ -38,8 +38,9 @@ LIST_TILE = 32
 @functools.cache
 def _log_capture_fallback_once(device: torch.device) -> None:
     log.warning("int8mm: INT8MM_DECODE_PATH=fused found no free counter on %s while capturing a CUDA graph (each "
-                "captured call of 2-16 rows keeps one; an eager call tops the pool up to %d free counters): such "
-                "calls use the classic decode path", device, triton_counters.CAPTURE_RESERVE_WORDS)
+                "captured call of 2-16 rows keeps one, %d int32 words; an eager call tops the pool up to %d free "
+                "words): such calls use the classic decode path", device, triton_counters.SLOT_WORDS,
+                triton_counters.CAPTURE_RESERVE_WORDS)
 
 
 def row_tile(k: int) -> int:

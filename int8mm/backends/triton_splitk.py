@@ -31,8 +31,9 @@ DEFAULT_DECODE_GEMM = CLASSIC  # until a GPU run measures the split-K kernel (be
 
 BLOCK_M = 16  # the smallest int8 tensor-core tile: a whole decode batch
 BLOCK_N = 32  # fixed, so that the number of output tiles (and of counters) is known before autotuning
-# every slice of K is a multiple of K_STEP columns (so of every config's BLOCK_K) and at least MIN_SPLIT_COLUMNS
-# long (shorter slices would spend more on the slices' sums than they gain)
+# every slice of K but the last is a multiple of K_STEP columns (so of every config's BLOCK_K: no masked step
+# inside a slice) and at least MIN_SPLIT_COLUMNS long (shorter slices would spend more on the slices' sums than
+# they gain)
 K_STEP = 512
 MIN_SPLIT_COLUMNS = 1024
 # programs wanted per SM: with 4 warps and 32-48 KB of shared memory each, four fit on an SM, and four K loops
@@ -66,7 +67,8 @@ def decode_gemm() -> str:
 
 def split_schedule(n: int, k: int, num_sms: int) -> tuple[int, int]:
     """``(SPLIT_K, K_PER_SPLIT)`` for a decode GEMM of ``n`` outputs over ``k`` columns: enough splits that about
-    PROGRAMS_PER_SM programs run on each of ``num_sms`` SMs, none shorter than MIN_SPLIT_COLUMNS, none empty."""
+    PROGRAMS_PER_SM programs run on each of ``num_sms`` SMs, each a whole number of K_STEPs long and, but for the
+    last (what is left of K), at least MIN_SPLIT_COLUMNS; none empty."""
     tiles = triton.cdiv(n, BLOCK_N)
     wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, tiles)
     split = max(1, min(wanted, k // MIN_SPLIT_COLUMNS))
@@ -77,8 +79,10 @@ def split_schedule(n: int, k: int, num_sms: int) -> tuple[int, int]:
 @functools.cache
 def _log_classic_fallback_once(device: torch.device) -> None:
     log.warning("int8mm: INT8MM_DECODE_GEMM=splitk found no free counters on %s while capturing a CUDA graph (each "
-                "captured call keeps one per output tile; an eager call tops the pool up to %d free counters): such "
-                "calls use the classic decode GEMM", device, triton_counters.CAPTURE_RESERVE_WORDS)
+                "captured call keeps one per output tile; an eager call tops the pool up to %d free int32 words, "
+                "a request taking at least %d): such "
+                "calls use the classic decode GEMM", device, triton_counters.CAPTURE_RESERVE_WORDS,
+                triton_counters.SLOT_WORDS)
 
 
 def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias, *, num_sms: int,

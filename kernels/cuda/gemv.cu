@@ -3,7 +3,7 @@
 // Each warp owns kRowsPerWarp weight rows; lanes walk K in 16-byte vectors (streaming loads that do not
 // linger in L2), several steps' loads issued before any is used, multiply them with the quantized activation
 // rows (small, L1/L2-resident, reused across the warp's rows) by __dp4a, and reduce across the warp. The kernel
-// is compiled for 1, 4 and 16 rows of x, so that a one-row decode step keeps few registers and no loop over rows
+// is compiled for 1, 4, 8 and 16 rows of x, so that a one-row decode step keeps few registers and no loop over rows
 // it does not have. The epilogue is the fused one of gemm.cu.
 #include "common.cuh"
 #include "gemm.cuh"
@@ -134,11 +134,12 @@ int launch_gemv_rows(const GemmArgs& args, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// the smallest compiled row count that holds M: one row (the usual decode step), a few, or up to kMaxM
+// the smallest compiled row count that holds M: one row (the usual decode step), 4, 8 or kMaxM
 template <typename T, typename TBias>
 int launch_gemv_typed(const GemmArgs& args, cudaStream_t stream) {
   if (args.M <= 1) return launch_gemv_rows<T, TBias, 1>(args, stream);
   if (args.M <= 4) return launch_gemv_rows<T, TBias, 4>(args, stream);
+  if (args.M <= 8) return launch_gemv_rows<T, TBias, 8>(args, stream);
   return launch_gemv_rows<T, TBias, kMaxM>(args, stream);
 }
 

@@ -39,7 +39,8 @@ def _int8_gemm_splitk_kernel(
     tickets_ptr,          # [cdiv(N, BLOCK_N)] int32, 0 at launch; each tile's last program resets its own
     # sizes
     M, N, K,
-    K_PER_SPLIT,          # columns of K each split sums (a multiple of BLOCK_K)
+    K_PER_SPLIT,          # columns of K each split sums (the last split: what is left); any value works, the
+                          # last step of a slice is masked
     SPLIT_K,              # programs per output tile
     M_BUCKET,             # only an autotune key: M rounded to a power of two
     # strides
@@ -52,9 +53,11 @@ def _int8_gemm_splitk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # the splits of one tile are neighbours in launch order: they run at the same time and finish together
+    # the splits of one tile are neighbours in launch order: they run at the same time and finish together. Which
+    # slice a program sums rotates with the tile, so that programs run one after another (Triton's interpreter)
+    # still see every slice arrive last on some tile, as any may on a GPU
     pid_n = pid // SPLIT_K
-    split = pid % SPLIT_K
+    split = (pid % SPLIT_K + pid_n) % SPLIT_K
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
