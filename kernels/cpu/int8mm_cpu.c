@@ -370,6 +370,36 @@ static void store_run(void* out, int dtype, int64_t offset, const float* y, int6
   }
 }
 
+// extra[j] = sum over the outlier columns c, in their order, of x[m, c] * (q_w[n0 + j, c] * col_scale[j]), from 0
+#ifdef INT8MM_VNNI
+// The eight weight rows side by side in one vector: the same fp32 products and sums, lane by lane, as the scalar
+// loop below, a third of its time (a 576 x 576 layer with 8 outlier columns: 2.2 us a call on the 2-core AMD EPYC,
+// in which the compiler gathered x's value with vgatherqps and the weights one by one).
+static inline void outlier_term(const struct linear_args* p, int64_t m, const int8_t* const* w_rows,
+                                const float* col_scale, float* extra) {
+  const __m256 scale = _mm256_loadu_ps(col_scale);
+  __m256 sum = _mm256_setzero_ps();
+  for (int32_t i = 0; i < p->count; ++i) {
+    const int32_t c = p->outlier_cols[i];
+    const __m256 x_c = _mm256_set1_ps(load_value(p->x, p->dtype, m * p->sxm + c * p->sxk));
+    const __m256i w = _mm256_setr_epi32(w_rows[0][c], w_rows[1][c], w_rows[2][c], w_rows[3][c], w_rows[4][c],
+                                        w_rows[5][c], w_rows[6][c], w_rows[7][c]);
+    sum = _mm256_add_ps(sum, _mm256_mul_ps(x_c, _mm256_mul_ps(_mm256_cvtepi32_ps(w), scale)));
+  }
+  _mm256_storeu_ps(extra, sum);
+}
+#else
+static inline void outlier_term(const struct linear_args* p, int64_t m, const int8_t* const* w_rows,
+                                const float* col_scale, float* extra) {
+  for (int j = 0; j < W_BLOCK; ++j) extra[j] = 0.0f;
+  for (int32_t i = 0; i < p->count; ++i) {
+    const int32_t c = p->outlier_cols[i];
+    const float x_c = load_value(p->x, p->dtype, m * p->sxm + c * p->sxk);
+    for (int j = 0; j < W_BLOCK; ++j) extra[j] += x_c * ((float)w_rows[j][c] * col_scale[j]);
+  }
+}
+#endif
+
 // the outputs of weight rows n0 .. n0 + W_BLOCK - 1 (fewer at the end) for every row of x; the arithmetic per
 // output is the scalar formula above, done for W_BLOCK outputs side by side (loops the compiler vectorizes)
 static void linear_block(const struct linear_args* p, int64_t n0) {
@@ -392,12 +422,8 @@ static void linear_block(const struct linear_args* p, int64_t n0) {
     const float s_x = p->s_x[m];
     for (int j = 0; j < W_BLOCK; ++j) y[j] = (float)acc[m * W_BLOCK + j] * s_x * row_scale[j];
     if (p->count > 0) {
-      float extra[W_BLOCK] = {0.0f};
-      for (int32_t i = 0; i < p->count; ++i) {
-        const int32_t c = p->outlier_cols[i];
-        const float x_c = load_value(p->x, p->dtype, m * p->sxm + c * p->sxk);
-        for (int j = 0; j < W_BLOCK; ++j) extra[j] += x_c * ((float)w_rows[j][c] * col_scale[j]);
-      }
+      float extra[W_BLOCK];
+      outlier_term(p, m, w_rows, col_scale, extra);
       for (int j = 0; j < W_BLOCK; ++j) y[j] += extra[j];
     }
     for (int j = 0; j < W_BLOCK; ++j) y[j] += b[j];
