@@ -11,8 +11,7 @@
 #include <time.h>
 
 struct int8mm_cpu_linear_call {  // kernels/cpu/int8mm_cpu.c: every field 8 bytes, in this order
-  int64_t x, dtype, M, K, sxm, sxk, q_w, s_w, N, bias, bias_dtype, q_x, s_x, outlier_cols, outlier_count,
-      workspace, out, num_threads;
+  int64_t x, dtype, M, K, sxm, sxk, q_w, s_w, N, bias, bias_dtype, out, num_threads;
   double threshold;
 };
 int int8mm_cpu_int8_linear(const struct int8mm_cpu_linear_call* call);
@@ -40,14 +39,7 @@ int main(int argc, char** argv) {
   float* s_w = malloc(sizeof(float) * N);
   for (int64_t i = 0; i < N; ++i) s_w[i] = 1.0f;
   float* out = malloc(sizeof(float) * N);
-  int8_t* q_x = aligned_alloc(64, (size_t)(K + 64));
-  float s_x[1];
-  int32_t* cols = malloc(sizeof(int32_t) * K);
-  int32_t count = 0;
-  uint8_t* flags = malloc((size_t)K);
-  struct int8mm_cpu_linear_call call = {(int64_t)x, 2, 1, K, K, 1, 0, (int64_t)s_w, N, 0, 0, (int64_t)q_x,
-                                        (int64_t)s_x, (int64_t)cols, (int64_t)&count, (int64_t)flags,
-                                        (int64_t)out, 1, 0.0};
+  struct int8mm_cpu_linear_call call = {(int64_t)x, 2, 1, K, K, 1, 0, (int64_t)s_w, N, 0, 0, (int64_t)out, 1, 0.0};
   double best = 1e30;
   for (int round = 0; round < 7; ++round) {
     const double start = seconds();

@@ -163,7 +163,8 @@ def test_non_finite_values_like_the_reference(bad):
 
 
 def test_strided_inputs_and_reused_scratch():
-    """Views with any strides; the fused path's scratch is kept per shape and must not leak between calls."""
+    """Views with any strides; the fused path's scratch (the same stack memory every call) must not leak between
+    calls."""
     base = planted_outliers(4, 96, torch.bfloat16, seed=4)
     q_w, s_w = int8mm.quantize_weight(random_weight(40, 96))
     expected = _ops.int8_linear(base, q_w, s_w, None, THRESHOLD, "reference")
@@ -175,6 +176,53 @@ def test_strided_inputs_and_reused_scratch():
     other = planted_outliers(4, 96, torch.bfloat16, seed=5)  # same shape: the same scratch, other values
     assert_output_close(_ops.int8_linear(other, q_w, s_w, None, THRESHOLD, "cpu"),
                         _ops.int8_linear(other, q_w, s_w, None, THRESHOLD, "reference"))
+
+
+def _fused_arithmetic(x, q_w, s_w, bias, threshold):
+    """The fused call's fp32 arithmetic op by op (kernels/cpu/int8mm_cpu.c): acc * s_x * (s_w * (1 / 127^2)), plus
+    the outlier term summed from 0 over the outlier columns in ascending order, plus the bias; in x's dtype."""
+    q_x, s_x, cols, count = _ops.quantize_activations(x, threshold, "reference")
+    one = torch.tensor(1.0)
+    row_scale, col_scale = s_w * (one / (INT8_MAX * INT8_MAX)), s_w * (one / INT8_MAX)
+    y = _ops.int8_matmul(q_x, q_w, "reference").float() * s_x[:, None] * row_scale
+    if int(count) > 0:
+        extra = torch.zeros_like(y)
+        for c in cols[: int(count)].tolist():
+            extra = extra + x[:, c : c + 1].float() * (q_w[:, c].float() * col_scale)
+        y = y + extra
+    return (y + (bias.float() if bias is not None else 0.0)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m,n", [(1, 576), (3, 203), (16, 37)])  # 203 and 37: a ragged last block of weight rows
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_fused_epilogue_is_its_formula_bit_for_bit(m, n, dtype, with_bias):
+    """The fused call's epilogue (eight outputs side by side in AVX-512 builds) is its scalar formula, in its order
+    of operations, to the last bit: the outlier columns' products summed in column order, then the bias."""
+    x = planted_outliers(m, 320, dtype, seed=m + n)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, 320))
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    got = _ops.int8_linear(x, q_w, s_w, bias, THRESHOLD, "cpu")
+    assert int(_ops.quantize_activations(x, THRESHOLD, "reference")[3]) >= 2  # an outlier term to sum
+    assert torch.equal(got, _fused_arithmetic(x, q_w, s_w, bias, THRESHOLD))
+
+
+def test_the_scratch_on_the_stack_and_on_the_heap():
+    """The fused call keeps its scratch on the stack up to STACK_SCRATCH_BYTES and mallocs it beyond: both sides of
+    the limit, at one row of x and at sixteen."""
+    import re
+
+    limit = int(re.search(r"#define STACK_SCRATCH_BYTES (\d+)", (cpu_build.source_dir() / "int8mm_cpu.c").read_text())
+                .group(1))
+    for m in (1, 16):
+        largest_on_stack = (limit - 4 * m) // (5 + m)  # 4K (outlier columns) + 4M (s_x) + MK (q_x) + K (flags)
+        for k in (largest_on_stack, largest_on_stack + 1):
+            x = planted_outliers(m, k, seed=k)
+            q_w, s_w = int8mm.quantize_weight(random_weight(11, k))
+            assert torch.equal(_ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu"),
+                               _fused_arithmetic(x, q_w, s_w, None, THRESHOLD))
+            x0 = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+            assert torch.equal(*_both(_ops.int8_linear, x0, q_w, s_w, None, 0.0))
 
 
 def test_buffers_stay_on_the_cpu_under_another_default_device():
@@ -242,6 +290,8 @@ def test_the_portable_gemv_matches_too(monkeypatch, tmp_path):
             q_w, s_w = int8mm.quantize_weight(random_weight(33, k))
             ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, THRESHOLD)
             assert_output_close(got, ref)
+            if m <= cpu_backend.FUSED_MAX_M:  # the plain epilogue: the same formula, to the last bit
+                assert torch.equal(got, _fused_arithmetic(x, q_w, s_w, None, THRESHOLD))
             x0 = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
             assert torch.equal(*_both(_ops.int8_linear, x0, q_w, s_w, None, 0.0))
     finally:

@@ -2,9 +2,9 @@
 buffers carved from one allocation.
 
 ctypes converts each argument of a call on its own: nineteen of them cost 1.6 us a call against 0.5 us for one
-pointer to a packed struct (2-core AMD EPYC), on every decode step. Both libraries' fused ``int8_linear`` take
-``LINEAR_CALL``: eighteen 8-byte integers (addresses, sizes, dtype codes; the field order is each library's
-own, in its header or source) and the threshold as a double.
+pointer to a packed struct (2-core AMD EPYC), on every decode step. The CUDA library's fused ``int8_linear``
+takes ``LINEAR_CALL``: eighteen 8-byte integers (addresses, sizes, dtype codes; the field order is in its
+header) and the threshold as a double; the CPU library's takes its own layout (int8mm/backends/cpu.py).
 """
 import ctypes
 import struct
@@ -27,11 +27,12 @@ class PackedCall(threading.local):
         return self.address
 
 
-def check_call_size(library_size: int, library_name: str, hint: str = "") -> None:
-    """Raises RuntimeError unless the library packs its call in ``LINEAR_CALL.size`` bytes, as this int8mm does."""
-    if library_size != LINEAR_CALL.size:
+def check_call_size(library_size: int, library_name: str, hint: str = "",
+                    layout: struct.Struct = LINEAR_CALL) -> None:
+    """Raises RuntimeError unless the library packs its call in ``layout.size`` bytes, as this int8mm does."""
+    if library_size != layout.size:
         raise RuntimeError(f"{library_name} packs its call in {library_size} bytes, this int8mm in "
-                           f"{LINEAR_CALL.size}{hint}")
+                           f"{layout.size}{hint}")
 
 
 def aligned_offsets(sizes: list[int], alignment: int) -> tuple[int, tuple[int, ...]]:
