@@ -2,30 +2,16 @@
 buffers carved from one allocation.
 
 ctypes converts each argument of a call on its own: nineteen of them cost 1.6 us a call against 0.5 us for one
-pointer to a packed struct (2-core AMD EPYC), on every decode step. The CUDA library's fused ``int8_linear``
-takes ``LINEAR_CALL``: eighteen 8-byte integers (addresses, sizes, dtype codes; the field order is in its
-header) and the threshold as a double; the CPU library's takes its own layout (int8mm/backends/cpu.py).
+pointer to a packed struct (2-core AMD EPYC), on every decode step. The struct is packed into a fresh bytes
+object per call (``layout.pack(...)``; ctypes passes its address to a ``c_void_p`` parameter): with cold caches
+that cost 1.4 us against 4.8 us for a per-thread buffer's lookups and ``pack_into``
+(benchmarks/results/2026-11-30-cpu-epyc-d). The CUDA library's fused ``int8_linear`` takes ``LINEAR_CALL``:
+eighteen 8-byte integers (addresses, sizes, dtype codes; the field order is in its header) and the threshold as
+a double; the CPU library's takes its own layout (int8mm/backends/cpu.py).
 """
-import ctypes
 import struct
-import threading
 
 LINEAR_CALL = struct.Struct("<18qd")
-
-
-class PackedCall(threading.local):
-    """A per-thread buffer for one packed call (a thread never overwrites another's arguments)."""
-
-    def __init__(self, layout: struct.Struct = LINEAR_CALL):
-        self.layout = layout
-        self.buffer = ctypes.create_string_buffer(layout.size)
-        self.address = ctypes.addressof(self.buffer)
-
-    def pack(self, *fields) -> int:
-        """Packs ``fields`` into this thread's buffer; returns its address, the argument to pass."""
-        self.layout.pack_into(self.buffer, 0, *fields)
-        return self.address
-
 
 def check_call_size(library_size: int, library_name: str, hint: str = "",
                     layout: struct.Struct = LINEAR_CALL) -> None:

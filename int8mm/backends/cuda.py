@@ -108,9 +108,6 @@ def _scratch_layout(m: int, k: int) -> tuple[int, tuple[int, ...]]:
     return c_calls.aligned_offsets([4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4], _SCRATCH_ALIGN)
 
 
-_packed_call = c_calls.PackedCall()  # the fused call's arguments, per thread
-
-
 @registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
@@ -124,7 +121,8 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     base = scratch.data_ptr()
     workspace, q_x, s_x, outlier_cols, outlier_count = (base + offset for offset in offsets)
     with on_device_of(x):
-        call = _packed_call.pack(
+        # a fresh bytes object per call (ctypes passes its address): cheaper than a per-thread buffer's lookups
+        call = c_calls.LINEAR_CALL.pack(
             x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(), s_w.data_ptr(), n,
             bias.data_ptr() if bias is not None else 0, _DTYPE_CODES[bias.dtype if bias is not None else x.dtype],
             workspace, q_x, s_x, outlier_cols, outlier_count, out.data_ptr(), raw_stream(x.device), threshold)
