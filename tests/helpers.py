@@ -282,6 +282,50 @@ class OpRecorder(TorchDispatchMode):
         return [op for op in self.ops if op in self.FILL_OPS]
 
 
+def record_triton_launches(monkeypatch, modules, recorder: OpRecorder | None = None) -> list[tuple[str, tuple]]:
+    """Wraps every Triton kernel the launcher ``modules`` hold; returns the list to which each launch appends
+    ``(kernel name, grid)``. While a kernel runs ``recorder`` is paused: the interpreter's own copies of the
+    arguments are not ops of the forward."""
+    import triton  # only the Triton tests ask, and they need it
+
+    launches = []
+
+    class Recorded:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append((self.name, grid))
+                if recorder is not None:
+                    recorder.paused = True
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    if recorder is not None:
+                        recorder.paused = False
+            return run
+
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.KernelInterface):
+                monkeypatch.setattr(module, name, Recorded(value, name.strip("_")))
+    return launches
+
+
+def run_out_of_counters(monkeypatch) -> None:
+    """Every request to the Triton kernels' counter pool finds none free, as a CUDA-graph capture can."""
+    from int8mm.backends import triton_counters
+
+    class Exhausted:
+        def counters(self, length):
+            return None
+
+    monkeypatch.setattr(triton_counters, "counter_pool", lambda device: Exhausted())
+
+
 def view_beyond_2_31(values: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
     """``values`` ([M, K]) copied into an fp16 view with ``strides`` whose last element lies more than 2^31
     elements into its storage, with an outlier (40.0) at that far end: element offsets must not wrap. Only the

@@ -17,8 +17,9 @@ import int8mm
 from int8mm import backends
 from int8mm.backends import registry
 
-from gpu import requires_cuda
-from helpers import DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight, view_beyond_2_31
+from gpu import assert_graphs_and_streams_agree, replay_over, requires_cuda
+from helpers import (DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight, record_triton_launches,
+                     run_out_of_counters, view_beyond_2_31)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -195,33 +196,6 @@ ALLOCATIONS_AND_VIEWS = frozenset({"aten.empty.memory_format", "aten.split.Tenso
                                    "aten.detach.default", "aten.slice.Tensor", "aten.split_with_sizes.default"})
 
 
-def _count_launches(monkeypatch, recorder):
-    """Wraps every Triton kernel the launchers can reach; returns the list each launch appends its name to."""
-    launches = []
-
-    class Counted:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                launches.append(self.name)
-                recorder.paused = True  # the interpreter's own copies are not ops of the forward
-                try:
-                    return launch(*args, **kwargs)
-                finally:
-                    recorder.paused = False
-            return run
-
-    for module in (triton_backend, triton_decode):
-        for name, value in list(vars(module).items()):
-            if isinstance(value, triton.runtime.KernelInterface):
-                monkeypatch.setattr(module, name, Counted(value, name.strip("_")))
-    return launches
-
-
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_two_launches_and_no_fills(m, monkeypatch):
     x = _activations(m, 96)
@@ -230,7 +204,7 @@ def test_two_launches_and_no_fills(m, monkeypatch):
     expected = triton_linear(x, q_w, s_w, None, 6.0)
     triton_counters.counter_pool(DEVICE).counters(1)  # the counters' one-time allocation is not part of a call
     recorder = OpRecorder()
-    launches = _count_launches(monkeypatch, recorder)
+    launches = record_triton_launches(monkeypatch, (triton_backend, triton_decode), recorder)
     with recorder:
         classic = triton_linear(x, q_w, s_w, None, 6.0)
     assert len(launches) == 3 and "aten.zeros.default" in recorder.ops  # what the fused path removes
@@ -241,7 +215,8 @@ def test_two_launches_and_no_fills(m, monkeypatch):
         fused = triton_linear(x, q_w, s_w, None, 6.0)
     _decode_path(monkeypatch, "classic")
     # the GEMM is the autotuned decode GEMM on a GPU, the plain kernel under the interpreter
-    assert len(launches) == 2 and launches[0] == "decode_quantize_kernel" and "gemm" in launches[1], launches
+    names = [name for name, _ in launches]
+    assert len(names) == 2 and names[0] == "decode_quantize_kernel" and "gemm" in names[1], names
     assert set(recorder.ops) <= ALLOCATIONS_AND_VIEWS, recorder.ops
     _assert_same_output(fused, classic)
     _assert_same_output(fused, expected)
@@ -301,15 +276,12 @@ def test_eager_calls_keep_a_reserve_of_counters_for_captures():
 
 
 def test_capture_without_a_free_counter_takes_the_classic_path(fused, monkeypatch, caplog):
-    class Exhausted:
-        def counters(self, length):
-            return None
-
-    monkeypatch.setattr(triton_counters, "counter_pool", lambda device: Exhausted())
+    run_out_of_counters(monkeypatch)
     x = _activations(5, 64)
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 64).to(DEVICE))
     with caplog.at_level("WARNING", logger="int8mm"):
         got = triton_linear(x, q_w, s_w, None, 6.0)
+    assert "INT8MM_DECODE_PATH=fused found no free counter" in caplog.text
     assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
     assert triton_decode.quantize_for_decode(x, 6.0) is None
 
@@ -360,22 +332,12 @@ def test_gpu_graph_replays_follow_their_inputs(m, fused):
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     inputs = [_activations(m, k, seed=s) for s in range(3)]
     inputs.append(planted_outliers(m, k, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE))
-    static_x = inputs[0].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        triton_linear(static_x, q_w, s_w, None, 6.0)  # warm-up: compile, autotune, counters
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = triton_linear(static_x, q_w, s_w, None, 6.0)
-    for replay in range(8):
-        x = inputs[replay % len(inputs)]
-        static_x.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
+
+    def check(static_y, x):
         _assert_same_output(static_y, triton_linear(x, q_w, s_w, None, 6.0))
         assert_output_close(static_y, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+    replay_over(lambda x: triton_linear(x, q_w, s_w, None, 6.0), inputs, 8, check)
 
 
 @requires_cuda
@@ -385,25 +347,4 @@ def test_gpu_two_graphs_and_two_streams(fused):
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     xs = [_activations(m, k, seed=s) for s in range(2)]
     expected = [triton_linear(x, q_w, s_w, None, 6.0) for x in xs]
-    graphs, outs = [], []
-    for x in xs:
-        triton_linear(x, q_w, s_w, None, 6.0)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs.append(triton_linear(x, q_w, s_w, None, 6.0))
-        graphs.append(graph)
-    streams = [torch.cuda.Stream() for _ in range(4)]
-    eager = []
-    torch.cuda.synchronize()
-    for _ in range(20):
-        for graph, stream in zip(graphs, streams):
-            with torch.cuda.stream(stream):
-                graph.replay()
-        for which, stream in ((0, streams[2]), (1, streams[3])):  # eager calls on two streams at once
-            with torch.cuda.stream(stream):
-                eager.append((which, triton_linear(xs[which], q_w, s_w, None, 6.0)))
-    torch.cuda.synchronize()
-    for got, want in zip(outs, expected):
-        _assert_same_output(got, want)
-    for which, got in eager:
-        _assert_same_output(got, expected[which])
+    assert_graphs_and_streams_agree(lambda x: triton_linear(x, q_w, s_w, None, 6.0), xs, expected)

@@ -14,8 +14,9 @@ import int8mm
 from int8mm import backends
 from int8mm.backends import registry
 
-from gpu import requires_cuda
-from helpers import DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight
+from gpu import assert_graphs_and_streams_agree, replay_over, requires_cuda
+from helpers import (DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight, record_triton_launches,
+                     run_out_of_counters)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -62,29 +63,6 @@ def _classic(monkeypatch, *args):
 
 def _assert_same_output(got, expected):
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
-
-
-def _launched_kernels(monkeypatch):
-    """Wraps the Triton kernels the decode launchers can reach; returns the list each launch appends its name to."""
-    launches = []
-
-    class Counted:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                launches.append((self.name, grid))
-                return launch(*args, **kwargs)
-            return run
-
-    for module in (triton_backend, triton_decode, triton_splitk):
-        for name, value in list(vars(module).items()):
-            if isinstance(value, triton.runtime.KernelInterface):
-                monkeypatch.setattr(module, name, Counted(value, name.strip("_")))
-    return launches
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -148,8 +126,8 @@ def test_launches_and_no_fills(path, splitk, monkeypatch):
     x = _activations(5, 300)
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
     expected = triton_linear(x, q_w, s_w, None, 6.0)  # counters allocated, kernels compiled
-    launches = _launched_kernels(monkeypatch)
     recorder = OpRecorder()
+    launches = record_triton_launches(monkeypatch, (triton_backend, triton_decode, triton_splitk), recorder)
     with recorder:
         got = triton_linear(x, q_w, s_w, None, 6.0)
     _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
@@ -170,21 +148,17 @@ def test_layers_with_enough_tiles_take_the_classic_kernel(splitk, monkeypatch):
     assert triton_splitk.split_schedule(n, 300, sms)[0] == 1
     q_w, s_w = int8mm.quantize_weight(random_weight(n, 300).to(DEVICE))
     x = _activations(3, 300)
-    launches = _launched_kernels(monkeypatch)
+    launches = record_triton_launches(monkeypatch, (triton_backend, triton_decode, triton_splitk))
     got = triton_linear(x, q_w, s_w, None, 6.0)
     assert [name for name, _ in launches][-1] == "int8_gemm_dequant_kernel"
     assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
 
 
 def test_capture_without_free_counters_takes_the_classic_kernel(splitk, monkeypatch, caplog):
-    class Exhausted:
-        def counters(self, length):
-            return None
-
-    monkeypatch.setattr(triton_counters, "counter_pool", lambda device: Exhausted())
+    run_out_of_counters(monkeypatch)
     x = _activations(5, 300)
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
-    launches = _launched_kernels(monkeypatch)
+    launches = record_triton_launches(monkeypatch, (triton_backend, triton_decode, triton_splitk))
     with caplog.at_level("WARNING", logger="int8mm"):
         got = triton_linear(x, q_w, s_w, None, 6.0)
     assert [name for name, _ in launches][-1] == "int8_gemm_dequant_kernel"
@@ -193,7 +167,7 @@ def test_capture_without_free_counters_takes_the_classic_kernel(splitk, monkeypa
 
 
 def test_prefill_and_int8_matmul_keep_their_kernels(splitk, monkeypatch):
-    launches = _launched_kernels(monkeypatch)
+    launches = record_triton_launches(monkeypatch, (triton_backend, triton_decode, triton_splitk))
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
     triton_linear(_activations(17, 300), q_w, s_w, None, 6.0)
     registry.lookup("triton", "int8_matmul")(q_w[:5], q_w)
@@ -297,21 +271,8 @@ def test_gpu_graph_replays_follow_their_inputs(m, splitk_as_shipped, monkeypatch
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     inputs = [_activations(m, k, seed=s) for s in range(3)]
     inputs.append(planted_outliers(m, k, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE))
-    static_x = inputs[0].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        triton_linear(static_x, q_w, s_w, None, 6.0)  # warm-up: compile, autotune, counters
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = triton_linear(static_x, q_w, s_w, None, 6.0)
-    for replay in range(8):
-        x = inputs[replay % len(inputs)]
-        static_x.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        _assert_same_output(static_y, _classic(monkeypatch, x, q_w, s_w, None, 6.0))
+    replay_over(lambda x: triton_linear(x, q_w, s_w, None, 6.0), inputs, 8,
+                lambda static_y, x: _assert_same_output(static_y, _classic(monkeypatch, x, q_w, s_w, None, 6.0)))
 
 
 @requires_cuda
@@ -323,26 +284,6 @@ def test_gpu_two_graphs_and_two_streams(splitk_as_shipped, monkeypatch, caplog):
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     xs = [_activations(m, k, seed=s) for s in range(2)]
     expected = [_classic(monkeypatch, x, q_w, s_w, None, 6.0) for x in xs]
-    graphs, outs = [], []
     with caplog.at_level("WARNING", logger="int8mm"):
-        for x in xs:
-            triton_linear(x, q_w, s_w, None, 6.0)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs.append(triton_linear(x, q_w, s_w, None, 6.0))
-            graphs.append(graph)
-    assert "found no free counters" not in caplog.text
-    streams = [torch.cuda.Stream() for _ in range(4)]
-    results = []  # (which input, output) of every replay and eager call
-    torch.cuda.synchronize()
-    for _ in range(20):
-        for which, (graph, stream) in enumerate(zip(graphs, streams)):
-            with torch.cuda.stream(stream):
-                graph.replay()
-                results.append((which, outs[which].clone()))  # in stream order: after this replay, before the next
-        for which, stream in ((0, streams[2]), (1, streams[3])):
-            with torch.cuda.stream(stream):
-                results.append((which, triton_linear(xs[which], q_w, s_w, None, 6.0)))
-    torch.cuda.synchronize()
-    for which, got in results:
-        _assert_same_output(got, expected[which])
+        assert_graphs_and_streams_agree(lambda x: triton_linear(x, q_w, s_w, None, 6.0), xs, expected)
+    assert "found no free counters" not in caplog.text  # the captures took split-K

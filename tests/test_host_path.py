@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import int8mm
+from gpu import captured
 from helpers import OpRecorder, assert_output_close, planted_outliers, requires_cuda
 from int8mm import Int8Linear, _ops, backends
 from int8mm.backends import Backend
@@ -247,15 +248,7 @@ def test_gpu_auto_takes_the_graph_regime_inside_a_capture(monkeypatch):
         with registry.replaced("cuda", "int8_linear", lambda *a: ran.append("cuda") or impls["cuda"](*a)), \
                 registry.replaced("triton", "int8_linear", lambda *a: ran.append("triton") or impls["triton"](*a)):
             eager = layer(x)
-            static_x = x.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                layer(static_x)  # outside the capture, on a side stream: still the eager regime
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_y = layer(static_x)
+            graph, static_y = captured(layer, x.clone())  # its warm-up call, outside the capture: eager regime
         graph.replay()
         torch.cuda.synchronize()
     finally:
