@@ -213,6 +213,48 @@ def test_counters_of_several_lengths_never_overlap():
         pool.counters(0)
 
 
+def test_programmatic_launch_only_on_hopper_and_newer(monkeypatch):
+    """PDL (griddepcontrol) exists from compute capability 9.0; INT8MM_PDL=0 turns it off; CPU tensors never."""
+    capabilities = {torch.device("cuda", 0): (9, 0), torch.device("cuda", 1): (8, 0)}
+    monkeypatch.setattr(backends, "_compute_capability", lambda device: capabilities.get(device, (0, 0)))
+    monkeypatch.delenv(backends.PDL_ENV_VAR, raising=False)
+    backends.refresh_from_environment()
+    assert [backends.programmatic_launch(d) for d in (*capabilities, torch.device("cpu"))] == [True, False, False]
+    _set(monkeypatch, backends.PDL_ENV_VAR, "0")
+    assert not backends.programmatic_launch(torch.device("cuda", 0))
+    _set(monkeypatch, backends.PDL_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match=r"INT8MM_PDL must be one of '0', '1', got 'yes'"):
+        backends.programmatic_launch(torch.device("cuda", 0))
+    monkeypatch.delenv(backends.PDL_ENV_VAR)
+    backends.refresh_from_environment()
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_the_launch_asks_for_pdl_where_it_runs(pdl, splitk, monkeypatch):
+    """Where PDL runs, the split-K GEMM is launched with it and waits for the grid before it; the fused
+    quantization lets it start (the launches are recorded, not run: the interpreter has no griddepcontrol)."""
+    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "fused")
+    for module in (triton_splitk, triton_decode):
+        monkeypatch.setattr(module, "programmatic_launch", lambda device: pdl)
+    launched = {}
+
+    class Recorded:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.setdefault(self.name, kwargs)
+
+    monkeypatch.setattr(triton_splitk, "_int8_gemm_splitk_kernel", Recorded("gemm"))
+    monkeypatch.setattr(triton_decode, "_decode_quantize_kernel", Recorded("quantize"))
+    q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
+    triton_linear(_activations(5, 300), q_w, s_w, None, 6.0)
+    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
+    assert launched["quantize"]["LAUNCH_DEPENDENTS"] is pdl
+    gemm = launched["gemm"]
+    assert (gemm.get("WAIT_FOR_PRIOR_GRID", False), gemm.get("launch_pdl", False)) == (pdl, pdl)
+
+
 # Llama-3-8B and -70B decode layers (N, K) on an H200's 132 SMs: the narrow ones split, the wide ones do not
 @pytest.mark.parametrize("n,k,expected_split", [
     (4096, 4096, 4), (6144, 4096, 3), (4096, 14336, 5), (14336, 4096, 2), (28672, 4096, 1),

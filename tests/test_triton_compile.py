@@ -146,6 +146,7 @@ def test_decode_quantize_kernel(report, key):
     got = report["decode_quantize"][key]
     assert got["div_rn"] and not got["div_approx"], "row reciprocal must be an IEEE division"
     assert got["rint"], "rounding must be half-to-even (cvt.rni)"
+    assert got["launches_dependents"] == key.startswith("sm90"), "PDL trigger (griddepcontrol.launch_dependents)"
     if not key.endswith("/m1"):  # one row draws no ticket
         assert got["ticket_acq_rel"], "the last-arrival ticket is not an acq_rel atomic"
         assert got["stores_fenced_before_ticket"], "no CTA barrier between the row's stores and the ticket"
@@ -171,6 +172,8 @@ def test_splitk_decode_gemm_configs(report, arch, config, out_type):
     assert got["ticket_acq_rel"], "the last-arrival ticket is not an acq_rel atomic"
     assert got["stores_fenced_before_ticket"], "no CTA barrier between the slice's stores and the ticket"
     assert got["sums_read_from_l2"], "the other slices' sums are not read with ld.global.cg"
+    if arch == "sm90":  # launched with programmatic dependent launch: it must wait for the grid before it first
+        assert got["waits_before_first_read"], "griddepcontrol.wait missing or after a global load"
     assert not got["spills"], "registers spill to local memory (PTX)"
     programs = triton_splitk.PROGRAMS_PER_SM
     assert programs * (got["shared_bytes"] + RESERVED_PER_BLOCK) <= HOPPER_SHARED_MEMORY_PER_SM

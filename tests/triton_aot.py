@@ -107,14 +107,26 @@ def compile_splitk(config, target, out_type):
     order = ["a_ptr", "b_ptr", "out_ptr", "s_x_ptr", "s_w_ptr", "x_ptr", "outlier_cols_ptr", "outlier_count_ptr",
              "bias_ptr", "partials_ptr", "tickets_ptr", "M", "N", "K", "K_PER_SPLIT", "SPLIT_K", "M_BUCKET"]
     sig = {name: sig[name] for name in order + [n for n in sig if n not in order]}
-    constexprs = dict(config.kwargs, FUSED=True, HAS_BIAS=True, **{s: 1 for s in UNIT_STRIDES})
+    sig["WAIT_FOR_PRIOR_GRID"] = "constexpr"
+    pdl = target.arch >= 90  # the launcher uses programmatic dependent launch from sm_90 on
+    constexprs = dict(config.kwargs, FUSED=True, HAS_BIAS=True, WAIT_FOR_PRIOR_GRID=pdl,
+                      **{s: 1 for s in UNIT_STRIDES})
     aligned = GEMM_ALIGNED + ("partials_ptr", "tickets_ptr", "K_PER_SPLIT")
     compiled = _compile(_int8_gemm_splitk_kernel, sig, constexprs, aligned, target, config.num_warps,
                         config.num_stages)
     ptx = compiled.asm["ptx"]
     return {**_features(compiled), "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx,
             "stores_fenced_before_ticket": _barrier_between_stores_and_ticket(ptx),
-            "sums_read_from_l2": "ld.global.cg" in ptx}
+            "sums_read_from_l2": "ld.global.cg" in ptx, "pdl": pdl,
+            "waits_before_first_read": _waits_before_first_read(ptx)}
+
+
+def _waits_before_first_read(ptx: str) -> bool:
+    """griddepcontrol.wait comes before the first global load (plain or cp.async): nothing the kernel before it
+    writes is read before that kernel's grid has finished."""
+    wait = ptx.find("griddepcontrol.wait")
+    reads = [i for i in (ptx.find("ld.global"), ptx.find("cp.async")) if i >= 0]
+    return wait >= 0 and (not reads or wait < min(reads))
 
 
 def _persistent_signature(config, out_type):
@@ -196,17 +208,19 @@ def compile_decode_quantize(k, target, x_type="fp16", m=None):
            "outlier_count_ptr": "*i32", "row_cols_ptr": "*i32", "row_counts_ptr": "*i32", "union_flags_ptr": "*i8",
            "ticket_ptr": "*i32", "M": "i32" if m is None else "constexpr", "K": "i32", "stride_xm": "i32",
            "stride_xk": "constexpr", "threshold": "fp32", "TILE": "constexpr", "ROW_IN_REGISTERS": "constexpr",
-           "MERGE_TILE": "constexpr", "UNION_TILE": "constexpr", "LIST_TILE": "constexpr", "INTERPRET": "constexpr"}
+           "MERGE_TILE": "constexpr", "UNION_TILE": "constexpr", "LIST_TILE": "constexpr", "INTERPRET": "constexpr",
+           "LAUNCH_DEPENDENTS": "constexpr"}
     constexprs = {"stride_xk": 1, "TILE": tile, "ROW_IN_REGISTERS": k <= tile,
                   "MERGE_TILE": triton_decode.MERGE_TILE,
                   "UNION_TILE": min(tile, triton_decode.UNION_TILE_MAX), "LIST_TILE": triton_decode.LIST_TILE,
-                  "INTERPRET": False, **({} if m is None else {"M": m})}
+                  "INTERPRET": False, "LAUNCH_DEPENDENTS": target.arch >= 90, **({} if m is None else {"M": m})}
     aligned = ("x_ptr", "q_ptr", "row_cols_ptr", "K", "stride_xm")
     warps = triton_decode.num_warps(tile, m or triton_decode.MAX_ROWS)
     compiled = _compile(_decode_quantize_kernel, sig, constexprs, aligned, target, warps, num_stages=1)
     ptx = compiled.asm["ptx"]
     return {**_features(compiled), "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx,
-            "stores_fenced_before_ticket": _barrier_between_stores_and_ticket(ptx)}
+            "stores_fenced_before_ticket": _barrier_between_stores_and_ticket(ptx),
+            "launches_dependents": "griddepcontrol.launch_dependents" in ptx}
 
 
 def _barrier_between_stores_and_ticket(ptx: str) -> bool:

@@ -78,6 +78,29 @@ def decode_path() -> str:
     return _decode_path
 
 
+PDL_ENV_VAR = "INT8MM_PDL"
+_pdl_enabled: bool | None = None
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether Triton kernels on ``device`` use programmatic dependent launch (PDL): a decode GEMM scheduled while
+    the quantization kernel before it finishes, waiting for it on the GPU (``griddepcontrol``). NVIDIA GPUs of
+    compute capability 9.0 (Hopper) and newer, unless INT8MM_PDL=0 (read once, like the variables above).
+
+    Raises:
+        ValueError: INT8MM_PDL holds something other than 0 or 1.
+    """
+    global _pdl_enabled
+    if _pdl_enabled is None:
+        _pdl_enabled = env_choice(PDL_ENV_VAR, ("0", "1"), "1") == "1"
+    return _pdl_enabled and _compute_capability(device) >= (9, 0)
+
+
+@functools.cache
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
 # Probed once at import (without importing either): torch.compile traces backend resolution, and
 # importlib cannot be traced; a failed import on every call would also be slow.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -243,11 +266,12 @@ def set_default_backend(backend) -> None:
 
 
 def refresh_from_environment() -> None:
-    """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM and INT8MM_PREFILL_QUANT again
-    at the next op call (they are read once otherwise)."""
-    global _triton_interpreting, _decode_path
+    """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM, INT8MM_PREFILL_QUANT and
+    INT8MM_PDL again at the next op call (they are read once otherwise)."""
+    global _triton_interpreting, _decode_path, _pdl_enabled
     _triton_interpreting = None
     _decode_path = None
+    _pdl_enabled = None
     set_default_backend(None)
     triton_backend = sys.modules.get(f"{__name__}.triton")
     if triton_backend is not None:  # not imported yet: it reads the variable at its first prefill call anyway

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from ..kernels.triton.decode import _decode_quantize_kernel
-from . import triton_counters, triton_interpreting
+from . import programmatic_launch, triton_counters, triton_interpreting
 
 log = logging.getLogger("int8mm")
 
@@ -88,7 +88,7 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
         x, q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags, counter,
         m, k, x.stride(0), x.stride(1), threshold,
         TILE=tile, ROW_IN_REGISTERS=k <= tile, MERGE_TILE=MERGE_TILE, UNION_TILE=min(tile, UNION_TILE_MAX),
-        LIST_TILE=LIST_TILE, INTERPRET=triton_interpreting(),
+        LIST_TILE=LIST_TILE, INTERPRET=triton_interpreting(), LAUNCH_DEPENDENTS=programmatic_launch(dev),
         num_warps=num_warps(tile, m),
     )
     return q_x, s_x, outlier_cols, outlier_count

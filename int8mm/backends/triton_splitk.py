@@ -8,7 +8,8 @@
   PROGRAMS_PER_SM programs on every SM. Layers with enough tiles (SPLIT_K would be 1) take the classic kernel.
 
 Read once, at the first decode call (``int8mm.backends.refresh_from_environment()`` reads it again). Both compute
-the same output bit for bit. Per call the split-K GEMM allocates its slices' sums ([SPLIT_K, M, N] int32, never
+the same output bit for bit. On sm_90+ the split-K GEMM is launched with programmatic dependent launch (unless
+INT8MM_PDL=0): scheduled while the kernel before it finishes, it waits for that kernel on the GPU before reading. Per call the split-K GEMM allocates its slices' sums ([SPLIT_K, M, N] int32, never
 filled) and uses one counter per output tile from ``triton_counters`` (zeroed once, reset by the kernel); a CUDA
 graph capture that finds no free counters takes the classic kernel, logged once.
 """
@@ -19,7 +20,7 @@ import torch
 import triton
 
 from ..kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
-from . import env_choice, triton_counters, triton_interpreting
+from . import env_choice, programmatic_launch, triton_counters, triton_interpreting
 
 log = logging.getLogger("int8mm")
 
@@ -110,6 +111,8 @@ def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, 
         x.stride(0), x.stride(1),
     )
     flags = {"FUSED": True, "HAS_BIAS": bias is not None}
+    if programmatic_launch(q_x.device):  # sm_90+: scheduled while the quantization kernel finishes, then waits
+        flags.update(WAIT_FOR_PRIOR_GRID=True, launch_pdl=True)
     grid = (triton.cdiv(n, BLOCK_N) * split,)
     if triton_interpreting():
         _int8_gemm_splitk_kernel[grid](*args, **flags, **INTERPRETER_CONFIG)

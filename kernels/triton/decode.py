@@ -25,6 +25,7 @@ the row maximum is the same max over the same elements, and the quantization is 
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .quantize import _quantize_tile, _row_reciprocal
 
@@ -168,7 +169,12 @@ def _decode_quantize_kernel(
     UNION_TILE: tl.constexpr,        # else the union sweeps K, this many columns per step (<= TILE)
     LIST_TILE: tl.constexpr,         # list entries per step of the union
     INTERPRET: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,  # sm_90+: let a kernel launched with PDL start now (it waits for us)
 ):
+    if LAUNCH_DEPENDENTS:
+        # programmatic dependent launch: the GEMM after this kernel may be scheduled while it runs; the GEMM waits
+        # (griddepcontrol.wait) for this grid to finish, and its memory to be visible, before reading anything
+        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, TILE)
     # int64 element offsets: x (any strides, a view whose rows or columns lie far apart) may span more than 2^31

@@ -13,11 +13,14 @@ its whole K alone (Llama-3-8B o_proj ran at 0.84 TB/s that way on an H200, while
    writes the tile through the same epilogue as the classic kernel (``store_dequantized_tile``).
 
 The sums are integers, so adding the slices in any order gives the classic kernel's int32 result exactly, and
-the output equals the classic path's bit for bit. Only the counters must be 0 when a launch starts; the
+the output equals the classic path's bit for bit. On sm_90+ the launcher starts it with programmatic dependent
+launch (PDL): its programs are scheduled while the quantization kernel before it finishes, and wait for that
+grid (``gdc_wait``) before their first read, which hides the launch gap between the two kernels. Only the counters must be 0 when a launch starts; the
 launcher keeps them per (device, stream) or per captured call (int8mm/backends/triton_splitk.py).
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .decode import _take_ticket
 from .gemm import store_dequantized_tile
@@ -51,7 +54,12 @@ def _int8_gemm_splitk_kernel(
     # meta-parameters
     FUSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WAIT_FOR_PRIOR_GRID: tl.constexpr = False,  # launched with PDL (sm_90+): wait before reading any input
 ):
+    if WAIT_FOR_PRIOR_GRID:
+        # programmatic dependent launch: this grid may start while the quantization kernel before it still runs;
+        # nothing that kernel writes (q_x, s_x, the outlier list) is read before this returns
+        gdc_wait()
     pid = tl.program_id(0)
     # the splits of one tile are neighbours in launch order: they run at the same time and finish together. Which
     # slice a program sums rotates with the tile, so that programs run one after another (Triton's interpreter)
