@@ -172,7 +172,10 @@ def test_splitk_decode_gemm_configs(report, arch, config, out_type):
     assert got["ticket_acq_rel"], "the last-arrival ticket is not an acq_rel atomic"
     assert got["stores_fenced_before_ticket"], "no CTA barrier between the slice's stores and the ticket"
     assert got["sums_read_from_l2"], "the other slices' sums are not read with ld.global.cg"
-    if arch == "sm90":  # launched with programmatic dependent launch: it must wait for the grid before it first
+    # sm_90: launched with programmatic dependent launch, it must wait for the grid before it first reads; sm_80
+    # has no griddepcontrol at all
+    assert got["grid_wait"] == (arch == "sm90")
+    if arch == "sm90":
         assert got["waits_before_first_read"], "griddepcontrol.wait missing or after a global load"
     assert not got["spills"], "registers spill to local memory (PTX)"
     programs = triton_splitk.PROGRAMS_PER_SM

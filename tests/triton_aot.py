@@ -117,7 +117,7 @@ def compile_splitk(config, target, out_type):
     ptx = compiled.asm["ptx"]
     return {**_features(compiled), "ticket_acq_rel": "atom.global.gpu.acq_rel.add" in ptx,
             "stores_fenced_before_ticket": _barrier_between_stores_and_ticket(ptx),
-            "sums_read_from_l2": "ld.global.cg" in ptx, "pdl": pdl,
+            "sums_read_from_l2": "ld.global.cg" in ptx, "pdl": pdl, "grid_wait": "griddepcontrol" in ptx,
             "waits_before_first_read": _waits_before_first_read(ptx)}
 
 
