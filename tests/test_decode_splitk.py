@@ -219,13 +219,18 @@ def test_programmatic_launch_only_on_hopper_and_newer(monkeypatch):
     monkeypatch.setattr(backends, "_compute_capability", lambda device: capabilities.get(device, (0, 0)))
     monkeypatch.delenv(backends.PDL_ENV_VAR, raising=False)
     backends.refresh_from_environment()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backends.refresh_from_environment()
     assert [backends.programmatic_launch(d) for d in (*capabilities, torch.device("cpu"))] == [True, False, False]
+    _set(monkeypatch, "TRITON_INTERPRET", "1")  # the interpreter cannot run griddepcontrol, even on CUDA tensors
+    assert not backends.programmatic_launch(torch.device("cuda", 0))
+    _set(monkeypatch, "TRITON_INTERPRET", "0")
     _set(monkeypatch, backends.PDL_ENV_VAR, "0")
     assert not backends.programmatic_launch(torch.device("cuda", 0))
     _set(monkeypatch, backends.PDL_ENV_VAR, "yes")
     with pytest.raises(ValueError, match=r"INT8MM_PDL must be one of '0', '1', got 'yes'"):
         backends.programmatic_launch(torch.device("cuda", 0))
-    monkeypatch.delenv(backends.PDL_ENV_VAR)
+    monkeypatch.undo()  # TRITON_INTERPRET and INT8MM_PDL as they were
     backends.refresh_from_environment()
 
 
@@ -245,7 +250,10 @@ def test_the_launch_asks_for_pdl_where_it_runs(pdl, splitk, monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.setdefault(self.name, kwargs)
 
+    # the plain kernel (the interpreter, INT8MM_AUTOTUNE=0) and the autotuned one (a GPU): neither really runs, so
+    # nothing reads what the recorded quantization did not write
     monkeypatch.setattr(triton_splitk, "_int8_gemm_splitk_kernel", Recorded("gemm"))
+    monkeypatch.setattr(triton_splitk, "_splitk_autotuned", Recorded("gemm"))
     monkeypatch.setattr(triton_decode, "_decode_quantize_kernel", Recorded("quantize"))
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
     triton_linear(_activations(5, 300), q_w, s_w, None, 6.0)

@@ -122,11 +122,11 @@ def compile_splitk(config, target, out_type):
 
 
 def _waits_before_first_read(ptx: str) -> bool:
-    """griddepcontrol.wait comes before the first global load (plain or cp.async): nothing the kernel before it
-    writes is read before that kernel's grid has finished."""
+    """griddepcontrol.wait comes before the first global memory access (a load, cp.async, a store, an atomic or a
+    reduction): nothing the kernel before it uses is touched before that kernel's grid has finished."""
     wait = ptx.find("griddepcontrol.wait")
-    reads = [i for i in (ptx.find("ld.global"), ptx.find("cp.async")) if i >= 0]
-    return wait >= 0 and (not reads or wait < min(reads))
+    accesses = [i for i in (ptx.find(op) for op in ("ld.global", "cp.async", "st.global", "atom.", "red.")) if i >= 0]
+    return wait >= 0 and (not accesses or wait < min(accesses))
 
 
 def _persistent_signature(config, out_type):

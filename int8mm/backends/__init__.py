@@ -93,12 +93,16 @@ def programmatic_launch(device: torch.device) -> bool:
     global _pdl_enabled
     if _pdl_enabled is None:
         _pdl_enabled = env_choice(PDL_ENV_VAR, ("0", "1"), "1") == "1"
-    return _pdl_enabled and _compute_capability(device) >= (9, 0)
+    # the interpreter cannot run griddepcontrol, even on CUDA tensors
+    return _pdl_enabled and not triton_interpreting() and _compute_capability(device) >= (9, 0)
 
 
 @functools.cache
 def _compute_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    """An NVIDIA GPU's compute capability; (0, 0) for anything else (a ROCm GPU's numbers mean other things)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
 
 
 # Probed once at import (without importing either): torch.compile traces backend resolution, and

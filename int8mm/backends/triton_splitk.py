@@ -9,9 +9,10 @@
 
 Read once, at the first decode call (``int8mm.backends.refresh_from_environment()`` reads it again). Both compute
 the same output bit for bit. On sm_90+ the split-K GEMM is launched with programmatic dependent launch (unless
-INT8MM_PDL=0): scheduled while the kernel before it finishes, it waits for that kernel on the GPU before reading. Per call the split-K GEMM allocates its slices' sums ([SPLIT_K, M, N] int32, never
-filled) and uses one counter per output tile from ``triton_counters`` (zeroed once, reset by the kernel); a CUDA
-graph capture that finds no free counters takes the classic kernel, logged once.
+INT8MM_PDL=0): scheduled while the kernel before it finishes, it waits for that kernel on the GPU before reading.
+Per call the split-K GEMM allocates its slices' sums ([SPLIT_K, M, N] int32, never filled) and uses one counter per
+output tile from ``triton_counters`` (zeroed once, reset by the kernel); a CUDA graph capture that finds no free
+counters takes the classic kernel, logged once.
 """
 import functools
 import logging

@@ -12,11 +12,12 @@ its whole K alone (Llama-3-8B o_proj ran at 0.84 TB/s that way on an H200, while
 3. the last program adds the other slices' sums to its own, resets the counter to 0 for the next launch, and
    writes the tile through the same epilogue as the classic kernel (``store_dequantized_tile``).
 
-The sums are integers, so adding the slices in any order gives the classic kernel's int32 result exactly, and
-the output equals the classic path's bit for bit. On sm_90+ the launcher starts it with programmatic dependent
-launch (PDL): its programs are scheduled while the quantization kernel before it finishes, and wait for that
-grid (``gdc_wait``) before their first read, which hides the launch gap between the two kernels. Only the counters must be 0 when a launch starts; the
-launcher keeps them per (device, stream) or per captured call (int8mm/backends/triton_splitk.py).
+The sums are integers, so adding the slices in any order gives the classic kernel's int32 result exactly, and the
+output equals the classic path's bit for bit. On sm_90+ the launcher starts it with programmatic dependent launch
+(PDL): its programs are scheduled while the quantization kernel before it finishes, and wait for that grid
+(``gdc_wait``) before their first read, which hides the launch gap between the two kernels. Only the counters must
+be 0 when a launch starts; the launcher keeps them per (device, stream) or per captured call
+(int8mm/backends/triton_splitk.py).
 """
 import triton
 import triton.language as tl
