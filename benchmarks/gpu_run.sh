@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The script a lent GPU machine runs, in one or two calls of at most 10 minutes each (a session has about 15
 # minutes of device time in all, the machine's start included):
-#   PLAN=first  (default, ~9.5 min of stage limits): the GPU tests of what never ran on a GPU, the candidate benchmarks
-#               (two-kernel decode and split-K decode GEMM, rowwise prefill quantization, persistent prefill GEMM),
-#               benchmarks/gpu_choose.py
-#               picking the winners, then the per-layer benchmark at M = 1 and 16 with them.
-#   PLAN=second (~8 min): compute-sanitizer, the remaining Triton tests, the host-time suite, the per-layer
-#               benchmark at M = 512 and 2048, the end-to-end model benchmark. Pass the first call's choices
+#   PLAN=first  (default, 9 min of stage limits): the GPU tests of what never ran on a GPU, the candidate
+#               benchmarks (two-kernel decode and split-K decode GEMM, rowwise prefill quantization, persistent
+#               prefill GEMM), benchmarks/gpu_choose.py picking the winners, then the per-layer benchmark at M = 1
+#               and 16 with them.
+#   PLAN=second (~9 min): compute-sanitizer, the remaining Triton tests, the host-time suite, the decode benchmark
+#               without PDL (INT8MM_PDL=0), the per-layer benchmark at M = 512 and 2048, the end-to-end model
+#               benchmark. Pass the first call's choices
 #               (choices.txt in the archive) as environment variables, e.g. PLAN=second INT8MM_DECODE_PATH=fused.
 #               After a machine start and PLAN=first, a 15-minute session rarely has the time left for it:
 #               plan it for the next session that draws a GPU.
@@ -27,8 +28,8 @@ WORK="$(mktemp -d)"
 pack() { tar czf "$OUT/results.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
 # every stage ends by DEADLINE seconds after the start (a call is killed at its timeout_s, 600 at most): its
 # limit shrinks to what is left, keeping a margin for packing and the kill grace; a stage with under 10 s left
-# is skipped (its log says so)
-DEADLINE="${DEADLINE:-580}"
+# is skipped (its log says so). PLAN=all runs both plans in one call, on a machine without the 600 s limit.
+if [ "$PLAN" = all ]; then DEADLINE="${DEADLINE:-1160}"; else DEADLINE="${DEADLINE:-580}"; fi
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep the log, summarise its tail, pack
   local name=$1 limit=$2; shift 2
   local left=$(( DEADLINE - SECONDS - 15 ))
@@ -119,6 +120,10 @@ second() {
       tests/test_loading.py tests/test_integrations_accelerate.py tests/test_integrations_transformers.py
   fi
   stage host_bench "${HOST_BENCH_TIMEOUT:-25}" python3 -m int8mm.cli bench --suite host --device cuda --out "$WORK"
+  # the decode candidates again without programmatic dependent launch: what PDL itself is worth (TUNING.md)
+  mkdir -p "$WORK/no_pdl"
+  INT8MM_PDL=0 stage decode_bench_no_pdl "${DECODE_BENCH_TIMEOUT:-65}" python3 benchmarks/bench_decode.py \
+    --out "$WORK/no_pdl"
   mkdir -p "$WORK/prefill"
   stage prefill_bench "${PREFILL_BENCH_TIMEOUT:-130}" python3 benchmarks/bench_gpu.py --out "$WORK/prefill" \
     ${PREFILL_BENCH_ARGS:---m 512 2048 --models Llama-3-8B Llama-3-70B}
