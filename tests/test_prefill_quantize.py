@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import int8mm
-from int8mm.backends import registry
+from int8mm.backends import refresh_from_environment, registry
 from int8mm.backends.reference import quantize_activations_op as reference_quantize
 from helpers import DEVICE, OpRecorder, planted_outliers, random_weight, view_beyond_2_31
 
@@ -30,14 +30,14 @@ BENCH_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", 
 
 @pytest.fixture
 def scheme(monkeypatch):
-    """Sets INT8MM_PREFILL_QUANT for the test (the backend reads it once; the cache is cleared around)."""
+    """Sets INT8MM_PREFILL_QUANT for the test (the backend reads it once; it is read again around the test)."""
     def choose(name):
         monkeypatch.setenv(triton_backend.PREFILL_QUANT_ENV_VAR, name)
-        triton_backend.prefill_quant_scheme.cache_clear()
+        refresh_from_environment()
 
     yield choose
     monkeypatch.delenv(triton_backend.PREFILL_QUANT_ENV_VAR, raising=False)
-    triton_backend.prefill_quant_scheme.cache_clear()
+    refresh_from_environment()
 
 
 @pytest.fixture
@@ -202,13 +202,11 @@ def test_unknown_scheme_is_an_error(value, scheme):
 
 def test_default_is_classic(scheme, monkeypatch):
     monkeypatch.delenv(triton_backend.PREFILL_QUANT_ENV_VAR, raising=False)
-    triton_backend.prefill_quant_scheme.cache_clear()
+    refresh_from_environment()
     assert triton_backend.prefill_quant_scheme() == "classic"
 
 
 def test_refresh_from_environment_reads_the_scheme_again(scheme, monkeypatch):
-    from int8mm.backends import refresh_from_environment
-
     scheme("classic")
     assert triton_backend.prefill_quant_scheme() == "classic"
     monkeypatch.setenv(triton_backend.PREFILL_QUANT_ENV_VAR, "rowwise")

@@ -51,7 +51,6 @@ DECODE_PATH_ENV_VAR = "INT8MM_DECODE_PATH"
 # how the Triton backend runs a decode call (M <= 16 rows): "classic" = zero-fill, statistics, quantization and
 # GEMM kernels; "fused" = one quantization kernel (no fills) and the GEMM (int8mm/backends/triton_decode.py)
 DECODE_PATHS = ("classic", "fused")
-_decode_path: str | None = None
 
 
 def env_choice(variable: str, choices: tuple[str, ...], default: str) -> str:
@@ -66,20 +65,29 @@ def env_choice(variable: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
+_settings: dict[str, str] = {}  # schedule variables read so far; refresh_from_environment empties it
+
+
+def env_setting(variable: str, choices: tuple[str, ...], default: str) -> str:
+    """``env_choice``, read once per variable (``refresh_from_environment`` reads them all again): the schedule
+    variables are asked on every op call. A bad value is not remembered: it raises at every call until fixed."""
+    try:
+        return _settings[variable]
+    except KeyError:
+        value = _settings[variable] = env_choice(variable, choices, default)
+        return value
+
+
 def decode_path() -> str:
     """INT8MM_DECODE_PATH (default "classic"), read once (see ``refresh_from_environment``).
 
     Raises:
         ValueError: the variable holds another value (raised at every call until it is fixed).
     """
-    global _decode_path
-    if _decode_path is None:
-        _decode_path = env_choice(DECODE_PATH_ENV_VAR, DECODE_PATHS, "classic")
-    return _decode_path
+    return env_setting(DECODE_PATH_ENV_VAR, DECODE_PATHS, "classic")
 
 
 PDL_ENV_VAR = "INT8MM_PDL"
-_pdl_enabled: bool | None = None
 
 
 def programmatic_launch(device: torch.device) -> bool:
@@ -90,11 +98,9 @@ def programmatic_launch(device: torch.device) -> bool:
     Raises:
         ValueError: INT8MM_PDL holds something other than 0 or 1.
     """
-    global _pdl_enabled
-    if _pdl_enabled is None:
-        _pdl_enabled = env_choice(PDL_ENV_VAR, ("0", "1"), "1") == "1"
     # the interpreter cannot run griddepcontrol, even on CUDA tensors
-    return _pdl_enabled and not triton_interpreting() and _compute_capability(device) >= (9, 0)
+    return (env_setting(PDL_ENV_VAR, ("0", "1"), "1") == "1" and not triton_interpreting()
+            and _compute_capability(device) >= (9, 0))
 
 
 @functools.cache
@@ -272,17 +278,10 @@ def set_default_backend(backend) -> None:
 def refresh_from_environment() -> None:
     """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM, INT8MM_PREFILL_QUANT and
     INT8MM_PDL again at the next op call (they are read once otherwise)."""
-    global _triton_interpreting, _decode_path, _pdl_enabled
+    global _triton_interpreting
     _triton_interpreting = None
-    _decode_path = None
-    _pdl_enabled = None
+    _settings.clear()
     set_default_backend(None)
-    triton_backend = sys.modules.get(f"{__name__}.triton")
-    if triton_backend is not None:  # not imported yet: it reads the variable at its first prefill call anyway
-        triton_backend.prefill_quant_scheme.cache_clear()
-    splitk = sys.modules.get(f"{__name__}.triton_splitk")
-    if splitk is not None:
-        splitk.decode_gemm.cache_clear()
 
 
 @functools.cache

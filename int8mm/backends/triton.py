@@ -22,7 +22,7 @@ from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
                                        _rowwise_quantize_kernel)
 from ..devices import on_device_of
-from . import decode_path, env_choice, registry, triton_decode, triton_interpreting, triton_prefill, triton_splitk
+from . import decode_path, env_setting, registry, triton_decode, triton_interpreting, triton_prefill, triton_splitk
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -103,7 +103,6 @@ PREFILL_QUANT_SCHEMES = ("classic", "rowwise")
 DEFAULT_PREFILL_QUANT = "classic"  # until a GPU run measures "rowwise" (benchmarks/bench_quantize_pass.py)
 
 
-@functools.cache
 def prefill_quant_scheme() -> str:
     """The prefill quantization scheme named by INT8MM_PREFILL_QUANT (read once;
     ``int8mm.backends.refresh_from_environment()`` reads it again).
@@ -111,7 +110,7 @@ def prefill_quant_scheme() -> str:
     Raises:
         ValueError: the variable names no scheme.
     """
-    return env_choice(PREFILL_QUANT_ENV_VAR, PREFILL_QUANT_SCHEMES, DEFAULT_PREFILL_QUANT)
+    return env_setting(PREFILL_QUANT_ENV_VAR, PREFILL_QUANT_SCHEMES, DEFAULT_PREFILL_QUANT)
 
 
 # rowwise: tiles of BLOCK_M rows x 2048 columns, 16 elements per thread (4 warps per row): 80 registers per

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from ..kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
-from . import env_choice, programmatic_launch, triton_counters, triton_interpreting
+from . import env_setting, programmatic_launch, triton_counters, triton_interpreting
 
 log = logging.getLogger("int8mm")
 
@@ -56,7 +56,6 @@ _splitk_autotuned = triton.autotune(configs=SPLITK_CONFIGS, key=["M_BUCKET", "N"
     _int8_gemm_splitk_kernel)
 
 
-@functools.cache
 def decode_gemm() -> str:
     """The decode GEMM named by INT8MM_DECODE_GEMM (read once; ``int8mm.backends.refresh_from_environment()``
     reads it again).
@@ -64,7 +63,7 @@ def decode_gemm() -> str:
     Raises:
         ValueError: the variable names no schedule.
     """
-    return env_choice(DECODE_GEMM_ENV_VAR, DECODE_GEMMS, DEFAULT_DECODE_GEMM)
+    return env_setting(DECODE_GEMM_ENV_VAR, DECODE_GEMMS, DEFAULT_DECODE_GEMM)
 
 
 def split_schedule(n: int, k: int, num_sms: int) -> tuple[int, int]:
