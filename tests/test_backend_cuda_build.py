@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from int8mm.backends import c_calls, cuda, cuda_build
+from int8mm.backends import cuda, cuda_build
 
 EXPORTED = {"int8mm_abi_version", "int8mm_error_string", "int8mm_workspace_ints", "int8mm_quantize_activations",
             "int8mm_int8_matmul", "int8mm_int8_linear", "int8mm_linear_call_size"}
@@ -68,13 +68,13 @@ def test_the_packed_linear_call_reads_its_fields_in_order(library, monkeypatch):
     monkeypatch.setenv(cuda_build.LIBRARY_ENV_VAR, str(library))
     cuda.library.cache_clear()
     lib = cuda.library()  # raises if the sizes differ
-    assert lib.int8mm_linear_call_size() == c_calls.LINEAR_CALL.size == 18 * 8 + 8
+    assert lib.int8mm_linear_call_size() == cuda.LINEAR_CALL.size == 18 * 8 + 8
     fields = ("x", "x_dtype", "M", "K", "stride_xm", "stride_xk", "q_w", "s_w", "N", "bias", "bias_dtype",
               "workspace", "q_x", "s_x", "outlier_cols", "outlier_count", "out", "stream")
 
     def call(threshold=6.0, **values):
-        buffer = ctypes.create_string_buffer(c_calls.LINEAR_CALL.size)
-        c_calls.LINEAR_CALL.pack_into(buffer, 0, *(values.get(name, 0) for name in fields), threshold)
+        buffer = ctypes.create_string_buffer(cuda.LINEAR_CALL.size)
+        cuda.LINEAR_CALL.pack_into(buffer, 0, *(values.get(name, 0) for name in fields), threshold)
         return lib.int8mm_int8_linear(ctypes.addressof(buffer))
 
     invalid = 1  # cudaErrorInvalidValue

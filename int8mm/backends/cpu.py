@@ -54,7 +54,7 @@ def library() -> ctypes.CDLL:
         fn.restype, fn.argtypes = restype, argtypes
     if lib.int8mm_cpu_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} speaks ABI {lib.int8mm_cpu_abi_version()}, this int8mm needs {ABI_VERSION}")
-    c_calls.check_call_size(lib.int8mm_cpu_linear_call_size(), str(path), layout=LINEAR_CALL)
+    c_calls.check_call_size(lib.int8mm_cpu_linear_call_size(), str(path), LINEAR_CALL)
     return lib
 
 

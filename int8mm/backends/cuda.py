@@ -5,6 +5,7 @@ loaded (and, where nvcc is present, built into the cache) at first use, never at
 """
 import ctypes
 import functools
+import struct
 
 import torch
 
@@ -22,11 +23,13 @@ _SIGNATURES = {
     "int8mm_workspace_ints": (_i64, [_i64, _i64]),
     "int8mm_quantize_activations": (_i32, [_p, _i32, _i64, _i64, _i64, _i64, _f32, _p, _p, _p, _p, _p, _p]),
     "int8mm_int8_matmul": (_i32, [_p, _p, _p, _i64, _i64, _i64, _p]),
-    # one packed struct int8mm_linear_call (kernels/cuda/int8mm.h), c_calls.LINEAR_CALL: x, x_dtype, M, K, stride_xm,
-    # stride_xk, q_w, s_w, N, bias, bias_dtype, workspace, q_x, s_x, outlier_cols, outlier_count, out, stream, threshold
+    # one packed struct int8mm_linear_call (kernels/cuda/int8mm.h), LINEAR_CALL below, as a bytes object
     "int8mm_int8_linear": (_i32, [_p]),
     "int8mm_linear_call_size": (_i32, []),
 }
+# the fused call's arguments: x, x_dtype, M, K, stride_xm, stride_xk, q_w, s_w, N, bias, bias_dtype, workspace, q_x,
+# s_x, outlier_cols, outlier_count, out, stream as 8-byte integers, then the threshold as a double
+LINEAR_CALL = struct.Struct("<18qd")
 _SCRATCH_ALIGN = 256  # bytes: each buffer carved from the fused call's scratch starts this aligned
 
 
@@ -45,7 +48,8 @@ def library() -> ctypes.CDLL:
     if lib.int8mm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"the int8mm CUDA library speaks ABI {lib.int8mm_abi_version()}, this int8mm "
                            f"needs {ABI_VERSION}: {cuda_build.HOW_TO_BUILD}")
-    c_calls.check_call_size(lib.int8mm_linear_call_size(), "the int8mm CUDA library", f": {cuda_build.HOW_TO_BUILD}")
+    c_calls.check_call_size(lib.int8mm_linear_call_size(), "the int8mm CUDA library", LINEAR_CALL,
+                            f": {cuda_build.HOW_TO_BUILD}")
     return lib
 
 
@@ -104,8 +108,10 @@ def int8_matmul(a, b):
 def _scratch_layout(m: int, k: int) -> tuple[int, tuple[int, ...]]:
     """Total bytes and the offsets of workspace int32 [library's count], q_x int8 [M, K], s_x fp32 [M], outlier
     columns int32 [K] and count int32 [1] in the fused call's one scratch allocation (five would cost five
-    trips through the caching allocator on every call)."""
-    return c_calls.aligned_offsets([4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4], _SCRATCH_ALIGN)
+    trips through the caching allocator on every call), each starting _SCRATCH_ALIGN-aligned."""
+    sizes = [4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4]
+    padded = [-(-size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN for size in sizes]
+    return sum(padded), tuple(sum(padded[:i]) for i in range(len(sizes)))
 
 
 @registry.register(BACKEND, "int8_linear")
@@ -122,7 +128,7 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     workspace, q_x, s_x, outlier_cols, outlier_count = (base + offset for offset in offsets)
     with on_device_of(x):
         # a fresh bytes object per call (ctypes passes its address): cheaper than a per-thread buffer's lookups
-        call = c_calls.LINEAR_CALL.pack(
+        call = LINEAR_CALL.pack(
             x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(), s_w.data_ptr(), n,
             bias.data_ptr() if bias is not None else 0, _DTYPE_CODES[bias.dtype if bias is not None else x.dtype],
             workspace, q_x, s_x, outlier_cols, outlier_count, out.data_ptr(), raw_stream(x.device), threshold)
