@@ -23,6 +23,7 @@ from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_column
                                        _rowwise_quantize_kernel)
 from ..devices import on_device_of
 from . import decode_path, env_setting, registry, triton_decode, triton_interpreting, triton_prefill, triton_splitk
+from .triton_launch import cdiv, launch, next_power_of_2, round_up
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -76,16 +77,18 @@ class _ActivationStats:
         self.block_m, self.block_k, self.num_warps = _stats_tile(m)
         # the quantize pass tiles [BLOCK_M, BLOCK_K]; the stats pass gives each program a run of column
         # blocks, enough programs to cover the GPU twice over
-        self.grid = (triton.cdiv(m, self.block_m), triton.cdiv(k, self.block_k))
-        splits = min(self.grid[1], triton.cdiv(2 * _multiprocessors(x.device), self.grid[0]))
-        k_per_program = triton.cdiv(self.grid[1], splits) * self.block_k
-        buffer = torch.zeros(m + k + self.grid[1], dtype=torch.int32, device=x.device)
-        self.row_max_bits, self.col_flags, self.block_counts = buffer.split([m, k, self.grid[1]])
-        _activation_stats_kernel[(self.grid[0], triton.cdiv(k, k_per_program))](
+        self.grid = (cdiv(m, self.block_m), cdiv(k, self.block_k))
+        splits = min(self.grid[1], cdiv(2 * _multiprocessors(x.device), self.grid[0]))
+        k_per_program = cdiv(self.grid[1], splits) * self.block_k
+        # each part starts 16-byte aligned: aligned loads, and one compiled variant of each kernel whatever M % 4
+        m_words, k_words = round_up(m, 4), round_up(k, 4)
+        buffer = torch.zeros(m_words + k_words + self.grid[1], dtype=torch.int32, device=x.device)
+        self.row_max_bits, self.col_flags, self.block_counts = (
+            buffer[:m], buffer[m_words:m_words + k], buffer[m_words + k_words:])
+        launch(_activation_stats_kernel, (self.grid[0], cdiv(k, k_per_program)), (
             x, self.row_max_bits, self.col_flags, self.block_counts, m, k, k_per_program,
             x.stride(0), x.stride(1), threshold,
-            BLOCK_M=self.block_m, BLOCK_K=self.block_k, num_warps=self.num_warps,
-        )
+        ), {"BLOCK_M": self.block_m, "BLOCK_K": self.block_k, "num_warps": self.num_warps})
 
 
 @functools.cache
@@ -143,11 +146,11 @@ def _rowwise_schedule(x: torch.Tensor) -> tuple[int, int]:
     m, k = x.shape
     sms, l2_bytes = _multiprocessors(x.device), _l2_cache_bytes(x.device)
     block_m = ROWWISE_MAX_BLOCK_M
-    while block_m > 1 and triton.cdiv(m, block_m) < sms * ROWWISE_ROWS_PER_SM // block_m:
+    while block_m > 1 and cdiv(m, block_m) < sms * ROWWISE_ROWS_PER_SM // block_m:
         block_m //= 2
     row_block_bytes = block_m * k * x.element_size()
     in_l2 = max(sms, int(l2_bytes * ROWWISE_L2_SHARE) // row_block_bytes)
-    return block_m, min(triton.cdiv(m, block_m), sms * ROWWISE_ROWS_PER_SM // block_m, in_l2)
+    return block_m, min(cdiv(m, block_m), sms * ROWWISE_ROWS_PER_SM // block_m, in_l2)
 
 
 @functools.cache
@@ -159,20 +162,18 @@ def _l2_cache_bytes(device: torch.device) -> int:
 
 def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
     m, k = x.shape
-    num_k_blocks = triton.cdiv(k, ROWWISE_BLOCK_K)
+    num_k_blocks = cdiv(k, ROWWISE_BLOCK_K)
     buffer = torch.zeros(k + num_k_blocks, dtype=torch.int32, device=x.device)
     col_flags, block_counts = buffer.split([k, num_k_blocks])
     block_m, programs = _rowwise_schedule(x)
-    _rowwise_quantize_kernel[(programs,)](
+    launch(_rowwise_quantize_kernel, (programs,), (
         x, q_x, s_x, col_flags, block_counts, m, k, x.stride(0), x.stride(1), threshold,
-        BLOCK_M=block_m, BLOCK_K=ROWWISE_BLOCK_K, SWEEP_PARTS=ROWWISE_SWEEP_PARTS, INTERPRET=triton_interpreting(),
-        num_warps=rowwise_warps(block_m),
-    )
-    _outlier_columns_kernel[(num_k_blocks, triton.cdiv(m, OUTLIER_ROWS_PER_PROGRAM))](
+    ), {"BLOCK_M": block_m, "BLOCK_K": ROWWISE_BLOCK_K, "SWEEP_PARTS": ROWWISE_SWEEP_PARTS,
+        "INTERPRET": triton_interpreting(), "num_warps": rowwise_warps(block_m)})
+    launch(_outlier_columns_kernel, (num_k_blocks, cdiv(m, OUTLIER_ROWS_PER_PROGRAM)), (
         col_flags, block_counts, q_x, outlier_cols, outlier_count, m, k, num_k_blocks, OUTLIER_ROWS_PER_PROGRAM,
-        BLOCK_K=ROWWISE_BLOCK_K, MAX_K_BLOCKS=triton.next_power_of_2(num_k_blocks), **OUTLIER_TILE,
-        num_warps=OUTLIER_WARPS,
-    )
+    ), {"BLOCK_K": ROWWISE_BLOCK_K, "MAX_K_BLOCKS": next_power_of_2(num_k_blocks), **OUTLIER_TILE,
+        "num_warps": OUTLIER_WARPS})
 
 
 def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_columns: bool = False,
@@ -191,12 +192,11 @@ def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_column
         _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count)
         return q_x, s_x, outlier_cols, outlier_count
     stats = _ActivationStats(x, threshold)
-    _quantize_rows_kernel[stats.grid](
+    launch(_quantize_rows_kernel, stats.grid, (
         x, stats.row_max_bits, stats.col_flags, stats.block_counts, q_x, s_x, outlier_cols, outlier_count,
         m, k, stats.grid[1], x.stride(0), x.stride(1),
-        BLOCK_M=stats.block_m, BLOCK_K=stats.block_k, MAX_K_BLOCKS=triton.next_power_of_2(stats.grid[1]),
-        INTERPRET=triton_interpreting(), num_warps=stats.num_warps,
-    )
+    ), {"BLOCK_M": stats.block_m, "BLOCK_K": stats.block_k, "MAX_K_BLOCKS": next_power_of_2(stats.grid[1]),
+        "INTERPRET": triton_interpreting(), "num_warps": stats.num_warps})
     return q_x, s_x, outlier_cols, outlier_count
 
 
@@ -241,23 +241,23 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
         triton_prefill.log_classic_fallback_once(reason)
     args = (
         q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out,
-        m, n, k, triton.next_power_of_2(m),
+        m, n, k, next_power_of_2(m),
         q_x.stride(0), q_x.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
         x.stride(0), x.stride(1),
     )
     flags = {"FUSED": fused, "HAS_BIAS": bias is not None}
 
     def grid(meta):  # one program per output tile
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
     if triton_interpreting():
-        _int8_gemm_dequant_kernel[grid](*args, **flags, **INTERPRETER_GEMM)
+        launch(_int8_gemm_dequant_kernel, grid, args, {**flags, **INTERPRETER_GEMM})
     elif not autotune:
         cfg = (DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS)[0]
-        _int8_gemm_dequant_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                        num_stages=cfg.num_stages)
+        launch(_int8_gemm_dequant_kernel, grid, args,
+               {**flags, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     else:
-        (_gemm_decode if m <= DECODE_MAX_M else _gemm_prefill)[grid](*args, **flags)
+        launch(_gemm_decode if m <= DECODE_MAX_M else _gemm_prefill, grid, args, flags)
     return out
 
 

@@ -4,10 +4,10 @@ Used by the backward of ``int8_linear`` on CUDA tensors when Triton is installed
 it runs on CPU tensors with the interpreter's fixed tile.
 """
 import torch
-import triton
 
 from ..kernels.triton.backward import _dequant_matmul_kernel
 from . import triton_interpreting
+from .triton_launch import cdiv, launch
 from ..devices import on_device_of
 
 # fp32 FMA tiles (no tensor cores at IEEE fp32); the interpreter gets the smallest tile tl.dot accepts
@@ -31,11 +31,10 @@ def dequant_matmul(grad_y: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor) -
     if n == 0:
         return out.zero_()
     tile = INTERPRETER_TILE if triton_interpreting() else GPU_TILE
-    grid = (triton.cdiv(m, tile["BLOCK_M"]), triton.cdiv(k, tile["BLOCK_K"]))
+    grid = (cdiv(m, tile["BLOCK_M"]), cdiv(k, tile["BLOCK_K"]))
     with on_device_of(grad_y):  # a layer on another GPU than the current one (device_map="auto")
-        _dequant_matmul_kernel[grid](
+        launch(_dequant_matmul_kernel, grid, (
             grad_y, q_w, s_w, out, m, n, k,
             grad_y.stride(0), grad_y.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
-            **tile,
-        )
+        ), tile)
     return out

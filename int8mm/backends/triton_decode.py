@@ -14,10 +14,10 @@ import functools
 import logging
 
 import torch
-import triton
 
 from ..kernels.triton.decode import _decode_quantize_kernel
 from . import programmatic_launch, triton_counters, triton_interpreting
+from .triton_launch import cdiv, launch, next_power_of_2, round_up
 
 log = logging.getLogger("int8mm")
 
@@ -45,7 +45,7 @@ def _log_capture_fallback_once(device: torch.device) -> None:
 
 def row_tile(k: int) -> int:
     """Columns a program loads at once for rows of ``k`` columns (a power of two)."""
-    return min(triton.next_power_of_2(k), ROW_TILE_MAX)
+    return min(next_power_of_2(k), ROW_TILE_MAX)
 
 
 def num_warps(tile: int, m: int) -> int:
@@ -80,15 +80,18 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
         if counter is None:
             _log_capture_fallback_once(dev)
             return None
-        scratch = torch.empty(m * k + m + triton.cdiv(k, 4), dtype=torch.int32, device=dev)
-        row_cols, row_counts, flag_words = scratch.split([m * k, m, triton.cdiv(k, 4)])
+        # each part starts 16-byte aligned (one compiled variant whatever M and K are modulo 4)
+        cols_words, counts_words = round_up(m * k, 4), round_up(m, 4)
+        scratch = torch.empty(cols_words + counts_words + cdiv(k, 4), dtype=torch.int32, device=dev)
+        row_cols = scratch[:m * k]
+        row_counts = scratch[cols_words:cols_words + m]
+        flag_words = scratch[cols_words + counts_words:]
         union_flags = flag_words.view(torch.int8)
     tile = row_tile(k)
-    _decode_quantize_kernel[(m,)](
+    launch(_decode_quantize_kernel, (m,), (
         x, q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags, counter,
         m, k, x.stride(0), x.stride(1), threshold,
-        TILE=tile, ROW_IN_REGISTERS=k <= tile, MERGE_TILE=MERGE_TILE, UNION_TILE=min(tile, UNION_TILE_MAX),
-        LIST_TILE=LIST_TILE, INTERPRET=triton_interpreting(), LAUNCH_DEPENDENTS=programmatic_launch(dev),
-        num_warps=num_warps(tile, m),
-    )
+    ), {"TILE": tile, "ROW_IN_REGISTERS": k <= tile, "MERGE_TILE": MERGE_TILE, "UNION_TILE": min(tile, UNION_TILE_MAX),
+        "LIST_TILE": LIST_TILE, "INTERPRET": triton_interpreting(), "LAUNCH_DEPENDENTS": programmatic_launch(dev),
+        "num_warps": num_warps(tile, m)})
     return q_x, s_x, outlier_cols, outlier_count

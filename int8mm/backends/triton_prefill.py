@@ -21,6 +21,7 @@ import triton
 
 from ..kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
 from . import env_choice, triton_interpreting
+from .triton_launch import cdiv, next_power_of_2
 
 log = logging.getLogger("int8mm")
 
@@ -138,13 +139,13 @@ def launch_persistent_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_cou
     b_desc = TensorDescriptor(q_w, [n, k], [q_w.stride(0), 1], [first["BLOCK_N"], first["BLOCK_K"]])
     args = (
         a_desc, b_desc, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out,
-        m, n, k, triton.next_power_of_2(m),
+        m, n, k, next_power_of_2(m),
         q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1), x.stride(0), x.stride(1),
     )
     flags = {"FUSED": fused, "HAS_BIAS": bias is not None}
 
     def grid(meta):  # persistent: no more programs than tiles, nor than fit on the GPU at once
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
         return (min(tiles, num_sms * meta["PROGRAMS_PER_SM"]),)
 
     if triton_interpreting() or not autotune:

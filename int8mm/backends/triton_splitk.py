@@ -22,6 +22,7 @@ import triton
 
 from ..kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
 from . import env_setting, programmatic_launch, triton_counters, triton_interpreting
+from .triton_launch import cdiv, launch, next_power_of_2
 
 log = logging.getLogger("int8mm")
 
@@ -70,11 +71,11 @@ def split_schedule(n: int, k: int, num_sms: int) -> tuple[int, int]:
     """``(SPLIT_K, K_PER_SPLIT)`` for a decode GEMM of ``n`` outputs over ``k`` columns: enough splits that about
     PROGRAMS_PER_SM programs run on each of ``num_sms`` SMs, each a whole number of K_STEPs long and, but for the
     last (what is left of K), at least MIN_SPLIT_COLUMNS; none empty."""
-    tiles = triton.cdiv(n, BLOCK_N)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, tiles)
+    tiles = cdiv(n, BLOCK_N)
+    wanted = cdiv(PROGRAMS_PER_SM * num_sms, tiles)
     split = max(1, min(wanted, k // MIN_SPLIT_COLUMNS))
-    k_per_split = triton.cdiv(triton.cdiv(k, split), K_STEP) * K_STEP
-    return triton.cdiv(k, k_per_split), k_per_split
+    k_per_split = cdiv(cdiv(k, split), K_STEP) * K_STEP
+    return cdiv(k, k_per_split), k_per_split
 
 
 @functools.cache
@@ -99,27 +100,27 @@ def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, 
     split, k_per_split = split_schedule(n, k, num_sms)
     if split == 1:
         return False
-    tickets = triton_counters.counter_pool(q_x.device).counters(triton.cdiv(n, BLOCK_N))
+    tickets = triton_counters.counter_pool(q_x.device).counters(cdiv(n, BLOCK_N))
     if tickets is None:
         _log_classic_fallback_once(q_x.device)
         return False
     partials = torch.empty((split, m, n), dtype=torch.int32, device=q_x.device)
     args = (
         q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out, partials, tickets,
-        m, n, k, k_per_split, split, triton.next_power_of_2(m),
+        m, n, k, k_per_split, split, next_power_of_2(m),
         q_x.stride(0), q_x.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
         x.stride(0), x.stride(1),
     )
     flags = {"FUSED": True, "HAS_BIAS": bias is not None}
     if programmatic_launch(q_x.device):  # sm_90+: scheduled while the quantization kernel finishes, then waits
         flags.update(WAIT_FOR_PRIOR_GRID=True, launch_pdl=True)
-    grid = (triton.cdiv(n, BLOCK_N) * split,)
+    grid = (cdiv(n, BLOCK_N) * split,)
     if triton_interpreting():
-        _int8_gemm_splitk_kernel[grid](*args, **flags, **INTERPRETER_CONFIG)
+        launch(_int8_gemm_splitk_kernel, grid, args, {**flags, **INTERPRETER_CONFIG})
     elif not autotune:
         cfg = SPLITK_CONFIGS[0]
-        _int8_gemm_splitk_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                       num_stages=cfg.num_stages)
+        launch(_int8_gemm_splitk_kernel, grid, args,
+               {**flags, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     else:
-        _splitk_autotuned[grid](*args, **flags)
+        launch(_splitk_autotuned, grid, args, flags)
     return True

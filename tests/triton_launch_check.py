@@ -1,0 +1,171 @@
+"""Records the Triton backend's launches through the JIT and through ``triton_launch``'s direct path; prints JSON.
+
+Run as a script (``python tests/triton_launch_check.py``) in a process without TRITON_INTERPRET: it installs
+``triton_fake_driver`` (real sm_90 compiles, launches recorded instead of run) and calls the backend's entry points
+on CPU tensors. Each scenario is a list of calls, made four times: twice with INT8MM_TRITON_LAUNCH=jit (the first
+compiles and autotunes; the second is recorded), then twice with the direct path (the first fills its cache through
+the JIT, the second should not touch the JIT at all).
+``test_triton_launch.py`` asserts that the three record the same launches and counts the JIT runs of the last.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["INT8MM_AUTOTUNE"] = "0"  # one config per kernel (fewer compiles); one scenario autotunes
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import triton_fake_driver  # noqa: E402
+from int8mm import backends  # noqa: E402
+from int8mm.backends import triton as triton_backend  # noqa: E402
+from int8mm.backends import triton_backward, triton_decode, triton_launch, triton_splitk  # noqa: E402
+
+triton_fake_driver.install()
+
+jit_runs = 0
+_jit_run = JITFunction.run
+
+
+def _counted_run(self, *args, **kwargs):
+    global jit_runs
+    jit_runs += 1
+    return _jit_run(self, *args, **kwargs)
+
+
+JITFunction.run = _counted_run
+
+
+def _set_environment(**variables):
+    for name, value in variables.items():
+        os.environ[name] = value
+    backends.refresh_from_environment()
+
+
+def _describe(value, buffers):
+    """A launch argument as JSON: tensors by their place among the call's buffers (first seen, first numbered),
+    dtype, shape, strides and 16-byte alignment; the rest by repr."""
+    if isinstance(value, torch.Tensor):
+        buffer = buffers.setdefault(value.data_ptr(), len(buffers))
+        return ["tensor", buffer, str(value.dtype), list(value.shape), list(value.stride()), value.data_ptr() % 16]
+    return repr(value)
+
+
+def _record(call):
+    """The launches ``call`` makes, described, and how many JIT runs it took."""
+    global jit_runs
+    triton_fake_driver.launches.clear()
+    jit_runs = 0
+    call()
+    buffers = {}
+    launches = [[grid_x, grid_y, grid_z, stream, function, id(metadata), [_describe(a, buffers) for a in args]]
+                for grid_x, grid_y, grid_z, stream, function, metadata, args in triton_fake_driver.launches]
+    return {"launches": launches, "jit_runs": jit_runs}
+
+
+def _run_scenario(calls, **environment):
+    saved = {name: os.environ.get(name) for name in (*environment, triton_launch.LAUNCH_ENV_VAR)}
+    results = {}
+    try:
+        # "warm-up": compiles and autotunes, so that "jit" records the launches of a warm process
+        for label, mode in (("warm-up", "jit"), ("jit", "jit"), ("direct_first", "direct"), ("direct_hit", "direct")):
+            _set_environment(**environment, INT8MM_TRITON_LAUNCH=mode)
+            results[label] = [_record(call) for call in calls]
+        del results["warm-up"]
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        backends.refresh_from_environment()
+    return results
+
+
+def _layer(m, n, k, dtype, bias, offset=0):
+    """x [m, k] (``offset`` elements past a 16-byte boundary), int8 weight, scales, bias."""
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    storage = torch.randn(m * k + offset, generator=g).to(dtype)
+    x = storage[offset:].view(m, k)
+    x[:, 3] = 40.0  # one outlier column
+    q_w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s_w = torch.rand(n, generator=g) + 0.5
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, q_w, s_w, b
+
+
+def _linear(m, n, k, dtype=torch.float16, bias=False, offset=0):
+    x, q_w, s_w, b = _layer(m, n, k, dtype, bias, offset)
+    return lambda: triton_backend.int8_linear(x, q_w, s_w, b, 6.0)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * factor, mask=offs < n)
+
+
+class _Size(int):
+    """An int the launch key does not know: such a launch must always take the JIT."""
+
+
+def _with_launch_hook(call):
+    def hooked():
+        hook = lambda metadata: None  # noqa: E731
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            call()
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+    return hooked
+
+
+def scenarios():
+    x_small = torch.randn(100)
+    y_small = torch.empty(100)
+    grad = torch.randn(5, 64, dtype=torch.float16)
+    _, q_w, s_w, _ = _layer(1, 64, 96, torch.float16, False)
+    pdl = {"programmatic": lambda device: True}
+    return {
+        "classic decode, fp16, 1 row": ([_linear(1, 64, 256)], {}),
+        "classic decode, bf16, 3 rows, bias": ([_linear(3, 64, 256, torch.bfloat16, True)], {}),
+        "prefill, fp32, 40 rows": ([_linear(40, 64, 256, torch.float32)], {}),
+        "prefill, 40 then 41 rows (one specialization)": ([_linear(40, 64, 256), _linear(41, 64, 256)], {}),
+        "rowwise prefill quantization": ([_linear(40, 64, 256)], {"INT8MM_PREFILL_QUANT": "rowwise"}),
+        "fused decode + split-K, 1 and 4 rows": (
+            [_linear(1, 64, 2048), _linear(4, 64, 2048, bias=True)],
+            {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"}, pdl),
+        "x 16-byte aligned, then not, then aligned": (
+            [_linear(2, 64, 256), _linear(2, 64, 256, offset=1), _linear(2, 64, 256)], {}),
+        "autotuned decode GEMM": ([_linear(1, 64, 512)], {"INT8MM_AUTOTUNE": "1"}),
+        "backward input gradient": ([lambda: triton_backward.dequant_matmul(grad, q_w, s_w)], {}),
+        "quantize_activations op": ([lambda: triton_backend.quantize_activations(grad, 6.0)], {}),
+        "launch hook in use": ([_with_launch_hook(_linear(1, 64, 256))], {}),
+        "argument of an unknown type": ([lambda: triton_launch.launch(
+            _scale_kernel, (4,), (x_small, y_small, _Size(100), 2.0), {"BLOCK": 32})], {}),
+        "runtime argument given by name": ([lambda: triton_launch.launch(
+            _scale_kernel, (4,), (x_small, y_small, 100), {"factor": 2.0, "BLOCK": 32})], {}),
+    }
+
+
+def main():
+    report = {}
+    for name, (calls, environment, *patches) in scenarios().items():
+        originals = {}
+        for patch in patches:  # PDL on: the fake device is an sm_90 that programmatic_launch cannot see
+            for module in (triton_decode, triton_splitk):
+                originals[module] = module.programmatic_launch
+                module.programmatic_launch = patch["programmatic"]
+        try:
+            report[name] = _run_scenario(calls, **environment)
+        finally:
+            for module, original in originals.items():
+                module.programmatic_launch = original
+    report["cached_launch_keys"] = triton_launch.cached_launches()
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
