@@ -21,21 +21,27 @@ import torch.nn.functional as F
 
 import int8mm
 from int8mm import backends
-from int8mm.backends import triton_splitk
+from int8mm.backends import triton_launch, triton_splitk
 from int8mm.bench.environment import run_metadata
 from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations, random_weight
 from int8mm.bench.report import format_speedup, format_time, geomean, markdown_table, write_json_and_markdown
 from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
 from int8mm.bench.timing import time_cpu, time_cuda_eager, time_cuda_graph
 
-PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk")
+PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm classic, JIT launches")
 # the environment each int8mm provider runs under
 SCHEDULES = {
     "int8mm classic": {backends.DECODE_PATH_ENV_VAR: "classic", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
     "int8mm fused": {backends.DECODE_PATH_ENV_VAR: "fused", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
     "int8mm fused+splitk": {backends.DECODE_PATH_ENV_VAR: "fused", triton_splitk.DECODE_GEMM_ENV_VAR: "splitk"},
+    # the kernels launched through Triton's JIT (INT8MM_TRITON_LAUNCH=jit) instead of directly: what the direct
+    # launch saves in eager mode (a graph replays the same kernels either way, so it is timed eagerly only)
+    "int8mm classic, JIT launches": {backends.DECODE_PATH_ENV_VAR: "classic",
+                                     triton_splitk.DECODE_GEMM_ENV_VAR: "classic",
+                                     triton_launch.LAUNCH_ENV_VAR: triton_launch.JIT},
 }
-CANDIDATES = PROVIDERS[2:]  # compared with classic, output for output
+EAGER_ONLY = ("int8mm classic, JIT launches",)
+CANDIDATES = PROVIDERS[2:4]  # compared with classic, output for output
 THRESHOLD = 6.0
 # layers per shape: enough distinct weights that a timed round reads more than L2 holds (at least two)
 L2_MULTIPLE = 2
@@ -123,6 +129,8 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
             matches = {p: matches_classic(layers[0][1], xs[0], p) for p in CANDIDATES}
             for mode in modes:
                 for provider in PROVIDERS:
+                    if mode == "graph" and provider in EAGER_ONLY:
+                        continue
                     timing = time_provider(provider, mode, layers, xs, device, reps)
                     rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
                                  "provider": provider, "median_us": timing.median_s * 1e6,
@@ -153,15 +161,16 @@ def markdown(result: dict) -> str:
     cells = list(dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows))
     groups = {}
     for shape, m, mode in cells:
-        fp16, *times = (by_key[(shape, m, mode, p)] for p in PROVIDERS)
-        table.append([shape, str(m), mode, format_time(fp16), *map(format_time, times),
-                      *(format_speedup(fp16 / t) for t in times)])
+        fp16, *times = (by_key.get((shape, m, mode, p)) for p in PROVIDERS)  # None: not timed in this mode
+        table.append([shape, str(m), mode, format_time(fp16), *(format_time(t) if t else "-" for t in times),
+                      *(format_speedup(fp16 / t) if t else "-" for t in times)])
         model = shape.rsplit(" ", 1)[0]
-        groups.setdefault((model, m, mode), []).append([fp16 / t for t in times])
+        groups.setdefault((model, m, mode), []).append([fp16 / t if t else None for t in times])
     lines += markdown_table(["layer", "M", "mode", "fp16", *int8, *(f"{name} vs fp16" for name in int8)], table)
     lines += ["", "Geometric mean of the speed-up over fp16 per model, M and mode:", ""]
     lines += markdown_table(["model", "M", "mode", *int8], [
-        [model, str(m), mode, *(format_speedup(geomean(column)) for column in zip(*speedups))]
+        [model, str(m), mode, *(format_speedup(geomean(column)) if None not in column else "-"
+                                 for column in zip(*speedups))]
         for (model, m, mode), speedups in groups.items()])
     return "\n".join(lines) + "\n"
 

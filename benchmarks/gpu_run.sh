@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The script a lent GPU machine runs, in one or two calls of at most 10 minutes each (a session has about 15
 # minutes of device time in all, the machine's start included):
+#   Every plan starts with the GPU test of the direct Triton launch (a failure turns it off for the rest).
 #   PLAN=first  (default, 9 min of stage limits): the GPU tests of what never ran on a GPU, the candidate
 #               benchmarks (two-kernel decode and split-K decode GEMM, rowwise prefill quantization, persistent
 #               prefill GEMM), benchmarks/gpu_choose.py picking the winners, then the per-layer benchmark at M = 1
@@ -66,7 +67,7 @@ first() {
   # Tests use fixed Triton schedules (autotuning every ragged test shape costs minutes); benchmarks autotune.
   # New code paths first: the eager direct launch, opcheck on CUDA tensors, the CUDA backend's packed call,
   # the tiled backward; then each candidate's own tests, whose result gates that candidate alone.
-  INT8MM_AUTOTUNE=0 stage new_paths "${NEW_PATHS_TIMEOUT:-70}" python3 -m pytest -q -p no:cacheprovider \
+  INT8MM_AUTOTUNE=0 stage new_paths "${NEW_PATHS_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
   INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_decode_kernels.py
@@ -80,12 +81,12 @@ first() {
     -p no:cacheprovider tests/test_prefill_gemm.py
   # the CUDA backend's kernels, and the guard bands around every backend's buffers (out-of-bounds writes, which
   # compute-sanitizer may not be allowed to check)
-  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
+  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-55}" python3 -m pytest -q -p no:cacheprovider \
     -k "cuda or guard" tests/test_backend_kernels.py tests/test_guard_bands.py
   # the candidates against the classic paths, side by side (each compares its outputs with classic)
-  stage decode_bench "${DECODE_BENCH_TIMEOUT:-65}" python3 benchmarks/bench_decode.py --out "$WORK"
+  stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
   stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-45}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
-  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-75}" python3 benchmarks/bench_prefill_gemm.py \
+  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-70}" python3 benchmarks/bench_prefill_gemm.py \
     --out "$WORK" --forward
   # the winners serve the per-layer benchmark that follows: each only if its own tests passed
   python3 benchmarks/gpu_choose.py "$WORK" >"$WORK/choices.all" 2>"$WORK/choices.txt"
@@ -131,6 +132,16 @@ second() {
   stage model_bench "${MODEL_BENCH_TIMEOUT:-150}" python3 -m int8mm.cli bench --suite model --device cuda \
     --out "$WORK" ${MODEL_BENCH_ARGS:---layers 8 --batch-sizes 1 8}
 }
+
+# First of all: the direct launch of compiled Triton kernels (the default; int8mm/backends/triton_launch.py) against
+# the JIT's launches, on the GPU. Every later stage runs on it: if it fails, they run with the JIT's launches.
+INT8MM_AUTOTUNE=0 stage launch_tests "${LAUNCH_TEST_TIMEOUT:-25}" python3 -m pytest -q -p no:cacheprovider \
+  -k gpu tests/test_triton_launch.py
+if ! grep -q "^rc=0$" "$WORK/launch_tests.log"; then
+  export INT8MM_TRITON_LAUNCH=jit
+  echo "launch_tests did not pass: every later stage launches through the JIT (INT8MM_TRITON_LAUNCH=jit)" \
+    | tee -a "$OUT/summary.log"
+fi
 
 case "$PLAN" in
   first) first ;;

@@ -295,12 +295,15 @@ def test_bench_decode_script(tmp_path):
     spec.loader.exec_module(script)
     if DEVICE.type == "cuda":
         script.main(["--models", "SmolLM2-135M", "--m", "1", "--reps", "3", "--out", str(tmp_path)])
-        cells = 4 * 2  # SmolLM2's four layers, under graphs and eager
+        cells = {"graph": 4, "eager": 4}  # SmolLM2's four layers, under graphs and eager
     else:
         script.main(["--dry-run", "--m", "1", "3", "--reps", "1", "--out", str(tmp_path)])
-        cells = 2  # one tiny layer, M = 1 and 3, eager
+        cells = {"graph": 0, "eager": 2}  # one tiny layer, M = 1 and 3, eager
     rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
-    assert [r["provider"] for r in rows] == list(script.PROVIDERS) * cells
+    in_graphs = [p for p in script.PROVIDERS if p not in script.EAGER_ONLY]
+    assert [r["provider"] for r in rows if r["mode"] == "eager"] == list(script.PROVIDERS) * cells["eager"]
+    assert [r["provider"] for r in rows if r["mode"] == "graph"] == in_graphs * cells["graph"]
+    assert len(rows) == len(script.PROVIDERS) * cells["eager"] + len(in_graphs) * cells["graph"]
     assert all(r["median_us"] > 0 for r in rows)
     assert ("DRY RUN" in (tmp_path / "decode_bench.md").read_text()) == (DEVICE.type != "cuda")
     assert backends.decode_path() == "classic"  # the script restores the variable

@@ -172,3 +172,17 @@ def test_gpu_direct_launch_equals_jit_launch(monkeypatch, path, m):
     finally:
         monkeypatch.undo()
         backends.refresh_from_environment()
+
+
+@pytest.mark.slow
+def test_bench_launch_host_script(tmp_path):
+    """benchmarks/bench_launch_host.py runs end to end (its own process: it installs the stand-in driver) and
+    writes its table and medians."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_launch_host.py")
+    done = subprocess.run([sys.executable, script, "--rounds", "1", "--calls", "2", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    medians = json.loads((tmp_path / "launch_host.json").read_text())["median_us"]
+    assert len(medians) == 9 and all(row["jit"] > 0 and row["direct"] > 0 for row in medians.values())
+    assert "| 1 x 4096 -> 4096 | fused+splitk |" in (tmp_path / "launch_host.md").read_text()

@@ -1,0 +1,134 @@
+"""Host time of a Triton ``int8_linear`` call, its kernels launched through the JIT or directly, with no GPU.
+
+Runs the Triton backend's ``int8_linear`` on CPU tensors under ``tests/triton_fake_driver.py`` (real sm_90 compiles,
+launches recorded instead of run), so what is timed is everything a GPU call does on the host except the C
+launcher and the CUDA driver: allocations, checks, schedule choices, the launches' Python side. Each decode path
+(classic: stats, quantize and GEMM kernels; fused: quantize and GEMM; fused+splitk) is timed with
+INT8MM_TRITON_LAUNCH=jit and =direct, in rounds that take turns, in one process. Autotuning is on (as users run);
+the stand-in timer makes every config tie, so the first config is taken. The schedules are those of a GPU with
+SMS multiprocessors (an H200's 132; CPU tensors would otherwise get the interpreter's 4), so that split-K engages
+where it would there.
+
+    python benchmarks/bench_launch_host.py [--rounds 20] [--calls 50] [--threads 1] [--out DIR]
+
+Prints a markdown table (median and p20-p80 of the per-call microseconds) and writes it, with the raw medians as
+JSON, under --out.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import triton_fake_driver  # noqa: E402
+from int8mm import backends  # noqa: E402
+from int8mm.bench.environment import run_metadata  # noqa: E402
+from int8mm.backends import triton as triton_backend  # noqa: E402
+
+PATHS = {
+    "classic": {"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic"},
+    "fused": {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "classic"},
+    "fused+splitk": {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"},
+}
+MODES = ("jit", "direct")
+SMS = 132
+# Llama-3-8B o_proj (K = N = 4096) and down_proj (14336 -> 4096); M = 1 and 16
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096)]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of turns (default 20)")
+    parser.add_argument("--calls", type=int, default=50, help="timed calls per turn (default 50)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", default=None, help="folder for launch_host.md and launch_host.json")
+    args = parser.parse_args(argv)
+    for name in ("rounds", "calls", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _set_environment(variables: dict) -> None:
+    os.environ.update(variables)
+    backends.refresh_from_environment()
+
+
+def _layer(m: int, k: int, n: int):
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g).half()
+    x[:, torch.arange(8) * (k // 8)] = 30.0  # 8 outlier columns, as the GPU benchmarks plant
+    q_w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s_w = torch.rand(n, generator=g) + 0.5
+    return lambda: triton_backend.int8_linear(x, q_w, s_w, None, 6.0)
+
+
+def timed(args) -> dict:
+    samples = {}  # (shape, path, mode) -> per-call microseconds
+    calls = {shape: _layer(*shape) for shape in SHAPES}
+    for _ in range(args.rounds):
+        for shape, call in calls.items():
+            for path, environment in PATHS.items():
+                for mode in MODES:
+                    _set_environment({**environment, "INT8MM_TRITON_LAUNCH": mode})
+                    for _ in range(3):  # untimed: the settings are read again, caches filled
+                        call()
+                    triton_fake_driver.launches.clear()
+                    times = samples.setdefault((shape, path, mode), [])
+                    for _ in range(args.calls):
+                        start = time.perf_counter_ns()
+                        call()
+                        times.append((time.perf_counter_ns() - start) / 1e3)
+                    triton_fake_driver.launches.clear()
+    return samples
+
+
+def report(args, samples) -> tuple[str, dict, dict]:
+    meta = run_metadata(torch.device("cpu"))
+    header = (f"Triton int8_linear host time per call, no GPU (stand-in driver: launches recorded, not run); "
+              f"{meta['device']}, load average {meta['load_average_1m']}, {meta['date']}, torch {torch.__version__}, "
+              f"triton {triton.__version__}; {args.rounds} rounds x {args.calls} calls, taking turns; microseconds")
+    lines = [header, "", "| M x K -> N | path | launches via JIT | direct | saved |", "|---|---|---|---|---|"]
+    medians = {}
+    for shape in SHAPES:
+        for path in PATHS:
+            row = {}
+            for mode in MODES:
+                values = samples[(shape, path, mode)]
+                q = statistics.quantiles(values, n=10)
+                row[mode] = (statistics.median(values), q[1], q[7])
+            jit, direct = row["jit"][0], row["direct"][0]
+            medians[f"{shape[0]}x{shape[1]}->{shape[2]} {path}"] = {"jit": jit, "direct": direct}
+            cells = [f"{m:.1f} ({lo:.1f}-{hi:.1f})" for m, lo, hi in (row["jit"], row["direct"])]
+            lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {path} | {cells[0]} | {cells[1]} | "
+                         f"{jit - direct:.1f} ({jit / direct:.2f}x) |")
+    return "\n".join(lines), medians, meta
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ["INT8MM_AUTOTUNE"] = "1"
+    triton_fake_driver.install()
+    triton_backend._multiprocessors = lambda device: SMS
+    samples = timed(args)
+    text, medians, meta = report(args, samples)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "launch_host.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "launch_host.json"), "w") as f:
+            json.dump({"meta": meta, "median_us": medians}, f, indent=1)
+        print(f"written to {args.out}/launch_host.md and launch_host.json")
+
+
+if __name__ == "__main__":
+    main()
