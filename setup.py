@@ -65,7 +65,7 @@ setup(
     distclass=PlatformDistribution,
     install_requires=["torch>=2.5", "numpy", "packaging", "tqdm"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.4"],  # griddepcontrol (gdc_wait) in the kernels, knobs in the launcher
         # `int8mm bench` / `demo` / `eval` / `quantize`: the baselines, the plot, Hugging Face checkpoints
         "bench": ["bitsandbytes", "matplotlib", "transformers>=5,<6", "safetensors"],
         # LoRA adapters on int8mm layers (int8mm.integrations.peft), tested with this version

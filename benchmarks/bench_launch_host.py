@@ -4,15 +4,15 @@ Runs the Triton backend's ``int8_linear`` on CPU tensors under ``tests/triton_fa
 launches recorded instead of run), so what is timed is everything a GPU call does on the host except the C
 launcher and the CUDA driver: allocations, checks, schedule choices, the launches' Python side. Each decode path
 (classic: stats, quantize and GEMM kernels; fused: quantize and GEMM; fused+splitk) is timed with
-INT8MM_TRITON_LAUNCH=jit and =direct, in rounds that take turns, in one process. Autotuning is on (as users run);
-the stand-in timer makes every config tie, so the first config is taken. The schedules are those of a GPU with
+INT8MM_TRITON_LAUNCH=jit and =direct, in rounds that take turns, in one process. Autotuning is on (as users run;
+the stand-in's timer picks each config by a fixed pseudo-random sequence). The schedules are those of a GPU with
 SMS multiprocessors (an H200's 132; CPU tensors would otherwise get the interpreter's 4), so that split-K engages
 where it would there.
 
     python benchmarks/bench_launch_host.py [--rounds 20] [--calls 50] [--threads 1] [--out DIR]
 
-Prints a markdown table (median and p20-p80 of the per-call microseconds) and writes it, with the raw medians as
-JSON, under --out.
+Then one launch of the decode GEMM alone (plain and autotuned), through the JIT and directly. Prints markdown
+tables (median and p20-p80 of the per-call microseconds) and writes them, with the medians as JSON, under --out.
 """
 import argparse
 import json
@@ -31,6 +31,7 @@ import triton_fake_driver  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.bench.environment import run_metadata  # noqa: E402
 from int8mm.backends import triton as triton_backend  # noqa: E402
+from int8mm.backends import triton_launch  # noqa: E402
 
 PATHS = {
     "classic": {"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic"},
@@ -82,15 +83,53 @@ def timed(args) -> dict:
                         call()
                     triton_fake_driver.launches.clear()
                     times = samples.setdefault((shape, path, mode), [])
+                    triton_fake_driver.recording = False  # the stand-in launcher's own work stays out of the time
                     for _ in range(args.calls):
                         start = time.perf_counter_ns()
                         call()
                         times.append((time.perf_counter_ns() - start) / 1e3)
-                    triton_fake_driver.launches.clear()
+                    triton_fake_driver.recording = True
     return samples
 
 
-def report(args, samples) -> tuple[str, dict, dict]:
+def timed_single_launches(args) -> dict:
+    """One launch of the decode GEMM (8B o_proj, M=1), plain (one config) and autotuned, through the JIT
+    (``kernel[grid](...)``) and through ``triton_launch.launch``, taking turns; per-launch microseconds."""
+    m, k, n = 1, 4096, 4096
+    q_x = torch.zeros(m, k, dtype=torch.int8)
+    q_w = torch.zeros(n, k, dtype=torch.int8)
+    out, x = torch.empty(m, n, dtype=torch.float16), torch.zeros(m, k, dtype=torch.float16)
+    s_x, s_w = torch.ones(m), torch.ones(n)
+    cols, count = torch.zeros(k, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    kernel_args = (q_x, q_w, out, s_x, s_w, x, cols, count, out, m, n, k, 1, k, 1, k, 1, n, 1, k, 1)
+    first = triton_backend.DECODE_CONFIGS[0]
+    kernels = {
+        "plain": (triton_backend._int8_gemm_dequant_kernel,
+                  {"FUSED": True, "HAS_BIAS": False, **first.kwargs, "num_warps": first.num_warps,
+                   "num_stages": first.num_stages}),
+        "autotuned": (triton_backend._gemm_decode, {"FUSED": True, "HAS_BIAS": False}),
+    }
+    grid = (triton_launch.cdiv(n, 32),)
+    ways = {
+        "JIT": lambda kernel, options: kernel[grid](*kernel_args, **options),
+        "direct": lambda kernel, options: triton_launch.launch(kernel, grid, kernel_args, options),
+    }
+    samples = {}
+    triton_fake_driver.recording = False
+    for _ in range(args.rounds):
+        for name, (kernel, options) in kernels.items():
+            for way, call in ways.items():
+                call(kernel, options)  # untimed: compiles, autotunes, fills the cache
+                times = samples.setdefault((name, way), [])
+                for _ in range(args.calls):
+                    start = time.perf_counter_ns()
+                    call(kernel, options)
+                    times.append((time.perf_counter_ns() - start) / 1e3)
+    triton_fake_driver.recording = True
+    return samples
+
+
+def report(args, samples, single) -> tuple[str, dict, dict]:
     meta = run_metadata(torch.device("cpu"))
     header = (f"Triton int8_linear host time per call, no GPU (stand-in driver: launches recorded, not run); "
               f"{meta['device']}, load average {meta['load_average_1m']}, {meta['date']}, torch {torch.__version__}, "
@@ -109,6 +148,16 @@ def report(args, samples) -> tuple[str, dict, dict]:
             cells = [f"{m:.1f} ({lo:.1f}-{hi:.1f})" for m, lo, hi in (row["jit"], row["direct"])]
             lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {path} | {cells[0]} | {cells[1]} | "
                          f"{jit - direct:.1f} ({jit / direct:.2f}x) |")
+    lines += ["", "One launch of the decode GEMM (1 x 4096 -> 4096), alone:", "",
+              "| GEMM kernel | via JIT | direct |", "|---|---|---|"]
+    for name in ("plain", "autotuned"):
+        cells = []
+        for way in ("JIT", "direct"):
+            values = single[(name, way)]
+            q = statistics.quantiles(values, n=10)
+            medians[f"one launch, {name} GEMM, {way}"] = statistics.median(values)
+            cells.append(f"{statistics.median(values):.1f} ({q[1]:.1f}-{q[7]:.1f})")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines), medians, meta
 
 
@@ -119,7 +168,8 @@ def main(argv=None) -> None:
     triton_fake_driver.install()
     triton_backend._multiprocessors = lambda device: SMS
     samples = timed(args)
-    text, medians, meta = report(args, samples)
+    single = timed_single_launches(args)
+    text, medians, meta = report(args, samples, single)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

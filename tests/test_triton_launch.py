@@ -19,14 +19,23 @@ from gpu import requires_cuda  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.backends import triton_launch  # noqa: E402
 
-ALWAYS_JIT = ("launch hook in use", "argument of an unknown type", "runtime argument given by name")
+ALWAYS_JIT = ("launch hook in use", "argument of an unknown type", "runtime argument given by name", "heuristics",
+              "autotuner config with a pre-hook", "kernel with a pre-run hook")
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script_environment():
+    """This checkout first on the path (an editable install elsewhere would win otherwise), no interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPOSITORY, env.get("PYTHONPATH")) if p)
+    return env
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "triton_launch_check.py")
-    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, script], env=_script_environment(), capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
 
@@ -35,14 +44,21 @@ def report():
 SCENARIOS = [
     "classic decode, fp16, 1 row",
     "classic decode, bf16, 3 rows, bias",
+    "bias, then none, then bias",
     "prefill, fp32, 40 rows",
     "prefill, 40 then 41 rows (one specialization)",
+    "prefill, 32 rows, then 40, then 32",
     "rowwise prefill quantization",
     "fused decode + split-K, 1 and 4 rows",
-    "x 16-byte aligned, then not, then aligned",
-    "autotuned decode GEMM",
+    "x 16-byte aligned, then 2 and 8 bytes off, then aligned",
+    "x row-major, then column-major, then row-major",
+    "autotuned decode GEMM, two widths of one int class",
+    "device 0, then device 1 on another stream, then device 0",
     "backward input gradient",
     "quantize_activations op",
+    "a constexpr given positionally, 32 then 64",
+    "an int of 17, then of 1, then of 17",
+    "an option as True, then as 1",
     *ALWAYS_JIT,
 ]
 
@@ -72,13 +88,51 @@ def test_a_warm_direct_launch_skips_the_jit(report, scenario):
         assert hit["jit_runs"] == expected, f"call {call}: {hit['jit_runs']} JIT runs on a warm launch"
 
 
+def _hit_launches(report, scenario):
+    return [call["launches"] for call in report[scenario]["direct_hit"]]
+
+
+def _compiled(launch):
+    """What identifies the compiled kernel of a recorded launch: its function handle and its metadata object."""
+    return launch[4], launch[5]
+
+
+# scenarios whose middle call must run other compiled kernels than its neighbours (else they test nothing), and
+# the index of a launch that shows it
+DIFFERENT_KERNELS = {
+    "bias, then none, then bias": 2,  # the GEMM
+    "prefill, 32 rows, then 40, then 32": 0,  # the stats kernel reads M
+    "x 16-byte aligned, then 2 and 8 bytes off, then aligned": 0,  # the stats kernel reads x
+    "x row-major, then column-major, then row-major": 0,
+    "autotuned decode GEMM, two widths of one int class": 2,  # the autotuner picked another config
+    "device 0, then device 1 on another stream, then device 0": 0,
+    "a constexpr given positionally, 32 then 64": 0,
+    "an int of 17, then of 1, then of 17": 0,  # Triton compiles an int equal to 1 as a constant
+}
+
+
 @pytest.mark.slow
-def test_an_unaligned_input_gets_its_own_compiled_kernel(report):
-    aligned, unaligned, aligned_again = (call["launches"] for call in
-                                         report["x 16-byte aligned, then not, then aligned"]["direct_hit"])
-    functions = [[launch[4] for launch in launches] for launches in (aligned, unaligned, aligned_again)]
-    assert functions[0] == functions[2]
-    assert functions[0][0] != functions[1][0], "the stats kernel reads x: its specialization must differ"
+@pytest.mark.parametrize("scenario", DIFFERENT_KERNELS)
+def test_the_middle_call_runs_other_compiled_kernels(report, scenario):
+    index = DIFFERENT_KERNELS[scenario]
+    calls = _hit_launches(report, scenario)
+    first, middle = _compiled(calls[0][index]), _compiled(calls[1][index])
+    assert first != middle, "the scenario does not exercise what it names"
+    if len(calls) > 2:  # back to the first call's kind
+        assert _compiled(calls[-1][index]) == first
+
+
+@pytest.mark.slow
+def test_two_bytes_and_eight_bytes_off_are_both_unaligned(report):
+    calls = _hit_launches(report, "x 16-byte aligned, then 2 and 8 bytes off, then aligned")
+    assert _compiled(calls[1][0]) == _compiled(calls[2][0])  # one specialization: not 16-byte aligned
+
+
+@pytest.mark.slow
+def test_a_layer_on_another_device_launches_there(report):
+    calls = _hit_launches(report, "device 0, then device 1 on another stream, then device 0")
+    assert all(launch[4].endswith(":cuda1") and launch[3] == 9 for launch in calls[1])
+    assert all(launch[4].endswith(":cuda0") and launch[3] == 7 for launch in calls[0] + calls[2])
 
 
 @pytest.mark.slow
@@ -178,11 +232,13 @@ def test_gpu_direct_launch_equals_jit_launch(monkeypatch, path, m):
 def test_bench_launch_host_script(tmp_path):
     """benchmarks/bench_launch_host.py runs end to end (its own process: it installs the stand-in driver) and
     writes its table and medians."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_launch_host.py")
+    script = os.path.join(REPOSITORY, "benchmarks", "bench_launch_host.py")
     done = subprocess.run([sys.executable, script, "--rounds", "1", "--calls", "2", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=_script_environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     medians = json.loads((tmp_path / "launch_host.json").read_text())["median_us"]
-    assert len(medians) == 9 and all(row["jit"] > 0 and row["direct"] > 0 for row in medians.values())
+    calls = {name: row for name, row in medians.items() if not name.startswith("one launch")}
+    assert len(calls) == 9 and all(row["jit"] > 0 and row["direct"] > 0 for row in calls.values())
+    assert sorted(name for name in medians if name.startswith("one launch")) == [
+        f"one launch, {kind} GEMM, {way}" for kind in ("autotuned", "plain") for way in ("JIT", "direct")]
     assert "| 1 x 4096 -> 4096 | fused+splitk |" in (tmp_path / "launch_host.md").read_text()

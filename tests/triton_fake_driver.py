@@ -7,6 +7,7 @@ times. Import it in a process without TRITON_INTERPRET (the interpreter replaces
 before any kernel is launched.
 """
 import hashlib
+import itertools
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -14,20 +15,25 @@ from triton.runtime import driver
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY = 227 * 1024  # per block on an H100 / H200
-STREAM = 7  # what get_current_stream hands out: any value the launcher must pass on
 
+# what get_current_device / get_current_stream hand out: set them to switch "GPUs" and streams
+current_device = 0
+current_stream = 7
 launches: list[tuple] = []  # (grid_x, grid_y, grid_z, stream, function, metadata, args) per launch
+CONSTEXPR = "<constexpr>"  # what a launch records in place of a constexpr argument (the launcher skips those)
 recording = True
 
 
-def kernel_id(name: str, binary: bytes) -> str:
-    """A function handle that tells compiled variants apart (one per specialization and config)."""
-    return f"{name}:{hashlib.sha1(binary).hexdigest()[:12]}"
+def kernel_id(name: str, binary: bytes, device: int) -> str:
+    """A function handle that tells compiled variants apart (one per specialization and config) and the device
+    it was loaded on (a real handle belongs to one device's context)."""
+    return f"{name}:{hashlib.sha1(binary).hexdigest()[:12]}:cuda{device}"
 
 
 class _Utils:
     def load_binary(self, name, binary, shared, device):
-        return object(), kernel_id(name, binary), 64, 0, 1024  # module, function, registers, spills, max threads
+        # module, function, registers, spills, max threads
+        return object(), kernel_id(name, binary, device), 64, 0, 1024
 
     def get_device_properties(self, device):
         return {"max_shared_mem": SHARED_MEMORY, "multiprocessor_count": 132}
@@ -38,18 +44,28 @@ class _Launcher:
     aside: the JIT passes them, a direct launch passes None)."""
 
     def __init__(self, src, metadata):
-        self.src = src
+        self.signature = list(src.signature.values())
 
     def __call__(self, grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter_hook, exit_hook,
                  *args):
+        # as Triton 3.6's generated launcher: one argument per parameter, constexpr ones read and ignored
+        if len(args) != len(self.signature):
+            raise TypeError(f"the launcher takes {len(self.signature)} kernel arguments, got {len(args)}")
         if recording:
+            args = tuple(CONSTEXPR if kind == "constexpr" else arg for kind, arg in zip(self.signature, args))
             launches.append((grid_x, grid_y, grid_z, stream, function, metadata, args))
 
 
+_timings = itertools.count()
+
+
 def _bench(fn, quantiles=None, **kwargs):
-    """The autotuner's timer: every config takes the same time, so the first config wins, as on every run."""
+    """The autotuner's timer: each timing the next of a fixed pseudo-random sequence, so that the configs an
+    autotuner picks differ between keys (a launch key that lost the autotuner's key would show) yet are the same
+    on every run."""
     fn()
-    return [1.0] * len(quantiles) if quantiles else 1.0
+    time = 1.0 + (next(_timings) * 7919 % 13) / 13
+    return [time] * len(quantiles) if quantiles else time
 
 
 class FakeCudaDriver:
@@ -58,10 +74,10 @@ class FakeCudaDriver:
         self.launcher_cls = _Launcher
 
     def get_current_device(self):
-        return 0
+        return current_device
 
     def get_current_stream(self, device):
-        return STREAM
+        return current_stream
 
     def get_current_target(self):
         return TARGET

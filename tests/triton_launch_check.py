@@ -101,10 +101,21 @@ def _linear(m, n, k, dtype=torch.float16, bias=False, offset=0):
     return lambda: triton_backend.int8_linear(x, q_w, s_w, b, 6.0)
 
 
-@triton.jit
-def _scale_kernel(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr):
+def _scale(x_ptr, y_ptr, n, factor, BLOCK: tl.constexpr, DOUBLE: tl.constexpr = False):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * factor, mask=offs < n)
+    values = tl.load(x_ptr + offs, mask=offs < n) * factor
+    if DOUBLE:
+        values = values * 2
+    tl.store(y_ptr + offs, values, mask=offs < n)
+
+
+_scale_kernel = triton.jit(_scale)
+# what the launch key cannot see: heuristics (constexprs computed from values), a config's pre-hook, pre-run hooks
+_scale_heuristics = triton.heuristics({"BLOCK": lambda args: 32})(triton.jit(_scale))
+_scale_pre_hook = triton.autotune(configs=[triton.Config({"BLOCK": 32}, pre_hook=lambda nargs: None)],
+                                  key=["n"])(triton.jit(_scale))
+_scale_pre_run_hook = triton.jit(_scale)
+_scale_pre_run_hook.add_pre_run_hook(lambda *args, **kwargs: None)
 
 
 class _Size(int):
@@ -122,31 +133,73 @@ def _with_launch_hook(call):
     return hooked
 
 
+def _on_device(device, stream, call):
+    """``call`` with the stand-in's current device and stream set (a layer on another GPU, another stream)."""
+    def elsewhere():
+        saved = triton_fake_driver.current_device, triton_fake_driver.current_stream
+        triton_fake_driver.current_device, triton_fake_driver.current_stream = device, stream
+        try:
+            call()
+        finally:
+            triton_fake_driver.current_device, triton_fake_driver.current_stream = saved
+    return elsewhere
+
+
+def _column_major(m, n, k):
+    x, q_w, s_w, b = _layer(m, n, k, torch.float16, False)
+    x = x.t().contiguous().t()  # the same values, strides (1, m)
+    return lambda: triton_backend.int8_linear(x, q_w, s_w, b, 6.0)
+
+
+def _scale_launch(kernel, args=(), options=None, n=100):
+    x, y = torch.randn(100), torch.empty(100)
+    return lambda: triton_launch.launch(kernel, (4,), (x, y, n, 2.0, *args), options or {})
+
+
 def scenarios():
-    x_small = torch.randn(100)
-    y_small = torch.empty(100)
     grad = torch.randn(5, 64, dtype=torch.float16)
     _, q_w, s_w, _ = _layer(1, 64, 96, torch.float16, False)
     pdl = {"programmatic": lambda device: True}
     return {
         "classic decode, fp16, 1 row": ([_linear(1, 64, 256)], {}),
         "classic decode, bf16, 3 rows, bias": ([_linear(3, 64, 256, torch.bfloat16, True)], {}),
+        "bias, then none, then bias": (
+            [_linear(2, 64, 256, bias=True), _linear(2, 64, 256), _linear(2, 64, 256, bias=True)], {}),
         "prefill, fp32, 40 rows": ([_linear(40, 64, 256, torch.float32)], {}),
         "prefill, 40 then 41 rows (one specialization)": ([_linear(40, 64, 256), _linear(41, 64, 256)], {}),
+        "prefill, 32 rows, then 40, then 32": ([_linear(32, 64, 256), _linear(40, 64, 256), _linear(32, 64, 256)], {}),
         "rowwise prefill quantization": ([_linear(40, 64, 256)], {"INT8MM_PREFILL_QUANT": "rowwise"}),
         "fused decode + split-K, 1 and 4 rows": (
             [_linear(1, 64, 2048), _linear(4, 64, 2048, bias=True)],
             {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"}, pdl),
-        "x 16-byte aligned, then not, then aligned": (
-            [_linear(2, 64, 256), _linear(2, 64, 256, offset=1), _linear(2, 64, 256)], {}),
-        "autotuned decode GEMM": ([_linear(1, 64, 512)], {"INT8MM_AUTOTUNE": "1"}),
+        "x 16-byte aligned, then 2 and 8 bytes off, then aligned": (
+            [_linear(2, 64, 256), _linear(2, 64, 256, offset=1), _linear(2, 64, 256, offset=4),
+             _linear(2, 64, 256)], {}),
+        "x row-major, then column-major, then row-major": (
+            [_linear(2, 64, 256), _column_major(2, 64, 256), _linear(2, 64, 256)], {}),
+        "autotuned decode GEMM, two widths of one int class": (
+            [_linear(1, 64, 512), _linear(1, 128, 512), _linear(1, 64, 512)], {"INT8MM_AUTOTUNE": "1"}),
+        "device 0, then device 1 on another stream, then device 0": (
+            [_linear(1, 64, 256), _on_device(1, 9, _linear(1, 64, 256)), _linear(1, 64, 256)], {}),
         "backward input gradient": ([lambda: triton_backward.dequant_matmul(grad, q_w, s_w)], {}),
         "quantize_activations op": ([lambda: triton_backend.quantize_activations(grad, 6.0)], {}),
+        "a constexpr given positionally, 32 then 64": (
+            [_scale_launch(_scale_kernel, (32,)), _scale_launch(_scale_kernel, (64,)),
+             _scale_launch(_scale_kernel, (32,))], {}),
+        "an int of 17, then of 1, then of 17": (
+            [_scale_launch(_scale_kernel, (32,), n=17), _scale_launch(_scale_kernel, (32,), n=1),
+             _scale_launch(_scale_kernel, (32,), n=17)], {}),
+        "an option as True, then as 1": (
+            [_scale_launch(_scale_kernel, options={"BLOCK": 32, "DOUBLE": True}),
+             _scale_launch(_scale_kernel, options={"BLOCK": 32, "DOUBLE": 1})], {}),
         "launch hook in use": ([_with_launch_hook(_linear(1, 64, 256))], {}),
         "argument of an unknown type": ([lambda: triton_launch.launch(
-            _scale_kernel, (4,), (x_small, y_small, _Size(100), 2.0), {"BLOCK": 32})], {}),
+            _scale_kernel, (4,), (torch.randn(100), torch.empty(100), _Size(100), 2.0), {"BLOCK": 32})], {}),
         "runtime argument given by name": ([lambda: triton_launch.launch(
-            _scale_kernel, (4,), (x_small, y_small, 100), {"factor": 2.0, "BLOCK": 32})], {}),
+            _scale_kernel, (4,), (torch.randn(100), torch.empty(100), 100), {"factor": 2.0, "BLOCK": 32})], {}),
+        "heuristics": ([_scale_launch(_scale_heuristics)], {}),
+        "autotuner config with a pre-hook": ([_scale_launch(_scale_pre_hook)], {}),
+        "kernel with a pre-run hook": ([_scale_launch(_scale_pre_run_hook, options={"BLOCK": 32})], {}),
     }
 
 

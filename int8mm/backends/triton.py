@@ -163,8 +163,9 @@ def _l2_cache_bytes(device: torch.device) -> int:
 def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
     m, k = x.shape
     num_k_blocks = cdiv(k, ROWWISE_BLOCK_K)
-    buffer = torch.zeros(k + num_k_blocks, dtype=torch.int32, device=x.device)
-    col_flags, block_counts = buffer.split([k, num_k_blocks])
+    k_words = round_up(k, 4)  # block_counts 16-byte aligned whatever K is
+    buffer = torch.zeros(k_words + num_k_blocks, dtype=torch.int32, device=x.device)
+    col_flags, block_counts = buffer[:k], buffer[k_words:]
     block_m, programs = _rowwise_schedule(x)
     launch(_rowwise_quantize_kernel, (programs,), (
         x, q_x, s_x, col_flags, block_counts, m, k, x.stride(0), x.stride(1), threshold,

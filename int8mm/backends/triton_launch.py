@@ -1,21 +1,26 @@
 """Launching Triton kernels without the JIT's per-call work: ``launch(kernel, grid, args, options)``.
 
 ``kernel[grid](*args, **options)`` binds and specializes every argument, looks the compiled kernel up, and for an
-autotuned kernel first builds and looks up the autotuner's key: about 18 us of host time per launch for a plain
-kernel and 29 us for an autotuned one on a 2-core AMD EPYC (``benchmarks/bench_launch_host.py``), more than a
-decode GEMM's GPU time. ``launch`` does that once per *launch key* and then hands the arguments straight to the
-compiled kernel's launcher (about 1 us there).
+autotuned kernel first builds and looks up the autotuner's key: for the decode GEMM, 12 us of host time per launch
+plain and 24 us autotuned on a 2-core AMD EPYC (``benchmarks/bench_launch_host.py``), as much as the GEMM's GPU
+time. ``launch`` does that once per *launch key* and then hands the arguments straight to the compiled kernel's
+launcher: 6.5-7 us there, most of it building the key.
 
 The launch key holds everything Triton specializes a compiled kernel on, and more: the current device, the
-options (constexpr flags, ``num_warps``, ``launch_pdl``...), and per positional argument its type; for a tensor its
-dtype and whether its address is 16-byte aligned; for an int below 16 its value, for a larger one whether it is a
-multiple of 16 and its size class (32-bit, 64-bit, unsigned 64-bit), which covers Triton's "equals 1" and
-"divisible by 16" specializations and its integer types; for an autotuned kernel, also the values of the
-autotuner's key arguments. So the kernel a key maps to is the one the JIT would pick, and the cache does not grow
-with every prompt length (a row count of 40 and one of 41 share their kernels). A launch that does not fit this
-scheme always takes the JIT: an argument of another type (a TMA descriptor), a kernel whose parameters after the
-positional ones are not all constexpr, a kernel with heuristics or pre-run hooks, an autotuner config with a
-pre-hook, or Triton launch hooks in use (profilers see every launch).
+options (constexpr flags, ``num_warps``, ``launch_pdl``...) with their types (``True``, ``1`` and ``1.0`` compile
+apart), and per positional argument its type; for a tensor its dtype and whether its address is 16-byte aligned;
+for an int below 16 its value, for a larger one whether it is a multiple of 16 and its size class (32-bit,
+64-bit, unsigned 64-bit), which covers Triton's "equals 1" and "divisible by 16" specializations and its integer
+types; by value, the constexpr parameters given positionally and the arguments an autotuner keys its choice on.
+So the kernel a key maps to is the one the JIT would pick, and the cache does not grow with every prompt length
+(a row count of 40 and one of 41 share their kernels). A launch that does not fit this scheme always takes the
+JIT: an argument of another type (a TMA descriptor), a kernel whose parameters after the positional ones are not
+all constexpr, a kernel with heuristics or pre-run hooks, an autotuner config with a pre-hook, or Triton settings
+the JIT acts on at every launch (launch hooks, as profilers set them; debug mode; instrumentation).
+
+A key keeps the compiled kernel (and, for an autotuned kernel, the config) its first launch chose: after changing
+an autotuner's cache by hand, call ``clear_cache``. The JIT's check that a kernel's global variables have not
+changed since it was compiled is skipped on the direct path (int8mm's kernels read only constants).
 
 INT8MM_TRITON_LAUNCH=jit turns the cache off (read once; ``refresh_from_environment`` reads it again). Under the
 interpreter every launch takes the JIT (there is no compiled kernel).
@@ -25,6 +30,7 @@ from torch import Tensor
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import JITFunction
 
 from . import env_setting, triton_interpreting
 
@@ -69,8 +75,10 @@ def _tensor_key(t: torch.Tensor):
 
 
 def _int_key(v: int):
-    """Below 16, the value; else 16 + (multiple of 16) + 2 x (0 for 32-bit, 1 for 64-bit, 2 for unsigned 64-bit)."""
-    return v if v < 16 else 16 + (v % 16 == 0) + 2 * (v.bit_length() >> 5)
+    """Below 16, the value; else 16 + (multiple of 16) + 2 x size class (0: 32-bit, 1: 64-bit, 2: unsigned 64-bit,
+    3: wider, which Triton refuses)."""
+    bits = v.bit_length()
+    return v if v < 16 else 16 + (v % 16 == 0) + 2 * ((bits > 31) + (bits > 63) + (bits > 64))
 
 
 def _argument_key(arg):
@@ -103,6 +111,15 @@ class _CompiledLaunch:
         self.constants = {names[i]: value for i, value in by_index.items()}
 
 
+def _jit_function(kernel):
+    """The JITFunction under an autotuner or heuristics (None if ``kernel`` is none of those)."""
+    while not isinstance(kernel, JITFunction):
+        kernel = getattr(kernel, "fn", None)
+        if kernel is None:
+            return None
+    return kernel
+
+
 def _cacheable(kernel, compiled, num_args: int) -> bool:
     src = getattr(compiled, "src", None)
     if src is None or not hasattr(src, "signature") or not hasattr(compiled, "packed_metadata"):
@@ -110,27 +127,36 @@ def _cacheable(kernel, compiled, num_args: int) -> bool:
     types = list(src.signature.values())
     if any(t != "constexpr" for t in types[num_args:]):
         return False
-    jit_function = kernel
-    while hasattr(jit_function, "fn"):  # an Autotuner or Heuristics wraps the JITFunction
-        if isinstance(jit_function, Heuristics):  # constexprs computed from argument values the key does not hold
+    wrapper = kernel
+    while not isinstance(wrapper, JITFunction):
+        if isinstance(wrapper, Heuristics):  # constexprs computed from argument values the key does not hold
             return False
-        if isinstance(jit_function, Autotuner) and any(c.pre_hook is not None for c in jit_function.configs):
+        if isinstance(wrapper, Autotuner) and any(c.pre_hook is not None for c in wrapper.configs):
             return False
-        jit_function = jit_function.fn
-    return not getattr(jit_function, "pre_run_hooks", None)
+        wrapper = wrapper.fn
+    return not wrapper.pre_run_hooks
 
 
-def _autotune_key_positions(kernel) -> tuple[int, ...]:
-    """Positions of the arguments whose values an autotuner (the outermost wrapper only) keys its choice on."""
-    if not isinstance(kernel, Autotuner):
-        return ()
-    return tuple(kernel.arg_names.index(name) for name in kernel.keys if name in kernel.arg_names)
+def _positions_keyed_by_value(kernel) -> tuple[int, ...]:
+    """Positions of the arguments the launch key holds by value: the constexpr parameters (the JIT compiles one
+    kernel per value, even where they are passed positionally) and the arguments an autotuner (the outermost
+    wrapper only) keys its choice on."""
+    jit_function = _jit_function(kernel)
+    constexprs = [i for i, param in enumerate(jit_function.params) if param.is_constexpr] if jit_function else []
+    tuned = [kernel.arg_names.index(name) for name in kernel.keys if name in kernel.arg_names] \
+        if isinstance(kernel, Autotuner) else []
+    return tuple(sorted(set(constexprs + tuned)))
 
 
-def _hooks_in_use() -> bool:
-    runtime = knobs.runtime  # hook chains (Triton 3.4+); a plain callable or None in older versions
+def _jit_needed() -> bool:
+    """Triton settings that the launch key does not hold and the JIT acts on at every launch: launch hooks
+    (profilers), debug mode, instrumentation (Proton), a pipeline-inspection hook."""
+    runtime = knobs.runtime  # hook chains from Triton 3.6; a callable or None in 3.4 and 3.5
     return bool(getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook)
-                or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
+                or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook)
+                or runtime.debug
+                or getattr(knobs.compilation, "instrumentation_mode", "")
+                or getattr(runtime, "add_stages_inspection_hook", None) is not None)
 
 
 def launch(kernel, grid, args: tuple, options: dict) -> None:
@@ -143,19 +169,19 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
             by an autotuner config, or left to their defaults).
         options: constexpr values and launch options (``num_warps``, ``num_stages``, ``launch_pdl``), hashable.
     """
-    if triton_interpreting() or launch_mode() == JIT or _hooks_in_use():
+    if triton_interpreting() or launch_mode() == JIT or _jit_needed():
         kernel[grid](*args, **options)
         return
     slot = _kernels.get(id(kernel))
     if slot is None or slot[0] is not kernel:  # hashing a JITFunction costs more than this whole lookup
-        slot = _kernels[id(kernel)] = (kernel, _autotune_key_positions(kernel), {})
+        slot = _kernels[id(kernel)] = (kernel, _positions_keyed_by_value(kernel), {})
     _, by_value, compiled_by_key = slot
     device = driver.active.get_current_device()
     # tensors and ints inline (most arguments; a function call each would cost more than the test); ints as
     # _int_key says
-    key = (device, tuple(options.items()),
+    key = (device, tuple(options.items()), tuple(map(type, options.values())),
            *[(a.dtype, a.data_ptr() % 16 == 0) if type(a) is Tensor
-             else (a if a < 16 else 16 + (a % 16 == 0) + 2 * (a.bit_length() >> 5)) if type(a) is int
+             else (a if a < 16 else _int_key(a)) if type(a) is int
              else _argument_key(a) for a in args],
            *[args[i] for i in by_value if i < len(args)])
     entry = compiled_by_key.get(key)
@@ -172,7 +198,8 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
 
 
 def clear_cache() -> None:
-    """Forget every cached compiled kernel (the next launch of each key takes the JIT again)."""
+    """Forget every cached compiled kernel (the next launch of each key takes the JIT again, and with it the
+    autotuner's current choice)."""
     _kernels.clear()
 
 
