@@ -20,7 +20,7 @@ from int8mm import backends  # noqa: E402
 from int8mm.backends import triton_launch  # noqa: E402
 
 ALWAYS_JIT = ("launch hook in use", "argument of an unknown type", "runtime argument given by name", "heuristics",
-              "autotuner config with a pre-hook", "kernel with a pre-run hook")
+              "autotuner config with a pre-hook", "kernel with a pre-run hook", "a wrapper of another kind")
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -133,6 +133,17 @@ def _with_launch_hook(call):
     return hooked
 
 
+class _Recorder:
+    """A wrapper of a kernel the launcher does not know (like tests/helpers.py's launch recorder)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 def _on_device(device, stream, call):
     """``call`` with the stand-in's current device and stream set (a layer on another GPU, another stream)."""
     def elsewhere():
@@ -200,6 +211,7 @@ def scenarios():
         "heuristics": ([_scale_launch(_scale_heuristics)], {}),
         "autotuner config with a pre-hook": ([_scale_launch(_scale_pre_hook)], {}),
         "kernel with a pre-run hook": ([_scale_launch(_scale_pre_run_hook, options={"BLOCK": 32})], {}),
+        "a wrapper of another kind": ([_scale_launch(_Recorder(_scale_kernel), options={"BLOCK": 32})], {}),
     }
 
 

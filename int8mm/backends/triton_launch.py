@@ -15,7 +15,7 @@ types; by value, the constexpr parameters given positionally and the arguments a
 So the kernel a key maps to is the one the JIT would pick, and the cache does not grow with every prompt length
 (a row count of 40 and one of 41 share their kernels). A launch that does not fit this scheme always takes the
 JIT: an argument of another type (a TMA descriptor), a kernel whose parameters after the positional ones are not
-all constexpr, a kernel with heuristics or pre-run hooks, an autotuner config with a pre-hook, or Triton settings
+all constexpr, a kernel with heuristics, pre-run hooks or a wrapper of another kind, an autotuner config with a pre-hook, or Triton settings
 the JIT acts on at every launch (launch hooks, as profilers set them; debug mode; instrumentation).
 
 A key keeps the compiled kernel (and, for an autotuned kernel, the config) its first launch chose: after changing
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from triton import knobs
 from triton.runtime import driver
-from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from . import env_setting, triton_interpreting
@@ -129,9 +129,9 @@ def _cacheable(kernel, compiled, num_args: int) -> bool:
         return False
     wrapper = kernel
     while not isinstance(wrapper, JITFunction):
-        if isinstance(wrapper, Heuristics):  # constexprs computed from argument values the key does not hold
-            return False
-        if isinstance(wrapper, Autotuner) and any(c.pre_hook is not None for c in wrapper.configs):
+        # only autotuners without config pre-hooks: heuristics compute constexprs from argument values the key does
+        # not hold, and a wrapper of another kind (a test's launch recorder, say) may do anything at each launch
+        if not isinstance(wrapper, Autotuner) or any(c.pre_hook is not None for c in wrapper.configs):
             return False
         wrapper = wrapper.fn
     return not wrapper.pre_run_hooks
