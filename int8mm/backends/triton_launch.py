@@ -7,16 +7,17 @@ time. ``launch`` does that once per *launch key* and then hands the arguments st
 launcher: 6.5-7 us there, most of it building the key.
 
 The launch key holds everything Triton specializes a compiled kernel on, and more: the current device, the
-options (constexpr flags, ``num_warps``, ``launch_pdl``...) with their types (``True``, ``1`` and ``1.0`` compile
-apart), and per positional argument its type; for a tensor its dtype and whether its address is 16-byte aligned;
+options (constexpr flags, ``num_warps``, ``launch_pdl``...) with their types, and per positional argument its
+type; for a tensor its dtype and whether its address is 16-byte aligned;
 for an int below 16 its value, for a larger one whether it is a multiple of 16 and its size class (32-bit,
 64-bit, unsigned 64-bit), which covers Triton's "equals 1" and "divisible by 16" specializations and its integer
 types; by value, the constexpr parameters given positionally and the arguments an autotuner keys its choice on.
 So the kernel a key maps to is the one the JIT would pick, and the cache does not grow with every prompt length
 (a row count of 40 and one of 41 share their kernels). A launch that does not fit this scheme always takes the
 JIT: an argument of another type (a TMA descriptor), a kernel whose parameters after the positional ones are not
-all constexpr, a kernel with heuristics, pre-run hooks or a wrapper of another kind, an autotuner config with a pre-hook, or Triton settings
-the JIT acts on at every launch (launch hooks, as profilers set them; debug mode; instrumentation).
+all constexpr, a kernel with heuristics, pre-run hooks or a wrapper of another kind, an autotuner config with a
+pre-hook, or Triton settings the JIT acts on at every launch (launch hooks, as profilers set them; debug mode;
+instrumentation).
 
 A key keeps the compiled kernel (and, for an autotuned kernel, the config) its first launch chose: after changing
 an autotuner's cache by hand, call ``clear_cache``. The JIT's check that a kernel's global variables have not
@@ -39,8 +40,8 @@ DIRECT = "direct"
 JIT = "jit"
 LAUNCH_MODES = (DIRECT, JIT)
 
-# id(kernel) -> (kernel, positions of the arguments its autotuner keys its choice on (kept by value in the launch
-# key), {launch key: _CompiledLaunch})
+# id(kernel) -> (kernel, positions of the arguments the launch key holds by value, {launch key: _CompiledLaunch});
+# by id: hashing a JITFunction costs more than this whole lookup (the slot holds the kernel, so its id stays its own)
 _kernels: dict[int, tuple[object, tuple[int, ...], dict[tuple, "_CompiledLaunch"]]] = {}
 _UNCACHEABLE = object()  # an argument type the key cannot describe
 
@@ -173,7 +174,7 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
         kernel[grid](*args, **options)
         return
     slot = _kernels.get(id(kernel))
-    if slot is None or slot[0] is not kernel:  # hashing a JITFunction costs more than this whole lookup
+    if slot is None:
         slot = _kernels[id(kernel)] = (kernel, _positions_keyed_by_value(kernel), {})
     _, by_value, compiled_by_key = slot
     device = driver.active.get_current_device()
