@@ -67,16 +67,17 @@ first() {
   # Tests use fixed Triton schedules (autotuning every ragged test shape costs minutes); benchmarks autotune.
   # New code paths first: the eager direct launch, opcheck on CUDA tensors, the CUDA backend's packed call,
   # the tiled backward; then each candidate's own tests, whose result gates that candidate alone.
-  INT8MM_AUTOTUNE=0 stage new_paths "${NEW_PATHS_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
+  INT8MM_AUTOTUNE=0 stage new_paths "${NEW_PATHS_TIMEOUT:-55}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
   INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_decode_kernels.py
   # split-K's GPU tests only (Llama shapes, graphs, streams; the small shapes ran under the interpreter), on the
-  # classic quantization: their result gates split-K alone
+  # classic quantization, and the fused+split-K path launched directly against the JIT: their result gates split-K
   INT8MM_AUTOTUNE=0 stage splitk_tests "${SPLITK_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
-    -k gpu tests/test_decode_splitk.py
+    -k "gpu and (splitk or not gpu_direct_launch)" tests/test_decode_splitk.py tests/test_triton_launch.py
   INT8MM_AUTOTUNE=0 stage quantize_tests "${QUANTIZE_TEST_TIMEOUT:-35}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_prefill_quantize.py
+    -k "not test_triton_launch or gpu_direct_launch and rowwise" tests/test_prefill_quantize.py \
+    tests/test_triton_launch.py
   INT8MM_AUTOTUNE=0 stage prefill_gemm_tests "${PREFILL_GEMM_TEST_TIMEOUT:-35}" python3 -m pytest -q \
     -p no:cacheprovider tests/test_prefill_gemm.py
   # the CUDA backend's kernels, and the guard bands around every backend's buffers (out-of-bounds writes, which
@@ -86,7 +87,7 @@ first() {
   # the candidates against the classic paths, side by side (each compares its outputs with classic)
   stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
   stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-45}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
-  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-70}" python3 benchmarks/bench_prefill_gemm.py \
+  stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-65}" python3 benchmarks/bench_prefill_gemm.py \
     --out "$WORK" --forward
   # the winners serve the per-layer benchmark that follows: each only if its own tests passed
   python3 benchmarks/gpu_choose.py "$WORK" >"$WORK/choices.all" 2>"$WORK/choices.txt"
@@ -105,7 +106,7 @@ first() {
   . "$WORK/choices.sh"
   tee -a "$OUT/summary.log" <"$WORK/choices.txt"
   pack
-  stage bench "${BENCH_TIMEOUT:-70}" python3 benchmarks/bench_gpu.py --out "$WORK" \
+  stage bench "${BENCH_TIMEOUT:-65}" python3 benchmarks/bench_gpu.py --out "$WORK" \
     ${BENCH_ARGS:---m 1 16 --models Llama-3-8B Llama-3-70B}
 }
 
@@ -129,18 +130,20 @@ second() {
   stage prefill_bench "${PREFILL_BENCH_TIMEOUT:-130}" python3 benchmarks/bench_gpu.py --out "$WORK/prefill" \
     ${PREFILL_BENCH_ARGS:---m 512 2048 --models Llama-3-8B Llama-3-70B}
   # last: whatever it prints before its limit is kept (8B-shaped random Llama, fp16 / bnb / int8mm side by side)
-  stage model_bench "${MODEL_BENCH_TIMEOUT:-150}" python3 -m int8mm.cli bench --suite model --device cuda \
+  stage model_bench "${MODEL_BENCH_TIMEOUT:-110}" python3 -m int8mm.cli bench --suite model --device cuda \
     --out "$WORK" ${MODEL_BENCH_ARGS:---layers 8 --batch-sizes 1 8}
 }
 
 # First of all: the direct launch of compiled Triton kernels (the default; int8mm/backends/triton_launch.py) against
-# the JIT's launches, on the GPU. Every later stage runs on it: if it fails, they run with the JIT's launches.
-INT8MM_AUTOTUNE=0 stage launch_tests "${LAUNCH_TEST_TIMEOUT:-25}" python3 -m pytest -q -p no:cacheprovider \
-  -k gpu tests/test_triton_launch.py
+# the JIT's launches, on the GPU, on the classic paths (the candidates' cases run with their own tests, so that a
+# candidate's failure does not turn direct launches off). Every later stage runs on it: if it fails, they launch
+# through the JIT, and device.txt says so.
+INT8MM_AUTOTUNE=0 stage launch_tests "${LAUNCH_TEST_TIMEOUT:-40}" python3 -m pytest -q -p no:cacheprovider \
+  -k "gpu_direct_launch and classic" tests/test_triton_launch.py
 if ! grep -q "^rc=0$" "$WORK/launch_tests.log"; then
   export INT8MM_TRITON_LAUNCH=jit
   echo "launch_tests did not pass: every later stage launches through the JIT (INT8MM_TRITON_LAUNCH=jit)" \
-    | tee -a "$OUT/summary.log"
+    | tee -a "$OUT/summary.log" "$WORK/device.txt"
 fi
 
 case "$PLAN" in

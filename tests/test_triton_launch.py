@@ -4,6 +4,7 @@
 compiles, launches recorded) with INT8MM_TRITON_LAUNCH=jit and twice with the direct path; here every launch is
 compared: grid, stream, compiled kernel, its metadata, and every argument the launcher receives.
 """
+import functools
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from int8mm import backends  # noqa: E402
 from int8mm.backends import triton_launch  # noqa: E402
 
 ALWAYS_JIT = ("launch hook in use", "argument of an unknown type", "runtime argument given by name", "heuristics",
-              "autotuner config with a pre-hook", "kernel with a pre-run hook", "a wrapper of another kind")
+              "autotuner config with a pre-hook", "kernel with a pre-run hook", "a wrapper of another kind", "Triton older than 3.6")
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -183,21 +184,37 @@ def test_launch_mode_rejects_other_values(monkeypatch):
 
 
 # ---- on a GPU: the direct path computes what the JIT path computes, eagerly, on other streams, in graphs ----
-GPU_PATHS = {  # environment of each Triton path a decode or prefill call can take
-    "classic": {},
-    "fused+splitk": {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"},
-    "rowwise": {"INT8MM_PREFILL_QUANT": "rowwise"},
+# the environment of each Triton path a call can take, every schedule variable set (a GPU run may export some);
+# benchmarks/gpu_run.sh gates the direct launch on the classic cases and runs each candidate's cases with its tests
+GPU_CASES = {
+    "classic": ({"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic", "INT8MM_PREFILL_QUANT": "classic"},
+                [1, 4, 64]),
+    "fused+splitk": ({"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk", "INT8MM_PREFILL_QUANT": "classic"},
+                     [1, 4]),
+    "rowwise": ({"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic", "INT8MM_PREFILL_QUANT": "rowwise"},
+                [64]),
 }
 
 
-def _gpu_call(m, k=4096, n=4096, seed=0):
+@functools.cache
+def _gpu_layer(k=4096, n=4096):
     import torch
-    from helpers import planted_outliers, random_weight
+    from helpers import random_weight
     import int8mm
-    x = planted_outliers(m, k, torch.float16, n_outlier_cols=8, seed=seed).to("cuda")
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to("cuda"))
-    bias = torch.randn(n, device="cuda", dtype=torch.float16)
-    return x, lambda inputs: int8mm.int8_linear(inputs, q_w, s_w, bias, backend="triton")
+    return q_w, s_w, torch.randn(n, device="cuda", dtype=torch.float16)
+
+
+def _gpu_input(m, seed, k=4096):
+    import torch
+    from helpers import planted_outliers
+    return planted_outliers(m, k, torch.float16, n_outlier_cols=8, seed=seed).to("cuda")
+
+
+def _gpu_linear(inputs):
+    import int8mm
+    q_w, s_w, bias = _gpu_layer()
+    return int8mm.int8_linear(inputs, q_w, s_w, bias, backend="triton")
 
 
 def _with_launch_mode(monkeypatch, mode, environment):
@@ -207,22 +224,20 @@ def _with_launch_mode(monkeypatch, mode, environment):
 
 
 @requires_cuda
-@pytest.mark.parametrize("path", GPU_PATHS)
-@pytest.mark.parametrize("m", [1, 4, 64])
+@pytest.mark.parametrize("path,m", [(path, m) for path, (_, rows) in GPU_CASES.items() for m in rows])
 def test_gpu_direct_launch_equals_jit_launch(monkeypatch, path, m):
     import torch
     from gpu import assert_graphs_and_streams_agree
-    x, call = _gpu_call(m)
-    other, _ = _gpu_call(m, seed=3)
+    x, other = _gpu_input(m, seed=0), _gpu_input(m, seed=3)
     try:
-        _with_launch_mode(monkeypatch, "jit", GPU_PATHS[path])
-        expected = [call(x), call(other)]
-        _with_launch_mode(monkeypatch, "direct", GPU_PATHS[path])
+        _with_launch_mode(monkeypatch, "jit", GPU_CASES[path][0])
+        expected = [_gpu_linear(x), _gpu_linear(other)]
+        _with_launch_mode(monkeypatch, "direct", GPU_CASES[path][0])
         triton_launch.clear_cache()
         for _ in range(3):  # the first call fills the cache through the JIT; the others launch directly
-            assert torch.equal(call(x), expected[0])
+            assert torch.equal(_gpu_linear(x), expected[0])
         assert triton_launch.cached_launches() > 0, "the direct path cached nothing"
-        assert_graphs_and_streams_agree(call, [x, other], expected, rounds=5)
+        assert_graphs_and_streams_agree(_gpu_linear, [x, other], expected, rounds=5)
     finally:
         monkeypatch.undo()
         backends.refresh_from_environment()

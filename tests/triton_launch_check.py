@@ -144,6 +144,17 @@ class _Recorder:
         return self.kernel[grid]
 
 
+def _with_unchecked_triton(call):
+    """``call`` as under a Triton older than the direct path was checked with (3.6)."""
+    def older():
+        triton_launch.DIRECT_LAUNCH_CHECKED = False
+        try:
+            call()
+        finally:
+            triton_launch.DIRECT_LAUNCH_CHECKED = True
+    return older
+
+
 def _on_device(device, stream, call):
     """``call`` with the stand-in's current device and stream set (a layer on another GPU, another stream)."""
     def elsewhere():
@@ -212,6 +223,7 @@ def scenarios():
         "autotuner config with a pre-hook": ([_scale_launch(_scale_pre_hook)], {}),
         "kernel with a pre-run hook": ([_scale_launch(_scale_pre_run_hook, options={"BLOCK": 32})], {}),
         "a wrapper of another kind": ([_scale_launch(_Recorder(_scale_kernel), options={"BLOCK": 32})], {}),
+        "Triton older than 3.6": ([_with_unchecked_triton(_linear(1, 64, 256))], {}),
     }
 
 

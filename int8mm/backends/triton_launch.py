@@ -24,9 +24,12 @@ an autotuner's cache by hand, call ``clear_cache``. The JIT's check that a kerne
 changed since it was compiled is skipped on the direct path (int8mm's kernels read only constants).
 
 INT8MM_TRITON_LAUNCH=jit turns the cache off (read once; ``refresh_from_environment`` reads it again). Under the
-interpreter every launch takes the JIT (there is no compiled kernel).
+interpreter every launch takes the JIT (there is no compiled kernel), and so does every launch under a Triton
+older than 3.6: the launcher's calling convention was checked against 3.6 and 3.7 only.
 """
 import torch
+import triton
+from packaging.version import Version
 from torch import Tensor
 from triton import knobs
 from triton.runtime import driver
@@ -44,6 +47,8 @@ LAUNCH_MODES = (DIRECT, JIT)
 # by id: hashing a JITFunction costs more than this whole lookup (the slot holds the kernel, so its id stays its own)
 _kernels: dict[int, tuple[object, tuple[int, ...], dict[tuple, "_CompiledLaunch"]]] = {}
 _UNCACHEABLE = object()  # an argument type the key cannot describe
+# the Triton versions whose launcher calling convention (compiled.run's arguments) the direct path was checked with
+DIRECT_LAUNCH_CHECKED = Version(triton.__version__).release[:2] >= (3, 6)
 
 
 def launch_mode() -> str:
@@ -170,7 +175,7 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
             by an autotuner config, or left to their defaults).
         options: constexpr values and launch options (``num_warps``, ``num_stages``, ``launch_pdl``), hashable.
     """
-    if triton_interpreting() or launch_mode() == JIT or _jit_needed():
+    if not DIRECT_LAUNCH_CHECKED or triton_interpreting() or launch_mode() == JIT or _jit_needed():
         kernel[grid](*args, **options)
         return
     slot = _kernels.get(id(kernel))
