@@ -43,9 +43,10 @@ DIRECT = "direct"
 JIT = "jit"
 LAUNCH_MODES = (DIRECT, JIT)
 
-# id(kernel) -> (kernel, positions of the arguments the launch key holds by value, {launch key: _CompiledLaunch});
-# by id: hashing a JITFunction costs more than this whole lookup (the slot holds the kernel, so its id stays its own)
-_kernels: dict[int, tuple[object, tuple[int, ...], dict[tuple, "_CompiledLaunch"]]] = {}
+# (id(kernel), number of positional arguments) -> (kernel, positions among them that the launch key holds by value,
+# {launch key: _CompiledLaunch}); by id: hashing a JITFunction costs more than this whole lookup (the slot holds the
+# kernel, so its id stays its own)
+_kernels: dict[tuple[int, int], tuple[object, tuple[int, ...], dict[tuple, "_CompiledLaunch"]]] = {}
 _UNCACHEABLE = object()  # an argument type the key cannot describe
 # the Triton versions whose launcher calling convention (compiled.run's arguments) the direct path was checked with
 DIRECT_LAUNCH_CHECKED = Version(triton.__version__).release[:2] >= (3, 6)
@@ -178,9 +179,10 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
     if not DIRECT_LAUNCH_CHECKED or triton_interpreting() or launch_mode() == JIT or _jit_needed():
         kernel[grid](*args, **options)
         return
-    slot = _kernels.get(id(kernel))
+    slot = _kernels.get((id(kernel), len(args)))
     if slot is None:
-        slot = _kernels[id(kernel)] = (kernel, _positions_keyed_by_value(kernel), {})
+        by_value = tuple(i for i in _positions_keyed_by_value(kernel) if i < len(args))
+        slot = _kernels[(id(kernel), len(args))] = (kernel, by_value, {})
     _, by_value, compiled_by_key = slot
     device = driver.active.get_current_device()
     # tensors and ints inline (most arguments; a function call each would cost more than the test); ints as
@@ -189,7 +191,7 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
            *[(a.dtype, a.data_ptr() % 16 == 0) if type(a) is Tensor
              else (a if a < 16 else _int_key(a)) if type(a) is int
              else _argument_key(a) for a in args],
-           *[args[i] for i in by_value if i < len(args)])
+           *[args[i] for i in by_value])
     entry = compiled_by_key.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **options)
