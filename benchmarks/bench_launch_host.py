@@ -165,6 +165,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["INT8MM_AUTOTUNE"] = "1"
+    backends.refresh_from_environment()
     triton_fake_driver.install()
     triton_backend._multiprocessors = lambda device: SMS
     samples = timed(args)

@@ -62,8 +62,10 @@ def main(argv=None) -> dict:
     elif not torch.cuda.is_available():
         raise SystemExit("bench_prefill_gemm.py needs an NVIDIA GPU and a CUDA build of torch; none here "
                          "(--dry-run checks the script on the CPU)")
+    from int8mm import backends
     from int8mm.bench.environment import run_metadata
     from int8mm.bench.shapes import LayerShape, select_shapes
+    backends.refresh_from_environment()  # INT8MM_AUTOTUNE=1, even if this process read the variable before
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:

@@ -170,7 +170,10 @@ def test_triton_launches_switch_to_the_tensors_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: switched.append(device) or contextlib.nullcontext())
     for device in (torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cpu")):
-        with on_device_of(type("FakeTensor", (), {"device": device})()):
+        cuda = device.type == "cuda"  # what a tensor on that device answers
+        fake = type("FakeTensor", (), {"device": device, "is_cuda": cuda,
+                                       "get_device": lambda self, index=device.index if cuda else -1: index})()
+        with on_device_of(fake):
             pass
     assert switched == [torch.device("cuda", 1)]
 

@@ -183,6 +183,25 @@ def test_launch_mode_rejects_other_values(monkeypatch):
         backends.refresh_from_environment()
 
 
+def test_autotune_variable_is_read_once_and_checked(monkeypatch):
+    from int8mm.backends import triton as triton_backend
+    try:
+        monkeypatch.setenv(triton_backend.AUTOTUNE_ENV_VAR, "0")
+        backends.refresh_from_environment()
+        assert triton_backend.autotuning() is False
+        monkeypatch.setenv(triton_backend.AUTOTUNE_ENV_VAR, "1")
+        assert triton_backend.autotuning() is False  # read once: no environment lookup per call
+        backends.refresh_from_environment()
+        assert triton_backend.autotuning() is True
+        monkeypatch.setenv(triton_backend.AUTOTUNE_ENV_VAR, "yes")
+        backends.refresh_from_environment()
+        with pytest.raises(ValueError, match=r"INT8MM_AUTOTUNE must be one of '0', '1', got 'yes'"):
+            triton_backend.autotuning()
+    finally:
+        monkeypatch.undo()
+        backends.refresh_from_environment()
+
+
 # ---- on a GPU: the direct path computes what the JIT path computes, eagerly, on other streams, in graphs ----
 # the environment of each Triton path a call can take, every schedule variable set (a GPU run may export some);
 # benchmarks/gpu_run.sh gates the direct launch on the classic cases and runs each candidate's cases with its tests

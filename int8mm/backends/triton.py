@@ -13,7 +13,6 @@ Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpre
 config, so a fixed schedule replaces autotuning there.
 """
 import functools
-import os
 
 import torch
 import triton
@@ -51,9 +50,18 @@ DECODE_CONFIGS = [
     _config(16, 32, 512, 3, 4, GROUP_M=1),
     _config(16, 64, 128, 5, 4, GROUP_M=1),
 ]
-# INT8MM_AUTOTUNE=0 skips autotuning and takes the first config of each list (fast start-up, the same
-# schedule on every run)
 AUTOTUNE_ENV_VAR = "INT8MM_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """INT8MM_AUTOTUNE: "1" (default) autotunes the GEMMs per shape; "0" takes the first config of each list (fast
+    start-up, the same schedule on every run). Read once (``int8mm.backends.refresh_from_environment()`` reads it
+    again).
+
+    Raises:
+        ValueError: the variable holds another value.
+    """
+    return env_setting(AUTOTUNE_ENV_VAR, ("0", "1"), "1") == "1"
 # the single schedules used where autotuning cannot run (the interpreter)
 INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": GROUP_M}
 
@@ -228,7 +236,7 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
     fused = s_x is not None
     if not fused:  # int8_matmul: the epilogue pointers are never read; pass any tensor
         s_x = s_w = x = outlier_cols = outlier_count = q_x
-    autotune = os.environ.get(AUTOTUNE_ENV_VAR, "1") != "0"
+    autotune = autotuning()
     if (fused and 0 < m <= DECODE_MAX_M and triton_splitk.decode_gemm() == triton_splitk.SPLITK
             and triton_splitk.launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias,
                                                  num_sms=_multiprocessors(q_x.device), autotune=autotune)):
