@@ -59,6 +59,8 @@ SCENARIOS = [
     "quantize_activations op",
     "a constexpr given positionally, 32 then 64",
     "an int of 17, then of 1, then of 17",
+    "an int of 17, then of 2**31 + 17, then of 17",
+    "an int of 1, then True, then 1",
     "an option as True, then as 1",
     *ALWAYS_JIT,
 ]
@@ -109,6 +111,8 @@ DIFFERENT_KERNELS = {
     "device 0, then device 1 on another stream, then device 0": 0,
     "a constexpr given positionally, 32 then 64": 0,
     "an int of 17, then of 1, then of 17": 0,  # Triton compiles an int equal to 1 as a constant
+    "an int of 17, then of 2**31 + 17, then of 17": 0,  # a 64-bit parameter
+    "an int of 1, then True, then 1": 0,  # a bool is an i1 parameter, 1 a constant
 }
 
 

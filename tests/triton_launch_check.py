@@ -211,6 +211,12 @@ def scenarios():
         "an int of 17, then of 1, then of 17": (
             [_scale_launch(_scale_kernel, (32,), n=17), _scale_launch(_scale_kernel, (32,), n=1),
              _scale_launch(_scale_kernel, (32,), n=17)], {}),
+        "an int of 17, then of 2**31 + 17, then of 17": (
+            [_scale_launch(_scale_kernel, (32,), n=17), _scale_launch(_scale_kernel, (32,), n=2**31 + 17),
+             _scale_launch(_scale_kernel, (32,), n=17)], {}),
+        "an int of 1, then True, then 1": (
+            [_scale_launch(_scale_kernel, (32,), n=1), _scale_launch(_scale_kernel, (32,), n=True),
+             _scale_launch(_scale_kernel, (32,), n=1)], {}),
         "an option as True, then as 1": (
             [_scale_launch(_scale_kernel, options={"BLOCK": 32, "DOUBLE": True}),
              _scale_launch(_scale_kernel, options={"BLOCK": 32, "DOUBLE": 1})], {}),
