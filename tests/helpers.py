@@ -6,6 +6,7 @@ or correctly rounded: a product of two fp32 numbers is exact in float64, and a f
 rounded once more to fp32 equals the fp32 operation (53 >= 2 * 24 + 2 bits, so double rounding is harmless).
 """
 import math
+import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -17,6 +18,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # where the kernel-backend tests run: the GPU if there is one, else CPU tensors (Triton's interpreter)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+
+# ---- child processes ----
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compiling_process_environment() -> dict[str, str]:
+    """The environment for a child process that compiles Triton kernels: without TRITON_INTERPRET (which this
+    suite turns on without a GPU, and which replaces Triton's jit functions at import), and with this checkout
+    first on the path (an editable install of another checkout would be imported otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPOSITORY, env.get("PYTHONPATH")) if p)
+    return env
 
 
 # ---- inputs ----

@@ -3,14 +3,13 @@
 Runs through Triton's interpreter on CPU tensors (the GPU where there is one), and compiles for sm_90 with no GPU.
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from helpers import DEVICE, INT8_MAX, random_weight, relative_error
+from helpers import DEVICE, INT8_MAX, compiling_process_environment, random_weight, relative_error
 
 pytest.importorskip("triton", reason="needs the triton package")
 
@@ -67,7 +66,7 @@ def test_compiles_for_sm90_without_a_gpu():
         print(json.dumps({"target": ".target sm_90" in ptx, "fma": "fma.rn.f32" in ptx,
                           "tf32": ".tf32" in ptx, "spills": "ld.local" in ptx, "shared": compiled.metadata.shared}))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter cannot compile
+    env = compiling_process_environment()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])

@@ -20,7 +20,7 @@ import int8mm
 from int8mm import _ops
 from int8mm.backends import reference
 from gpu import assert_graph_replays_follow_inputs, host_syncs_refused, requires_cuda
-from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
+from helpers import DEVICE, assert_output_close, compiling_process_environment, planted_outliers, random_weight
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 from int8mm.backends import triton_prefill  # noqa: E402  (imports triton)
@@ -139,7 +139,7 @@ reason = triton_prefill.persistent_unsupported(a, a)
 assert reason is not None and "host-side TMA descriptors" in reason, reason
 print("ok")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter imports the module
+    env = compiling_process_environment()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 

@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="needs the triton package")
 
 from int8mm.backends import triton as triton_backend  # noqa: E402
 from int8mm.backends import triton_prefill, triton_splitk  # noqa: E402
+from helpers import compiling_process_environment  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module fixture compiles every config ahead of time
 
@@ -29,7 +30,7 @@ SPLITK = triton_splitk.SPLITK_CONFIGS
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = compiling_process_environment()
     script = os.path.join(os.path.dirname(__file__), "triton_aot.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -17,25 +17,19 @@ pytest.importorskip("triton", reason="needs the triton package")
 import triton  # noqa: E402
 
 from gpu import requires_cuda  # noqa: E402
+from helpers import REPOSITORY, compiling_process_environment  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.backends import triton_launch  # noqa: E402
 
 ALWAYS_JIT = ("launch hook in use", "argument of an unknown type", "runtime argument given by name", "heuristics",
               "autotuner config with a pre-hook", "kernel with a pre-run hook", "a wrapper of another kind", "Triton older than 3.6")
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _script_environment():
-    """This checkout first on the path (an editable install elsewhere would win otherwise), no interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPOSITORY, env.get("PYTHONPATH")) if p)
-    return env
 
 
 @pytest.fixture(scope="module")
 def report():
     script = os.path.join(os.path.dirname(__file__), "triton_launch_check.py")
-    done = subprocess.run([sys.executable, script], env=_script_environment(), capture_output=True, text=True,
+    done = subprocess.run([sys.executable, script], env=compiling_process_environment(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
@@ -272,7 +266,7 @@ def test_bench_launch_host_script(tmp_path):
     writes its table and medians."""
     script = os.path.join(REPOSITORY, "benchmarks", "bench_launch_host.py")
     done = subprocess.run([sys.executable, script, "--rounds", "1", "--calls", "2", "--out", str(tmp_path)],
-                          env=_script_environment(), capture_output=True, text=True, timeout=600)
+                          env=compiling_process_environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     medians = json.loads((tmp_path / "launch_host.json").read_text())["median_us"]
     calls = {name: row for name, row in medians.items() if not name.startswith("one launch")}
