@@ -21,14 +21,15 @@ import torch.nn.functional as F
 
 import int8mm
 from int8mm import backends
-from int8mm.backends import triton_launch, triton_splitk
+from int8mm.backends import scratch, triton_launch, triton_splitk
 from int8mm.bench.environment import run_metadata
 from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations, random_weight
 from int8mm.bench.report import format_speedup, format_time, geomean, markdown_table, write_json_and_markdown
 from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
 from int8mm.bench.timing import time_cpu, time_cuda_eager, time_cuda_graph
 
-PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm classic, JIT launches")
+PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm classic, JIT launches",
+             "int8mm classic, fresh buffers")
 # the environment each int8mm provider runs under
 SCHEDULES = {
     "int8mm classic": {backends.DECODE_PATH_ENV_VAR: "classic", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
@@ -39,8 +40,12 @@ SCHEDULES = {
     "int8mm classic, JIT launches": {backends.DECODE_PATH_ENV_VAR: "classic",
                                      triton_splitk.DECODE_GEMM_ENV_VAR: "classic",
                                      triton_launch.LAUNCH_ENV_VAR: triton_launch.JIT},
+    # every intermediate allocated per call (INT8MM_KEEP_BUFFERS=0) instead of kept from the call before: what
+    # keeping them saves in eager mode (a graph allocates nothing when replayed)
+    "int8mm classic, fresh buffers": {backends.DECODE_PATH_ENV_VAR: "classic",
+                                      triton_splitk.DECODE_GEMM_ENV_VAR: "classic", scratch.KEEP_ENV_VAR: "0"},
 }
-EAGER_ONLY = ("int8mm classic, JIT launches",)
+EAGER_ONLY = ("int8mm classic, JIT launches", "int8mm classic, fresh buffers")
 CANDIDATES = PROVIDERS[2:4]  # compared with classic, output for output
 THRESHOLD = 6.0
 # layers per shape: enough distinct weights that a timed round reads more than L2 holds (at least two)
@@ -126,7 +131,7 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
         layers = build_layers(shape, layers_per_shape(shape, device), device, generator)
         for m in m_values:
             xs = [planted_activations(m, shape.k, outliers, torch.float16, device, generator) for _ in layers]
-            # the JIT-launch provider must equal classic too: the same kernels, launched another way
+            # the eager-only providers must equal classic too: the same kernels, launched or fed another way
             matches = {p: matches_classic(layers[0][1], xs[0], p) for p in (*CANDIDATES, *EAGER_ONLY)}
             for mode in modes:
                 for provider in PROVIDERS:

@@ -1,13 +1,14 @@
 """Host time of a Triton ``int8_linear`` call, its kernels launched through the JIT or directly, with no GPU.
 
 Runs the Triton backend's ``int8_linear`` on CPU tensors under ``tests/triton_fake_driver.py`` (real sm_90 compiles,
-launches recorded instead of run), so what is timed is everything a GPU call does on the host except the C
-launcher and the CUDA driver: allocations, checks, schedule choices, the launches' Python side. Each decode path
-(classic: stats, quantize and GEMM kernels; fused: quantize and GEMM; fused+splitk) is timed with
-INT8MM_TRITON_LAUNCH=jit and =direct, in rounds that take turns, in one process. Autotuning is on (as users run;
-the stand-in's timer picks each config by a fixed pseudo-random sequence). The schedules are those of a GPU with
-SMS multiprocessors (an H200's 132; CPU tensors would otherwise get the interpreter's 4), so that split-K engages
-where it would there.
+launches recorded instead of run), so what is timed is everything a GPU call does on the host except the C launcher
+and the CUDA driver: allocations, checks, schedule choices, the launches' Python side. Each decode path (classic:
+stats, quantize and GEMM kernels; fused: quantize and GEMM; fused+splitk) is timed three ways, in rounds that take
+turns, in one process: INT8MM_TRITON_LAUNCH=jit and =direct with every intermediate allocated per call
+(INT8MM_KEEP_BUFFERS=0), and =direct keeping a decode call's intermediates from call to call (the default).
+Autotuning is on (as users run; the stand-in's timer picks each config by a fixed pseudo-random sequence). The
+schedules are those of a GPU with SMS multiprocessors (an H200's 132; CPU tensors would otherwise get the
+interpreter's 4), so that split-K engages where it would there.
 
     python benchmarks/bench_launch_host.py [--rounds 20] [--calls 50] [--threads 1] [--out DIR]
 
@@ -38,7 +39,9 @@ PATHS = {
     "fused": {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "classic"},
     "fused+splitk": {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"},
 }
-MODES = ("jit", "direct")
+# how a call launches its kernels, and whether a decode call keeps its intermediates from call to call
+# (int8mm/backends/scratch.py) or allocates them anew
+MODES = {"jit": ("jit", "0"), "direct": ("direct", "0"), "direct+kept": ("direct", "1")}
 SMS = 132
 # Llama-3-8B o_proj (K = N = 4096) and down_proj (14336 -> 4096); M = 1 and 16
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096)]
@@ -77,8 +80,9 @@ def timed(args) -> dict:
     for _ in range(args.rounds):
         for shape, call in calls.items():
             for path, environment in PATHS.items():
-                for mode in MODES:
-                    _set_environment({**environment, "INT8MM_TRITON_LAUNCH": mode})
+                for mode, (launching, keep) in MODES.items():
+                    _set_environment({**environment, "INT8MM_TRITON_LAUNCH": launching,
+                                      "INT8MM_KEEP_BUFFERS": keep})
                     for _ in range(3):  # untimed: the settings are read again, caches filled
                         call()
                     triton_fake_driver.launches.clear()
@@ -134,7 +138,8 @@ def report(args, samples, single) -> tuple[str, dict, dict]:
     header = (f"Triton int8_linear host time per call, no GPU (stand-in driver: launches recorded, not run); "
               f"{meta['device']}, load average {meta['load_average_1m']}, {meta['date']}, torch {torch.__version__}, "
               f"triton {triton.__version__}; {args.rounds} rounds x {args.calls} calls, taking turns; microseconds")
-    lines = [header, "", "| M x K -> N | path | launches via JIT | direct | saved |", "|---|---|---|---|---|"]
+    lines = [header, "", "| M x K -> N | path | launches via JIT | direct | direct + kept buffers | saved |",
+             "|---|---|---|---|---|---|"]
     medians = {}
     for shape in SHAPES:
         for path in PATHS:
@@ -143,11 +148,11 @@ def report(args, samples, single) -> tuple[str, dict, dict]:
                 values = samples[(shape, path, mode)]
                 q = statistics.quantiles(values, n=10)
                 row[mode] = (statistics.median(values), q[1], q[7])
-            jit, direct = row["jit"][0], row["direct"][0]
-            medians[f"{shape[0]}x{shape[1]}->{shape[2]} {path}"] = {"jit": jit, "direct": direct}
-            cells = [f"{m:.1f} ({lo:.1f}-{hi:.1f})" for m, lo, hi in (row["jit"], row["direct"])]
-            lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {path} | {cells[0]} | {cells[1]} | "
-                         f"{jit - direct:.1f} ({jit / direct:.2f}x) |")
+            jit, fastest = row["jit"][0], row["direct+kept"][0]
+            medians[f"{shape[0]}x{shape[1]}->{shape[2]} {path}"] = {mode: row[mode][0] for mode in MODES}
+            cells = " | ".join(f"{m:.1f} ({lo:.1f}-{hi:.1f})" for m, lo, hi in row.values())
+            lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {path} | {cells} | "
+                         f"{jit - fastest:.1f} ({jit / fastest:.2f}x) |")
     lines += ["", "One launch of the decode GEMM (1 x 4096 -> 4096), alone:", "",
               "| GEMM kernel | via JIT | direct |", "|---|---|---|"]
     for name in ("plain", "autotuned"):

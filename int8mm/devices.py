@@ -30,11 +30,14 @@ def on_device_of(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def raw_stream(device: torch.device) -> int:
-    """The handle (``cudaStream_t`` as an int) of ``device``'s current stream, without building a
-    ``torch.cuda.Stream`` object each call (what torch's own generated kernels use); the public call where this
-    torch lacks it."""
+def raw_stream(device: torch.device | int) -> int:
+    """The handle (``cudaStream_t`` as an int) of the current stream of ``device`` (a CUDA device, or its index),
+    without building a ``torch.cuda.Stream`` object each call (what torch's own generated kernels use); the public
+    call where this torch lacks it."""
+    index = device if isinstance(device, int) else device.index
+    if index is None:
+        index = torch.cuda.current_device()
     get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if get_raw is not None:
-        return get_raw(device.index if device.index is not None else torch.cuda.current_device())
-    return torch.cuda.current_stream(device).cuda_stream
+        return get_raw(index)
+    return torch.cuda.current_stream(index).cuda_stream

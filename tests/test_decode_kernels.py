@@ -193,7 +193,8 @@ def test_non_finite_rows_in_int8_linear(fused):
 
 # no kernel behind any of these torch ops (Tensor.view(dtype) records a detach as well)
 ALLOCATIONS_AND_VIEWS = frozenset({"aten.empty.memory_format", "aten.split.Tensor", "aten.view.dtype",
-                                   "aten.detach.default", "aten.slice.Tensor", "aten.split_with_sizes.default"})
+                                   "aten.view.default", "aten.detach.default", "aten.slice.Tensor",
+                                   "aten.split_with_sizes.default"})
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])
@@ -207,7 +208,8 @@ def test_two_launches_and_no_fills(m, monkeypatch):
     launches = record_triton_launches(monkeypatch, (triton_backend, triton_decode), recorder)
     with recorder:
         classic = triton_linear(x, q_w, s_w, None, 6.0)
-    assert len(launches) == 3 and "aten.zeros.default" in recorder.ops  # what the fused path removes
+    # what the fused path removes: a fill (of a fresh buffer, or of the one kept from the previous call)
+    assert len(launches) == 3 and {"aten.zeros.default", "aten.zero_.default"} & set(recorder.ops), recorder.ops
     _decode_path(monkeypatch, "fused")
     launches.clear()
     recorder.ops.clear()

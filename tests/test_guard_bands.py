@@ -87,14 +87,15 @@ class TorchWithGuardBands:
 
 def _backend_modules(backend: str) -> list:
     """The modules whose allocations a backend's kernels write into."""
+    from int8mm.backends import scratch  # allocates the intermediates of decode calls (fresh: each part apart)
     if backend == "triton":
         from int8mm.backends import triton, triton_decode, triton_prefill, triton_splitk
-        return [triton, triton_decode, triton_prefill, triton_splitk]
+        return [triton, triton_decode, triton_prefill, triton_splitk, scratch]
     if backend == "cpu":
         from int8mm.backends import cpu
         return [cpu]
     from int8mm.backends import cuda
-    return [cuda]
+    return [cuda, scratch]
 
 
 def _device_of(backend: str) -> torch.device:
@@ -131,7 +132,8 @@ def guarded(request, monkeypatch):
     backend, variables = request.param
     if not _runs_here(backend):
         pytest.skip(f"the {backend} backend does not run here")  # cpu: no C compiler; cuda: marked above
-    for name, value in variables.items():
+    # every intermediate allocated per call, each with margins of its own (kept buffers are one allocation, carved)
+    for name, value in {**variables, "INT8MM_KEEP_BUFFERS": "0"}.items():
         monkeypatch.setenv(name, value)
     backends.refresh_from_environment()
     if backend == "triton":

@@ -10,7 +10,7 @@ import struct
 import torch
 
 from ..devices import on_device_of, raw_stream
-from . import c_calls, cuda_build, registry
+from . import DECODE_MAX_M, c_calls, cuda_build, registry, scratch
 
 BACKEND = "cuda"
 ABI_VERSION = 2
@@ -114,6 +114,11 @@ def _scratch_layout(m: int, k: int) -> tuple[int, tuple[int, ...]]:
     return sum(padded), tuple(sum(padded[:i]) for i in range(len(sizes)))
 
 
+def _scratch_bytes(total: int):
+    """The fused call's scratch as a ``scratch.Layout``: one byte buffer, carved by ``_scratch_layout``'s offsets."""
+    return [(torch.uint8, total)], tuple
+
+
 @registry.register(BACKEND, "int8_linear")
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
@@ -121,10 +126,12 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    # the intermediates live in one allocation, freed (stream-ordered) when this call returns
+    # the intermediates live in one allocation, kept from call to call for decode (scratch.py; a call of more rows
+    # allocates its own, freed stream-ordered when it returns)
     total, offsets = _scratch_layout(m, k)
-    scratch = torch.empty(total, dtype=torch.uint8, device=x.device)
-    base = scratch.data_ptr()
+    buffer = ((m <= DECODE_MAX_M and scratch.reused(x, _scratch_bytes, total))
+              or scratch.fresh(x, _scratch_bytes, total))[0]
+    base = buffer.data_ptr()
     workspace, q_x, s_x, outlier_cols, outlier_count = (base + offset for offset in offsets)
     with on_device_of(x):
         # a fresh bytes object per call (ctypes passes its address): cheaper than a per-thread buffer's lookups

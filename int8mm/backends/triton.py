@@ -21,7 +21,8 @@ from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
 from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
                                        _rowwise_quantize_kernel)
 from ..devices import on_device_of
-from . import decode_path, env_setting, registry, triton_decode, triton_interpreting, triton_prefill, triton_splitk
+from . import (decode_path, env_setting, registry, scratch, triton_decode, triton_interpreting, triton_prefill,
+               triton_splitk)
 from .triton_launch import cdiv, launch, next_power_of_2, round_up
 
 BACKEND = "triton"
@@ -80,7 +81,7 @@ def _stats_tile(m: int) -> tuple[int, int, int]:
 class _ActivationStats:
     """Row scales (as fp32 bits), outlier-column flags and per-block counts, in one zero-filled buffer."""
 
-    def __init__(self, x: torch.Tensor, threshold: float):
+    def __init__(self, x: torch.Tensor, threshold: float, kept: tuple | None = None):
         m, k = x.shape
         self.block_m, self.block_k, self.num_warps = _stats_tile(m)
         # the quantize pass tiles [BLOCK_M, BLOCK_K]; the stats pass gives each program a run of column
@@ -88,15 +89,27 @@ class _ActivationStats:
         self.grid = (cdiv(m, self.block_m), cdiv(k, self.block_k))
         splits = min(self.grid[1], cdiv(2 * _multiprocessors(x.device), self.grid[0]))
         k_per_program = cdiv(self.grid[1], splits) * self.block_k
-        # each part starts 16-byte aligned: aligned loads, and one compiled variant of each kernel whatever M % 4
-        m_words, k_words = round_up(m, 4), round_up(k, 4)
-        buffer = torch.zeros(m_words + k_words + self.grid[1], dtype=torch.int32, device=x.device)
-        self.row_max_bits, self.col_flags, self.block_counts = (
-            buffer[:m], buffer[m_words:m_words + k], buffer[m_words + k_words:])
+        if kept is None:
+            kept = stats_parts(torch.zeros(stats_words(m, k), dtype=torch.int32, device=x.device), m, k)
+        else:  # kept from an earlier call (scratch.reused): zeroed again
+            kept[0].zero_()
+        _, self.row_max_bits, self.col_flags, self.block_counts = kept
         launch(_activation_stats_kernel, (self.grid[0], cdiv(k, k_per_program)), (
             x, self.row_max_bits, self.col_flags, self.block_counts, m, k, k_per_program,
             x.stride(0), x.stride(1), threshold,
         ), {"BLOCK_M": self.block_m, "BLOCK_K": self.block_k, "num_warps": self.num_warps})
+
+
+def stats_words(m: int, k: int) -> int:
+    """int32 words of the statistics buffer: row scales, column flags (each part 16-byte aligned, so that the
+    loads are aligned and each kernel has one compiled variant whatever M % 4 is), block counts."""
+    return round_up(m, 4) + round_up(k, 4) + cdiv(k, _stats_tile(m)[1])
+
+
+def stats_parts(buffer: torch.Tensor, m: int, k: int) -> tuple[torch.Tensor, ...]:
+    """``(buffer, row_max_bits, col_flags, block_counts)``: the statistics buffer and its parts."""
+    m_words, k_words = round_up(m, 4), round_up(k, 4)
+    return buffer, buffer[:m], buffer[m_words:m_words + k], buffer[m_words + k_words:]
 
 
 @functools.cache
@@ -185,22 +198,38 @@ def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
         "num_warps": OUTLIER_WARPS})
 
 
+def _classic_buffers(m: int, k: int):
+    """The scratch layout (``scratch.Layout``) of the classic quantization of a decode call: q_x int8 [M, K], s_x
+    fp32 [M], outlier columns int32 [K], their count int32 [1], the statistics buffer."""
+    parts = [(torch.int8, m * k), (torch.float32, m), (torch.int32, k), (torch.int32, 1),
+             (torch.int32, stats_words(m, k))]
+    return parts, lambda views: (views[0].view(m, k), *views[1:4], stats_parts(views[4], m, k))
+
+
 def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_columns: bool = False,
-                          prefill_scheme: str | None = None):
+                          prefill_scheme: str | None = None, reuse: bool = False):
     m, k = x.shape
     dev = x.device
-    # no fills: the quantize pass writes every row scale and the count (each fill is a kernel of its own); the
-    # standalone op clears the unused tail of the column list, so that its outputs depend on its inputs alone
-    q_x = torch.empty((m, k), dtype=torch.int8, device=dev)
-    s_x = torch.empty(m, dtype=torch.float32, device=dev)
-    outlier_cols = (torch.zeros if clear_unused_columns else torch.empty)(k, dtype=torch.int32, device=dev)
-    outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
     if m == 0 or k == 0:  # no pass runs: rows without elements have scale 0, and there are no outliers
-        return q_x, s_x.zero_(), outlier_cols, outlier_count.zero_()
+        return (torch.empty((m, k), dtype=torch.int8, device=dev), torch.zeros(m, dtype=torch.float32, device=dev),
+                torch.zeros(k, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev))
+    # a decode call of int8_linear keeps its buffers from call to call (scratch.py); the standalone op's outputs
+    # are the caller's
+    kept = scratch.reused(x, _classic_buffers, m, k) if reuse and m <= DECODE_MAX_M else None
+    if kept is not None:
+        q_x, s_x, outlier_cols, outlier_count, stats_kept = kept
+    else:
+        # no fills: the quantize pass writes every row scale and the count (each fill is a kernel of its own); the
+        # standalone op clears the unused tail of the column list, so that its outputs depend on its inputs alone
+        q_x = torch.empty((m, k), dtype=torch.int8, device=dev)
+        s_x = torch.empty(m, dtype=torch.float32, device=dev)
+        outlier_cols = (torch.zeros if clear_unused_columns else torch.empty)(k, dtype=torch.int32, device=dev)
+        outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
+        stats_kept = None
     if m > DECODE_MAX_M and (prefill_scheme or prefill_quant_scheme()) == "rowwise":
         _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count)
         return q_x, s_x, outlier_cols, outlier_count
-    stats = _ActivationStats(x, threshold)
+    stats = _ActivationStats(x, threshold, stats_kept)
     launch(_quantize_rows_kernel, stats.grid, (
         x, stats.row_max_bits, stats.col_flags, stats.block_counts, q_x, s_x, outlier_cols, outlier_count,
         m, k, stats.grid[1], x.stride(0), x.stride(1),
@@ -294,9 +323,10 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     with on_device_of(x):
         quantized = None
+        # the intermediates are read only by this call's GEMM: decode calls keep theirs from call to call
         if 0 < m <= DECODE_MAX_M and k > 0 and decode_path() == "fused":  # INT8MM_DECODE_PATH
-            quantized = triton_decode.quantize_for_decode(x, threshold)  # one launch, no fills
-        q_x, s_x, outlier_cols, outlier_count = quantized or _quantize_activations(x, threshold)
+            quantized = triton_decode.quantize_for_decode(x, threshold, reuse=True)  # one launch, no fills
+        q_x, s_x, outlier_cols, outlier_count = quantized or _quantize_activations(x, threshold, reuse=True)
         return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
 
 

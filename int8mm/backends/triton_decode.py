@@ -16,7 +16,7 @@ import logging
 import torch
 
 from ..kernels.triton.decode import _decode_quantize_kernel
-from . import programmatic_launch, triton_counters, triton_interpreting
+from . import programmatic_launch, scratch, triton_counters, triton_interpreting
 from .triton_launch import cdiv, launch, next_power_of_2, round_up
 
 log = logging.getLogger("int8mm")
@@ -54,11 +54,36 @@ def num_warps(tile: int, m: int) -> int:
     return max(4, min(16, tile // 1024)) if m == 1 else 16
 
 
-def quantize_for_decode(x: torch.Tensor, threshold: float):
+def _buffers(m: int, k: int):
+    """The scratch layout of one call (``scratch.Layout``): q_x int8 [M, K], s_x fp32 [M], outlier columns int32
+    [K] and their count int32 [1]; with several rows also each row's outlier list ([M, K] int32 words), each
+    row's count and the union flags (K bytes), each starting 16-byte aligned (one compiled variant whatever M and K
+    are modulo 4). With one row, the row's outlier list is the batch's: written straight into the outputs, and no
+    flags are needed (q_x stands in, typed as the kernel expects)."""
+    cols_words, counts_words = round_up(m * k, 4), round_up(m, 4)
+    parts = [(torch.int8, m * k), (torch.float32, m), (torch.int32, k), (torch.int32, 1)]
+    if m > 1:
+        parts.append((torch.int32, cols_words + counts_words + cdiv(k, 4)))
+
+    def finish(views):
+        q_x, s_x, outlier_cols, outlier_count = views[0].view(m, k), views[1], views[2], views[3]
+        if m == 1:
+            return q_x, s_x, outlier_cols, outlier_count, outlier_cols, outlier_count, q_x
+        rows = views[4]
+        return (q_x, s_x, outlier_cols, outlier_count, rows[:m * k], rows[cols_words:cols_words + m],
+                rows[cols_words + counts_words:].view(torch.int8))
+
+    return parts, finish
+
+
+def quantize_for_decode(x: torch.Tensor, threshold: float, reuse: bool = False):
     """``(q_x, s_x, outlier_cols, outlier_count)`` of ``x`` [M, K], 1 <= M <= 16, K >= 1, in one launch.
 
     Equal bit for bit to the classic path's; ``outlier_cols`` beyond ``outlier_count`` is undefined.
     Returns None (logged once) when a CUDA-graph capture finds no free counter: use the classic path then.
+    With ``reuse`` the outputs (and the kernel's scratch) are this thread's kept buffers for this shape and stream
+    (``scratch.reused``): the next such call overwrites them, so only a caller that is done with them by then
+    (``int8_linear``, whose GEMM reads them in stream order) may ask for it.
 
     Raises:
         ValueError: ``x`` has no element or more than MAX_ROWS rows (the kernel's merge covers 16 rows).
@@ -68,29 +93,18 @@ def quantize_for_decode(x: torch.Tensor, threshold: float):
         raise ValueError(f"quantize_for_decode takes x of 1 to {MAX_ROWS} rows and at least one column, "
                          f"got shape {tuple(x.shape)}")
     dev = x.device
-    q_x = torch.empty((m, k), dtype=torch.int8, device=dev)
-    s_x = torch.empty(m, dtype=torch.float32, device=dev)
-    outlier_cols = torch.empty(k, dtype=torch.int32, device=dev)
-    outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
-    if m == 1:  # the row's own outlier list is the batch's: written straight into the outputs, no counter
-        row_cols, row_counts = outlier_cols, outlier_count
-        union_flags, counter = q_x, outlier_count  # never touched with one row; typed as the kernel expects
-    else:
+    counter = None
+    if m > 1:
         counter = triton_counters.counter_pool(dev).counters(1)
         if counter is None:
             _log_capture_fallback_once(dev)
             return None
-        # each part starts 16-byte aligned (one compiled variant whatever M and K are modulo 4)
-        cols_words, counts_words = round_up(m * k, 4), round_up(m, 4)
-        scratch = torch.empty(cols_words + counts_words + cdiv(k, 4), dtype=torch.int32, device=dev)
-        row_cols = scratch[:m * k]
-        row_counts = scratch[cols_words:cols_words + m]
-        flag_words = scratch[cols_words + counts_words:]
-        union_flags = flag_words.view(torch.int8)
+    buffers = (reuse and scratch.reused(x, _buffers, m, k)) or scratch.fresh(x, _buffers, m, k)
+    q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags = buffers
     tile = row_tile(k)
     launch(_decode_quantize_kernel, (m,), (
-        x, q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags, counter,
-        m, k, x.stride(0), x.stride(1), threshold,
+        x, q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags,
+        counter if counter is not None else outlier_count, m, k, x.stride(0), x.stride(1), threshold,
     ), {"TILE": tile, "ROW_IN_REGISTERS": k <= tile, "MERGE_TILE": MERGE_TILE, "UNION_TILE": min(tile, UNION_TILE_MAX),
         "LIST_TILE": LIST_TILE, "INTERPRET": triton_interpreting(), "LAUNCH_DEPENDENTS": programmatic_launch(dev),
         "num_warps": num_warps(tile, m)})

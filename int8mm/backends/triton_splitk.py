@@ -10,9 +10,9 @@
 Read once, at the first decode call (``int8mm.backends.refresh_from_environment()`` reads it again). Both compute
 the same output bit for bit. On sm_90+ the split-K GEMM is launched with programmatic dependent launch (unless
 INT8MM_PDL=0): scheduled while the kernel before it finishes, it waits for that kernel on the GPU before reading.
-Per call the split-K GEMM allocates its slices' sums ([SPLIT_K, M, N] int32, never filled) and uses one counter per
-output tile from ``triton_counters`` (zeroed once, reset by the kernel); a CUDA graph capture that finds no free
-counters takes the classic kernel, logged once.
+The split-K GEMM keeps its slices' sums ([SPLIT_K, M, N] int32, never filled) from call to call (scratch.py) and
+uses one counter per output tile from ``triton_counters`` (zeroed once, reset by the kernel); a CUDA graph capture
+that finds no free counters takes the classic kernel, logged once.
 """
 import functools
 import logging
@@ -21,7 +21,7 @@ import torch
 import triton
 
 from ..kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
-from . import env_setting, programmatic_launch, triton_counters, triton_interpreting
+from . import env_setting, programmatic_launch, scratch, triton_counters, triton_interpreting
 from .triton_launch import cdiv, launch, next_power_of_2
 
 log = logging.getLogger("int8mm")
@@ -87,6 +87,11 @@ def _log_classic_fallback_once(device: torch.device) -> None:
                 triton_counters.SLOT_WORDS)
 
 
+def _partials(split: int, m: int, n: int):
+    """The scratch layout (``scratch.Layout``) of the slices' sums: int32 [SPLIT_K, M, N]."""
+    return [(torch.int32, split * m * n)], lambda views: (views[0].view(split, m, n),)
+
+
 def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias, *, num_sms: int,
                        autotune: bool) -> bool:
     """The fused decode GEMM (``out`` = the de-quantized output, as the classic kernel writes it) split along K.
@@ -104,7 +109,8 @@ def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, 
     if tickets is None:
         _log_classic_fallback_once(q_x.device)
         return False
-    partials = torch.empty((split, m, n), dtype=torch.int32, device=q_x.device)
+    # the slices' sums never leave the GEMM: kept from call to call (scratch.py), except while capturing a graph
+    partials = (scratch.reused(q_x, _partials, split, m, n) or scratch.fresh(q_x, _partials, split, m, n))[0]
     args = (
         q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out, partials, tickets,
         m, n, k, k_per_split, split, next_power_of_2(m),
