@@ -56,6 +56,7 @@ SCENARIOS = [
     "an int of 17, then of 2**31 + 17, then of 17",
     "an int of 1, then True, then 1",
     "an option as True, then as 1",
+    "a grid of an argument by name, n = 100 then 300 (one key)",
     *ALWAYS_JIT,
 ]
 

@@ -173,9 +173,15 @@ def _column_major(m, n, k):
     return lambda: triton_backend.int8_linear(x, q_w, s_w, b, 6.0)
 
 
-def _scale_launch(kernel, args=(), options=None, n=100):
-    x, y = torch.randn(100), torch.empty(100)
-    return lambda: triton_launch.launch(kernel, (4,), (x, y, n, 2.0, *args), options or {})
+def _scale_launch(kernel, args=(), options=None, n=100, grid=(4,)):
+    x, y = torch.randn(max(n, 100)), torch.empty(max(n, 100))
+    return lambda: triton_launch.launch(kernel, grid, (x, y, n, 2.0, *args), options or {})
+
+
+def _grid_of_names(meta):
+    """A grid that reads an argument (n) by name, every way a mapping is read, and a constexpr (BLOCK)."""
+    assert "n" in meta and "BLOCK" in meta and "nothing" not in meta and meta.get("nothing", 7) == 7
+    return (triton_launch.cdiv(meta.get("n"), meta["BLOCK"]),)
 
 
 def scenarios():
@@ -220,6 +226,9 @@ def scenarios():
         "an option as True, then as 1": (
             [_scale_launch(_scale_kernel, options={"BLOCK": 32, "DOUBLE": True}),
              _scale_launch(_scale_kernel, options={"BLOCK": 32, "DOUBLE": 1})], {}),
+        "a grid of an argument by name, n = 100 then 300 (one key)": (
+            [_scale_launch(_scale_kernel, options={"BLOCK": 32}, n=n, grid=_grid_of_names) for n in (100, 300)],
+            {}),
         "launch hook in use": ([_with_launch_hook(_linear(1, 64, 256))], {}),
         "argument of an unknown type": ([lambda: triton_launch.launch(
             _scale_kernel, (4,), (torch.randn(100), torch.empty(100), _Size(100), 2.0), {"BLOCK": 32})], {}),

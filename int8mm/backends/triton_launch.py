@@ -48,6 +48,7 @@ LAUNCH_MODES = (DIRECT, JIT)
 # kernel, so its id stays its own)
 _kernels: dict[tuple[int, int], tuple[object, tuple[int, ...], dict[tuple, "_CompiledLaunch"]]] = {}
 _UNCACHEABLE = object()  # an argument type the key cannot describe
+_INT32_MAX = 0x7FFFFFFF
 # the Triton versions whose launcher calling convention (compiled.run's arguments) the direct path was checked with
 DIRECT_LAUNCH_CHECKED = Version(triton.__version__).release[:2] >= (3, 6)
 
@@ -78,7 +79,8 @@ def next_power_of_2(n: int) -> int:
 
 
 def _tensor_key(t: torch.Tensor):
-    return t.dtype, t.data_ptr() % 16 == 0
+    """The dtype, paired with False when the address is not 16-byte aligned (no tuple for the usual case)."""
+    return t.dtype if t.data_ptr() & 15 == 0 else (t.dtype, False)
 
 
 def _int_key(v: int):
@@ -101,6 +103,32 @@ def _argument_key(arg):
     return _UNCACHEABLE
 
 
+class _GridMeta(dict):
+    """What a callable grid is given: the compiled constexprs (BLOCK_M...) by name, and the arguments by name,
+    looked up only when asked (building the JIT's whole dict of 20-odd names cost 1.2 us a launch)."""
+
+    __slots__ = ("names", "args")
+
+    def __init__(self, constants: dict, names: tuple, args: tuple):
+        super().__init__(constants)
+        self.names, self.args = names, args
+
+    def __missing__(self, name):
+        try:
+            return self.args[self.names.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, name) or name in self.names
+
+    def get(self, name, default=None):
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
 class _CompiledLaunch:
     """One compiled kernel and what its launcher needs beyond the positional arguments."""
 
@@ -114,7 +142,7 @@ class _CompiledLaunch:
         # arguments are all constexpr (``_cacheable``): pass the values they were compiled with, as the JIT does
         self.constexpr_tail = tuple(by_index[i] for i in range(num_args, len(names)))
         # a callable grid reads the arguments and the compiled constexprs (BLOCK_M...) by name, as the JIT gives them
-        self.names = names[:num_args]
+        self.names = tuple(names[:num_args])
         self.constants = {names[i]: value for i, value in by_index.items()}
 
 
@@ -185,11 +213,11 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
         slot = _kernels[(id(kernel), len(args))] = (kernel, by_value, {})
     _, by_value, compiled_by_key = slot
     device = driver.active.get_current_device()
-    # tensors and ints inline (most arguments; a function call each would cost more than the test); ints as
-    # _int_key says
+    # tensors (as _tensor_key) and ints up to 2**31 - 1 (as _int_key) inline: most arguments, and a function call
+    # each would cost more than the test
     key = (device, tuple(options.items()), tuple(map(type, options.values())),
-           *[(a.dtype, a.data_ptr() % 16 == 0) if type(a) is Tensor
-             else (a if a < 16 else _int_key(a)) if type(a) is int
+           *[(a.dtype if a.data_ptr() & 15 == 0 else (a.dtype, False)) if type(a) is Tensor
+             else (a if a < 16 else 16 + (a & 15 == 0) if a <= _INT32_MAX else _int_key(a)) if type(a) is int
              else _argument_key(a) for a in args],
            *[args[i] for i in by_value])
     entry = compiled_by_key.get(key)
@@ -199,7 +227,7 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
             compiled_by_key[key] = _CompiledLaunch(compiled, len(args))
         return
     if callable(grid):
-        grid = grid({**dict(zip(entry.names, args)), **entry.constants})
+        grid = grid(_GridMeta(entry.constants, entry.names, args))
     grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
     entry.run(grid_x, grid_y, grid_z, driver.active.get_current_stream(device), entry.function,
               entry.packed_metadata, None, None, None, *args, *entry.constexpr_tail)
