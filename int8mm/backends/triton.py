@@ -96,7 +96,7 @@ class _ActivationStats:
         _, self.row_max_bits, self.col_flags, self.block_counts = kept
         launch(_activation_stats_kernel, (self.grid[0], cdiv(k, k_per_program)), (
             x, self.row_max_bits, self.col_flags, self.block_counts, m, k, k_per_program,
-            x.stride(0), x.stride(1), threshold,
+            *x.stride(), threshold,
         ), {"BLOCK_M": self.block_m, "BLOCK_K": self.block_k, "num_warps": self.num_warps})
 
 
@@ -189,7 +189,7 @@ def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
     col_flags, block_counts = buffer[:k], buffer[k_words:]
     block_m, programs = _rowwise_schedule(x)
     launch(_rowwise_quantize_kernel, (programs,), (
-        x, q_x, s_x, col_flags, block_counts, m, k, x.stride(0), x.stride(1), threshold,
+        x, q_x, s_x, col_flags, block_counts, m, k, *x.stride(), threshold,
     ), {"BLOCK_M": block_m, "BLOCK_K": ROWWISE_BLOCK_K, "SWEEP_PARTS": ROWWISE_SWEEP_PARTS,
         "INTERPRET": triton_interpreting(), "num_warps": rowwise_warps(block_m)})
     launch(_outlier_columns_kernel, (num_k_blocks, cdiv(m, OUTLIER_ROWS_PER_PROGRAM)), (
@@ -232,7 +232,7 @@ def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_column
     stats = _ActivationStats(x, threshold, stats_kept)
     launch(_quantize_rows_kernel, stats.grid, (
         x, stats.row_max_bits, stats.col_flags, stats.block_counts, q_x, s_x, outlier_cols, outlier_count,
-        m, k, stats.grid[1], x.stride(0), x.stride(1),
+        m, k, stats.grid[1], *x.stride(),
     ), {"BLOCK_M": stats.block_m, "BLOCK_K": stats.block_k, "MAX_K_BLOCKS": next_power_of_2(stats.grid[1]),
         "INTERPRET": triton_interpreting(), "num_warps": stats.num_warps})
     return q_x, s_x, outlier_cols, outlier_count
@@ -280,8 +280,7 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
     args = (
         q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out,
         m, n, k, next_power_of_2(m),
-        q_x.stride(0), q_x.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
-        x.stride(0), x.stride(1),
+        *q_x.stride(), *q_w.stride(), *out.stride(), *x.stride(),
     )
     flags = {"FUSED": fused, "HAS_BIAS": bias is not None}
 

@@ -101,11 +101,20 @@ def quantize_for_decode(x: torch.Tensor, threshold: float, reuse: bool = False):
             return None
     buffers = (reuse and scratch.reused(x, _buffers, m, k)) or scratch.fresh(x, _buffers, m, k)
     q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags = buffers
-    tile = row_tile(k)
     launch(_decode_quantize_kernel, (m,), (
         x, q_x, s_x, outlier_cols, outlier_count, row_cols, row_counts, union_flags,
-        counter if counter is not None else outlier_count, m, k, x.stride(0), x.stride(1), threshold,
-    ), {"TILE": tile, "ROW_IN_REGISTERS": k <= tile, "MERGE_TILE": MERGE_TILE, "UNION_TILE": min(tile, UNION_TILE_MAX),
-        "LIST_TILE": LIST_TILE, "INTERPRET": triton_interpreting(), "LAUNCH_DEPENDENTS": programmatic_launch(dev),
-        "num_warps": num_warps(tile, m)})
+        counter if counter is not None else outlier_count, m, k, *x.stride(), threshold,
+    ), _options(m, k, triton_interpreting(), programmatic_launch(dev), ROW_TILE_MAX, MERGE_TILE, UNION_TILE_MAX,
+                LIST_TILE))
     return q_x, s_x, outlier_cols, outlier_count
+
+
+@functools.lru_cache(maxsize=1024)
+def _options(m: int, k: int, interpreting: bool, launch_dependents: bool, *tunables) -> dict:
+    """The kernel's constexprs and warps for ``m`` rows of ``k`` columns: one dict per shape, never changed (a
+    decode call would otherwise build it anew each time). ``tunables``: the module's tile sizes, which tests
+    change, so that each setting gets a dict of its own."""
+    tile = row_tile(k)
+    return {"TILE": tile, "ROW_IN_REGISTERS": k <= tile, "MERGE_TILE": MERGE_TILE,
+            "UNION_TILE": min(tile, UNION_TILE_MAX), "LIST_TILE": LIST_TILE, "INTERPRET": interpreting,
+            "LAUNCH_DEPENDENTS": launch_dependents, "num_warps": num_warps(tile, m)}

@@ -114,8 +114,7 @@ def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, 
     args = (
         q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias if bias is not None else out, partials, tickets,
         m, n, k, k_per_split, split, next_power_of_2(m),
-        q_x.stride(0), q_x.stride(1), q_w.stride(0), q_w.stride(1), out.stride(0), out.stride(1),
-        x.stride(0), x.stride(1),
+        *q_x.stride(), *q_w.stride(), *out.stride(), *x.stride(),
     )
     flags = {"FUSED": True, "HAS_BIAS": bias is not None}
     if programmatic_launch(q_x.device):  # sm_90+: scheduled while the quantization kernel finishes, then waits
