@@ -12,14 +12,20 @@ interpreter's 4), so that split-K engages where it would there.
 
     python benchmarks/bench_launch_host.py [--rounds 20] [--calls 50] [--threads 1] [--out DIR]
 
-Then one launch of the decode GEMM alone (plain and autotuned), through the JIT and directly. Prints markdown
-tables (median and p20-p80 of the per-call microseconds) and writes them, with the medians as JSON, under --out.
+Then one launch of the decode GEMM alone (plain and autotuned), through the JIT and directly; and, for scale, the
+CUDA backend's ``int8_linear`` (one library call per layer) with a stand-in library whose entry point returns at
+once, compiled here with the system C compiler (skipped without one): its Python side, the packing of its call
+and ctypes. Prints markdown tables (median and p20-p80 of the per-call microseconds) and writes them, with the
+medians as JSON, under --out.
 """
 import argparse
+import ctypes
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -32,7 +38,7 @@ import triton_fake_driver  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.bench.environment import run_metadata  # noqa: E402
 from int8mm.backends import triton as triton_backend  # noqa: E402
-from int8mm.backends import triton_launch  # noqa: E402
+from int8mm.backends import cpu_build, triton_launch  # noqa: E402
 
 PATHS = {
     "classic": {"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic"},
@@ -133,7 +139,57 @@ def timed_single_launches(args) -> dict:
     return samples
 
 
-def report(args, samples, single) -> tuple[str, dict, dict]:
+# the CUDA library's entry points that int8_linear calls, doing nothing (the workspace size: any plausible one)
+_STAND_IN_LIBRARY = """
+int int8mm_int8_linear(const void *call) { (void)call; return 0; }
+long long int8mm_workspace_ints(long long m, long long k) { return 2 * k + m + 64; }
+"""
+
+
+def timed_cuda_backend(args) -> dict | None:
+    """The CUDA backend's ``int8_linear`` at each decode shape with a stand-in library (its entry point returns
+    at once) and the stream handle read as 0: the host work of a call but the library's own. Per-call
+    microseconds, kept buffers (the default) and allocated per call, taking turns; None without a C compiler."""
+    cc = cpu_build.compiler()
+    if cc is None:
+        return None
+    from int8mm.backends import cuda as cuda_backend
+    folder = tempfile.mkdtemp()
+    source, library_file = os.path.join(folder, "stand_in.c"), os.path.join(folder, "libstand_in.so")
+    with open(source, "w") as f:
+        f.write(_STAND_IN_LIBRARY)
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", library_file, source], check=True)
+    library = ctypes.CDLL(library_file)
+    library.int8mm_int8_linear.restype, library.int8mm_int8_linear.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    library.int8mm_workspace_ints.restype = ctypes.c_int64
+    library.int8mm_workspace_ints.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    saved = cuda_backend.library, cuda_backend.raw_stream
+    cuda_backend.library, cuda_backend.raw_stream = (lambda: library), (lambda device: 0)
+    cuda_backend._scratch_layout.cache_clear()  # sizes from the stand-in's workspace
+    samples = {}
+    try:
+        calls = {}
+        for m, k, n in SHAPES:
+            x, q_w, s_w = torch.randn(m, k).half(), torch.zeros(n, k, dtype=torch.int8), torch.ones(n)
+            calls[(m, k, n)] = lambda x=x, q_w=q_w, s_w=s_w: cuda_backend.int8_linear(x, q_w, s_w, None, 6.0)
+        for _ in range(args.rounds):
+            for shape, call in calls.items():
+                for keep in ("1", "0"):
+                    _set_environment({"INT8MM_KEEP_BUFFERS": keep})
+                    call()
+                    times = samples.setdefault((shape, keep), [])
+                    for _ in range(args.calls):
+                        start = time.perf_counter_ns()
+                        call()
+                        times.append((time.perf_counter_ns() - start) / 1e3)
+    finally:
+        cuda_backend.library, cuda_backend.raw_stream = saved
+        cuda_backend._scratch_layout.cache_clear()
+        _set_environment({"INT8MM_KEEP_BUFFERS": "1"})
+    return samples
+
+
+def report(args, samples, single, cuda_samples=None) -> tuple[str, dict, dict]:
     meta = run_metadata(torch.device("cpu"))
     header = (f"Triton int8_linear host time per call, no GPU (stand-in driver: launches recorded, not run); "
               f"{meta['device']}, load average {meta['load_average_1m']}, {meta['date']}, torch {torch.__version__}, "
@@ -163,6 +219,17 @@ def report(args, samples, single) -> tuple[str, dict, dict]:
             medians[f"one launch, {name} GEMM, {way}"] = statistics.median(values)
             cells.append(f"{statistics.median(values):.1f} ({q[1]:.1f}-{q[7]:.1f})")
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    if cuda_samples is not None:
+        lines += ["", "For scale, the CUDA backend's int8_linear, its library a stand-in that returns at once:", "",
+                  "| M x K -> N | kept buffers | allocated per call |", "|---|---|---|"]
+        for shape in SHAPES:
+            cells = []
+            for keep in ("1", "0"):
+                values = cuda_samples[(shape, keep)]
+                q = statistics.quantiles(values, n=10)
+                medians[f"cuda backend {shape[0]}x{shape[1]}->{shape[2]} keep={keep}"] = statistics.median(values)
+                cells.append(f"{statistics.median(values):.1f} ({q[1]:.1f}-{q[7]:.1f})")
+            lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines), medians, meta
 
 
@@ -175,7 +242,7 @@ def main(argv=None) -> None:
     triton_backend._multiprocessors = lambda device: SMS
     samples = timed(args)
     single = timed_single_launches(args)
-    text, medians, meta = report(args, samples, single)
+    text, medians, meta = report(args, samples, single, timed_cuda_backend(args))
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

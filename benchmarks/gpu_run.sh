@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The script a lent GPU machine runs, in one or two calls of at most 10 minutes each (a session has about 15
 # minutes of device time in all, the machine's start included):
-#   Every plan starts with the GPU test of the direct Triton launch (a failure turns it off for the rest).
+#   Every plan starts with the GPU tests of the direct Triton launch and of the kept decode buffers (a failure
+#   turns that one off for the rest).
 #   PLAN=first  (default, 9 min of stage limits): the GPU tests of what never ran on a GPU, the candidate
 #               benchmarks (two-kernel decode and split-K decode GEMM, rowwise prefill quantization, persistent
 #               prefill GEMM), benchmarks/gpu_choose.py picking the winners, then the per-layer benchmark at M = 1
@@ -143,6 +144,17 @@ INT8MM_AUTOTUNE=0 stage launch_tests "${LAUNCH_TEST_TIMEOUT:-40}" python3 -m pyt
 if ! grep -q "^rc=0$" "$WORK/launch_tests.log"; then
   export INT8MM_TRITON_LAUNCH=jit
   echo "launch_tests did not pass: every later stage launches through the JIT (INT8MM_TRITON_LAUNCH=jit)" \
+    | tee -a "$OUT/summary.log" "$WORK/device.txt"
+fi
+
+# Then the decode buffers kept from call to call (the default; int8mm/backends/scratch.py): two threads issuing on
+# one stream, on the Triton and CUDA backends (the graph and stream tests of decode_tests run with them too). If
+# this fails, every later stage allocates per call, and device.txt says so.
+INT8MM_AUTOTUNE=0 stage keep_tests "${KEEP_TEST_TIMEOUT:-25}" python3 -m pytest -q -p no:cacheprovider \
+  -k gpu tests/test_scratch.py
+if ! grep -q "^rc=0$" "$WORK/keep_tests.log"; then
+  export INT8MM_KEEP_BUFFERS=0
+  echo "keep_tests did not pass: every later stage allocates its decode buffers per call (INT8MM_KEEP_BUFFERS=0)" \
     | tee -a "$OUT/summary.log" "$WORK/device.txt"
 fi
 

@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from gpu import requires_cuda  # noqa: E402
 from helpers import REPOSITORY, compiling_process_environment  # noqa: E402
 from int8mm import backends  # noqa: E402
-from int8mm.backends import triton_launch  # noqa: E402
+from int8mm.backends import cpu_build, triton_launch  # noqa: E402
 
 ALWAYS_JIT = ("launch hook in use", "argument of an unknown type", "runtime argument given by name", "heuristics",
               "autotuner config with a pre-hook", "kernel with a pre-run hook", "a wrapper of another kind", "Triton older than 3.6")
@@ -270,9 +270,11 @@ def test_bench_launch_host_script(tmp_path):
                           env=compiling_process_environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     medians = json.loads((tmp_path / "launch_host.json").read_text())["median_us"]
-    calls = {name: row for name, row in medians.items() if not name.startswith("one launch")}
+    calls = {name: row for name, row in medians.items() if not name.startswith(("one launch", "cuda backend"))}
     assert len(calls) == 9 and all(sorted(row) == ["direct", "direct+kept", "jit"] and min(row.values()) > 0
                                    for row in calls.values())
     assert sorted(name for name in medians if name.startswith("one launch")) == [
         f"one launch, {kind} GEMM, {way}" for kind in ("autotuned", "plain") for way in ("JIT", "direct")]
     assert "| 1 x 4096 -> 4096 | fused+splitk |" in (tmp_path / "launch_host.md").read_text()
+    cuda_rows = [name for name in medians if name.startswith("cuda backend")]
+    assert len(cuda_rows) == (6 if cpu_build.compiler() else 0) and all(medians[name] > 0 for name in cuda_rows)
