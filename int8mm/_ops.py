@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends import reference, registry
+from .backends import reference, registry, scratch
 
 
 # ---- eager calls: straight to the implementation ----
@@ -108,7 +108,10 @@ def _(a, b, backend):
 # ---- int8_linear: the fused product ----
 @torch.library.custom_op("int8mm::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, q_w: Tensor, s_w: Tensor, bias: Optional[Tensor], threshold: float, backend: str) -> Tensor:
-    return _int8_linear(x, q_w, s_w, bias, threshold, backend)
+    # the op runs under torch.compile, whose CUDA graphs warm up allocating into the graph's private pool: no
+    # buffer kept from call to call there (backends/scratch.py); the eager call, which skips the op, keeps them
+    with scratch.not_kept():
+        return _int8_linear(x, q_w, s_w, bias, threshold, backend)
 
 
 def _int8_linear(x, q_w, s_w, bias, threshold, backend):

@@ -191,7 +191,8 @@ def test_forward_fills_only_the_stats_buffer(backend):
     with OpRecorder() as counter:
         got = impl(x, q_w, s_w, None, 6.0)
     classic_triton = backend == "triton" and backends.decode_path() == "classic"  # INT8MM_DECODE_PATH=fused: none
-    assert counter.fills == (["aten.zero_.default"] if classic_triton else [])
+    # one fill: of the buffer kept from the call before, or of a fresh one (INT8MM_KEEP_BUFFERS=0)
+    assert counter.fills in ((["aten.zero_.default"], ["aten.zeros.default"]) if classic_triton else ([],))
     assert_output_close(got, ref)
 
 

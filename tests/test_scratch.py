@@ -32,10 +32,13 @@ def _other_layout(m: int, k: int):
 
 
 @pytest.fixture(autouse=True)
-def _nothing_kept():
-    scratch.release()
+def _nothing_kept(monkeypatch):
+    """Keeping on (whatever the environment says), and nothing kept before or after each test."""
+    monkeypatch.setenv(scratch.KEEP_ENV_VAR, "1")
+    backends.refresh_from_environment()  # releases what was kept
     yield
-    scratch.release()
+    monkeypatch.undo()
+    backends.refresh_from_environment()
 
 
 def _pointers(tensors) -> list[int]:
@@ -109,10 +112,11 @@ class _OnAGpu:
 
 @pytest.fixture
 def gpu_state(monkeypatch):
-    """The current stream handle and whether it captures, as ``reused`` sees them."""
+    """The current stream handle and whether it captures, as ``reused`` sees them (the current device: 0)."""
     state = {"stream": 7, "capturing": False}
     monkeypatch.setattr(scratch, "raw_stream", lambda device: state["stream"])
     monkeypatch.setattr(scratch, "_is_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(scratch, "_current_device", lambda: 0)  # _OnAGpu's
     return state
 
 
@@ -132,6 +136,28 @@ def test_nothing_kept_while_capturing(gpu_state):
     assert scratch.reused(x, _layout, 2, 64) is None
     assert scratch.kept_bytes() == 0
     gpu_state["capturing"] = False
+    assert scratch.reused(x, _layout, 2, 64) is not None
+    gpu_state["capturing"] = True  # a shape kept before the capture is not handed to it either
+    assert scratch.reused(x, _layout, 2, 64) is None
+
+
+def test_nothing_kept_for_a_device_that_is_not_the_current_one(gpu_state, monkeypatch):
+    """The capture state torch reports is the current device's: a call for another device allocates."""
+    x = _OnAGpu()
+    monkeypatch.setattr(scratch, "_current_device", lambda: 1)
+    assert scratch.reused(x, _layout, 2, 64) is None
+    monkeypatch.setattr(scratch, "_current_device", lambda: 0)
+    assert scratch.reused(x, _layout, 2, 64) is not None
+
+
+def test_nothing_kept_inside_not_kept():
+    x = torch.zeros(1, 1)
+    with scratch.not_kept():
+        assert scratch.reused(x, _layout, 2, 64) is None
+        with scratch.not_kept():
+            assert scratch.reused(x, _layout, 2, 64) is None
+        assert scratch.reused(x, _layout, 2, 64) is None
+    assert scratch.kept_bytes() == 0
     assert scratch.reused(x, _layout, 2, 64) is not None
 
 
@@ -180,6 +206,34 @@ def test_shapes_remembered_are_bounded(monkeypatch):
     assert scratch.reused(x, _layout, 1, 8)[0] is not first[0]  # forgotten, carved again
 
 
+# ---- the layouts the backends keep ----
+def _real_layouts():
+    from int8mm.backends import triton as triton_backend, triton_decode, triton_splitk
+    for m, k in [(1, 37), (3, 37), (5, 129), (16, 300)]:
+        yield "classic", triton_backend._classic_buffers, (m, k)
+        yield "fused", triton_decode._buffers, (m, k)
+        yield "split-K sums", triton_splitk._partials, (3, m, k)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    else:
+        for item in value:
+            yield from _tensors(item)
+
+
+@needs_triton
+def test_every_tensor_of_the_layouts_is_16_byte_aligned():
+    """Triton compiles a variant per 16-byte alignment of each pointer (and loads vectorize with it): every
+    tensor a layout hands out, its sub-views included, starts 16-byte aligned, kept or fresh."""
+    x = torch.zeros(1, 1)
+    for name, layout, args in _real_layouts():
+        for way in (scratch.reused, scratch.fresh):
+            for t in _tensors(way(x, layout, *args)):
+                assert t.data_ptr() % 16 == 0, (name, args, way.__name__, t.shape, t.dtype)
+
+
 # ---- the calls that keep their buffers ----
 @needs_triton
 @pytest.mark.parametrize("path", ["classic", "fused"])
@@ -196,18 +250,85 @@ def test_int8_linear_calls_in_a_row(path, gemm, monkeypatch):
         monkeypatch.setattr(triton_splitk, "K_STEP", 128)
     try:
         layers = {k: int8mm.quantize_weight(random_weight(40, k).to(DEVICE)) for k in (384, 512)}
-        calls = [(1, 512, 8, 0), (3, 512, 2, 1), (1, 512, 0, 2), (16, 384, 5, 3), (3, 512, 6, 4), (1, 384, 1, 5)]
+        # outlier columns move, vanish and (20: more than a row's list merges in registers) flood between calls
+        calls = [(1, 512, 8, 0), (3, 512, 20, 1), (3, 512, 2, 8), (1, 512, 0, 2), (16, 384, 5, 3), (3, 512, 6, 4),
+                 (1, 384, 1, 5), (16, 384, 20, 6), (16, 384, 0, 7)]
         for m, k, outlier_cols, seed in calls:
             x = planted_outliers(m, k, torch.float16, n_outlier_cols=outlier_cols, seed=seed).to(DEVICE)
             q_w, s_w = layers[k]
             got = triton_backend.int8_linear(x, q_w, s_w, None, 6.0)
+            assert scratch.kept_bytes() > 0  # this call did keep its buffers
+            with scratch.not_kept():  # the same call on fresh buffers: equal bit for bit
+                assert torch.equal(got, triton_backend.int8_linear(x, q_w, s_w, None, 6.0))
             assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
-        if DEVICE.type != "cuda":
-            assert scratch.kept_bytes() > 0  # the calls did keep their buffers
     finally:
         monkeypatch.delenv("INT8MM_DECODE_PATH")
         monkeypatch.delenv("INT8MM_DECODE_GEMM")
         backends.refresh_from_environment()
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["classic", "fused"])
+@pytest.mark.parametrize("gemm", ["classic", "splitk"])
+def test_the_first_launch_of_a_decode_call_waits_for_the_call_before(path, gemm, monkeypatch):
+    """A call's first kernel writes the kept buffers that the previous call's GEMM reads: it must be a plain
+    launch (one that starts only once the kernels before it are done), never one with programmatic dependent
+    launch, which may start early. Checked with PDL on, as on Hopper."""
+    from int8mm.backends import triton as triton_backend, triton_decode, triton_launch, triton_splitk
+    monkeypatch.setenv("INT8MM_DECODE_PATH", path)
+    monkeypatch.setenv("INT8MM_DECODE_GEMM", gemm)
+    backends.refresh_from_environment()
+    monkeypatch.setattr(triton_splitk, "MIN_SPLIT_COLUMNS", 128)
+    monkeypatch.setattr(triton_splitk, "K_STEP", 128)
+    for module in (triton_decode, triton_splitk):
+        monkeypatch.setattr(module, "programmatic_launch", lambda device: True)
+    launches = []  # (kernel, options), recorded instead of run (the interpreter cannot wait on a grid)
+    for module in (triton_backend, triton_decode, triton_splitk, triton_launch):
+        monkeypatch.setattr(module, "launch", lambda kernel, grid, args, options: launches.append((kernel, options)))
+    x = planted_outliers(3, 512, torch.float16, seed=3).to(DEVICE)
+    q_w, s_w = int8mm.quantize_weight(random_weight(40, 512).to(DEVICE))
+    triton_backend.int8_linear(x, q_w, s_w, None, 6.0)
+    assert len(launches) >= 2
+    assert not launches[0][1].get("launch_pdl", False), launches[0]
+    if gemm == "splitk":  # the case the rule is about: the GEMM itself is launched with PDL
+        assert launches[-1][1].get("launch_pdl") is True, launches[-1]
+    monkeypatch.undo()
+    backends.refresh_from_environment()
+
+
+@needs_triton
+def test_prefill_keeps_nothing():
+    x = planted_outliers(40, 256, torch.float16, seed=4).to(DEVICE)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 256).to(DEVICE))
+    assert_output_close(int8mm.int8_linear(x, q_w, s_w, backend="triton"),
+                        int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+    assert scratch.kept_bytes() == 0
+
+
+@needs_triton
+def test_only_the_eager_call_keeps_buffers():
+    """The ``int8mm::int8_linear`` op (what torch.compile and CUDA graph trees run) allocates per call; the eager
+    call, which skips the op, keeps."""
+    from int8mm import _ops
+    x = planted_outliers(2, 256, torch.float16, seed=5).to(DEVICE)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 256).to(DEVICE))
+    through_the_op = _ops.int8_linear(x, q_w, s_w, None, 6.0, "triton")
+    assert scratch.kept_bytes() == 0
+    eager = int8mm.int8_linear(x, q_w, s_w, backend="triton")
+    assert scratch.kept_bytes() > 0
+    assert torch.equal(through_the_op, eager)
+
+
+@needs_triton
+def test_quantize_for_decode_keeps_nothing_unless_asked():
+    from int8mm.backends import triton_decode
+    x1 = planted_outliers(3, 256, torch.float16, seed=6).to(DEVICE)
+    x2 = planted_outliers(3, 256, torch.float16, n_outlier_cols=2, seed=7).to(DEVICE)
+    held = triton_decode.quantize_for_decode(x1, 6.0)
+    copies = [t.clone() for t in held]
+    triton_decode.quantize_for_decode(x2, 6.0)
+    assert all(torch.equal(a, b) for a, b in zip(held, copies))
+    assert scratch.kept_bytes() == 0
 
 
 @needs_triton
@@ -255,3 +376,24 @@ def test_gpu_threads_on_one_stream(backend):
         assert len(results[which]) == 200
         for got in results[which]:
             assert torch.equal(got, expected[which])
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_compiled_with_cuda_graphs_beside_eager_calls(backend):
+    """torch.compile(mode="reduce-overhead") warms each graph up with its allocations going to the graph's
+    private pool, then records and replays it; eager calls of the same layer (which keep their buffers) run in
+    between. Every output must equal the eager one, bit for bit."""
+    if backend not in {b.value for b in backends.available_backends(DEVICE)}:
+        pytest.skip(f"the {backend} backend is not available here")
+    layer = int8mm.Int8Linear(4096, 1024, bias=False, backend=backend, device=torch.device("meta"))
+    layer.weight, layer.SCB = int8mm.quantize_weight(random_weight(1024, 4096).to(DEVICE))
+    compiled = torch.compile(layer, mode="reduce-overhead", dynamic=False)
+    with torch.inference_mode():
+        for step in range(4):
+            for m in (1, 3):
+                x = planted_outliers(m, 4096, torch.float16, n_outlier_cols=step + 2, seed=10 * step + m).to(DEVICE)
+                eager = layer(x)
+                got = compiled(x).clone()
+                assert torch.equal(got, eager), (step, m)
+                assert torch.equal(layer(x), eager), (step, m)

@@ -278,7 +278,10 @@ def set_default_backend(backend) -> None:
 def refresh_from_environment() -> None:
     """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM, INT8MM_PREFILL_QUANT,
     INT8MM_PDL, INT8MM_TRITON_LAUNCH, INT8MM_AUTOTUNE and INT8MM_KEEP_BUFFERS again at the next op call (they are
-    read once otherwise)."""
+    read once otherwise), and free the decode buffers kept so far (``scratch.release``)."""
+    from . import scratch  # imports this module
+
+    scratch.release()
     global _triton_interpreting
     _triton_interpreting = None
     _settings.clear()

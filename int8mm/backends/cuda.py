@@ -126,14 +126,14 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    # the intermediates live in one allocation, kept from call to call for decode (scratch.py; a call of more rows
-    # allocates its own, freed stream-ordered when it returns)
     total, offsets = _scratch_layout(m, k)
-    buffer = ((m <= DECODE_MAX_M and scratch.reused(x, _scratch_bytes, total))
-              or scratch.fresh(x, _scratch_bytes, total))[0]
-    base = buffer.data_ptr()
-    workspace, q_x, s_x, outlier_cols, outlier_count = (base + offset for offset in offsets)
     with on_device_of(x):
+        # the intermediates live in one allocation, kept from call to call for decode (scratch.py: on x's device,
+        # current here; a call of more rows allocates its own, freed stream-ordered when it returns)
+        buffer = ((m <= DECODE_MAX_M and scratch.reused(x, _scratch_bytes, total))
+                  or scratch.fresh(x, _scratch_bytes, total))[0]
+        base = buffer.data_ptr()
+        workspace, q_x, s_x, outlier_cols, outlier_count = (base + offset for offset in offsets)
         # a fresh bytes object per call (ctypes passes its address): cheaper than a per-thread buffer's lookups
         call = LINEAR_CALL.pack(
             x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(), s_w.data_ptr(), n,

@@ -8,18 +8,24 @@ call: about 1-1.5 us of host time apiece on a 2-core AMD EPYC (CPU tensors), as 
 tensors at every call of the same shape. That is safe because:
 - calls on one stream run in the order they were issued, so a call's first kernel writes the buffers only after
   the previous call's last kernel has read them. (The split-K GEMM may start early under programmatic dependent
-  launch, but it waits on the GPU for the kernel before it, and the next call's first kernel is a plain launch,
-  which starts only once the GEMM has finished.)
+  launch, but it waits on the GPU for the kernel before it, and a call's first kernel is a plain launch, which
+  starts only once the previous call's GEMM has finished: tests/test_scratch.py checks that it stays so.)
 - each thread has buffers of its own: two threads issuing on one stream would interleave their launches.
-- nothing is reused while the current stream captures a CUDA graph (``reused`` returns None and the caller
+- nothing is kept while the current stream captures a CUDA graph (``reused`` returns None and the caller
   allocates, from the graph's pool): a graph replays the pointers it captured, and its replays may run on
-  another stream than later eager calls.
+  another stream than later eager calls. Nor inside the ``int8mm::int8_linear`` op (``not_kept``): the op runs
+  under torch.compile, whose CUDA graphs (mode="reduce-overhead") warm up with every allocation going to the
+  graph's private pool, where a kept buffer would outlive the pool's bookkeeping. Only the eager call, which
+  skips the op, keeps buffers.
 - the buffers never leave the backend: ``int8_linear`` returns only its output, which is allocated per call.
 
 Each (thread, device, stream, layout) keeps one allocation, as large as the largest shape it has served, carved
-into every shape's tensors (each part 256-byte aligned, as a fresh allocation is); at most MAX_SHAPES shapes'
-views are remembered. A Llama-3-70B down_proj at 16 rows keeps about 2.3 MB. ``release()`` frees them all (a
-thread's own also go when the thread ends). INT8MM_KEEP_BUFFERS=0 turns the keeping off: every call allocates.
+into every shape's tensors (each part 256-byte aligned); at most MAX_SHAPES shapes' views are remembered. The
+layouts are the classic and the fused quantization's, the split-K sums and the CUDA library's scratch: for a
+Llama-3-70B at 16 rows about 4 MB per thread and stream (the fused quantization's 2.3 MB for down_proj, the
+split-K sums' 1.5 MB). ``release()`` frees them all (a thread's own also go when the thread ends, and
+``int8mm.backends.refresh_from_environment()`` releases them too). INT8MM_KEEP_BUFFERS=0 turns the keeping off:
+every call allocates.
 """
 import threading
 import weakref
@@ -51,18 +57,21 @@ class _Kept:
 
 class _ThreadBuffers:
     """One thread's kept buffers: ``kept`` maps (device index, stream, layout) to a _Kept (an object of its own,
-    which ``release`` can hold weakly and a thread's end frees)."""
+    which ``release`` can hold weakly and a thread's end frees); ``paused`` counts the ``not_kept`` blocks the
+    thread is in."""
 
-    __slots__ = ("kept", "__weakref__")
+    __slots__ = ("kept", "paused", "__weakref__")
 
     def __init__(self):
         self.kept: dict[tuple, _Kept] = {}
+        self.paused = 0
 
 
 _local = threading.local()
 _every_thread: "weakref.WeakSet[_ThreadBuffers]" = weakref.WeakSet()
 _every_thread_lock = threading.Lock()
 _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
 
 
 def _thread_buffers() -> _ThreadBuffers:
@@ -76,8 +85,9 @@ def _thread_buffers() -> _ThreadBuffers:
 
 def reused(x: torch.Tensor, layout: Layout, *args) -> tuple | None:
     """The tensors ``layout(*args)`` describes, on ``x``'s device, the same ones at every call with these ``args``
-    from this thread on the current stream; None while that stream captures a CUDA graph, or when
-    INT8MM_KEEP_BUFFERS=0 (read once, as the other settings) (allocate then: ``fresh``).
+    from this thread on the current stream; None (allocate then: ``fresh``) while that stream captures a CUDA
+    graph, inside ``not_kept``, when x's device is not the current one, or when INT8MM_KEEP_BUFFERS=0 (read once,
+    as the other settings).
 
     Args:
         x: a tensor on the device the call runs on (its current stream is the call's).
@@ -87,14 +97,21 @@ def reused(x: torch.Tensor, layout: Layout, *args) -> tuple | None:
     """
     if env_setting(KEEP_ENV_VAR, ("0", "1"), "1") == "0":
         return None
+    buffers = _thread_buffers()
+    if buffers.paused:
+        return None
     if x.is_cuda:
         device = x.get_device()
+        # the capture state is the current device's stream's: asked only when that is x's device (callers switch
+        # to it first; one that did not allocates)
+        if (_current_device() if _current_device is not None else torch.cuda.current_device()) != device:
+            return None
         if _is_capturing() if _is_capturing is not None else torch.cuda.is_current_stream_capturing():
             return None
         stream = raw_stream(device)
     else:  # CPU tensors (Triton's interpreter): one stream
         device, stream = -1, 0
-    kept = _thread_buffers().kept.get((device, stream, layout))
+    kept = buffers.kept.get((device, stream, layout))
     if kept is not None:
         found = kept.views.get(args)
         if found is not None:
@@ -129,6 +146,17 @@ def fresh(x: torch.Tensor, layout: Layout, *args) -> tuple:
     """What ``reused`` hands out, allocated for this call alone (each part a tensor of its own)."""
     parts, finish = layout(*args)
     return finish([torch.empty(count, dtype=dtype, device=x.device) for dtype, count in parts])
+
+
+class not_kept:
+    """Within the block, this thread's ``reused`` returns None: every call allocates (the ``int8mm::int8_linear``
+    op's body, which torch.compile and CUDA graph trees run)."""
+
+    def __enter__(self):
+        _thread_buffers().paused += 1
+
+    def __exit__(self, *exc):
+        _thread_buffers().paused -= 1
 
 
 def release() -> None:
