@@ -189,6 +189,16 @@ def timed_cuda_backend(args) -> dict | None:
     return samples
 
 
+def _spread(values) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentiles."""
+    q = statistics.quantiles(values, n=10)
+    return statistics.median(values), q[1], q[7]
+
+
+def _cell(spread) -> str:
+    return f"{spread[0]:.1f} ({spread[1]:.1f}-{spread[2]:.1f})"
+
+
 def report(args, samples, single, cuda_samples=None) -> tuple[str, dict, dict]:
     meta = run_metadata(torch.device("cpu"))
     header = (f"Triton int8_linear host time per call, no GPU (stand-in driver: launches recorded, not run); "
@@ -199,37 +209,27 @@ def report(args, samples, single, cuda_samples=None) -> tuple[str, dict, dict]:
     medians = {}
     for shape in SHAPES:
         for path in PATHS:
-            row = {}
-            for mode in MODES:
-                values = samples[(shape, path, mode)]
-                q = statistics.quantiles(values, n=10)
-                row[mode] = (statistics.median(values), q[1], q[7])
+            row = {mode: _spread(samples[(shape, path, mode)]) for mode in MODES}
             jit, fastest = row["jit"][0], row["direct+kept"][0]
             medians[f"{shape[0]}x{shape[1]}->{shape[2]} {path}"] = {mode: row[mode][0] for mode in MODES}
-            cells = " | ".join(f"{m:.1f} ({lo:.1f}-{hi:.1f})" for m, lo, hi in row.values())
+            cells = " | ".join(map(_cell, row.values()))
             lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {path} | {cells} | "
                          f"{jit - fastest:.1f} ({jit / fastest:.2f}x) |")
     lines += ["", "One launch of the decode GEMM (1 x 4096 -> 4096), alone:", "",
               "| GEMM kernel | via JIT | direct |", "|---|---|---|"]
     for name in ("plain", "autotuned"):
-        cells = []
-        for way in ("JIT", "direct"):
-            values = single[(name, way)]
-            q = statistics.quantiles(values, n=10)
-            medians[f"one launch, {name} GEMM, {way}"] = statistics.median(values)
-            cells.append(f"{statistics.median(values):.1f} ({q[1]:.1f}-{q[7]:.1f})")
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        spreads = [_spread(single[(name, way)]) for way in ("JIT", "direct")]
+        for way, spread in zip(("JIT", "direct"), spreads):
+            medians[f"one launch, {name} GEMM, {way}"] = spread[0]
+        lines.append(f"| {name} | {' | '.join(map(_cell, spreads))} |")
     if cuda_samples is not None:
         lines += ["", "For scale, the CUDA backend's int8_linear, its library a stand-in that returns at once:", "",
                   "| M x K -> N | kept buffers | allocated per call |", "|---|---|---|"]
         for shape in SHAPES:
-            cells = []
-            for keep in ("1", "0"):
-                values = cuda_samples[(shape, keep)]
-                q = statistics.quantiles(values, n=10)
-                medians[f"cuda backend {shape[0]}x{shape[1]}->{shape[2]} keep={keep}"] = statistics.median(values)
-                cells.append(f"{statistics.median(values):.1f} ({q[1]:.1f}-{q[7]:.1f})")
-            lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {cells[0]} | {cells[1]} |")
+            spreads = [_spread(cuda_samples[(shape, keep)]) for keep in ("1", "0")]
+            for keep, spread in zip(("1", "0"), spreads):
+                medians[f"cuda backend {shape[0]}x{shape[1]}->{shape[2]} keep={keep}"] = spread[0]
+            lines.append(f"| {shape[0]} x {shape[1]} -> {shape[2]} | {' | '.join(map(_cell, spreads))} |")
     return "\n".join(lines), medians, meta
 
 
