@@ -148,10 +148,10 @@ if ! grep -q "^rc=0$" "$WORK/launch_tests.log"; then
 fi
 
 # Then the decode buffers kept from call to call (the default; int8mm/backends/scratch.py): two threads issuing on
-# one stream (Triton and CUDA backends), and a layer compiled with CUDA graphs (mode="reduce-overhead", Triton)
-# beside eager calls (the graph and stream tests of decode_tests run with them too). If this fails, every later
-# stage allocates per call, and device.txt says so.
-INT8MM_AUTOTUNE=0 stage keep_tests "${KEEP_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
+# one stream (Triton and CUDA backends), and a layer compiled with CUDA graphs (mode="reduce-overhead"; Triton,
+# classic and fused+split-K) beside eager calls (the graph and stream tests of decode_tests run with them too).
+# If this fails, every later stage allocates per call, and device.txt says so.
+INT8MM_AUTOTUNE=0 stage keep_tests "${KEEP_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
   -k "gpu and (threads or triton)" tests/test_scratch.py
 if ! grep -q "^rc=0$" "$WORK/keep_tests.log"; then
   export INT8MM_KEEP_BUFFERS=0

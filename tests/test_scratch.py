@@ -161,6 +161,28 @@ def test_nothing_kept_inside_not_kept():
     assert scratch.reused(x, _layout, 2, 64) is not None
 
 
+def test_not_kept_ends_with_its_block_even_when_it_raises():
+    x = torch.zeros(1, 1)
+    with pytest.raises(RuntimeError, match="inside"):
+        with scratch.not_kept():
+            raise RuntimeError("inside")
+    assert not scratch.not_kept_here()
+    assert scratch.reused(x, _layout, 2, 64) is not None
+
+
+def test_counters_inside_not_kept_are_the_calls_own():
+    """Inside the op (torch.compile's CUDA graphs warm up there, allocating into the graph's pool) the counter
+    pool hands out zeroed counters allocated for the call, and allocates no chunk of its own."""
+    from int8mm.backends import triton_counters
+    pool = triton_counters.CounterPool(torch.device("cpu"))
+    with scratch.not_kept():
+        counters = pool.counters(3)
+    assert pool.chunks == [] and counters.shape == (3,) and not counters.any()
+    eager = pool.counters(3)  # outside: from the pool's chunk, kept for the stream
+    assert len(pool.chunks) > 0 and eager.untyped_storage().data_ptr() == pool.chunks[0].untyped_storage().data_ptr()
+    assert pool.counters(3) is eager
+
+
 def test_release_frees_every_thread():
     x = torch.zeros(1, 1)
     scratch.reused(x, _layout, 2, 64)
@@ -378,14 +400,23 @@ def test_gpu_threads_on_one_stream(backend):
             assert torch.equal(got, expected[which])
 
 
+COMPILED_SCHEDULES = [("triton", {}), ("triton", {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"}),
+                      ("cuda", {})]
+
+
 @requires_cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_compiled_with_cuda_graphs_beside_eager_calls(backend):
+@pytest.mark.parametrize("backend,variables", COMPILED_SCHEDULES,
+                         ids=["triton-classic", "triton-fused-splitk", "cuda"])
+def test_gpu_compiled_with_cuda_graphs_beside_eager_calls(backend, variables, monkeypatch):
     """torch.compile(mode="reduce-overhead") warms each graph up with its allocations going to the graph's
-    private pool, then records and replays it; eager calls of the same layer (which keep their buffers) run in
-    between. Every output must equal the eager one, bit for bit."""
+    private pool, then records and replays it; eager calls of the same layer (which keep their buffers, and on
+    the fused and split-K paths use the counter pool) run in between. Every output must equal the eager one,
+    bit for bit."""
     if backend not in {b.value for b in backends.available_backends(DEVICE)}:
         pytest.skip(f"the {backend} backend is not available here")
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    backends.refresh_from_environment()
     layer = int8mm.Int8Linear(4096, 1024, bias=False, backend=backend, device=torch.device("meta"))
     layer.weight, layer.SCB = int8mm.quantize_weight(random_weight(1024, 4096).to(DEVICE))
     compiled = torch.compile(layer, mode="reduce-overhead", dynamic=False)
@@ -397,3 +428,5 @@ def test_gpu_compiled_with_cuda_graphs_beside_eager_calls(backend):
                 got = compiled(x).clone()
                 assert torch.equal(got, eager), (step, m)
                 assert torch.equal(layer(x), eager), (step, m)
+    monkeypatch.undo()
+    backends.refresh_from_environment()

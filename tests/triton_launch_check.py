@@ -178,8 +178,17 @@ def _scale_launch(kernel, args=(), options=None, n=100, grid=(4,)):
     return lambda: triton_launch.launch(kernel, grid, (x, y, n, 2.0, *args), options or {})
 
 
+def _parameter_launch(offset):
+    """The scale kernel over an nn.Parameter (a tensor subclass: keyed outside the inline cases), ``offset``
+    floats into its storage (4: 16-byte aligned again; 1: not)."""
+    x = torch.nn.Parameter(torch.randn(100 + offset)[offset:], requires_grad=False)
+    y = torch.empty(100)
+    return lambda: triton_launch.launch(_scale_kernel, (4,), (x, y, 100, 2.0), {"BLOCK": 32})
+
+
 def _grid_of_names(meta):
-    """A grid that reads an argument (n) by name, every way a mapping is read, and a constexpr (BLOCK)."""
+    """A grid that reads an argument (n) by name (by ``[]``, ``get`` and ``in``, the reads ``_GridMeta`` answers
+    for arguments), and a constexpr (BLOCK)."""
     assert "n" in meta and "BLOCK" in meta and "nothing" not in meta and meta.get("nothing", 7) == 7
     return (triton_launch.cdiv(meta.get("n"), meta["BLOCK"]),)
 
@@ -220,6 +229,12 @@ def scenarios():
         "an int of 17, then of 2**31 + 17, then of 17": (
             [_scale_launch(_scale_kernel, (32,), n=17), _scale_launch(_scale_kernel, (32,), n=2**31 + 17),
              _scale_launch(_scale_kernel, (32,), n=17)], {}),
+        "an int of 32, then of 2**31, then of 32": (
+            [_scale_launch(_scale_kernel, (32,), n=n) for n in (32, 2**31, 32)], {}),
+        "an int of 17, then of -2**31 - 1, then of 17": (
+            [_scale_launch(_scale_kernel, (32,), n=n) for n in (17, -2**31 - 1, 17)], {}),
+        "an nn.Parameter 16-byte aligned, then 4 bytes off, then aligned": (
+            [_parameter_launch(0), _parameter_launch(1), _parameter_launch(4)], {}),
         "an int of 1, then True, then 1": (
             [_scale_launch(_scale_kernel, (32,), n=1), _scale_launch(_scale_kernel, (32,), n=True),
              _scale_launch(_scale_kernel, (32,), n=1)], {}),

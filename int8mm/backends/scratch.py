@@ -159,6 +159,11 @@ class not_kept:
         _thread_buffers().paused -= 1
 
 
+def not_kept_here() -> bool:
+    """Whether this thread is inside ``not_kept``."""
+    return _thread_buffers().paused > 0
+
+
 def release() -> None:
     """Free every thread's kept buffers (calls already issued keep theirs until they are done, as the caching
     allocator orders frees on the stream)."""

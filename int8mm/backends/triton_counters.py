@@ -9,7 +9,10 @@ use which counters:
 - a call captured into a CUDA graph takes counters of its own for good: a graph replays the pointers it
   captured, so two graphs (or a graph and eager work) never share any, whatever streams they replay on.
   A graph must not be replayed concurrently with itself (as for any CUDA graph: its buffers are shared).
-Counters are handed out only from chunks already allocated: a chunk is allocated (and, once, the host waits for
+- a call inside the ``int8mm::int8_linear`` op outside capture (``scratch.not_kept``: torch.compile, whose CUDA
+  graphs warm up allocating into the graph's private pool, where no chunk may stay) gets zeroed counters of its
+  own, allocated for it and freed with it.
+Otherwise counters are handed out only from chunks already allocated: a chunk is allocated (and, once, the host waits for
 its zero-fill) outside graph capture, whenever an eager call finds fewer than CAPTURE_RESERVE_WORDS free. A
 capture that finds no room gets None and its caller takes a path without counters (each caller logs it).
 """
@@ -18,6 +21,7 @@ import threading
 import torch
 
 from ..devices import raw_stream
+from .scratch import not_kept_here
 
 # int32 words per chunk (256 KB; a larger request gets a chunk of its own size)
 CHUNK_WORDS = 64 * 1024
@@ -83,6 +87,11 @@ class CounterPool:
                 capturing = torch.cuda.is_current_stream_capturing()
             if capturing:
                 return self.take(length, may_allocate=False)
+            if not_kept_here():
+                # the int8_linear op outside capture: torch.compile's CUDA graphs warm up there with every
+                # allocation going to the graph's private pool, which must keep no chunk; so counters of this
+                # call alone, zeroed now, freed (stream-ordered) with the call
+                return torch.zeros(length, dtype=torch.int32, device=self.device)
             found = self.by_stream.get((stream, length))
             if found is None:
                 found = self.by_stream[(stream, length)] = self.take(length, may_allocate=True)

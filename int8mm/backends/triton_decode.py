@@ -43,9 +43,10 @@ def _log_capture_fallback_once(device: torch.device) -> None:
                 triton_counters.CAPTURE_RESERVE_WORDS)
 
 
-def row_tile(k: int) -> int:
-    """Columns a program loads at once for rows of ``k`` columns (a power of two)."""
-    return min(next_power_of_2(k), ROW_TILE_MAX)
+def row_tile(k: int, row_tile_max: int | None = None) -> int:
+    """Columns a program loads at once for rows of ``k`` columns (a power of two), at most ``row_tile_max``
+    (default ROW_TILE_MAX)."""
+    return min(next_power_of_2(k), ROW_TILE_MAX if row_tile_max is None else row_tile_max)
 
 
 def num_warps(tile: int, m: int) -> int:
@@ -110,11 +111,11 @@ def quantize_for_decode(x: torch.Tensor, threshold: float, reuse: bool = False):
 
 
 @functools.lru_cache(maxsize=1024)
-def _options(m: int, k: int, interpreting: bool, launch_dependents: bool, *tunables) -> dict:
-    """The kernel's constexprs and warps for ``m`` rows of ``k`` columns: one dict per shape, never changed (a
-    decode call would otherwise build it anew each time). ``tunables``: the module's tile sizes, which tests
-    change, so that each setting gets a dict of its own."""
-    tile = row_tile(k)
-    return {"TILE": tile, "ROW_IN_REGISTERS": k <= tile, "MERGE_TILE": MERGE_TILE,
-            "UNION_TILE": min(tile, UNION_TILE_MAX), "LIST_TILE": LIST_TILE, "INTERPRET": interpreting,
+def _options(m: int, k: int, interpreting: bool, launch_dependents: bool, row_tile_max: int, merge_tile: int,
+             union_tile_max: int, list_tile: int) -> dict:
+    """The kernel's constexprs and warps for ``m`` rows of ``k`` columns, from the module's tile sizes as passed
+    (tests change them): one dict per setting, never changed (a decode call would otherwise build it anew)."""
+    tile = row_tile(k, row_tile_max)
+    return {"TILE": tile, "ROW_IN_REGISTERS": k <= tile, "MERGE_TILE": merge_tile,
+            "UNION_TILE": min(tile, union_tile_max), "LIST_TILE": list_tile, "INTERPRET": interpreting,
             "LAUNCH_DEPENDENTS": launch_dependents, "num_warps": num_warps(tile, m)}

@@ -105,7 +105,9 @@ def _argument_key(arg):
 
 class _GridMeta(dict):
     """What a callable grid is given: the compiled constexprs (BLOCK_M...) by name, and the arguments by name,
-    looked up only when asked (building the JIT's whole dict of 20-odd names cost 1.2 us a launch)."""
+    looked up only when asked (building the JIT's whole dict of 20-odd names cost 1.2 us a launch). Arguments
+    answer ``meta[name]``, ``meta.get(name)`` and ``name in meta``; iterating, ``len``, ``keys()`` and copies see
+    the constexprs alone (no grid here reads a mapping so)."""
 
     __slots__ = ("names", "args")
 
