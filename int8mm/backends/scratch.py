@@ -2,11 +2,10 @@
 
 Between its kernels an ``int8_linear`` call holds the int8 activations, their row scales, the outlier-column list
 and its count (and, depending on the path, a statistics buffer, the decode kernel's per-row lists, the split-K
-slices' sums). Allocating each is a trip through the caching allocator and a tensor's construction on every
-call: about 1-1.5 us of host time apiece on a 2-core AMD EPYC (CPU tensors), 7-17 us of a Triton decode call's
-20-40 (benchmarks/bench_launch_host.py). A decode call
-(<= 16 rows) therefore takes them from a buffer kept per (thread, device, current stream, layout), the same
-tensors at every call of the same shape. That is safe because:
+slices' sums). Allocating each is a trip through the caching allocator and a tensor's construction on every call:
+about 1-1.5 us of host time apiece on a 2-core AMD EPYC (CPU tensors), 7-17 us of a Triton decode call's 26-40 us
+(benchmarks/bench_launch_host.py). A decode call (<= 16 rows) therefore takes them from a buffer kept per (thread,
+device, current stream, layout), the same tensors at every call of the same shape. That is safe because:
 - calls on one stream run in the order they were issued, so a call's first kernel writes the buffers only after
   the previous call's last kernel has read them. (The split-K GEMM may start early under programmatic dependent
   launch, but it waits on the GPU for the kernel before it, and a call's first kernel is a plain launch, which
