@@ -30,7 +30,6 @@ _SIGNATURES = {
 # the fused call's arguments: x, x_dtype, M, K, stride_xm, stride_xk, q_w, s_w, N, bias, bias_dtype, workspace, q_x,
 # s_x, outlier_cols, outlier_count, out, stream as 8-byte integers, then the threshold as a double
 LINEAR_CALL = struct.Struct("<18qd")
-_SCRATCH_ALIGN = 256  # bytes: each buffer carved from the fused call's scratch starts this aligned
 
 
 @functools.cache
@@ -108,10 +107,8 @@ def int8_matmul(a, b):
 def _scratch_layout(m: int, k: int) -> tuple[int, tuple[int, ...]]:
     """Total bytes and the offsets of workspace int32 [library's count], q_x int8 [M, K], s_x fp32 [M], outlier
     columns int32 [K] and count int32 [1] in the fused call's one scratch allocation (five would cost five
-    trips through the caching allocator on every call), each starting _SCRATCH_ALIGN-aligned."""
-    sizes = [4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4]
-    padded = [-(-size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN for size in sizes]
-    return sum(padded), tuple(sum(padded[:i]) for i in range(len(sizes)))
+    trips through the caching allocator on every call), each starting ``scratch.ALIGN``-aligned."""
+    return scratch.aligned_offsets([4 * library().int8mm_workspace_ints(m, k), m * k, 4 * m, 4 * k, 4])
 
 
 def _scratch_bytes(total: int):

@@ -119,13 +119,17 @@ def reused(x: torch.Tensor, layout: Layout, *args) -> tuple | None:
     return _carve(x, (device, stream, layout), args)
 
 
+def aligned_offsets(sizes: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """(total bytes, offset of each part) when parts of ``sizes`` bytes follow one another in one allocation, each
+    starting ALIGN-aligned."""
+    padded = [-(-size // ALIGN) * ALIGN for size in sizes]
+    return sum(padded), tuple(sum(padded[:i]) for i in range(len(sizes)))
+
+
 def _carve(x: torch.Tensor, key: tuple, args: tuple) -> tuple:
     layout = key[2]
     parts, finish = layout(*args)
-    offsets, total = [], 0
-    for dtype, count in parts:
-        offsets.append(total)
-        total += -(-count * dtype.itemsize // ALIGN) * ALIGN
+    total, offsets = aligned_offsets([count * dtype.itemsize for dtype, count in parts])
     buffers = _thread_buffers().kept
     kept = buffers.get(key)
     if kept is None:
