@@ -63,6 +63,8 @@ def autotuning() -> bool:
         ValueError: the variable holds another value.
     """
     return env_setting(AUTOTUNE_ENV_VAR, ("0", "1"), "1") == "1"
+
+
 # the single schedules used where autotuning cannot run (the interpreter)
 INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": GROUP_M}
 

@@ -12,9 +12,9 @@ use which counters:
 - a call inside the ``int8mm::int8_linear`` op outside capture (``scratch.not_kept``: torch.compile, whose CUDA
   graphs warm up allocating into the graph's private pool, where no chunk may stay) gets zeroed counters of its
   own, allocated for it and freed with it.
-Otherwise counters are handed out only from chunks already allocated: a chunk is allocated (and, once, the host waits for
-its zero-fill) outside graph capture, whenever an eager call finds fewer than CAPTURE_RESERVE_WORDS free. A
-capture that finds no room gets None and its caller takes a path without counters (each caller logs it).
+Otherwise counters are handed out only from chunks already allocated: a chunk is allocated (and, once, the host
+waits for its zero-fill) outside graph capture, whenever an eager call finds fewer than CAPTURE_RESERVE_WORDS free.
+A capture that finds no room gets None and its caller takes a path without counters (each caller logs it).
 """
 import threading
 
