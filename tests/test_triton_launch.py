@@ -22,8 +22,8 @@ from int8mm import backends  # noqa: E402
 from int8mm.backends import cpu_build, triton_launch  # noqa: E402
 
 ALWAYS_JIT = ("launch hook in use", "argument of an unknown type", "runtime argument given by name", "heuristics",
-              "autotuner config with a pre-hook", "kernel with a pre-run hook", "a wrapper of another kind", "Triton older than 3.6")
-
+              "autotuner config with a pre-hook", "kernel with a pre-run hook", "a wrapper of another kind",
+              "Triton older than 3.6")
 
 
 @pytest.fixture(scope="module")
