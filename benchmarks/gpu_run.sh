@@ -13,6 +13,8 @@
 #               (choices.txt in the archive) as environment variables, e.g. PLAN=second INT8MM_DECODE_PATH=fused.
 #               After a machine start and PLAN=first, a 15-minute session rarely has the time left for it:
 #               plan it for the next session that draws a GPU.
+#   PLAN=first+model  first, then the end-to-end model benchmark in whatever time is left (one call, when a
+#               session can afford only one).
 #   PLAN=all    both, one after the other (over 10 minutes: for a machine without the per-call limit).
 # Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh (timeout_s 600).
@@ -24,7 +26,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD/.devsite:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT="${OUT:-$PWD/.out}"; mkdir -p "$OUT"
 PLAN="${PLAN:-first}"
-case "$PLAN" in first|second|all) ;; *) echo "PLAN must be first, second or all, got '$PLAN'"; exit 2 ;; esac
+case "$PLAN" in first|first+model|second|all) ;; *) echo "PLAN must be first, first+model, second or all, got '$PLAN'"; exit 2 ;; esac
 WORK="$(mktemp -d)"
 # written beside, then renamed: a call killed while packing keeps the previous archive whole
 pack() { tar czf "$OUT/results.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
@@ -130,7 +132,10 @@ second() {
   mkdir -p "$WORK/prefill"
   stage prefill_bench "${PREFILL_BENCH_TIMEOUT:-130}" python3 benchmarks/bench_gpu.py --out "$WORK/prefill" \
     ${PREFILL_BENCH_ARGS:---m 512 2048 --models Llama-3-8B Llama-3-70B}
-  # last: whatever it prints before its limit is kept (8B-shaped random Llama, fp16 / bnb / int8mm side by side)
+  model
+}
+
+model() {  # last: whatever it prints before its limit is kept (8B-shaped random Llama, fp16 / bnb / int8mm side by side)
   stage model_bench "${MODEL_BENCH_TIMEOUT:-110}" python3 -m int8mm.cli bench --suite model --device cuda \
     --out "$WORK" ${MODEL_BENCH_ARGS:---layers 8 --batch-sizes 1 8}
 }
@@ -161,6 +166,7 @@ fi
 
 case "$PLAN" in
   first) first ;;
+  first+model) first; model ;;
   second) second ;;
   all) first; second ;;
 esac
