@@ -51,7 +51,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep the log,
 # int8mm.kernels.{triton,cuda} are kernels/ mapped by setup.py (package_dir): an editable install makes that
 # mapping (nothing is compiled: INT8MM_BUILD_CUDA=0; the library is carried or built at first use).
 # PIP_BREAK_SYSTEM_PACKAGES: the machine is thrown away afterwards, and its Python may be a distribution's.
-if ! INT8MM_BUILD_CUDA=0 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-deps --no-build-isolation -e . \
+# --use-pep517: without it pip runs the legacy `setup.py develop`, which the carried setuptools (84) turns into
+# a nested pip call with build isolation, which needs an index the machine cannot reach (seen 2026-11-30).
+if ! INT8MM_BUILD_CUDA=0 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_INDEX=1 python3 -m pip install --no-deps \
+    --no-build-isolation --use-pep517 -e . \
     >"$WORK/install.log" 2>&1; then
   echo "pip install -e . failed:"; tail -20 "$WORK/install.log"; pack; exit 1
 fi
