@@ -342,6 +342,27 @@ def test_only_the_eager_call_keeps_buffers():
 
 
 @needs_triton
+@pytest.mark.parametrize("path", ["classic", "fused"])
+def test_kept_buffers_serve_calls_in_and_out_of_inference_mode(path, monkeypatch):
+    """Buffers first kept inside torch.inference_mode serve later calls outside it (the classic path zeroes its
+    kept statistics in place, which an inference tensor refuses there), and the other way round."""
+    monkeypatch.setenv("INT8MM_DECODE_PATH", path)
+    backends.refresh_from_environment()
+    x = planted_outliers(3, 256, torch.float16, seed=8).to(DEVICE)
+    q_w, s_w = int8mm.quantize_weight(random_weight(24, 256).to(DEVICE))
+    expected = int8mm.int8_linear(x, q_w, s_w, backend="reference")
+    with torch.inference_mode():
+        inside = int8mm.int8_linear(x, q_w, s_w, backend="triton")
+    assert scratch.kept_bytes() > 0
+    outside = int8mm.int8_linear(x, q_w, s_w, backend="triton")
+    with torch.inference_mode():
+        inside_again = int8mm.int8_linear(x, q_w, s_w, backend="triton")
+    assert torch.equal(inside, outside) and torch.equal(inside, inside_again)
+    assert_output_close(outside, expected)
+    assert inside.is_inference() and not outside.is_inference()
+
+
+@needs_triton
 def test_quantize_for_decode_keeps_nothing_unless_asked():
     from int8mm.backends import triton_decode
     x1 = planted_outliers(3, 256, torch.float16, seed=6).to(DEVICE)
