@@ -178,6 +178,9 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
                                  "mode": mode, "batch": batch, "prompt_tokens": config.prompt_tokens,
                                  "new_tokens": config.new_tokens, **figures, "weights_bytes": weights,
                                  "peak_bytes": peak})
+                    # each run's figures as soon as they exist: a run stopped at a time limit still leaves them
+                    if progress:
+                        bar.write(_row_line(rows[-1]))
                     bar.update()
             del model
             if device.type == "cuda":
@@ -197,6 +200,13 @@ def _modes(provider: str, device: torch.device) -> list[str]:
 def _label(provider: str, config: ModelSuiteConfig) -> str:
     t = f"{config.threshold:g}"
     return {"float": "float", "bnb": f"bnb Linear8bitLt t={t}", "int8mm": f"int8mm t={t}"}[provider]
+
+
+def _row_line(row: dict) -> str:
+    decode = "-" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:.1f}"
+    peak = "" if row["peak_bytes"] is None else f", peak {format_rate(row['peak_bytes'], 'B')}"
+    return (f"{row['provider']} {row['mode']} batch {row['batch']}: prefill {row['prefill_ms']:.1f} ms, "
+            f"decode {decode} tokens/s{peak}")
 
 
 def model_markdown(result: dict) -> str:
