@@ -10,7 +10,7 @@ import torch
 
 from . import _ops
 from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD, MAX_EXACT_K, MAX_EXACT_K_FULL_RANGE, WEIGHT_DTYPES
-from .backends import DECODE_MAX_M, Backend, backend_for
+from .backends import Backend, backend_for
 
 
 def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +54,7 @@ def quantize_activations(
     threshold = check_threshold(threshold)
     x2 = _flatten(x)
     _check_k(x2.shape[1], "x")
-    impl = backend_for(backend, x.device, x2.shape[0] <= DECODE_MAX_M)
+    impl = backend_for(backend, x.device, x2.shape[0])
     q_x, s_x, cols, count = _ops.run_quantize_activations(x2, threshold, impl)
     return q_x, s_x, cols[: int(count.item())].long()
 
@@ -76,7 +76,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: Backend | str | None 
     _check_same_k(a.shape[1], "a", b.shape[1], "b")
     _check_same_device(a, "a", b, "b")
     _check_k(a.shape[1], "a", MAX_EXACT_K_FULL_RANGE)
-    return _ops.run_int8_matmul(a, b, backend_for(backend, a.device, a.shape[0] <= DECODE_MAX_M))
+    return _ops.run_int8_matmul(a, b, backend_for(backend, a.device, a.shape[0]))
 
 
 def int8_linear(
@@ -161,7 +161,7 @@ def int8_linear_of_checked_layer(
     if device != q_w.device:
         _check_same_device(x, "x", q_w, "q_w")
     x2 = x if len(shape) == 2 else _flatten(x)
-    impl = backend_for(backend, device, x2.shape[0] <= DECODE_MAX_M)
+    impl = backend_for(backend, device, x2.shape[0])
     y = _ops.run_int8_linear(x2, q_w, s_w, bias, threshold, impl)
     return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
 

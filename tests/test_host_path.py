@@ -5,6 +5,7 @@ autograd and dispatch modes still see the ``int8mm::int8_linear`` op. What a lay
 checked again whenever its tensors or threshold change.
 """
 import gc
+import logging
 import pathlib
 import weakref
 
@@ -178,43 +179,84 @@ def test_gpu_direct_launch_equals_the_op(monkeypatch, backend, m):
 
 
 def test_auto_chooses_per_regime_on_cuda(monkeypatch):
-    """AUTO on a GPU: eager decode, decode inside a CUDA-graph capture or torch.compile trace, and prefill may
-    each prefer another backend; each regime's choice is remembered apart. (No GPU needed: the available
-    backends and the graph state are stood in for.)"""
+    """AUTO on a GPU: one row, eager decode, decode inside a CUDA-graph capture or torch.compile trace, and prefill
+    may each prefer another backend; each regime's choice is remembered apart. (No GPU needed: the available
+    backends, the CUDA library's probe and the graph state are stood in for.)"""
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(backends, "available_backends", lambda device=None: [Backend.TRITON, Backend.CUDA,
                                                                              Backend.REFERENCE])
+    monkeypatch.setattr(backends, "_cuda_library_serves", lambda index: True)
     monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode", (Backend.CUDA, Backend.TRITON))
     monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode_graph", (Backend.TRITON, Backend.CUDA))
     monkeypatch.setitem(backends.AUTO_PREFERENCE, "prefill", (Backend.TRITON, Backend.CUDA))
-    assert backends.resolve_backend(Backend.AUTO, gpu, decode=True) is Backend.CUDA
-    assert backends.resolve_backend(Backend.AUTO, gpu, decode=True, graph=True) is Backend.TRITON
-    assert backends.resolve_backend(Backend.AUTO, gpu, decode=False, graph=True) is Backend.TRITON
+    assert backends.resolve_backend(Backend.AUTO, gpu, "decode") is Backend.CUDA
+    assert backends.resolve_backend(Backend.AUTO, gpu, "decode_graph") is Backend.TRITON
+    assert backends.resolve_backend(Backend.AUTO, gpu, "prefill") is Backend.TRITON
+    assert backends.resolve_backend(Backend.AUTO, gpu) is Backend.TRITON  # prefill unless told
+    assert backends.resolve_backend(Backend.AUTO, gpu, "decode_row") is Backend.CUDA  # the shipped preference
     backends.set_default_backend(None)  # forget earlier resolutions
     in_graph = []
     monkeypatch.setattr(backends, "_in_graph", lambda: bool(in_graph))
     try:
-        assert backends.backend_for("auto", gpu, decode=True) == "cuda"
+        assert backends.backend_for("auto", gpu, 4) == "cuda"
         in_graph.append(True)
-        assert backends.backend_for("auto", gpu, decode=True) == "triton"  # not the eager choice remembered
-        assert backends.backend_for("auto", gpu, decode=False) == "triton"
+        assert backends.backend_for("auto", gpu, 4) == "triton"  # not the eager choice remembered
+        assert backends.backend_for("auto", gpu, 17) == "triton"
+        assert backends.backend_for("auto", gpu, 1) == "cuda"  # one row: the same choice in a graph
         in_graph.clear()
-        assert backends.backend_for("auto", gpu, decode=True) == "cuda"
-        assert backends.backend_for("cuda", gpu, decode=True) == "cuda"  # an explicit choice is kept anyway
+        assert backends.backend_for("auto", gpu, 16) == "cuda"
+        assert backends.backend_for("cuda", gpu, 17) == "cuda"  # an explicit choice is kept anyway
     finally:
         backends.set_default_backend(None)
 
 
+@pytest.mark.parametrize("rows,regime", [(1, "decode_row"), (2, "decode"), (16, "decode"), (17, "prefill"),
+                                         (2048, "prefill")])
+def test_regime_of_a_call(rows, regime):
+    assert backends.regime_of(rows, torch.device("cuda", 0)) == regime
+
+
+def test_auto_passes_over_a_cuda_library_that_cannot_serve(monkeypatch):
+    """AUTO prefers the CUDA library for one row, but takes Triton where the library does not load or the GPU is
+    older than its machine code; an explicit choice of it is not second-guessed."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(backends, "available_backends", lambda device=None: [Backend.TRITON, Backend.CUDA,
+                                                                             Backend.REFERENCE])
+    monkeypatch.setattr(backends, "_cuda_library_serves", lambda index: False)
+    assert backends.resolve_backend(Backend.AUTO, gpu, "decode_row") is Backend.TRITON
+    assert backends.resolve_backend(Backend.CUDA, gpu, "decode_row") is Backend.CUDA
+
+
+@pytest.mark.parametrize("capability,loads,serves", [((7, 5), True, False), ((8, 0), False, False),
+                                                     ((9, 0), True, True)])
+def test_cuda_library_probe(monkeypatch, caplog, capability, loads, serves):
+    from int8mm.backends import cuda as cuda_backend
+
+    def library():
+        if not loads:
+            raise RuntimeError("the int8mm CUDA library is not built and nvcc is not on the PATH")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(cuda_backend, "library", library)
+    probe = backends._cuda_library_serves.__wrapped__  # past the cache
+    with caplog.at_level(logging.WARNING, logger="int8mm"):
+        assert probe(0) is serves
+    if not serves:
+        assert "AUTO skips the CUDA library" in caplog.text
+        assert ("sm_75" in caplog.text) if capability < (8, 0) else ("nvcc is not on the PATH" in caplog.text)
+
+
 def test_the_graph_state_is_asked_only_where_the_decode_regimes_differ(monkeypatch):
     """Asking whether a CUDA graph is being captured costs host time on every call: with the same preference in
-    both decode regimes (the shipped table until the CUDA library is measured) it is never asked."""
+    both decode regimes (the shipped table) it is never asked."""
     monkeypatch.setattr(backends, "_in_graph", lambda: pytest.fail("the graph state was asked"))
     monkeypatch.setattr(backends, "available_backends", lambda device=None: [Backend.TRITON, Backend.REFERENCE])
     monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode_graph", backends.AUTO_PREFERENCE["decode"])
     backends.set_default_backend(None)
     try:
-        assert backends.backend_for("auto", torch.device("cuda", 0), decode=True) == "triton"
-        assert backends.backend_for(None, torch.device("cpu"), decode=True)  # CPU: never asked either
+        for rows in (1, 2, 16, 17):
+            assert backends.backend_for("auto", torch.device("cuda", 0), rows) == "triton"
+        assert backends.backend_for(None, torch.device("cpu"), 2)  # CPU: never asked either
     finally:
         backends.set_default_backend(None)
 

@@ -182,20 +182,20 @@ def parse_backend(backend, argument: str = "backend") -> Backend:
     raise ValueError(f"{argument} must be a Backend or one of {names}, got {backend!r}")
 
 
-def resolve_backend(backend, device: torch.device, decode: bool = False, graph: bool = False) -> Backend:
+def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> Backend:
     """The concrete backend to run on ``device``; raises if an explicit choice is unavailable there.
 
-    None means INT8MM_BACKEND as the environment says now; ``decode`` (M <= 16 rows) and ``graph`` (a CUDA graph
-    is being captured, or torch.compile traces) let AUTO choose per regime (``AUTO_PREFERENCE``).
+    None means INT8MM_BACKEND as the environment says now; on CUDA, AUTO chooses per ``regime``, a key of
+    ``AUTO_PREFERENCE`` (``regime_of`` gives a call's). AUTO takes the CUDA library only where it loads and the GPU
+    is sm_80 or newer (its machine code); otherwise the next candidate, logged once.
     """
     chosen = parse_backend(backend)
     available = available_backends(device)
     if chosen is Backend.AUTO:
         if device.type != "cuda":
             return Backend.CPU if Backend.CPU in available else Backend.REFERENCE
-        regime = ("decode_graph" if graph else "decode") if decode else "prefill"
         for candidate in AUTO_PREFERENCE[regime]:
-            if candidate in available:
+            if candidate in available and (candidate is not Backend.CUDA or _cuda_library_serves(device.index)):
                 return candidate
         _log_fallback_once(device.type)
         return Backend.REFERENCE
@@ -214,17 +214,53 @@ def resolve_backend(backend, device: torch.device, decode: bool = False, graph: 
     return chosen
 
 
-# AUTO's preference on CUDA, per regime: "decode" (M <= DECODE_MAX_M rows, run eagerly: host time per call
-# counts, where the CUDA library's one call beats Triton's launches), "decode_graph" (the same rows while a CUDA
-# graph is captured or torch.compile traces: only the kernels' time counts) and "prefill". Every regime prefers
-# Triton until the CUDA library's one-launch path has passed its GPU tests and been measured
-# (benchmarks/gpu_run.sh, benchmarks/TUNING.md); then "decode" is meant to prefer CUDA.
+# AUTO's preference on CUDA, per regime: "decode_row" (one row: a token of one sequence), "decode" (2 to
+# DECODE_MAX_M rows, run eagerly: host time per call counts), "decode_graph" (those rows while a CUDA graph is
+# captured or torch.compile traces: only the kernels' time counts) and "prefill". Measured side by side on an H200
+# (benchmarks/results/2026-11-30-h200/, after the CUDA backend passed its GPU tests there): at one row the CUDA
+# library's single call was faster than Triton on all 8 Llama-3-8B/70B layers, eager and under CUDA graphs
+# (geomean vs fp16, 8B: 1.10x against 0.42x eager, 1.26x against 1.05x in graphs); at 16 rows Triton was faster
+# under graphs on all 8 and eager on the 70B ones, so it keeps 2-16 rows and prefill.
 DECODE_MAX_M = 16
 AUTO_PREFERENCE = {
+    "decode_row": (Backend.CUDA, Backend.TRITON),
     "decode": (Backend.TRITON, Backend.CUDA),
     "decode_graph": (Backend.TRITON, Backend.CUDA),
     "prefill": (Backend.TRITON, Backend.CUDA),
 }
+
+
+def regime_of(rows: int, device: torch.device) -> str:
+    """``AUTO_PREFERENCE``'s key for a call of ``rows`` rows on ``device``, now: 2 to DECODE_MAX_M rows are
+    "decode_graph" while a CUDA graph is captured or torch.compile traces."""
+    if rows > DECODE_MAX_M:
+        return "prefill"
+    if rows == 1:
+        return "decode_row"
+    # asked only where AUTO's two decode regimes differ, and in that order: the graph state is a CUDA call and even
+    # device.type costs 0.26 us (2-core AMD EPYC), on every op call
+    if AUTO_PREFERENCE["decode_graph"] != AUTO_PREFERENCE["decode"] and device.type == "cuda" and _in_graph():
+        return "decode_graph"
+    return "decode"
+
+
+@_constant_under_compile  # loads (or builds) the library once, outside any traced graph
+@functools.cache
+def _cuda_library_serves(device_index: int | None) -> bool:
+    """Whether AUTO may take the CUDA library on this GPU: it loads (built first where nvcc is present, as an
+    explicit choice would) and the GPU runs its machine code (sm_80 or newer). Logged once when not."""
+    from . import cuda as cuda_backend
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability < (8, 0):
+        log.warning("int8mm: AUTO skips the CUDA library on this sm_%d%d GPU (it is built for sm_80 and newer)",
+                    *capability)
+        return False
+    try:
+        cuda_backend.library()
+    except (OSError, RuntimeError) as error:
+        log.warning("int8mm: AUTO skips the CUDA library, which does not load: %s", error)
+        return False
+    return True
 
 
 def _in_graph() -> bool:
@@ -233,24 +269,21 @@ def _in_graph() -> bool:
 
 
 _default_choice: Backend | None = None  # INT8MM_BACKEND, read at the first op call
-_resolved: dict[tuple, str] = {}  # (choice, device, decode, graph) -> the backend's name
+_resolved: dict[tuple, str] = {}  # (choice, device, regime) -> the backend's name
 _generation = 0  # bumped by set_default_backend: a resolution begun before it is not remembered
 
 
-def backend_for(backend, device: torch.device, decode: bool = False) -> str:
+def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1) -> str:
     """The name of the backend that computes an op on ``device``: ``resolve_backend``, remembered.
 
     Args:
         backend: a ``Backend``, its name, or None for the default (INT8MM_BACKEND as read at the first call,
             or what ``set_default_backend`` set).
         device: the device of the op's inputs.
-        decode: True for M <= DECODE_MAX_M rows (AUTO may choose per regime).
+        rows: the call's M (AUTO chooses per regime: one row, up to DECODE_MAX_M, more).
     """
-    # asked only where AUTO's two decode regimes differ, and in that order: the graph state is a CUDA call and even
-    # device.type costs 0.26 us (2-core AMD EPYC), on every op call
-    graph = (decode and AUTO_PREFERENCE["decode_graph"] != AUTO_PREFERENCE["decode"] and device.type == "cuda"
-             and _in_graph())
-    key = (backend, device, decode, graph)
+    regime = regime_of(rows, device)
+    key = (backend, device, regime)
     try:
         return _resolved[key]
     except (KeyError, TypeError):  # TypeError: an unhashable choice, refused below
@@ -260,7 +293,7 @@ def backend_for(backend, device: torch.device, decode: bool = False) -> str:
     if backend is None and _default_choice is None:
         _default_choice = default_backend()  # raises on a bad value, read again next time
     choice = _default_choice if backend is None else parse_backend(backend)
-    name = resolve_backend(choice, device, decode, graph).value
+    name = resolve_backend(choice, device, regime).value
     if generation == _generation:  # another thread changed the default meanwhile: do not store the old choice
         _resolved[key] = name
     return name

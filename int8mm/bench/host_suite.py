@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as F8
-from ..backends import DECODE_MAX_M, backend_for, registry
+from ..backends import backend_for, registry
 from ..nn import Int8Linear
 from .ceilings import baseline_float_dtype
 from .environment import run_metadata
@@ -49,7 +49,7 @@ def run_host_suite(device: torch.device, config: HostSuiteConfig | None = None) 
     layer = Int8Linear.from_linear(linear).eval()
     x = torch.randn(SHAPE_M, SHAPE_K, device=device, dtype=dtype)
     preallocated = torch.empty(SHAPE_M, SHAPE_N, device=device, dtype=x.dtype)
-    backend = backend_for(None, device, SHAPE_M <= DECODE_MAX_M)
+    backend = backend_for(None, device, SHAPE_M)
     identity = nn.Identity()
 
     def stand_in(*args):
