@@ -238,12 +238,28 @@ def test_cuda_library_probe(monkeypatch, caplog, capability, loads, serves):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(cuda_backend, "library", library)
-    probe = backends._cuda_library_serves.__wrapped__  # past the cache
+    probe = backends._probe_cuda_library.__wrapped__  # past the cache
     with caplog.at_level(logging.WARNING, logger="int8mm"):
         assert probe(0) is serves
     if not serves:
         assert "AUTO skips the CUDA library" in caplog.text
         assert ("sm_75" in caplog.text) if capability < (8, 0) else ("nvcc is not on the PATH" in caplog.text)
+
+
+def test_torch_compile_takes_the_cuda_library_probe_as_a_constant(monkeypatch):
+    """A call resolved first inside a torch.compile trace probes the CUDA library eagerly, once, and the graph
+    holds the answer (the probe may build and load a library: nothing a graph could replay)."""
+    probes = []
+    monkeypatch.setattr(backends, "_probe_cuda_library", lambda index: probes.append(index) or True)
+    torch._dynamo.reset()
+
+    def forward(x):
+        return x + 1 if backends._cuda_library_serves(0) else x - 1
+
+    compiled = torch.compile(forward, fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(2)), torch.ones(2))
+    assert torch.equal(compiled(torch.zeros(2)), torch.ones(2))
+    assert probes == [0]
 
 
 def test_the_graph_state_is_asked_only_where_the_decode_regimes_differ(monkeypatch):

@@ -245,10 +245,14 @@ def regime_of(rows: int, device: torch.device) -> str:
 
 
 @_constant_under_compile  # loads (or builds) the library once, outside any traced graph
-@functools.cache
 def _cuda_library_serves(device_index: int | None) -> bool:
     """Whether AUTO may take the CUDA library on this GPU: it loads (built first where nvcc is present, as an
     explicit choice would) and the GPU runs its machine code (sm_80 or newer). Logged once when not."""
+    return _probe_cuda_library(device_index)
+
+
+@functools.cache  # apart from the marked probe: torch.compile sees the mark on a plain function
+def _probe_cuda_library(device_index: int | None) -> bool:
     from . import cuda as cuda_backend
     capability = torch.cuda.get_device_capability(device_index)
     if capability < (8, 0):
