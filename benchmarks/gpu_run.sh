@@ -15,6 +15,8 @@
 #               plan it for the next session that draws a GPU.
 #   PLAN=first+model  first, then the end-to-end model benchmark in whatever time is left (one call, when a
 #               session can afford only one).
+#   PLAN=tests+model  first's tests and choices, then the end-to-end model benchmark, then the per-layer benchmark
+#               in what is left (with CHOICES_FROM, for a run whose candidates were measured before).
 #   CHOICES_FROM=DIR (any plan that runs first): skip the three candidate benchmarks and choose from the JSON an
 #               earlier run left in DIR (a committed benchmarks/results/<date>-<card>/), still gated by this run's
 #               tests; the time saved goes to the tests, the per-layer benchmark and the model.
@@ -30,7 +32,8 @@ set -uo pipefail
 export PYTHONPATH="$PWD/.devsite:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT="${OUT:-$PWD/.out}"; mkdir -p "$OUT"
 PLAN="${PLAN:-first}"
-case "$PLAN" in first|first+model|second|all) ;; *) echo "PLAN must be first, first+model, second or all, got '$PLAN'"; exit 2 ;; esac
+case "$PLAN" in first|first+model|tests+model|second|all) ;;
+  *) echo "PLAN must be first, first+model, tests+model, second or all, got '$PLAN'"; exit 2 ;; esac
 WORK="$(mktemp -d)"
 # written beside, then renamed: a call killed while packing keeps the previous archive whole
 pack() { tar czf "$OUT/results.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
@@ -73,7 +76,12 @@ then export INT8MM_CUDA_LIB="$CARRIED_LIB"; else echo "the carried CUDA library 
   date -u; git rev-parse HEAD 2>/dev/null; echo "PLAN=$PLAN"; env | grep '^INT8MM_' | sort
 } | tee "$WORK/device.txt" | tee -a "$OUT/summary.log"
 
-first() {
+first() {  # the tests and the choices, then the per-layer benchmark
+  tests_and_choices
+  layer_bench
+}
+
+tests_and_choices() {
   # Tests use fixed Triton schedules (autotuning every ragged test shape costs minutes); benchmarks autotune.
   # New code paths first: the eager direct launch, opcheck on CUDA tensors, the CUDA backend's packed call,
   # the tiled backward; then each candidate's own tests, whose result gates that candidate alone.
@@ -123,6 +131,9 @@ first() {
   . "$WORK/choices.sh"
   tee -a "$OUT/summary.log" <"$WORK/choices.txt"
   pack
+}
+
+layer_bench() {  # the per-layer benchmark, with the choices above in the environment
   stage bench "${BENCH_TIMEOUT:-65}" python3 benchmarks/bench_gpu.py --out "$WORK" \
     ${BENCH_ARGS:---m 1 16 --models Llama-3-8B Llama-3-70B}
 }
@@ -181,6 +192,7 @@ fi
 case "$PLAN" in
   first) first ;;
   first+model) first; model ;;
+  tests+model) tests_and_choices; model; layer_bench ;;
   second) second ;;
   all) first; second ;;
 esac
