@@ -345,3 +345,13 @@ def test_an_unforeseen_failure_is_one_line_and_status_1(capsys, monkeypatch, tin
     monkeypatch.setenv("INT8MM_TRACEBACK", "1")
     with pytest.raises(IndexError):
         main(["eval", str(tiny_checkpoint), "--text", str(text_file)])
+
+
+@pytest.mark.parametrize("name,expected", [("auto", int8mm.Backend.AUTO), ("reference", int8mm.Backend.REFERENCE),
+                                           (None, None)])
+def test_backend_option_keeps_auto_choosing_per_call(name, expected):
+    """--backend auto is checked but passed on as AUTO, which chooses per call (on CUDA by the number of rows),
+    not resolved once for the whole command."""
+    from argparse import Namespace
+    from int8mm.cli.common import checked_backend
+    assert checked_backend(Namespace(backend=name), torch.device("cpu")) is expected

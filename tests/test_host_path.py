@@ -128,7 +128,7 @@ def test_layer_checks_follow_casts():
 def test_backend_choice_is_cached_until_changed():
     x = planted_outliers(3, 64)
     layer = _layer(backend=None)
-    chosen = backends.backend_for(None, x.device, False)
+    chosen = backends.backend_for(None, x.device, x.shape[0])
     assert chosen == backends.resolve_backend(None, x.device).value  # AUTO on CPU: the CPU library here
     calls = []
     chosen_linear = registry.lookup(chosen, "int8_linear")
@@ -227,23 +227,34 @@ def test_auto_passes_over_a_cuda_library_that_cannot_serve(monkeypatch):
     assert backends.resolve_backend(Backend.CUDA, gpu, "decode_row") is Backend.CUDA
 
 
-@pytest.mark.parametrize("capability,loads,serves", [((7, 5), True, False), ((8, 0), False, False),
-                                                     ((9, 0), True, True)])
-def test_cuda_library_probe(monkeypatch, caplog, capability, loads, serves):
-    from int8mm.backends import cuda as cuda_backend
+@pytest.mark.parametrize("built,capability,loads,why", [
+    (False, (9, 0), True, "the CUDA library is not built"),  # AUTO never starts a build: nvcc takes a minute
+    (True, (7, 5), True, "sm_75"),
+    (True, (8, 0), False, "does not load: a stand-in failure"),
+    (True, (9, 0), True, None),
+])
+def test_cuda_library_probe(monkeypatch, caplog, built, capability, loads, why):
+    from int8mm.backends import cuda as cuda_backend, cuda_build
 
     def library():
         if not loads:
-            raise RuntimeError("the int8mm CUDA library is not built and nvcc is not on the PATH")
+            raise RuntimeError("a stand-in failure")
 
+    monkeypatch.setattr(cuda_build, "find_library", lambda: pathlib.Path(__file__) if built else None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(cuda_backend, "library", library)
     probe = backends._probe_cuda_library.__wrapped__  # past the cache
-    with caplog.at_level(logging.WARNING, logger="int8mm"):
-        assert probe(0) is serves
-    if not serves:
-        assert "AUTO skips the CUDA library" in caplog.text
-        assert ("sm_75" in caplog.text) if capability < (8, 0) else ("nvcc is not on the PATH" in caplog.text)
+    with caplog.at_level(logging.INFO, logger="int8mm"):
+        assert probe(0) is (why is None)
+    if why:
+        assert why in caplog.text
+    else:
+        assert "AUTO" not in caplog.text
+
+
+def test_an_unknown_regime_is_refused():
+    with pytest.raises(ValueError, match=r"regime must be one of .*'decode_row'.*, got 'decode-row'"):
+        backends.resolve_backend(Backend.AUTO, torch.device("cpu"), "decode-row")
 
 
 def test_torch_compile_takes_the_cuda_library_probe_as_a_constant(monkeypatch):
@@ -314,3 +325,30 @@ def test_gpu_auto_takes_the_graph_regime_inside_a_capture(monkeypatch):
     assert ran == ["cuda", "cuda", "triton"]
     assert_output_close(static_y, int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))
     assert_output_close(eager, int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))
+
+
+@requires_cuda
+def test_gpu_auto_takes_the_cuda_library_for_one_row():
+    """With the shipped preferences, a layer on AUTO computes a single row with the CUDA library (where it is
+    built) eagerly and inside a CUDA-graph capture, and two rows with Triton; all within the contract's
+    tolerance."""
+    backends.set_default_backend(None)
+    single = "cuda" if backends._cuda_library_serves(torch.cuda.current_device()) else "triton"
+    layer = _layer(512, 256, backend=None).cuda()
+    ran = []
+    impls = {name: registry.lookup(name, "int8_linear") for name in ("cuda", "triton")}
+    try:
+        with registry.replaced("cuda", "int8_linear", lambda *a: ran.append("cuda") or impls["cuda"](*a)), \
+                registry.replaced("triton", "int8_linear", lambda *a: ran.append("triton") or impls["triton"](*a)):
+            for rows in (1, 2):
+                x = planted_outliers(rows, 512, torch.float16, seed=rows).cuda()
+                eager = layer(x)
+                graph, static_y = captured(layer, x.clone())
+                graph.replay()
+                torch.cuda.synchronize()
+                expected = int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference")
+                assert_output_close(eager, expected)
+                assert_output_close(static_y, expected)
+    finally:
+        backends.set_default_backend(None)
+    assert ran == [single] * 3 + ["triton"] * 3  # eager, the capture's warm-up, the capture; per row count

@@ -186,10 +186,12 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
     """The concrete backend to run on ``device``; raises if an explicit choice is unavailable there.
 
     None means INT8MM_BACKEND as the environment says now; on CUDA, AUTO chooses per ``regime``, a key of
-    ``AUTO_PREFERENCE`` (``regime_of`` gives a call's). AUTO takes the CUDA library only where it loads and the GPU
-    is sm_80 or newer (its machine code); otherwise the next candidate, logged once.
+    ``AUTO_PREFERENCE`` (``regime_of`` gives a call's). AUTO takes the CUDA library only where it is built, loads
+    and the GPU is sm_80 or newer (its machine code); otherwise the next candidate, logged once.
     """
     chosen = parse_backend(backend)
+    if regime not in AUTO_PREFERENCE:
+        raise ValueError(f"regime must be one of {', '.join(map(repr, AUTO_PREFERENCE))}, got {regime!r}")
     available = available_backends(device)
     if chosen is Backend.AUTO:
         if device.type != "cuda":
@@ -244,20 +246,25 @@ def regime_of(rows: int, device: torch.device) -> str:
     return "decode"
 
 
-@_constant_under_compile  # loads (or builds) the library once, outside any traced graph
+@_constant_under_compile  # loads the library once, outside any traced graph
 def _cuda_library_serves(device_index: int | None) -> bool:
-    """Whether AUTO may take the CUDA library on this GPU: it loads (built first where nvcc is present, as an
-    explicit choice would) and the GPU runs its machine code (sm_80 or newer). Logged once when not."""
+    """Whether AUTO may take the CUDA library on this GPU: it is built already (AUTO never starts nvcc's minute
+    of building in the middle of a call), it loads, and the GPU runs its machine code (sm_80 or newer)."""
     return _probe_cuda_library(device_index)
 
 
 @functools.cache  # apart from the marked probe: torch.compile sees the mark on a plain function
 def _probe_cuda_library(device_index: int | None) -> bool:
-    from . import cuda as cuda_backend
+    from . import cuda as cuda_backend, cuda_build
+    found = cuda_build.find_library()
+    if found is None or not found.exists():
+        log.info("int8mm: AUTO uses Triton for single rows: the CUDA library is not built (%s)",
+                 cuda_build.HOW_TO_BUILD)
+        return False
     capability = torch.cuda.get_device_capability(device_index)
     if capability < (8, 0):
-        log.warning("int8mm: AUTO skips the CUDA library on this sm_%d%d GPU (it is built for sm_80 and newer)",
-                    *capability)
+        log.info("int8mm: AUTO skips the CUDA library on this sm_%d%d GPU (it is built for sm_80 and newer)",
+                 *capability)
         return False
     try:
         cuda_backend.library()
@@ -319,6 +326,7 @@ def refresh_from_environment() -> None:
     from . import scratch  # imports this module
 
     scratch.release()
+    _probe_cuda_library.cache_clear()  # INT8MM_CUDA_LIB may name another library now
     global _triton_interpreting
     _triton_interpreting = None
     _settings.clear()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import Backend, parse_backend, resolve_backend
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..bench.environment import resolve_device
 
@@ -68,15 +68,18 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def checked_backend(args, device: torch.device):
-    """``args.backend`` resolved for ``device``; an unknown or unavailable backend is a CliError. Without
-    ``--backend`` the default (INT8MM_BACKEND) is checked now too, and None returned: the default applies."""
+    """``args.backend`` checked for ``device``: the backend named, or AUTO for "auto"; an unknown or unavailable
+    backend is a CliError. Without ``--backend`` the default (INT8MM_BACKEND) is checked now too, and None
+    returned: the default applies."""
     if args.backend is None:
         check_default_backend(device)
         return None
     try:
-        return resolve_backend(args.backend, device)
+        chosen = resolve_backend(args.backend, device)  # checks that it runs here
     except (ValueError, RuntimeError) as exc:
         raise CliError(f"--backend: {exc}") from None
+    # "auto" stays AUTO, which chooses per call (one row, a few, many), not once for the whole command
+    return Backend.AUTO if parse_backend(args.backend) is Backend.AUTO else chosen
 
 
 def check_default_backend(device: torch.device) -> None:
