@@ -89,8 +89,9 @@ def test_both_ways_of_merging_the_rows_lists(m, outlier_cols, merge_tile, monkey
     """Rows with few outlier columns are merged in registers, rows with many by flags swept over K."""
     monkeypatch.setattr(triton_decode, "MERGE_TILE", merge_tile)
     x = _activations(m, 257, n_outlier_cols=outlier_cols, seed=outlier_cols)
-    x[0, 100] = -7.0  # a column only one row flags
-    assert _assert_same_quantization(x, 6.0) >= outlier_cols + 1
+    x[0, 100] = -7.0  # columns only one row flags: two, so that a tile of 1 sweeps flags even without planted ones
+    x[0, 101] = 7.0
+    assert _assert_same_quantization(x, 6.0) >= outlier_cols + 2
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])
@@ -228,7 +229,7 @@ def test_two_launches_and_no_fills(m, monkeypatch):
 def test_decode_path_variable(monkeypatch):
     monkeypatch.delenv(backends.DECODE_PATH_ENV_VAR, raising=False)
     backends.refresh_from_environment()
-    assert backends.decode_path() == "classic"  # the default until a GPU run measures the fused path
+    assert backends.decode_path() == "classic"  # the default: fused lost under CUDA graphs on the H200 (TUNING.md)
     _decode_path(monkeypatch, "fast")
     with pytest.raises(ValueError, match=r"INT8MM_DECODE_PATH must be one of 'classic', 'fused', got 'fast'"):
         backends.decode_path()
