@@ -287,7 +287,7 @@ def test_split_schedule_covers_k_without_empty_slices(n, k):
 def test_decode_gemm_variable(monkeypatch):
     monkeypatch.delenv(triton_splitk.DECODE_GEMM_ENV_VAR, raising=False)
     backends.refresh_from_environment()
-    assert triton_splitk.decode_gemm() == "classic"  # the default until a GPU run measures split-K
+    assert triton_splitk.decode_gemm() == "classic"  # the default: split-K measured slower on the H200
     _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "stream-k")
     with pytest.raises(ValueError, match=r"INT8MM_DECODE_GEMM must be one of 'classic', 'splitk', got 'stream-k'"):
         triton_splitk.decode_gemm()

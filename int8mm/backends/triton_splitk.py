@@ -30,7 +30,7 @@ DECODE_GEMM_ENV_VAR = "INT8MM_DECODE_GEMM"
 CLASSIC = "classic"
 SPLITK = "splitk"
 DECODE_GEMMS = (CLASSIC, SPLITK)
-DEFAULT_DECODE_GEMM = CLASSIC  # until a GPU run measures the split-K kernel (benchmarks/bench_decode.py)
+DEFAULT_DECODE_GEMM = CLASSIC  # split-K measured slower than without on an H200 (benchmarks/TUNING.md, run 4)
 
 BLOCK_M = 16  # the smallest int8 tensor-core tile: a whole decode batch
 BLOCK_N = 32  # fixed, so that the number of output tiles (and of counters) is known before autotuning
