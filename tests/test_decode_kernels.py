@@ -231,7 +231,7 @@ def test_decode_path_variable(monkeypatch):
     backends.refresh_from_environment()
     assert backends.decode_path() == "classic"  # the default: fused lost under CUDA graphs on the H200 (TUNING.md)
     _decode_path(monkeypatch, "fast")
-    with pytest.raises(ValueError, match=r"INT8MM_DECODE_PATH must be one of 'classic', 'fused', got 'fast'"):
+    with pytest.raises(ValueError, match=r"INT8MM_DECODE_PATH must be one of 'classic', 'fused', 'single', got 'fast'"):
         backends.decode_path()
     x = _activations(2, 32)
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("triton", reason="needs the triton package")
 
 from int8mm.backends import triton as triton_backend  # noqa: E402
-from int8mm.backends import triton_prefill, triton_splitk  # noqa: E402
+from int8mm.backends import triton_prefill, triton_single, triton_splitk  # noqa: E402
 from helpers import compiling_process_environment  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module fixture compiles every config ahead of time
@@ -184,3 +184,23 @@ def test_splitk_decode_gemm_configs(report, arch, config, out_type):
     if got["registers"] is not None:
         assert got["stack_bytes"] == 0 and got["local_bytes"] == 0, (got["stack_bytes"], got["local_bytes"])
         assert programs * got["registers"] * 32 * config.num_warps <= 64 * 1024
+
+
+SINGLE = triton_single.CONFIGS
+
+
+@pytest.mark.parametrize("x_type", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+@pytest.mark.parametrize("config", SINGLE, ids=[_id("single", c) + f"-s{c.num_stages}-w{c.num_warps}" for c in SINGLE])
+def test_decode_single_configs(report, arch, config, x_type):
+    """The one-kernel decode linear (INT8MM_DECODE_PATH=single): int8 tensor cores, the IEEE row reciprocal and
+    half-to-even rounding of the quantization it does itself, a pipelined weight stream, no spills."""
+    key = f"{arch}/{_id('single', config)}-s{config.num_stages}-w{config.num_warps}/{x_type}"
+    got = report["decode_single"][key]
+    assert got["mma_s8"], "16-row tiles do not use int8 mma.sync"
+    assert got["div_rn"] and not got["div_approx"], "row reciprocal must be an IEEE division"
+    assert got["rint"], "rounding must be half-to-even (cvt.rni)"
+    assert got["cp_async"], "the weight stream is not software-pipelined"
+    assert not got["spills"], "registers spill to local memory (PTX)"
+    if got["stack_bytes"] is not None:
+        assert got["stack_bytes"] == 0 and got["local_bytes"] == 0, (got["stack_bytes"], got["local_bytes"])

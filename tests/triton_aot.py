@@ -19,8 +19,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
-from int8mm.backends import triton_decode, triton_prefill, triton_splitk
+from int8mm.backends import triton_decode, triton_prefill, triton_single, triton_splitk
 from int8mm.kernels.triton.decode import _decode_quantize_kernel
+from int8mm.kernels.triton.decode_single import _decode_single_kernel
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
 from int8mm.kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
 from int8mm.kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
@@ -236,13 +237,26 @@ def _barrier_between_stores_and_ticket(ptx: str) -> bool:
     return last_store >= 0 and "bar.sync" in ptx[last_store:ticket]
 
 
+def compile_decode_single(config, target, x_type):
+    """The one-kernel decode linear as the launcher launches it: x with unit K stride (the usual case), a bias."""
+    sig = {"x_ptr": f"*{x_type}", "b_ptr": "*i8", "out_ptr": f"*{x_type}", "s_w_ptr": "*fp32",
+           "bias_ptr": f"*{x_type}", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "stride_xm": "i32",
+           "stride_xk": "constexpr", "stride_bn": "i32", "stride_om": "i32", "stride_on": "constexpr",
+           "threshold": "fp32", "HAS_BIAS": "constexpr", "INTERPRET": "constexpr", "BLOCK_M": "constexpr",
+           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    constexprs = dict(config.kwargs, stride_xk=1, stride_on=1, HAS_BIAS=True, INTERPRET=False)
+    aligned = ("x_ptr", "b_ptr", "out_ptr", "s_w_ptr", "bias_ptr", "N", "K", "stride_xm", "stride_bn", "stride_om")
+    return _features(_compile(_decode_single_kernel, sig, constexprs, aligned, target, config.num_warps,
+                              config.num_stages))
+
+
 def config_id(kind, config):
     return "{kind}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(kind=kind, **config.kwargs)
 
 
 def main():
     report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}, "decode_quantize": {},
-              "splitk": {}}
+              "splitk": {}, "decode_single": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
@@ -262,6 +276,10 @@ def main():
             report["decode_quantize"][f"{arch}/k{k}/fp16/m1"] = compile_decode_quantize(k, target, m=1)
             report["decode_quantize"][f"{arch}/k{k}/fp16"] = compile_decode_quantize(k, target)
         report["decode_quantize"][f"{arch}/k28672/fp32"] = compile_decode_quantize(28672, target, "fp32")
+        for config in triton_single.CONFIGS:
+            for x_type in ("fp16", "bf16", "fp32"):
+                key = f"{arch}/{config_id('single', config)}-s{config.num_stages}-w{config.num_warps}/{x_type}"
+                report["decode_single"][key] = compile_decode_single(config, target, x_type)
     for out_type in ("i32", "bf16", "fp32"):
         report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
     for config in triton_prefill.PERSISTENT_CONFIGS:

@@ -49,8 +49,9 @@ def triton_interpreting() -> bool:
 
 DECODE_PATH_ENV_VAR = "INT8MM_DECODE_PATH"
 # how the Triton backend runs a decode call (M <= 16 rows): "classic" = zero-fill, statistics, quantization and
-# GEMM kernels; "fused" = one quantization kernel (no fills) and the GEMM (int8mm/backends/triton_decode.py)
-DECODE_PATHS = ("classic", "fused")
+# GEMM kernels; "fused" = one quantization kernel (no fills) and the GEMM (int8mm/backends/triton_decode.py);
+# "single" = one kernel that quantizes inside the GEMM (int8mm/backends/triton_single.py)
+DECODE_PATHS = ("classic", "fused", "single")
 
 
 def env_choice(variable: str, choices: tuple[str, ...], default: str) -> str:

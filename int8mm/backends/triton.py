@@ -6,8 +6,9 @@ zero-fill, activation statistics, quantization + outlier list, fused GEMM, with 
 and many programs along N for decode (M <= 16) and large tensor-core tiles for prefill (one program per
 tile, or the persistent TMA kernel on sm_90+ when INT8MM_PREFILL_GEMM=persistent: see triton_prefill.py).
 With INT8MM_DECODE_PATH=fused a decode call is two kernels instead (``triton_decode``: one quantization kernel,
-no fill; then the same GEMM); with INT8MM_DECODE_GEMM=splitk the decode GEMM of a layer with few output tiles is
-split along K (``triton_splitk``).
+no fill; then the same GEMM), and with INT8MM_DECODE_PATH=single one kernel that quantizes inside the GEMM
+(``triton_single``); with INT8MM_DECODE_GEMM=splitk the decode GEMM of a layer with few output tiles is split
+along K (``triton_splitk``).
 
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
@@ -22,7 +23,7 @@ from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_column
                                        _rowwise_quantize_kernel)
 from ..devices import on_device_of
 from . import (decode_path, env_setting, registry, scratch, triton_decode, triton_interpreting, triton_prefill,
-               triton_splitk)
+               triton_single, triton_splitk)
 from .triton_launch import cdiv, launch, next_power_of_2, round_up
 
 BACKEND = "triton"
@@ -324,8 +325,13 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     with on_device_of(x):
         quantized = None
+        path = decode_path() if 0 < m <= DECODE_MAX_M and k > 0 else None  # INT8MM_DECODE_PATH
+        if path == "single":  # one launch, no intermediates
+            return triton_single.decode_linear(x, q_w if q_w.stride(1) == 1 else q_w.contiguous(), s_w, bias,
+                                               threshold, out, interpreting=triton_interpreting(),
+                                               autotune=autotuning())
         # the intermediates are read only by this call's GEMM: decode calls keep theirs from call to call
-        if 0 < m <= DECODE_MAX_M and k > 0 and decode_path() == "fused":  # INT8MM_DECODE_PATH
+        if path == "fused":
             quantized = triton_decode.quantize_for_decode(x, threshold, reuse=True)  # one launch, no fills
         q_x, s_x, outlier_cols, outlier_count = quantized or _quantize_activations(x, threshold, reuse=True)
         return _launch_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, bias)
