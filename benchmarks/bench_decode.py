@@ -2,7 +2,8 @@
 
 The classic path launches a zero-fill, a statistics pass, a quantization pass and the GEMM; the fused path
 (INT8MM_DECODE_PATH=fused) one quantization kernel and the same GEMM; "fused+splitk" adds
-INT8MM_DECODE_GEMM=splitk (the GEMM of a layer with few output tiles split along K). All are timed in one process, on
+INT8MM_DECODE_GEMM=splitk (the GEMM of a layer with few output tiles split along K); "single"
+(INT8MM_DECODE_PATH=single) one kernel that quantizes inside the GEMM. All are timed in one process, on
 Llama-3-8B and -70B layer shapes, under CUDA graphs (launch overhead gone, as in a graphed decode loop)
 and eager (L2 flushed before each call), with fp16 inputs holding planted outlier columns. Each timed call
 uses the next of several layers (distinct weights, more bytes than L2 holds) so no weight stays cached.
@@ -28,13 +29,14 @@ from int8mm.bench.report import format_speedup, format_time, geomean, markdown_t
 from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
 from int8mm.bench.timing import time_cpu, time_cuda_eager, time_cuda_graph
 
-PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm classic, JIT launches",
-             "int8mm classic, fresh buffers")
+PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm single",
+             "int8mm classic, JIT launches", "int8mm classic, fresh buffers")
 # the environment each int8mm provider runs under
 SCHEDULES = {
     "int8mm classic": {backends.DECODE_PATH_ENV_VAR: "classic", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
     "int8mm fused": {backends.DECODE_PATH_ENV_VAR: "fused", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
     "int8mm fused+splitk": {backends.DECODE_PATH_ENV_VAR: "fused", triton_splitk.DECODE_GEMM_ENV_VAR: "splitk"},
+    "int8mm single": {backends.DECODE_PATH_ENV_VAR: "single", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
     # the kernels launched through Triton's JIT (INT8MM_TRITON_LAUNCH=jit) instead of directly: what the direct
     # launch saves in eager mode (a graph replays the same kernels either way, so it is timed eagerly only)
     "int8mm classic, JIT launches": {backends.DECODE_PATH_ENV_VAR: "classic",
@@ -46,7 +48,7 @@ SCHEDULES = {
                                       triton_splitk.DECODE_GEMM_ENV_VAR: "classic", scratch.KEEP_ENV_VAR: "0"},
 }
 EAGER_ONLY = ("int8mm classic, JIT launches", "int8mm classic, fresh buffers")
-CANDIDATES = PROVIDERS[2:4]  # compared with classic, output for output
+CANDIDATES = PROVIDERS[2:5]  # compared with classic, output for output
 THRESHOLD = 6.0
 # layers per shape: enough distinct weights that a timed round reads more than L2 holds (at least two)
 L2_MULTIPLE = 2

@@ -40,34 +40,43 @@ def _speedups(rows, key_fields, time_field, provider_field, classic, candidate):
     return [cell[classic] / cell[candidate] for cell in cells.values() if classic in cell and candidate in cell]
 
 
-def _choose_decode_candidate(rows, baseline: str, candidate: str, value: str, what: str):
-    """``value`` if ``candidate`` agreed with classic in every row and beat ``baseline`` under graphs (geomean
-    >= MIN_GAIN) without losing eager beyond noise; else None. Returns (value or None, why)."""
+def _decode_candidate(rows, baseline: str, candidate: str, value: str, what: str):
+    """``(value or None, why, graph gain or None)``: ``value`` if ``candidate`` agreed with classic in every row and
+    beat ``baseline`` under graphs (geomean >= MIN_GAIN) without losing eager beyond noise."""
     if not rows:
-        return None, "no decode_bench.json"
+        return None, "no decode_bench.json", None
     if not any(r["provider"] == candidate for r in rows):
-        return None, f"{what}: no {candidate!r} rows"
+        return None, f"{what}: no {candidate!r} rows", None
     if any(r["provider"] == candidate and r.get("matches_classic") is not True for r in rows):
-        return None, f"{what}: {candidate} disagreed with classic (or was not compared) in some row: kept the default"
+        return (None, f"{what}: {candidate} disagreed with classic (or was not compared) in some row: kept the "
+                "default", None)
     gains = {}
     for mode in ("graph", "eager"):
         mine = [r for r in rows if r["mode"] == mode]
         gains[mode] = geomean(_speedups(mine, ("shape", "m"), "median_us", "provider", baseline, candidate))
     if gains["graph"] is None:
-        return None, f"{what}: no graph rows with both {baseline} and {candidate}"
+        return None, f"{what}: no graph rows with both {baseline} and {candidate}", None
     why = f"{what}: {candidate} vs {baseline} geomean {gains['graph']:.3f}x under graphs, " + (
         f"{gains['eager']:.3f}x eager" if gains["eager"] is not None else "no eager rows")
     wins = gains["graph"] >= MIN_GAIN and (gains["eager"] is None or gains["eager"] >= EAGER_FLOOR)
-    return (value if wins else None), why
+    return (value if wins else None), why, gains["graph"]
 
 
 def choose_decode(rows):
-    return _choose_decode_candidate(rows, "int8mm classic", "int8mm fused", "fused", "decode")
+    """The decode path that beats classic, the fused quantization (two kernels) or the one-kernel path; the
+    larger gain under graphs if both do. A file without the one-kernel rows (older runs) decides on fused."""
+    found = [_decode_candidate(rows, "int8mm classic", f"int8mm {path}", path, "decode") for path in ("fused", "single")]
+    if rows and not any(r["provider"] == "int8mm single" for r in rows):
+        found = found[:1]
+    why = "; ".join(reason for _, reason, _ in found)
+    winners = [(gain, value) for value, _, gain in found if value is not None]
+    return (max(winners)[1] if winners else None), why
 
 
 def choose_decode_gemm(rows):
     """The split-K GEMM against the same quantization with the classic GEMM: the GEMM's own gain."""
-    return _choose_decode_candidate(rows, "int8mm fused", "int8mm fused+splitk", "splitk", "decode GEMM")
+    value, why, _ = _decode_candidate(rows, "int8mm fused", "int8mm fused+splitk", "splitk", "decode GEMM")
+    return value, why
 
 
 def choose_prefill_quant(rows):

@@ -17,7 +17,8 @@ def choose():
     return module
 
 
-def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True, splitk_us=None, splitk_matches=True):
+def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True, splitk_us=None, splitk_matches=True,
+                 single_us=None, single_matches=True):
     rows = []
     for shape in ("o_proj", "qkv_proj"):
         for mode, fused in (("graph", fused_us), ("eager", eager_fused_us or classic_us)):
@@ -28,6 +29,9 @@ def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True, splitk
             if splitk_us is not None:
                 rows.append({"shape": shape, "m": 1, "mode": mode, "provider": "int8mm fused+splitk",
                              "median_us": splitk_us if mode == "graph" else fused, "matches_classic": splitk_matches})
+            if single_us is not None:
+                rows.append({"shape": shape, "m": 1, "mode": mode, "provider": "int8mm single",
+                             "median_us": single_us if mode == "graph" else fused, "matches_classic": single_matches})
     return rows
 
 
@@ -73,6 +77,21 @@ def test_the_split_k_gemm_is_judged_against_the_fused_path(choose, tmp_path):
     assert "not set: it was measured with INT8MM_DECODE_PATH=fused" in reasons[1]
 
 
+def test_the_decode_path_with_the_larger_gain_is_chosen(choose, tmp_path):
+    """Fused and the one-kernel path both compete with classic: the larger gain under graphs wins, each only if
+    it agreed with classic."""
+    chosen, reasons = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, single_us=20.0)))
+    assert chosen == {"INT8MM_DECODE_PATH": "single"} and "1.500x" in reasons[0] and "1.250x" in reasons[0]
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, single_us=26.0)))
+    assert chosen == {"INT8MM_DECODE_PATH": "fused"}
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 29.9, single_us=20.0, single_matches=False)))
+    assert chosen == {}
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 29.9, single_us=20.0)))
+    assert chosen == {"INT8MM_DECODE_PATH": "single"}
+    chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 24.0, splitk_us=18.0, single_us=20.0)))
+    assert chosen == {"INT8MM_DECODE_PATH": "single"}  # split-K was measured on fused, which was not chosen
+
+
 def test_slower_noise_level_or_disagreeing_candidates_keep_the_defaults(choose, tmp_path):
     chosen, _ = choose.choices(_write(tmp_path, _decode_rows(30.0, 29.9), _quant_rows(15.0, equal=False),
                                       _gemm_rows(90.0, matches=False)))
@@ -100,7 +119,7 @@ def test_the_field_names_are_the_benchmarks_own(choose):
         tree = ast.parse((SCRIPT.parent / script).read_text())
         return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
 
-    assert {"int8mm classic", "int8mm fused", "int8mm fused+splitk", "graph", "eager",
+    assert {"int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm single", "graph", "eager",
             "matches_classic"} <= strings("bench_decode.py")
     assert {"classic", "rowwise", "equal", "us"} <= strings("bench_quantize_pass.py")
     prefill = strings("bench_prefill_gemm.py")
