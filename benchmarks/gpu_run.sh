@@ -4,10 +4,9 @@
 #   Every plan starts with the GPU tests of the direct Triton launch and of the kept decode buffers (a failure
 #   turns that one off for the rest).
 #   PLAN=first  (default; its stage limits add up to more than a call, so the last ones are cut to the deadline):
-#               the GPU tests of what never ran on a GPU, the candidate
-#               benchmarks (two-kernel decode and split-K decode GEMM, rowwise prefill quantization, persistent
-#               prefill GEMM), benchmarks/gpu_choose.py picking the winners, then the per-layer benchmark at M = 1
-#               and 16 with them.
+#               the GPU tests of what never ran on a GPU, the candidate benchmarks (two-kernel and one-kernel
+#               decode, split-K decode GEMM, rowwise prefill quantization, persistent prefill GEMM),
+#               benchmarks/gpu_choose.py picking the winners, then the per-layer benchmark at M = 1 and 16 with them.
 #   PLAN=second (~9 min): compute-sanitizer, the remaining Triton tests, the host-time suite, the decode benchmark
 #               without PDL (INT8MM_PDL=0), the per-layer benchmark at M = 512 and 2048, the end-to-end model
 #               benchmark. Pass the first call's choices
@@ -17,10 +16,11 @@
 #   PLAN=first+model  first, then the end-to-end model benchmark in whatever time is left (one call, when a
 #               session can afford only one).
 #   PLAN=tests+model  first's tests and choices, then the end-to-end model benchmark, then the per-layer benchmark
-#               in what is left (with CHOICES_FROM, for a run whose candidates were measured before).
-#   CHOICES_FROM=DIR (any plan that runs first): skip the three candidate benchmarks and choose from the JSON an
-#               earlier run left in DIR (a committed benchmarks/results/<date>-<card>/), still gated by this run's
-#               tests; the time saved goes to the tests, the per-layer benchmark and the model.
+#               in what is left (with PREFILL_RESULTS_FROM, when the prefill candidates were measured before).
+#   PREFILL_RESULTS_FROM=DIR (any plan that runs first): skip the two prefill candidate benchmarks (quantization
+#               pass, GEMM) and choose from the JSON an earlier run left in DIR (a committed
+#               benchmarks/results/<date>-<card>/), still gated by this run's tests; the decode candidates are
+#               measured anyway (cheaper, and changed more often).
 #   PLAN=all    both, one after the other (over 10 minutes: for a machine without the per-call limit).
 # Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh (timeout_s 600).
@@ -91,16 +91,12 @@ tests_and_choices() {
     -k "not test_model_sized_shapes_match_reference and not without_a_gpu and (gpu or graph or compile or syncs \
         or backward_kernel)" \
     tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
-  INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-80}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_decode_kernels.py
+  INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_decode_kernels.py tests/test_decode_single.py
   # split-K's GPU tests only (Llama shapes, graphs, streams; the small shapes ran under the interpreter), on the
   # classic quantization, and the fused+split-K path launched directly against the JIT: their result gates split-K
-  # (not run when the choices come from an earlier run that did not pick it)
-  if [ -z "${CHOICES_FROM:-}" ] || python3 benchmarks/gpu_choose.py "$CHOICES_FROM" 2>/dev/null \
-      | grep -q INT8MM_DECODE_GEMM; then
-    INT8MM_AUTOTUNE=0 stage splitk_tests "${SPLITK_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
-      -k "gpu and (splitk or not gpu_direct_launch)" tests/test_decode_splitk.py tests/test_triton_launch.py
-  fi
+  INT8MM_AUTOTUNE=0 stage splitk_tests "${SPLITK_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
+    -k "gpu and (splitk or not gpu_direct_launch)" tests/test_decode_splitk.py tests/test_triton_launch.py
   # the benchmarks' dry runs are interpreter tests (CI runs them under Triton 3.7.1; 3.6's interpreter cannot
   # take a tl.minimum loop bound): not here
   INT8MM_AUTOTUNE=0 stage quantize_tests "${QUANTIZE_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
@@ -112,16 +108,20 @@ tests_and_choices() {
   # compute-sanitizer may not be allowed to check)
   INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-55}" python3 -m pytest -q -p no:cacheprovider \
     -k "cuda or guard" tests/test_backend_kernels.py tests/test_guard_bands.py
-  # the candidates against the classic paths, side by side (each compares its outputs with classic), unless an
-  # earlier run's results are named
-  if [ -z "${CHOICES_FROM:-}" ]; then
-    stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
+  # the candidates against the classic paths, side by side (each compares its outputs with classic); the prefill
+  # ones from an earlier run if one is named
+  stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
+  if [ -z "${PREFILL_RESULTS_FROM:-}" ]; then
     stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-45}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
     stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-65}" python3 benchmarks/bench_prefill_gemm.py \
       --out "$WORK" --forward
+  else
+    cp "$PREFILL_RESULTS_FROM/quantize_pass.json" "$PREFILL_RESULTS_FROM/prefill_gemm.json" "$WORK/" 2>&1 \
+      | tee -a "$OUT/summary.log"
+    echo "prefill candidates' results from $PREFILL_RESULTS_FROM" | tee -a "$OUT/summary.log" "$WORK/device.txt"
   fi
   # the winners serve the per-layer benchmark that follows: each only if its own tests passed
-  python3 benchmarks/gpu_choose.py "${CHOICES_FROM:-$WORK}" >"$WORK/choices.all" 2>"$WORK/choices.txt"
+  python3 benchmarks/gpu_choose.py "$WORK" >"$WORK/choices.all" 2>"$WORK/choices.txt"
   : >"$WORK/choices.sh"
   # VARIABLE:STAGE[+STAGE]: a winner is kept only if every stage named passed (split-K was measured with the
   # fused quantization, so it needs both)
