@@ -13,7 +13,7 @@ from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import replay_over, requires_cuda
-from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
+from helpers import DEVICE, assert_output_close, planted_outliers, random_weight, view_beyond_2_31
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -103,6 +103,38 @@ def test_strided_inputs_and_weight(view, monkeypatch):
     column_major_weight = q_w.t().contiguous().t()  # K stride N: the launcher makes it unit
     _decode_path(monkeypatch, "single")
     _assert_same_output(triton_linear(x, column_major_weight, s_w, None, 6.0), classic)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_views_spanning_more_than_2_to_31_elements(layout, monkeypatch):
+    """x's last row, or last column, lies more than 2^31 elements into its storage (with an outlier at that far
+    end): element offsets must not wrap (only the viewed elements are written: address space, not memory)."""
+    m, k, strides = (3, 64, (2**30 + 64, 1)) if layout == "rows" else (4, 34, (1, 2**26))
+    x = view_beyond_2_31(planted_outliers(m, k, torch.float16, seed=6).to(DEVICE), strides)
+    q_w, s_w = _layer(24, k)
+    single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
+    _assert_same_output(single, classic)
+    assert_output_close(single, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
+
+
+@pytest.mark.parametrize("config", triton_single.CONFIGS, ids=lambda c: "{BLOCK_N}x{BLOCK_K}".format(**c.kwargs))
+def test_every_gpu_tile_shape(config, monkeypatch):
+    """The GPU configs' tile shapes (the interpreter otherwise runs one), on K and N ragged against each."""
+    monkeypatch.setattr(triton_single, "INTERPRETER_CONFIG", dict(config.kwargs))
+    x = planted_outliers(5, 300, torch.float16, seed=7).to(DEVICE)
+    q_w, s_w = _layer(70, 300)
+    single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
+    _assert_same_output(single, classic)
+
+
+def test_the_split_k_setting_does_not_apply(monkeypatch):
+    """INT8MM_DECODE_GEMM=splitk changes the two-kernel paths' GEMM; the one-kernel path has no GEMM of its own to
+    split and ignores it."""
+    monkeypatch.setenv("INT8MM_DECODE_GEMM", "splitk")
+    x = planted_outliers(2, 256, torch.float16, seed=8).to(DEVICE)
+    q_w, s_w = _layer(40, 256)
+    single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
+    _assert_same_output(single, classic)
 
 
 def test_one_launch_and_nothing_kept(monkeypatch):

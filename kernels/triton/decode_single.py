@@ -6,8 +6,8 @@ quantizes x tile by tile (the outlier columns of each tile, those where any row 
 0) and feeds the int8 tensor-core product, and, if the first sweep met an outlier, a third adds the outlier
 columns' fp32 terms in ascending column order, as the classic GEMM's epilogue does. So the output equals the
 classic path's bit for bit, with no intermediate buffer, no fill and no second launch. Each program reads x (2 to
-32 bytes a column) up to three times, mostly from L1/L2: next to the weight tile it streams, little for a row or
-a few.
+64 bytes a column) up to three times, mostly from L1/L2: next to the weight tile it streams, little for a row or
+a few, comparable to the weight at 16 rows.
 """
 import triton
 import triton.language as tl
@@ -45,11 +45,12 @@ def _decode_single_kernel(
     cols = offs_n.to(tl.int64)
     x_rows = x_ptr + rows[:, None] * stride_xm
 
-    # sweep 1: row scales; max() may drop NaN, so NaNs are counted apart and a NaN row gets a NaN scale
+    # sweep 1: row scales; max() may drop NaN, so NaNs are counted apart and a NaN row gets a NaN scale. Its loads
+    # are pipelined (cp.async) like the weight stream's: the weight waits for this sweep, K / BLOCK_K steps
     row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_nans = tl.zeros([BLOCK_M], dtype=tl.int32)
     outliers = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=3):
         in_k = k0 + offs_k < K
         x = tl.load(x_rows + (k0 + offs_k)[None, :].to(tl.int64) * stride_xk, mask=in_m[:, None] & in_k[None, :],
                     other=0.0).to(tl.float32)
