@@ -11,7 +11,9 @@ geometric-mean speed-up over classic is at least ``MIN_GAIN`` (and, for decode, 
 noise either). A result file that cannot be read keeps that variable's default. Prints ``export NAME=value``
 lines (for benchmarks/gpu_run.sh to source) and, on stderr, why.
 
-    python benchmarks/gpu_choose.py DIR
+    python benchmarks/gpu_choose.py DIR [EARLIER_DIR]
+
+A result file missing from DIR is read from EARLIER_DIR (a committed run's results) if given.
 """
 import json
 import math
@@ -27,9 +29,13 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
-def _rows(directory: Path, name: str):
-    path = directory / name
-    return json.loads(path.read_text())["rows"] if path.exists() else None
+def _rows(directories: list[Path], name: str):
+    """The rows of the first of ``directories`` that holds ``name``, else None."""
+    for directory in directories:
+        path = directory / name
+        if path.exists():
+            return json.loads(path.read_text())["rows"]
+    return None
 
 
 def _speedups(rows, key_fields, time_field, provider_field, classic, candidate):
@@ -115,12 +121,16 @@ CHOOSERS = {
 REQUIRES = {"INT8MM_DECODE_GEMM": ("INT8MM_DECODE_PATH", "fused")}
 
 
-def choices(directory: Path) -> tuple[dict, list[str]]:
-    """The variables to set (only winners) and one line of reasons per variable."""
+def choices(directory: Path, earlier: Path | None = None) -> tuple[dict, list[str]]:
+    """The variables to set (only winners) and one line of reasons per variable; a file missing from
+    ``directory`` is read from ``earlier`` (named in the reason)."""
     chosen, reasons = {}, []
     for variable, (choose, filename) in CHOOSERS.items():
+        directories = [directory] + ([earlier] if earlier is not None else [])
         try:
-            value, why = choose(_rows(directory, filename))
+            value, why = choose(_rows(directories, filename))
+            if earlier is not None and not (directory / filename).exists() and (earlier / filename).exists():
+                why += f" (from {earlier / filename})"
         except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:  # a file cut short, a field missing
             value, why = None, f"{filename} could not be read ({type(exc).__name__}: {exc}): kept the default"
         required = REQUIRES.get(variable)
@@ -135,9 +145,9 @@ def choices(directory: Path) -> tuple[dict, list[str]]:
 
 def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python benchmarks/gpu_choose.py DIR")
-    chosen, reasons = choices(Path(args[0]))
+    if len(args) not in (1, 2):
+        raise SystemExit("usage: python benchmarks/gpu_choose.py DIR [EARLIER_DIR]")
+    chosen, reasons = choices(Path(args[0]), Path(args[1]) if len(args) == 2 else None)
     for line in reasons:
         print(line, file=sys.stderr)
     for variable, value in chosen.items():

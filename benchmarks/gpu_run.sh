@@ -91,8 +91,10 @@ tests_and_choices() {
     -k "not test_model_sized_shapes_match_reference and not without_a_gpu and (gpu or graph or compile or syncs \
         or backward_kernel)" \
     tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
-  INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_decode_kernels.py tests/test_decode_single.py
+  INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-80}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_decode_kernels.py
+  INT8MM_AUTOTUNE=0 stage single_tests "${SINGLE_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_decode_single.py
   # split-K's GPU tests only (Llama shapes, graphs, streams; the small shapes ran under the interpreter), on the
   # classic quantization, and the fused+split-K path launched directly against the JIT: their result gates split-K
   INT8MM_AUTOTUNE=0 stage splitk_tests "${SPLITK_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
@@ -115,23 +117,29 @@ tests_and_choices() {
     stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-45}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
     stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-65}" python3 benchmarks/bench_prefill_gemm.py \
       --out "$WORK" --forward
-  else
-    cp "$PREFILL_RESULTS_FROM/quantize_pass.json" "$PREFILL_RESULTS_FROM/prefill_gemm.json" "$WORK/" 2>&1 \
+  else  # in a folder of their own, so that the archive does not pass them off as this run's
+    mkdir -p "$WORK/earlier"
+    cp "$PREFILL_RESULTS_FROM/quantize_pass.json" "$PREFILL_RESULTS_FROM/prefill_gemm.json" "$WORK/earlier/" 2>&1 \
       | tee -a "$OUT/summary.log"
     echo "prefill candidates' results from $PREFILL_RESULTS_FROM" | tee -a "$OUT/summary.log" "$WORK/device.txt"
   fi
   # the winners serve the per-layer benchmark that follows: each only if its own tests passed
-  python3 benchmarks/gpu_choose.py "$WORK" >"$WORK/choices.all" 2>"$WORK/choices.txt"
+  python3 benchmarks/gpu_choose.py "$WORK" "$WORK/earlier" >"$WORK/choices.all" 2>"$WORK/choices.txt"
   : >"$WORK/choices.sh"
-  # VARIABLE:STAGE[+STAGE]: a winner is kept only if every stage named passed (split-K was measured with the
+  # VARIABLE=VALUE:STAGE[+STAGE]: a winner is kept only if every stage named passed (split-K was measured with the
   # fused quantization, so it needs both)
-  for pair in INT8MM_DECODE_PATH:decode_tests INT8MM_DECODE_GEMM:decode_tests+splitk_tests \
-              INT8MM_PREFILL_QUANT:quantize_tests INT8MM_PREFILL_GEMM:prefill_gemm_tests; do
-    variable=${pair%%:*} tests=${pair##*:} passed=1
+  gates="INT8MM_DECODE_PATH=fused:decode_tests INT8MM_DECODE_PATH=single:single_tests
+         INT8MM_DECODE_GEMM=splitk:decode_tests+splitk_tests INT8MM_PREFILL_QUANT=rowwise:quantize_tests
+         INT8MM_PREFILL_GEMM=persistent:prefill_gemm_tests"
+  while read -r _ assignment; do  # "export VARIABLE=VALUE"
+    tests="" passed=1
+    for gate in $gates; do [ "${gate%%:*}" = "$assignment" ] && tests=${gate##*:}; done
+    [ -n "$tests" ] || passed=0
     for name in ${tests//+/ }; do grep -q "^rc=0$" "$WORK/$name.log" 2>/dev/null || passed=0; done
-    if [ "$passed" = 1 ]; then grep "^export $variable=" "$WORK/choices.all" >>"$WORK/choices.sh"
-    else echo "$variable: its tests ($tests) did not pass: kept the default" >>"$WORK/choices.txt"; fi
-  done
+    if [ "$passed" = 1 ]; then echo "export $assignment" >>"$WORK/choices.sh"
+    else echo "$assignment won, but its tests (${tests:-none named}) did not pass: kept the default" \
+      >>"$WORK/choices.txt"; fi
+  done <"$WORK/choices.all"
   cat "$WORK/choices.sh" >>"$WORK/choices.txt"
   # shellcheck disable=SC1091
   . "$WORK/choices.sh"

@@ -136,3 +136,21 @@ def test_missing_results_keep_the_defaults_and_main_prints_exports(choose, tmp_p
     out = capsys.readouterr()
     assert out.out == "export INT8MM_PREFILL_GEMM=persistent\n"
     assert "no decode_bench.json" in out.err
+
+
+def test_results_missing_here_are_read_from_an_earlier_run(choose, tmp_path, capsys):
+    """gpu_run.sh's PREFILL_RESULTS_FROM: the prefill files come from a committed run, the decode file from this
+    one; a file present here is never replaced by the earlier run's."""
+    here, earlier = tmp_path / "here", tmp_path / "earlier"
+    here.mkdir()
+    earlier.mkdir()
+    _write(here, decode=_decode_rows(30.0, 29.9, single_us=20.0))
+    _write(earlier, decode=_decode_rows(30.0, 24.0), quant=_quant_rows(15.0), gemm=_gemm_rows(90.0))
+    chosen, reasons = choose.choices(here, earlier)
+    assert chosen == {"INT8MM_DECODE_PATH": "single", "INT8MM_PREFILL_QUANT": "rowwise",
+                      "INT8MM_PREFILL_GEMM": "persistent"}
+    assert f"(from {earlier / 'quantize_pass.json'})" in reasons[2] and "(from" not in reasons[0]
+    choose.main([str(here), str(earlier)])
+    assert "export INT8MM_PREFILL_GEMM=persistent" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="usage"):
+        choose.main([])
