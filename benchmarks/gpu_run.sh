@@ -22,6 +22,7 @@
 #               benchmarks/results/<date>-<card>/), still gated by this run's tests; the decode candidates are
 #               measured anyway (cheaper, and changed more often).
 #   PLAN=all    both, one after the other (over 10 minutes: for a machine without the per-call limit).
+#   SKIP_STAGES="NAME ..." (any plan): stages to leave out (a skipped test stage gates its candidate off).
 # Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh (timeout_s 600).
 #
@@ -45,6 +46,10 @@ if [ "$PLAN" = all ]; then DEADLINE="${DEADLINE:-1160}"; else DEADLINE="${DEADLI
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep the log, summarise its tail, pack
   local name=$1 limit=$2; shift 2
   local left=$(( DEADLINE - SECONDS - 15 ))
+  if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then  # SKIP_STAGES="a b": stages a run can do without
+    echo "== $name skipped: SKIP_STAGES" | tee -a "$OUT/summary.log" "$WORK/$name.log"
+    echo "rc=skipped" >>"$WORK/$name.log"; return
+  fi
   if [ "$left" -lt 10 ]; then
     echo "== $name skipped: ${left}s left before the deadline" | tee -a "$OUT/summary.log" "$WORK/$name.log"
     echo "rc=skipped" >>"$WORK/$name.log"; return
