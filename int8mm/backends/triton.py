@@ -327,9 +327,8 @@ def int8_linear(x, q_w, s_w, bias, threshold):
         quantized = None
         path = decode_path() if 0 < m <= DECODE_MAX_M and k > 0 else None  # INT8MM_DECODE_PATH
         if path == "single":  # one launch, no intermediates
-            return triton_single.decode_linear(x, q_w if q_w.stride(1) == 1 else q_w.contiguous(), s_w, bias,
-                                               threshold, out, interpreting=triton_interpreting(),
-                                               autotune=autotuning())
+            return triton_single.decode_linear(x, _unit_k_stride(q_w), s_w, bias, threshold, out,
+                                               interpreting=triton_interpreting(), autotune=autotuning())
         # the intermediates are read only by this call's GEMM: decode calls keep theirs from call to call
         if path == "fused":
             quantized = triton_decode.quantize_for_decode(x, threshold, reuse=True)  # one launch, no fills
