@@ -71,8 +71,10 @@ def _decode_candidate(rows, baseline: str, candidate: str, value: str, what: str
 def choose_decode(rows):
     """The decode path that beats classic, the fused quantization (two kernels) or the one-kernel path; the
     larger gain under graphs if both do. A file without the one-kernel rows (older runs) decides on fused."""
+    if not rows:
+        return None, "no decode_bench.json"
     found = [_decode_candidate(rows, "int8mm classic", f"int8mm {path}", path, "decode") for path in ("fused", "single")]
-    if rows and not any(r["provider"] == "int8mm single" for r in rows):
+    if not any(r["provider"] == "int8mm single" for r in rows):
         found = found[:1]
     why = "; ".join(reason for _, reason, _ in found)
     winners = [(gain, value) for value, _, gain in found if value is not None]
