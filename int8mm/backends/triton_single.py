@@ -21,9 +21,10 @@ def _config(block_n, block_k, stages, warps):
 
 # (BLOCK_N, BLOCK_K, stages, warps): tiles of the classic decode GEMM's size, and 16 columns a program, which
 # doubles the programs streaming an 8B layer's weight (o_proj: 256 programs for 132 SMs). Each program also holds
-# an fp32 x tile of 16 x BLOCK_K: 16 x 256 with 16 columns spilled 8 bytes on sm_90 and 32 x 512 took 255
-# registers (AOT, Triton 3.7.1), so those are not here; these take 72-168 registers, no spills.
-CONFIGS = [_config(32, 256, 4, 4), _config(16, 128, 4, 4), _config(32, 128, 5, 4), _config(64, 128, 4, 4)]
+# an fp32 x tile of 16 x BLOCK_K. AOT for sm_80 and sm_90 under Triton 3.6.0 (the GPU image's) and 3.7.1: these
+# take 72-168 registers and spill nothing; 16 columns with 4 warps spilled 8 bytes on sm_90 under 3.6 (16 x 256
+# under 3.7 too), and 32 x 512 took 255 registers, so those are not here.
+CONFIGS = [_config(32, 256, 4, 4), _config(16, 256, 4, 8), _config(32, 128, 5, 4), _config(64, 128, 4, 4)]
 INTERPRETER_CONFIG = {"BLOCK_M": BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64}
 
 _autotuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"])(_decode_single_kernel)
