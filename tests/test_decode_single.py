@@ -139,9 +139,11 @@ def test_the_split_k_setting_does_not_apply(monkeypatch):
 
 def test_one_launch_and_nothing_kept(monkeypatch):
     """The whole call is one kernel: no quantization kernel, no fill, no kept buffer."""
-    launches = []
-    real = triton_single.launch
-    monkeypatch.setattr(triton_single, "launch", lambda *a: launches.append(a[0]) or real(*a))
+    from int8mm.backends import triton_launch
+    from int8mm.kernels.triton.decode_single import _decode_single_kernel
+    launches = []  # the one-kernel launcher launches through triton_launch.launch_scheduled
+    real = triton_launch.launch
+    monkeypatch.setattr(triton_launch, "launch", lambda *a: launches.append(a[0]) or real(*a))
     monkeypatch.setattr(triton_backend, "launch", lambda *a: pytest.fail(f"another launch: {a[0]}"))
     from int8mm.backends import scratch
     scratch.release()
@@ -149,7 +151,7 @@ def test_one_launch_and_nothing_kept(monkeypatch):
     q_w, s_w = _layer(24, 200)
     _decode_path(monkeypatch, "single")
     got = triton_linear(x, q_w, s_w, None, 6.0)
-    assert len(launches) == 1 and scratch.kept_bytes() == 0
+    assert launches == [_decode_single_kernel] and scratch.kept_bytes() == 0
     assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
 
 

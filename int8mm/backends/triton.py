@@ -24,7 +24,7 @@ from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_column
 from ..devices import on_device_of
 from . import (decode_path, env_setting, registry, scratch, triton_decode, triton_interpreting, triton_prefill,
                triton_single, triton_splitk)
-from .triton_launch import cdiv, launch, next_power_of_2, round_up
+from .triton_launch import cdiv, launch, launch_scheduled, next_power_of_2, round_up
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -290,14 +290,9 @@ def _launch_gemm(q_x, q_w, out, s_x=None, s_w=None, x=None, outlier_cols=None, o
     def grid(meta):  # one program per output tile
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
-    if triton_interpreting():
-        launch(_int8_gemm_dequant_kernel, grid, args, {**flags, **INTERPRETER_GEMM})
-    elif not autotune:
-        cfg = (DECODE_CONFIGS if m <= DECODE_MAX_M else PREFILL_CONFIGS)[0]
-        launch(_int8_gemm_dequant_kernel, grid, args,
-               {**flags, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    else:
-        launch(_gemm_decode if m <= DECODE_MAX_M else _gemm_prefill, grid, args, flags)
+    decode = m <= DECODE_MAX_M
+    launch_scheduled(_int8_gemm_dequant_kernel, _gemm_decode if decode else _gemm_prefill,
+                     (DECODE_CONFIGS if decode else PREFILL_CONFIGS)[0], grid, args, flags, INTERPRETER_GEMM, autotune)
     return out
 
 

@@ -196,6 +196,22 @@ def _jit_needed() -> bool:
                 or getattr(runtime, "add_stages_inspection_hook", None) is not None)
 
 
+def launch_scheduled(kernel, autotuned, first_config, grid, args: tuple, flags: dict, interpreter_config: dict,
+                     autotune: bool) -> None:
+    """``kernel`` with ``flags``, on the schedule the interpreter and INT8MM_AUTOTUNE call for: under Triton's
+    interpreter ``interpreter_config`` (it runs one config); with ``autotune`` False ``first_config`` (a
+    ``triton.Config``: a fast start, the same schedule on every run); else ``autotuned``, an autotuner over
+    ``kernel``, chooses. Callers pass the kernel and its autotuner as their module holds them (tests wrap those to
+    record launches)."""
+    if triton_interpreting():
+        launch(kernel, grid, args, {**flags, **interpreter_config})
+    elif not autotune:
+        launch(kernel, grid, args, {**flags, **first_config.kwargs, "num_warps": first_config.num_warps,
+                                    "num_stages": first_config.num_stages})
+    else:
+        launch(autotuned, grid, args, flags)
+
+
 def launch(kernel, grid, args: tuple, options: dict) -> None:
     """``kernel[grid](*args, **options)``, through the compiled-kernel cache after the first launch of a key.
 

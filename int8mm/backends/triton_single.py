@@ -9,7 +9,7 @@ classic, 14.0 us with the quantization in one kernel, against 13.8 us for fp16's
 import triton
 
 from ..kernels.triton.decode_single import _decode_single_kernel
-from .triton_launch import cdiv, launch, next_power_of_2
+from .triton_launch import cdiv, launch_scheduled, next_power_of_2
 
 BLOCK_M = 16  # the smallest int8 tensor-core tile: the whole decode batch
 
@@ -42,12 +42,5 @@ def decode_linear(x, q_w, s_w, bias, threshold: float, out, *, interpreting: boo
     def grid(meta):  # one program per BLOCK_N output columns, every row
         return (cdiv(n, meta["BLOCK_N"]),)
 
-    if interpreting:
-        launch(_decode_single_kernel, grid, args, {**flags, **INTERPRETER_CONFIG})
-    elif not autotune:
-        first = CONFIGS[0]
-        launch(_decode_single_kernel, grid, args,
-               {**flags, **first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages})
-    else:
-        launch(_autotuned, grid, args, flags)
+    launch_scheduled(_decode_single_kernel, _autotuned, CONFIGS[0], grid, args, flags, INTERPRETER_CONFIG, autotune)
     return out

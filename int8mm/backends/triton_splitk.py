@@ -21,8 +21,8 @@ import torch
 import triton
 
 from ..kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
-from . import env_setting, programmatic_launch, scratch, triton_counters, triton_interpreting
-from .triton_launch import cdiv, launch, next_power_of_2
+from . import env_setting, programmatic_launch, scratch, triton_counters
+from .triton_launch import cdiv, launch_scheduled, next_power_of_2
 
 log = logging.getLogger("int8mm")
 
@@ -120,12 +120,6 @@ def launch_splitk_gemm(q_x, q_w, out, s_x, s_w, x, outlier_cols, outlier_count, 
     if programmatic_launch(q_x.device):  # sm_90+: scheduled while the quantization kernel finishes, then waits
         flags.update(WAIT_FOR_PRIOR_GRID=True, launch_pdl=True)
     grid = (cdiv(n, BLOCK_N) * split,)
-    if triton_interpreting():
-        launch(_int8_gemm_splitk_kernel, grid, args, {**flags, **INTERPRETER_CONFIG})
-    elif not autotune:
-        cfg = SPLITK_CONFIGS[0]
-        launch(_int8_gemm_splitk_kernel, grid, args,
-               {**flags, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    else:
-        launch(_splitk_autotuned, grid, args, flags)
+    launch_scheduled(_int8_gemm_splitk_kernel, _splitk_autotuned, SPLITK_CONFIGS[0], grid, args, flags,
+                     INTERPRETER_CONFIG, autotune)
     return True
