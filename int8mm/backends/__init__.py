@@ -217,6 +217,17 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
     return chosen
 
 
+def check_backend(backend, device: torch.device) -> Backend:
+    """``backend`` (a ``Backend`` or its name) if it runs on ``device``, AUTO left as AUTO: it chooses per call (by
+    the number of rows on CUDA), not once for everything that follows.
+
+    Raises:
+        ValueError: not a backend. RuntimeError: it cannot run on ``device`` (as ``resolve_backend``).
+    """
+    resolved = resolve_backend(backend, device)
+    return Backend.AUTO if parse_backend(backend) is Backend.AUTO else resolved
+
+
 # AUTO's preference on CUDA, per regime: "decode_row" (one row: a token of one sequence), "decode" (2 to
 # DECODE_MAX_M rows, run eagerly: host time per call counts), "decode_graph" (those rows while a CUDA graph is
 # captured or torch.compile traces: only the kernels' time counts) and "prefill". Measured side by side on an H200

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional as F8
-from ..backends import Backend, available_backends, parse_backend, resolve_backend, triton_interpreting
+from ..backends import Backend, available_backends, check_backend, triton_interpreting
 from .ceilings import baseline_float_dtype
 
 # cuBLAS int8 GEMMs (torch._int_mm) need M > 16
@@ -65,9 +65,7 @@ def benchmark_backends(device: torch.device, requested: tuple[str, ...] | None =
         ValueError: a requested name is not a backend. RuntimeError: it cannot run on ``device``.
     """
     if requested:
-        # "auto" is timed as AUTO, choosing per call as a user's calls do (resolving it checks it runs here)
-        chosen = [Backend.AUTO if parse_backend(name) is Backend.AUTO else resolve_backend(name, device)
-                  for name in requested]
+        chosen = [check_backend(name, device) for name in requested]  # "auto" timed as AUTO, as users call it
         return list(dict.fromkeys(chosen))
     # Triton on CPU tensors is its interpreter: a correctness tool, far too slow to be worth timing
     return [b for b in available_backends(device)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends import Backend, parse_backend, resolve_backend
+from ..backends import check_backend, resolve_backend
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..bench.environment import resolve_device
 
@@ -75,11 +75,9 @@ def checked_backend(args, device: torch.device):
         check_default_backend(device)
         return None
     try:
-        chosen = resolve_backend(args.backend, device)  # checks that it runs here
+        return check_backend(args.backend, device)
     except (ValueError, RuntimeError) as exc:
         raise CliError(f"--backend: {exc}") from None
-    # "auto" stays AUTO, which chooses per call (one row, a few, many), not once for the whole command
-    return Backend.AUTO if parse_backend(args.backend) is Backend.AUTO else chosen
 
 
 def check_default_backend(device: torch.device) -> None:
