@@ -73,7 +73,8 @@ def choose_decode(rows):
     larger gain under graphs if both do. A file without the one-kernel rows (older runs) decides on fused."""
     if not rows:
         return None, "no decode_bench.json"
-    found = [_decode_candidate(rows, "int8mm classic", f"int8mm {path}", path, "decode") for path in ("fused", "single")]
+    found = [_decode_candidate(rows, "int8mm classic", f"int8mm {path}", path, "decode")
+             for path in ("fused", "single")]
     if not any(r["provider"] == "int8mm single" for r in rows):
         found = found[:1]
     why = "; ".join(reason for _, reason, _ in found)
