@@ -126,14 +126,10 @@ def aligned_offsets(sizes: Sequence[int]) -> tuple[int, tuple[int, ...]]:
     return sum(padded), tuple(sum(padded[:i]) for i in range(len(sizes)))
 
 
+# normal tensors even when the call runs under torch.inference_mode: a kept inference tensor could not be updated
+# in place (the classic path zeroes its statistics) by a later call outside it
+@torch.inference_mode(False)
 def _carve(x: torch.Tensor, key: tuple, args: tuple) -> tuple:
-    # normal tensors even when the call runs under torch.inference_mode: a kept inference tensor could not be
-    # updated in place (the classic path zeroes its statistics) by a later call outside it
-    with torch.inference_mode(False):
-        return _carve_normal(x, key, args)
-
-
-def _carve_normal(x: torch.Tensor, key: tuple, args: tuple) -> tuple:
     layout = key[2]
     parts, finish = layout(*args)
     total, offsets = aligned_offsets([count * dtype.itemsize for dtype, count in parts])
