@@ -185,6 +185,11 @@ def assert_output_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert worst <= 0, f"max error {(a - e).abs().max().item():.3g} exceeds the SPEC bound by {worst.item():.3g}"
 
 
+def assert_same_output(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal bit for bit, NaN where NaN: two paths that must compute the same sums in the same order."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def assert_quantized_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Identical int8 values, except that at most 1 in 10,000 may differ by +-1 (docs/SPEC.md)."""
     assert actual.dtype == torch.int8 and actual.shape == expected.shape
@@ -294,6 +299,19 @@ class OpRecorder(TorchDispatchMode):
     @property
     def fills(self) -> list[str]:
         return [op for op in self.ops if op in self.FILL_OPS]
+
+
+def set_setting(monkeypatch, variable: str, value: str) -> None:
+    """An INT8MM_* setting for this test (undone after it), read again by the backends now (they read it once)."""
+    from int8mm import backends
+    monkeypatch.setenv(variable, value)
+    backends.refresh_from_environment()
+
+
+def set_decode_path(monkeypatch, path: str) -> None:
+    """INT8MM_DECODE_PATH for this test: "classic", "fused" or "single"."""
+    from int8mm import backends
+    set_setting(monkeypatch, backends.DECODE_PATH_ENV_VAR, path)
 
 
 def record_triton_launches(monkeypatch, modules, recorder: OpRecorder | None = None) -> list[tuple[str, tuple]]:

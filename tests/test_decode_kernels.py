@@ -18,8 +18,8 @@ from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import assert_graphs_and_streams_agree, replay_over, requires_cuda
-from helpers import (DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight, record_triton_launches,
-                     run_out_of_counters, view_beyond_2_31)
+from helpers import (DEVICE, OpRecorder, assert_output_close, assert_same_output, planted_outliers, random_weight,
+                     record_triton_launches, run_out_of_counters, set_decode_path, view_beyond_2_31)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -33,14 +33,9 @@ DECODE_ROWS = [1, 2, 5, 16]
 COLUMNS = [1, 33, 499]  # one column, ragged, longer than the interpreter's tiles below
 
 
-def _decode_path(monkeypatch, path):
-    monkeypatch.setenv(backends.DECODE_PATH_ENV_VAR, path)
-    backends.refresh_from_environment()
-
-
 @pytest.fixture
 def fused(monkeypatch):
-    _decode_path(monkeypatch, "fused")
+    set_decode_path(monkeypatch, "fused")
     yield
     monkeypatch.delenv(backends.DECODE_PATH_ENV_VAR)
     backends.refresh_from_environment()
@@ -60,10 +55,6 @@ def _assert_same_quantization(x, threshold):
     assert torch.equal(s_f.view(torch.int32), s_c.view(torch.int32)), "row scales differ (as fp32 bits)"
     assert torch.equal(q_f, q_c), "quantized values differ"
     return count
-
-
-def _assert_same_output(got, expected):
-    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
@@ -175,12 +166,12 @@ def test_int8_linear_equals_the_classic_path(m, k, n, dtype, bias, monkeypatch):
     x = _activations(m, k, dtype)
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
-    _decode_path(monkeypatch, "classic")
+    set_decode_path(monkeypatch, "classic")
     classic = triton_linear(x, q_w, s_w, b, 6.0)
-    _decode_path(monkeypatch, "fused")
+    set_decode_path(monkeypatch, "fused")
     fused = triton_linear(x, q_w, s_w, b, 6.0)
-    _decode_path(monkeypatch, "classic")
-    _assert_same_output(fused, classic)
+    set_decode_path(monkeypatch, "classic")
+    assert_same_output(fused, classic)
     assert_output_close(fused, int8mm.int8_linear(x, q_w, s_w, b, backend="reference"))
 
 
@@ -203,7 +194,7 @@ ALLOCATIONS_AND_VIEWS = frozenset({"aten.empty.memory_format", "aten.split.Tenso
 def test_two_launches_and_no_fills(m, monkeypatch):
     x = _activations(m, 96)
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
-    _decode_path(monkeypatch, "classic")
+    set_decode_path(monkeypatch, "classic")
     expected = triton_linear(x, q_w, s_w, None, 6.0)
     triton_counters.counter_pool(DEVICE).counters(1)  # the counters' one-time allocation is not part of a call
     recorder = OpRecorder()
@@ -212,32 +203,32 @@ def test_two_launches_and_no_fills(m, monkeypatch):
         classic = triton_linear(x, q_w, s_w, None, 6.0)
     # what the fused path removes: a fill (of a fresh buffer, or of the one kept from the previous call)
     assert len(launches) == 3 and {"aten.zeros.default", "aten.zero_.default"} & set(recorder.ops), recorder.ops
-    _decode_path(monkeypatch, "fused")
+    set_decode_path(monkeypatch, "fused")
     launches.clear()
     recorder.ops.clear()
     with recorder:
         fused = triton_linear(x, q_w, s_w, None, 6.0)
-    _decode_path(monkeypatch, "classic")
+    set_decode_path(monkeypatch, "classic")
     # the GEMM is the autotuned decode GEMM on a GPU, the plain kernel under the interpreter
     names = [name for name, _ in launches]
     assert len(names) == 2 and names[0] == "decode_quantize_kernel" and "gemm" in names[1], names
     assert set(recorder.ops) <= ALLOCATIONS_AND_VIEWS, recorder.ops
-    _assert_same_output(fused, classic)
-    _assert_same_output(fused, expected)
+    assert_same_output(fused, classic)
+    assert_same_output(fused, expected)
 
 
 def test_decode_path_variable(monkeypatch):
     monkeypatch.delenv(backends.DECODE_PATH_ENV_VAR, raising=False)
     backends.refresh_from_environment()
     assert backends.decode_path() == "classic"  # the default: fused lost under CUDA graphs on the H200 (TUNING.md)
-    _decode_path(monkeypatch, "fast")
+    set_decode_path(monkeypatch, "fast")
     with pytest.raises(ValueError, match=r"INT8MM_DECODE_PATH must be one of 'classic', 'fused', 'single', got 'fast'"):
         backends.decode_path()
     x = _activations(2, 32)
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
     with pytest.raises(ValueError, match="INT8MM_DECODE_PATH"):
         triton_linear(x, q_w, s_w, None, 6.0)
-    _decode_path(monkeypatch, "classic")
+    set_decode_path(monkeypatch, "classic")
 
 
 @pytest.mark.parametrize("shape", [(17, 8), (0, 8), (3, 0)])
@@ -324,11 +315,11 @@ def test_gpu_fused_equals_classic(m, k, n, monkeypatch):
         x = _activations(m, k, seed=seed)
         _assert_same_quantization(x, 6.0)
         q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
-        _decode_path(monkeypatch, "classic")
+        set_decode_path(monkeypatch, "classic")
         classic = triton_linear(x, q_w, s_w, None, 6.0)
-        _decode_path(monkeypatch, "fused")
-        _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), classic)
-    _decode_path(monkeypatch, "classic")
+        set_decode_path(monkeypatch, "fused")
+        assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), classic)
+    set_decode_path(monkeypatch, "classic")
 
 
 @requires_cuda
@@ -341,7 +332,7 @@ def test_gpu_graph_replays_follow_their_inputs(m, fused):
     inputs.append(planted_outliers(m, k, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE))
 
     def check(static_y, x):
-        _assert_same_output(static_y, triton_linear(x, q_w, s_w, None, 6.0))
+        assert_same_output(static_y, triton_linear(x, q_w, s_w, None, 6.0))
         assert_output_close(static_y, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
 
     replay_over(lambda x: triton_linear(x, q_w, s_w, None, 6.0), inputs, 8, check)

@@ -13,18 +13,14 @@ from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import replay_over, requires_cuda
-from helpers import DEVICE, assert_output_close, planted_outliers, random_weight, view_beyond_2_31
+from helpers import (DEVICE, assert_output_close, assert_same_output, planted_outliers, random_weight, set_decode_path,
+                     view_beyond_2_31)
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
 from int8mm.backends import triton as triton_backend, triton_single  # noqa: E402  (needs triton)
 
 triton_linear = registry.lookup("triton", "int8_linear")
-
-
-def _decode_path(monkeypatch, path):
-    monkeypatch.setenv(backends.DECODE_PATH_ENV_VAR, path)
-    backends.refresh_from_environment()
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +32,10 @@ def _classic_afterwards(monkeypatch):
 
 def _both_paths(monkeypatch, x, q_w, s_w, bias, threshold=6.0):
     """(single, classic) outputs of the Triton backend's int8_linear."""
-    _decode_path(monkeypatch, "single")
+    set_decode_path(monkeypatch, "single")
     single = triton_linear(x, q_w, s_w, bias, threshold)
-    _decode_path(monkeypatch, "classic")
+    set_decode_path(monkeypatch, "classic")
     return single, triton_linear(x, q_w, s_w, bias, threshold)
-
-
-def _assert_same_output(got, expected):
-    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def _layer(n, k, seed=0):
@@ -59,7 +51,7 @@ def test_equals_the_classic_path(m, k, n, dtype, threshold, monkeypatch):
     q_w, s_w = _layer(n, k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype).to(DEVICE)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, bias, threshold)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
     assert_output_close(single, int8mm.int8_linear(x, q_w, s_w, bias, threshold, backend="reference"))
 
 
@@ -69,14 +61,14 @@ def test_outlier_columns_and_no_bias(outlier_cols, monkeypatch):
                          at_threshold=6.0 if outlier_cols else None, seed=outlier_cols).to(DEVICE)
     q_w, s_w = _layer(40, 300, seed=1)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
 
 
 def test_every_column_an_outlier(monkeypatch):
     x = (planted_outliers(3, 100, torch.float32, n_outlier_cols=0, at_threshold=None) + 100.0).to(DEVICE)
     q_w, s_w = _layer(9, 100)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -87,7 +79,7 @@ def test_non_finite_rows(bad, threshold, monkeypatch):
     x[2, 9] = bad
     q_w, s_w = _layer(12, 130)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, None, threshold)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
     others = torch.arange(5, device=DEVICE) != 2
     assert not torch.isfinite(single[2]).all() and torch.isfinite(single[others]).all()
 
@@ -99,10 +91,10 @@ def test_strided_inputs_and_weight(view, monkeypatch):
     assert x.shape == (16, 123) and not x.is_contiguous()
     q_w, s_w = _layer(20, 123)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
     column_major_weight = q_w.t().contiguous().t()  # K stride N: the launcher makes it unit
-    _decode_path(monkeypatch, "single")
-    _assert_same_output(triton_linear(x, column_major_weight, s_w, None, 6.0), classic)
+    set_decode_path(monkeypatch, "single")
+    assert_same_output(triton_linear(x, column_major_weight, s_w, None, 6.0), classic)
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
@@ -113,7 +105,7 @@ def test_views_spanning_more_than_2_to_31_elements(layout, monkeypatch):
     x = view_beyond_2_31(planted_outliers(m, k, torch.float16, seed=6).to(DEVICE), strides)
     q_w, s_w = _layer(24, k)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
     assert_output_close(single, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
 
 
@@ -124,7 +116,7 @@ def test_every_gpu_tile_shape(config, monkeypatch):
     x = planted_outliers(5, 300, torch.float16, seed=7).to(DEVICE)
     q_w, s_w = _layer(70, 300)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
 
 
 def test_the_split_k_setting_does_not_apply(monkeypatch):
@@ -134,7 +126,7 @@ def test_the_split_k_setting_does_not_apply(monkeypatch):
     x = planted_outliers(2, 256, torch.float16, seed=8).to(DEVICE)
     q_w, s_w = _layer(40, 256)
     single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
-    _assert_same_output(single, classic)
+    assert_same_output(single, classic)
 
 
 def test_one_launch_and_nothing_kept(monkeypatch):
@@ -149,7 +141,7 @@ def test_one_launch_and_nothing_kept(monkeypatch):
     scratch.release()
     x = planted_outliers(3, 200, torch.float16, seed=5).to(DEVICE)
     q_w, s_w = _layer(24, 200)
-    _decode_path(monkeypatch, "single")
+    set_decode_path(monkeypatch, "single")
     got = triton_linear(x, q_w, s_w, None, 6.0)
     assert launches == [_decode_single_kernel] and scratch.kept_bytes() == 0
     assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, backend="reference"))
@@ -159,7 +151,7 @@ def test_prefill_rows_are_not_affected(monkeypatch):
     monkeypatch.setattr(triton_single, "decode_linear", lambda *a, **k: pytest.fail("took the decode kernel"))
     x = planted_outliers(17, 64, torch.float16).to(DEVICE)
     q_w, s_w = _layer(8, 64)
-    _decode_path(monkeypatch, "single")
+    set_decode_path(monkeypatch, "single")
     assert_output_close(triton_linear(x, q_w, s_w, None, 6.0), int8mm.int8_linear(x, q_w, s_w, backend="reference"))
 
 
@@ -172,7 +164,7 @@ def test_gpu_single_equals_classic(m, k, n, monkeypatch):
     for seed in range(3):
         x = planted_outliers(m, k, torch.float16, seed=seed).to(DEVICE)
         single, classic = _both_paths(monkeypatch, x, q_w, s_w, None)
-        _assert_same_output(single, classic)
+        assert_same_output(single, classic)
 
 
 @requires_cuda
@@ -185,12 +177,12 @@ def test_gpu_single_graph_replays_follow_their_inputs(m, monkeypatch):
     inputs.append(planted_outliers(m, k, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE))
     classic = {}
     for i, x in enumerate(inputs):
-        _decode_path(monkeypatch, "classic")
+        set_decode_path(monkeypatch, "classic")
         classic[i] = triton_linear(x, q_w, s_w, None, 6.0)
-    _decode_path(monkeypatch, "single")
+    set_decode_path(monkeypatch, "single")
 
     def check(static_y, x):
         which = next(i for i, candidate in enumerate(inputs) if candidate is x)
-        _assert_same_output(static_y, classic[which])
+        assert_same_output(static_y, classic[which])
 
     replay_over(lambda x: triton_linear(x, q_w, s_w, None, 6.0), inputs, 8, check)

@@ -15,8 +15,8 @@ from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import assert_graphs_and_streams_agree, replay_over, requires_cuda
-from helpers import (DEVICE, OpRecorder, assert_output_close, planted_outliers, random_weight, record_triton_launches,
-                     run_out_of_counters)
+from helpers import (DEVICE, OpRecorder, assert_output_close, assert_same_output, planted_outliers, random_weight,
+                     record_triton_launches, run_out_of_counters, set_setting)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -27,15 +27,10 @@ triton_linear = registry.lookup("triton", "int8_linear")
 H200_SMS = 132
 
 
-def _set(monkeypatch, variable, value):
-    monkeypatch.setenv(variable, value)
-    backends.refresh_from_environment()
-
-
 @pytest.fixture
 def splitk_as_shipped(monkeypatch):
     """INT8MM_DECODE_GEMM=splitk."""
-    _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "splitk")
+    set_setting(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "splitk")
     yield
     monkeypatch.delenv(triton_splitk.DECODE_GEMM_ENV_VAR)
     backends.refresh_from_environment()
@@ -54,15 +49,11 @@ def _activations(m, k, dtype=torch.float16, n_outlier_cols=8, seed=0):
 
 
 def _classic(monkeypatch, *args):
-    _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "classic")
+    set_setting(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "classic")
     try:
         return triton_linear(*args)
     finally:
-        _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "splitk")
-
-
-def _assert_same_output(got, expected):
-    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+        set_setting(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "splitk")
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -76,7 +67,7 @@ def test_equals_the_classic_gemm(m, k, n, dtype, bias, splitk, monkeypatch):
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
     got = triton_linear(x, q_w, s_w, b, 6.0)
-    _assert_same_output(got, _classic(monkeypatch, x, q_w, s_w, b, 6.0))
+    assert_same_output(got, _classic(monkeypatch, x, q_w, s_w, b, 6.0))
     assert_output_close(got, int8mm.int8_linear(x, q_w, s_w, b, backend="reference"))
 
 
@@ -84,7 +75,7 @@ def test_equals_the_classic_gemm(m, k, n, dtype, bias, splitk, monkeypatch):
 def test_without_outliers_and_with_every_column_one(threshold, splitk, monkeypatch):
     q_w, s_w = int8mm.quantize_weight(random_weight(40, 300).to(DEVICE))
     for x in (_activations(5, 300, n_outlier_cols=0), _activations(5, 300, torch.float32) + 100.0):
-        _assert_same_output(triton_linear(x, q_w, s_w, None, threshold),
+        assert_same_output(triton_linear(x, q_w, s_w, None, threshold),
                             _classic(monkeypatch, x, q_w, s_w, None, threshold))
 
 
@@ -98,7 +89,7 @@ def test_calls_in_a_row_leave_the_counters_at_zero(splitk, monkeypatch):
     for m, k, seed in [(1, 300, 0), (5, 1000, 1), (16, 300, 2), (2, 1000, 3), (5, 300, 4)]:
         x = _activations(m, k, seed=seed)
         q_w, s_w = weights[k]
-        _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), _classic(monkeypatch, x, q_w, s_w, None, 6.0))
+        assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), _classic(monkeypatch, x, q_w, s_w, None, 6.0))
         assert not counters.any()
 
 
@@ -116,13 +107,13 @@ def test_slice_sums_content_does_not_matter(splitk, monkeypatch):
         return t.fill_(0x01010101) if t.dtype == torch.int32 else t
 
     monkeypatch.setattr(triton_splitk.torch, "empty", junk)
-    _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), expected)
+    assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), expected)
 
 
 @pytest.mark.parametrize("path", ["classic", "fused"])
 def test_launches_and_no_fills(path, splitk, monkeypatch):
     """With the fused decode path, a call is two kernels (quantization, split-K GEMM) and no fill."""
-    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, path)
+    set_setting(monkeypatch, backends.DECODE_PATH_ENV_VAR, path)
     x = _activations(5, 300)
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
     expected = triton_linear(x, q_w, s_w, None, 6.0)  # counters allocated, kernels compiled
@@ -130,7 +121,7 @@ def test_launches_and_no_fills(path, splitk, monkeypatch):
     launches = record_triton_launches(monkeypatch, (triton_backend, triton_decode, triton_splitk), recorder)
     with recorder:
         got = triton_linear(x, q_w, s_w, None, 6.0)
-    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
+    set_setting(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
     names = [name for name, _ in launches]
     assert names[-1] == "int8_gemm_splitk_kernel", names
     split, _ = triton_splitk.split_schedule(70, 300, triton_backend._multiprocessors(DEVICE))
@@ -138,7 +129,7 @@ def test_launches_and_no_fills(path, splitk, monkeypatch):
     if path == "fused":
         assert names == ["decode_quantize_kernel", "int8_gemm_splitk_kernel"]
         assert "aten.zeros.default" not in recorder.ops and "aten.fill_.Scalar" not in recorder.ops, recorder.ops
-    _assert_same_output(got, expected)
+    assert_same_output(got, expected)
 
 
 def test_layers_with_enough_tiles_take_the_classic_kernel(splitk, monkeypatch):
@@ -177,7 +168,7 @@ def test_prefill_and_int8_matmul_keep_their_kernels(splitk, monkeypatch):
 def test_opcheck_and_torch_compile(splitk, monkeypatch):
     """What torch.compile, export and opcheck see is the op: with split-K (and the fused quantization) behind it,
     its schema, fake kernel and output must still hold."""
-    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "fused")
+    set_setting(monkeypatch, backends.DECODE_PATH_ENV_VAR, "fused")
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
     bias = torch.randn(70, device=DEVICE)
     x = _activations(5, 300, torch.float32)
@@ -189,8 +180,8 @@ def test_opcheck_and_torch_compile(splitk, monkeypatch):
 
     compiled = torch.compile(layer, fullgraph=True)
     expected = _classic(monkeypatch, x, q_w, s_w, bias, 6.0).relu()
-    _assert_same_output(compiled(x), expected)
-    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
+    assert_same_output(compiled(x), expected)
+    set_setting(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
 
 
 def test_counters_of_several_lengths_never_overlap():
@@ -222,12 +213,12 @@ def test_programmatic_launch_only_on_hopper_and_newer(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     backends.refresh_from_environment()
     assert [backends.programmatic_launch(d) for d in (*capabilities, torch.device("cpu"))] == [True, False, False]
-    _set(monkeypatch, "TRITON_INTERPRET", "1")  # the interpreter cannot run griddepcontrol, even on CUDA tensors
+    set_setting(monkeypatch, "TRITON_INTERPRET", "1")  # the interpreter cannot run griddepcontrol, even on CUDA tensors
     assert not backends.programmatic_launch(torch.device("cuda", 0))
-    _set(monkeypatch, "TRITON_INTERPRET", "0")
-    _set(monkeypatch, backends.PDL_ENV_VAR, "0")
+    set_setting(monkeypatch, "TRITON_INTERPRET", "0")
+    set_setting(monkeypatch, backends.PDL_ENV_VAR, "0")
     assert not backends.programmatic_launch(torch.device("cuda", 0))
-    _set(monkeypatch, backends.PDL_ENV_VAR, "yes")
+    set_setting(monkeypatch, backends.PDL_ENV_VAR, "yes")
     with pytest.raises(ValueError, match=r"INT8MM_PDL must be one of '0', '1', got 'yes'"):
         backends.programmatic_launch(torch.device("cuda", 0))
     monkeypatch.undo()  # TRITON_INTERPRET and INT8MM_PDL as they were
@@ -238,7 +229,7 @@ def test_programmatic_launch_only_on_hopper_and_newer(monkeypatch):
 def test_the_launch_asks_for_pdl_where_it_runs(pdl, splitk, monkeypatch):
     """Where PDL runs, the split-K GEMM is launched with it and waits for the grid before it; the fused
     quantization lets it start (the launches are recorded, not run: the interpreter has no griddepcontrol)."""
-    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "fused")
+    set_setting(monkeypatch, backends.DECODE_PATH_ENV_VAR, "fused")
     for module in (triton_splitk, triton_decode):
         monkeypatch.setattr(module, "programmatic_launch", lambda device: pdl)
     launched = {}
@@ -257,7 +248,7 @@ def test_the_launch_asks_for_pdl_where_it_runs(pdl, splitk, monkeypatch):
     monkeypatch.setattr(triton_decode, "_decode_quantize_kernel", Recorded("quantize"))
     q_w, s_w = int8mm.quantize_weight(random_weight(70, 300).to(DEVICE))
     triton_linear(_activations(5, 300), q_w, s_w, None, 6.0)
-    _set(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
+    set_setting(monkeypatch, backends.DECODE_PATH_ENV_VAR, "classic")
     assert launched["quantize"]["LAUNCH_DEPENDENTS"] is pdl
     gemm = launched["gemm"]
     assert (gemm.get("WAIT_FOR_PRIOR_GRID", False), gemm.get("launch_pdl", False)) == (pdl, pdl)
@@ -288,7 +279,7 @@ def test_decode_gemm_variable(monkeypatch):
     monkeypatch.delenv(triton_splitk.DECODE_GEMM_ENV_VAR, raising=False)
     backends.refresh_from_environment()
     assert triton_splitk.decode_gemm() == "classic"  # the default: split-K measured slower on the H200
-    _set(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "stream-k")
+    set_setting(monkeypatch, triton_splitk.DECODE_GEMM_ENV_VAR, "stream-k")
     with pytest.raises(ValueError, match=r"INT8MM_DECODE_GEMM must be one of 'classic', 'splitk', got 'stream-k'"):
         triton_splitk.decode_gemm()
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
@@ -310,7 +301,7 @@ def test_gpu_equals_classic_on_llama_layers(m, k, n, splitk_as_shipped, monkeypa
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
     for seed in range(3):
         x = _activations(m, k, seed=seed)
-        _assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), _classic(monkeypatch, x, q_w, s_w, None, 6.0))
+        assert_same_output(triton_linear(x, q_w, s_w, None, 6.0), _classic(monkeypatch, x, q_w, s_w, None, 6.0))
 
 
 @requires_cuda
@@ -322,7 +313,7 @@ def test_gpu_graph_replays_follow_their_inputs(m, splitk_as_shipped, monkeypatch
     inputs = [_activations(m, k, seed=s) for s in range(3)]
     inputs.append(planted_outliers(m, k, torch.float16, n_outlier_cols=0, at_threshold=None).to(DEVICE))
     replay_over(lambda x: triton_linear(x, q_w, s_w, None, 6.0), inputs, 8,
-                lambda static_y, x: _assert_same_output(static_y, _classic(monkeypatch, x, q_w, s_w, None, 6.0)))
+                lambda static_y, x: assert_same_output(static_y, _classic(monkeypatch, x, q_w, s_w, None, 6.0)))
 
 
 @requires_cuda
