@@ -202,11 +202,15 @@ def _label(provider: str, config: ModelSuiteConfig) -> str:
     return {"float": "float", "bnb": f"bnb Linear8bitLt t={t}", "int8mm": f"int8mm t={t}"}[provider]
 
 
+def _decode_figure(row: dict) -> str:
+    """Decode tokens/s as the reports print it ("-" where the run gave no figure)."""
+    return "-" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:.1f}"
+
+
 def _row_line(row: dict) -> str:
-    decode = "-" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:.1f}"
     peak = "" if row["peak_bytes"] is None else f", peak {format_rate(row['peak_bytes'], 'B')}"
     return (f"{row['provider']} {row['mode']} batch {row['batch']}: prefill {row['prefill_ms']:.1f} ms, "
-            f"decode {decode} tokens/s{peak}")
+            f"decode {_decode_figure(row)} tokens/s{peak}")
 
 
 def model_markdown(result: dict) -> str:
@@ -223,8 +227,7 @@ def model_markdown(result: dict) -> str:
     body = []
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else format_rate(r["peak_bytes"], "B")
-        decode = "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}"
-        body.append([r["provider"], r["mode"], str(r["batch"]), f"{r['prefill_ms']:.1f} ms", decode,
+        body.append([r["provider"], r["mode"], str(r["batch"]), f"{r['prefill_ms']:.1f} ms", _decode_figure(r),
                      format_rate(r["weights_bytes"], "B"), peak])
     header = ["provider", "mode", "batch", "prefill", "decode tokens/s", "weights", "peak GPU memory"]
     lines += markdown_table(header, body)
