@@ -2,8 +2,9 @@
 
 For fp16 x of [M, K] with planted outlier columns, under CUDA graphs over rotating inputs (so that L2 does not
 hold the next input): a copy ``torch.empty_like(x).copy_(x)`` (the ceiling), the Triton backend's "classic"
-pass (stats kernel, then quantize kernel) and its "rowwise" pass (INT8MM_PREFILL_QUANT), each timed as the
-fused forward runs it (stats-buffer fill included). Both passes' outputs are checked equal on every shape.
+pass (stats kernel, then quantize kernel) and its passes that own whole rows, "rowwise" and "resident"
+(INT8MM_PREFILL_QUANT), each timed as the fused forward runs it (buffer fill included). All passes' outputs are
+checked equal on every shape.
 
     effective rate  = (M*K*elem bytes of x read once + M*K bytes of int8 written) / time
     copy rate       = 2*M*K*elem bytes (read + written) / time of the copy
@@ -20,7 +21,7 @@ import os
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SCHEMES = ("classic", "rowwise")
+SCHEMES = ("classic", "rowwise", "resident")  # int8mm.backends.triton_prefill_quant.PREFILL_QUANT_SCHEMES
 # inputs rotate through at least this many bytes (several times an H100/H200 L2 of 50 MB)
 ROTATION_BYTES = 256 * 1024**2
 MAX_ROTATIONS = 32
@@ -48,7 +49,7 @@ def rotations_for(x_bytes: int) -> int:
 
 
 def check_equal(outputs: dict[str, tuple], x: torch.Tensor, threshold: float, with_reference: bool) -> bool:
-    """Both schemes give the same q_x, s_x (NaN alike), count and outlier columns (and the reference's)."""
+    """All schemes give the same q_x, s_x (NaN alike), count and outlier columns (and the reference's)."""
     from int8mm.backends.reference import quantize_activations_op
 
     results = list(outputs.values())
@@ -119,11 +120,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "2*M*K*elem bytes / time of `torch.empty_like(x).copy_(x)`; fraction of copy = effective rate / copy "
              "rate, same shape, same run",
              "- each pass as the fused forward runs it: classic = stats-buffer fill + stats + quantize kernels; "
-             "rowwise = flag-buffer fill + rowwise + outlier-columns kernels", ""]
+             "rowwise and resident = column-bits fill + row kernel + outlier-columns kernel", ""]
     header = ["M", "K", "copy", "copy rate"]
     for scheme in SCHEMES:
         header += [f"{scheme}", f"{scheme} rate", f"{scheme} fraction of copy"]
-    header += ["rowwise speed-up", "outputs equal"]
+    header += [f"{scheme} speed-up" for scheme in SCHEMES[1:]] + ["outputs equal"]
     body = []
     by_shape: dict[tuple, dict] = {}
     for r in rows:
@@ -133,7 +134,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         for scheme in SCHEMES:
             c = cells[scheme]
             line += [f"{c['us']:.1f} us", format_rate(c["bytes_per_s"], "B/s"), f"{c['fraction_of_copy']:.2f}"]
-        line += [f"{cells['classic']['us'] / cells['rowwise']['us']:.2f}x", str(cells["rowwise"]["equal"])]
+        line += [f"{cells['classic']['us'] / cells[scheme]['us']:.2f}x" for scheme in SCHEMES[1:]]
+        line.append(str(cells["classic"]["equal"]))
         body.append(line)
     return "\n".join(lines + markdown_table(header, body)) + "\n"
 
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
     print(text)
     print("wrote", ", ".join(str(p) for p in paths.values()))
     if not all(r["equal"] for r in rows if r["equal"] is not None):
-        raise SystemExit("the classic and rowwise passes gave different outputs (see the table)")
+        raise SystemExit(f"the {', '.join(SCHEMES)} passes gave different outputs (see the table)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Reads what the candidate benchmarks wrote into DIR (any that is missing keeps its default):
 - ``decode_bench.json`` (benchmarks/bench_decode.py): ``INT8MM_DECODE_PATH`` classic or fused, and
   ``INT8MM_DECODE_GEMM`` classic or splitk (split-K with the fused quantization against the fused path alone);
-- ``quantize_pass.json`` (benchmarks/bench_quantize_pass.py): ``INT8MM_PREFILL_QUANT`` classic or rowwise;
+- ``quantize_pass.json`` (benchmarks/bench_quantize_pass.py): ``INT8MM_PREFILL_QUANT`` classic, rowwise or
+  resident;
 - ``prefill_gemm.json`` (benchmarks/bench_prefill_gemm.py): ``INT8MM_PREFILL_GEMM`` classic or persistent.
 
 A candidate wins only if its outputs agreed with the classic path's in every row the benchmark checked and its
@@ -89,14 +90,27 @@ def choose_decode_gemm(rows):
 
 
 def choose_prefill_quant(rows):
+    """The pass that owns whole rows ("rowwise" or "resident") with the larger geomean gain over classic, if it
+    agreed with classic everywhere and gained at least MIN_GAIN. A file without resident rows (older runs) decides on
+    rowwise."""
     if not rows:
         return None, "no quantize_pass.json"
-    if any(r["provider"] == "rowwise" and r["equal"] is not True for r in rows):
-        return None, "prefill quantization: rowwise disagreed with classic in some row: kept classic"
-    gain = geomean(_speedups(rows, ("m", "k", "dtype"), "us", "provider", "classic", "rowwise"))
-    if gain is None:
-        return None, "prefill quantization: no cell with both passes"
-    return ("rowwise" if gain >= MIN_GAIN else None), f"prefill quantization: rowwise vs classic geomean {gain:.3f}x"
+    reasons, winners = [], []
+    for scheme in ("rowwise", "resident"):
+        if not any(r["provider"] == scheme for r in rows):
+            continue
+        if any(r["provider"] == scheme and r["equal"] is not True for r in rows):
+            reasons.append(f"{scheme} disagreed with classic in some row")
+            continue
+        gain = geomean(_speedups(rows, ("m", "k", "dtype"), "us", "provider", "classic", scheme))
+        if gain is None:
+            reasons.append(f"no cell with both classic and {scheme}")
+            continue
+        reasons.append(f"{scheme} vs classic geomean {gain:.3f}x")
+        if gain >= MIN_GAIN:
+            winners.append((gain, scheme))
+    why = "prefill quantization: " + ("; ".join(reasons) or "no candidate rows")
+    return (max(winners)[1] if winners else None), why
 
 
 def choose_prefill_gemm(rows):

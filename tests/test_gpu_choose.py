@@ -35,10 +35,13 @@ def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True, splitk
     return rows
 
 
-def _quant_rows(rowwise_us, equal=True):
-    return [{"m": 2048, "k": 4096, "dtype": "fp16", "provider": "copy", "us": 8.0, "equal": None},
-            {"m": 2048, "k": 4096, "dtype": "fp16", "provider": "classic", "us": 30.0, "equal": True},
-            {"m": 2048, "k": 4096, "dtype": "fp16", "provider": "rowwise", "us": rowwise_us, "equal": equal}]
+def _quant_rows(rowwise_us, equal=True, resident_us=None):
+    cell = {"m": 2048, "k": 4096, "dtype": "fp16"}
+    rows = [dict(cell, provider="copy", us=8.0, equal=None), dict(cell, provider="classic", us=30.0, equal=True),
+            dict(cell, provider="rowwise", us=rowwise_us, equal=equal)]
+    if resident_us is not None:  # runs before the resident scheme have no such rows
+        rows.append(dict(cell, provider="resident", us=resident_us, equal=equal))
+    return rows
 
 
 def _gemm_rows(persistent_us, matches=True):
@@ -61,6 +64,22 @@ def test_faster_and_agreeing_candidates_are_chosen(choose, tmp_path):
                       "INT8MM_PREFILL_GEMM": "persistent"}
     assert len(reasons) == 4 and "1.250x" in reasons[0]
     assert "no 'int8mm fused+splitk' rows" in reasons[1]
+
+
+@pytest.mark.parametrize("rowwise_us,resident_us,expected", [
+    (15.0, 10.0, "resident"), (10.0, 15.0, "rowwise"), (31.0, 29.9, None), (29.0, 31.0, "rowwise")])
+def test_the_faster_row_scheme_is_chosen(choose, tmp_path, rowwise_us, resident_us, expected):
+    """Of rowwise and resident, the one with the larger gain over classic (30 us), if it gains at least 2%."""
+    chosen, reasons = choose.choices(_write(tmp_path, quant=_quant_rows(rowwise_us, resident_us=resident_us)))
+    assert chosen.get("INT8MM_PREFILL_QUANT") == expected
+    assert "rowwise vs classic" in reasons[2] and "resident vs classic" in reasons[2]
+
+
+def test_a_row_scheme_that_disagreed_is_never_chosen(choose, tmp_path):
+    rows = _quant_rows(15.0, resident_us=10.0)
+    rows[-1]["equal"] = False
+    chosen, reasons = choose.choices(_write(tmp_path, quant=rows))
+    assert chosen == {"INT8MM_PREFILL_QUANT": "rowwise"} and "resident disagreed" in reasons[2]
 
 
 def test_the_split_k_gemm_is_judged_against_the_fused_path(choose, tmp_path):
@@ -121,7 +140,7 @@ def test_the_field_names_are_the_benchmarks_own(choose):
 
     assert {"int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm single", "graph", "eager",
             "matches_classic"} <= strings("bench_decode.py")
-    assert {"classic", "rowwise", "equal", "us"} <= strings("bench_quantize_pass.py")
+    assert {"classic", "rowwise", "resident", "equal", "us"} <= strings("bench_quantize_pass.py")
     prefill = strings("bench_prefill_gemm.py")
     assert {"matches_classic", "persistent_unsupported", "median_us"} <= prefill
     assert {"classic", "persistent"} <= prefill

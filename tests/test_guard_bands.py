@@ -89,8 +89,8 @@ def _backend_modules(backend: str) -> list:
     """The modules whose allocations a backend's kernels write into."""
     from int8mm.backends import scratch  # allocates the intermediates of decode calls (fresh: each part apart)
     if backend == "triton":
-        from int8mm.backends import triton, triton_decode, triton_prefill, triton_splitk
-        return [triton, triton_decode, triton_prefill, triton_splitk, scratch]
+        from int8mm.backends import triton, triton_decode, triton_prefill, triton_prefill_quant, triton_splitk
+        return [triton, triton_decode, triton_prefill, triton_prefill_quant, triton_splitk, scratch]
     if backend == "cpu":
         from int8mm.backends import cpu
         return [cpu]
@@ -115,6 +115,7 @@ SCHEDULES = [
     ("triton", {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"}),
     ("triton", {"INT8MM_DECODE_GEMM": "splitk"}),
     ("triton", {"INT8MM_PREFILL_QUANT": "rowwise"}),
+    ("triton", {"INT8MM_PREFILL_QUANT": "resident"}),
     ("triton", {"INT8MM_PREFILL_GEMM": "persistent"}),
     pytest.param(("cuda", {}), marks=requires_cuda),
 ]

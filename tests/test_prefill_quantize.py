@@ -1,10 +1,11 @@
-"""The Triton prefill quantization pass "rowwise" (INT8MM_PREFILL_QUANT=rowwise) against the reference backend.
+"""The Triton prefill quantization passes that own whole rows, "rowwise" and "resident" (INT8MM_PREFILL_QUANT),
+against the reference backend.
 
 Every output must equal the reference's bit for bit: int8 values, fp32 row scales (NaN where the reference has
 NaN), the whole outlier-column buffer (ascending, compact, tail cleared) and the count. Without a GPU the
 kernels run on CPU tensors through Triton's interpreter (conftest.py); the interpreter's "GPU" has 4 SMs and a
-1 MiB L2 (int8mm.backends.triton), so every case below runs persistent programs over several rows each, and
-M = 300 spans two row ranges of the outlier-column pass.
+1 MiB L2 (int8mm.backends.triton_launch, triton_prefill_quant), so every rowwise case below runs persistent
+programs over several rows each, and M = 300 spans two row ranges of the outlier-column pass.
 """
 import math
 import os
@@ -20,7 +21,7 @@ from int8mm.backends.reference import quantize_activations_op as reference_quant
 from helpers import DEVICE, OpRecorder, planted_outliers, random_weight, view_beyond_2_31
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-from int8mm.backends import triton as triton_backend  # noqa: E402
+from int8mm.backends import triton_launch, triton_prefill_quant  # noqa: E402
 
 # M = 300 takes 3-6 s per case under the interpreter (one row per program step): marked slow
 PREFILL_M = [17, 64, 100, pytest.param(300, marks=pytest.mark.slow)]
@@ -32,17 +33,22 @@ BENCH_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", 
 def scheme(monkeypatch):
     """Sets INT8MM_PREFILL_QUANT for the test (the backend reads it once; it is read again around the test)."""
     def choose(name):
-        monkeypatch.setenv(triton_backend.PREFILL_QUANT_ENV_VAR, name)
+        monkeypatch.setenv(triton_prefill_quant.PREFILL_QUANT_ENV_VAR, name)
         refresh_from_environment()
 
     yield choose
-    monkeypatch.delenv(triton_backend.PREFILL_QUANT_ENV_VAR, raising=False)
+    monkeypatch.delenv(triton_prefill_quant.PREFILL_QUANT_ENV_VAR, raising=False)
     refresh_from_environment()
 
 
-@pytest.fixture
-def rowwise(scheme):
-    scheme("rowwise")
+ROW_SCHEMES = ["rowwise", "resident"]
+
+
+@pytest.fixture(params=ROW_SCHEMES)
+def row_scheme(request, scheme):
+    """Each test that takes it runs once per scheme that owns whole rows."""
+    scheme(request.param)
+    return request.param
 
 
 def _activations(m, k, dtype=torch.float16, **kwargs):
@@ -68,7 +74,7 @@ def assert_same_quantization(x, threshold):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 123, 2049])
 @pytest.mark.parametrize("m", PREFILL_M)
-def test_rowwise_matches_reference(m, k, dtype, rowwise):
+def test_matches_reference(m, k, dtype, row_scheme):
     """Ragged shapes: K below one tile, and one column past a whole tile (the last tile holds one column);
     planted outlier columns, two values exactly at +-threshold, an all-zero row."""
     assert_same_quantization(_activations(m, k, dtype), 6.0)
@@ -76,7 +82,7 @@ def test_rowwise_matches_reference(m, k, dtype, rowwise):
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0, 1e9])
 @pytest.mark.parametrize("m", PREFILL_M)
-def test_thresholds(m, threshold, rowwise):
+def test_thresholds(m, threshold, row_scheme):
     """0 disables decomposition (plain row absmax, no outlier columns); 1e9 finds none."""
     q, _, _, count = assert_same_quantization(_activations(m, 499), threshold)
     if threshold != 6.0:
@@ -88,7 +94,7 @@ def test_thresholds(m, threshold, rowwise):
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("m", PREFILL_M)
-def test_non_finite_rows(m, bad, threshold, rowwise):
+def test_non_finite_rows(m, bad, threshold, row_scheme):
     """A NaN row gets a NaN scale and int8 zeros; +-Inf is an outlier at threshold 6 and makes the scale Inf
     (and the row zero) at threshold 0. The other rows are untouched, outliers in a NaN row still count."""
     x = _activations(m, 300, torch.float32)
@@ -101,7 +107,7 @@ def test_non_finite_rows(m, bad, threshold, rowwise):
 
 
 @pytest.mark.parametrize("m", PREFILL_M)
-def test_outlier_columns_across_blocks_and_row_ranges(m, rowwise):
+def test_outlier_columns_across_blocks_and_row_ranges(m, row_scheme):
     """Outliers in several 2048-column blocks (the last one partial), some in a single row only: the list
     is assembled from every block in ascending order and each column is zeroed in every row."""
     k = 4100
@@ -114,7 +120,7 @@ def test_outlier_columns_across_blocks_and_row_ranges(m, rowwise):
     assert cols[: int(count)].tolist() == sorted(planted + [2100])
 
 
-def test_every_column_an_outlier(rowwise):
+def test_every_column_an_outlier(row_scheme):
     """count == K: the list spans two column blocks and many chunks of the zeroing loop."""
     x = _activations(40, 2100, torch.float32) + 100.0
     q, _, cols, count = assert_same_quantization(x, 6.0)
@@ -123,7 +129,7 @@ def test_every_column_an_outlier(rowwise):
 
 @pytest.mark.parametrize("layout", ["column-major", "padded rows"])
 @pytest.mark.parametrize("m", [17, 100])
-def test_strided_inputs(m, layout, rowwise):
+def test_strided_inputs(m, layout, row_scheme):
     base = _activations(m, 300, torch.bfloat16)
     if layout == "column-major":
         x = base.t().contiguous().t()
@@ -135,7 +141,7 @@ def test_strided_inputs(m, layout, rowwise):
 
 
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_views_spanning_more_than_2_to_31_elements(layout, rowwise):
+def test_views_spanning_more_than_2_to_31_elements(layout, row_scheme):
     """Element offsets beyond 2^31 must not wrap: x is a view whose last row, or last column, lies more than
     2^31 elements into its storage (only the viewed elements are written: address space, not memory)."""
     m, k, strides = (17, 64, (2**27 + 64, 1)) if layout == "rows" else (17, 34, (1, 2**26))
@@ -145,47 +151,88 @@ def test_views_spanning_more_than_2_to_31_elements(layout, rowwise):
 
 
 @pytest.mark.parametrize("m", [17, 101])
-def test_two_rows_per_program(m, rowwise, monkeypatch):
-    """The kernel takes BLOCK_M rows at a time (the launcher picks 1 today); an odd M leaves a half block.
+def test_two_rows_per_program(m, scheme, monkeypatch):
+    """The rowwise kernel takes BLOCK_M rows at a time (the launcher picks 1 today); an odd M leaves a half block.
     The schedule is pinned to 4 SMs and 2 rows per SM so that it picks 2-row blocks on any device."""
-    monkeypatch.setattr(triton_backend, "ROWWISE_MAX_BLOCK_M", 2)
-    monkeypatch.setattr(triton_backend, "ROWWISE_ROWS_PER_SM", 2)
-    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 4)
+    scheme("rowwise")
+    monkeypatch.setattr(triton_prefill_quant, "ROWWISE_MAX_BLOCK_M", 2)
+    monkeypatch.setattr(triton_prefill_quant, "ROWWISE_ROWS_PER_SM", 2)
+    monkeypatch.setattr(triton_prefill_quant, "multiprocessors", lambda device: 4)
     x = _activations(m, 499)
-    assert triton_backend._rowwise_schedule(x)[0] == 2
+    assert triton_prefill_quant.rowwise_schedule(x)[0] == 2
     assert_same_quantization(x, 6.0)
 
 
+@pytest.mark.parametrize("k", [300, 499, 2049])
+def test_resident_rows_longer_than_a_tile(k, scheme, monkeypatch):
+    """Rows longer than RESIDENT_TILE_MAX are swept twice (here 64-column steps, the first sweep in two slices of
+    32: several steps, the last one partial), with NaN and outlier rows as in the other tests."""
+    scheme("resident")
+    monkeypatch.setattr(triton_prefill_quant, "RESIDENT_TILE_MAX", 128)
+    monkeypatch.setattr(triton_prefill_quant, "RESIDENT_SWEEP_TILE", 64)
+    assert not triton_prefill_quant.resident_options(k)["ROW_IN_REGISTERS"]
+    x = _activations(40, k, torch.float32)
+    x[3, k - 1] = math.nan
+    assert_same_quantization(x, 6.0)
+
+
+def test_resident_options():
+    """A whole row per tile up to RESIDENT_TILE_MAX columns, about 32 columns per thread, then two sweeps."""
+    got = {k: triton_prefill_quant.resident_options(k) for k in (1, 17, 4096, 8192, 14336, 16384, 28672)}
+    assert [got[k]["BLOCK_K"] for k in got] == [32, 32, 4096, 8192, 16384, 16384, 8192]
+    assert [got[k]["num_warps"] for k in got] == [1, 1, 4, 8, 16, 16, 16]
+    assert [got[k]["ROW_IN_REGISTERS"] for k in got] == [True, True, True, True, True, True, False]
+
+
+@pytest.mark.parametrize("count_tile", [1, 4, 16])
+def test_outlier_list_counted_across_many_blocks(count_tile, row_scheme, monkeypatch):
+    """Column blocks of 128 columns (4 words of bits) counted 1, 4 or 16 words at a time (a count tile smaller than
+    a block, equal to one, and larger than several): each block's slice of the list starts after every bit before
+    it, across 20 blocks, some empty, with a column at a word's and a block's first and last bit somewhere, and one
+    word whose top bit (the int32 sign) is set."""
+    monkeypatch.setattr(triton_prefill_quant, "OUTLIER_BLOCK_K", 128)
+    monkeypatch.setattr(triton_prefill_quant, "OUTLIER_COUNT_TILE", count_tile)
+    m, k = 20, 128 * 20 - 3
+    x = _activations(m, k, n_outlier_cols=0, at_threshold=None)
+    planted = sorted({0, 31, 32, 62, 63, 127, 128, 129, 640, 641, 1000, 1983, 1984, 2047, 2500, k - 1})
+    for i, col in enumerate(planted):
+        x[i % m, col] = (-1) ** i * (7.0 + i)
+    _, _, cols, count = assert_same_quantization(x, 6.0)
+    assert cols[: int(count)].tolist() == planted
+
+
 def test_fused_forward_is_the_same(scheme):
-    """int8_linear over the rowwise pass gives exactly what it gives over the classic pass."""
+    """int8_linear over each scheme that owns whole rows gives exactly what it gives over the classic pass."""
     x = _activations(100, 499)
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 499).to(DEVICE))
     linear = registry.lookup("triton", "int8_linear")
     scheme("classic")
     classic = linear(x, q_w, s_w, None, 6.0)
-    scheme("rowwise")
-    assert torch.equal(linear(x, q_w, s_w, None, 6.0), classic)
+    for name in ROW_SCHEMES:
+        scheme(name)
+        assert torch.equal(linear(x, q_w, s_w, None, 6.0), classic), name
 
 
-def test_rowwise_serves_prefill_only(scheme, monkeypatch):
+def test_row_schemes_serve_prefill_only(scheme, monkeypatch):
     """Decode (M <= 16) keeps the classic kernels whatever the variable says; prefill follows it."""
     launched = []
 
-    def record(*args):
-        launched.append(args[0].shape[0])
+    def record(x, threshold, name, *outputs):
+        launched.append((x.shape[0], name))
 
-    monkeypatch.setattr(triton_backend, "_quantize_rowwise", record)
-    scheme("rowwise")
-    for m in (1, 16, 17):
-        _triton_quantize(_activations(m, 64), 6.0)
+    monkeypatch.setattr(triton_prefill_quant, "quantize_rows", record)
+    for name in ROW_SCHEMES:
+        scheme(name)
+        for m in (1, 16, 17):
+            _triton_quantize(_activations(m, 64), 6.0)
     scheme("classic")
     _triton_quantize(_activations(64, 64), 6.0)
-    assert launched == [17]
+    assert launched == [(17, "rowwise"), (17, "resident")]
 
 
-def test_forward_fills_only_the_flag_buffer(rowwise):
-    """A prefill forward launches one fill (column flags + block counts), the rowwise pass, the outlier-column
-    pass and the GEMM; the passes write every row scale and the count themselves."""
+def test_forward_fills_only_the_flag_buffer(row_scheme):
+    """A prefill forward launches one fill (the column flags), the row pass, the outlier-column pass and the GEMM;
+    the passes write every row scale and the count themselves."""
     x = _activations(40, 96)
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
     with OpRecorder() as counter:
@@ -196,31 +243,34 @@ def test_forward_fills_only_the_flag_buffer(rowwise):
 @pytest.mark.parametrize("value", ["fast", "", "ROWWISE"])
 def test_unknown_scheme_is_an_error(value, scheme):
     scheme(value)
-    with pytest.raises(ValueError, match=rf"INT8MM_PREFILL_QUANT must be one of 'classic', 'rowwise', got '{value}'"):
+    expected = rf"INT8MM_PREFILL_QUANT must be one of 'classic', 'rowwise', 'resident', got '{value}'"
+    with pytest.raises(ValueError, match=expected):
         _triton_quantize(_activations(17, 64), 6.0)
 
 
 def test_default_is_classic(scheme, monkeypatch):
-    monkeypatch.delenv(triton_backend.PREFILL_QUANT_ENV_VAR, raising=False)
+    monkeypatch.delenv(triton_prefill_quant.PREFILL_QUANT_ENV_VAR, raising=False)
     refresh_from_environment()
-    assert triton_backend.prefill_quant_scheme() == "classic"
+    assert triton_prefill_quant.prefill_quant_scheme() == "classic"
 
 
 def test_refresh_from_environment_reads_the_scheme_again(scheme, monkeypatch):
     scheme("classic")
-    assert triton_backend.prefill_quant_scheme() == "classic"
-    monkeypatch.setenv(triton_backend.PREFILL_QUANT_ENV_VAR, "rowwise")
-    assert triton_backend.prefill_quant_scheme() == "classic"  # read once
+    assert triton_prefill_quant.prefill_quant_scheme() == "classic"
+    monkeypatch.setenv(triton_prefill_quant.PREFILL_QUANT_ENV_VAR, "rowwise")
+    assert triton_prefill_quant.prefill_quant_scheme() == "classic"  # read once
     refresh_from_environment()
-    assert triton_backend.prefill_quant_scheme() == "rowwise"
+    assert triton_prefill_quant.prefill_quant_scheme() == "rowwise"
 
 
 def test_benchmark_dry_run(tmp_path):
-    """benchmarks/bench_quantize_pass.py --dry-run: tiny shapes, CPU tensors through the interpreter; both
-    passes are checked against each other, and the JSON and markdown land under --out."""
+    """benchmarks/bench_quantize_pass.py --dry-run: tiny shapes, CPU tensors through the interpreter; every scheme
+    is timed and checked against the others, and the JSON and markdown land under --out."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, BENCH_SCRIPT, "--dry-run", "--out", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "quantize_pass.json").is_file() and (tmp_path / "quantize_pass.md").is_file()
-    assert "fraction of copy" in (tmp_path / "quantize_pass.md").read_text()
+    table = (tmp_path / "quantize_pass.md").read_text()
+    assert "fraction of copy" in table
+    assert all(f"{name} speed-up" in table for name in triton_prefill_quant.PREFILL_QUANT_SCHEMES[1:])

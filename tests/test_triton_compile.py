@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("triton", reason="needs the triton package")
 
 from int8mm.backends import triton as triton_backend  # noqa: E402
-from int8mm.backends import triton_prefill, triton_single, triton_splitk  # noqa: E402
+from int8mm.backends import triton_prefill, triton_prefill_quant, triton_single, triton_splitk  # noqa: E402
+from int8mm.backends.triton_launch import round_up  # noqa: E402
 from helpers import compiling_process_environment  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the module fixture compiles every config ahead of time
@@ -22,6 +23,7 @@ HOPPER_SHARED_MEMORY = 227 * 1024  # per block
 HOPPER_SHARED_MEMORY_PER_SM = 228 * 1024  # per SM, of which the driver reserves 1 KiB per resident block
 RESERVED_PER_BLOCK = 1024
 MAX_REGISTERS = 255
+REGISTERS_PER_SM = 64 * 1024  # sm_80 and sm_90, allocated to a thread in multiples of 8
 PREFILL = triton_backend.PREFILL_CONFIGS
 DECODE = triton_backend.DECODE_CONFIGS
 PERSISTENT = triton_prefill.PERSISTENT_CONFIGS
@@ -118,23 +120,54 @@ def test_persistent_resources_are_reported(report, capsys):
     assert report["persistent"]
 
 
+def _check_row_pass(got):
+    """What both prefill row schemes must compile to: an IEEE division per row, rounding half to even in the
+    conversion to int (cvt.rni), 16-byte loads of x, no spills, and column bits set without a reply."""
+    assert got["div_rn"] and not got["div_approx"], "row reciprocal must be an IEEE division"
+    assert got["rint_to_int"], "rounding must be half-to-even (cvt.rni)"
+    assert got["load_16_bytes"], "x is not read with 16-byte loads"
+    assert not got["spills"], "registers spill to local memory"
+    if got["stack_bytes"] is not None:  # cuobjdump ships with triton; the SASS spills are what counts
+        assert got["stack_bytes"] == 0 and got["local_bytes"] == 0, (got["stack_bytes"], got["local_bytes"])
+        assert got["bits_by_reduction"] and not got["atomics_with_reply"], "column bits must be set by RED(G)"
+
+
 @pytest.mark.parametrize("x_type", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("block_m", [1, 2])
+@pytest.mark.parametrize("block_m", [1 << i for i in range(triton_prefill_quant.ROWWISE_MAX_BLOCK_M.bit_length())])
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_rowwise_prefill_quantize_kernels(report, arch, block_m, x_type):
-    """The prefill "rowwise" pass (INT8MM_PREFILL_QUANT=rowwise): an IEEE division per row, rounding half to
-    even in the conversion to int (cvt.rni), 16-byte loads of x, and registers that leave room for several
-    programs per SM (the launcher's schedule assumes 6 at BLOCK_M = 1)."""
+    """The prefill "rowwise" pass (INT8MM_PREFILL_QUANT=rowwise), with registers that leave room for the programs
+    per SM that the launcher's schedule assumes (ROWWISE_ROWS_PER_SM at BLOCK_M = 1)."""
     got = report["rowwise"][f"{arch}/bm{block_m}/{x_type}"]
-    quantize, columns = got["quantize"], got["outlier_columns"]
-    assert quantize["div_rn"] and not quantize["div_approx"], "row reciprocal must be an IEEE division"
-    assert quantize["rint_to_int"], "rounding must be half-to-even (cvt.rni)"
-    assert quantize["load_16_bytes"], "x is not read with 16-byte loads"
-    assert not quantize["spills"] and not columns["spills"], "registers spill to local memory"
-    # the outlier columns kernel reads back the list slice it wrote: it must not go through the read-only cache
-    assert not columns["non_coherent_loads"]
-    if block_m == 1:
-        assert quantize["registers"] <= 80, f"{quantize['registers']} registers: fewer than 6 programs fit on an SM"
+    _check_row_pass(got)
+    if block_m == 1 and got["registers"] is not None:
+        per_sm = REGISTERS_PER_SM // (round_up(got["registers"], 8) * 32 * triton_prefill_quant.ROWWISE_WARPS_PER_ROW)
+        assert per_sm >= triton_prefill_quant.ROWWISE_ROWS_PER_SM, f"{got['registers']} registers: {per_sm} per SM"
+
+
+# programs of the resident pass that fit on an SM (64K registers), by row length: what its schedule comment states
+RESIDENT_PROGRAMS_PER_SM = {4096: 4, 8192: 2, 14336: 1, 28672: 2}
+
+
+@pytest.mark.parametrize("x_type", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("k", sorted(RESIDENT_PROGRAMS_PER_SM))
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_resident_prefill_quantize_kernels(report, arch, k, x_type):
+    """The prefill "resident" pass (INT8MM_PREFILL_QUANT=resident) at the Llama row lengths: one tile per row up
+    to 16384 columns, two sweeps beyond."""
+    got = report["resident"][f"{arch}/k{k}/{x_type}"]
+    _check_row_pass(got)
+    if got["registers"] is not None:
+        warps = triton_prefill_quant.resident_options(k)["num_warps"]
+        per_sm = REGISTERS_PER_SM // (round_up(got["registers"], 8) * 32 * warps)
+        assert per_sm >= RESIDENT_PROGRAMS_PER_SM[k], f"{got['registers']} registers: {per_sm} programs per SM"
+
+
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_outlier_columns_kernel(report, arch):
+    """The outlier-columns kernel reads back the list slice it wrote: not through the read-only cache."""
+    got = report["outlier_columns"][arch]
+    assert not got["spills"] and not got["non_coherent_loads"]
 
 
 DECODE_QUANTIZE = [f"{arch}/k{k}/fp16{rows}" for arch in ("sm80", "sm90") for k in (4096, 8192, 14336, 28672)

@@ -44,6 +44,7 @@ SCENARIOS = [
     "prefill, 40 then 41 rows (one specialization)",
     "prefill, 32 rows, then 40, then 32",
     "rowwise prefill quantization",
+    "resident prefill quantization",
     "fused decode + split-K, 1 and 4 rows",
     "x 16-byte aligned, then 2 and 8 bytes off, then aligned",
     "x row-major, then column-major, then row-major",
@@ -214,6 +215,8 @@ GPU_CASES = {
                      [1, 4]),
     "rowwise": ({"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic", "INT8MM_PREFILL_QUANT": "rowwise"},
                 [64]),
+    "resident": ({"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic", "INT8MM_PREFILL_QUANT": "resident"},
+                 [64]),
 }
 
 

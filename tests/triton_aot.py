@@ -20,13 +20,14 @@ from triton.compiler import ASTSource
 
 from int8mm.backends import triton as triton_backend
 from int8mm.backends import triton_decode, triton_prefill, triton_single, triton_splitk
+from int8mm.backends import triton_prefill_quant as prefill_quant
 from int8mm.kernels.triton.decode import _decode_quantize_kernel
 from int8mm.kernels.triton.decode_single import _decode_single_kernel
 from int8mm.kernels.triton.gemm import _int8_gemm_dequant_kernel
 from int8mm.kernels.triton.gemm_persistent import _int8_gemm_dequant_persistent_kernel
 from int8mm.kernels.triton.gemm_splitk import _int8_gemm_splitk_kernel
-from int8mm.kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
-                                            _rowwise_quantize_kernel)
+from int8mm.kernels.triton.prefill_quantize import _outlier_columns_kernel, _row_quantize_kernel
+from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
 UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_on", "stride_xk")
@@ -172,29 +173,48 @@ def compile_quantize(m, target):
     return {"stats": _features(stats), "quantize": _features(quant)}
 
 
-def compile_rowwise(block_m, x_type, target):
-    """The prefill "rowwise" pass: _rowwise_quantize_kernel at one row-block height and input dtype, and
-    _outlier_columns_kernel, with the launcher's constants."""
-    quant_sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "col_flags_ptr": "*i32",
-                 "block_counts_ptr": "*i32", "M": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "constexpr",
-                 "threshold": "fp32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "SWEEP_PARTS": "constexpr",
-                 "INTERPRET": "constexpr"}
-    quant_consts = {"BLOCK_M": block_m, "BLOCK_K": triton_backend.ROWWISE_BLOCK_K,
-                    "SWEEP_PARTS": triton_backend.ROWWISE_SWEEP_PARTS, "INTERPRET": False, "stride_xk": 1}
-    quant = _compile(_rowwise_quantize_kernel, quant_sig, quant_consts, X_ALIGNED + ("q_ptr",), target,
-                     triton_backend.rowwise_warps(block_m))
-    cols_sig = {"col_flags_ptr": "*i32", "block_counts_ptr": "*i32", "q_ptr": "*i8", "outlier_cols_ptr": "*i32",
-                "outlier_count_ptr": "*i32", "M": "i32", "K": "i32", "num_k_blocks": "i32",
-                "ROWS_PER_PROGRAM": "i32", "BLOCK_K": "constexpr", "MAX_K_BLOCKS": "constexpr",
-                "BLOCK_R": "constexpr", "COLS_CHUNK": "constexpr"}
-    cols_consts = dict(triton_backend.OUTLIER_TILE, BLOCK_K=triton_backend.ROWWISE_BLOCK_K, MAX_K_BLOCKS=16)
-    cols = _compile(_outlier_columns_kernel, cols_sig, cols_consts, ("q_ptr", "K"), target,
-                    triton_backend.OUTLIER_WARPS)
-    return {"quantize": _features(quant), "outlier_columns": _features(cols)}
+def compile_row_pass(options, x_type, target):
+    """The prefill row kernel (schemes "rowwise" and "resident") with the launcher's constexprs and warps."""
+    sig = {"x_ptr": f"*{x_type}", "q_ptr": "*i8", "s_x_ptr": "*fp32", "flag_words_ptr": "*i32", "M": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_xk": "constexpr", "threshold": "fp32", "BLOCK_M": "constexpr",
+           "BLOCK_K": "constexpr", "SWEEP_PARTS": "constexpr", "ROW_IN_REGISTERS": "constexpr",
+           "INTERPRET": "constexpr"}
+    constexprs = {name: value for name, value in options.items() if name != "num_warps"}
+    compiled = _compile(_row_quantize_kernel, sig, dict(constexprs, INTERPRET=False, stride_xk=1),
+                        X_ALIGNED + ("q_ptr",), target, options["num_warps"])
+    sass = _sass(compiled)
+    # the column bits are set by reductions that return nothing (RED on sm_80, REDG on sm_90), so no program waits
+    if sass is None:
+        return {**_features(compiled), "bits_by_reduction": None, "atomics_with_reply": None}
+    return {**_features(compiled), "bits_by_reduction": bool(re.search(r"\bREDG?\.E\.OR", sass)),
+            "atomics_with_reply": bool(re.search(r"\bATOMG?\.", sass))}
 
 
-ROWWISE_BLOCK_MS = (1, 2)
-ROWWISE_X_TYPES = ("fp16", "bf16", "fp32")
+def _sass(compiled):
+    """The SASS of the compiled kernel (cuobjdump), or None where cuobjdump is missing."""
+    if not os.path.exists(CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([CUOBJDUMP, "-sass", cubin.name], capture_output=True, text=True).stdout
+
+
+def compile_outlier_columns(target):
+    """The outlier-columns kernel of the row schemes, with the launcher's constants."""
+    sig = {"flag_words_ptr": "*i32", "q_ptr": "*i8", "outlier_cols_ptr": "*i32",
+           "outlier_count_ptr": "*i32", "M": "i32", "K": "i32", "ROWS_PER_PROGRAM": "i32", "BLOCK_K": "constexpr",
+           "COUNT_TILE": "constexpr", "BLOCK_R": "constexpr", "COLS_CHUNK": "constexpr"}
+    constexprs = dict(prefill_quant.OUTLIER_TILE, BLOCK_K=prefill_quant.OUTLIER_BLOCK_K,
+                      COUNT_TILE=prefill_quant.OUTLIER_COUNT_TILE)
+    return _features(_compile(_outlier_columns_kernel, sig, constexprs,
+                              ("flag_words_ptr", "q_ptr", "K"), target, prefill_quant.OUTLIER_WARPS))
+
+
+# the row-block heights the rowwise launcher can pick: powers of two up to ROWWISE_MAX_BLOCK_M (under Triton 3.6,
+# BLOCK_M = 2 with fp32 x spills 8 bytes on sm_80 and sm_90, so it is not offered)
+ROWWISE_BLOCK_MS = tuple(1 << i for i in range(prefill_quant.ROWWISE_MAX_BLOCK_M.bit_length()))
+ROW_PASS_X_TYPES = ("fp16", "bf16", "fp32")
 
 
 # the decode rows of Llama-3-8B and -70B (K of qkv/o/gate_up, 8B down_proj, 70B down_proj)
@@ -255,8 +275,8 @@ def config_id(kind, config):
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}, "decode_quantize": {},
-              "splitk": {}, "decode_single": {}}
+    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}, "resident": {},
+              "outlier_columns": {}, "decode_quantize": {}, "splitk": {}, "decode_single": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
@@ -269,9 +289,14 @@ def main():
                 report["splitk"][key] = compile_splitk(config, target, out_type)
         for m in (1, 4096):
             report["quantize"][f"{arch}/m{m}"] = compile_quantize(m, target)
-        for block_m in ROWWISE_BLOCK_MS:
-            for x_type in ROWWISE_X_TYPES:
-                report["rowwise"][f"{arch}/bm{block_m}/{x_type}"] = compile_rowwise(block_m, x_type, target)
+        for x_type in ROW_PASS_X_TYPES:
+            for block_m in ROWWISE_BLOCK_MS:
+                options = prefill_quant.rowwise_options(block_m)
+                report["rowwise"][f"{arch}/bm{block_m}/{x_type}"] = compile_row_pass(options, x_type, target)
+            for k in DECODE_ROW_LENGTHS:
+                options = prefill_quant.resident_options(k)
+                report["resident"][f"{arch}/k{k}/{x_type}"] = compile_row_pass(options, x_type, target)
+        report["outlier_columns"][arch] = compile_outlier_columns(target)
         for k in DECODE_ROW_LENGTHS:
             report["decode_quantize"][f"{arch}/k{k}/fp16/m1"] = compile_decode_quantize(k, target, m=1)
             report["decode_quantize"][f"{arch}/k{k}/fp16"] = compile_decode_quantize(k, target)

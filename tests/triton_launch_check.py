@@ -206,6 +206,7 @@ def scenarios():
         "prefill, 40 then 41 rows (one specialization)": ([_linear(40, 64, 256), _linear(41, 64, 256)], {}),
         "prefill, 32 rows, then 40, then 32": ([_linear(32, 64, 256), _linear(40, 64, 256), _linear(32, 64, 256)], {}),
         "rowwise prefill quantization": ([_linear(40, 64, 256)], {"INT8MM_PREFILL_QUANT": "rowwise"}),
+        "resident prefill quantization": ([_linear(40, 64, 256)], {"INT8MM_PREFILL_QUANT": "resident"}),
         "fused decode + split-K, 1 and 4 rows": (
             [_linear(1, 64, 2048), _linear(4, 64, 2048, bias=True)],
             {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"}, pdl),

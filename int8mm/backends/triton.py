@@ -13,18 +13,16 @@ along K (``triton_splitk``).
 Under ``TRITON_INTERPRET=1`` the same launchers run on CPU tensors; the interpreter accepts a single
 config, so a fixed schedule replaces autotuning there.
 """
-import functools
-
 import torch
 import triton
 
 from ..kernels.triton.gemm import _int8_gemm_dequant_kernel
-from ..kernels.triton.quantize import (_activation_stats_kernel, _outlier_columns_kernel, _quantize_rows_kernel,
-                                       _rowwise_quantize_kernel)
+from ..kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 from ..devices import on_device_of
 from . import (decode_path, env_setting, registry, scratch, triton_decode, triton_interpreting, triton_prefill,
-               triton_single, triton_splitk)
+               triton_prefill_quant, triton_single, triton_splitk)
 from .triton_launch import cdiv, launch, launch_scheduled, next_power_of_2, round_up
+from .triton_launch import multiprocessors as _multiprocessors
 
 BACKEND = "triton"
 # M <= DECODE_MAX_M reads weights like a GEMV: 16-row tiles (the smallest int8 tensor-core tile)
@@ -115,92 +113,6 @@ def stats_parts(buffer: torch.Tensor, m: int, k: int) -> tuple[torch.Tensor, ...
     return buffer, buffer[:m], buffer[m_words:m_words + k], buffer[m_words + k_words:]
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: any small number exercises the split sweep
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-# Which activation quantization serves prefill (M > DECODE_MAX_M): "classic" (the stats pass, then the quantize
-# pass, each over [BLOCK_M, BLOCK_K] tiles) or "rowwise" (_rowwise_quantize_kernel, then
-# _outlier_columns_kernel). Both compute the same values bit for bit; decode always takes "classic".
-PREFILL_QUANT_ENV_VAR = "INT8MM_PREFILL_QUANT"
-PREFILL_QUANT_SCHEMES = ("classic", "rowwise")
-DEFAULT_PREFILL_QUANT = "classic"  # rowwise measured 1.10x on an H200; default once its GPU tests pass (TUNING.md)
-
-
-def prefill_quant_scheme() -> str:
-    """The prefill quantization scheme named by INT8MM_PREFILL_QUANT (read once;
-    ``int8mm.backends.refresh_from_environment()`` reads it again).
-
-    Raises:
-        ValueError: the variable names no scheme.
-    """
-    return env_setting(PREFILL_QUANT_ENV_VAR, PREFILL_QUANT_SCHEMES, DEFAULT_PREFILL_QUANT)
-
-
-# rowwise: tiles of BLOCK_M rows x 2048 columns, 16 elements per thread (4 warps per row): 80 registers per
-# thread at BLOCK_M = 1 (sm_80/sm_90, AOT), so 6 programs (rows) fit on an SM; BLOCK_M = 2 (8 warps) takes up
-# to 97, 2 programs (4 rows) per SM, so one row per program it is
-ROWWISE_BLOCK_K = 2048
-# the first sweep loads 4 slices of 1024 columns per step (4 x 16 bytes per thread) before using them, folded
-# into 1024-wide maxima: more bytes in flight per SM at the same 80 registers (AOT)
-ROWWISE_SWEEP_PARTS = 4
-ROWWISE_WARPS_PER_ROW = 4
-ROWWISE_MAX_BLOCK_M = 1
-ROWWISE_ROWS_PER_SM = 6
-# the rows all programs hold between their two sweeps must stay in L2 for the second sweep to hit it: keep
-# them to this share of the L2 size
-ROWWISE_L2_SHARE = 0.5
-# _outlier_columns_kernel: rows each program zeroes, its store tile, its warps
-OUTLIER_ROWS_PER_PROGRAM = 256
-OUTLIER_TILE = {"BLOCK_R": 64, "COLS_CHUNK": 16}
-OUTLIER_WARPS = 4
-
-
-def rowwise_warps(block_m: int) -> int:
-    return ROWWISE_WARPS_PER_ROW * block_m
-
-
-def _rowwise_schedule(x: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_M, programs) of _rowwise_quantize_kernel: ROWWISE_ROWS_PER_SM rows in flight per SM, in blocks of
-    the most rows (up to ROWWISE_MAX_BLOCK_M) that still give every program a row block, and no more programs
-    than keep their rows within the L2 share (at least one per SM)."""
-    m, k = x.shape
-    sms, l2_bytes = _multiprocessors(x.device), _l2_cache_bytes(x.device)
-    block_m = ROWWISE_MAX_BLOCK_M
-    while block_m > 1 and cdiv(m, block_m) < sms * ROWWISE_ROWS_PER_SM // block_m:
-        block_m //= 2
-    row_block_bytes = block_m * k * x.element_size()
-    in_l2 = max(sms, int(l2_bytes * ROWWISE_L2_SHARE) // row_block_bytes)
-    return block_m, min(cdiv(m, block_m), sms * ROWWISE_ROWS_PER_SM // block_m, in_l2)
-
-
-@functools.cache
-def _l2_cache_bytes(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1 << 20  # the interpreter: small, so that the tests run a few programs over many row blocks
-    return torch.cuda.get_device_properties(device).L2_cache_size
-
-
-def _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count):
-    m, k = x.shape
-    num_k_blocks = cdiv(k, ROWWISE_BLOCK_K)
-    k_words = round_up(k, 4)  # block_counts 16-byte aligned whatever K is
-    buffer = torch.zeros(k_words + num_k_blocks, dtype=torch.int32, device=x.device)
-    col_flags, block_counts = buffer[:k], buffer[k_words:]
-    block_m, programs = _rowwise_schedule(x)
-    launch(_rowwise_quantize_kernel, (programs,), (
-        x, q_x, s_x, col_flags, block_counts, m, k, *x.stride(), threshold,
-    ), {"BLOCK_M": block_m, "BLOCK_K": ROWWISE_BLOCK_K, "SWEEP_PARTS": ROWWISE_SWEEP_PARTS,
-        "INTERPRET": triton_interpreting(), "num_warps": rowwise_warps(block_m)})
-    launch(_outlier_columns_kernel, (num_k_blocks, cdiv(m, OUTLIER_ROWS_PER_PROGRAM)), (
-        col_flags, block_counts, q_x, outlier_cols, outlier_count, m, k, num_k_blocks, OUTLIER_ROWS_PER_PROGRAM,
-    ), {"BLOCK_K": ROWWISE_BLOCK_K, "MAX_K_BLOCKS": next_power_of_2(num_k_blocks), **OUTLIER_TILE,
-        "num_warps": OUTLIER_WARPS})
-
-
 def _classic_buffers(m: int, k: int):
     """The scratch layout (``scratch.Layout``) of the classic quantization of a decode call: q_x int8 [M, K], s_x
     fp32 [M], outlier columns int32 [K], their count int32 [1], the statistics buffer."""
@@ -229,8 +141,10 @@ def _quantize_activations(x: torch.Tensor, threshold: float, clear_unused_column
         outlier_cols = (torch.zeros if clear_unused_columns else torch.empty)(k, dtype=torch.int32, device=dev)
         outlier_count = torch.empty(1, dtype=torch.int32, device=dev)
         stats_kept = None
-    if m > DECODE_MAX_M and (prefill_scheme or prefill_quant_scheme()) == "rowwise":
-        _quantize_rowwise(x, threshold, q_x, s_x, outlier_cols, outlier_count)
+    # prefill may take a scheme that owns whole rows (triton_prefill_quant.py); decode is always the classic pass
+    scheme = (prefill_scheme or triton_prefill_quant.prefill_quant_scheme()) if m > DECODE_MAX_M else None
+    if scheme not in (None, triton_prefill_quant.CLASSIC):
+        triton_prefill_quant.quantize_rows(x, threshold, scheme, q_x, s_x, outlier_cols, outlier_count)
         return q_x, s_x, outlier_cols, outlier_count
     stats = _ActivationStats(x, threshold, stats_kept)
     launch(_quantize_rows_kernel, stats.grid, (
@@ -248,14 +162,15 @@ def quantize_pass(x: torch.Tensor, threshold: float, prefill_scheme: str) -> tup
     Args:
         x: ``[M, K]`` float activations on the device (M > 16 takes ``prefill_scheme``).
         threshold: outlier threshold (0 disables decomposition).
-        prefill_scheme: one of ``PREFILL_QUANT_SCHEMES``.
+        prefill_scheme: one of ``triton_prefill_quant.PREFILL_QUANT_SCHEMES``.
     Returns:
         ``q_x`` int8 ``[M, K]``, ``s_x`` fp32 ``[M]``, outlier columns int32 ``[K]``, their count int32 ``[1]``.
     Raises:
         ValueError: an unknown scheme.
     """
-    if prefill_scheme not in PREFILL_QUANT_SCHEMES:
-        raise ValueError(f"prefill_scheme must be one of {', '.join(PREFILL_QUANT_SCHEMES)}, got {prefill_scheme!r}")
+    if prefill_scheme not in triton_prefill_quant.PREFILL_QUANT_SCHEMES:
+        raise ValueError(f"prefill_scheme must be one of {', '.join(triton_prefill_quant.PREFILL_QUANT_SCHEMES)}, "
+                         f"got {prefill_scheme!r}")
     with on_device_of(x):
         return _quantize_activations(x, threshold, prefill_scheme=prefill_scheme)
 

@@ -27,6 +27,8 @@ INT8MM_TRITON_LAUNCH=jit turns the cache off (read once; ``refresh_from_environm
 interpreter every launch takes the JIT (there is no compiled kernel), and so does every launch under a Triton
 older than 3.6: the launcher's calling convention was checked against 3.6 and 3.7 only.
 """
+import functools
+
 import torch
 import triton
 from packaging.version import Version
@@ -76,6 +78,15 @@ def next_power_of_2(n: int) -> int:
     """``triton.next_power_of_2`` for host ints >= 0 (0 for 0, as Triton's), without its constexpr-function
     wrapper."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The SM count of ``device`` (4 for the interpreter's CPU tensors: any small number exercises the schedules
+    that split work across SMs)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tensor_key(t: torch.Tensor):
