@@ -5,7 +5,7 @@
 #   turns that one off for the rest).
 #   PLAN=first  (default; its stage limits add up to more than a call, so the last ones are cut to the deadline):
 #               the GPU tests of what never ran on a GPU, the candidate benchmarks (two-kernel and one-kernel
-#               decode, split-K decode GEMM, rowwise prefill quantization, persistent prefill GEMM),
+#               decode, split-K decode GEMM, rowwise and resident prefill quantization, persistent prefill GEMM),
 #               benchmarks/gpu_choose.py picking the winners, then the per-layer benchmark at M = 1 and 16 with them.
 #   PLAN=second (~9 min): compute-sanitizer, the remaining Triton tests, the host-time suite, the decode benchmark
 #               without PDL (INT8MM_PDL=0), the per-layer benchmark at M = 512 and 2048, the end-to-end model
@@ -17,10 +17,10 @@
 #               session can afford only one).
 #   PLAN=tests+model  first's tests and choices, then the end-to-end model benchmark, then the per-layer benchmark
 #               in what is left (with PREFILL_RESULTS_FROM, when the prefill candidates were measured before).
-#   PREFILL_RESULTS_FROM=DIR (any plan that runs first): skip the two prefill candidate benchmarks (quantization
-#               pass, GEMM) and choose from the JSON an earlier run left in DIR (a committed
-#               benchmarks/results/<date>-<card>/), still gated by this run's tests; the decode candidates are
-#               measured anyway (cheaper, and changed more often).
+#   PREFILL_RESULTS_FROM=DIR (any plan that runs first): skip the prefill GEMM candidates' benchmark and choose
+#               the GEMM from the JSON an earlier run left in DIR (a committed benchmarks/results/<date>-<card>/),
+#               still gated by this run's tests; the decode candidates and the quantization passes are measured
+#               anyway (cheaper, and changed more often; QUANT_BENCH_ARGS, e.g. "--m 2048", narrows the latter).
 #   PLAN=all    both, one after the other (over 10 minutes: for a machine without the per-call limit).
 #   SKIP_STAGES="NAME ..." (any plan): stages to leave out (a skipped test stage gates its candidate off).
 # Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
@@ -106,8 +106,10 @@ tests_and_choices() {
     -k "gpu and (splitk or not gpu_direct_launch)" tests/test_decode_splitk.py tests/test_triton_launch.py
   # the benchmarks' dry runs are interpreter tests (CI runs them under Triton 3.7.1; 3.6's interpreter cannot
   # take a tl.minimum loop bound): not here
-  INT8MM_AUTOTUNE=0 stage quantize_tests "${QUANTIZE_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
-    -k "not dry_run and (not test_triton_launch or gpu_direct_launch and rowwise)" tests/test_prefill_quantize.py \
+  # (94 tests took 29 s in run 4; the resident scheme doubles the row-scheme cases and adds tile variants)
+  INT8MM_AUTOTUNE=0 stage quantize_tests "${QUANTIZE_TEST_TIMEOUT:-75}" python3 -m pytest -q -p no:cacheprovider \
+    -k "not dry_run and (not test_triton_launch or gpu_direct_launch and (rowwise or resident))" \
+    tests/test_prefill_quantize.py \
     tests/test_triton_launch.py
   INT8MM_AUTOTUNE=0 stage prefill_gemm_tests "${PREFILL_GEMM_TEST_TIMEOUT:-70}" python3 -m pytest -q \
     -p no:cacheprovider -k "not dry_run" tests/test_prefill_gemm.py
@@ -118,15 +120,16 @@ tests_and_choices() {
   # the candidates against the classic paths, side by side (each compares its outputs with classic); the prefill
   # ones from an earlier run if one is named
   stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
+  # shellcheck disable=SC2086
+  stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-55}" python3 benchmarks/bench_quantize_pass.py --out "$WORK" \
+    ${QUANT_BENCH_ARGS:-}
   if [ -z "${PREFILL_RESULTS_FROM:-}" ]; then
-    stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-45}" python3 benchmarks/bench_quantize_pass.py --out "$WORK"
     stage prefill_gemm_bench "${PREFILL_GEMM_BENCH_TIMEOUT:-65}" python3 benchmarks/bench_prefill_gemm.py \
       --out "$WORK" --forward
   else  # in a folder of their own, so that the archive does not pass them off as this run's
     mkdir -p "$WORK/earlier"
-    cp "$PREFILL_RESULTS_FROM/quantize_pass.json" "$PREFILL_RESULTS_FROM/prefill_gemm.json" "$WORK/earlier/" 2>&1 \
-      | tee -a "$OUT/summary.log"
-    echo "prefill candidates' results from $PREFILL_RESULTS_FROM" | tee -a "$OUT/summary.log" "$WORK/device.txt"
+    cp "$PREFILL_RESULTS_FROM/prefill_gemm.json" "$WORK/earlier/" 2>&1 | tee -a "$OUT/summary.log"
+    echo "prefill GEMM candidates' results from $PREFILL_RESULTS_FROM" | tee -a "$OUT/summary.log" "$WORK/device.txt"
   fi
   # the winners serve the per-layer benchmark that follows: each only if its own tests passed
   python3 benchmarks/gpu_choose.py "$WORK" "$WORK/earlier" >"$WORK/choices.all" 2>"$WORK/choices.txt"
@@ -135,7 +138,7 @@ tests_and_choices() {
   # fused quantization, so it needs both)
   gates="INT8MM_DECODE_PATH=fused:decode_tests INT8MM_DECODE_PATH=single:single_tests
          INT8MM_DECODE_GEMM=splitk:decode_tests+splitk_tests INT8MM_PREFILL_QUANT=rowwise:quantize_tests
-         INT8MM_PREFILL_GEMM=persistent:prefill_gemm_tests"
+         INT8MM_PREFILL_QUANT=resident:quantize_tests INT8MM_PREFILL_GEMM=persistent:prefill_gemm_tests"
   while read -r _ assignment; do  # "export VARIABLE=VALUE"
     tests="" passed=1
     for gate in $gates; do [ "${gate%%:*}" = "$assignment" ] && tests=${gate##*:}; done
