@@ -2,8 +2,9 @@
 
 fp16 / bf16 F.linear vs int8mm (each available backend) vs bitsandbytes Linear8bitLt, on Llama-3-8B/70B
 layer shapes, fp16 inputs with planted outlier columns (default 8 columns at 20-60, threshold 6.0).
-Eager timings flush L2 before each call; graph timings replay a CUDA graph over rotating inputs and
-weights (bitsandbytes cannot be captured: its outlier path syncs with the host). Adds a per-kernel
+Eager timings issue calls back to back from Python over rotating inputs and weights (a call costs the larger of
+its host and GPU time, as in an eager model); graph timings replay a CUDA graph over the same (bitsandbytes
+cannot be captured: its outlier path syncs with the host). Adds a per-kernel
 breakdown of the Triton forward and the autotuner's choices.
 
     python benchmarks/bench_gpu.py --out DIR [--m 1 16 2048] [--models Llama-3-8B Llama-3-70B]

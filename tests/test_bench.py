@@ -112,6 +112,48 @@ def test_time_cpu_stops_at_its_budget_but_not_below_min_samples(monkeypatch):
     assert result.median_s == 1
 
 
+class _FakeEvent:
+    """A CUDA event on a fake clock: each record() reads it, elapsed_time() is in milliseconds."""
+    clock_ms = [0.0]
+
+    def __init__(self, enable_timing=False):
+        self.at = None
+
+    def record(self):
+        self.at = self.clock_ms[0]
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return end.at - self.at
+
+
+def test_back_to_back_calls_cycle_the_inputs_and_divide_each_round(monkeypatch):
+    """Warm-up once over every input, then each round at least BACK_TO_BACK_MIN_CALLS calls cycling through the
+    inputs between two events; a sample is the round's time over its calls."""
+    monkeypatch.setattr(timing.torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
+    seen = []
+
+    def call(i):
+        seen.append(i)
+        _FakeEvent.clock_ms[0] += 2.0 if i == 0 else 1.0  # ms per call
+
+    result = timing.time_cuda_back_to_back(call, [(0,), (1,), (2,)], rounds=4)
+    calls = timing.BACK_TO_BACK_MIN_CALLS
+    assert seen[:3] == [0, 1, 2] and len(seen) == 3 + 4 * calls
+    assert seen[3:3 + calls] == [i % 3 for i in range(calls)]
+    per_call_ms = (2.0 * len(range(0, calls, 3)) + (calls - len(range(0, calls, 3)))) / calls
+    assert result.samples == 4 and result.median_s == pytest.approx(per_call_ms / 1e3)
+    many = [(1,)] * (calls + 5)  # more inputs than the minimum: one call each per round
+    seen.clear()
+    timing.time_cuda_back_to_back(call, many, rounds=2)
+    assert len(seen) == len(many) * 3
+    with pytest.raises(ValueError, match="need inputs and rounds >= 1; got 0 inputs, rounds=3"):
+        timing.time_cuda_back_to_back(call, [], rounds=3)
+
+
 def test_config_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown model 'Llama-9'; choose from Llama-3-8B"):
         KernelSuiteConfig(models=("Llama-9",))

@@ -13,10 +13,10 @@ from .inputs import OutlierSpec
 from .kernel_suite import KernelSuiteConfig, SuiteResult, default_config, run_kernel_suite
 from .report import markdown, write_results
 from .shapes import LAYER_SHAPES, M_VALUES, LayerShape
-from .timing import Timing, time_call, time_cpu, time_cuda_eager, time_cuda_graph
+from .timing import Timing, time_call, time_cpu, time_cuda_back_to_back, time_cuda_eager, time_cuda_graph
 
 __all__ = [
     "KernelSuiteConfig", "LAYER_SHAPES", "LayerShape", "M_VALUES", "OutlierSpec", "SuiteResult", "Timing",
-    "default_config", "markdown", "run_kernel_suite", "time_call", "time_cpu", "time_cuda_eager", "time_cuda_graph",
-    "write_results",
+    "default_config", "markdown", "run_kernel_suite", "time_call", "time_cpu", "time_cuda_back_to_back",
+    "time_cuda_eager", "time_cuda_graph", "write_results",
 ]

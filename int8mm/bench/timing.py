@@ -1,11 +1,14 @@
 """Timers: median with p20/p80, inputs rotated so that caches do not flatter.
 
-- ``time_cuda_eager``: each call launched from Python, L2 flushed before each (device events).
+- ``time_cuda_eager``: each call launched from Python, L2 flushed before each (device events): one isolated
+  call's GPU time, for single kernels (ceilings), whose host time hides behind the flush.
+- ``time_cuda_back_to_back``: calls launched from Python one after the other, as an eager model issues its
+  layers: a call costs what the slower of the host and the GPU takes for it.
 - ``time_cuda_graph``: a CUDA graph of ``rotations`` calls over distinct inputs, replayed; launch
   overhead disappears, as in a compiled/graphed decode loop.
 - ``time_cpu``: ``time.perf_counter`` around each call after warm-up.
 - ``time_cpu_interleaved``: several functions on the host clock, taking turns call by call (a shared CPU).
-- ``time_side_by_side`` / ``time_call``: the eager timer that fits a device, for several functions or one.
+- ``time_side_by_side`` / ``time_call``: the one-call timer that fits a device, for several functions or one.
 """
 import statistics
 import time
@@ -100,6 +103,38 @@ def time_cuda_eager(fn: Callable, inputs: Sequence, warmup: int = 10, reps: int 
         ends[i].record()
     torch.cuda.synchronize()
     return Timing.of([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
+
+
+# a round of back-to-back calls makes at least this many, so that the first call's launch, which the idle GPU waits
+# for, weighs little
+BACK_TO_BACK_MIN_CALLS = 20
+
+
+def time_cuda_back_to_back(fn: Callable, inputs: Sequence, rounds: int = 10) -> Timing:
+    """Per-call device time of calls issued back to back from Python, cycling through ``inputs``: each round times
+    at least ``BACK_TO_BACK_MIN_CALLS`` calls between two events, so a call costs the larger of its host time
+    (Python, checks, launches) and its GPU time, as in an eager model's forward. Give ``inputs`` distinct weights,
+    more than L2 holds, so that each call reads its weight from memory as a model's next layer does.
+
+    Raises:
+        ValueError: no inputs, or fewer than one round.
+    """
+    if not inputs or rounds < 1:
+        raise ValueError(f"need inputs and rounds >= 1; got {len(inputs)} inputs, rounds={rounds}")
+    calls = max(BACK_TO_BACK_MIN_CALLS, len(inputs))
+    for args in inputs:  # warm-up: compilation, autotuning, allocations, kept buffers
+        fn(*args)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            fn(*inputs[i % len(inputs)])
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    return Timing.of(samples)
 
 
 def time_cuda_graph(fn: Callable, inputs: Sequence, replays: int = 20) -> Timing:
