@@ -50,6 +50,33 @@ def test_machine_code_uses_int8_tensor_cores(library):
         assert "IDP.4A.S8.S8" in body, f"{arch}: the decode GEMV has no int8 dot product (IDP4A)"
 
 
+def _per_function(text: str, marker: str) -> dict[str, str]:
+    """cuobjdump output split per (arch, kernel): {"sm_90 <mangled name>": body}."""
+    found = {}
+    for arch, body in re.findall(r"arch = (sm_\d+)(.*?)(?=arch = sm_|\Z)", text, flags=re.S):
+        for name, part in re.findall(marker + r"\s*(\S+?):?\s*\n(.*?)(?=" + marker + r"|\Z)", body, flags=re.S):
+            found[f"{arch} {name}"] = found.get(f"{arch} {name}", "") + part
+    return found
+
+
+def test_the_decode_gemv_of_several_rows_runs_on_tensor_cores(library):
+    """2-16 rows (aligned) take int8_gemv_mma_kernel: int8 mma, the weight loads of four K chunks x four tiles issued
+    as 16-byte streaming loads, and at most 128 registers with no spills, so two 256-thread blocks fit on an SM."""
+    tool = _cuobjdump()
+    sass = subprocess.run([tool, "--dump-sass", str(library)], capture_output=True, text=True, check=True).stdout
+    kernels = {key: body for key, body in _per_function(sass, "Function :").items() if "int8_gemv_mma_kernel" in key}
+    assert {key.split()[0] for key in kernels} >= {"sm_80", "sm_90"}
+    for key, body in kernels.items():
+        assert body.count("IMMA.16832.S8.S8") == 32, key  # 4 chunks x 4 tiles x 2 steps, unrolled
+        assert body.count("LDG.E.EF.128") == 16, key
+    usage = subprocess.run([tool, "-res-usage", str(library)], capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"Function (\S*int8_gemv_mma_kernel\S*):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                       usage)
+    assert len(found) == 2 * 9  # sm_80 and sm_90 x (fp16, bf16, fp32 out) x (fp16, bf16, fp32 bias)
+    for name, registers, stack, local in found:
+        assert int(registers) <= 128 and int(stack) == 0 and int(local) == 0, (name, registers, stack, local)
+
+
 def test_host_side_calls_work_without_a_gpu(library, monkeypatch):
     monkeypatch.setenv(cuda_build.LIBRARY_ENV_VAR, str(library))
     cuda.library.cache_clear()

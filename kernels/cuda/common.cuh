@@ -40,6 +40,15 @@ __device__ __forceinline__ int8_t quantize_value(float v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// c += a * b on the int8 tensor cores (sm_80+), one m16n8k32 tile: a is 16 x 32 (row-major fragment), b 32 x 8
+// (column-major fragment), c 16 x 8 int32; the fragment layouts are the PTX ISA's for .s8
+__device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 }  // namespace int8mm
 
 // dispatch an element type code to a C++ type, as `scalar_t`

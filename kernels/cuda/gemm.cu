@@ -41,13 +41,6 @@ __device__ __forceinline__ void load_tile(int8_t* smem, const int8_t* __restrict
 
 __device__ __forceinline__ uint32_t lds32(const int8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-__device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // calls fn(i, j, v, row, col) for each accumulator element this thread holds that lies inside [M, N]:
 // element (i, j, v) of an m16n8 tile sits at row + 16i + 8(v / 2), col + 8j + (v % 2)
 template <typename Fn>
