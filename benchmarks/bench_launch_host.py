@@ -38,7 +38,7 @@ import triton_fake_driver  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.bench.environment import run_metadata  # noqa: E402
 from int8mm.backends import triton as triton_backend  # noqa: E402
-from int8mm.backends import cpu_build, triton_launch  # noqa: E402
+from int8mm.backends import cpu_build, triton_launch, triton_prefill_quant  # noqa: E402
 
 PATHS = {
     "classic": {"INT8MM_DECODE_PATH": "classic", "INT8MM_DECODE_GEMM": "classic"},
@@ -240,6 +240,7 @@ def main(argv=None) -> None:
     backends.refresh_from_environment()
     triton_fake_driver.install()
     triton_backend._multiprocessors = lambda device: SMS
+    triton_prefill_quant.multiprocessors = lambda device: SMS
     samples = timed(args)
     single = timed_single_launches(args)
     text, medians, meta = report(args, samples, single, timed_cuda_backend(args))

@@ -176,6 +176,13 @@ def test_resident_rows_longer_than_a_tile(k, scheme, monkeypatch):
     assert_same_quantization(x, 6.0)
 
 
+def test_the_outlier_kernel_tiles_fit_its_arithmetic():
+    """A column block holds whole words of bits (its offset in words is BLOCK_K // 32) and Triton tiles are powers
+    of two."""
+    block, tile = triton_prefill_quant.OUTLIER_BLOCK_K, triton_prefill_quant.OUTLIER_COUNT_TILE
+    assert block % 32 == 0 and block & (block - 1) == 0 and tile & (tile - 1) == 0
+
+
 def test_resident_options():
     """A whole row per tile up to RESIDENT_TILE_MAX columns, about 32 columns per thread, then two sweeps."""
     got = {k: triton_prefill_quant.resident_options(k) for k in (1, 17, 4096, 8192, 14336, 16384, 28672)}
@@ -261,6 +268,23 @@ def test_refresh_from_environment_reads_the_scheme_again(scheme, monkeypatch):
     assert triton_prefill_quant.prefill_quant_scheme() == "classic"  # read once
     refresh_from_environment()
     assert triton_prefill_quant.prefill_quant_scheme() == "rowwise"
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_benchmark_names_the_scheme_that_differs(with_reference):
+    """bench_quantize_pass.py judges each scheme on its own, so one that disagrees does not take the others down
+    with it in benchmarks/gpu_choose.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quantize_pass", BENCH_SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = _activations(20, 64)
+    right = reference_quantize(x, 6.0)
+    wrong = (right[0].clone(), *right[1:])
+    wrong[0][3, 5] += 1
+    got = bench.check_equal({"classic": right, "rowwise": right, "resident": wrong}, x, 6.0, with_reference)
+    assert got == {"classic": True, "rowwise": True, "resident": False}
 
 
 def test_benchmark_dry_run(tmp_path):

@@ -165,9 +165,11 @@ def test_resident_prefill_quantize_kernels(report, arch, k, x_type):
 
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_outlier_columns_kernel(report, arch):
-    """The outlier-columns kernel reads back the list slice it wrote: not through the read-only cache."""
+    """The outlier-columns kernel reads back the list slice it wrote: after a CTA barrier, and not through the
+    read-only cache."""
     got = report["outlier_columns"][arch]
     assert not got["spills"] and not got["non_coherent_loads"]
+    assert got["loads_after_stores_fenced"], "the list slice is read back without a barrier after its stores"
 
 
 DECODE_QUANTIZE = [f"{arch}/k{k}/fp16{rows}" for arch in ("sm80", "sm90") for k in (4096, 8192, 14336, 28672)

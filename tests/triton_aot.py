@@ -207,8 +207,26 @@ def compile_outlier_columns(target):
            "COUNT_TILE": "constexpr", "BLOCK_R": "constexpr", "COLS_CHUNK": "constexpr"}
     constexprs = dict(prefill_quant.OUTLIER_TILE, BLOCK_K=prefill_quant.OUTLIER_BLOCK_K,
                       COUNT_TILE=prefill_quant.OUTLIER_COUNT_TILE)
-    return _features(_compile(_outlier_columns_kernel, sig, constexprs,
-                              ("flag_words_ptr", "q_ptr", "K"), target, prefill_quant.OUTLIER_WARPS))
+    compiled = _compile(_outlier_columns_kernel, sig, constexprs, ("flag_words_ptr", "q_ptr", "K"), target,
+                        prefill_quant.OUTLIER_WARPS)
+    return {**_features(compiled), "loads_after_stores_fenced": _loads_after_stores_fenced(compiled.asm["ptx"])}
+
+
+def _loads_after_stores_fenced(ptx: str) -> bool:
+    """Whether, in the PTX's order, every global load that follows a 32-bit global store (the outlier list's slice,
+    and the count) has a CTA barrier between them: the outlier-columns kernel reads back (compacted, through
+    another layout) the list slice its threads just wrote, which only the barrier orders (the interpreter runs one
+    thread at a time and cannot show its absence). The int8 stores that zero q's columns never meet a load of
+    theirs, and the next chunk's load of the list follows them in the text."""
+    stored = False
+    for line in ptx.splitlines():
+        if re.search(r"st\.global(\.v\d)?\.b32", line):
+            stored = True
+        elif "bar.sync" in line or "barrier.sync" in line:
+            stored = False
+        elif "ld.global" in line and stored:
+            return False
+    return True
 
 
 # the row-block heights the rowwise launcher can pick: powers of two up to ROWWISE_MAX_BLOCK_M (under Triton 3.6,

@@ -44,7 +44,7 @@ def prefill_quant_scheme() -> str:
 # (rows) fit on an SM; BLOCK_M = 2 (8 warps) keeps as many rows per SM, so one row per program it is
 ROWWISE_BLOCK_K = 2048
 # the first sweep loads 4 slices of 1024 columns per step (4 x 16 bytes per thread) before using them, folded
-# into 1024-wide maxima: more bytes in flight per SM at the same 80 registers (AOT)
+# into 1024-wide maxima: more bytes in flight per SM for the registers the maxima take
 ROWWISE_SWEEP_PARTS = 4
 ROWWISE_WARPS_PER_ROW = 4
 ROWWISE_MAX_BLOCK_M = 1
@@ -64,8 +64,9 @@ RESIDENT_MAX_WARPS = 16
 RESIDENT_SWEEP_TILE = 8192
 RESIDENT_SWEEP_PARTS = 2
 
-# _outlier_columns_kernel: columns per column block, flag words counted per step (1024 words: one step up to
-# K = 32768), rows each program zeroes, its store tile, its warps
+# _outlier_columns_kernel: columns per column block (a power of two, a multiple of the 32 columns of a word), flag
+# words counted per step (a power of two; 1024 words: one step up to K = 32768), rows each program zeroes, its
+# store tile, its warps
 OUTLIER_BLOCK_K = 2048
 OUTLIER_COUNT_TILE = 1024
 OUTLIER_ROWS_PER_PROGRAM = 256
