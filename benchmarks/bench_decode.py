@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=["Llama-3-8B", "Llama-3-70B"], choices=sorted(LAYER_SHAPES))
     parser.add_argument("--m", nargs="+", type=int, default=[1, 16], help="rows per call (decode: 1..16)")
     parser.add_argument("--reps", type=int, default=30,
-                        help="graph replays per cell; eager: reps // 5 rounds of at least 20 back-to-back calls")
+                        help="CUDA: graph replays per cell, and eager rows' reps // 5 rounds (at least 3) of at "
+                             "least 20 back-to-back calls; CPU (dry run): timed calls")
     parser.add_argument("--outlier-cols", type=int, default=8, help="planted outlier columns per input")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true",

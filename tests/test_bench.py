@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,9 @@ class _FakeEvent:
 
 
 def test_back_to_back_calls_cycle_the_inputs_and_divide_each_round(monkeypatch):
-    """Warm-up once over every input, then each round at least BACK_TO_BACK_MIN_CALLS calls cycling through the
-    inputs between two events; a sample is the round's time over its calls."""
+    """Warm-up once over every input, then each round at least BACK_TO_BACK_MIN_CALLS calls between two events,
+    the cycle through the inputs running on across rounds (no input comes back sooner than len(inputs) calls); a
+    sample is the round's time over its calls."""
     monkeypatch.setattr(timing.torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
     seen = []
@@ -142,16 +144,37 @@ def test_back_to_back_calls_cycle_the_inputs_and_divide_each_round(monkeypatch):
 
     result = timing.time_cuda_back_to_back(call, [(0,), (1,), (2,)], rounds=4)
     calls = timing.BACK_TO_BACK_MIN_CALLS
-    assert seen[:3] == [0, 1, 2] and len(seen) == 3 + 4 * calls
-    assert seen[3:3 + calls] == [i % 3 for i in range(calls)]
-    per_call_ms = (2.0 * len(range(0, calls, 3)) + (calls - len(range(0, calls, 3)))) / calls
-    assert result.samples == 4 and result.median_s == pytest.approx(per_call_ms / 1e3)
+    assert len(seen) == 3 + 4 * calls and seen == [i % 3 for i in range(len(seen))]
+    per_round_ms = [sum(2.0 if seen[i] == 0 else 1.0 for i in range(3 + r * calls, 3 + (r + 1) * calls))
+                    for r in range(4)]
+    assert len(set(per_round_ms)) > 1  # rounds start at different inputs: their times differ
+    assert result.samples == 4
+    assert result.median_s == pytest.approx(statistics.median(ms / calls for ms in per_round_ms) / 1e3)
     many = [(1,)] * (calls + 5)  # more inputs than the minimum: one call each per round
     seen.clear()
-    timing.time_cuda_back_to_back(call, many, rounds=2)
-    assert len(seen) == len(many) * 3
+    timing.time_cuda_back_to_back(call, many, rounds=2, warmup=len(many) + 7)
+    assert len(seen) == (len(many) + 7) + 2 * len(many)
     with pytest.raises(ValueError, match="need inputs and rounds >= 1; got 0 inputs, rounds=3"):
         timing.time_cuda_back_to_back(call, [], rounds=3)
+
+
+@pytest.mark.parametrize("copies", [1, 3, 6])
+def test_rotating_arguments_cycle_weight_copies_and_inputs(copies):
+    """The CUDA eager and graph timings cycle through fresh weight copies (distinct memory) and every input."""
+    from int8mm.bench.kernel_suite import _rotating_args
+    from int8mm.bench.providers import build_providers
+
+    weight = torch.randn(24, 64)
+    provider = next(p for p in build_providers(weight, 6.0, [int8mm.Backend.REFERENCE]).providers
+                    if p.name.startswith("int8mm"))
+    xs = [torch.randn(2, 64) for _ in range(4)]
+    rotating = _rotating_args(provider, xs, copies)
+    assert len(rotating) == max(copies, 4)
+    for i, args in enumerate(rotating):
+        assert torch.equal(args[0], xs[i % 4].to(provider.input_dtype))
+        assert all(torch.equal(w, original) for w, original in zip(args[1:], provider.weights))
+    storages = {args[1].data_ptr() for args in rotating}
+    assert len(storages) == copies and provider.weights[0].data_ptr() not in storages
 
 
 def test_config_refuses_unknown_names():

@@ -25,7 +25,9 @@ def add_kernel_suite_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--outlier-high", type=float, help="largest planted outlier magnitude (default 60)")
     group.add_argument("--no-bnb", action="store_true", help="leave out bitsandbytes' Linear8bitLt")
     group.add_argument("--graph-max-m", type=int, help="CUDA: also time CUDA-graph replay up to this M (0: never)")
-    group.add_argument("--reps", type=int, help="timed calls per cell (CPU: at most; a time budget may stop sooner)")
+    group.add_argument("--reps", type=int, help="CPU: timed calls per cell (at most; a time budget may stop sooner); "
+                                                "CUDA: eager rows take reps // 5 rounds (at least 3) of at least 20 "
+                                                "back-to-back calls")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -141,14 +141,20 @@ def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: 
     rounds = max(MIN_SAMPLES, config.reps // 5)  # each round is at least 20 calls
     for provider, error in zip(active, errors):
         # one provider's weight copies at a time (a lent GPU runs nothing else meanwhile)
-        copies = _weight_copies(provider.weight_bytes, device)
-        rotating = [provider.args(xs[i % len(xs)], fresh_weights=True) for i in range(copies)]
-        rows.append(_row(provider, shape, m, "eager", time_cuda_back_to_back(provider.fn, rotating, rounds), error,
-                         ceilings))
-        if provider.capturable and m <= config.graph_max_m:
+        rotating = _rotating_args(provider, xs, _weight_copies(provider.weight_bytes, device))
+        timing = time_cuda_back_to_back(provider.fn, rotating, rounds, warmup=config.warmup)
+        rows.append(_row(provider, shape, m, "eager", timing, error, ceilings))
+        if provider.capturable and m <= config.graph_max_m:  # the same calls, captured once and replayed
             rows.append(_row(provider, shape, m, "graph", time_cuda_graph(provider.fn, rotating), error, ceilings))
         del rotating
     return rows
+
+
+def _rotating_args(provider: Provider, xs, copies: int) -> list[tuple]:
+    """Argument tuples that cycle through ``copies`` fresh copies of the provider's weights and through every input
+    in ``xs``: as many tuples as the longer of the two."""
+    weight_sets = [provider.weight_copy() for _ in range(copies)]
+    return [(provider.args(xs[i % len(xs)])[0], *weight_sets[i % copies]) for i in range(max(copies, len(xs)))]
 
 
 def _error(provider: Provider, args: tuple, x: torch.Tensor, weight: torch.Tensor, m: int) -> float | None:

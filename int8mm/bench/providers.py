@@ -36,10 +36,13 @@ class Provider:
     min_m: int = 0
     computes_linear: bool = True  # False: the output is not y (the GEMM-only row returns int32 sums)
 
-    def args(self, x: torch.Tensor, fresh_weights: bool = False) -> tuple:
+    def args(self, x: torch.Tensor) -> tuple:
         first = self.prepare(x) if self.prepare is not None else x.to(self.input_dtype)
-        weights = tuple(w.clone() for w in self.weights) if fresh_weights else self.weights
-        return (first, *weights)
+        return (first, *self.weights)
+
+    def weight_copy(self) -> tuple:
+        """A copy of the weight tensors the provider is called with (distinct memory: not cached with the rest)."""
+        return tuple(w.clone() for w in self.weights)
 
 
 @dataclass

@@ -110,11 +110,12 @@ def time_cuda_eager(fn: Callable, inputs: Sequence, warmup: int = 10, reps: int 
 BACK_TO_BACK_MIN_CALLS = 20
 
 
-def time_cuda_back_to_back(fn: Callable, inputs: Sequence, rounds: int = 10) -> Timing:
+def time_cuda_back_to_back(fn: Callable, inputs: Sequence, rounds: int = 10, warmup: int = 0) -> Timing:
     """Per-call device time of calls issued back to back from Python, cycling through ``inputs``: each round times
     at least ``BACK_TO_BACK_MIN_CALLS`` calls between two events, so a call costs the larger of its host time
     (Python, checks, launches) and its GPU time, as in an eager model's forward. Give ``inputs`` distinct weights,
-    more than L2 holds, so that each call reads its weight from memory as a model's next layer does.
+    more than L2 holds, so that each call reads its weight from memory as a model's next layer does: the cycle
+    runs on across warm-up and rounds, so every call's input was last used ``len(inputs)`` calls before.
 
     Raises:
         ValueError: no inputs, or fewer than one round.
@@ -122,15 +123,18 @@ def time_cuda_back_to_back(fn: Callable, inputs: Sequence, rounds: int = 10) -> 
     if not inputs or rounds < 1:
         raise ValueError(f"need inputs and rounds >= 1; got {len(inputs)} inputs, rounds={rounds}")
     calls = max(BACK_TO_BACK_MIN_CALLS, len(inputs))
-    for args in inputs:  # warm-up: compilation, autotuning, allocations, kept buffers
-        fn(*args)
+    made = 0
+    for _ in range(max(warmup, len(inputs))):  # warm-up: compilation, autotuning, allocations, kept buffers
+        fn(*inputs[made % len(inputs)])
+        made += 1
     torch.cuda.synchronize()
     samples = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(calls):
-            fn(*inputs[i % len(inputs)])
+        for _ in range(calls):
+            fn(*inputs[made % len(inputs)])
+            made += 1
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) / 1e3 / calls)
