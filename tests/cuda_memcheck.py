@@ -11,9 +11,10 @@ import int8mm
 
 # (1, 2576, N): the one-row GEMV through its unrolled loop, some lanes past it; (4 | 7, 2576, N): the tensor-core
 # GEMV with a last chunk of K that only some lanes hold (2576 = 40 chunks of 64 + 16 bytes); (5 | 16, aligned K):
-# the same kernel at other row counts; (1, 123, N): the element-wise GEMV; M > 16: the GEMM
+# the same kernel at other row counts, (2 | 9, 16 | 48, N) with one chunk of K that only some lanes hold;
+# (1, 123, N): the element-wise GEMV; M > 16: the GEMM
 SHAPES = [(1, 123, 7), (5, 4096, 33), (16, 256, 1024), (17, 499, 65), (130, 1024, 300), (1, 2576, 70), (4, 2576, 70),
-          (7, 2576, 33)]
+          (7, 2576, 33), (2, 16, 33), (9, 48, 70)]
 
 
 def fp16_ulp(values: torch.Tensor) -> torch.Tensor:

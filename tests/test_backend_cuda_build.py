@@ -60,21 +60,23 @@ def _per_function(text: str, marker: str) -> dict[str, str]:
 
 
 def test_the_decode_gemv_of_several_rows_runs_on_tensor_cores(library):
-    """2-16 rows (aligned) take int8_gemv_mma_kernel: int8 mma, the weight loads of four K chunks x four tiles issued
-    as 16-byte streaming loads, and at most 128 registers with no spills, so two 256-thread blocks fit on an SM."""
+    """2-16 rows (aligned) take int8_gemv_mma_kernel: int8 mma, and every load of a loop step (the weight's as 16-byte
+    streaming loads) issued before its first product, which waits for its operands; no spills."""
     tool = _cuobjdump()
     sass = subprocess.run([tool, "--dump-sass", str(library)], capture_output=True, text=True, check=True).stdout
     kernels = {key: body for key, body in _per_function(sass, "Function :").items() if "int8_gemv_mma_kernel" in key}
     assert {key.split()[0] for key in kernels} >= {"sm_80", "sm_90"}
     for key, body in kernels.items():
-        assert body.count("IMMA.16832.S8.S8") == 32, key  # 4 chunks x 4 tiles x 2 steps, unrolled
-        assert body.count("LDG.E.EF.128") == 16, key
+        assert "IMMA.16832.S8.S8" in body, key
+        before_products = body[:body.index("IMMA.16832.S8.S8")]
+        # kMmaChunksInFlight (3) chunks x kMmaTilesN (4) weight rows, and x rows g and g + 8 of each chunk
+        assert before_products.count("LDG.E.EF.128") == 12 and before_products.count("LDG.E.128") == 6, key
     usage = subprocess.run([tool, "-res-usage", str(library)], capture_output=True, text=True, check=True).stdout
     found = re.findall(r"Function (\S*int8_gemv_mma_kernel\S*):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
                        usage)
     assert len(found) == 2 * 9  # sm_80 and sm_90 x (fp16, bf16, fp32 out) x (fp16, bf16, fp32 bias)
-    for name, registers, stack, local in found:
-        assert int(registers) <= 128 and int(stack) == 0 and int(local) == 0, (name, registers, stack, local)
+    for name, _, stack, local in found:  # __launch_bounds__ caps registers at 128: spills are what can go wrong
+        assert int(stack) == 0 and int(local) == 0, (name, stack, local)
 
 
 def test_host_side_calls_work_without_a_gpu(library, monkeypatch):

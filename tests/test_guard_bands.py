@@ -159,9 +159,10 @@ def _counters_all_zero(device: torch.device) -> bool:
 # decode (one row, a few, sixteen) and prefill rows; K and N ragged against every tile size. K a multiple of 16
 # takes the CUDA GEMV's vector loads (one row) or its tensor cores (2-16 rows), others its element-wise path; 2576
 # runs the one-row kernel's unrolled loop (up to 4 steps of 512 bytes per lane) and then, for some lanes, steps
-# outside it, and gives the tensor-core kernel a last 64-byte chunk of K that only one lane in four holds
+# outside it, and gives the tensor-core kernel a last 64-byte chunk of K that only one lane in four holds; K = 16
+# and 48 give it one chunk that only some lanes (and one warp) hold, with 2 and 9 rows
 SHAPES = [(1, 300, 70), (5, 300, 70), (16, 129, 33), (17, 300, 70), (40, 129, 33),
-          (1, 2576, 70), (4, 2576, 70), (7, 2576, 33), (16, 1040, 33)]
+          (1, 2576, 70), (4, 2576, 70), (7, 2576, 33), (16, 1040, 33), (2, 16, 33), (9, 48, 70)]
 
 
 @pytest.mark.parametrize("guarded", SCHEDULES, indirect=True, ids=map(_schedule_id, SCHEDULES))

@@ -1,10 +1,11 @@
 // Decode (M <= 16): stream the int8 weight once at close to memory bandwidth.
 //
-// One row of x (and any row count when K or the pointers are not 16-byte aligned): int8_gemv_kernel. Each warp
-// owns kRowsPerWarp weight rows; lanes walk K in 16-byte vectors (streaming loads that do not linger in L2),
-// several steps' loads issued before any is used, multiply them with the quantized activation rows (small,
-// L1/L2-resident, reused across the warp's rows) by __dp4a, and reduce across the warp. It is compiled for 1, 4, 8
-// and 16 rows of x, so that a one-row decode step keeps few registers and no loop over rows it does not have.
+// One row of x: int8_gemv_kernel. Each warp owns kRowsPerWarp weight rows; lanes walk K in 16-byte vectors
+// (streaming loads that do not linger in L2), several steps' loads issued before any is used, multiply them with
+// the quantized activation row (small, L1/L2-resident, reused across the warp's rows) by __dp4a, and reduce across
+// the warp. Where K or the pointers are not 16-byte aligned, the same kernel reads element by element, compiled
+// for 1, 4, 8 and 16 rows of x, so that a one-row decode step keeps few registers and no loop over rows it does not
+// have.
 //
 // 2-16 rows, aligned: int8_gemv_mma_kernel, the same weight stream into the int8 tensor cores (its dp4a form
 // needed 254 registers at 16 rows, one block per SM, and ran at half its one-row speed on an H200, 2026-11-30).
@@ -145,7 +146,10 @@ __global__ void __launch_bounds__(kGemvThreads) int8_gemv_kernel(GemmArgs args) 
 constexpr int kMmaWarps = 8, kMmaThreads = 32 * kMmaWarps, kMmaTilesN = 4, kMmaBlockN = 8 * kMmaTilesN;
 constexpr int kMmaRows = 16;                   // rows of x an m16n8k32 tile holds
 constexpr int64_t kMmaChunk = 64;              // bytes of K per lane group per step: 4 lanes x 16
-constexpr int kMmaChunksInFlight = 4;          // chunks whose weight loads a warp issues before using any
+// chunks whose loads a warp issues before its first product: 12 weight and 6 x loads of 16 bytes a lane (192 bytes of
+// weight in flight a lane, 48 KB a block); 110-114 registers, two blocks per SM (4 chunks with x loaded up front
+// spilled at the 128 registers two blocks allow, and without two blocks ptxas interleaved loads and products)
+constexpr int kMmaChunksInFlight = 3;
 
 template <typename T, typename TBias>
 __global__ void __launch_bounds__(kMmaThreads, 2) int8_gemv_mma_kernel(GemmArgs args) {
@@ -162,8 +166,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2) int8_gemv_mma_kernel(GemmArgs 
   int32_t acc[kMmaTilesN][4] = {};
   const int64_t chunks = ceil_div_device(K, kMmaChunk);
   for (int64_t c0 = warp; c0 < chunks; c0 += kMmaWarps * kMmaChunksInFlight) {
-    // chunk s starts at byte kc(s) of K; this lane's 16 bytes lie wholly inside K or wholly past it (K % 16 == 0)
-    int4 w[kMmaChunksInFlight][kMmaTilesN];
+    // chunk s starts at byte kc(s) of K; this lane's 16 bytes lie wholly inside K or wholly past it (K % 16 == 0).
+    // Every load of the step is issued before the first product (an mma waits for its operands, and the warp
+    // issues in order); chunks past K multiply zeros rather than branch.
+    int4 w[kMmaChunksInFlight][kMmaTilesN], lo[kMmaChunksInFlight], hi[kMmaChunksInFlight];
 #pragma unroll
     for (int s = 0; s < kMmaChunksInFlight; ++s) {
       const int64_t kc = (c0 + s * kMmaWarps) * kMmaChunk;
@@ -175,14 +181,16 @@ __global__ void __launch_bounds__(kMmaThreads, 2) int8_gemv_mma_kernel(GemmArgs 
 #pragma unroll
     for (int s = 0; s < kMmaChunksInFlight; ++s) {
       const int64_t kc = (c0 + s * kMmaWarps) * kMmaChunk;
-      if (kc >= K) break;  // a warp's chunks come in order: the rest are past K too (uniform across the warp)
       const bool inside = kc + 16 * q < K;
-      const int4 lo = inside ? *reinterpret_cast<const int4*>(x_lo + kc) : make_int4(0, 0, 0, 0);
-      const int4 hi = inside ? *reinterpret_cast<const int4*>(x_hi + kc) : make_int4(0, 0, 0, 0);
-      const uint32_t a_first[4] = {static_cast<uint32_t>(lo.x), static_cast<uint32_t>(hi.x),
-                                   static_cast<uint32_t>(lo.y), static_cast<uint32_t>(hi.y)};
-      const uint32_t a_second[4] = {static_cast<uint32_t>(lo.z), static_cast<uint32_t>(hi.z),
-                                    static_cast<uint32_t>(lo.w), static_cast<uint32_t>(hi.w)};
+      lo[s] = inside ? *reinterpret_cast<const int4*>(x_lo + kc) : make_int4(0, 0, 0, 0);
+      hi[s] = inside ? *reinterpret_cast<const int4*>(x_hi + kc) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int s = 0; s < kMmaChunksInFlight; ++s) {
+      const uint32_t a_first[4] = {static_cast<uint32_t>(lo[s].x), static_cast<uint32_t>(hi[s].x),
+                                   static_cast<uint32_t>(lo[s].y), static_cast<uint32_t>(hi[s].y)};
+      const uint32_t a_second[4] = {static_cast<uint32_t>(lo[s].z), static_cast<uint32_t>(hi[s].z),
+                                    static_cast<uint32_t>(lo[s].w), static_cast<uint32_t>(hi[s].w)};
 #pragma unroll
       for (int t = 0; t < kMmaTilesN; ++t) {
         const uint32_t b_first[2] = {static_cast<uint32_t>(w[s][t].x), static_cast<uint32_t>(w[s][t].y)};
@@ -229,8 +237,8 @@ int launch_gemv_rows(const GemmArgs& args, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// one row (the usual decode step): the dp4a kernel; 2-16 aligned rows: the tensor cores; 2-16 rows otherwise: the
-// smallest dp4a row count that holds M (4, 8 or kMaxM)
+// one row (the usual decode step): the dp4a kernel (vector or element-wise); 2-16 aligned rows: the tensor cores;
+// 2-16 rows otherwise: the element-wise kernel compiled for the smallest row count that holds M (4, 8 or kMaxM)
 template <typename T, typename TBias>
 int launch_gemv_typed(const GemmArgs& args, cudaStream_t stream) {
   if (args.M <= 1) return launch_gemv_rows<T, TBias, 1>(args, stream);
