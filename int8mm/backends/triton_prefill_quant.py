@@ -25,7 +25,8 @@ CLASSIC = "classic"
 ROWWISE = "rowwise"
 RESIDENT = "resident"
 PREFILL_QUANT_SCHEMES = (CLASSIC, ROWWISE, RESIDENT)
-# rowwise measured 1.10x classic on an H200 (run 4); resident is unmeasured: default once a GPU run says (TUNING.md)
+# rowwise measured 1.10x classic on an H200 (run 4, with the atomics since replaced); resident is unmeasured: the
+# default changes once a GPU run says (TUNING.md)
 DEFAULT_PREFILL_QUANT = CLASSIC
 
 
