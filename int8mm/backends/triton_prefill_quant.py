@@ -54,7 +54,7 @@ ROWWISE_ROWS_PER_SM = 8
 # them to this share of the L2 size
 ROWWISE_L2_SHARE = 0.5
 
-# resident: a row of up to 16384 columns in one tile, about 32 columns per thread (1 to 16 warps): 101-120
+# resident: a row of up to 16384 columns in one tile, about 32 columns per thread (1 to 16 warps): 96-120
 # registers (AOT, sm_80/sm_90), so 4 programs per SM at K = 4096, 2 at 8192, 1 at 14336. A longer row is swept twice
 # in 8192-column steps by 16 warps, the first sweep in two slices of 4096 (at most 64 registers: 2 programs per SM;
 # 16384-column steps made ptxas spill).
