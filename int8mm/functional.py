@@ -5,6 +5,7 @@ every backend.
 """
 import math
 import numbers
+import struct
 
 import torch
 
@@ -201,8 +202,14 @@ def _check_k(k: int, arg: str, limit: int = MAX_EXACT_K) -> None:
         )
 
 
+# below the smallest normal fp32 number a threshold is rounded as the kernels receive it (an fp32 argument): docs/SPEC.md
+# compares the threshold as fp32, and one that rounds to 0 turns decomposition off on every backend alike
+_FP32_SMALLEST_NORMAL = 2.0**-126
+
+
 def check_threshold(threshold) -> float:
-    """``threshold`` as a float; TypeError unless it is a real number, ValueError if it is negative or NaN."""
+    """``threshold`` as a float (rounded to fp32 below fp32's normal range, where the rounding can reach 0);
+    TypeError unless it is a real number, ValueError if it is negative or NaN."""
     # a float skips the abstract-class check, the slowest part of a decode call's checks with a cold cache
     if type(threshold) is not float:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # numpy scalars are Real too
@@ -210,6 +217,8 @@ def check_threshold(threshold) -> float:
         threshold = float(threshold)
     if not threshold >= 0:  # NaN too; and unlike math.isnan this traces when torch.compile makes it symbolic
         raise ValueError(f"threshold must be >= 0 (0 disables outlier decomposition), got {threshold}")
+    if 0.0 < threshold < _FP32_SMALLEST_NORMAL:
+        threshold = struct.unpack("f", struct.pack("f", threshold))[0]
     return threshold
 
 

@@ -394,6 +394,22 @@ def test_bad_threshold_value(threshold):
         int8mm.quantize_activations(x, threshold)
 
 
+def test_thresholds_below_fp32_normals_are_what_the_kernels_receive():
+    """The kernels take the threshold as an fp32 argument (docs/SPEC.md compares it as fp32): a positive threshold
+    that rounds to 0 there disables decomposition on every backend, the reference included, instead of making
+    every element an outlier on some and none on others; one that rounds to a subnormal keeps that value."""
+    assert int8mm.functional.check_threshold(1e-50) == 0.0
+    subnormal = int8mm.functional.check_threshold(1e-40)
+    assert subnormal == torch.tensor(1e-40, dtype=torch.float32).item() != 1e-40
+    assert int8mm.functional.check_threshold(6.0) == 6.0 and int8mm.functional.check_threshold(2.0**-126) == 2.0**-126
+    q_w, s_w = _layer()
+    x = torch.randn(2, 8)
+    for backend in ("reference", "auto"):
+        assert torch.equal(int8mm.int8_linear(x, q_w, s_w, threshold=1e-50, backend=backend),
+                           int8mm.int8_linear(x, q_w, s_w, threshold=0.0, backend=backend))
+    assert int(int8mm.quantize_activations(x, 1e-50)[2].numel()) == 0
+
+
 @pytest.mark.parametrize("threshold", ["6.0", None, True, torch.tensor(6.0)])
 def test_bad_threshold_type(threshold):
     q_w, s_w = _layer()
