@@ -79,6 +79,18 @@ def test_the_decode_gemv_of_several_rows_runs_on_tensor_cores(library):
         assert int(stack) == 0 and int(local) == 0, (name, stack, local)
 
 
+def test_no_kernel_spills_and_one_row_is_quantized_by_one_kernel(library):
+    """Every kernel of the library, for sm_80 and sm_90, keeps its values in registers (no stack, no local memory);
+    among them the one-row quantization (one 1024-thread block holding the row in registers)."""
+    usage = subprocess.run([_cuobjdump(), "-res-usage", str(library)], capture_output=True, text=True,
+                           check=True).stdout
+    found = re.findall(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert len(found) > 100
+    spilling = [(name, stack, local) for name, _, stack, local in found if int(stack) or int(local)]
+    assert not spilling, spilling
+    assert sum("quantize_one_row_kernel" in name for name, *_ in found) == 2 * 3  # sm_80, sm_90 x fp16/bf16/fp32
+
+
 def test_host_side_calls_work_without_a_gpu(library, monkeypatch):
     monkeypatch.setenv(cuda_build.LIBRARY_ENV_VAR, str(library))
     cuda.library.cache_clear()

@@ -201,3 +201,42 @@ def test_quantize_without_elements(m, k, backend):
     x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
     q_x, s_x, _, count = _ops.quantize_activations(x, 6.0, backend)
     assert q_x.shape == (m, k) and torch.equal(s_x, torch.zeros(m, device=DEVICE)) and int(count) == 0
+
+
+# one row of x: the CUDA library quantizes it in one block holding the row in registers (K <= 32768; longer rows
+# take the two passes): columns at the edges of a thread's slots (1024 columns apart), several outliers in one slot,
+# ragged K, and the first K past the one-block path
+ONE_ROW_K = [1, 31, 1024, 1025, 3000, 14336, 32768, 32769]
+
+
+@requires_cuda
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", ONE_ROW_K)
+def test_one_row_quantization_in_one_block(k, dtype, threshold):
+    x = planted_outliers(1, k, dtype, n_outlier_cols=min(8, k)).to(DEVICE)
+    for col in (0, 1023, 1024, 2047, 2048 + 5, 31 * 1024 + 1023):
+        if col < k:
+            x[0, col] = 7.0 + col % 5
+    _assert_quantize_equal(*_both(_ops.quantize_activations, "cuda", x, threshold))
+    q_w, s_w = int8mm.quantize_weight(random_weight(40, k).to(DEVICE))
+    assert_output_close(*reversed(_both(_ops.int8_linear, "cuda", x, q_w, s_w, None, threshold)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", ["nan", "inf", "zero", "all outliers", "column view"])
+def test_one_row_quantization_edge_rows(case):
+    k = 4100
+    x = planted_outliers(1, k, torch.float16).to(DEVICE)
+    if case == "nan":
+        x[0, 3000] = float("nan")
+    elif case == "inf":
+        x[0, 5] = float("inf")
+    elif case == "zero":
+        x.zero_()
+    elif case == "all outliers":
+        x = x.abs() + 10.0
+    else:  # a column of a column-major matrix: stride_xk != 1
+        x = torch.randn(k, 3, device=DEVICE, dtype=torch.float16).t()[:1]
+    for threshold in (0.0, 6.0):
+        _assert_quantize_equal(*_both(_ops.quantize_activations, "cuda", x, threshold))

@@ -7,6 +7,10 @@
 // compaction block, counted once by the thread whose atomicExch raised the flag).
 // Pass 2, quantize_rows: int8 rows with outlier columns zeroed, the fp32 row scales, and the ascending
 // outlier list: each compaction block writes its slice after the counts of the blocks before it.
+//
+// One row (a sequence's decode step, what AUTO sends to this library) takes quantize_one_row instead: one block
+// holds the row in registers, so one kernel with no workspace and no fill replaces the fill and the two passes
+// (a decode call is then two kernels: this and the GEMV).
 #include <algorithm>
 
 #include "common.cuh"
@@ -141,10 +145,103 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(
   }
 }
 
+// ---- one row: one block, the row read once into registers ----
+constexpr int kRowThreads = 1024;
+constexpr int kRowPerThread = 32;                       // element i of a thread is column i * kRowThreads + thread
+constexpr int64_t kRowMaxK = int64_t{kRowThreads} * kRowPerThread;  // 32768: every Llama row
+constexpr int kRowWarps = kRowThreads / 32;
+
+// the exclusive prefix sum of one int per thread across the block, and the block's total; ends with a barrier, so
+// that warp_totals can be reused at once
+__device__ int block_exclusive_scan(int value, int* warp_totals, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inclusive = value;
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  int before = 0, all = 0;
+  for (int w = 0; w < kRowWarps; ++w) {
+    if (w < warp) before += warp_totals[w];
+    all += warp_totals[w];
+  }
+  *total = all;
+  __syncthreads();
+  return before + inclusive - value;
+}
+
+// NaN-aware max: NaN wins (fmaxf would drop it)
+__device__ __forceinline__ float max_keeping_nan(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
+    const T* __restrict__ x, int64_t K, int64_t stride_xk, float threshold, int8_t* __restrict__ q_x,
+    float* __restrict__ s_x, int32_t* __restrict__ outlier_cols, int32_t* __restrict__ outlier_count) {
+  __shared__ unsigned outlier_slots;  // bit i: some thread's element i is an outlier
+  __shared__ float warp_max[kRowWarps];
+  __shared__ int warp_totals[kRowWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (threadIdx.x == 0) outlier_slots = 0;
+  float v[kRowPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowPerThread; ++i) {  // every load issued before any is used
+    const int64_t k = int64_t{i} * kRowThreads + threadIdx.x;
+    v[i] = k < K ? to_float(x[k * stride_xk]) : 0.0f;
+  }
+  float row_max = 0.0f;
+  bool row_nan = false;
+  unsigned mine = 0;  // bit i: element i is an outlier (padding is 0, never one)
+#pragma unroll
+  for (int i = 0; i < kRowPerThread; ++i) {
+    const float a = fabsf(v[i]);
+    if (threshold > 0.0f && a >= threshold) mine |= 1u << i;
+    else row_max = fmaxf(row_max, a);
+    row_nan |= v[i] != v[i];
+  }
+  __syncthreads();  // outlier_slots is cleared before any thread ORs into it
+  if (mine) atomicOr(&outlier_slots, mine);
+  float m = row_nan ? NAN : row_max;
+  for (int offset = 16; offset > 0; offset /= 2) m = max_keeping_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();  // the warps' maxima and every thread's OR
+  float scale = 0.0f;
+  for (int w = 0; w < kRowWarps; ++w) scale = max_keeping_nan(scale, warp_max[w]);
+  if (scale != scale) scale = NAN;  // canonical +NaN, as the two-pass path stores it
+  if (threadIdx.x == 0) s_x[0] = scale;
+  const float reciprocal = row_reciprocal(scale);
+#pragma unroll
+  for (int i = 0; i < kRowPerThread; ++i) {  // with one row, its outlier elements are the outlier columns
+    const int64_t k = int64_t{i} * kRowThreads + threadIdx.x;
+    if (k < K) q_x[k] = ((mine >> i) & 1u) || reciprocal == 0.0f ? int8_t{0} : quantize_value(v[i] * reciprocal);
+  }
+  // the ascending list: slots i in order (column i * kRowThreads + thread), a block scan in each slot that holds an
+  // outlier somewhere (the same slots for every thread: the loop is uniform across the block)
+  const unsigned slots = outlier_slots;
+  int count = 0;
+  for (int i = 0; i < kRowPerThread; ++i) {
+    if (!((slots >> i) & 1u)) continue;
+    const int flag = static_cast<int>((mine >> i) & 1u);
+    int in_slot = 0;
+    const int before = block_exclusive_scan(flag, warp_totals, &in_slot);
+    if (flag) outlier_cols[count + before] = static_cast<int32_t>(int64_t{i} * kRowThreads + threadIdx.x);
+    count += in_slot;
+  }
+  if (threadIdx.x == 0) outlier_count[0] = count;
+}
+
 int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm,
                               int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
                               int32_t* outlier_cols, int32_t* outlier_count, cudaStream_t stream,
                               int num_sms) {
+  if (M == 1 && K > 0 && K <= kRowMaxK) {  // needs neither the workspace nor its fill
+    INT8MM_DISPATCH_FLOAT(x_dtype, {
+      quantize_one_row_kernel<scalar_t><<<1, kRowThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(x), K, stride_xk, threshold, q_x, s_x, outlier_cols, outlier_count);
+    });
+    return static_cast<int>(cudaGetLastError());
+  }
   const int64_t num_compact_blocks = ceil_div(K, kCompactBlock);
   int32_t* row_max_bits = workspace;
   int32_t* col_flags = workspace + M;
