@@ -79,6 +79,31 @@ def test_the_decode_gemv_of_several_rows_runs_on_tensor_cores(library):
         assert int(stack) == 0 and int(local) == 0, (name, stack, local)
 
 
+def _loads_before_first_use(body: str) -> int:
+    """How many global loads (LDG) a SASS body issues before its first instruction that reads a loaded register."""
+    loaded = set()
+    for instruction in re.findall(r"/\*[0-9a-f]{4}\*/\s+(.*?);", body):
+        op, _, operands = re.sub(r"^@!?U?P[T\d]+\s+", "", instruction).partition(" ")
+        registers = re.findall(r"\bR\d+\b", operands)
+        sources = registers if op.startswith(("ST", "RED", "ATOM")) else registers[1:]
+        if loaded & set(sources):
+            break
+        if op.startswith("LDG"):
+            loaded.add(registers[0])
+    return len(loaded)
+
+
+def test_the_one_row_quantization_issues_every_load_first(library):
+    """quantize_one_row_kernel holds the row in registers: its 32 loads a thread are all in flight before the first
+    value is converted or compared (one memory round trip per row, not one per load)."""
+    sass = subprocess.run([_cuobjdump(), "--dump-sass", str(library)], capture_output=True, text=True,
+                          check=True).stdout
+    kernels = {key: body for key, body in _per_function(sass, "Function :").items() if "quantize_one_row" in key}
+    assert len(kernels) == 2 * 3  # sm_80, sm_90 x fp16, bf16, fp32
+    for key, body in kernels.items():
+        assert _loads_before_first_use(body) == 32, key
+
+
 def test_no_kernel_spills_and_one_row_is_quantized_by_one_kernel(library):
     """Every kernel of the library, for sm_80 and sm_90, keeps its values in registers (no stack, no local memory);
     among them the one-row quantization (one 1024-thread block holding the row in registers)."""

@@ -224,7 +224,28 @@ def test_one_row_quantization_in_one_block(k, dtype, threshold):
 
 
 @requires_cuda
-@pytest.mark.parametrize("case", ["nan", "inf", "zero", "all outliers", "column view"])
+@pytest.mark.parametrize("k,one_kernel", [(4096, True), (40000, False)])
+def test_one_row_takes_the_one_kernel_quantization(k, one_kernel):
+    """Outputs cannot tell the two quantization paths apart: the kernels launched can. One row of up to 32768
+    columns: the one-row kernel and the GEMV, no fill; a longer row: the fill and the two passes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = planted_outliers(1, k, torch.float16).to(DEVICE)
+    q_w, s_w = int8mm.quantize_weight(random_weight(64, k).to(DEVICE))
+    impl = registry.lookup("cuda", "int8_linear")
+    impl(x, q_w, s_w, None, 6.0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        impl(x, q_w, s_w, None, 6.0)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("quantize_one_row_kernel" in name for name in kernels) == one_kernel, kernels
+    assert any("activation_stats_kernel" in name for name in kernels) == (not one_kernel), kernels
+    assert any("gemv" in name for name in kernels), kernels
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", ["nan", "negative inf", "inf", "zero", "all outliers", "column view"])
 def test_one_row_quantization_edge_rows(case):
     k = 4100
     x = planted_outliers(1, k, torch.float16).to(DEVICE)
@@ -232,6 +253,8 @@ def test_one_row_quantization_edge_rows(case):
         x[0, 3000] = float("nan")
     elif case == "inf":
         x[0, 5] = float("inf")
+    elif case == "negative inf":
+        x[0, 4099] = -float("inf")
     elif case == "zero":
         x.zero_()
     elif case == "all outliers":
@@ -239,4 +262,8 @@ def test_one_row_quantization_edge_rows(case):
     else:  # a column of a column-major matrix: stride_xk != 1
         x = torch.randn(k, 3, device=DEVICE, dtype=torch.float16).t()[:1]
     for threshold in (0.0, 6.0):
-        _assert_quantize_equal(*_both(_ops.quantize_activations, "cuda", x, threshold))
+        ref, got = _both(_ops.quantize_activations, "cuda", x, threshold)
+        _assert_quantize_equal(ref, got)
+        # the scale bit for bit as the two-pass path (here for two copies of the row) stores it: NaN's bits too
+        two_rows = _ops.quantize_activations(torch.cat([x, x]), threshold, "cuda")
+        assert got[1].view(torch.int32).item() == two_rows[1][0].view(torch.int32).item()

@@ -150,27 +150,7 @@ constexpr int kRowThreads = 1024;
 constexpr int kRowPerThread = 32;                       // element i of a thread is column i * kRowThreads + thread
 constexpr int64_t kRowMaxK = int64_t{kRowThreads} * kRowPerThread;  // 32768: every Llama row
 constexpr int kRowWarps = kRowThreads / 32;
-
-// the exclusive prefix sum of one int per thread across the block, and the block's total; ends with a barrier, so
-// that warp_totals can be reused at once
-__device__ int block_exclusive_scan(int value, int* warp_totals, int* total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int inclusive = value;
-  for (int offset = 1; offset < 32; offset *= 2) {
-    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
-  if (lane == 31) warp_totals[warp] = inclusive;
-  __syncthreads();
-  int before = 0, all = 0;
-  for (int w = 0; w < kRowWarps; ++w) {
-    if (w < warp) before += warp_totals[w];
-    all += warp_totals[w];
-  }
-  *total = all;
-  __syncthreads();
-  return before + inclusive - value;
-}
+static_assert(kRowPerThread == 32, "a warp's lanes keep one slot's ballot each");
 
 // NaN-aware max: NaN wins (fmaxf would drop it)
 __device__ __forceinline__ float max_keeping_nan(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
@@ -179,33 +159,52 @@ template <typename T>
 __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
     const T* __restrict__ x, int64_t K, int64_t stride_xk, float threshold, int8_t* __restrict__ q_x,
     float* __restrict__ s_x, int32_t* __restrict__ outlier_cols, int32_t* __restrict__ outlier_count) {
-  __shared__ unsigned outlier_slots;  // bit i: some thread's element i is an outlier
+  // slot_masks[w][i], bit l: lane l of warp w holds an outlier in slot i (column i * kRowThreads + 32w + l);
+  // indexed [warp][slot] so that the one warp summing a slot per lane reads distinct banks
+  __shared__ unsigned slot_masks[kRowWarps][kRowPerThread];
+  __shared__ int slot_start[kRowPerThread + 1];  // outliers in the slots before slot i; [kRowPerThread]: all
   __shared__ float warp_max[kRowWarps];
-  __shared__ int warp_totals[kRowWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (threadIdx.x == 0) outlier_slots = 0;
-  float v[kRowPerThread];
+  T raw[kRowPerThread];
 #pragma unroll
-  for (int i = 0; i < kRowPerThread; ++i) {  // every load issued before any is used
+  for (int i = 0; i < kRowPerThread; ++i) {  // every load issued before any value is converted or used
     const int64_t k = int64_t{i} * kRowThreads + threadIdx.x;
-    v[i] = k < K ? to_float(x[k * stride_xk]) : 0.0f;
+    raw[i] = k < K ? x[k * stride_xk] : T(0.0f);
   }
+  float v[kRowPerThread];
   float row_max = 0.0f;
   bool row_nan = false;
   unsigned mine = 0;  // bit i: element i is an outlier (padding is 0, never one)
 #pragma unroll
   for (int i = 0; i < kRowPerThread; ++i) {
+    v[i] = to_float(raw[i]);
     const float a = fabsf(v[i]);
     if (threshold > 0.0f && a >= threshold) mine |= 1u << i;
     else row_max = fmaxf(row_max, a);
     row_nan |= v[i] != v[i];
   }
-  __syncthreads();  // outlier_slots is cleared before any thread ORs into it
-  if (mine) atomicOr(&outlier_slots, mine);
+  unsigned my_slot = 0;  // lane l keeps the warp's ballot of slot l
+#pragma unroll
+  for (int i = 0; i < kRowPerThread; ++i) {
+    const unsigned ballot = __ballot_sync(0xffffffffu, (mine >> i) & 1u);
+    if (lane == i) my_slot = ballot;
+  }
+  slot_masks[warp][lane] = my_slot;
   float m = row_nan ? NAN : row_max;
   for (int offset = 16; offset > 0; offset /= 2) m = max_keeping_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
   if (lane == 0) warp_max[warp] = m;
-  __syncthreads();  // the warps' maxima and every thread's OR
+  __syncthreads();  // the warps' maxima and slot masks
+  if (warp == 0) {  // lane i: where slot i's outliers start in the list (an exclusive scan over the slots)
+    int in_slot = 0;
+    for (int w = 0; w < kRowWarps; ++w) in_slot += __popc(slot_masks[w][lane]);
+    int inclusive = in_slot;
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    slot_start[lane] = inclusive - in_slot;
+    if (lane == 31) slot_start[kRowPerThread] = inclusive;
+  }
   float scale = 0.0f;
   for (int w = 0; w < kRowWarps; ++w) scale = max_keeping_nan(scale, warp_max[w]);
   if (scale != scale) scale = NAN;  // canonical +NaN, as the two-pass path stores it
@@ -216,19 +215,15 @@ __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
     const int64_t k = int64_t{i} * kRowThreads + threadIdx.x;
     if (k < K) q_x[k] = ((mine >> i) & 1u) || reciprocal == 0.0f ? int8_t{0} : quantize_value(v[i] * reciprocal);
   }
-  // the ascending list: slots i in order (column i * kRowThreads + thread), a block scan in each slot that holds an
-  // outlier somewhere (the same slots for every thread: the loop is uniform across the block)
-  const unsigned slots = outlier_slots;
-  int count = 0;
-  for (int i = 0; i < kRowPerThread; ++i) {
-    if (!((slots >> i) & 1u)) continue;
-    const int flag = static_cast<int>((mine >> i) & 1u);
-    int in_slot = 0;
-    const int before = block_exclusive_scan(flag, warp_totals, &in_slot);
-    if (flag) outlier_cols[count + before] = static_cast<int32_t>(int64_t{i} * kRowThreads + threadIdx.x);
-    count += in_slot;
+  __syncthreads();  // slot_start
+  if (threadIdx.x == 0) outlier_count[0] = slot_start[kRowPerThread];
+  // the ascending list: slot by slot, then by thread (columns i * kRowThreads + thread ascend in that order)
+  for (unsigned left = mine; left != 0; left &= left - 1) {
+    const int i = __ffs(left) - 1;
+    int before = slot_start[i] + __popc(slot_masks[warp][i] & ((1u << lane) - 1u));
+    for (int w = 0; w < warp; ++w) before += __popc(slot_masks[w][i]);
+    outlier_cols[before] = static_cast<int32_t>(int64_t{i} * kRowThreads + threadIdx.x);
   }
-  if (threadIdx.x == 0) outlier_count[0] = count;
 }
 
 int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm,
