@@ -213,7 +213,7 @@ ONE_ROW_K = [1, 31, 1024, 1025, 3000, 14336, 32768, 32769]
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", ONE_ROW_K)
-def test_one_row_quantization_in_one_block(k, dtype, threshold):
+def test_cuda_one_row_quantization_in_one_block(k, dtype, threshold):
     x = planted_outliers(1, k, dtype, n_outlier_cols=min(8, k)).to(DEVICE)
     for col in (0, 1023, 1024, 2047, 2048 + 5, 31 * 1024 + 1023):
         if col < k:
@@ -225,7 +225,7 @@ def test_one_row_quantization_in_one_block(k, dtype, threshold):
 
 @requires_cuda
 @pytest.mark.parametrize("k,one_kernel", [(4096, True), (40000, False)])
-def test_one_row_takes_the_one_kernel_quantization(k, one_kernel):
+def test_cuda_one_row_takes_the_one_kernel_quantization(k, one_kernel):
     """Outputs cannot tell the two quantization paths apart: the kernels launched can. One row of up to 32768
     columns: the one-row kernel and the GEMV, no fill; a longer row: the fill and the two passes."""
     from torch.profiler import ProfilerActivity, profile
@@ -246,7 +246,7 @@ def test_one_row_takes_the_one_kernel_quantization(k, one_kernel):
 
 @requires_cuda
 @pytest.mark.parametrize("case", ["nan", "negative inf", "inf", "zero", "all outliers", "column view"])
-def test_one_row_quantization_edge_rows(case):
+def test_cuda_one_row_quantization_edge_rows(case):
     k = 4100
     x = planted_outliers(1, k, torch.float16).to(DEVICE)
     if case == "nan":
