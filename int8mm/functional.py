@@ -202,8 +202,9 @@ def _check_k(k: int, arg: str, limit: int = MAX_EXACT_K) -> None:
         )
 
 
-# below the smallest normal fp32 number a threshold is rounded as the kernels receive it (an fp32 argument): docs/SPEC.md
-# compares the threshold as fp32, and one that rounds to 0 turns decomposition off on every backend alike
+# below the smallest normal fp32 number a threshold is rounded as the kernels receive it (an fp32 argument):
+# docs/SPEC.md compares the threshold as fp32, and one that rounds to 0 turns decomposition off on every backend
+# alike
 _FP32_SMALLEST_NORMAL = 2.0**-126
 
 
