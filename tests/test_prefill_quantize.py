@@ -176,6 +176,24 @@ def test_resident_rows_longer_than_a_tile(k, scheme, monkeypatch):
     assert_same_quantization(x, 6.0)
 
 
+def test_outlier_row_ranges_stay_within_the_grid_limit(row_scheme, monkeypatch):
+    """Past MAX_GRID_Y row ranges (16.7M rows on a GPU; 3 here) each program takes more rows, and every row of an
+    outlier column is still zeroed."""
+    monkeypatch.setattr(triton_prefill_quant, "OUTLIER_ROWS_PER_PROGRAM", 8)
+    monkeypatch.setattr(triton_prefill_quant, "MAX_GRID_Y", 3)
+    assert triton_prefill_quant.outlier_rows_per_program(40) == 14  # cdiv(40, 3): 3 ranges, not 5
+    assert triton_prefill_quant.outlier_rows_per_program(20) == 8
+    grids, launch = [], triton_prefill_quant.launch
+
+    def recording(kernel, grid, args, options):
+        grids.append(grid)
+        launch(kernel, grid, args, options)
+
+    monkeypatch.setattr(triton_prefill_quant, "launch", recording)
+    assert_same_quantization(_activations(40, 96), 6.0)
+    assert len(grids) == 2 and grids[1][1] == 3  # the outlier kernel: 3 row ranges of 14 rows
+
+
 def test_the_outlier_kernel_tiles_fit_its_arithmetic():
     """A column block holds whole words of bits (its offset in words is BLOCK_K // 32) and Triton tiles are powers
     of two."""

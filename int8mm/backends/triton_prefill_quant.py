@@ -71,6 +71,7 @@ RESIDENT_SWEEP_PARTS = 2
 OUTLIER_BLOCK_K = 2048
 OUTLIER_COUNT_TILE = 1024
 OUTLIER_ROWS_PER_PROGRAM = 256
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (the outlier kernel's row ranges)
 OUTLIER_TILE = {"BLOCK_R": 64, "COLS_CHUNK": 16}
 OUTLIER_WARPS = 4
 
@@ -87,6 +88,12 @@ def rowwise_schedule(x: torch.Tensor) -> tuple[int, int]:
     row_block_bytes = block_m * k * x.element_size()
     in_l2 = max(sms, int(l2_bytes * ROWWISE_L2_SHARE) // row_block_bytes)
     return block_m, min(cdiv(m, block_m), sms * ROWWISE_ROWS_PER_SM // block_m, in_l2)
+
+
+def outlier_rows_per_program(m: int) -> int:
+    """Rows of q each outlier-columns program zeroes: OUTLIER_ROWS_PER_PROGRAM, or more when M is so large (over
+    16.7 million rows) that the row ranges would pass MAX_GRID_Y."""
+    return max(OUTLIER_ROWS_PER_PROGRAM, cdiv(m, MAX_GRID_Y))
 
 
 def rowwise_options(block_m: int) -> dict:
@@ -127,6 +134,7 @@ def quantize_rows(x: torch.Tensor, threshold: float, scheme: str, q_x: torch.Ten
         programs = m
     launch(_row_quantize_kernel, (programs,), (x, q_x, s_x, flag_words, m, k, *x.stride(), threshold),
            {**options, "INTERPRET": triton_interpreting()})
-    launch(_outlier_columns_kernel, (cdiv(k, OUTLIER_BLOCK_K), cdiv(m, OUTLIER_ROWS_PER_PROGRAM)), (
-        flag_words, q_x, outlier_cols, outlier_count, m, k, OUTLIER_ROWS_PER_PROGRAM,
+    rows_per_program = outlier_rows_per_program(m)
+    launch(_outlier_columns_kernel, (cdiv(k, OUTLIER_BLOCK_K), cdiv(m, rows_per_program)), (
+        flag_words, q_x, outlier_cols, outlier_count, m, k, rows_per_program,
     ), {"BLOCK_K": OUTLIER_BLOCK_K, "COUNT_TILE": OUTLIER_COUNT_TILE, **OUTLIER_TILE, "num_warps": OUTLIER_WARPS})
