@@ -5,6 +5,7 @@ package is checked against the contract rather than against itself. float64 make
 or correctly rounded: a product of two fp32 numbers is exact in float64, and a float64 division or product
 rounded once more to fp32 equals the fp32 operation (53 >= 2 * 24 + 2 bits, so double rounding is harmless).
 """
+import importlib.util
 import math
 import os
 
@@ -31,6 +32,14 @@ def compiling_process_environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPOSITORY, env.get("PYTHONPATH")) if p)
     return env
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the folder is not a package), for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPOSITORY, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- inputs ----

@@ -1,9 +1,7 @@
 """The benchmark harness on CPU: timers, inputs, the kernel suite's rows, the reports, the model suite, the scripts."""
-import importlib.util
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +14,9 @@ from int8mm.bench.model_suite import ModelSuiteConfig, model_markdown, run_model
 from int8mm.bench.providers import benchmark_backends
 from int8mm.bench.report import geomean, geomean_table, markdown
 from int8mm.cli import main
+from helpers import load_benchmark
 
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {
     "device": str, "date": str, "int8mm": str, "torch": str, "model": str, "role": str, "shape": str, "k": int,
     "n": int, "m": int, "regime": str, "provider": str, "mode": str, "input_dtype": str, "median_us": float,
@@ -226,29 +224,22 @@ def test_model_suite_on_a_tiny_llama(capsys):
     assert result["meta"]["outlier_dims_used"] == [7, 100]  # the planted dims inside hidden size 256
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_cpu_script_writes_its_files(tmp_path):
-    _script("bench_cpu").main(["--quick", "--roles", "down_proj", "--m", "1", "--reps", "2", "--out", str(tmp_path)])
+    load_benchmark("bench_cpu").main(["--quick", "--roles", "down_proj", "--m", "1", "--reps", "2", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "cpu_bench.json").read_text())["rows"]
     assert {r["shape"] for r in rows} == {"SmolLM2-135M down_proj"}
     assert (tmp_path / "cpu_bench.md").exists() and (tmp_path / "cpu_bench.png").exists()
 
 
 def test_bench_gpu_script_keeps_its_flags():
-    args = _script("bench_gpu").build_parser().parse_args(
+    args = load_benchmark("bench_gpu").build_parser().parse_args(
         ["--out", "x", "--m", "1", "2048", "--models", "Llama-3-70B", "--outlier-cols", "6", "--outlier-low", "8",
          "--outlier-high", "20", "--graph-max-m", "16", "--no-bnb"])
     from int8mm.bench.arguments import kernel_config_from_args
     config = kernel_config_from_args(args, torch.device("cuda"))  # building a config touches no GPU
     assert config.models == ("Llama-3-70B",) and config.m_values == (1, 2048) and not config.bnb
     assert config.outliers == OutlierSpec(6, 8.0, 20.0) and config.graph_max_m == 16
-    defaults = kernel_config_from_args(_script("bench_gpu").build_parser().parse_args(["--out", "x"]),
+    defaults = kernel_config_from_args(load_benchmark("bench_gpu").build_parser().parse_args(["--out", "x"]),
                                        torch.device("cuda"))
     assert defaults.models == ("Llama-3-8B", "Llama-3-70B") and defaults.m_values == (1, 16, 2048)
 
@@ -275,7 +266,7 @@ def test_accuracy_script_report():
     nll |= {"bnb_6": nll["reference"] + 0.1, "int8mm_6": nll["reference"] + torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64),
             "int8mm_0": nll["reference"] + 0.3}
     kl = {name: values - nll["reference"] for name, values in nll.items()}
-    module = _script("accuracy_smollm2")
+    module = load_benchmark("accuracy_smollm2")
     result = module.report(SideBySide(nll, kl), tokens=4, seconds=1.0)
     assert [row["name"] for row in result["models"]] == ["reference", "bnb_6", "int8mm_6", "int8mm_0"]
     assert math.isclose(result["models"][0]["perplexity"], math.exp(2.0))
@@ -290,7 +281,7 @@ def test_accuracy_script_report():
 def test_bench_gpu_script_says_it_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="bench_gpu.py needs an NVIDIA GPU"):
-        _script("bench_gpu").main(["--out", "x"])
+        load_benchmark("bench_gpu").main(["--out", "x"])
 
 
 def test_host_suite_times_the_framework_around_a_stand_in(tmp_path, capsys):

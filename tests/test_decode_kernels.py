@@ -6,9 +6,7 @@ GPU the kernels run on CPU tensors through Triton's interpreter (conftest.py), w
 after another: the last-arrival logic, the list merge and the clearing run, the memory ordering does not
 (the GPU tests at the end check it under real concurrency, CUDA graphs and two streams).
 """
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,8 @@ from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import assert_graphs_and_streams_agree, replay_over, requires_cuda
-from helpers import (DEVICE, OpRecorder, assert_output_close, assert_same_output, planted_outliers, random_weight,
-                     record_triton_launches, run_out_of_counters, set_decode_path, view_beyond_2_31)
+from helpers import (DEVICE, OpRecorder, assert_output_close, assert_same_output, load_benchmark, planted_outliers,
+                     random_weight, record_triton_launches, run_out_of_counters, set_decode_path, view_beyond_2_31)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -284,10 +282,7 @@ def test_capture_without_a_free_counter_takes_the_classic_path(fused, monkeypatc
 def test_bench_decode_script(tmp_path):
     """benchmarks/bench_decode.py runs end to end and writes its two files: a dry run through the interpreter
     on the CPU, the smallest model's layers on a GPU."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("bench_decode")
     if DEVICE.type == "cuda":
         script.main(["--models", "SmolLM2-135M", "--m", "1", "--reps", "3", "--out", str(tmp_path)])
         cells = {"graph": 4, "eager": 4}  # SmolLM2's four layers, under graphs and eager

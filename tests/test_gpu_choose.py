@@ -1,20 +1,18 @@
 """benchmarks/gpu_choose.py: a GPU run switches to a candidate schedule only when it measured faster and agreed
 with the classic path (synthetic benchmark rows, in the three scripts' formats)."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from helpers import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_choose.py"
 
 
 @pytest.fixture(scope="module")
 def choose():
-    spec = importlib.util.spec_from_file_location("gpu_choose", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_choose")
 
 
 def _decode_rows(classic_us, fused_us, eager_fused_us=None, matches=True, splitk_us=None, splitk_matches=True,

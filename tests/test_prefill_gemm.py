@@ -5,7 +5,6 @@ loads with zero padding (the behaviour of TMA out of bounds): the persistent til
 offsets, the zero-filled ragged edges and the shared epilogue all run here; TMA itself, wgmma and the pipelining
 are checked ahead of time in tests/test_triton_compile.py and measured by benchmarks/bench_prefill_gemm.py.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -20,7 +19,8 @@ import int8mm
 from int8mm import _ops
 from int8mm.backends import reference
 from gpu import assert_graph_replays_follow_inputs, host_syncs_refused, requires_cuda
-from helpers import DEVICE, assert_output_close, compiling_process_environment, planted_outliers, random_weight
+from helpers import (DEVICE, assert_output_close, compiling_process_environment, load_benchmark, planted_outliers,
+                     random_weight)
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 from int8mm.backends import triton_prefill  # noqa: E402  (imports triton)
@@ -231,10 +231,7 @@ def test_benchmark_script_dry_run(tmp_path):
 
 
 def _bench_script():
-    spec = importlib.util.spec_from_file_location("bench_prefill_gemm", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_prefill_gemm")
 
 
 def test_benchmark_script_refuses_decode_rows():

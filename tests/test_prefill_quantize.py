@@ -18,10 +18,10 @@ import torch
 import int8mm
 from int8mm.backends import refresh_from_environment, registry
 from int8mm.backends.reference import quantize_activations_op as reference_quantize
-from helpers import DEVICE, OpRecorder, planted_outliers, random_weight, view_beyond_2_31
+from helpers import DEVICE, OpRecorder, load_benchmark, planted_outliers, random_weight, view_beyond_2_31
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-from int8mm.backends import triton_launch, triton_prefill_quant  # noqa: E402
+from int8mm.backends import triton_prefill_quant  # noqa: E402
 
 # M = 300 takes 3-6 s per case under the interpreter (one row per program step): marked slow
 PREFILL_M = [17, 64, 100, pytest.param(300, marks=pytest.mark.slow)]
@@ -292,11 +292,7 @@ def test_refresh_from_environment_reads_the_scheme_again(scheme, monkeypatch):
 def test_benchmark_names_the_scheme_that_differs(with_reference):
     """bench_quantize_pass.py judges each scheme on its own, so one that disagrees does not take the others down
     with it in benchmarks/gpu_choose.py."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quantize_pass", BENCH_SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_quantize_pass")
     x = _activations(20, 64)
     right = reference_quantize(x, 6.0)
     wrong = (right[0].clone(), *right[1:])
