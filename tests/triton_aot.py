@@ -47,17 +47,24 @@ def _compile(kernel, signature, constexprs, aligned, target, num_warps, num_stag
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def _cuobjdump(compiled, option: str) -> str | None:
+    """cuobjdump's ``option`` output for the compiled kernel's cubin, or None where cuobjdump is missing."""
+    if not os.path.exists(CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([CUOBJDUMP, option, cubin.name], capture_output=True, text=True).stdout
+
+
 def _resource_usage(compiled):
     """Registers per thread, stack bytes per thread (register spills: ptxas spills to the stack frame, which
     PTX's ld.local cannot show) and local-memory bytes of the compiled kernel, read from its cubin; None values
     where cuobjdump is missing."""
     missing = {"registers": None, "stack_bytes": None, "local_bytes": None}
-    if not os.path.exists(CUOBJDUMP):
+    usage = _cuobjdump(compiled, "-res-usage")
+    if usage is None:
         return missing
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if not found:
         return missing
@@ -182,22 +189,12 @@ def compile_row_pass(options, x_type, target):
     constexprs = {name: value for name, value in options.items() if name != "num_warps"}
     compiled = _compile(_row_quantize_kernel, sig, dict(constexprs, INTERPRET=False, stride_xk=1),
                         X_ALIGNED + ("q_ptr",), target, options["num_warps"])
-    sass = _sass(compiled)
+    sass = _cuobjdump(compiled, "-sass")
     # the column bits are set by reductions that return nothing (RED on sm_80, REDG on sm_90), so no program waits
     if sass is None:
         return {**_features(compiled), "bits_by_reduction": None, "atomics_with_reply": None}
     return {**_features(compiled), "bits_by_reduction": bool(re.search(r"\bREDG?\.E\.OR", sass)),
             "atomics_with_reply": bool(re.search(r"\bATOMG?\.", sass))}
-
-
-def _sass(compiled):
-    """The SASS of the compiled kernel (cuobjdump), or None where cuobjdump is missing."""
-    if not os.path.exists(CUOBJDUMP):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        return subprocess.run([CUOBJDUMP, "-sass", cubin.name], capture_output=True, text=True).stdout
 
 
 def compile_outlier_columns(target):
