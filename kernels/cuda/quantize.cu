@@ -18,6 +18,9 @@
 
 namespace int8mm {
 
+// NaN-aware max: NaN wins (fmaxf would drop it)
+__device__ __forceinline__ float max_keeping_nan(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
+
 constexpr int kStatsRows = 8;
 constexpr int kThreads = 256;
 
@@ -56,19 +59,13 @@ __global__ void __launch_bounds__(kThreads) activation_stats_kernel(
 #pragma unroll
   for (int r = 0; r < kStatsRows; ++r) {
     float v = row_nan[r] ? NAN : row_max[r];
-    for (int offset = 16; offset > 0; offset /= 2) {
-      float other = __shfl_xor_sync(0xffffffffu, v, offset);
-      v = (v != v || other != other) ? NAN : fmaxf(v, other);
-    }
+    for (int offset = 16; offset > 0; offset /= 2) v = max_keeping_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
     if (lane == 0) warp_max[warp][r] = v;
   }
   __syncthreads();
   if (threadIdx.x < kStatsRows && m0 + threadIdx.x < M) {
     float v = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) {
-      float other = warp_max[w][threadIdx.x];
-      v = (v != v || other != other) ? NAN : fmaxf(v, other);
-    }
+    for (int w = 0; w < kThreads / 32; ++w) v = max_keeping_nan(v, warp_max[w][threadIdx.x]);
     if (v != v) v = NAN;  // canonical +NaN: its bits sort above +Inf
     atomicMax(&row_max_bits[m0 + threadIdx.x], __float_as_int(v));
   }
@@ -151,9 +148,6 @@ constexpr int kRowPerThread = 32;                       // element i of a thread
 constexpr int64_t kRowMaxK = int64_t{kRowThreads} * kRowPerThread;  // 32768: every Llama row
 constexpr int kRowWarps = kRowThreads / 32;
 static_assert(kRowPerThread == 32, "a warp's lanes keep one slot's ballot each");
-
-// NaN-aware max: NaN wins (fmaxf would drop it)
-__device__ __forceinline__ float max_keeping_nan(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
