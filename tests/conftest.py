@@ -25,3 +25,14 @@ def pytest_runtest_makereport(item, call):
         if GPU_SKIP_REASON not in reason:
             report.outcome = "failed"
             report.longrepr = f"skipped in CI, where only GPU tests may be skipped: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _settings_read_again_after_a_test_that_set_them():
+    """The backends read INT8MM_* settings once: after a test that set one (helpers.set_setting), they read the
+    restored environment again. This fixture is set up before the test's monkeypatch, so torn down after it."""
+    yield
+    import helpers
+    if helpers.take_settings_set():
+        from int8mm import backends
+        backends.refresh_from_environment()

@@ -310,11 +310,24 @@ class OpRecorder(TorchDispatchMode):
         return [op for op in self.ops if op in self.FILL_OPS]
 
 
+_settings_set = False  # a test called set_setting: conftest.py has the backends read the settings again after it
+
+
 def set_setting(monkeypatch, variable: str, value: str) -> None:
-    """An INT8MM_* setting for this test (undone after it), read again by the backends now (they read it once)."""
+    """An INT8MM_* setting for this test, read again by the backends now (they read it once). After the test the
+    variable is restored and, by conftest.py, read again (without that the backends would keep this value)."""
+    global _settings_set
     from int8mm import backends
+    _settings_set = True
     monkeypatch.setenv(variable, value)
     backends.refresh_from_environment()
+
+
+def take_settings_set() -> bool:
+    """Whether set_setting was called since the last time this was asked."""
+    global _settings_set
+    was, _settings_set = _settings_set, False
+    return was
 
 
 def set_decode_path(monkeypatch, path: str) -> None:
