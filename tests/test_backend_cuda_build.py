@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from int8mm.backends import cuda, cuda_build
+from int8mm.backends import cuda, cuda_build, scratch
 
 EXPORTED = {"int8mm_abi_version", "int8mm_error_string", "int8mm_workspace_ints", "int8mm_quantize_activations",
             "int8mm_int8_matmul", "int8mm_int8_linear", "int8mm_linear_call_size"}
@@ -83,6 +83,29 @@ def test_the_decode_gemv_of_several_rows_runs_on_tensor_cores(sass):
         assert before_products.count("LDG.E.EF.128") == 12 and before_products.count("LDG.E.128") == 6, key
 
 
+def test_the_decode_gemv_waits_for_the_quantization_and_prefetches_before(sass):
+    """Programmatic dependent launch (sm_90 only): every GEMV waits for the kernel before it (griddepcontrol.wait,
+    SASS ACQBULK) before its first global load, the vector and tensor-core ones sending weight rows to L2 first
+    (cp.async.bulk.prefetch, UBLKPF); both quantization kernels a GEMV follows let it launch (launch_dependents,
+    PREEXIT). The sm_80 code has none of them: below Hopper the library never asks for PDL."""
+    functions = _per_function(sass, "Function :")
+    gemvs = {key: body for key, body in functions.items() if "int8_gemv" in key}
+    quantize = {key: body for key, body in functions.items() if "quantize_rows" in key or "quantize_one_row" in key}
+    assert len(gemvs) == 2 * 9 * 6 and len(quantize) == 2 * 2 * 3  # the kernels x bias dtypes; x dtypes
+    for key, body in gemvs.items():
+        if key.startswith("sm_80"):
+            assert "ACQBULK" not in body and "UBLKPF" not in body, key
+            continue
+        assert "ACQBULK" in body, key
+        # no global or generic load (LDG, LD, LDL; constant and shared loads are fine) before the wait
+        assert not re.search(r"\bLD[GL]?\.", body[:body.index("ACQBULK")]), f"{key}: a load before the wait"
+        # the vector (aligned, Lb1) one-row kernel and the tensor-core kernel prefetch; the element-wise ones do not
+        prefetches = "int8_gemv_mma_kernel" in key or "Lb1E" in key
+        assert ("UBLKPF.L2" in body[:body.index("ACQBULK")]) == prefetches, key
+    for key, body in quantize.items():
+        assert ("PREEXIT" in body) == key.startswith("sm_90"), key
+
+
 def _loads_before_first_use(body: str) -> int:
     """How many global loads (LDG) a SASS body issues before its first instruction that reads a loaded register."""
     loaded = set()
@@ -136,9 +159,9 @@ def test_the_packed_linear_call_reads_its_fields_in_order(library, monkeypatch):
     monkeypatch.setenv(cuda_build.LIBRARY_ENV_VAR, str(library))
     cuda.library.cache_clear()
     lib = cuda.library()  # raises if the sizes differ
-    assert lib.int8mm_linear_call_size() == cuda.LINEAR_CALL.size == 18 * 8 + 8
+    assert lib.int8mm_linear_call_size() == cuda.LINEAR_CALL.size == 19 * 8 + 8
     fields = ("x", "x_dtype", "M", "K", "stride_xm", "stride_xk", "q_w", "s_w", "N", "bias", "bias_dtype",
-              "workspace", "q_x", "s_x", "outlier_cols", "outlier_count", "out", "stream")
+              "workspace", "q_x", "s_x", "outlier_cols", "outlier_count", "out", "stream", "flags")
 
     def call(threshold=6.0, **values):
         buffer = ctypes.create_string_buffer(cuda.LINEAR_CALL.size)
@@ -151,8 +174,44 @@ def test_the_packed_linear_call_reads_its_fields_in_order(library, monkeypatch):
         assert call(**{"M": 3, "N": 5, "K": 7, field: -1}) == invalid, field
     assert call(threshold=float("nan"), M=3, N=5, K=7) == invalid
     assert call(threshold=-1.0, M=0, N=5, K=7) == invalid  # the threshold is the last field, a double
+    # flags: the one bit it knows is accepted (M = 0: nothing launched), any other refused, even with nothing to do
+    assert call(M=0, N=5, K=7, flags=cuda.CALL_PROGRAMMATIC) == 0
+    for unknown in (2, 1 << 40, -1):
+        assert call(M=0, N=5, K=7, flags=unknown) == invalid, unknown
     assert lib.int8mm_int8_linear(None) == invalid
     cuda.library.cache_clear()
+
+
+@pytest.mark.parametrize("programmatic", [False, True])
+def test_the_call_asks_for_pdl_where_it_runs(programmatic, monkeypatch):
+    """The fused call's flags field carries ``programmatic_launch`` (sm_90+, unless INT8MM_PDL=0): the library
+    launches the GEMV with programmatic dependent launch only when asked. Packed here on CPU tensors, with a
+    stand-in library that records the call."""
+    import torch
+
+    calls = []
+
+    class StandIn:
+        int8mm_workspace_ints = staticmethod(lambda m, k: m + k + -(-k // 1024))
+
+        @staticmethod
+        def int8mm_int8_linear(call):
+            calls.append(cuda.LINEAR_CALL.unpack(call))
+            return 0
+
+    monkeypatch.setattr(cuda, "library", lambda: StandIn)
+    monkeypatch.setattr(cuda, "raw_stream", lambda device: 0)
+    monkeypatch.setattr(cuda, "programmatic_launch", lambda device: programmatic)
+    cuda._scratch_layout.cache_clear()
+    try:
+        x, q_w = torch.randn(3, 64, dtype=torch.float16), torch.zeros(8, 64, dtype=torch.int8)
+        cuda.int8_linear(x, q_w, torch.ones(8), None, 6.0)
+    finally:
+        cuda._scratch_layout.cache_clear()  # sized by the stand-in
+        scratch.release()  # the buffer this thread kept for the call
+    (call,) = calls
+    assert call[2:4] == (3, 64) and call[-1] == 6.0
+    assert call[18] == (cuda.CALL_PROGRAMMATIC if programmatic else 0)
 
 
 def test_missing_library_error_says_how_to_build(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ from int8mm import _ops, backends
 from int8mm.backends import registry
 from gpu import requires_cuda
 from helpers import (DEVICE, OpRecorder, assert_output_close, assert_quantized_equal, planted_outliers,
-                     random_weight, view_beyond_2_31)
+                     random_weight, set_setting, view_beyond_2_31)
 
 def _activations(m, k, dtype, **kwargs):
     """Planted outlier columns, values exactly at +-6.0, and (past 2 rows) an all-zero row, on DEVICE."""
@@ -242,6 +242,56 @@ def test_cuda_one_row_takes_the_one_kernel_quantization(k, one_kernel):
     assert any("quantize_one_row_kernel" in name for name in kernels) == one_kernel, kernels
     assert any("activation_stats_kernel" in name for name in kernels) == (not one_kernel), kernels
     assert any("gemv" in name for name in kernels), kernels
+
+
+@requires_cuda
+@pytest.mark.parametrize("m,k", [(1, 4096), (5, 4096), (16, 4096), (1, 40000), (5, 4100)])
+def test_cuda_decode_calls_back_to_back_read_their_own_activations(m, k, monkeypatch):
+    """On sm_90+ the CUDA library's GEMV starts before its call's quantization kernel has finished (programmatic
+    dependent launch) and waits for it on the GPU before reading the int8 rows, scales and outlier list. Calls
+    issued back to back on the kept buffers, each with other activations (other outlier columns, scales 50x apart),
+    must each give their own input's output, bit for bit as when run one at a time: a GEMV that read too early
+    would read the call before's. Eagerly and replayed in a CUDA graph (compared after each replay, the inputs
+    rotated between replays); and PDL off (INT8MM_PDL=0) changes no bit. Quantized by the one-row kernel, by the
+    two passes (5 rows; one row past 32768 columns), into the vector, tensor-core and element-wise (K = 4100) GEMVs."""
+    assert backends.programmatic_launch(DEVICE) == (torch.cuda.get_device_capability(DEVICE) >= (9, 0))
+    n = 8192 if k <= 8192 else 2048  # 256 GEMV blocks at K = 4096: more than one per multiprocessor start early
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    impl = registry.lookup("cuda", "int8_linear")
+    xs = [planted_outliers(m, k, torch.float16, seed=seed, n_outlier_cols=1 + 3 * seed).to(DEVICE) * scale
+          for seed, scale in ((1, 1.0), (2, 0.02), (3, 1.0), (4, 0.02))]
+    originals = [x.clone() for x in xs]
+    alone = []
+    for x in xs:
+        alone.append(impl(x, q_w, s_w, None, 6.0))
+        torch.cuda.synchronize()
+    order = [i % len(xs) for i in range(40)]
+    in_a_row = [impl(xs[i], q_w, s_w, None, 6.0) for i in order]
+    torch.cuda.synchronize()
+    for call, i in enumerate(order):
+        assert torch.equal(in_a_row[call], alone[i]), f"call {call} (input {i}) differs from its input alone"
+
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        impl(xs[0], q_w, s_w, None, 6.0)  # warm-up outside the capture
+        with torch.cuda.graph(graph, stream=stream):
+            captured = [impl(xs[i], q_w, s_w, None, 6.0) for i in order[:8]]
+    torch.cuda.current_stream().wait_stream(stream)
+    for shift in range(len(xs)):  # replay r computes input (i + r) % 4 where the capture read input i
+        for i, x in enumerate(xs):
+            x.copy_(originals[(i + shift) % len(xs)])
+        graph.replay()
+        torch.cuda.synchronize()
+        for call, i in enumerate(order[:8]):
+            expected = alone[(i + shift) % len(xs)]
+            assert torch.equal(captured[call], expected), f"replay {shift}: graph call {call} differs"
+    for x, original in zip(xs, originals):
+        x.copy_(original)
+
+    set_setting(monkeypatch, backends.PDL_ENV_VAR, "0")  # read again without it after the test (conftest.py)
+    for x, expected in zip(xs, alone):
+        assert torch.equal(impl(x, q_w, s_w, None, 6.0), expected)
 
 
 @requires_cuda

@@ -92,9 +92,10 @@ PDL_ENV_VAR = "INT8MM_PDL"
 
 
 def programmatic_launch(device: torch.device) -> bool:
-    """Whether Triton kernels on ``device`` use programmatic dependent launch (PDL): a decode GEMM scheduled while
-    the quantization kernel before it finishes, waiting for it on the GPU (``griddepcontrol``). NVIDIA GPUs of
-    compute capability 9.0 (Hopper) and newer, unless INT8MM_PDL=0 (read once, like the variables above).
+    """Whether decode kernels on ``device`` use programmatic dependent launch (PDL): a decode GEMM (Triton's split-K
+    GEMM, the CUDA library's GEMV) scheduled while the quantization kernel before it finishes, waiting for it on the
+    GPU (``griddepcontrol``). NVIDIA GPUs of compute capability 9.0 (Hopper) and newer, unless INT8MM_PDL=0 (read
+    once, like the variables above).
 
     Raises:
         ValueError: INT8MM_PDL holds something other than 0 or 1.

@@ -10,10 +10,10 @@ import struct
 import torch
 
 from ..devices import on_device_of, raw_stream
-from . import DECODE_MAX_M, c_calls, cuda_build, registry, scratch
+from . import DECODE_MAX_M, c_calls, cuda_build, programmatic_launch, registry, scratch
 
 BACKEND = "cuda"
-ABI_VERSION = 2
+ABI_VERSION = 3
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 _p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -28,8 +28,10 @@ _SIGNATURES = {
     "int8mm_linear_call_size": (_i32, []),
 }
 # the fused call's arguments: x, x_dtype, M, K, stride_xm, stride_xk, q_w, s_w, N, bias, bias_dtype, workspace, q_x,
-# s_x, outlier_cols, outlier_count, out, stream as 8-byte integers, then the threshold as a double
-LINEAR_CALL = struct.Struct("<18qd")
+# s_x, outlier_cols, outlier_count, out, stream, flags as 8-byte integers, then the threshold as a double
+LINEAR_CALL = struct.Struct("<19qd")
+# flags: the decode GEMV launched with programmatic dependent launch (int8mm.h: INT8MM_CALL_PROGRAMMATIC)
+CALL_PROGRAMMATIC = 1
 
 
 @functools.cache
@@ -135,6 +137,7 @@ def int8_linear(x, q_w, s_w, bias, threshold):
         call = LINEAR_CALL.pack(
             x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), x.stride(1), q_w.data_ptr(), s_w.data_ptr(), n,
             bias.data_ptr() if bias is not None else 0, _DTYPE_CODES[bias.dtype if bias is not None else x.dtype],
-            workspace, q_x, s_x, outlier_cols, outlier_count, out.data_ptr(), raw_stream(x.device), threshold)
+            workspace, q_x, s_x, outlier_cols, outlier_count, out.data_ptr(), raw_stream(x.device),
+            CALL_PROGRAMMATIC if programmatic_launch(x.device) else 0, threshold)
         _check(library().int8mm_int8_linear(call))
     return out

@@ -7,9 +7,11 @@ about 1-1.5 us of host time apiece on a 2-core AMD EPYC (CPU tensors), 7-17 us o
 (benchmarks/bench_launch_host.py). A decode call (<= 16 rows) therefore takes them from a buffer kept per (thread,
 device, current stream, layout), the same tensors at every call of the same shape. That is safe because:
 - calls on one stream run in the order they were issued, so a call's first kernel writes the buffers only after
-  the previous call's last kernel has read them. (The split-K GEMM may start early under programmatic dependent
-  launch, but it waits on the GPU for the kernel before it, and a call's first kernel is a plain launch, which
-  starts only once the previous call's GEMM has finished: tests/test_scratch.py checks that it stays so.)
+  the previous call's last kernel has read them. (Triton's split-K GEMM and the CUDA library's GEMV may start early
+  under programmatic dependent launch, but they wait on the GPU for the kernel before them, and a call's first
+  kernel is a plain launch, which starts only once the previous call's GEMM has finished: tests/test_scratch.py
+  checks that it stays so for Triton, kernels/cuda/api.cu says so for the library, and a GPU test of
+  tests/test_backend_kernels.py issues its calls back to back.)
 - each thread has buffers of its own: two threads issuing on one stream would interleave their launches.
 - nothing is kept while the current stream captures a CUDA graph (``reused`` returns None and the caller
   allocates, from the graph's pool): a graph replays the pointers it captured, and its replays may run on

@@ -40,6 +40,53 @@ __device__ __forceinline__ int8_t quantize_value(float v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---- programmatic dependent launch (PDL, sm_90+) ----
+// A kernel launched with it (launch_kernel(..., programmatic = true)) may be scheduled while the kernel before it in
+// the stream still runs, once that kernel's blocks have all called allow_dependent_launch() (or ended). It must call
+// wait_for_prior_grid() before it reads anything that kernel writes: the wait returns once that kernel has finished
+// and its writes are visible. Below sm_90 both compile to nothing (api.cu never asks for PDL there), and after a
+// plain launch the wait returns at once.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Starts reading `bytes` (a multiple of 16) at a 16-byte aligned global address into L2, without waiting and
+// without registers to hold it (sm_90's bulk prefetch; nothing below sm_90). A hint: what it fetches is read later
+// by ordinary loads, which find it in L2.
+__device__ __forceinline__ void prefetch_to_l2(const void* address, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(__cvta_generic_to_global(address)), "r"(bytes)
+               : "memory");
+#endif
+}
+
+// kernel<<<grid, block, 0, stream>>>(args...), with programmatic dependent launch when `programmatic` (see above)
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool programmatic,
+                          Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, static_cast<Args&&>(args)...);
+  const cudaError_t last = cudaGetLastError();  // cleared, as after the <<<>>> launches elsewhere
+  return launched != cudaSuccess ? launched : last;
+}
+
 // c += a * b on the int8 tensor cores (sm_80+), one m16n8k32 tile: a is 16 x 32 (row-major fragment), b 32 x 8
 // (column-major fragment), c 16 x 8 int32; the fragment layouts are the PTX ISA's for .s8
 __device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {

@@ -19,6 +19,9 @@ struct GemmArgs {
   const int32_t* outlier_count;  // [1]
   const void* bias;       // [N] or null
   int64_t M, N, K;
+  // launched with programmatic dependent launch after the quantization kernel (the GEMV only): wait for it on the
+  // GPU before reading a, s_x and the outlier list (common.cuh)
+  bool programmatic;
 };
 
 int launch_int8_matmul(const GemmArgs& args, cudaStream_t stream);

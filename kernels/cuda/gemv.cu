@@ -11,6 +11,12 @@
 // needed 254 registers at 16 rows, one block per SM, and ran at half its one-row speed on an H200, 2026-11-30).
 //
 // The epilogue of both is the fused one of gemm.cu, in the same order of float operations.
+//
+// On sm_90+ both are launched with programmatic dependent launch (common.cuh) after the quantization kernel, which
+// lets them start at its beginning: each block of the vector and tensor-core forms sends the first bytes of its
+// weight rows towards L2 (the element-wise forms, for unaligned rows, do not), then every block waits on the GPU for
+// the int8 rows, scales and outlier list. So the weight stream is under way, and the launch paid for, while the
+// quantization still runs (with one row it is a single block: most of the GPU would otherwise idle).
 #include "common.cuh"
 #include "gemm.cuh"
 
@@ -23,6 +29,27 @@ constexpr int64_t kWarpStep = 32 * 16;  // bytes of K a warp covers per step: 16
 // K steps whose weight loads a lane issues before using any: the bytes in flight per warp (a decode GEMV is bound
 // by them: N = 4096 gives only about 8 warps per SM). The vector path runs one row of x (launch_gemv_rows).
 constexpr int kStepsInFlight = 4;
+
+// Bytes of weight the blocks of one GEMV prefetch to L2 before they wait, in all: about what an H100/H200 reads from
+// DRAM in the two microseconds a one-row quantization kernel runs (3.35-4.8 TB/s), and a sixth of their 50 MB L2
+constexpr int64_t kPrefetchBudget = int64_t{8} << 20;
+
+// the bulk prefetch's size field holds under 1 MiB; a row's share is at most kPrefetchBudget / 32 (one block)
+static_assert(kPrefetchBudget / 32 < (int64_t{1} << 20), "a prefetch of 1 MiB or more would wrap");
+
+// Under PDL: the first bytes of weight row `row` (when `mine`) head for L2. Every block takes an equal share of
+// kPrefetchBudget, spread over the kRows rows it owns, as each row's first bytes: the kernels walk K from 0 in all
+// their rows at once. kPrefetch: rows 16-byte aligned (the vector and tensor-core paths) only. Then, always, the
+// wait for the quantization kernel (at once after a plain launch: the device code does not trust the flag alone).
+template <bool kPrefetch, int kRows>
+__device__ __forceinline__ void start_after_quantization(const GemmArgs& args, int64_t row, bool mine) {
+  if (kPrefetch && args.programmatic && mine) {
+    const uint32_t share = static_cast<uint32_t>(kPrefetchBudget / kRows) / gridDim.x / 16 * 16;
+    const int64_t bytes = min(args.K, static_cast<int64_t>(share));  // K % 16 == 0 on these paths
+    if (bytes > 0) prefetch_to_l2(args.b + row * args.K, static_cast<uint32_t>(bytes));
+  }
+  wait_for_prior_grid();
+}
 
 __device__ __forceinline__ int dot16(const int4& w, const int4& x, int acc) {
   acc = __dp4a(w.x, x.x, acc);
@@ -56,6 +83,7 @@ __global__ void __launch_bounds__(kGemvThreads) int8_gemv_kernel(GemmArgs args) 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * kRowsPerWarp;
   if (n0 >= N) return;
+  start_after_quantization<kAligned, kGemvWarps * kRowsPerWarp>(args, n0 + lane, lane < kRowsPerWarp && n0 + lane < N);
   int acc[kRowsPerWarp][kM] = {};
 
   if (kAligned) {  // K % 16 == 0 and 16-byte aligned rows
@@ -147,7 +175,7 @@ constexpr int kMmaWarps = 8, kMmaThreads = 32 * kMmaWarps, kMmaTilesN = 4, kMmaB
 constexpr int kMmaRows = 16;                   // rows of x an m16n8k32 tile holds
 constexpr int64_t kMmaChunk = 64;              // bytes of K per lane group per step: 4 lanes x 16
 // chunks whose loads a warp issues before its first product: 12 weight and 6 x loads of 16 bytes a lane (192 bytes of
-// weight in flight a lane, 48 KB a block); 110-114 registers, two blocks per SM (4 chunks with x loaded up front
+// weight in flight a lane, 48 KB a block); 110-116 registers, two blocks per SM (4 chunks with x loaded up front
 // spilled at the 128 registers two blocks allow, and without two blocks ptxas interleaved loads and products)
 constexpr int kMmaChunksInFlight = 3;
 
@@ -157,6 +185,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) int8_gemv_mma_kernel(GemmArgs 
   const int64_t M = args.M, N = args.N, K = args.K;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmaBlockN;
+  start_after_quantization<true, kMmaBlockN>(args, n0 + threadIdx.x, threadIdx.x < kMmaBlockN && n0 + threadIdx.x < N);
   const int8_t* w_rows[kMmaTilesN];
 #pragma unroll
   for (int t = 0; t < kMmaTilesN; ++t) w_rows[t] = args.b + min(n0 + 8 * t + g, N - 1) * K + 16 * q;
@@ -228,13 +257,12 @@ template <typename T, typename TBias, int kM>
 int launch_gemv_rows(const GemmArgs& args, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(args.N, kGemvWarps * kRowsPerWarp));
   if constexpr (kM == 1) {  // aligned rows of 2-16 take the tensor cores: only one row needs the vector form
-    if (gemv_aligned(args)) {
-      int8_gemv_kernel<T, TBias, true, kM><<<blocks, kGemvThreads, 0, stream>>>(args);
-      return static_cast<int>(cudaGetLastError());
-    }
+    if (gemv_aligned(args))
+      return static_cast<int>(launch_kernel(int8_gemv_kernel<T, TBias, true, kM>, blocks, kGemvThreads, stream,
+                                            args.programmatic, args));
   }
-  int8_gemv_kernel<T, TBias, false, kM><<<blocks, kGemvThreads, 0, stream>>>(args);
-  return static_cast<int>(cudaGetLastError());
+  return static_cast<int>(launch_kernel(int8_gemv_kernel<T, TBias, false, kM>, blocks, kGemvThreads, stream,
+                                        args.programmatic, args));
 }
 
 // one row (the usual decode step): the dp4a kernel (vector or element-wise); 2-16 aligned rows: the tensor cores;
@@ -244,8 +272,8 @@ int launch_gemv_typed(const GemmArgs& args, cudaStream_t stream) {
   if (args.M <= 1) return launch_gemv_rows<T, TBias, 1>(args, stream);
   if (gemv_aligned(args)) {
     const unsigned blocks = static_cast<unsigned>(ceil_div(args.N, kMmaBlockN));
-    int8_gemv_mma_kernel<T, TBias><<<blocks, kMmaThreads, 0, stream>>>(args);
-    return static_cast<int>(cudaGetLastError());
+    return static_cast<int>(launch_kernel(int8_gemv_mma_kernel<T, TBias>, blocks, kMmaThreads, stream,
+                                          args.programmatic, args));
   }
   if (args.M <= 4) return launch_gemv_rows<T, TBias, 4>(args, stream);
   if (args.M <= 8) return launch_gemv_rows<T, TBias, 8>(args, stream);

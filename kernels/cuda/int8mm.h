@@ -10,7 +10,7 @@
 extern "C" {
 #endif
 
-#define INT8MM_ABI_VERSION 2
+#define INT8MM_ABI_VERSION 3
 // the library is built with hidden visibility: only these functions are exported
 #define INT8MM_API __attribute__((visibility("default")))
 
@@ -24,7 +24,9 @@ INT8MM_API const char* int8mm_error_string(int code);
 INT8MM_API int64_t int8mm_workspace_ints(int64_t M, int64_t K);
 
 // q_x int8 [M, K] (contiguous), s_x fp32 [M], outlier_cols int32 [K] (ascending, first *count valid),
-// outlier_count int32 [1]. x is [M, K] with strides (elements).
+// outlier_count int32 [1]. x is [M, K] with strides (elements). Its last kernel lets a kernel launched after it with
+// programmatic dependent launch start early (griddepcontrol.launch_dependents): such a kernel must execute
+// griddepcontrol.wait before it reads these outputs. Plain launches after it are unaffected.
 INT8MM_API int int8mm_quantize_activations(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm,
                                 int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
                                 int32_t* outlier_cols, int32_t* outlier_count, void* stream);
@@ -42,8 +44,12 @@ struct int8mm_linear_call {
   int64_t q_w, s_w, N, bias, bias_dtype;           // the layer: int8 [N, K] contiguous, fp32 [N], bias [N] or 0
   int64_t workspace, q_x, s_x, outlier_cols, outlier_count;  // as int8mm_quantize_activations takes them
   int64_t out, stream;                             // [M, N] in x's dtype; a cudaStream_t
+  int64_t flags;                                   // INT8MM_CALL_* bits; any other bit set is refused
   double threshold;
 };
+// Decode (M <= 16, K > 0): launch the GEMV with programmatic dependent launch after the quantization kernel (it
+// starts early and waits for that kernel on the GPU). Ignored below compute capability 9.0.
+#define INT8MM_CALL_PROGRAMMATIC 1
 INT8MM_API int int8mm_linear_call_size(void);
 INT8MM_API int int8mm_int8_linear(const struct int8mm_linear_call* call);
 

@@ -11,6 +11,9 @@
 // One row (a sequence's decode step, what AUTO sends to this library) takes quantize_one_row instead: one block
 // holds the row in registers, so one kernel with no workspace and no fill replaces the fill and the two passes
 // (a decode call is then two kernels: this and the GEMV).
+//
+// The kernel a GEMV follows (quantize_rows or quantize_one_row) lets it launch at once (allow_dependent_launch,
+// common.cuh): on sm_90+ the GEMV is launched with programmatic dependent launch and waits for it on the GPU.
 #include <algorithm>
 
 #include "common.cuh"
@@ -94,6 +97,7 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(
     const int32_t* __restrict__ row_max_bits, const int32_t* __restrict__ col_flags,
     const int32_t* __restrict__ block_counts, int64_t num_compact_blocks, int8_t* __restrict__ q_x,
     float* __restrict__ s_x, int32_t* __restrict__ outlier_cols, int32_t* __restrict__ outlier_count) {
+  allow_dependent_launch();  // the GEMV after it may start now: it waits for this kernel before reading its outputs
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kQuantRows;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kCompactBlock + threadIdx.x * kColsPerThread;
   int flags[kColsPerThread];
@@ -158,6 +162,7 @@ __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
   __shared__ unsigned slot_masks[kRowWarps][kRowPerThread];
   __shared__ int slot_start[kRowPerThread + 1];  // outliers in the slots before slot i; [kRowPerThread]: all
   __shared__ float warp_max[kRowWarps];
+  allow_dependent_launch();  // as in quantize_rows_kernel
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   T raw[kRowPerThread];
 #pragma unroll
