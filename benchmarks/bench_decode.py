@@ -3,7 +3,9 @@
 The classic path launches a zero-fill, a statistics pass, a quantization pass and the GEMM; the fused path
 (INT8MM_DECODE_PATH=fused) one quantization kernel and the same GEMM; "fused+splitk" adds
 INT8MM_DECODE_GEMM=splitk (the GEMM of a layer with few output tiles split along K); "single"
-(INT8MM_DECODE_PATH=single) one kernel that quantizes inside the GEMM. All are timed in one process, on
+(INT8MM_DECODE_PATH=single) one kernel that quantizes inside the GEMM. Beside them, where it is built, the CUDA
+library's call with and without programmatic dependent launch (INT8MM_PDL=0): what its GEMV gains by starting,
+and prefetching weight rows to L2, while the quantization kernel still runs. All are timed in one process, on
 Llama-3-8B and -70B layer shapes, under CUDA graphs (launch overhead gone, as in a graphed decode loop)
 and eager (calls issued back to back from Python: a call costs the larger of its host and GPU time, as in an
 eager model), with fp16 inputs holding planted outlier columns. Each timed call uses the next of several layers
@@ -31,7 +33,9 @@ from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
 from int8mm.bench.timing import MIN_SAMPLES, time_cpu, time_cuda_back_to_back, time_cuda_graph
 
 PROVIDERS = ("fp16 F.linear", "int8mm classic", "int8mm fused", "int8mm fused+splitk", "int8mm single",
-             "int8mm classic, JIT launches", "int8mm classic, fresh buffers")
+             "int8mm classic, JIT launches", "int8mm classic, fresh buffers", "int8mm cuda", "int8mm cuda, no PDL")
+# the CUDA library's call (its own kernels: not compared with classic bit for bit), timed where the library is built
+CUDA_PROVIDERS = ("int8mm cuda", "int8mm cuda, no PDL")
 # the environment each int8mm provider runs under
 SCHEDULES = {
     "int8mm classic": {backends.DECODE_PATH_ENV_VAR: "classic", triton_splitk.DECODE_GEMM_ENV_VAR: "classic"},
@@ -47,6 +51,9 @@ SCHEDULES = {
     # keeping them saves in eager mode (a graph allocates nothing when replayed)
     "int8mm classic, fresh buffers": {backends.DECODE_PATH_ENV_VAR: "classic",
                                       triton_splitk.DECODE_GEMM_ENV_VAR: "classic", scratch.KEEP_ENV_VAR: "0"},
+    # PDL (sm_90+; below, the two rows are the same calls)
+    "int8mm cuda": {backends.PDL_ENV_VAR: "1"},
+    "int8mm cuda, no PDL": {backends.PDL_ENV_VAR: "0"},
 }
 EAGER_ONLY = ("int8mm classic, JIT launches", "int8mm classic, fresh buffers")
 CANDIDATES = PROVIDERS[2:5]  # compared with classic, output for output
@@ -99,9 +106,19 @@ def build_layers(shape: LayerShape, count: int, device: torch.device, generator:
     return pairs
 
 
+def on_cuda_library(layer):
+    """An Int8Linear on the CUDA library sharing ``layer``'s int8 weight and scales."""
+    twin = int8mm.Int8Linear(layer.in_features, layer.out_features, bias=False, threshold=THRESHOLD, backend="cuda",
+                             device=torch.device("meta"))
+    twin.weight, twin.SCB = layer.weight, layer.SCB
+    return twin
+
+
 def time_provider(provider: str, mode: str, layers, xs, device: torch.device, reps: int):
     if provider == "fp16 F.linear":
         fn, inputs = F.linear, [(x, w16) for x, (w16, _) in zip(xs, layers)]
+    elif provider in CUDA_PROVIDERS:  # the same layers on the CUDA library, called like the others
+        fn, inputs = (lambda x, layer: layer(x)), [(x, on_cuda_library(layer)) for x, (_, layer) in zip(xs, layers)]
     else:
         fn, inputs = (lambda x, layer: layer(x)), [(x, layer) for x, (_, layer) in zip(xs, layers)]
     with schedule(SCHEDULES.get(provider)), torch.inference_mode():
@@ -130,6 +147,8 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
     meta = {**run_metadata(device), "threshold": THRESHOLD, "outliers": vars(outliers), "modes": list(modes)}
     result = {"meta": meta, "rows": []}
     rows = result["rows"]
+    with_cuda = backends.Backend.CUDA in backends.available_backends(device)
+    providers = [p for p in PROVIDERS if p not in CUDA_PROVIDERS or with_cuda]
     for shape in shapes:
         layers = build_layers(shape, layers_per_shape(shape, device), device, generator)
         for m in m_values:
@@ -137,7 +156,7 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
             # the eager-only providers must equal classic too: the same kernels, launched or fed another way
             matches = {p: matches_classic(layers[0][1], xs[0], p) for p in (*CANDIDATES, *EAGER_ONLY)}
             for mode in modes:
-                for provider in PROVIDERS:
+                for provider in providers:
                     if mode == "graph" and provider in EAGER_ONLY:
                         continue
                     timing = time_provider(provider, mode, layers, xs, device, reps)
