@@ -86,12 +86,13 @@ def test_the_decode_gemv_of_several_rows_runs_on_tensor_cores(sass):
 def test_the_decode_gemv_waits_for_the_quantization_and_prefetches_before(sass):
     """Programmatic dependent launch (sm_90 only): every GEMV waits for the kernel before it (griddepcontrol.wait,
     SASS ACQBULK) before its first global load, the vector and tensor-core ones sending weight rows to L2 first
-    (cp.async.bulk.prefetch, UBLKPF); both quantization kernels a GEMV follows let it launch (launch_dependents,
+    (cp.async.bulk.prefetch, UBLKPF); the three quantization kernels a GEMV follows let it launch (launch_dependents,
     PREEXIT). The sm_80 code has none of them: below Hopper the library never asks for PDL."""
     functions = _per_function(sass, "Function :")
     gemvs = {key: body for key, body in functions.items() if "int8_gemv" in key}
-    quantize = {key: body for key, body in functions.items() if "quantize_rows" in key or "quantize_one_row" in key}
-    assert len(gemvs) == 2 * 9 * 6 and len(quantize) == 2 * 2 * 3  # the kernels x bias dtypes; x dtypes
+    quantize = {key: body for key, body in functions.items()
+                if any(name in key for name in ("quantize_rows", "quantize_one_row", "quantize_few_rows"))}
+    assert len(gemvs) == 2 * 9 * 6 and len(quantize) == 2 * 3 * 3  # the kernels x bias dtypes; x dtypes
     for key, body in gemvs.items():
         if key.startswith("sm_80"):
             assert "ACQBULK" not in body and "UBLKPF" not in body, key
@@ -127,6 +128,15 @@ def test_the_one_row_quantization_issues_every_load_first(sass):
     assert len(kernels) == 2 * 3  # sm_80, sm_90 x fp16, bf16, fp32
     for key, body in kernels.items():
         assert _loads_before_first_use(body) == 32, key
+
+
+def test_the_few_rows_quantization_issues_a_batch_of_loads_first(sass):
+    """quantize_few_rows_kernel sweeps its rows in batches of 16 loads a thread, all in flight before the first value
+    is converted or compared."""
+    kernels = {key: body for key, body in _per_function(sass, "Function :").items() if "quantize_few_rows" in key}
+    assert len(kernels) == 2 * 3  # sm_80, sm_90 x fp16, bf16, fp32
+    for key, body in kernels.items():
+        assert _loads_before_first_use(body) == 16, key
 
 
 def test_no_kernel_spills_and_one_row_is_quantized_by_one_kernel(library):

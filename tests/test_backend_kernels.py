@@ -223,14 +223,37 @@ def test_cuda_one_row_quantization_in_one_block(k, dtype, threshold):
     assert_output_close(*reversed(_both(_ops.int8_linear, "cuda", x, q_w, s_w, None, threshold)))
 
 
+# 2-16 rows: the CUDA library quantizes them in one block too (M * K <= 131072, K <= 32768; more take the two passes):
+# an outlier in one row only (its column is an outlier column of every row) at the edges of a word of column bits,
+# ragged K, and the first shapes past the one-block path
+FEW_ROWS = [(2, 1), (2, 33), (3, 1025), (5, 3000), (16, 4096), (16, 8192), (4, 32768), (16, 8193), (2, 32769)]
+
+
 @requires_cuda
-@pytest.mark.parametrize("k,one_kernel", [(4096, True), (40000, False)])
-def test_cuda_one_row_takes_the_one_kernel_quantization(k, one_kernel):
-    """Outputs cannot tell the two quantization paths apart: the kernels launched can. One row of up to 32768
-    columns: the one-row kernel and the GEMV, no fill; a longer row: the fill and the two passes."""
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", FEW_ROWS)
+def test_cuda_few_rows_quantization_in_one_block(m, k, dtype, threshold):
+    x = planted_outliers(m, k, dtype, n_outlier_cols=min(8, k), zero_row=m > 2).to(DEVICE)
+    for row, col in zip(range(m), (0, 31, 32, 1023, 1024, 32767, k - 1)):
+        if col < k:
+            x[row, col] = 7.0 + col % 5
+    _assert_quantize_equal(*_both(_ops.quantize_activations, "cuda", x, threshold))
+    q_w, s_w = int8mm.quantize_weight(random_weight(40, k).to(DEVICE))
+    assert_output_close(*reversed(_both(_ops.int8_linear, "cuda", x, q_w, s_w, None, threshold)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("m,k,kernel", [(1, 4096, "quantize_one_row_kernel"), (1, 40000, "activation_stats_kernel"),
+                                        (16, 4096, "quantize_few_rows_kernel"), (3, 8192, "quantize_few_rows_kernel"),
+                                        (16, 8193, "activation_stats_kernel"), (2, 32769, "activation_stats_kernel")])
+def test_cuda_decode_takes_the_one_kernel_quantization(m, k, kernel):
+    """Outputs cannot tell the quantization paths apart: the kernels launched can. One row of up to 32768 columns,
+    or 2-16 rows of up to 131072 elements: one quantization kernel and the GEMV, no fill; larger: the fill and the
+    two passes."""
     from torch.profiler import ProfilerActivity, profile
 
-    x = planted_outliers(1, k, torch.float16).to(DEVICE)
+    x = planted_outliers(m, k, torch.float16).to(DEVICE)
     q_w, s_w = int8mm.quantize_weight(random_weight(64, k).to(DEVICE))
     impl = registry.lookup("cuda", "int8_linear")
     impl(x, q_w, s_w, None, 6.0)
@@ -239,8 +262,8 @@ def test_cuda_one_row_takes_the_one_kernel_quantization(k, one_kernel):
         impl(x, q_w, s_w, None, 6.0)
         torch.cuda.synchronize()
     kernels = [e.name for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert any("quantize_one_row_kernel" in name for name in kernels) == one_kernel, kernels
-    assert any("activation_stats_kernel" in name for name in kernels) == (not one_kernel), kernels
+    quantizers = ("quantize_one_row_kernel", "quantize_few_rows_kernel", "activation_stats_kernel")
+    assert [q for q in quantizers if any(q in name for name in kernels)] == [kernel], kernels
     assert any("gemv" in name for name in kernels), kernels
 
 
@@ -295,25 +318,31 @@ def test_cuda_decode_calls_back_to_back_read_their_own_activations(m, k, monkeyp
 
 
 @requires_cuda
-@pytest.mark.parametrize("case", ["nan", "negative inf", "inf", "zero", "all outliers", "column view"])
-def test_cuda_one_row_quantization_edge_rows(case):
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("case", ["nan", "negative inf", "inf", "zero", "all outliers", "column view", "wider rows"])
+def test_cuda_one_block_quantization_edge_rows(case, m):
+    """The one-block quantizations (one row; 2-16 rows) on non-finite, zero and all-outlier rows (in the last row
+    only, with several rows) and on strided views, against the reference, and each row's scale bit for bit as the
+    two passes store it (NaN's bits too)."""
     k = 4100
-    x = planted_outliers(1, k, torch.float16).to(DEVICE)
+    x = planted_outliers(m, k, torch.float16).to(DEVICE)
     if case == "nan":
-        x[0, 3000] = float("nan")
+        x[-1, 3000] = float("nan")
     elif case == "inf":
-        x[0, 5] = float("inf")
+        x[-1, 5] = float("inf")
     elif case == "negative inf":
-        x[0, 4099] = -float("inf")
+        x[-1, 4099] = -float("inf")
     elif case == "zero":
-        x.zero_()
+        x[-1].zero_()
     elif case == "all outliers":
-        x = x.abs() + 10.0
-    else:  # a column of a column-major matrix: stride_xk != 1
-        x = torch.randn(k, 3, device=DEVICE, dtype=torch.float16).t()[:1]
+        x[-1] = x[-1].abs() + 10.0
+    elif case == "column view":  # rows of a column-major matrix: stride_xk != 1
+        x = torch.randn(k, m + 2, device=DEVICE, dtype=torch.float16).t()[:m]
+    else:  # rows of a wider matrix: stride_xm != K
+        x = torch.randn(m, k + 100, device=DEVICE, dtype=torch.float16)[:, :k]
     for threshold in (0.0, 6.0):
         ref, got = _both(_ops.quantize_activations, "cuda", x, threshold)
         _assert_quantize_equal(ref, got)
-        # the scale bit for bit as the two-pass path (here for two copies of the row) stores it: NaN's bits too
-        two_rows = _ops.quantize_activations(torch.cat([x, x]), threshold, "cuda")
-        assert got[1].view(torch.int32).item() == two_rows[1][0].view(torch.int32).item()
+        # the two passes quantize 17 rows and more: the same rows repeated, their scales' bits
+        two_passes = _ops.quantize_activations(x.repeat(17, 1), threshold, "cuda")
+        assert torch.equal(got[1].view(torch.int32), two_passes[1][:m].view(torch.int32))

@@ -10,7 +10,8 @@
 //
 // One row (a sequence's decode step, what AUTO sends to this library) takes quantize_one_row instead: one block
 // holds the row in registers, so one kernel with no workspace and no fill replaces the fill and the two passes
-// (a decode call is then two kernels: this and the GEMV).
+// (a decode call is then two kernels: this and the GEMV). 2-16 rows of up to 131072 elements in all take
+// quantize_few_rows, likewise one block and one kernel, which reads x twice.
 //
 // The kernel a GEMV follows (quantize_rows or quantize_one_row) lets it launch at once (allow_dependent_launch,
 // common.cuh): on sm_90+ the GEMV is launched with programmatic dependent launch and waits for it on the GPU.
@@ -23,6 +24,12 @@ namespace int8mm {
 
 // NaN-aware max: NaN wins (fmaxf would drop it)
 __device__ __forceinline__ float max_keeping_nan(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
+
+// the max_keeping_nan of a value over the 32 lanes of a warp, in every lane
+__device__ __forceinline__ float warp_max_keeping_nan(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = max_keeping_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
 
 constexpr int kStatsRows = 8;
 constexpr int kThreads = 256;
@@ -61,8 +68,7 @@ __global__ void __launch_bounds__(kThreads) activation_stats_kernel(
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int r = 0; r < kStatsRows; ++r) {
-    float v = row_nan[r] ? NAN : row_max[r];
-    for (int offset = 16; offset > 0; offset /= 2) v = max_keeping_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    const float v = warp_max_keeping_nan(row_nan[r] ? NAN : row_max[r]);
     if (lane == 0) warp_max[warp][r] = v;
   }
   __syncthreads();
@@ -74,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) activation_stats_kernel(
   }
 }
 
-// inclusive scan of one int per thread across the block (kThreads threads)
+// inclusive scan of one int per thread across the block (any size; warp_totals: one int per warp)
 __device__ int block_inclusive_scan(int value, int* warp_totals) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int offset = 1; offset < 32; offset *= 2) {
@@ -189,8 +195,7 @@ __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
     if (lane == i) my_slot = ballot;
   }
   slot_masks[warp][lane] = my_slot;
-  float m = row_nan ? NAN : row_max;
-  for (int offset = 16; offset > 0; offset /= 2) m = max_keeping_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  const float m = warp_max_keeping_nan(row_nan ? NAN : row_max);
   if (lane == 0) warp_max[warp] = m;
   __syncthreads();  // the warps' maxima and slot masks
   if (warp == 0) {  // lane i: where slot i's outliers start in the list (an exclusive scan over the slots)
@@ -225,6 +230,108 @@ __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
   }
 }
 
+// ---- 2-16 rows: one block, the rows spread over its warps, x read twice (the second time mostly from L1) ----
+// A decode batch of a few rows takes this kernel instead of the fill and the two passes (a decode call is then two
+// kernels, as with one row). The warps split into equal groups, as many as the power of two at or above M, and
+// group g sweeps row g: a thread of the group takes every group-size-th column, in batches of kFewRowsBatch loads
+// all issued before any is used. Sweep one finds the row maxima (per warp, then per row) and sets the outlier
+// columns' bits in shared memory; sweep two quantizes every element; then the outlier columns are zeroed in every
+// row over what sweep two stored. The ascending list comes from the bits: thread t owns word t (columns 32t to
+// 32t + 31) and a block scan of the words' counts places them.
+constexpr int kFewRowsMaxM = 16;
+// M * K up to this: a 70B input of 8192 columns at 16 rows (256 KB in fp16: the second sweep finds most of it in
+// L1); more, and one block's sweeps would take longer than the two passes spread over the GPU
+constexpr int64_t kFewRowsMaxElements = int64_t{16} * 8192;
+constexpr int kFewRowsBatch = 16;
+constexpr int kColumnWords = static_cast<int>(kRowMaxK / 32);  // one bit per column of a row of up to 32768
+static_assert(kColumnWords == kRowThreads, "thread t lists the outlier columns of word t");
+
+// loads of one batch of a group's thread: element i is column k0 + i * group_threads (the first `valid` exist)
+template <typename T>
+__device__ __forceinline__ void load_batch(T (&raw)[kFewRowsBatch], const T* x_row, int64_t k0, int64_t stride_xk,
+                                           int group_threads, int valid) {
+  const T* first = x_row + k0 * stride_xk;
+  const int64_t step = int64_t{group_threads} * stride_xk;
+#pragma unroll
+  for (int i = 0; i < kFewRowsBatch; ++i) raw[i] = i < valid ? first[i * step] : T(0.0f);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) quantize_few_rows_kernel(
+    const T* __restrict__ x, int64_t M, int64_t K, int64_t stride_xm, int64_t stride_xk, float threshold,
+    int8_t* __restrict__ q_x, float* __restrict__ s_x, int32_t* __restrict__ outlier_cols,
+    int32_t* __restrict__ outlier_count) {
+  __shared__ unsigned column_bits[kColumnWords];  // bit b of word w: column 32w + b is an outlier column
+  __shared__ float warp_max[kRowWarps];           // each warp's maximum of its row's elements below the threshold
+  __shared__ float row_reciprocals[kFewRowsMaxM];
+  __shared__ int warp_totals[kRowWarps];
+  allow_dependent_launch();  // as in quantize_rows_kernel
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int groups = 1;
+  while (groups < M) groups *= 2;
+  const int group_warps = kRowWarps / groups, group_threads = 32 * group_warps;
+  const int row = warp / group_warps, first = threadIdx.x % group_threads;  // this thread's row and first column
+  const bool has_row = row < M;
+  const T* x_row = x + row * stride_xm;
+  const int64_t batch_columns = int64_t{group_threads} * kFewRowsBatch;
+  column_bits[threadIdx.x] = 0;
+  __syncthreads();
+
+  float row_max = 0.0f;
+  bool row_nan = false;
+  for (int64_t k0 = first; has_row && k0 < K; k0 += batch_columns) {
+    const int valid = static_cast<int>(min(int64_t{kFewRowsBatch}, (K - k0 + group_threads - 1) / group_threads));
+    T raw[kFewRowsBatch];
+    load_batch(raw, x_row, k0, stride_xk, group_threads, valid);
+    unsigned outliers = 0;  // bit i: element i (padding is 0, never one)
+#pragma unroll
+    for (int i = 0; i < kFewRowsBatch; ++i) {
+      const float v = to_float(raw[i]);
+      const float a = fabsf(v);
+      if (threshold > 0.0f && a >= threshold) outliers |= 1u << i;
+      else row_max = fmaxf(row_max, a);
+      row_nan |= v != v;
+    }
+    for (; outliers != 0; outliers &= outliers - 1) {  // rare: a few outlier features per token
+      const int64_t k = k0 + int64_t{__ffs(outliers) - 1} * group_threads;
+      atomicOr(&column_bits[k / 32], 1u << (k % 32));
+    }
+  }
+  const float m = warp_max_keeping_nan(row_nan ? NAN : row_max);
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();  // the warps' maxima and the column bits
+  if (threadIdx.x < M) {  // thread r: row r's scale, from its group's warps
+    float scale = 0.0f;
+    for (int w = 0; w < group_warps; ++w) scale = max_keeping_nan(scale, warp_max[threadIdx.x * group_warps + w]);
+    if (scale != scale) scale = NAN;  // canonical +NaN, as the two-pass path stores it
+    s_x[threadIdx.x] = scale;
+    row_reciprocals[threadIdx.x] = row_reciprocal(scale);
+  }
+  const unsigned word = column_bits[threadIdx.x];
+  const int in_word = __popc(word);
+  const int before = block_inclusive_scan(in_word, warp_totals) - in_word;  // its barrier publishes the reciprocals
+  if (threadIdx.x == kRowThreads - 1) outlier_count[0] = before + in_word;
+
+  const float reciprocal = has_row ? row_reciprocals[row] : 0.0f;
+  int8_t* q_row = q_x + row * K;
+  for (int64_t k0 = first; has_row && k0 < K; k0 += batch_columns) {
+    const int valid = static_cast<int>(min(int64_t{kFewRowsBatch}, (K - k0 + group_threads - 1) / group_threads));
+    T raw[kFewRowsBatch];
+    load_batch(raw, x_row, k0, stride_xk, group_threads, valid);
+#pragma unroll
+    for (int i = 0; i < kFewRowsBatch; ++i)
+      if (i < valid)
+        q_row[k0 + i * group_threads] = reciprocal == 0.0f ? int8_t{0} : quantize_value(to_float(raw[i]) * reciprocal);
+  }
+  __syncthreads();  // every row stored before its outlier columns are zeroed over it (a later store of the block wins)
+  int slot = before;
+  for (unsigned left = word; left != 0; left &= left - 1) {
+    const int col = 32 * threadIdx.x + __ffs(left) - 1;
+    outlier_cols[slot++] = col;
+    for (int64_t r = 0; r < M; ++r) q_x[r * K + col] = 0;
+  }
+}
+
 int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, int64_t stride_xm,
                               int64_t stride_xk, float threshold, int32_t* workspace, int8_t* q_x, float* s_x,
                               int32_t* outlier_cols, int32_t* outlier_count, cudaStream_t stream,
@@ -233,6 +340,14 @@ int quantize_activations_impl(const void* x, int x_dtype, int64_t M, int64_t K, 
     INT8MM_DISPATCH_FLOAT(x_dtype, {
       quantize_one_row_kernel<scalar_t><<<1, kRowThreads, 0, stream>>>(
           static_cast<const scalar_t*>(x), K, stride_xk, threshold, q_x, s_x, outlier_cols, outlier_count);
+    });
+    return static_cast<int>(cudaGetLastError());
+  }
+  if (M >= 2 && M <= kFewRowsMaxM && K > 0 && K <= kRowMaxK && M * K <= kFewRowsMaxElements) {  // likewise
+    INT8MM_DISPATCH_FLOAT(x_dtype, {
+      quantize_few_rows_kernel<scalar_t><<<1, kRowThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(x), M, K, stride_xm, stride_xk, threshold, q_x, s_x, outlier_cols,
+          outlier_count);
     });
     return static_cast<int>(cudaGetLastError());
   }
