@@ -118,11 +118,11 @@ tests_and_choices() {
     -p no:cacheprovider -k "not dry_run" tests/test_prefill_gemm.py
   # the CUDA backend's kernels, and the guard bands around every backend's buffers (out-of-bounds writes, which
   # compute-sanitizer may not be allowed to check)
-  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-55}" python3 -m pytest -q -p no:cacheprovider \
+  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-75}" python3 -m pytest -q -p no:cacheprovider \
     -k "cuda or guard" tests/test_backend_kernels.py tests/test_guard_bands.py
   # the candidates against the classic paths, side by side (each compares its outputs with classic); the prefill
   # ones from an earlier run if one is named
-  stage decode_bench "${DECODE_BENCH_TIMEOUT:-60}" python3 benchmarks/bench_decode.py --out "$WORK"
+  stage decode_bench "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py --out "$WORK"
   # shellcheck disable=SC2086
   stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-55}" python3 benchmarks/bench_quantize_pass.py --out "$WORK" \
     ${QUANT_BENCH_ARGS:-}
@@ -178,7 +178,7 @@ second() {
   stage host_bench "${HOST_BENCH_TIMEOUT:-25}" python3 -m int8mm.cli bench --suite host --device cuda --out "$WORK"
   # the decode candidates again without programmatic dependent launch: what PDL itself is worth (TUNING.md)
   mkdir -p "$WORK/no_pdl"
-  INT8MM_PDL=0 stage decode_bench_no_pdl "${DECODE_BENCH_TIMEOUT:-65}" python3 benchmarks/bench_decode.py \
+  INT8MM_PDL=0 stage decode_bench_no_pdl "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py \
     --out "$WORK/no_pdl"
   mkdir -p "$WORK/prefill"
   stage prefill_bench "${PREFILL_BENCH_TIMEOUT:-130}" python3 benchmarks/bench_gpu.py --out "$WORK/prefill" \
