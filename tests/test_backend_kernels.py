@@ -122,6 +122,33 @@ def test_non_finite_rows_stay_in_their_row(bad, threshold, backend):
     _assert_quantize_equal(*_both(_ops.quantize_activations, backend, x, threshold))
 
 
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_tiny_scale_rows_quantize_zeros_to_zero(m, backend, monkeypatch):
+    """A row (fp32 or bf16) whose scale is below 127 / FLT_MAX has an infinite reciprocal: its nonzero values scale
+    to +-inf, hence +-127, and its zeros to NaN, which is 0 in the reference; never -127 (a GPU's max.f32 drops
+    the NaN). One row, a decode batch and a prefill batch, on every Triton path (decode classic, fused and one
+    kernel; prefill quantization classic, rowwise and resident)."""
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    tiny = m // 2
+    x[tiny] = -1e-40
+    x[tiny, ::3] = 0.0
+    x[tiny, 1] = 1e-38
+    settings = [{}]
+    if backend == "triton":
+        from int8mm.backends.triton_prefill_quant import PREFILL_QUANT_ENV_VAR
+        settings = [{backends.DECODE_PATH_ENV_VAR: path} for path in ("classic", "fused", "single")] if m <= 16 else [
+            {PREFILL_QUANT_ENV_VAR: scheme} for scheme in ("classic", "rowwise", "resident")]
+    for setting in settings:
+        for variable, value in setting.items():
+            set_setting(monkeypatch, variable, value)
+        for threshold in (0.0, 6.0):
+            ref, got = _both(_ops.quantize_activations, backend, x, threshold)
+            assert torch.equal(got[0][tiny], ref[0][tiny]), (setting, threshold, got[0][tiny])
+            _assert_quantize_equal(ref, got)
+            q_w, s_w = int8mm.quantize_weight(random_weight(24, 96).to(DEVICE))
+            assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, threshold)))
+
+
 def test_non_contiguous_and_nd_inputs(backend):
     base = _activations(24, 96, torch.bfloat16)
     x = base.t().contiguous().t()  # column-major view with the same values
@@ -226,7 +253,8 @@ def test_cuda_one_row_quantization_in_one_block(k, dtype, threshold):
 # 2-16 rows: the CUDA library quantizes them in one block too (M * K <= 131072, K <= 32768; more take the two passes):
 # an outlier in one row only (its column is an outlier column of every row) at the edges of a word of column bits,
 # ragged K, and the first shapes past the one-block path
-FEW_ROWS = [(2, 1), (2, 33), (3, 1025), (5, 3000), (16, 4096), (16, 8192), (4, 32768), (16, 8193), (2, 32769)]
+FEW_ROWS = [(2, 1), (2, 33), (3, 1025), (5, 3000), (9, 14563), (16, 4096), (16, 8192), (4, 32768), (16, 8193),
+            (2, 32769)]
 
 
 @requires_cuda
@@ -234,11 +262,14 @@ FEW_ROWS = [(2, 1), (2, 33), (3, 1025), (5, 3000), (16, 4096), (16, 8192), (4, 3
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k", FEW_ROWS)
 def test_cuda_few_rows_quantization_in_one_block(m, k, dtype, threshold):
+    """Against the reference, and bit for bit against the two passes (which quantize 17 rows and more)."""
     x = planted_outliers(m, k, dtype, n_outlier_cols=min(8, k), zero_row=m > 2).to(DEVICE)
-    for row, col in zip(range(m), (0, 31, 32, 1023, 1024, 32767, k - 1)):
+    for i, col in enumerate((0, 31, 32, 1023, 1024, 32767, k - 1)):
         if col < k:
-            x[row, col] = 7.0 + col % 5
-    _assert_quantize_equal(*_both(_ops.quantize_activations, "cuda", x, threshold))
+            x[i % m, col] = 7.0 + col % 5
+    ref, got = _both(_ops.quantize_activations, "cuda", x, threshold)
+    _assert_quantize_equal(ref, got)
+    _assert_equal_to_two_passes(x, threshold, got)
     q_w, s_w = int8mm.quantize_weight(random_weight(40, k).to(DEVICE))
     assert_output_close(*reversed(_both(_ops.int8_linear, "cuda", x, q_w, s_w, None, threshold)))
 
@@ -265,18 +296,21 @@ def test_cuda_decode_takes_the_one_kernel_quantization(m, k, kernel):
     quantizers = ("quantize_one_row_kernel", "quantize_few_rows_kernel", "activation_stats_kernel")
     assert [q for q in quantizers if any(q in name for name in kernels)] == [kernel], kernels
     assert any("gemv" in name for name in kernels), kernels
+    one_kernel = kernel != "activation_stats_kernel"
+    assert len(kernels) == 2 or not one_kernel, kernels  # the quantization and the GEMV: no fill, nothing else
 
 
 @requires_cuda
-@pytest.mark.parametrize("m,k", [(1, 4096), (5, 4096), (16, 4096), (1, 40000), (5, 4100)])
+@pytest.mark.parametrize("m,k", [(1, 4096), (5, 4096), (16, 4096), (5, 4100), (1, 40000), (16, 8208), (5, 32804)])
 def test_cuda_decode_calls_back_to_back_read_their_own_activations(m, k, monkeypatch):
     """On sm_90+ the CUDA library's GEMV starts before its call's quantization kernel has finished (programmatic
     dependent launch) and waits for it on the GPU before reading the int8 rows, scales and outlier list. Calls
     issued back to back on the kept buffers, each with other activations (other outlier columns, scales 50x apart),
     must each give their own input's output, bit for bit as when run one at a time: a GEMV that read too early
     would read the call before's. Eagerly and replayed in a CUDA graph (compared after each replay, the inputs
-    rotated between replays); and PDL off (INT8MM_PDL=0) changes no bit. Quantized by the one-row kernel, by the
-    two passes (5 rows; one row past 32768 columns), into the vector, tensor-core and element-wise (K = 4100) GEMVs."""
+    rotated between replays); and PDL off (INT8MM_PDL=0) changes no bit. Quantized by the one-row kernel, the
+    few-rows kernel (5 and 16 rows of 4096; 5 of 4100) and the two passes (1 x 40000, 16 x 8208, 5 x 32804), into
+    the vector (one row), tensor-core (K % 16 == 0) and element-wise GEMVs."""
     assert backends.programmatic_launch(DEVICE) == (torch.cuda.get_device_capability(DEVICE) >= (9, 0))
     n = 8192 if k <= 8192 else 2048  # 256 GEMV blocks at K = 4096: more than one per multiprocessor start early
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
@@ -318,12 +352,12 @@ def test_cuda_decode_calls_back_to_back_read_their_own_activations(m, k, monkeyp
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("case", ["nan", "negative inf", "inf", "zero", "all outliers", "column view", "wider rows"])
 def test_cuda_one_block_quantization_edge_rows(case, m):
     """The one-block quantizations (one row; 2-16 rows) on non-finite, zero and all-outlier rows (in the last row
     only, with several rows) and on strided views, against the reference, and each row's scale bit for bit as the
-    two passes store it (NaN's bits too)."""
+    two passes store it (NaN's bits too), its int8 values and outlier list bit for bit."""
     k = 4100
     x = planted_outliers(m, k, torch.float16).to(DEVICE)
     if case == "nan":
@@ -343,6 +377,14 @@ def test_cuda_one_block_quantization_edge_rows(case, m):
     for threshold in (0.0, 6.0):
         ref, got = _both(_ops.quantize_activations, "cuda", x, threshold)
         _assert_quantize_equal(ref, got)
-        # the two passes quantize 17 rows and more: the same rows repeated, their scales' bits
-        two_passes = _ops.quantize_activations(x.repeat(17, 1), threshold, "cuda")
-        assert torch.equal(got[1].view(torch.int32), two_passes[1][:m].view(torch.int32))
+        _assert_equal_to_two_passes(x, threshold, got)
+
+
+def _assert_equal_to_two_passes(x, threshold, got):
+    """``got``, the one-block quantization of ``x``'s rows, equals bit for bit what the two passes make of the same
+    rows repeated 17 times (17 rows and more take them): int8 values, scales (their bits: NaN's too), the list."""
+    m = x.shape[0]
+    q_x, s_x, cols, count = _ops.quantize_activations(x.repeat(17, 1), threshold, "cuda")
+    assert torch.equal(got[0], q_x[:m])
+    assert torch.equal(got[1].view(torch.int32), s_x[:m].view(torch.int32))
+    assert int(got[3]) == int(count) and torch.equal(got[2][:int(count)], cols[:int(count)])

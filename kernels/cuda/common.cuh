@@ -32,8 +32,10 @@ __device__ __forceinline__ float row_reciprocal(float s) {
   return usable ? __fdiv_rn(kInt8Max, s) : 0.0f;
 }
 
-// round half to even, clamped to [-127, 127]
+// round half to even, clamped to [-127, 127]; NaN is 0, as in the reference: a zero times the infinite reciprocal of a
+// row whose scale is below 127 / FLT_MAX (fmaxf would return -127 for it)
 __device__ __forceinline__ int8_t quantize_value(float v) {
+  if (v != v) return 0;
   float r = fminf(fmaxf(rintf(v), -kInt8Max), kInt8Max);
   return static_cast<int8_t>(__float2int_rn(r));
 }

@@ -13,8 +13,9 @@
 // (a decode call is then two kernels: this and the GEMV). 2-16 rows of up to 131072 elements in all take
 // quantize_few_rows, likewise one block and one kernel, which reads x twice.
 //
-// The kernel a GEMV follows (quantize_rows or quantize_one_row) lets it launch at once (allow_dependent_launch,
-// common.cuh): on sm_90+ the GEMV is launched with programmatic dependent launch and waits for it on the GPU.
+// The kernel a GEMV follows (quantize_rows, quantize_one_row or quantize_few_rows) lets it launch at once
+// (allow_dependent_launch, common.cuh): on sm_90+ the GEMV is launched with programmatic dependent launch and waits
+// for it on the GPU.
 #include <algorithm>
 
 #include "common.cuh"
@@ -122,7 +123,8 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_kernel(
       const int64_t k = k0 + c;
       if (k < K) {
         int8_t q = 0;
-        if (!flags[c] && reciprocal != 0.0f) q = quantize_value(to_float(x[m * stride_xm + k * stride_xk]) * reciprocal);
+        if (!flags[c] && reciprocal != 0.0f)
+          q = quantize_value(to_float(x[m * stride_xm + k * stride_xk]) * reciprocal);
         q_x[m * K + k] = q;
       }
     }
@@ -230,7 +232,7 @@ __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
   }
 }
 
-// ---- 2-16 rows: one block, the rows spread over its warps, x read twice (the second time mostly from L1) ----
+// ---- 2-16 rows: one block, the rows spread over its warps, x read twice (the second time from L1 or L2) ----
 // A decode batch of a few rows takes this kernel instead of the fill and the two passes (a decode call is then two
 // kernels, as with one row). The warps split into equal groups, as many as the power of two at or above M, and
 // group g sweeps row g: a thread of the group takes every group-size-th column, in batches of kFewRowsBatch loads
@@ -239,8 +241,9 @@ __global__ void __launch_bounds__(kRowThreads) quantize_one_row_kernel(
 // row over what sweep two stored. The ascending list comes from the bits: thread t owns word t (columns 32t to
 // 32t + 31) and a block scan of the words' counts places them.
 constexpr int kFewRowsMaxM = 16;
-// M * K up to this: a 70B input of 8192 columns at 16 rows (256 KB in fp16: the second sweep finds most of it in
-// L1); more, and one block's sweeps would take longer than the two passes spread over the GPU
+// M * K up to this: a 70B input of 8192 columns at 16 rows (256 KB in fp16, read again by the second sweep from L1
+// or L2); more, and one block's sweeps would take longer than the two passes spread over the GPU (a guess until
+// measured)
 constexpr int64_t kFewRowsMaxElements = int64_t{16} * 8192;
 constexpr int kFewRowsBatch = 16;
 constexpr int kColumnWords = static_cast<int>(kRowMaxK / 32);  // one bit per column of a row of up to 32768

@@ -33,10 +33,12 @@ FLAG_CHUNK = tl.constexpr(4)
 def _clamp_round_to_int(v, INTERPRET: tl.constexpr):
     """round_half_even(clamp(v, -127, 127)) as int32, with one cvt.rni.s32.f32 on the GPU (rint then a
     truncating conversion would take two conversion instructions, which run at a quarter of the FMA rate).
-    Clamping first equals clamping after (the bounds are integers). NaN gives -127: the GPU's max.f32 returns
-    the other operand, and the interpreter (whose numpy max keeps NaN) is made to do the same."""
+    Clamping first equals clamping after (the bounds are integers). NaN gives 0, as in the reference: a zero times
+    the infinite reciprocal of a row whose scale is below 127 / FLT_MAX (left alone, the GPU's max.f32 would
+    return the other operand, -127)."""
+    v = tl.where(v != v, 0.0, v)
     if INTERPRET:
-        v = tl.minimum(tl.maximum(tl.where(v != v, -INT8_MAX, v), -INT8_MAX), INT8_MAX)
+        v = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)
         return ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int32)
     else:
         return libdevice.float2int_rn(tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX))

@@ -43,9 +43,16 @@ def _row_reciprocal(s_x):
 
 @triton.jit
 def _quantize_tile(x, reciprocal, is_outlier_col, INTERPRET: tl.constexpr):
-    """round(x * r[row]) as int8, 0 in outlier columns and in rows whose reciprocal is 0."""
+    """round(x * r[row]) as int8, 0 in outlier columns and in rows whose reciprocal is 0. NaN is 0, as in the
+    reference: a zero times the infinite reciprocal of a row whose scale is below 127 / FLT_MAX. On the GPU the
+    clamp keeps NaN (max.NaN.f32: a plain max.f32 would turn it into -127) and the conversion to int8 makes it 0
+    (PTX's cvt from float to integer takes NaN to 0), with no select that would cost registers (one more spilled
+    8 bytes in the one-kernel decode under Triton 3.6); numpy's cast promises nothing, so the interpreter selects."""
     q = _round_half_even(x * reciprocal[:, None], INTERPRET)
-    q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
+    if INTERPRET:
+        q = tl.where(q != q, 0.0, q)
+    q = tl.minimum(tl.maximum(q, -INT8_MAX, propagate_nan=tl.PropagateNan.ALL), INT8_MAX,
+                   propagate_nan=tl.PropagateNan.ALL)
     q = tl.where(is_outlier_col[None, :] | (reciprocal == 0.0)[:, None], 0.0, q)
     return q.to(tl.int8)
 
