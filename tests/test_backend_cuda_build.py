@@ -121,22 +121,15 @@ def _loads_before_first_use(body: str) -> int:
     return len(loaded)
 
 
-def test_the_one_row_quantization_issues_every_load_first(sass):
+@pytest.mark.parametrize("kernel,loads", [("quantize_one_row", 32), ("quantize_few_rows", 16)])
+def test_the_one_block_quantizations_issue_their_loads_first(sass, kernel, loads):
     """quantize_one_row_kernel holds the row in registers: its 32 loads a thread are all in flight before the first
-    value is converted or compared (one memory round trip per row, not one per load)."""
-    kernels = {key: body for key, body in _per_function(sass, "Function :").items() if "quantize_one_row" in key}
+    value is converted or compared (one memory round trip per row, not one per load); quantize_few_rows_kernel sweeps
+    its rows in batches of 16 loads a thread, likewise all in flight first."""
+    kernels = {key: body for key, body in _per_function(sass, "Function :").items() if kernel in key}
     assert len(kernels) == 2 * 3  # sm_80, sm_90 x fp16, bf16, fp32
     for key, body in kernels.items():
-        assert _loads_before_first_use(body) == 32, key
-
-
-def test_the_few_rows_quantization_issues_a_batch_of_loads_first(sass):
-    """quantize_few_rows_kernel sweeps its rows in batches of 16 loads a thread, all in flight before the first value
-    is converted or compared."""
-    kernels = {key: body for key, body in _per_function(sass, "Function :").items() if "quantize_few_rows" in key}
-    assert len(kernels) == 2 * 3  # sm_80, sm_90 x fp16, bf16, fp32
-    for key, body in kernels.items():
-        assert _loads_before_first_use(body) == 16, key
+        assert _loads_before_first_use(body) == loads, key
 
 
 def test_no_kernel_spills_and_one_row_is_quantized_by_one_kernel(library):

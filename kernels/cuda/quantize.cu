@@ -249,14 +249,17 @@ constexpr int kFewRowsBatch = 16;
 constexpr int kColumnWords = static_cast<int>(kRowMaxK / 32);  // one bit per column of a row of up to 32768
 static_assert(kColumnWords == kRowThreads, "thread t lists the outlier columns of word t");
 
-// loads of one batch of a group's thread: element i is column k0 + i * group_threads (the first `valid` exist)
+// loads of one batch of a group's thread: element i is column k0 + i * group_threads; returns how many of them lie
+// inside K (the rest are 0)
 template <typename T>
-__device__ __forceinline__ void load_batch(T (&raw)[kFewRowsBatch], const T* x_row, int64_t k0, int64_t stride_xk,
-                                           int group_threads, int valid) {
+__device__ __forceinline__ int load_batch(T (&raw)[kFewRowsBatch], const T* x_row, int64_t k0, int64_t K,
+                                          int64_t stride_xk, int group_threads) {
+  const int valid = static_cast<int>(min(int64_t{kFewRowsBatch}, (K - k0 + group_threads - 1) / group_threads));
   const T* first = x_row + k0 * stride_xk;
   const int64_t step = int64_t{group_threads} * stride_xk;
 #pragma unroll
   for (int i = 0; i < kFewRowsBatch; ++i) raw[i] = i < valid ? first[i * step] : T(0.0f);
+  return valid;
 }
 
 template <typename T>
@@ -283,9 +286,8 @@ __global__ void __launch_bounds__(kRowThreads) quantize_few_rows_kernel(
   float row_max = 0.0f;
   bool row_nan = false;
   for (int64_t k0 = first; has_row && k0 < K; k0 += batch_columns) {
-    const int valid = static_cast<int>(min(int64_t{kFewRowsBatch}, (K - k0 + group_threads - 1) / group_threads));
     T raw[kFewRowsBatch];
-    load_batch(raw, x_row, k0, stride_xk, group_threads, valid);
+    load_batch(raw, x_row, k0, K, stride_xk, group_threads);
     unsigned outliers = 0;  // bit i: element i (padding is 0, never one)
 #pragma unroll
     for (int i = 0; i < kFewRowsBatch; ++i) {
@@ -318,9 +320,8 @@ __global__ void __launch_bounds__(kRowThreads) quantize_few_rows_kernel(
   const float reciprocal = has_row ? row_reciprocals[row] : 0.0f;
   int8_t* q_row = q_x + row * K;
   for (int64_t k0 = first; has_row && k0 < K; k0 += batch_columns) {
-    const int valid = static_cast<int>(min(int64_t{kFewRowsBatch}, (K - k0 + group_threads - 1) / group_threads));
     T raw[kFewRowsBatch];
-    load_batch(raw, x_row, k0, stride_xk, group_threads, valid);
+    const int valid = load_batch(raw, x_row, k0, K, stride_xk, group_threads);
 #pragma unroll
     for (int i = 0; i < kFewRowsBatch; ++i)
       if (i < valid)

@@ -36,12 +36,11 @@ def _clamp_round_to_int(v, INTERPRET: tl.constexpr):
     Clamping first equals clamping after (the bounds are integers). NaN gives 0, as in the reference: a zero times
     the infinite reciprocal of a row whose scale is below 127 / FLT_MAX (left alone, the GPU's max.f32 would
     return the other operand, -127)."""
-    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(tl.where(v != v, 0.0, v), -INT8_MAX), INT8_MAX)
     if INTERPRET:
-        v = tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)
         return ((v + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int32)
     else:
-        return libdevice.float2int_rn(tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX))
+        return libdevice.float2int_rn(v)
 
 
 @triton.jit
