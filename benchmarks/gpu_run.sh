@@ -17,6 +17,10 @@
 #               session can afford only one).
 #   PLAN=tests+model  first's tests and choices, then the end-to-end model benchmark, then the per-layer benchmark
 #               in what is left (with PREFILL_RESULTS_FROM, when the prefill candidates were measured before).
+#   PLAN=model+first  the end-to-end model benchmark first, with the defaults users get (AUTO), after the tests
+#               of the CUDA library AUTO sends single rows to (a failure sends every later stage to Triton); then
+#               first's tests and choices and the per-layer benchmark in what is left. For a session that can
+#               afford one call and has never measured the model (issue 11's end-to-end table).
 #   PREFILL_RESULTS_FROM=DIR (any plan that runs first): skip the prefill GEMM candidates' benchmark and choose
 #               the GEMM from the JSON an earlier run left in DIR (a committed benchmarks/results/<date>-<card>/),
 #               still gated by this run's tests; the decode candidates and the quantization passes are measured
@@ -34,8 +38,8 @@ set -uo pipefail
 export PYTHONPATH="$PWD/.devsite:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT="${OUT:-$PWD/.out}"; mkdir -p "$OUT"
 PLAN="${PLAN:-first}"
-case "$PLAN" in first|first+model|tests+model|second|all) ;;
-  *) echo "PLAN must be first, first+model, tests+model, second or all, got '$PLAN'"; exit 2 ;; esac
+case "$PLAN" in first|first+model|tests+model|model+first|second|all) ;;
+  *) echo "PLAN must be first, first+model, tests+model, model+first, second or all, got '$PLAN'"; exit 2 ;; esac
 WORK="$(mktemp -d)"
 # written beside, then renamed: a call killed while packing keeps the previous archive whole
 pack() { tar czf "$OUT/results.tgz.part" -C "$WORK" . 2>/dev/null && mv -f "$OUT/results.tgz.part" "$OUT/results.tgz"; }
@@ -116,10 +120,7 @@ tests_and_choices() {
     tests/test_prefill_quantize.py tests/test_triton_launch.py
   INT8MM_AUTOTUNE=0 stage prefill_gemm_tests "${PREFILL_GEMM_TEST_TIMEOUT:-70}" python3 -m pytest -q \
     -p no:cacheprovider -k "not dry_run" tests/test_prefill_gemm.py
-  # the CUDA backend's kernels, and the guard bands around every backend's buffers (out-of-bounds writes, which
-  # compute-sanitizer may not be allowed to check)
-  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-75}" python3 -m pytest -q -p no:cacheprovider \
-    -k "cuda or guard" tests/test_backend_kernels.py tests/test_guard_bands.py
+  [ -f "$WORK/cuda_tests.log" ] || cuda_tests  # model+first ran them already
   # the candidates against the classic paths, side by side (each compares its outputs with classic); the prefill
   # ones from an earlier run if one is named
   stage decode_bench "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py --out "$WORK"
@@ -159,6 +160,24 @@ tests_and_choices() {
   pack
 }
 
+cuda_tests() {
+  # the CUDA backend's kernels, and the guard bands around every backend's buffers (out-of-bounds writes, which
+  # compute-sanitizer may not be allowed to check)
+  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-75}" python3 -m pytest -q -p no:cacheprovider \
+    -k "cuda or guard" tests/test_backend_kernels.py tests/test_guard_bands.py
+}
+
+model_first() {  # what users get first: the CUDA library's tests gate AUTO's single rows, then the model benchmark
+  cuda_tests
+  if ! grep -q "^rc=0$" "$WORK/cuda_tests.log"; then
+    export INT8MM_BACKEND=triton
+    echo "cuda_tests did not pass: every later stage runs on Triton (INT8MM_BACKEND=triton)" \
+      | tee -a "$OUT/summary.log" "$WORK/device.txt"
+  fi
+  MODEL_BENCH_TIMEOUT="${MODEL_BENCH_TIMEOUT:-170}" model
+  first
+}
+
 layer_bench() {  # the per-layer benchmark, with the choices above in the environment
   stage bench "${BENCH_TIMEOUT:-65}" python3 benchmarks/bench_gpu.py --out "$WORK" \
     ${BENCH_ARGS:---m 1 16 --models Llama-3-8B Llama-3-70B}
@@ -186,9 +205,12 @@ second() {
   model
 }
 
-model() {  # last: whatever it prints before its limit is kept (8B-shaped random Llama, fp16 / bnb / int8mm side by side)
+# whatever it prints before its limit is kept (8B-shaped random Llama, fp16 / int8mm / bnb side by side; run 4's
+# took about 14 s a run, 10 runs: bitsandbytes last, the comparison a cut can best spare)
+model() {
+  # shellcheck disable=SC2086
   stage model_bench "${MODEL_BENCH_TIMEOUT:-110}" python3 -m int8mm.cli bench --suite model --device cuda \
-    --out "$WORK" ${MODEL_BENCH_ARGS:---layers 8 --batch-sizes 1 8}
+    --out "$WORK" ${MODEL_BENCH_ARGS:---layers 8 --batch-sizes 1 8 --providers float int8mm bnb}
 }
 
 # First of all: the direct launch of compiled Triton kernels (the default; int8mm/backends/triton_launch.py) against
@@ -219,6 +241,7 @@ case "$PLAN" in
   first) first ;;
   first+model) first; model ;;
   tests+model) tests_and_choices; model; layer_bench ;;
+  model+first) model_first ;;
   second) second ;;
   all) first; second ;;
 esac
