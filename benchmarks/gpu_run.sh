@@ -19,8 +19,9 @@
 #               in what is left (with PREFILL_RESULTS_FROM, when the prefill candidates were measured before).
 #   PLAN=model+first  the end-to-end model benchmark first, with the defaults users get (AUTO), after the tests
 #               of the CUDA library AUTO sends single rows to (a failure sends every later stage to Triton); then
-#               first's tests and choices and the per-layer benchmark in what is left. For a session that can
-#               afford one call and has never measured the model (issue 11's end-to-end table).
+#               the host-time suite, then first's tests and choices and the per-layer benchmark in what is
+#               left. For a session that can afford one call and has never measured the model (issue 11's
+#               end-to-end table).
 #   PREFILL_RESULTS_FROM=DIR (any plan that runs first): skip the prefill GEMM candidates' benchmark and choose
 #               the GEMM from the JSON an earlier run left in DIR (a committed benchmarks/results/<date>-<card>/),
 #               still gated by this run's tests; the decode candidates and the quantization passes are measured
@@ -175,7 +176,12 @@ model_first() {  # what users get first: the CUDA library's tests gate AUTO's si
       | tee -a "$OUT/summary.log" "$WORK/device.txt"
   fi
   MODEL_BENCH_TIMEOUT="${MODEL_BENCH_TIMEOUT:-170}" model
+  host_bench  # issue 11 part 1 asks for the host time per call on the GPU too: never measured there
   first
+}
+
+host_bench() {
+  stage host_bench "${HOST_BENCH_TIMEOUT:-25}" python3 -m int8mm.cli bench --suite host --device cuda --out "$WORK"
 }
 
 layer_bench() {  # the per-layer benchmark, with the choices above in the environment
@@ -194,7 +200,7 @@ second() {
     stage integration_tests "${INTEGRATION_TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_loading.py tests/test_integrations_accelerate.py tests/test_integrations_transformers.py
   fi
-  stage host_bench "${HOST_BENCH_TIMEOUT:-25}" python3 -m int8mm.cli bench --suite host --device cuda --out "$WORK"
+  host_bench
   # the decode candidates again without programmatic dependent launch: what PDL itself is worth (TUNING.md)
   mkdir -p "$WORK/no_pdl"
   INT8MM_PDL=0 stage decode_bench_no_pdl "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py \
