@@ -300,3 +300,11 @@ def test_host_suite_times_the_framework_around_a_stand_in(tmp_path, capsys):
     assert (tmp_path / "cpu_host_bench.md").read_text().startswith("# int8mm host path")
     assert main(["bench", "--suite", "host", "--m", "3", "--out", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_comparing_an_already_quantized_model_is_refused():
+    from int8mm.bench.checkpoint_eval import compare_full_and_8bit
+
+    model = int8mm.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)))
+    with pytest.raises(ValueError, match="quantized already"):  # its "full precision" row would be 8-bit
+        compare_full_and_8bit(model, None, "text", max_tokens=8, window=8, progress=False)

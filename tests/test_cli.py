@@ -355,3 +355,26 @@ def test_backend_option_keeps_auto_choosing_per_call(name, expected):
     from argparse import Namespace
     from int8mm.cli.common import checked_backend
     assert checked_backend(Namespace(backend=name), torch.device("cpu")) is expected
+
+
+# ---- what each command cannot do with the input given is refused before the work, in one line ----
+def _marked_quantized(tiny_checkpoint, path, quantization_config):
+    """A copy of the tiny checkpoint whose config.json says it is quantized (refused before any weight is read)."""
+    import shutil
+
+    shutil.copytree(tiny_checkpoint, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return path
+
+
+QUANTIZATION_CONFIGS = {"int8mm": {"quant_method": "int8mm", "threshold": 6.0, "skip_modules": ["lm_head"]},
+                        "bitsandbytes": {"quant_method": "bitsandbytes", "load_in_8bit": True}}
+
+
+@pytest.mark.parametrize("method", list(QUANTIZATION_CONFIGS))
+def test_eval_refuses_a_quantized_checkpoint(capsys, tiny_checkpoint, tmp_path, text_file, method):
+    source = _marked_quantized(tiny_checkpoint, tmp_path / "q", QUANTIZATION_CONFIGS[method])
+    code, out, err = run_cli(capsys, "eval", source, "--text", text_file)
+    assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # not an 8-bit vs 8-bit "comparison"
+    assert f"MODEL_DIR '{source}' is already quantized (config.json has a '{method}' quantization_config)" in err

@@ -1,6 +1,7 @@
 """``int8mm eval MODEL_DIR``: perplexity of any local checkpoint in full precision and in int8mm 8-bit."""
 from ..assets import sotu_text
 from .common import CliError, model_dir, text_file
+from .model_files import check_full_precision
 from .compare import add_compare_arguments, check_compare_args, run_comparison
 
 HELP = "perplexity of a local Hugging Face checkpoint, full precision vs int8mm 8-bit"
@@ -19,6 +20,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     path = model_dir(args.model_dir)
+    # loaded, it would be 8-bit already: the "full precision" row would be the 8-bit model compared with itself
+    check_full_precision(path, "MODEL_DIR", "eval compares full precision with 8-bit; give it the full-precision "
+                                            "checkpoint")
     checked = check_compare_args(args)
     if args.text is not None:
         text, source = text_file(args.text), args.text

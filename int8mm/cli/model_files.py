@@ -24,6 +24,24 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def quantization_method(path: Path) -> str | None:
+    """The ``quant_method`` of config.json's ``quantization_config`` (None: the checkpoint is in full precision)."""
+    config = read_config(path)
+    for section in (config, config.get("text_config")):  # a multimodal model keeps its language model's apart
+        entry = section.get("quantization_config") if isinstance(section, dict) else None
+        if entry:
+            return str(entry.get("quant_method", "unknown")) if isinstance(entry, dict) else "unknown"
+    return None
+
+
+def check_full_precision(path: Path, argument: str, why: str) -> None:
+    """``path`` is not a quantized checkpoint (else a CliError naming ``argument`` and ``why`` that matters)."""
+    method = quantization_method(path)
+    if method is not None:
+        raise CliError(f"{argument} {str(path)!r} is already quantized (config.json has a {method!r} "
+                       f"quantization_config): {why}")
+
+
 def model_class(path: Path, need_lm_head: bool):
     """The transformers class config.json names (``architectures[0]``).
 
