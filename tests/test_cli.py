@@ -378,3 +378,12 @@ def test_eval_refuses_a_quantized_checkpoint(capsys, tiny_checkpoint, tmp_path, 
     code, out, err = run_cli(capsys, "eval", source, "--text", text_file)
     assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # not an 8-bit vs 8-bit "comparison"
     assert f"MODEL_DIR '{source}' is already quantized (config.json has a '{method}' quantization_config)" in err
+
+
+@pytest.mark.parametrize("method", list(QUANTIZATION_CONFIGS))
+def test_quantize_refuses_a_quantized_checkpoint(capsys, tiny_checkpoint, tmp_path, method):
+    source = _marked_quantized(tiny_checkpoint, tmp_path / "q", QUANTIZATION_CONFIGS[method])
+    code, out, err = run_cli(capsys, "quantize", source, tmp_path / "again", "--threshold", "2")
+    assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # --threshold 2 was ignored before
+    assert f"MODEL_DIR '{source}' is already quantized" in err and "full-precision checkpoint" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

@@ -19,6 +19,7 @@ import torch
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
 from .common import CliError, checked_threshold, checkpoint_errors, load_model, model_dir, say
+from .model_files import check_full_precision
 
 HELP = "write an 8-bit checkpoint (safetensors, bitsandbytes layout) of a local checkpoint"
 # files of the source checkpoint that hold weights: replaced by the 8-bit ones, never copied
@@ -73,6 +74,8 @@ def _write(model, source: Path, out: Path, threshold: float, args) -> None:
 
 def run(args) -> int:
     source = model_dir(args.model_dir)
+    # its int8 weights would be saved again as they are, under the settings they were made with, whatever is asked
+    check_full_precision(source, "MODEL_DIR", "quantize the full-precision checkpoint it was made from")
     out = Path(args.out_dir).expanduser()
     threshold = checked_threshold(args.threshold)
     try:
