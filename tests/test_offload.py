@@ -133,3 +133,25 @@ def test_offload_with_quantize_model_config_object(llama_dir, in_memory):
     """The same settings object drives every path: quantize_model on the float model gives the same logits."""
     float_model = AutoModelForCausalLM.from_pretrained(llama_dir)
     assert torch.equal(logits(int8mm.quantize_model(float_model, Int8MMConfig()), tiny_token_ids()), in_memory)
+
+
+def test_gpt2_block_on_disk_float_and_8bit_checkpoints(tmp_path):
+    """Before: from_pretrained failed with "expected a floating-point ... dtype, but got torch.int8": GPT-2's
+    _init_weights draws c_proj.weight by name, and the int8 weight of a disk block (left on meta) was unmarked."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "float")
+    ids = tiny_token_ids() % 128
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=Int8MMConfig())
+    in_memory.save_pretrained(tmp_path / "8bit")
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "disk",
+                  "transformer.h.1": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    from_float = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=Int8MMConfig(),
+                                                      device_map=device_map, offload_folder=tmp_path / "off1")
+    from_8bit = AutoModelForCausalLM.from_pretrained(tmp_path / "8bit", device_map=device_map,
+                                                     offload_folder=tmp_path / "off2")
+    for model in (from_float, from_8bit):
+        assert model.transformer.h[0].mlp.c_proj.weight.is_meta
+        assert torch.equal(logits(model, ids), logits(in_memory, ids))

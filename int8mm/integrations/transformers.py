@@ -67,8 +67,12 @@ class HfInt8Linear(Int8Linear):
     def __init__(self, *args, device=None, **kwargs):
         super().__init__(*args, device=device, **kwargs)
         for name in (WEIGHT, SCALE):
-            tensor = self._buffers.pop(name)
-            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            param = nn.Parameter(self._buffers.pop(name), requires_grad=False)
+            # transformers' initialize_weights skips marked tensors. A layer offloaded to the disk keeps this meta
+            # tensor, and a float init of it by name (GPT-2's normal_ on c_proj.weight) fails on int8. A tensor the
+            # checkpoint lacks is replaced by an unmarked empty one, which check_after_loading still reports.
+            param._is_hf_initialized = True
+            self.register_parameter(name, param)
         self.register_buffer(FORMAT, format_marker(device))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
