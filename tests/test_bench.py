@@ -308,3 +308,17 @@ def test_comparing_an_already_quantized_model_is_refused():
     model = int8mm.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)))
     with pytest.raises(ValueError, match="quantized already"):  # its "full precision" row would be 8-bit
         compare_full_and_8bit(model, None, "text", max_tokens=8, window=8, progress=False)
+
+
+def test_model_suite_without_bitsandbytes_measures_the_rest(monkeypatch, tmp_path, capsys):
+    """As the kernel suite does: bitsandbytes missing is reported as not measured, not a failure after the work."""
+    import sys
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    argv = ["bench", "--suite", "model", "--preset", "tiny", "--layers", "1", "--prompt-tokens", "4",
+            "--new-tokens", "2", "--batch-sizes", "1", "--providers", "bnb", "float", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "cpu_model_bench.json").read_text())
+    assert [r["provider"] for r in data["rows"]] == ["float"]
+    assert len(data["meta"]["skipped"]) == 1
+    assert data["meta"]["skipped"][0].startswith("bnb Linear8bitLt: bitsandbytes is not importable")
+    assert "- not measured: bnb Linear8bitLt: bitsandbytes is not importable" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from .._constants import DEFAULT_THRESHOLD
 from ..model import DEFAULT_SKIP_MODULES, matches_skip, quantize_model
 from .environment import run_metadata
 from .memory import module_bytes
+from .providers import bitsandbytes_missing
 from .report import format_rate, markdown_table
 
 # LlamaConfig fields of each preset; "tiny" runs in seconds on CPU
@@ -159,12 +160,13 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     meta = {**run_metadata(device), "config": asdict(config), "dtype": str(dtype).removeprefix("torch.")}
     meta["outlier_dims_used"] = planted_dims(config)
-    modes = {provider: _modes(provider, device) for provider in config.providers}
+    providers, meta["skipped"] = _measurable(config.providers)
+    modes = {provider: _modes(provider, device) for provider in providers}
     rows = []
     total = sum(len(m) for m in modes.values()) * len(config.batch_sizes)
     bar = tqdm(total=total, desc="model suite", unit="run", disable=not progress)
     with torch.inference_mode():
-        for provider in config.providers:
+        for provider in providers:
             model = prepare(provider, build_model(config, device, dtype), config.threshold)
             weights = module_bytes(model)
             for mode in modes[provider]:
@@ -187,6 +189,15 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
                 torch.cuda.empty_cache()
     bar.close()
     return {"meta": meta, "rows": rows}
+
+
+def _measurable(providers: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``(providers that can run here, "name: why" for the others)``: as the kernel suite does, bitsandbytes missing
+    is reported as not measured, rather than failing after the other providers were measured."""
+    why_not = bitsandbytes_missing() if "bnb" in providers else None
+    if why_not is None:
+        return list(providers), []
+    return [p for p in providers if p != "bnb"], [f"bnb Linear8bitLt: {why_not}"]
 
 
 def _modes(provider: str, device: torch.device) -> list[str]:
@@ -223,7 +234,8 @@ def model_markdown(result: dict) -> str:
              f"- prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new tokens, greedy; prefill = generate(1 "
              f"token); decode = (generate(N) - generate(1)) / (N - 1); median of {c['timed_runs']} after a warm-up",
              f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, bitsandbytes "
-             f"{meta['bitsandbytes']}, int8mm {meta['int8mm']}", ""]
+             f"{meta['bitsandbytes']}, int8mm {meta['int8mm']}"]
+    lines += [f"- not measured: {note}" for note in meta.get("skipped", [])] + [""]
     body = []
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else format_rate(r["peak_bytes"], "B")

@@ -119,12 +119,22 @@ def _int_mm_nk(q_x: torch.Tensor, q_w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(q_x, q_w.t())
 
 
+def bitsandbytes_missing() -> str | None:
+    """Why bitsandbytes cannot be measured here (None: it can); the suites report it as not measured."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        return f"bitsandbytes is not importable ({exc})"
+    return None
+
+
 def _bnb_layer(weight: torch.Tensor, threshold: float):
     """bitsandbytes' ``Linear8bitLt`` quantized from ``weight`` (moving it to the device quantizes it)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        return None, f"bitsandbytes is not importable ({exc})"
+    why_not = bitsandbytes_missing()
+    if why_not is not None:
+        return None, why_not
+    import bitsandbytes as bnb
+
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about input casts on every call
     n, k = weight.shape
     layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=threshold)
