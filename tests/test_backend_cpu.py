@@ -178,6 +178,19 @@ def test_strided_inputs_and_reused_scratch():
                         _ops.int8_linear(other, q_w, s_w, None, THRESHOLD, "reference"))
 
 
+@pytest.mark.parametrize("m", [1, 16, 17, 40])  # the fused path and the many-row one
+@pytest.mark.parametrize("threshold", [THRESHOLD, 1000.0])  # with outlier columns, and with none
+def test_a_strided_bias_is_read_while_it_lives(m, threshold):
+    """A bias that is a view (every other element) is copied to contiguous memory for C: the copy must outlive the
+    call. A freed copy's memory goes to the output allocated next, and C then read its own output as the bias."""
+    x = planted_outliers(m, 96, torch.float32, seed=6)
+    q_w, s_w = int8mm.quantize_weight(random_weight(200, 96))
+    bias = torch.linspace(1.0, 400.0, 400)[::2]
+    assert not bias.is_contiguous()
+    assert_output_close(_ops.int8_linear(x, q_w, s_w, bias, threshold, "cpu"),
+                        _ops.int8_linear(x, q_w, s_w, bias.contiguous(), threshold, "reference"))
+
+
 def _fused_arithmetic(x, q_w, s_w, bias, threshold):
     """The fused call's fp32 arithmetic op by op (kernels/cpu/int8mm_cpu.c): acc * s_x * (s_w * (1 / 127^2)), plus
     the outlier term summed from 0 over the outlier columns in ascending order, plus the bias; in x's dtype."""

@@ -104,7 +104,9 @@ def _int8_linear_many_rows(x, q_w, s_w, bias, threshold):
     out_dtype = x.dtype if outliers.numel() == 0 else torch.float32
     y = torch.empty(acc.shape, dtype=out_dtype, device=CPU)
     s_w = s_w.contiguous()
-    bias_ptr, bias_code = _pointer_and_code(bias.contiguous() if bias is not None and outliers.numel() == 0 else None)
+    # held in a name until the C call returns: a temporary's storage is freed at once, and C would read freed memory
+    bias_in_c = bias.contiguous() if bias is not None and outliers.numel() == 0 else None
+    bias_ptr, bias_code = _pointer_and_code(bias_in_c)
     _check(library().int8mm_cpu_scale_int32(
         acc.data_ptr(), acc.shape[0], acc.shape[1], s_x.data_ptr(), s_w.data_ptr(), bias_ptr, bias_code,
         y.data_ptr(), _DTYPE_CODES[out_dtype], torch.get_num_threads()), "scale_int32")
@@ -130,7 +132,8 @@ def int8_linear(x, q_w, s_w, bias, threshold):
     # about 1.5 us less than torch.empty((m, n), dtype=..., device=...) with a cold cache, 2-core AMD EPYC).
     n = q_w.shape[0]
     q_w, s_w = q_w.contiguous(), s_w.contiguous()
-    bias_ptr, bias_code = _pointer_and_code(bias.contiguous() if bias is not None else None)
+    bias = bias.contiguous() if bias is not None else None  # kept alive in this name until the C call returns
+    bias_ptr, bias_code = _pointer_and_code(bias)
     out = x.new_empty(m, n)
     sxm, sxk = x.stride()
     call = LINEAR_CALL.pack(x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, sxm, sxk, q_w.data_ptr(), s_w.data_ptr(), n,
