@@ -65,7 +65,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, backend: Backend | str | None 
 
     Args:
         a: int8 ``[M, K]``; b: int8 ``[N, K]`` (nn.Linear weight layout), same device. Any int8 values
-            (-128 included), so K is limited to 131_071 here, below the 133_143 of quantized values.
+            (-128 included on both sides), so K is limited to 131_071 here, below int8_linear's 132_104.
     Returns:
         int32 ``[M, N]``.
     """
@@ -215,7 +215,10 @@ def check_threshold(threshold) -> float:
     if type(threshold) is not float:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # numpy scalars are Real too
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}: {threshold!r}")
-        threshold = float(threshold)
+        try:
+            threshold = float(threshold)
+        except OverflowError:  # an int past fp64's range (10**400): as large as a threshold can be, or as small
+            threshold = math.inf if threshold > 0 else -math.inf
     if not threshold >= 0:  # NaN too; and unlike math.isnan this traces when torch.compile makes it symbolic
         raise ValueError(f"threshold must be >= 0 (0 disables outlier decomposition), got {threshold}")
     if 0.0 < threshold < _FP32_SMALLEST_NORMAL:

@@ -141,6 +141,17 @@ def test_large_k_sums_wrap_back_exactly():
     assert torch.equal(got, ref) and torch.equal(got[0], torch.full((3,), float(k)))
 
 
+def test_the_largest_k_is_exact_with_weights_of_minus_128():
+    """At the contract's K limit, activations of 127 against a file's weight of -128 sum to -2_147_482_624: still
+    an int32 (one column more would not be, and is refused)."""
+    k = int8mm.MAX_EXACT_K
+    x = torch.ones(1, k)
+    q_w = torch.full((2, k), -128, dtype=torch.int8)
+    s_w = torch.full((2,), float(INT8_MAX))  # y = sum * s_x * s_w / 127^2 = sum / 127 = -128 * K
+    for y in _both(_ops.int8_linear, x, q_w, s_w, None, THRESHOLD):
+        torch.testing.assert_close(y, torch.full((1, 2), -128.0 * k), rtol=1e-6, atol=0)
+
+
 def test_ties_and_negative_subnormals_like_the_reference():
     row = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -125.5])
     x = torch.stack([row, torch.full((8,), -1e-40), row.flip(0)])

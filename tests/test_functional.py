@@ -394,6 +394,14 @@ def test_bad_threshold_value(threshold):
         int8mm.quantize_activations(x, threshold)
 
 
+def test_integer_thresholds_past_fp64_range():
+    """float() of 10**400 raises OverflowError: such a threshold is infinite (no outliers), its negative refused
+    like any negative threshold."""
+    assert int8mm.functional.check_threshold(10**400) == math.inf
+    with pytest.raises(ValueError, match=r"threshold must be >= 0 .*got -inf"):
+        int8mm.functional.check_threshold(-(10**400))
+
+
 def test_thresholds_below_fp32_normals_are_what_the_kernels_receive():
     """The kernels take the threshold as an fp32 argument (docs/SPEC.md compares it as fp32): a positive threshold
     that rounds to 0 there disables decomposition on every backend, the reference included, instead of making
@@ -420,9 +428,10 @@ def test_bad_threshold_type(threshold):
 
 
 def test_k_beyond_exact_int32_accumulation_is_refused():
-    """127^2 * K must stay below 2^31; meta tensors keep the check free of huge allocations."""
+    """127 * 128 * K must stay below 2^31 (a weight from a file may hold -128); meta tensors keep the check free of
+    huge allocations."""
     k = int8mm.MAX_EXACT_K + 1
-    assert INT8_MAX**2 * int8mm.MAX_EXACT_K < 2**31  # docs/SPEC.md's bound (conservative by one: 133_144 fits too)
+    assert INT8_MAX * 128 * int8mm.MAX_EXACT_K < 2**31 <= INT8_MAX * 128 * k  # the bound is tight
     meta = torch.device("meta")
     message = rf"K={k}, above {int8mm.MAX_EXACT_K}"
     with pytest.raises(ValueError, match=rf"weight has {message}"):

@@ -187,7 +187,7 @@ static void quantize(const void* x, int dtype, int64_t M, int64_t K, int64_t sxm
 // vpdpbusd multiplies unsigned by signed bytes. The weight takes the unsigned side: w + 128 (w ^ 0x80), and
 // sum((w + 128) * a) - 128 * sum(a) = sum(a * w), with sum(a) per row of x computed once per call (exact for
 // every int8 w, -128 included). The unsigned sums may pass 2^31 for large K: vpdpbusd wraps, so the result is
-// finished modulo 2^32 (in unsigned, where C defines wrapping); the true result fits in int32 (K <= 133,143).
+// finished modulo 2^32 (in unsigned, where C defines wrapping); the true result fits in int32 (K <= 132,104).
 #define W_BLOCK 8  // weight rows per block: eight independent accumulator chains at M = 1, x's loads shared
 #define X_BLOCK 4  // rows of x per sweep: at most 16 accumulators stay in registers
 
