@@ -1,4 +1,5 @@
 """``Int8Linear``: a drop-in for ``nn.Linear`` holding an int8 weight and an fp32 row scale."""
+import numbers
 import weakref
 
 import torch
@@ -29,6 +30,9 @@ class Int8Linear(nn.Module):
         bias_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:  # numpy ints too
+                raise ValueError(f"{name} must be an int >= 0, got {size!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.threshold = F8.check_threshold(threshold)
@@ -83,7 +87,20 @@ class Int8Linear(nn.Module):
                        threshold, (weight.dtype, weight.shape, scale.dtype, scale.shape),
                        bias.dtype if bias is not None else None, F8.check_linear_layer(weight, scale, bias, threshold))
             self._checked_layer = checked
-        return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[6], self.backend)
+        try:
+            return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[6], self.backend)
+        except ValueError as error:  # a module's user knows in_features, not the functional op's q_w
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != weight.shape[1]:
+                raise ValueError(f"x's last dimension must be in_features={weight.shape[1]}, got x of shape "
+                                 f"{tuple(x.shape)}") from error
+            raise
+
+    def __getstate__(self):
+        # pickle and torch.save(module) take __dict__, and weak references do not pickle: the checks' cache is left
+        # out (the next forward rebuilds it)
+        state = self.__dict__.copy()
+        state.pop("_checked_layer", None)
+        return state
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight the int8 values stand for: ``weight * SCB / 127`` ([N, K])."""
@@ -105,8 +122,9 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, threshold={self.threshold}, backend={backend}")
 
     def _apply(self, fn, recurse=True):
-        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (docs/SPEC.md)
-        return weight_format.keep_scale_fp32(self, super()._apply, fn, recurse)
+        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (docs/SPEC.md), and
+        # the bias in a dtype the kernels take
+        return weight_format.keep_format_dtypes(self, super()._apply, fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

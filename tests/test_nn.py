@@ -2,8 +2,10 @@
 import copy
 import io
 import logging
+import pickle
 
 import bitsandbytes as bnb
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -71,6 +73,14 @@ def test_forward_is_the_functional_op_and_accurate():
         assert relative_error(y.reshape(10, 40), expected) < 2e-2
 
 
+def test_a_wrong_input_width_names_in_features():
+    layer = Int8Linear.from_linear(_linear(k=64, n=8))
+    for calls in range(2):  # the first call checks the layer, the second finds it checked
+        with pytest.raises(ValueError, match=r"x's last dimension must be in_features=64, got x of shape \(2, 3, 63\)"):
+            layer(torch.randn(2, 3, 63))
+        layer(torch.randn(1, 64))
+
+
 @pytest.mark.parametrize("move", ["half", "bfloat16", "float", "double", "to_fp16", "to_cpu_bf16", "to_meta"])
 def test_moves_and_casts_never_requantize(move):
     layer = Int8Linear.from_linear(_linear())
@@ -93,6 +103,9 @@ def test_moves_and_casts_never_requantize(move):
     if move == "double":  # int8 layers take fp16/bf16/fp32 activations; a float64 model gets a clear error
         with pytest.raises(TypeError, match=r"x must be one of float16, bfloat16, float32, got torch.float64"):
             moved(planted_outliers(3, 64, torch.float64))
+        # ... and the bias stays in a dtype the kernels take, so fp32 inputs still run
+        assert moved.bias.dtype == torch.float32 and not moved.bias.requires_grad
+        assert moved(planted_outliers(3, 64)).dtype == torch.float32
         return
     x = planted_outliers(3, 64, moved.bias.dtype)
     assert moved(x).dtype == x.dtype
@@ -129,14 +142,16 @@ def test_torch_save_and_load(tmp_path):
     fresh = Int8Linear(64, 33, threshold=5.0)
     fresh.load_state_dict(torch.load(path, weights_only=True))
     _assert_same_module_state(fresh, layer)
+    x = planted_outliers(4, 64)
+    expected = layer(x)  # a forward first: it caches the layer's checks (weak references, which do not pickle)
     buffer = io.BytesIO()
     torch.save(layer, buffer)  # the whole module
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     _assert_same_module_state(loaded, layer)
     assert loaded.threshold == 5.0 and loaded.backend is Backend.REFERENCE
-    x = planted_outliers(4, 64)
-    assert torch.equal(loaded(x), layer(x))
+    assert torch.equal(loaded(x), expected)
+    assert torch.equal(pickle.loads(pickle.dumps(layer))(x), expected)
 
 
 def test_deepcopy_is_independent():
@@ -232,6 +247,11 @@ def test_to_linear():
 
 
 def test_constructor_validates():
+    with pytest.raises(ValueError, match=r"in_features must be an int >= 0, got -1"):
+        Int8Linear(-1, 4)
+    with pytest.raises(ValueError, match=r"out_features must be an int >= 0, got 2.0"):
+        Int8Linear(4, 2.0)
+    assert Int8Linear(np.int64(4), 0).weight.shape == (0, 4)  # sizes from a numpy config are fine
     with pytest.raises(ValueError, match=r"threshold must be >= 0 .*got -1.0"):
         Int8Linear(4, 2, threshold=-1.0)
     with pytest.raises(TypeError, match=r"threshold must be a number, got str: '6'"):
