@@ -146,6 +146,11 @@ def _cpu_library_loadable() -> bool:
     return cpu_backend.library_available()
 
 
+def _cpu_library_disabled() -> bool:
+    from . import cpu_build
+    return cpu_build.disabled()
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton is installed and can run on ``device`` (a GPU, or CPU tensors under TRITON_INTERPRET=1); probes
     nothing else (no library is loaded or built)."""
@@ -212,8 +217,11 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
             hint = " (pip install triton)"
         elif chosen is Backend.CUDA:
             hint = " (build the CUDA library with `make cuda`, needs nvcc)"
+        elif chosen is Backend.CPU and _cpu_library_disabled():
+            hint = " (turned off by INT8MM_CPU_LIB=none)"
         elif chosen is Backend.CPU:
-            hint = " (the CPU library runs on CPU tensors and needs a C compiler with OpenMP)"
+            hint = (" (the CPU library runs on CPU tensors and needs a C compiler with OpenMP; a failed build logs "
+                    "its reason as a warning)")
         raise RuntimeError(f"backend {chosen.value!r} is not available on {device.type}{hint}; available: {names}")
     return chosen
 
