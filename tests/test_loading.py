@@ -284,6 +284,26 @@ def test_an_offload_folder_in_use_is_refused_to_another_checkpoint(llama_dir, tm
     assert torch.equal(logits(third, token_ids), logits(load_in_8bit(other, progress=False), token_ids))
 
 
+@pytest.mark.slow
+def test_offload_folder_guard_remembers_every_live_model(llama_dir, tmp_path, token_ids):
+    """Before: the guard kept only the last model per folder (A, then B of the same checkpoint, del B: another
+    checkpoint overwrote A's files), and refused after ``del A`` until gc.collect() ran."""
+    path, _ = llama_dir
+    device_map = _cpu_map_with_disk("model.layers.0")
+    offload = tmp_path / "offload"
+    other = tmp_path / "other"
+    _llama(seed=5).save_pretrained(other)
+    first = load_in_8bit(path, device_map=device_map, offload_folder=offload, progress=False)
+    expected = logits(first, token_ids)
+    second = load_in_8bit(path, device_map=device_map, offload_folder=offload, progress=False)
+    del second
+    with pytest.raises(ValueError, match=r"offload_folder .* holds the offloaded weights of a live model"):
+        load_in_8bit(other, device_map=device_map, offload_folder=offload, progress=False)
+    assert torch.equal(logits(first, token_ids), expected)
+    del first  # no gc.collect(): the guard collects before it refuses
+    load_in_8bit(other, device_map=device_map, offload_folder=offload, progress=False)
+
+
 def test_auto_map_leaves_max_memory_as_given(llama_dir, tmp_path, token_ids):
     path, _ = llama_dir
     max_memory = {"cpu": "60KB"}

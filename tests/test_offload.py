@@ -155,3 +155,21 @@ def test_gpt2_block_on_disk_float_and_8bit_checkpoints(tmp_path):
     for model in (from_float, from_8bit):
         assert model.transformer.h[0].mlp.c_proj.weight.is_meta
         assert torch.equal(logits(model, ids), logits(in_memory, ids))
+
+
+def test_from_pretrained_offload_folder_joins_the_guard(llama_dir, tmp_path):
+    """Before: from_pretrained neither registered its offload folder (load_in_8bit then overwrote its files) nor
+    said that it had overwritten the files of a live load_in_8bit model."""
+    device_map = _block_map(model__layers__1="disk")
+    other = tmp_path / "other"
+    tiny_llama(seed=5, layers=3).save_pretrained(other)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=Int8MMConfig(), device_map=device_map,
+                                                 offload_folder=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"offload_folder .* holds the offloaded weights of a live model"):
+        load_in_8bit(other, device_map=device_map, offload_folder=tmp_path / "a", progress=False)
+    load_in_8bit(llama_dir, device_map=device_map, offload_folder=tmp_path / "a", progress=False)  # same bytes
+    streamed = load_in_8bit(llama_dir, device_map=device_map, offload_folder=tmp_path / "b", progress=False)
+    with pytest.warns(RuntimeWarning, match=r"overwritten them, so that model now computes wrong outputs"):
+        AutoModelForCausalLM.from_pretrained(other, quantization_config=Int8MMConfig(), device_map=device_map,
+                                             offload_folder=tmp_path / "b")
+    del model, streamed

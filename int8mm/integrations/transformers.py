@@ -29,7 +29,8 @@ from ..errors import CheckpointError
 from ..loading import normalize_device_map, replace_linears_on_meta
 from ..loading.checkpoint_check import check_after_loading, check_before_loading
 from ..loading.file_pages import release_file_pages
-from ..loading.offload import requantize_offloaded_weights
+from ..loading.offload import offload_loaders, requantize_offloaded_weights
+from ..loading.offload_folders import claim_offload_folder, offload_identity, warn_if_overwritten
 from ..loading.tasks import quantize_in_blocks
 from ..nn import Int8Linear
 from ..weight_format import FORMAT, SCALE, WEIGHT, format_marker
@@ -169,7 +170,16 @@ class Int8MMHfQuantizer(HfQuantizer):
             # transformers' disk offload index still points at the checkpoint's float weight of layers quantized
             # on load: write their int8 weights to the offload folder and point the index there
             requantize_offloaded_weights(model, self.transposed, self.load_dtype)
+        self._claim_offload_folders(model)
         return model
+
+    def _claim_offload_folders(self, model):
+        """Remember the model as a reader of its offload folder, so that load_in_8bit refuses to load another
+        checkpoint there; warn if this load has already overwritten the folder of another live model."""
+        identity = offload_identity(self.checkpoint_files, self.quantization_config.skip_modules or [], model)
+        for folder in {loader.save_folder for loader in offload_loaders(model)}:
+            warn_if_overwritten(folder, model, identity)
+            claim_offload_folder(folder, model, identity)
 
     def get_quantize_ops(self):
         return _quantize_op_class()(self)

@@ -10,7 +10,6 @@ mismatched keys, dtypes, truncated files), and the model is a fresh object that 
 """
 import dataclasses
 import os
-import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -26,6 +25,7 @@ from .device_map import DISK, accelerate_map, names_on, place_leftover_buffers, 
 from .errors import CheckpointError
 from .linear_swap import replace_linears_on_meta
 from .model_source import resolve_source, saved_quantization
+from .offload_folders import check_offload_folder_free, claim_offload_folder, offload_identity
 from .plan import plan_load
 from .safetensors_files import HeaderEntry, MappedFile, read_headers
 from .tasks import Destination, LoadTask
@@ -120,8 +120,8 @@ def load_in_8bit(
         if offload_folder is None:
             raise ValueError(f"device_map sends modules to 'disk' ({names_on(device_map, DISK)}); "
                              f"pass offload_folder= to say where")
-        offload_identity = _offload_identity(files, selection.skip_modules, model)
-        _check_offload_folder_free(offload_folder, offload_identity)
+        identity = offload_identity(files, selection.skip_modules, model)
+        check_offload_folder_free(offload_folder, identity)
     plan = plan_load(model, transposed, _align_base_model_prefix(headers, model), device_map)
 
     out = Destination(offload_folder)
@@ -138,7 +138,7 @@ def load_in_8bit(
             path.unlink(missing_ok=True)
         raise
     if DISK in device_map.values():
-        _OFFLOAD_FOLDERS_IN_USE[_folder_key(offload_folder)] = (weakref.ref(model), offload_identity)
+        claim_offload_folder(offload_folder, model, identity)
     record_config(model, config, selection.skip_modules)
     return model.eval()
 
@@ -180,30 +180,6 @@ def _align_base_model_prefix(headers: dict[str, HeaderEntry], model: nn.Module) 
             entry = dataclasses.replace(entry, key=key)
         renamed[key] = entry
     return renamed
-
-
-# offload folders of live models loaded in this process, with what their files were made from: loading another
-# checkpoint (or other settings) into one would overwrite the .dat files the live model reads. The same checkpoint
-# with the same settings writes the same bytes under each name (re-running a notebook cell), so that is allowed.
-_OFFLOAD_FOLDERS_IN_USE: dict[str, tuple[weakref.ref, tuple]] = {}
-
-
-def _folder_key(folder) -> str:
-    return str(Path(folder).resolve())
-
-
-def _offload_identity(files: list[Path], skip_modules: list[str], model: nn.Module) -> tuple:
-    stats = tuple((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
-    float_dtypes = sorted({str(t.dtype) for t in model.parameters() if t.is_floating_point()})
-    return stats, tuple(skip_modules), tuple(float_dtypes)
-
-
-def _check_offload_folder_free(folder, identity: tuple) -> None:
-    owner, owner_identity = _OFFLOAD_FOLDERS_IN_USE.get(_folder_key(folder), (lambda: None, None))
-    if owner() is not None and owner_identity != identity:
-        raise ValueError(f"offload_folder {str(folder)!r} holds the offloaded weights of a live model loaded from "
-                         f"another checkpoint or with other settings; pass another folder, or delete that model "
-                         f"first")
 
 
 # ---------------------------------------------------------------- streaming

@@ -29,7 +29,7 @@ def requantize_offloaded_weights(model: nn.Module, transposed: dict[str, bool], 
     from safetensors import safe_open
 
     rewritten = []
-    for loader in _offload_loaders(model):
+    for loader in offload_loaders(model):
         for name, module in model.named_modules():
             key = f"{name}.weight"
             info = loader.index.get(key)
@@ -48,7 +48,7 @@ def requantize_offloaded_weights(model: nn.Module, transposed: dict[str, bool], 
     return rewritten
 
 
-def _offload_loaders(model: nn.Module) -> list:
+def offload_loaders(model: nn.Module) -> list:
     """The distinct ``OffloadedWeightsLoader`` objects behind the model's accelerate hooks that read from a folder."""
     found = {}
     for module in model.modules():

@@ -42,7 +42,7 @@ class Destination:
 
         os.makedirs(self.offload_folder, exist_ok=True)
         path = Path(self.offload_folder) / f"{name}.dat"
-        if not path.exists():  # a file that was there (same bytes, see _OFFLOAD_FOLDERS_IN_USE) stays on failure
+        if not path.exists():  # a file that was there (same bytes, see offload_folders) stays on failure
             self.written.append(path)
         offload_weight(tensor, name, str(self.offload_folder), index=self.offload_index)
 
