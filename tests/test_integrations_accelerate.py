@@ -297,6 +297,23 @@ def test_cpu_offload(token_ids):
     assert torch.equal(logits(model, token_ids), logits(_dequantized_float_model(_llama(seed=2)), token_ids))
 
 
+def test_removing_the_hooks_removes_the_recorded_config(tmp_path, token_ids):
+    """Before: quantization_config stayed after remove_hook_from_submodules, so the float checkpoint saved then
+    said int8mm, and from_pretrained refused its float weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = _llama(seed=3, layers=1)
+    attach_int8_hooks(model)
+    cpu_offload(model, execution_device="cpu", offload_buffers=True)  # chains a hook: ours detaches and re-attaches
+    assert model.config.quantization_config.quant_method == "int8mm"
+    remove_hook_from_submodules(model)
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again.model.layers[0].mlp.up_proj) is nn.Linear
+    assert torch.equal(logits(again, token_ids), logits(model, token_ids))
+
+
 def test_dispatch_after_hooks_refused_the_other_way_round(tmp_path):
     model = _llama()
     dispatch_model(model, {"model": "disk", "lm_head": "cpu"}, offload_dir=tmp_path)

@@ -63,6 +63,7 @@ class Int8Hook(ModelHook):
         self._handles = []
         # the int8 values of the last detach, to re-attach without a lossy second rounding (see detach_hook)
         self._restored = None
+        self._attachment = None  # the _Attachment of attach_int8_hooks, which tracks the model's config
 
     def __repr__(self):
         backend = self.backend.value if self.backend is not None else "default"
@@ -97,6 +98,8 @@ class Int8Hook(ModelHook):
         # add_hook_to_module calls module._old_forward between pre_forward and post_forward: make it int8
         self._float_forward = module._old_forward
         module._old_forward = functools.partial(_int8_forward, module, self)
+        if self._attachment is not None:
+            self._attachment.attached()
         return module
 
     def detach_hook(self, module: nn.Module) -> nn.Module:
@@ -118,6 +121,8 @@ class Int8Hook(ModelHook):
         # accelerate detaches and re-inits a hook when it chains another one after it (append=True): keep the
         # int8 values so that re-init reuses them instead of rounding the de-quantized weight a second time
         self._restored = (weakref.ref(module), module.weight, module.weight._version, q_w, s_w)
+        if self._attachment is not None:
+            self._attachment.detached()
         return module
 
     def _reuse_restored(self, module):
@@ -187,11 +192,43 @@ def attach_int8_hooks(
                              f"dispatch_model / cpu_offload / disk_offload")
         if not bool(torch.isfinite(module.weight).all()):
             raise ValueError(f"{name}.weight holds non-finite values (NaN/Inf); refusing to quantize it")
+    attachment = _Attachment(model)
     for name, module in targets:
-        add_hook_to_module(module, Int8Hook(config.threshold, config.backend, name=name), append=True)
+        hook = Int8Hook(config.threshold, config.backend, name=name)
+        hook._attachment = attachment
+        add_hook_to_module(module, hook, append=True)
     if targets:
         record_config(model, config, selection.skip_modules)
+        attachment.recorded = getattr(getattr(model, "config", None), "quantization_config", None)
     return [name for name, _ in targets]
+
+
+class _Attachment:
+    """The hooks of one ``attach_int8_hooks`` call. Once the last one detaches (``remove_hook_from_submodules``)
+    the model is float again, so it loses the ``quantization_config`` the call recorded: a checkpoint saved then
+    is float, and with the config left in place neither loader would read it as such. accelerate detaches and
+    re-attaches a hook when it chains another after it, so a re-attach puts the config back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = weakref.ref(model)
+        self.recorded = None  # the quantization_config recorded on the model's config
+        self.count = 0
+        self.removed = False
+
+    def attached(self) -> None:
+        self.count += 1
+        model_config = getattr(self.model(), "config", None)
+        if self.count == 1 and self.removed and model_config is not None:
+            model_config.quantization_config = self.recorded
+            self.removed = False
+
+    def detached(self) -> None:
+        self.count -= 1
+        model_config = getattr(self.model(), "config", None)
+        recorded = self.recorded is not None and getattr(model_config, "quantization_config", None) is self.recorded
+        if self.count == 0 and recorded:
+            del model_config.quantization_config
+            self.removed = True
 
 
 def _int8_hook_of(module: nn.Module) -> Int8Hook | None:
