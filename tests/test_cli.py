@@ -173,6 +173,8 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     (["eval", "{ckpt}", "--device", "cpu", "--backend", "cuda"], "--backend: backend 'cuda' is not available on cpu"),
     (["eval", "{ckpt}", "--threshold", "-1"], "--threshold must be >= 0"),
     (["eval", "{ckpt}", "--window", "1"], "--window must be >= 2"),
+    (["eval", "{ckpt}", "--new-tokens", "4", "--prompt", ""], "--prompt '' is empty: give the text to continue"),
+    (["demo", "--prompt", " "], "--prompt ' ' is empty: give the text to continue, or --new-tokens 0"),
     (["bench", "--device", "cuda:99"], "--device: device 'cuda:99' was requested but torch sees "),
     (["bench", "--models", "GPT-5"], "unknown model 'GPT-5'"),
     (["bench", "--backends", "fastest"], "backend must be a Backend or one of"),

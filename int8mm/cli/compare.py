@@ -45,6 +45,8 @@ def check_compare_args(args) -> Checked:
         raise CliError(f"--window must be >= 2 (a window scores its tokens after the first), got {args.window}")
     if args.new_tokens < 0:
         raise CliError(f"--new-tokens must be >= 0, got {args.new_tokens}")
+    if args.new_tokens > 0 and not args.prompt.strip():  # generate() needs at least one token to continue
+        raise CliError(f"--prompt {args.prompt!r} is empty: give the text to continue, or --new-tokens 0")
     return checked
 
 
