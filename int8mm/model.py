@@ -41,7 +41,8 @@ def quantize_model(
             name (see ``Int8MMConfig``).
     Raises:
         TypeError: ``model`` is not a module, or is itself an ``nn.Linear``; a wrongly typed setting.
-        ValueError: a bad setting, or a layer whose weight holds NaN/Inf (the error names it).
+        ValueError: a bad setting, a layer whose weight holds NaN/Inf (the error names it), or a model that holds
+            ``Int8Linear`` layers with another threshold or backend already (a second call with other settings).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -50,6 +51,7 @@ def quantize_model(
                         "use int8mm.Int8Linear.from_linear(model)")
     config = resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
                             backend=backend)
+    _check_same_settings(model, config)
     selection = select_layers(model, config)
     done = []  # (parent, attribute, original layer): undone if a later layer fails (a non-finite weight)
     try:
@@ -66,6 +68,24 @@ def quantize_model(
         raise
     record_config(model, config, selection.skip_modules)
     return model
+
+
+def _check_same_settings(model: nn.Module, config: Int8MMConfig) -> None:
+    """A model quantized already (a re-run notebook cell) keeps its layers' threshold and backend: a call with
+    others would record settings in config.json that those layers do not run with, or mix two in one model."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Int8Linear):
+            continue
+        for setting in ("threshold", "backend"):
+            had, asked = (_shown(value) for value in (getattr(layer, setting), getattr(config, setting)))
+            if had != asked:
+                raise ValueError(f"model already has Int8Linear layers with {setting}={had!r} ({name}); "
+                                 f"quantize_model was called with {setting}={asked!r}, which would mix settings: "
+                                 f"quantize the float model, or call with {setting}={had!r}")
+
+
+def _shown(value):
+    return value.value if isinstance(value, Backend) else value
 
 
 def _quantize_layer(layer: Layer, config: Int8MMConfig) -> Int8Linear:

@@ -242,3 +242,14 @@ def test_multihead_attention_out_proj_stays_float(caplog):
     for context in (torch.no_grad, torch.enable_grad):  # MHA's fused fast path and its plain path
         with context():
             assert relative_error(model(x), reference) < 2e-2
+
+
+def test_a_second_call_with_other_settings_is_refused(untied_llama):
+    """Before: the second threshold went into config.json while the layers kept the first."""
+    model = quantize_model(copy.deepcopy(untied_llama), threshold=6.0)
+    with pytest.raises(ValueError, match=r"threshold=6\.0 .*called with threshold=1\.0"):
+        quantize_model(model, threshold=1.0)
+    with pytest.raises(ValueError, match=r"backend=None .*called with backend='reference'"):
+        quantize_model(model, backend="reference")
+    assert model.config.quantization_config.threshold == 6.0
+    assert quantize_model(model, threshold=6.0) is model  # the same settings again: nothing more to do
