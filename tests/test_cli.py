@@ -389,3 +389,11 @@ def test_quantize_refuses_a_quantized_checkpoint(capsys, tiny_checkpoint, tmp_pa
     assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # --threshold 2 was ignored before
     assert f"MODEL_DIR '{source}' is already quantized" in err and "full-precision checkpoint" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_eval_window_is_cut_to_the_positions_of_the_model(capsys, tiny_checkpoint, tmp_path, text_file):
+    source = _save_with_tokenizer(_tiny("GPT2LMHeadModel").eval(), tiny_checkpoint, tmp_path / "gpt2")  # 64 positions
+    code, out, err = run_cli(capsys, "eval", source, "--text", text_file)  # default --window 1024: an IndexError
+    assert code == 0, err
+    assert f"--window 1024 is longer than the 64 positions {source} takes" in err
+    assert "in windows of 64" in out and len(perplexities(out)) == 2

@@ -9,6 +9,7 @@ import torch
 from ..backends import Backend
 from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
 from ..bench.environment import load_average
+from . import model_files
 from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_threshold,
                      device_from, load_model, say, warn)
 
@@ -19,7 +20,8 @@ def add_compare_arguments(parser, max_tokens: int, new_tokens: int) -> None:
     parser.add_argument("--max-tokens", type=int, default=max_tokens,
                         help=f"tokens of text to score (default {max_tokens})")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help=f"tokens per forward when scoring (default {DEFAULT_WINDOW})")
+                        help=f"tokens per forward when scoring (default {DEFAULT_WINDOW}; at most the "
+                             f"model's max_position_embeddings)")
     parser.add_argument("--new-tokens", type=int, default=new_tokens,
                         help=f"tokens of greedy continuation to generate (default {new_tokens}; 0: none)")
     parser.add_argument("--prompt", default="The state of our union is", help="prompt of the continuation")
@@ -64,17 +66,29 @@ def _warn_if_busy(device: torch.device) -> None:
              f"--threads 1 steadies them")
 
 
+def _window_for(model_path: Path, window: int) -> int:
+    """``--window``, or the model's position limit where that is shorter: a longer window indexes past the
+    position embeddings (GPT-2) or scores positions the model never saw in training."""
+    limit = model_files.max_positions(model_path)
+    if limit is None or window <= limit:
+        return window
+    warn(f"--window {window} is longer than the {limit} positions {model_path} takes (config.json "
+         f"max_position_embeddings): scoring in windows of {limit}")
+    return limit
+
+
 def run_comparison(args, checked: Checked, model_path: Path, text: str, what: str) -> int:
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
     model, tokenizer = load_model(model_path, device, default_dtype(device), causal_lm=True)
+    window = _window_for(model_path, args.window)  # once load_model refused what eval cannot score
     if len(tokenizer(text[:4096], add_special_tokens=False)["input_ids"]) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
     _warn_if_busy(device)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
-        f"{args.max_tokens} tokens in windows of {args.window}\n")
-    reports = compare_full_and_8bit(model, tokenizer, text, max_tokens=args.max_tokens, window=args.window,
+        f"{args.max_tokens} tokens in windows of {window}\n")
+    reports = compare_full_and_8bit(model, tokenizer, text, max_tokens=args.max_tokens, window=window,
                                     threshold=threshold, skip_modules=tuple(args.skip), backend=backend,
                                     prompt=args.prompt, new_tokens=args.new_tokens)
     say(comparison_table(reports))

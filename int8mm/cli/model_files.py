@@ -85,16 +85,27 @@ def tokenizer(path: Path):
         raise CliError(f"cannot load the tokenizer of {path}: {first_line}") from None
 
 
-def check_vocabulary(path: Path, tok) -> None:
-    """The model's embedding covers every id the tokenizer can produce (else the forward indexes past it)."""
+def text_config(path: Path):
+    """The transformers config of the language model in ``path`` (a multimodal model's text part), read before any
+    weight is."""
     import transformers
 
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise CliError(f"cannot read the config of {path}: {str(exc).strip().splitlines()[0]}") from None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_vocab = getattr(text_config, "vocab_size", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def max_positions(path: Path) -> int | None:
+    """The longest input the model takes (max_position_embeddings; GPT-2's n_positions); None if it names none."""
+    limit = getattr(text_config(path), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_vocabulary(path: Path, tok) -> None:
+    """The model's embedding covers every id the tokenizer can produce (else the forward indexes past it)."""
+    model_vocab = getattr(text_config(path), "vocab_size", None)
     if isinstance(model_vocab, int) and model_vocab < len(tok):
         raise CliError(f"{path}: the model's vocabulary ({model_vocab} tokens, config.json vocab_size) is smaller "
                        f"than its tokenizer's ({len(tok)}): token ids >= {model_vocab} have no embedding")
