@@ -84,6 +84,18 @@ def test_tied_lm_head_stays_tied_and_float(tmp_path, token_ids):
     assert torch.equal(logits(loaded, token_ids), logits(reference, token_ids))
 
 
+def test_single_file_wins_over_a_stale_index(llama_dir, tmp_path, token_ids):
+    """Before: an index left by an earlier sharded save sent load_in_8bit to shards that no longer exist, where
+    transformers loads model.safetensors."""
+    path, float_model = llama_dir
+    float_model.save_pretrained(tmp_path)
+    stale = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00009.safetensors"}}
+    (tmp_path / loading.INDEX_FILE).write_text(json.dumps(stale))
+    assert loading.checkpoint_files(tmp_path) == [tmp_path / loading.SINGLE_FILE]
+    model = load_in_8bit(tmp_path, progress=False)
+    assert torch.equal(logits(model, token_ids), logits(load_in_8bit(path, progress=False), token_ids))
+
+
 def test_sharded_checkpoint_and_progress_bar(llama_dir, tmp_path, token_ids, capfd):
     path, float_model = llama_dir
     float_model.save_pretrained(tmp_path, max_shard_size="100KB")

@@ -46,14 +46,16 @@ def checkpoint_files(checkpoint) -> list[Path]:
         path = Path(checkpoint)
         if path.is_dir():
             index = path / INDEX_FILE
-            if index.is_file():
+            # model.safetensors first, as transformers does: an index beside it is left over from an earlier
+            # sharded save into the same directory (save_pretrained does not delete it)
+            if (path / SINGLE_FILE).is_file():
+                files = [path / SINGLE_FILE]
+            elif index.is_file():
                 try:
                     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                     files = [path / name for name in sorted(set(weight_map.values()))]
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
-            elif (path / SINGLE_FILE).is_file():
-                files = [path / SINGLE_FILE]
             else:
                 files = sorted(path.glob("*.safetensors"))
                 if not files:
