@@ -310,15 +310,39 @@ def test_comparing_an_already_quantized_model_is_refused():
         compare_full_and_8bit(model, None, "text", max_tokens=8, window=8, progress=False)
 
 
+TINY_MODEL_SUITE = ["--suite", "model", "--preset", "tiny", "--layers", "1", "--prompt-tokens", "4", "--new-tokens",
+                    "2", "--batch-sizes", "1"]
+
+
 def test_model_suite_without_bitsandbytes_measures_the_rest(monkeypatch, tmp_path, capsys):
     """As the kernel suite does: bitsandbytes missing is reported as not measured, not a failure after the work."""
     import sys
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
-    argv = ["bench", "--suite", "model", "--preset", "tiny", "--layers", "1", "--prompt-tokens", "4",
-            "--new-tokens", "2", "--batch-sizes", "1", "--providers", "bnb", "float", "--out", str(tmp_path)]
-    assert main(argv) == 0
+    assert main(["bench", *TINY_MODEL_SUITE, "--providers", "bnb", "float", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu_model_bench.json").read_text())
     assert [r["provider"] for r in data["rows"]] == ["float"]
     assert len(data["meta"]["skipped"]) == 1
     assert data["meta"]["skipped"][0].startswith("bnb Linear8bitLt: bitsandbytes is not importable")
     assert "- not measured: bnb Linear8bitLt: bitsandbytes is not importable" in capsys.readouterr().out
+
+
+def test_bench_writes_its_results_when_the_reader_leaves_early(monkeypatch, tmp_path):
+    """``int8mm bench | head -1``: stdout closes at the first row printed; the run goes on and writes --out."""
+    import io
+    import os
+    import sys
+
+    class ClosesAfterOneLine(io.StringIO):
+        def write(self, text):
+            if "\n" in self.getvalue():
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+        def fileno(self):  # main points it at /dev/null, as for a real pipe
+            return os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+
+    monkeypatch.setattr(sys, "stdout", ClosesAfterOneLine())
+    assert main(["bench", *TINY_MODEL_SUITE, "--providers", "float", "int8mm", "--out", str(tmp_path / "out")]) == 141
+    rows = json.loads((tmp_path / "out" / "cpu_model_bench.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["float", "int8mm t=6"]
+    assert (tmp_path / "out" / "cpu_model_bench.md").exists()

@@ -1,4 +1,6 @@
 """``int8mm bench``: the kernel suite (and, with --suite, the model suite) on the device present."""
+import contextlib
+import sys
 from pathlib import Path
 
 from ..bench import run_kernel_suite, write_results
@@ -60,13 +62,41 @@ def run(args) -> int:
     except (ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     out = output_dir(args.out, "--out")  # made last: a refused command leaves no directory behind
-    if args.suite == "host":
-        _run_host_suite(device, out)
-    if kernel_config is not None:
-        _run_kernel_suite(kernel_config, device, out)
-    if model_config is not None:
-        _run_model_suite(model_config, device, out)
+    with contextlib.redirect_stdout(ReaderMayLeave(sys.stdout)) as stdout:
+        if args.suite == "host":
+            _run_host_suite(device, out)
+        if kernel_config is not None:
+            _run_kernel_suite(kernel_config, device, out)
+        if model_config is not None:
+            _run_model_suite(model_config, device, out)
+    if stdout.reader_left:
+        raise BrokenPipeError  # every result is written: now stop as any command whose reader left (status 141)
     return 0
+
+
+class ReaderMayLeave:
+    """stdout for a run whose reader may leave early (``int8mm bench | head``): once the pipe closes, the rest of
+    the output is dropped and the run goes on, so that its results still reach --out."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_left = stream, False
+
+    def write(self, text: str) -> int:
+        self._unless_closed(self.stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._unless_closed(self.stream.flush)
+
+    def _unless_closed(self, method, *args) -> None:
+        if not self.reader_left:
+            try:
+                method(*args)
+            except BrokenPipeError:
+                self.reader_left = True
+
+    def __getattr__(self, name):  # fileno, isatty, encoding...: the stream's own
+        return getattr(self.stream, name)
 
 
 def _run_kernel_suite(config, device, out: Path) -> None:
