@@ -157,6 +157,18 @@ def _cpu_map_with_disk(*on_disk: str) -> dict:
     return {name: "disk" if name in on_disk else "cpu" for name in names}
 
 
+def test_device_map_may_leave_out_a_module_without_parameters(llama_dir, token_ids):
+    """Before: leaving out model.rotary_emb (buffers only; transformers accepts it) failed after the whole
+    checkpoint had streamed in."""
+    path, _ = llama_dir
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    model = load_in_8bit(path, device_map=device_map, progress=False)
+    assert torch.equal(logits(model, token_ids), logits(load_in_8bit(path, progress=False), token_ids))
+    assert loading.normalize_device_map(device_map, model)["model.rotary_emb"] == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"places no module holding 'model.norm.weight'"):
+        load_in_8bit(path, device_map={k: v for k, v in device_map.items() if k != "model.norm"}, progress=False)
+
+
 def test_cpu_and_disk_device_map(llama_dir, tmp_path, token_ids):
     path, _ = llama_dir
     device_map = _cpu_map_with_disk("model.layers.0", "lm_head")

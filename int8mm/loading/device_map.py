@@ -15,7 +15,8 @@ def normalize_device_map(device_map, model: nn.Module | None = None, max_memory:
         device_map: None (the current CUDA device if any, else the CPU), one device (str, int = CUDA index,
             torch.device), a dict from module names to devices or ``"disk"``, or an accelerate strategy
             (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``; needs ``model``).
-        model: when given, every key of a dict must name one of its modules.
+        model: when given, every key of a dict must name one of its modules, and a module with buffers but no
+            parameters that the dict leaves out (a rotary embedding) is added on the main device.
         max_memory: for the accelerate strategies.
     Returns:
         A new dict.
@@ -51,7 +52,23 @@ def normalize_device_map(device_map, model: nn.Module | None = None, max_memory:
         result[name] = _parse_device(device, f"device_map[{name!r}]")
     if not result:
         raise ValueError("device_map is an empty dict; map '' to a device to place the whole model")
+    if model is not None:
+        _place_unmapped_buffer_modules(model, result)
     return result
+
+
+def _place_unmapped_buffer_modules(model: nn.Module, device_map: dict) -> None:
+    """Add the modules that hold buffers but no parameters (``model.rotary_emb``) and that ``device_map`` leaves
+    out, on the main device: transformers places them without complaint, and load_in_8bit used to fail only after
+    streaming the whole checkpoint. A module left out that has parameters stays an error (see device_for)."""
+    devices = [d for d in device_map.values() if d != DISK]
+    # the device the model runs on, as accelerate's dispatch_model picks it: the first that is not the CPU
+    main = next((d for d in devices if d.type != "cpu"), torch.device("cpu"))
+    for name, module in model.named_modules():
+        if _entry_for(name, device_map) is not None or next(module.parameters(), None) is not None:
+            continue
+        if next(module.buffers(), None) is not None:
+            device_map[name] = main
 
 
 def _parse_device(device, where: str):
@@ -83,14 +100,19 @@ def _available_devices() -> str:
 
 def device_for(name: str, device_map: dict):
     """The entry of ``device_map`` that places ``name``: the longest key that is ``name`` or a parent of it."""
+    device = _entry_for(name, device_map)
+    if device is None:
+        raise ValueError(f"device_map places no module holding {name!r}; add it or one of its parents "
+                         f"(or '' for the whole model)")
+    return device
+
+
+def _entry_for(name: str, device_map: dict):
     best = None
     for key, device in device_map.items():
         if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
             best = (key, device)
-    if best is None:
-        raise ValueError(f"device_map places no module holding {name!r}; add it or one of its parents "
-                         f"(or '' for the whole model)")
-    return best[1]
+    return best[1] if best is not None else None
 
 
 def names_on(device_map: dict, device) -> str:
