@@ -81,9 +81,9 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
     model, tokenizer = load_model(model_path, device, default_dtype(device), causal_lm=True)
-    window = _window_for(model_path, args.window)  # once load_model refused what eval cannot score
     if len(tokenizer(text[:4096], add_special_tokens=False)["input_ids"]) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
+    window = _window_for(model_path, args.window)  # a warning, once every refusal is behind
     _warn_if_busy(device)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
