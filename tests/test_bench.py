@@ -346,3 +346,8 @@ def test_bench_writes_its_results_when_the_reader_leaves_early(monkeypatch, tmp_
     rows = json.loads((tmp_path / "out" / "cpu_model_bench.json").read_text())["rows"]
     assert [r["provider"] for r in rows] == ["float", "int8mm t=6"]
     assert (tmp_path / "out" / "cpu_model_bench.md").exists()
+
+
+def test_model_suite_refuses_no_layers():
+    with pytest.raises(ValueError, match="layers must be >= 1"):  # 0 was run and labelled "all layers"
+        ModelSuiteConfig(preset="tiny", layers=0)

@@ -80,9 +80,20 @@ def add_model_suite_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--providers", nargs="+", choices=list(PROVIDERS), help="float, bnb and/or int8mm")
 
 
+def check_at_least(args: argparse.Namespace, minimums: dict) -> None:
+    """Each option given (one value or a list) is >= its minimum: a ValueError naming the option and the value
+    received, before anything is measured (the configs' own checks name their fields, not the options)."""
+    for option, minimum in minimums.items():
+        given = getattr(args, option)
+        for value in given if isinstance(given, list) else [given]:
+            if value is not None and value < minimum:
+                raise ValueError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 def model_config_from_args(args: argparse.Namespace, device: torch.device):
     from .model_suite import default_model_config
 
+    check_at_least(args, {"layers": 1})
     overrides = {field: getattr(args, field) for field in ("preset", "layers", "prompt_tokens", "new_tokens")
                  if getattr(args, field) is not None}
     for option, field in (("batch_sizes", "batch_sizes"), ("providers", "providers")):

@@ -58,6 +58,8 @@ class ModelSuiteConfig:
         if self.new_tokens < 2 or self.prompt_tokens < 1 or self.timed_runs < 1:
             raise ValueError(f"need new_tokens >= 2, prompt_tokens >= 1, timed_runs >= 1; got {self.new_tokens}, "
                              f"{self.prompt_tokens}, {self.timed_runs}")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"layers must be >= 1 (None: the preset's), got {self.layers}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be positive, got {self.batch_sizes}")
 
@@ -228,7 +230,7 @@ def model_markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     c = meta["config"]
     lines = [f"# int8mm model benchmark: {meta['device']}, {meta['date']}", "",
-             f"- model: {c['preset']}-shaped Llama, random weights ({c['layers'] or 'all'} layers), "
+             f"- model: {c['preset']}-shaped Llama, random weights ({'all' if c['layers'] is None else c['layers']} layers), "
              f"{meta['dtype']}, hidden dims {meta['outlier_dims_used']} of every input norm scaled "
              f"x{c['outlier_scale']:g}",
              f"- prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new tokens, greedy; prefill = generate(1 "
