@@ -399,3 +399,11 @@ def test_eval_window_is_cut_to_the_positions_of_the_model(capsys, tiny_checkpoin
     assert code == 0, err
     assert f"--window 1024 is longer than the 64 positions {source} takes" in err
     assert "in windows of 64" in out and len(perplexities(out)) == 2
+
+
+def test_quantize_into_the_current_directory(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "quantize", tiny_checkpoint, ".")  # Path(".").name is "": failed at the end
+    assert code == 0, err
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "int8mm"
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.parent.glob(f".{tmp_path.name}.partial*"))

@@ -76,7 +76,8 @@ def run(args) -> int:
     source = model_dir(args.model_dir)
     # its int8 weights would be saved again as they are, under the settings they were made with, whatever is asked
     check_full_precision(source, "MODEL_DIR", "quantize the full-precision checkpoint it was made from")
-    out = Path(args.out_dir).expanduser()
+    # absolute and normalised: "." or "x/.." have no name to build the hidden sibling from, nor one to rename to
+    out = Path(os.path.abspath(Path(args.out_dir).expanduser()))
     threshold = checked_threshold(args.threshold)
     try:
         apply_threads(args)
