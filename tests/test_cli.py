@@ -192,6 +192,8 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     (["bench", "--suite", "model", "--models", "Nope", "--m", "3"],
      "--models, --m: option(s) of the kernel suite, which --suite model does not run"),
     (["bench", "--preset", "tiny"], "--preset: option(s) of the model suite, which --suite kernels does not run"),
+    (["bench", "--suite", "host", "--quick", "--no-bnb", "--threshold", "3"],
+     "--threshold, --no-bnb, --quick: option(s) of the kernel or model suite, which --suite host does not run"),
     (["bench", "--suite", "model", "--layers", "0"], "--layers must be >= 1, got 0"),
     (["bench", "--suite", "model", "--layers", "-2"], "--layers must be >= 1, got -2"),
 ])

@@ -24,6 +24,8 @@ SUITES = ("kernels", "model", "all", "host")
 KERNEL_ONLY = ("models", "roles", "m", "backends", "outlier_cols", "outlier_low", "outlier_high", "graph_max_m",
                "reps")
 MODEL_ONLY = ("preset", "layers", "prompt_tokens", "new_tokens", "batch_sizes", "providers")
+# options that both the kernel and the model suite read, and the host suite does not
+KERNEL_AND_MODEL = ("threshold", "no_bnb", "quick")
 
 
 def register(subparsers) -> None:
@@ -42,8 +44,9 @@ def _stem(device) -> str:
 
 def _check_options_of_the_suite(args) -> None:
     unused, other = {"model": (KERNEL_ONLY, "kernel"), "kernels": (MODEL_ONLY, "model"),
-                     "host": (KERNEL_ONLY + MODEL_ONLY, "kernel or model")}.get(args.suite, ((), ""))
-    given = ["--" + option.replace("_", "-") for option in unused if getattr(args, option) is not None]
+                     "host": (KERNEL_ONLY + MODEL_ONLY + KERNEL_AND_MODEL, "kernel or model")}.get(args.suite, ((), ""))
+    # unset: None, or False for a flag
+    given = ["--" + option.replace("_", "-") for option in unused if getattr(args, option) not in (None, False)]
     if given:
         raise CliError(f"{', '.join(given)}: option(s) of the {other} suite, which --suite {args.suite} does not run")
 
