@@ -229,8 +229,9 @@ def _row_line(row: dict) -> str:
 def model_markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     c = meta["config"]
+    layers = "all" if c["layers"] is None else c["layers"]
     lines = [f"# int8mm model benchmark: {meta['device']}, {meta['date']}", "",
-             f"- model: {c['preset']}-shaped Llama, random weights ({'all' if c['layers'] is None else c['layers']} layers), "
+             f"- model: {c['preset']}-shaped Llama, random weights ({layers} layers), "
              f"{meta['dtype']}, hidden dims {meta['outlier_dims_used']} of every input norm scaled "
              f"x{c['outlier_scale']:g}",
              f"- prompt {c['prompt_tokens']} tokens, {c['new_tokens']} new tokens, greedy; prefill = generate(1 "
