@@ -195,6 +195,8 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     (["bench", "--suite", "host", "--quick", "--no-bnb", "--threshold", "3"],
      "--threshold, --no-bnb, --quick: option(s) of the kernel or model suite, which --suite host does not run"),
     (["bench", "--suite", "model", "--layers", "0"], "--layers must be >= 1, got 0"),
+    (["bench", "--suite", "model", "--no-bnb", "--providers", "float", "bnb"],
+     "--no-bnb leaves out bitsandbytes, which --providers float bnb asks for: give one of them"),
     (["bench", "--suite", "model", "--layers", "-2"], "--layers must be >= 1, got -2"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(capsys, tmp_path, tiny_checkpoint, argv, message):

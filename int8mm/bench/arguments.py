@@ -94,6 +94,9 @@ def model_config_from_args(args: argparse.Namespace, device: torch.device):
     from .model_suite import default_model_config
 
     check_at_least(args, {"layers": 1})
+    if args.no_bnb and "bnb" in (args.providers or ()):
+        raise ValueError(f"--no-bnb leaves out bitsandbytes, which --providers {' '.join(args.providers)} asks for: "
+                         f"give one of them")
     overrides = {field: getattr(args, field) for field in ("preset", "layers", "prompt_tokens", "new_tokens")
                  if getattr(args, field) is not None}
     for option, field in (("batch_sizes", "batch_sizes"), ("providers", "providers")):
