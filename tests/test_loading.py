@@ -269,6 +269,18 @@ def test_base_model_checkpoint_loads_into_the_head_model(tmp_path):
     assert torch.equal(logits(model, ids), logits(reference, ids))
 
 
+def test_head_model_checkpoint_loads_into_the_base_model(llama_dir, token_ids):
+    """Before: (LlamaModel, a LlamaForCausalLM checkpoint) failed, its keys carrying the "model." prefix."""
+    from transformers import AutoModel, LlamaModel
+
+    path, _ = llama_dir
+    model = load_in_8bit((LlamaModel, path), progress=False)
+    reference = AutoModel.from_pretrained(path, quantization_config=int8mm.Int8MMConfig())
+    assert type(model) is LlamaModel and isinstance(model.layers[0].mlp.up_proj, Int8Linear)
+    with torch.inference_mode():
+        assert torch.equal(model(token_ids).last_hidden_state, reference(token_ids).last_hidden_state)
+
+
 def test_a_tied_tensor_split_between_disk_and_memory_is_refused(tmp_path):
     _llama(tie=True).save_pretrained(tmp_path / "tied")
     device_map = _cpu_map_with_disk("model.embed_tokens")  # its weight is lm_head's too, and lm_head is on the CPU

@@ -168,11 +168,16 @@ def _upcast_keep_in_fp32_modules(model: nn.Module) -> None:
 
 def _align_base_model_prefix(headers: dict[str, HeaderEntry], model: nn.Module) -> dict[str, HeaderEntry]:
     """Checkpoints of a transformers base model (``h.0...``) load into its head model (``transformer.h.0...``), as
-    transformers does: the keys gain the model's ``base_model_prefix`` where only the prefixed name exists."""
+    transformers does: the keys gain the model's ``base_model_prefix`` where only the prefixed name exists. And the
+    other way round: a head model's checkpoint loads into its base model (see _strip_base_model_prefix)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    if not prefix or any(key.startswith(prefix + ".") for key in headers):
+    if not prefix:
         return headers
     names = set(model.state_dict(keep_vars=True))
+    if any(key.startswith(prefix + ".") for key in headers):
+        if any(name.startswith(prefix + ".") for name in names):
+            return headers
+        return _strip_base_model_prefix(headers, prefix)
     renamed = {}
     for key, entry in headers.items():
         if key not in names and f"{prefix}.{key}" in names:
@@ -180,6 +185,17 @@ def _align_base_model_prefix(headers: dict[str, HeaderEntry], model: nn.Module) 
             entry = dataclasses.replace(entry, key=key)
         renamed[key] = entry
     return renamed
+
+
+def _strip_base_model_prefix(headers: dict[str, HeaderEntry], prefix: str) -> dict[str, HeaderEntry]:
+    """A base model (``LlamaModel``) from its head model's checkpoint (``model.layers.0...``, ``lm_head.weight``):
+    the keys lose the prefix, and the head's own tensors are left out, as transformers does (it only reports them)."""
+    stripped = {}
+    for key, entry in headers.items():
+        if key.startswith(prefix + "."):
+            key = key[len(prefix) + 1:]
+            stripped[key] = dataclasses.replace(entry, key=key)
+    return stripped
 
 
 # ---------------------------------------------------------------- streaming
