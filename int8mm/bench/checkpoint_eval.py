@@ -78,18 +78,19 @@ def greedy_continuation(model, tokenizer, prompt: str, new_tokens: int) -> tuple
     return tokenizer.decode(generated, skip_special_tokens=True), len(generated), seconds
 
 
-def compare_full_and_8bit(model, tokenizer, text: str, *, max_tokens: int, window: int,
+def compare_full_and_8bit(model, tokenizer, text: str | list[int], *, max_tokens: int, window: int,
                           threshold: float = DEFAULT_THRESHOLD, skip_modules=DEFAULT_SKIP_MODULES, backend=None,
                           prompt: str | None = None, new_tokens: int = 0, progress: bool = True
                           ) -> list[VariantReport]:
-    """Measure ``model`` as loaded, quantize it in place, measure again; returns both reports.
+    """Measure ``model`` as loaded, quantize it in place, measure again; returns both reports. ``text`` is a string
+    or its token ids (``evaluate.token_ids``).
 
     Raises:
         ValueError: ``model`` is quantized already (its "full precision" figures would be 8-bit ones).
     """
     if getattr(model, "hf_quantizer", None) is not None or any(isinstance(m, Int8Linear) for m in model.modules()):
         raise ValueError("the model is quantized already: comparing it with its 8-bit self measures nothing")
-    ids = token_ids(tokenizer, text, max_tokens)
+    ids = token_ids(tokenizer, text, max_tokens) if isinstance(text, str) else list(text)[:max_tokens]
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     steps = tqdm(total=3, desc="compare", unit="step", disable=not progress)
     steps.set_postfix_str(f"full precision: perplexity of {len(ids)} tokens")

@@ -9,6 +9,7 @@ import torch
 from ..backends import Backend
 from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
 from ..bench.environment import load_average
+from ..evaluate import token_ids
 from . import model_files
 from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_threshold,
                      device_from, load_model, say, warn)
@@ -81,14 +82,15 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
     model, tokenizer = load_model(model_path, device, default_dtype(device), causal_lm=True)
-    if len(tokenizer(text[:4096], add_special_tokens=False)["input_ids"]) < 2:
+    ids = token_ids(tokenizer, text, args.max_tokens)  # once: the header says how many are scored
+    if len(ids) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
     window = _window_for(model_path, args.window)  # a warning, once every refusal is behind
     _warn_if_busy(device)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
-        f"{args.max_tokens} tokens in windows of {window}\n")
-    reports = compare_full_and_8bit(model, tokenizer, text, max_tokens=args.max_tokens, window=window,
+        f"{len(ids)} tokens in windows of {window}\n")
+    reports = compare_full_and_8bit(model, tokenizer, ids, max_tokens=args.max_tokens, window=window,
                                     threshold=threshold, skip_modules=tuple(args.skip), backend=backend,
                                     prompt=args.prompt, new_tokens=args.new_tokens)
     say(comparison_table(reports))
