@@ -412,3 +412,9 @@ def test_quantize_into_the_current_directory(capsys, tiny_checkpoint, tmp_path, 
     assert code == 0, err
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "int8mm"
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.parent.glob(f".{tmp_path.name}.partial*"))
+
+
+def test_eval_refuses_a_skip_pattern_that_matches_no_module(capsys, tiny_checkpoint, text_file):
+    code, out, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file, "--skip", "lm_head", "lm_hed")
+    assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # the typo kept nothing in full precision
+    assert "--skip 'lm_hed' matches no module of LlamaForCausalLM (give module names or dotted suffixes" in err

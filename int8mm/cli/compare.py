@@ -10,11 +10,13 @@ from ..backends import Backend
 from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
 from ..bench.environment import load_average
 from ..evaluate import token_ids
+from ..model import matches_skip
 from . import model_files
 from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_threshold,
                      device_from, load_model, say, warn)
 
 DEFAULT_WINDOW = 1024
+DEFAULT_SKIP = ("lm_head",)  # no error where a model names its head otherwise: there is nothing to skip then
 
 
 def add_compare_arguments(parser, max_tokens: int, new_tokens: int) -> None:
@@ -26,7 +28,7 @@ def add_compare_arguments(parser, max_tokens: int, new_tokens: int) -> None:
     parser.add_argument("--new-tokens", type=int, default=new_tokens,
                         help=f"tokens of greedy continuation to generate (default {new_tokens}; 0: none)")
     parser.add_argument("--prompt", default="The state of our union is", help="prompt of the continuation")
-    parser.add_argument("--skip", nargs="+", default=["lm_head"], metavar="MODULE",
+    parser.add_argument("--skip", nargs="+", metavar="MODULE",
                         help="modules kept in full precision (names or suffixes; default lm_head)")
     add_device_argument(parser)
     add_quantization_arguments(parser)
@@ -78,10 +80,22 @@ def _window_for(model_path: Path, window: int) -> int:
     return limit
 
 
+def _checked_skip(patterns: list[str], model) -> tuple[str, ...]:
+    """``--skip`` as given, once each pattern is known to match a module of ``model``: a typo would otherwise keep
+    nothing in full precision, noticed (if at all) after the full-precision half of the work."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    for pattern in patterns:
+        if not any(matches_skip(name, [pattern]) for name in names):
+            raise CliError(f"--skip {pattern!r} matches no module of {type(model).__name__} (give module names or "
+                           f"dotted suffixes of them, such as {names[-1]!r})")
+    return tuple(patterns)
+
+
 def run_comparison(args, checked: Checked, model_path: Path, text: str, what: str) -> int:
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
     model, tokenizer = load_model(model_path, device, default_dtype(device), causal_lm=True)
+    skip = DEFAULT_SKIP if args.skip is None else _checked_skip(args.skip, model)
     ids = token_ids(tokenizer, text, args.max_tokens)  # once: the header says how many are scored
     if len(ids) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
@@ -91,7 +105,7 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
         f"{len(ids)} tokens in windows of {window}\n")
     reports = compare_full_and_8bit(model, tokenizer, ids, max_tokens=args.max_tokens, window=window,
-                                    threshold=threshold, skip_modules=tuple(args.skip), backend=backend,
+                                    threshold=threshold, skip_modules=skip, backend=backend,
                                     prompt=args.prompt, new_tokens=args.new_tokens)
     say(comparison_table(reports))
     if args.new_tokens > 0:
