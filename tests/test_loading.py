@@ -73,6 +73,21 @@ def test_threshold_skip_modules_backend_and_dtype(llama_dir):
     assert all(m.SCB.dtype == torch.float32 for m in layers)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_quantizes_the_cast_weight_as_the_other_loaders(llama_dir, dtype):
+    """Before: with dtype= set, load_in_8bit quantized the fp32 file values, from_pretrained and quantize_model the
+    weight cast to dtype (73 of 8192 int8 values and every scale differed in a layer)."""
+    path, _ = llama_dir
+    streamed = load_in_8bit(path, dtype=dtype, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=int8mm.Int8MMConfig(), dtype=dtype)
+    swapped = int8mm.quantize_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+    expected = _int8_state(streamed)
+    assert expected and _int8_state(loaded).keys() == expected.keys() == _int8_state(swapped).keys()
+    for other in (loaded, swapped):
+        for name, (q_w, s_w) in _int8_state(other).items():
+            assert torch.equal(q_w, expected[name][0]) and torch.equal(s_w, expected[name][1]), name
+
+
 def test_tied_lm_head_stays_tied_and_float(tmp_path, token_ids):
     model = _llama(tie=True, seed=1)
     model.save_pretrained(tmp_path)

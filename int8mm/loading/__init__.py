@@ -122,7 +122,10 @@ def load_in_8bit(
                              f"pass offload_folder= to say where")
         identity = offload_identity(files, selection.skip_modules, model)
         check_offload_folder_free(offload_folder, identity)
-    plan = plan_load(model, transposed, _align_base_model_prefix(headers, model), device_map)
+    # each weight is quantized in the dtype the float layer holds (dtype=, config.json), not the file's: the
+    # int8 values then equal those of from_pretrained and quantize_model, which quantize the cast weight
+    weight_dtypes = {name: layer.module.weight.dtype for layer in selection.quantize for name in layer.names}
+    plan = plan_load(model, transposed, _align_base_model_prefix(headers, model), device_map, weight_dtypes)
 
     out = Destination(offload_folder)
     try:

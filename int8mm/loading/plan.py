@@ -13,7 +13,11 @@ from .tasks import (CheckWeightFormat, CopyBias, CopyInt8Weight, CopyScale, Copy
                     QuantizeWeight)
 
 
-def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, HeaderEntry], device_map: dict):
+def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, HeaderEntry], device_map: dict,
+              weight_dtypes: dict[str, torch.dtype] | None = None):
+    """The tasks that load ``headers`` into ``model``; ``weight_dtypes`` maps an 8-bit layer to the dtype its float
+    weight is cast to before it is quantized (absent: the dtype stored)."""
+    weight_dtypes = weight_dtypes or {}
     tasks: list[LoadTask] = []
     missing: list[str] = []
     used: set[str] = set()
@@ -28,7 +32,8 @@ def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, 
         used.update(f"{n}.{suffix}" for n in names for suffix in STATE_DICT_KEYS
                     if f"{n}.{suffix}" in headers)
         device = device_for(f"{prefix}.weight", device_map)
-        tasks += _plan_int8(module, prefix, transposed.get(prefix, False), headers, device, missing)
+        tasks += _plan_int8(module, prefix, transposed.get(prefix, False), headers, device, missing,
+                            weight_dtypes.get(prefix))
 
     groups: dict[int, list[tuple[str, nn.Module, str, torch.Tensor, bool]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -84,7 +89,8 @@ def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, 
     return tasks
 
 
-def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, device, missing) -> list[LoadTask]:
+def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, device, missing,
+               weight_dtype: torch.dtype | None) -> list[LoadTask]:
     n, k = module.out_features, module.in_features
     weight = headers.get(f"{prefix}.weight")
     if weight is None:
@@ -98,7 +104,7 @@ def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, devic
         if scale is not None:
             raise CheckpointError(f"{weight.path}: {prefix}.SCB comes with a float {prefix}.weight; an 8-bit "
                                   f"checkpoint stores that weight as int8")
-        tasks.append(QuantizeWeight(weight, device, module=module, transposed=transposed))
+        tasks.append(QuantizeWeight(weight, device, module=module, transposed=transposed, dtype=weight_dtype))
     elif weight.dtype == torch.int8:
         if scale is None:
             missing.append(f"{prefix}.SCB")

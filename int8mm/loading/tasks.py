@@ -71,9 +71,10 @@ class QuantizeWeight(LoadTask):
     """A float weight of an ``Int8Linear``: quantized block by block into ``weight`` (int8) and ``SCB``."""
     module: Int8Linear = None
     transposed: bool = False  # a Conv1D weight, stored [in, out]
+    dtype: torch.dtype | None = None  # the float layer's dtype, which the weight is cast to first (None: stored)
 
     def run(self, mapped, out):
-        q_w, s_w = _quantize_streamed(mapped, self.entry, self.compute_device, self.transposed)
+        q_w, s_w = _quantize_streamed(mapped, self.entry, self.compute_device, self.transposed, self.dtype)
         out.store(self.device, f"{self.prefix}.weight", q_w, [(self.module, "weight")])
         out.store(self.device, f"{self.prefix}.SCB", s_w, [(self.module, "SCB")])
 
@@ -139,10 +140,12 @@ class CopyTensor(LoadTask):
 
 
 # ---------------------------------------------------------------- streaming reads
-def _quantize_streamed(mapped: MappedFile, entry: HeaderEntry, device, transposed: bool):
-    """Quantize a float weight block by block on ``device``; returns int8 ``[N, K]`` and fp32 ``[N]``."""
+def _quantize_streamed(mapped: MappedFile, entry: HeaderEntry, device, transposed: bool, dtype=None):
+    """Quantize a float weight block by block on ``device``, cast to ``dtype`` first (None: as stored); returns
+    int8 ``[N, K]`` and fp32 ``[N]``."""
     source = mapped.view(entry)
-    compute_dtype = entry.dtype if entry.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    compute_dtype = dtype or entry.dtype
+    compute_dtype = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     if transposed:
         # Conv1D stores [K, N]: a row of the int8 weight is a column here, so take the whole layer once
         source = source.to(device=device, dtype=compute_dtype).t().contiguous()
