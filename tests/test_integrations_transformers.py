@@ -198,3 +198,14 @@ def test_int8_weight_and_scale_are_frozen_parameters_and_casts_keep_the_scale(fl
     layer.half()  # transformers refuses .half() on a whole quantized model
     assert layer.SCB.dtype == torch.float32 and torch.equal(layer.SCB, scale) and not layer.SCB.requires_grad
     assert layer.weight.dtype == torch.int8
+
+
+def test_device_map_none_is_the_default_device_as_for_load_in_8bit(monkeypatch):
+    """Before: the quantizer kept device_map=None, so from_pretrained loaded on the CPU of a CUDA machine while
+    load_in_8bit (and transformers' bitsandbytes quantizer) loaded on the current CUDA device."""
+    quantizer = hf_integration.Int8MMHfQuantizer(Int8MMConfig())
+    assert quantizer.update_device_map(None) is None  # no CUDA here: transformers' own default, the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert quantizer.update_device_map(None) == {"": 1}
+    assert quantizer.update_device_map({"": "cpu"}) == {"": "cpu"}

@@ -25,6 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from torch import nn
 
 from .. import config as _config
+from ..devices import default_device
 from ..errors import CheckpointError
 from ..loading import normalize_device_map, replace_linears_on_meta
 from ..loading.checkpoint_check import check_after_loading, check_before_loading
@@ -94,7 +95,8 @@ class Int8MMHfQuantizer(HfQuantizer):
     once it is quantized, so the load peaks near the size of the 8-bit model. A checkpoint saved in 8 bits
     (int8mm or bitsandbytes layout) maps key for key onto the same layers.
 
-    ``device_map=None`` loads on the CPU, as transformers does without a quantizer. Any ``device_map`` (dict or
+    ``device_map=None`` loads on the current CUDA device when torch sees one, else on the CPU, as
+    ``load_in_8bit`` does (and transformers' bitsandbytes quantizer). Any ``device_map`` (dict or
     ``"auto"``, with ``"disk"``) and either ``offload_buffers`` work: what goes to the disk or CPU is the int8
     weight and its scale.
     """
@@ -120,6 +122,13 @@ class Int8MMHfQuantizer(HfQuantizer):
                 isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0",
                                                                    "sequential")):
             normalize_device_map(device_map)  # names a device this machine lacks -> ValueError now
+
+    def update_device_map(self, device_map):
+        # one default for both loaders (int8mm.devices.default_device); transformers alone would load on the CPU
+        device = default_device()
+        if device_map is None and device.type != "cpu":
+            return {"": device.index}
+        return device_map
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module_name, _, name = param_name.rpartition(".")
