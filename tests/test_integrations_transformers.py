@@ -209,3 +209,17 @@ def test_device_map_none_is_the_default_device_as_for_load_in_8bit(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert quantizer.update_device_map(None) == {"": 1}
     assert quantizer.update_device_map({"": "cpu"}) == {"": "cpu"}
+
+
+def test_a_saved_8bit_checkpoint_keeps_its_settings_as_docs_say(float_llama, tmp_path):
+    """docs/loading.md: from_pretrained of a saved 8-bit checkpoint runs with config.json's settings and ignores a
+    passed config (transformers warns); load_in_8bit applies what it is passed."""
+    path, _ = float_llama
+    AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig()).save_pretrained(tmp_path)
+    passed = Int8MMConfig(threshold=1.0, backend="reference")
+    with pytest.warns(UserWarning, match="The `quantization_config` from the model will be used"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=passed)
+    layer = model.model.layers[0].mlp.up_proj
+    assert (layer.threshold, layer.backend) == (6.0, None)
+    layer = int8mm.load_in_8bit(tmp_path, config=passed, progress=False).model.layers[0].mlp.up_proj
+    assert (layer.threshold, layer.backend) == (1.0, int8mm.Backend.REFERENCE)
