@@ -88,6 +88,15 @@ def test_dtype_quantizes_the_cast_weight_as_the_other_loaders(llama_dir, dtype):
             assert torch.equal(q_w, expected[name][0]) and torch.equal(s_w, expected[name][1]), name
 
 
+def test_skipping_a_layer_saved_in_8bit_points_at_skip_modules(llama_dir, tmp_path):
+    """Before: the error said only that an int8 tensor met a float one, not that skip_modules asked for it."""
+    path, _ = llama_dir
+    load_in_8bit(path, progress=False).save_pretrained(tmp_path)
+    with pytest.raises(int8mm.CheckpointError, match=r"has dtype torch.int8, .* stores 'model.layers.0.mlp.gate_proj' "
+                                                     r"in 8 bits, but skip_modules \(or filter_fn\) keeps it"):
+        load_in_8bit(tmp_path, skip_modules=["mlp"], progress=False)
+
+
 def test_tied_lm_head_stays_tied_and_float(tmp_path, token_ids):
     model = _llama(tie=True, seed=1)
     model.save_pretrained(tmp_path)

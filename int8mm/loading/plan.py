@@ -66,7 +66,7 @@ def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, 
         if entry.dtype.is_floating_point != meta.dtype.is_floating_point or (
                 entry.dtype == torch.bool) != (meta.dtype == torch.bool):
             raise CheckpointError(f"{entry.path}: {entry.key!r} has dtype {entry.dtype}, but the model holds "
-                                  f"{meta.dtype} there")
+                                  f"{meta.dtype} there{_kept_int8_hint(entry, meta)}")
         tasks.append(CopyTensor(entry, device_for(names[0], device_map), owners=[(m[1], m[2]) for m in members],
                                 names=names, dtype=meta.dtype, is_param=members[0][4],
                                 requires_grad=meta.requires_grad))
@@ -131,6 +131,16 @@ def _plan_int8(module: Int8Linear, prefix: str, transposed: bool, headers, devic
     elif bias is not None:
         raise CheckpointError(f"{bias.path}: holds {prefix}.bias, but that layer of the model has no bias")
     return tasks
+
+
+def _kept_int8_hint(entry: HeaderEntry, meta: torch.Tensor) -> str:
+    # an int8 weight where the model holds a float one: a layer saved in 8 bits that this load's skip_modules
+    # (or filter_fn) keeps in full precision; the checkpoint has no float values to give it
+    if entry.dtype != torch.int8 or not meta.dtype.is_floating_point or not entry.key.endswith(".weight"):
+        return ""
+    return (f". The checkpoint stores {entry.key.rpartition('.')[0]!r} in 8 bits, but skip_modules (or filter_fn) "
+            f"keeps it in full precision: a saved 8-bit layer cannot be loaded as float; leave skip_modules=None "
+            f"to use the list saved with the checkpoint, or load the float checkpoint")
 
 
 def _check_shape(entry: HeaderEntry, expected: tuple[int, ...]) -> None:
