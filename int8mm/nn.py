@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import functional as F8
-from ._constants import DEFAULT_THRESHOLD
+from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD
 from .backends import Backend, parse_backend, reference
 from . import weight_format
 
@@ -122,9 +122,14 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, threshold={self.threshold}, backend={backend}")
 
     def _apply(self, fn, recurse=True):
-        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (docs/SPEC.md), and
-        # the bias in a dtype the kernels take
-        return weight_format.keep_format_dtypes(self, super()._apply, fn, recurse)
+        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (docs/SPEC.md)
+        bias_dtype = self.bias.dtype if self.bias is not None else None
+        weight_format.keep_scale_fp32(self, super()._apply, fn, recurse)
+        bias = self._parameters.get("bias")
+        # the bias follows casts to the output dtypes, but not .double(): the layer would refuse every call
+        if bias is not None and bias.dtype.is_floating_point and bias.dtype not in ACTIVATION_DTYPES:
+            self.bias = nn.Parameter(bias.detach().to(bias_dtype), requires_grad=bias.requires_grad)
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

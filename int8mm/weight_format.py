@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ._constants import ACTIVATION_DTYPES, INT8_MAX
+from ._constants import INT8_MAX
 from .errors import CheckpointError
 
 WEIGHT_FORMAT_ROW = 0  # bitsandbytes' marker for a row-major int8 weight
@@ -29,7 +29,7 @@ STATE_DICT_SOURCE = "state_dict"  # how messages name a state dict that came fro
 __all__ = [
     "BIAS", "FORMAT", "SCALE", "SCALE_DTYPE", "STATE_DICT_KEYS", "STATE_DICT_SOURCE", "WEIGHT", "WEIGHT_FORMAT_DTYPE",
     "WEIGHT_FORMAT_ROW", "add_format_marker", "check_format_value", "check_int8_layout", "check_int8_values",
-    "format_marker", "int8_state_for_loading", "keep_format_dtypes", "keep_scale_fp32", "replace_int8_tensors",
+    "format_marker", "int8_state_for_loading", "keep_scale_fp32", "replace_int8_tensors",
 ]
 
 
@@ -135,31 +135,20 @@ def replace_int8_tensors(module: nn.Module, weight: torch.Tensor, scale: torch.T
         setattr(module, name, nn.Parameter(value, requires_grad=False) if frozen_param else value)
 
 
-def keep_format_dtypes(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
+def keep_scale_fp32(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
     """Run ``apply(fn, recurse)`` (``nn.Module._apply``: what ``.to()``, ``.half()``, ``.cuda()`` call) so that
     the move never changes the format: the int8 weight is not floating, so no cast touches it; the fp32 scale
     is put back in fp32 (on the new device) when ``fn`` cast it (docs/SPEC.md: the scale is fp32). The scale may
-    be a buffer (``Int8Linear``) or a frozen parameter (the layers transformers loads); it stays what it was.
-    A bias follows casts to fp16, bf16 and fp32 (the output's dtypes), but not to one the kernels do not take
-    (``.double()``): it keeps its dtype then, so the layer still runs."""
+    be a buffer (``Int8Linear``) or a frozen parameter (the layers transformers loads); it stays what it was."""
     slots = module._parameters if SCALE in module._parameters else module._buffers
     # detached: nn.Module._apply may cast a parameter in place (param.data = ...); this keeps the fp32 storage
     scale = slots[SCALE].detach() if slots[SCALE] is not None else None
-    bias = module._parameters.get(BIAS)
-    bias_dtype = bias.dtype if bias is not None else None
     apply(fn, recurse)
     moved = slots[SCALE]
     if moved is not None and moved.dtype != SCALE_DTYPE:
         restored = scale.to(moved.device)
         slots[SCALE] = nn.Parameter(restored, requires_grad=False) if slots is module._parameters else restored
-    bias = module._parameters.get(BIAS)
-    if bias is not None and bias.dtype.is_floating_point and bias.dtype not in ACTIVATION_DTYPES:
-        with torch.no_grad():
-            module._parameters[BIAS] = nn.Parameter(bias.to(bias_dtype), requires_grad=bias.requires_grad)
     return module
-
-
-keep_scale_fp32 = keep_format_dtypes  # the older name, until its last caller moves
 
 
 def _key(prefix: str, name: str) -> str:
