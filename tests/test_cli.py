@@ -179,7 +179,14 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     (["bench", "--device", "cuda:99"], "--device: device 'cuda:99' was requested but torch sees "),
     (["bench", "--models", "GPT-5"], "unknown model 'GPT-5'"),
     (["bench", "--backends", "fastest"], "backend must be a Backend or one of"),
-    (["bench", "--m", "0"], "m_values must be positive"),
+    (["bench", "--m", "1", "0"], "--m must be >= 1, got 0"),
+    (["bench", "--reps", "0"], "--reps must be >= 1, got 0"),
+    (["bench", "--outlier-cols", "-1"], "--outlier-cols must be >= 0, got -1"),
+    (["bench", "--outlier-low", "70"], "--outlier-low 70 is above --outlier-high 60 (the default)"),
+    (["bench", "--graph-max-m", "-5"], "--graph-max-m must be >= 0, got -5"),
+    (["bench", "--suite", "model", "--new-tokens", "1"], "--new-tokens must be >= 2, got 1"),
+    (["bench", "--suite", "model", "--prompt-tokens", "0"], "--prompt-tokens must be >= 1, got 0"),
+    (["bench", "--suite", "model", "--batch-sizes", "1", "0"], "--batch-sizes must be >= 1, got 0"),
     (["demo", "--threads", "0"], "--threads must be >= 1, got 0"),
     (["bench", "--device", "tpu"], "--device: device must be 'auto', 'cpu' or 'cuda', got 'tpu'"),
     (["bench", "--suite", "everything"], "argument --suite: invalid choice: 'everything'"),
@@ -418,3 +425,10 @@ def test_eval_refuses_a_skip_pattern_that_matches_no_module(capsys, tiny_checkpo
     code, out, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file, "--skip", "lm_head", "lm_hed")
     assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # the typo kept nothing in full precision
     assert "--skip 'lm_hed' matches no module of LlamaForCausalLM (give module names or dotted suffixes" in err
+
+
+def test_help_names_every_backend_and_the_cpu_baseline(capsys):
+    _, out, _ = run_cli(capsys, "eval", "--help")
+    assert "auto, reference, cpu, triton or cuda" in " ".join(out.split())
+    _, out, _ = run_cli(capsys, "bench", "--help")
+    assert "F.linear (fp16 on a GPU, fp32 on CPU)" in " ".join(out.split())

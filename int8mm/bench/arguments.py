@@ -43,8 +43,14 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+# the least value of each numeric option (checked under the option's name before the configs name their fields)
+KERNEL_MINIMUMS = {"m": 1, "reps": 1, "outlier_cols": 0, "outlier_low": 0, "outlier_high": 0, "graph_max_m": 0}
+MODEL_MINIMUMS = {"layers": 1, "prompt_tokens": 1, "new_tokens": 2, "batch_sizes": 1}  # decode: (N - 1) steps
+
+
 def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> KernelSuiteConfig:
     """The device's default config with every option the user gave applied (ValueError on bad values)."""
+    check_at_least(args, KERNEL_MINIMUMS)
     config = default_config(device, quick=args.quick)
     overrides = {}
     for option, field in (("models", "models"), ("roles", "roles"), ("m", "m_values"), ("backends", "backends")):
@@ -60,10 +66,13 @@ def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> K
     planted = {name: getattr(args, f"outlier_{name}") for name in ("cols", "low", "high")}
     if any(v is not None for v in planted.values()):
         base = config.outliers
-        overrides["outliers"] = OutlierSpec(
-            count=base.count if planted["cols"] is None else planted["cols"],
-            low=base.low if planted["low"] is None else planted["low"],
-            high=base.high if planted["high"] is None else planted["high"])
+        low = base.low if planted["low"] is None else planted["low"]
+        high = base.high if planted["high"] is None else planted["high"]
+        if low > high:
+            raise ValueError(f"--outlier-low {low:g} is above --outlier-high {high:g}"
+                             + (" (the default)" if planted["high"] is None else ""))
+        overrides["outliers"] = OutlierSpec(count=base.count if planted["cols"] is None else planted["cols"],
+                                            low=low, high=high)
     return replace(config, **overrides)
 
 
@@ -84,7 +93,7 @@ def check_at_least(args: argparse.Namespace, minimums: dict) -> None:
     """Each option given (one value or a list) is >= its minimum: a ValueError naming the option and the value
     received, before anything is measured (the configs' own checks name their fields, not the options)."""
     for option, minimum in minimums.items():
-        given = getattr(args, option)
+        given = getattr(args, option, None)  # a script may not offer every option
         for value in given if isinstance(given, list) else [given]:
             if value is not None and value < minimum:
                 raise ValueError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -93,7 +102,7 @@ def check_at_least(args: argparse.Namespace, minimums: dict) -> None:
 def model_config_from_args(args: argparse.Namespace, device: torch.device):
     from .model_suite import default_model_config
 
-    check_at_least(args, {"layers": 1})
+    check_at_least(args, MODEL_MINIMUMS)
     if args.no_bnb and "bnb" in (args.providers or ()):
         raise ValueError(f"--no-bnb leaves out bitsandbytes, which --providers {' '.join(args.providers)} asks for: "
                          f"give one of them")

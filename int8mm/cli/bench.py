@@ -11,7 +11,7 @@ from ..bench.report import geomean_table, header_lines, speedup_table, write_jso
 from .common import (CliError, add_device_argument, check_default_backend, checked_threshold, device_from,
                      output_dir, say)
 
-HELP = "time int8mm against fp16/bf16 F.linear and bitsandbytes on real model shapes"
+HELP = "time int8mm against F.linear (fp16 on a GPU, fp32 on CPU) and bitsandbytes on real model shapes"
 DESCRIPTION = HELP + """.
 
 The kernel suite times every provider on layer shapes of Llama-3-8B/70B, OPT-6.7B and SmolLM2-135M with

@@ -64,7 +64,8 @@ def device_from(args) -> torch.device:
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold (0 disables; default 6.0)")
     parser.add_argument("--backend", default=None,
-                        help="int8mm backend: auto, reference, triton or cuda (default: INT8MM_BACKEND or auto)")
+                        help="int8mm backend: auto, reference, cpu, triton or cuda (default: INT8MM_BACKEND or "
+                             "auto)")
 
 
 def checked_backend(args, device: torch.device):
