@@ -2,9 +2,11 @@
 
 Results are stated as a fraction of these: weight bytes/s at decode against the copy rate (bytes read
 and written), ops/s at prefill against the square matmul rate of the provider's arithmetic (int8 through
-``torch._int_mm``, float in the device's baseline dtype).
+``torch._int_mm``, float in the device's baseline dtype). On CPU one weight serves every call, so a decode weight
+that the last-level cache holds is read from the cache, not from memory: its row gets no fraction of the copy rate.
 """
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,8 @@ class CeilingSizes:
 GPU_SIZES = CeilingSizes(copy_bytes=2 * 1024**3, matmul_n=8192, reps=10)
 CPU_SIZES = CeilingSizes(copy_bytes=256 * 1024**2, matmul_n=2048, reps=5)
 CPU_QUICK_SIZES = CeilingSizes(copy_bytes=64 * 1024**2, matmul_n=1024, reps=3)
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+DEFAULT_CPU_CACHE_BYTES = 64 * 1024**2  # where the sizes cannot be read: larger than most CPUs' last level
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Ceilings:
     float_ops_per_s: float  # F.linear-style matmul in float_dtype
     float_dtype: str
     matmul_n: int
+    cache_bytes: int | None = None  # CPU: the largest cache (None on a GPU, whose calls rotate weight copies)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,4 +71,19 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
     mm_s = time_call(device, torch.mm, [(a, b)], warmup=2, reps=sizes.reps).median_s
     ops = 2 * n**3
     return Ceilings(copy_bytes_per_s=2 * sizes.copy_bytes / copy_s, int8_ops_per_s=ops / int_mm_s,
-                    float_ops_per_s=ops / mm_s, float_dtype=str(dtype).removeprefix("torch."), matmul_n=n)
+                    float_ops_per_s=ops / mm_s, float_dtype=str(dtype).removeprefix("torch."), matmul_n=n,
+                    cache_bytes=None if device.type == "cuda" else cpu_cache_bytes())
+
+
+def cpu_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs, e.g. "8192K"), or DEFAULT_CPU_CACHE_BYTES where it cannot be read."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    sizes = []
+    for entry in CPU_CACHES.glob("index*/size"):
+        try:
+            text = entry.read_text().strip()
+        except OSError:
+            continue
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=DEFAULT_CPU_CACHE_BYTES)
