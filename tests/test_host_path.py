@@ -120,7 +120,10 @@ def test_layer_checks_follow_casts():
     layer.half()  # the bias parameter keeps its identity, with a new dtype
     assert layer.bias.dtype == torch.float16
     assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))
-    layer.double()
+    layer.bfloat16()  # and again: the checked bfloat16 bias is the one used
+    assert layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer(x), int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, THRESHOLD, "reference"))
+    layer.bias.data = layer.bias.data.double()  # the same object, a dtype the kernels do not take: checked again
     with pytest.raises(TypeError, match=r"bias must be one of float16, bfloat16, float32, got torch.float64"):
         layer(x)
 
