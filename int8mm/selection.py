@@ -70,6 +70,11 @@ def matches_skip(name: str, patterns) -> bool:
     return False
 
 
+def unmatched_skip_patterns(names: list[str], patterns) -> list[str]:
+    """The ``skip_modules`` patterns that match none of the module ``names``."""
+    return [pattern for pattern in patterns if not any(matches_skip(name, [pattern]) for name in names)]
+
+
 def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: bool = True) -> Selection:
     """Apply the rule (see the module docstring) to ``model``, which may be on the meta device.
 
@@ -95,10 +100,9 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
 
     explicit = list(config.skip_modules) if config.skip_modules is not None else None
     if explicit is not None and warn_unmatched:
-        for pattern in explicit:
-            if not any(matches_skip(name, [pattern]) for name in all_names):
-                warnings.warn(f"int8mm: skip_modules names {pattern!r}, which matches no module of "
-                              f"{type(model).__name__}; nothing is skipped for it", UserWarning, stacklevel=3)
+        for pattern in unmatched_skip_patterns(all_names, explicit):
+            warnings.warn(f"int8mm: skip_modules names {pattern!r}, which matches no module of "
+                          f"{type(model).__name__}; nothing is skipped for it", UserWarning, stacklevel=3)
     heads = _output_heads(model) if explicit is None else None
     # the default: a transformers model's declared heads, as transformers does; any other model's "lm_head"
     patterns = explicit if explicit is not None else ([] if heads is not None else list(DEFAULT_SKIP_MODULES))

@@ -10,7 +10,7 @@ from ..backends import Backend
 from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
 from ..bench.environment import load_average
 from ..evaluate import token_ids
-from ..model import matches_skip
+from ..selection import unmatched_skip_patterns
 from . import model_files
 from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_threshold,
                      device_from, load_model, say, warn)
@@ -84,10 +84,10 @@ def _checked_skip(patterns: list[str], model) -> tuple[str, ...]:
     """``--skip`` as given, once each pattern is known to match a module of ``model``: a typo would otherwise keep
     nothing in full precision, noticed (if at all) after the full-precision half of the work."""
     names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    for pattern in patterns:
-        if not any(matches_skip(name, [pattern]) for name in names):
-            raise CliError(f"--skip {pattern!r} matches no module of {type(model).__name__} (give module names or "
-                           f"dotted suffixes of them, such as {names[-1]!r})")
+    unmatched = unmatched_skip_patterns(names, patterns)
+    if unmatched:
+        raise CliError(f"--skip {unmatched[0]!r} matches no module of {type(model).__name__} (give module names or "
+                       f"dotted suffixes of them, such as {names[-1]!r})")
     return tuple(patterns)
 
 
