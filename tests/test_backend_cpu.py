@@ -61,7 +61,7 @@ def test_int8_linear_matches_the_reference(m, k, n, dtype):
 
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 40])
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 130, 4096])
-def test_without_outliers_or_bias_the_output_is_the_reference_bit_for_bit(m, k):
+def test_without_outliers_or_bias_the_output_is_the_reference_bit_for_bit(m, k, many_row_gemm):
     """The epilogue scales in the reference's order (fp32(acc) * s_x, then * (s_w * fp32(1 / 127^2))), so with
     no outlier term or bias to sum in another order the outputs are identical: any wrong int32 sum shows."""
     g = torch.Generator().manual_seed(m * 10_000 + k)
@@ -84,10 +84,68 @@ def test_weights_of_minus_128_are_exact(m):
     assert torch.equal(got, ref)
 
 
+@pytest.fixture(params=["onednn", "library"])
+def many_row_gemm(request, monkeypatch):
+    """The many-row path with each GEMM it may take: which one a run takes depends on the CPU (oneDNN's with
+    AVX-512, else the library's), so every host tests both."""
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: request.param == "onednn")
+    return request.param
+
+
+def _exact_int8_product(a, b):
+    return (a.long() @ b.long().t()).int()  # int64 sums, exact; they fit in int32 for these K
+
+
+def _random_int8(shape, seed):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+
+
+# the library GEMM's edges: tiles of 4 rows of a by 3 rows of w, K in steps of 16, blocks of weight rows
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 16, 3), (4, 15, 3), (5, 17, 4), (7, 31, 2), (17, 33, 7),
+                                   (40, 300, 37), (64, 1024, 200), (3, 0, 5)])
+def test_the_library_gemm_is_exact(m, k, n, monkeypatch):
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
+    a, b = _random_int8((m, k), seed=m * 1000 + k), _random_int8((n, k), seed=n * 1000 + k)
+    if k:
+        a[0], b[-1] = -128, -128  # the largest products, (-128) * (-128), in one pair of the sum
+    got = cpu_backend.int8_matmul(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got, _exact_int8_product(a, b))
+
+
+def test_the_library_gemm_reads_any_row_stride(monkeypatch):
+    """Rows farther apart than K (a column slice), rows that repeat (stride 0) and a transposed weight view."""
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
+    wide, tall = _random_int8((9, 80), seed=1), _random_int8((50, 13), seed=2)
+    repeated = _random_int8((1, 50), seed=3).expand(6, 50)
+    for a, w in ((wide[:, 5:55], tall.t()), (repeated, wide[:, :50]), (wide[:, ::2][:, :33], wide[:, 1:34])):
+        assert torch.equal(cpu_backend.int8_matmul(a, w), _exact_int8_product(a, w))
+
+
+def test_the_library_gemm_at_the_largest_k(monkeypatch):
+    """127 against -128 over MAX_EXACT_K columns: -2_147_482_624 in every element, at the tiles' edges."""
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
+    k = int8mm.MAX_EXACT_K
+    a, b = torch.full((5, k), 127, dtype=torch.int8), torch.full((4, k), -128, dtype=torch.int8)
+    assert torch.equal(cpu_backend.int8_matmul(a, b), torch.full((5, 4), -127 * 128 * k, dtype=torch.int32))
+
+
+def test_the_library_gemm_on_one_and_two_threads(monkeypatch):
+    """Big enough for the weight rows to be split into blocks that threads share: the same integers."""
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
+    a, b = _random_int8((70, 1030), seed=4), _random_int8((301, 1030), seed=5)
+    expected, threads = _exact_int8_product(a, b), torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert torch.equal(cpu_backend.int8_matmul(a, b), expected), count
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("threshold", [THRESHOLD, 1000.0])  # with outlier columns, and with none
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_many_rows_are_the_reference_bit_for_bit(dtype, threshold, with_bias):
+def test_many_rows_are_the_reference_bit_for_bit(dtype, threshold, with_bias, many_row_gemm):
     """Past the fused limit the C quantization and the C scaling pass keep the reference's order of operations
     (integer part, then the outlier term, then the bias): the outputs are identical, in every dtype."""
     x = planted_outliers(40, 300, dtype, zero_row=True, seed=11)
@@ -304,10 +362,14 @@ def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
     assert cpu_backend.library_available()
 
 
-def test_the_portable_gemv_matches_too(monkeypatch, tmp_path):
-    """Built for a CPU without AVX-512 (x86-64-v3) the library takes its plain C loops: same results."""
-    march = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"  # elsewhere native is plain C
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_the_portable_loops_match_too(monkeypatch, tmp_path, march):
+    """Built for a CPU without AVX-512 (x86-64-v3) the library takes its plain C loops, and without AVX2 either
+    (x86-64) its GEMM's plain loop too: same results."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        march = "native"  # elsewhere native is plain C
     monkeypatch.setenv("INT8MM_CPU_LIB", str(cpu_build.build(tmp_path, march=march)))
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)  # the many-row path: its GEMM
     cpu_backend.library.cache_clear()
     try:
         for m, k in ((1, 65), (5, 130), (16, 576), (40, 300)):  # 40 rows: the plain quantize and scaling loops
@@ -319,6 +381,8 @@ def test_the_portable_gemv_matches_too(monkeypatch, tmp_path):
                 assert torch.equal(got, _fused_arithmetic(x, q_w, s_w, None, THRESHOLD))
             x0 = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
             assert torch.equal(*_both(_ops.int8_linear, x0, q_w, s_w, None, 0.0))
+        a, b = _random_int8((9, 70), seed=6), _random_int8((8, 70), seed=7)
+        assert torch.equal(cpu_backend.int8_matmul(a, b), _exact_int8_product(a, b))
     finally:
         monkeypatch.undo()
         cpu_backend.library.cache_clear()

@@ -2,8 +2,9 @@
 
 Activation quantization is one C function (two vectorized passes over x instead of a dozen torch ops);
 decode-sized batches (M <= FUSED_MAX_M) run quantize + int8 GEMV + epilogue in one call that reads the weight
-once; larger batches quantize in C, multiply with ``torch._int_mm`` (oneDNN's tiled int8 GEMM), scale the int32
-result in one C pass and add the outlier term with BLAS, in the reference's order of operations.
+once; larger batches quantize in C, multiply with an exact int8 GEMM (``torch._int_mm``, oneDNN's, where torch
+runs it with AVX-512; else the library's own, see ``int8_matmul``), scale the int32 result in one C pass and add
+the outlier term with BLAS, in the reference's order of operations.
 The quantized values and scales are the reference's bit for bit (tests/test_backend_cpu.py checks them).
 """
 import ctypes
@@ -16,7 +17,7 @@ import torch
 from . import c_calls, cpu_build, reference, registry
 
 BACKEND = "cpu"
-ABI_VERSION = 4
+ABI_VERSION = 5
 # up to this many rows the fused GEMV (weights read once, all rows served from cache) beats oneDNN's GEMM
 FUSED_MAX_M = 16
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -33,6 +34,7 @@ _SIGNATURES = {
     # (ctypes hands C a pointer to its contents, which C only reads)
     "int8mm_cpu_int8_linear": (_i32, [_p]),
     "int8mm_cpu_linear_call_size": (_i32, []),
+    "int8mm_cpu_int8_gemm": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i32]),
 }
 # the fused call's arguments: x, dtype, M, K, sxm, sxk, q_w, s_w, N, bias, bias_dtype, out, num_threads as 8-byte
 # integers, then the threshold as a double (the C side keeps its scratch itself)
@@ -88,7 +90,31 @@ def quantize_activations(x, threshold):
     return q_x, s_x, cols, count
 
 
-registry.register(BACKEND, "int8_matmul")(reference.int8_matmul)  # oneDNN's int8 GEMM, made exact there
+@functools.cache
+def onednn_int8_is_vectorized() -> bool:
+    """Whether ``torch._int_mm`` has a vector kernel here. Torch gives oneDNN's int8 GEMM AVX-512 only (the many-row
+    path through it ran a 512-row 4096 x 4096 layer 3.7x faster than fp32 with VNNI, README); without AVX-512 it
+    runs a scalar loop, 0.06-0.10x an fp32 matmul of the same shape (2-core AMD EPYC with AVX2), where the
+    library's GEMM (kernels/cpu/gemm.c) is about as fast as fp32. The choice never changes a result: both exact."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _with_unit_k_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+@registry.register(BACKEND, "int8_matmul")
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` in int32: oneDNN's GEMM where it is vectorized, else the library's (the same integers)."""
+    if onednn_int8_is_vectorized():
+        return reference.int8_matmul(a, b)
+    # held in names until the C call returns (a temporary would be freed before C reads it)
+    a, b = _with_unit_k_stride(a), _with_unit_k_stride(b)
+    (m, k), n = a.shape, b.shape[0]
+    out = torch.empty((m, n), dtype=torch.int32, device=CPU)
+    _check(library().int8mm_cpu_int8_gemm(a.data_ptr(), m, k, a.stride(0), b.data_ptr(), n, b.stride(0),
+                                          out.data_ptr(), torch.get_num_threads()), "int8_gemm")
+    return out
 
 
 def _pointer_and_code(t):
@@ -98,7 +124,7 @@ def _pointer_and_code(t):
 def _int8_linear_many_rows(x, q_w, s_w, bias, threshold):
     """The reference's int8_linear with its passes over x and [M, N] done in C: the same results bit for bit."""
     q_x, s_x, cols, count = quantize_activations(x, threshold)
-    acc = reference.int8_matmul(q_x, q_w)
+    acc = int8_matmul(q_x, q_w)
     outliers = cols[: int(count)]
     # the outlier term comes between the integer part and the bias (the reference's order): y stays fp32 then
     out_dtype = x.dtype if outliers.numel() == 0 else torch.float32
@@ -122,7 +148,7 @@ def _int8_linear_many_rows(x, q_w, s_w, bias, threshold):
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     if m > FUSED_MAX_M:
-        # Many rows: oneDNN's int8 GEMM and the outlier term as a BLAS matmul. A C epilogue looping over the
+        # Many rows: an int8 GEMM and the outlier term as a BLAS matmul. A C epilogue looping over the
         # outlier columns per output measured 1.5x slower on SmolLM2's real activations (make demo's 1024-token
         # windows: 437 vs 664 tokens/s, 2-core AMD EPYC).
         return _int8_linear_many_rows(x, q_w, s_w, bias, threshold)

@@ -1,4 +1,4 @@
-"""Build and locate the CPU library (kernels/cpu -> libint8mm_cpu.so) with the system C compiler.
+"""Build and locate the CPU library (kernels/cpu/*.c -> libint8mm_cpu.so) with the system C compiler.
 
 It is compiled at first use for the machine it runs on (``-march=native``), into the build cache
 ``$INT8MM_CACHE/cpu/<hash of the sources, flags, compiler and CPU features>/``, under a file lock; a
@@ -35,6 +35,11 @@ def source_dir() -> Path:
     raise FileNotFoundError(f"the CPU kernel source (kernels/cpu/int8mm_cpu.c) is missing next to {here.parent}")
 
 
+def sources() -> list[Path]:
+    """Every C source of the library, in a fixed order (the build hash depends on it)."""
+    return sorted(source_dir().glob("*.c"))
+
+
 def compiler() -> str | None:
     named = os.environ.get("CC")
     return shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
@@ -54,13 +59,16 @@ def _cpu_features() -> str:
 
 def build_hash() -> str:
     digest = hashlib.sha256(" ".join([*CFLAGS, str(compiler()), _cpu_features()]).encode())
-    digest.update((source_dir() / "int8mm_cpu.c").read_bytes())
+    for source in sources():
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
 
 def build(out_dir: Path, march: str = "native") -> Path:
     """Compile the library into ``out_dir`` (written beside, then renamed) for ``-march=<march>``; returns its
-    path. Another ``march`` (``x86-64-v3``: no AVX-512) builds the portable GEMV the tests also check."""
+    path. Another ``march`` (``x86-64-v3``: no AVX-512; ``x86-64``: no AVX2 either) builds the portable loops the
+    tests also check."""
     cc = compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler found: {HOW_TO_BUILD}")
@@ -70,7 +78,7 @@ def build(out_dir: Path, march: str = "native") -> Path:
     os.close(fd)
     try:
         flags = [flag if flag != "-march=native" else f"-march={march}" for flag in CFLAGS]
-        done = subprocess.run([cc, *flags, "-o", partial, str(source_dir() / "int8mm_cpu.c")],
+        done = subprocess.run([cc, *flags, "-o", partial, *map(str, sources())],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")

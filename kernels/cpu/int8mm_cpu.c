@@ -1,6 +1,7 @@
 // int8mm CPU kernels: the SPEC's activation quantization in two passes over x (AVX-512 on contiguous rows,
 // rows in parallel for large inputs), a fused int8 GEMV + epilogue for decode-sized M, and the integer part of
-// the epilogue for a GEMM done elsewhere, behind a plain C ABI (called through ctypes; links no torch library).
+// the epilogue for a GEMM done elsewhere (oneDNN's, or gemm.c's), behind a plain C ABI (called through ctypes;
+// links no torch library).
 //
 // Exactness: the quantized values and scales are bit-identical to the reference backend (fp32 math without
 // fast-math: one true division per row, x * r rounded half to even by rintf, clamped to [-127, 127]); the
@@ -14,7 +15,7 @@
 #define INT8MM_VNNI 1
 #endif
 
-#define INT8MM_CPU_ABI_VERSION 4
+#define INT8MM_CPU_ABI_VERSION 5
 #define INT8_MAX_F 127.0f
 
 enum { DTYPE_FP16 = 0, DTYPE_BF16 = 1, DTYPE_FP32 = 2 };
