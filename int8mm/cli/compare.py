@@ -80,6 +80,19 @@ def _window_for(model_path: Path, window: int) -> int:
     return limit
 
 
+def _check_generation_fits(model_path: Path, tokenizer, prompt: str, new_tokens: int) -> None:
+    """The prompt and ``--new-tokens`` within the model's positions: past them GPT-2 fails with an IndexError, and
+    only after the full-precision half of the work (others continue past what they were trained on)."""
+    limit = model_files.max_positions(model_path)
+    if new_tokens == 0 or limit is None:
+        return
+    prompt_tokens = len(tokenizer(prompt)["input_ids"])  # as greedy_continuation encodes it
+    if prompt_tokens + new_tokens > limit:
+        raise CliError(f"--new-tokens {new_tokens} after the prompt's {prompt_tokens} tokens passes the {limit} "
+                       f"positions {model_path} takes (config.json max_position_embeddings): give at most "
+                       f"{max(limit - prompt_tokens, 0)}")
+
+
 def _checked_skip(patterns: list[str], model) -> tuple[str, ...]:
     """``--skip`` as given, once each pattern is known to match a module of ``model``: a typo would otherwise keep
     nothing in full precision, noticed (if at all) after the full-precision half of the work."""
@@ -99,6 +112,7 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     ids = token_ids(tokenizer, text, args.max_tokens)  # once: the header says how many are scored
     if len(ids) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
+    _check_generation_fits(model_path, tokenizer, args.prompt, args.new_tokens)
     window = _window_for(model_path, args.window)  # a warning, once every refusal is behind
     _warn_if_busy(device)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
