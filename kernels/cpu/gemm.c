@@ -33,28 +33,29 @@ static inline int32_t sum8(__m256i v) {
 }
 #endif
 
-static void gemm_tile(const int8_t* const a[GEMM_MR], const int8_t* const w[GEMM_NR], int64_t K,
-                      int32_t out[GEMM_MR][GEMM_NR]) {
+// mr (1 to GEMM_MR, a constant where it is inlined) rows of a against GEMM_NR rows of w
+static inline __attribute__((always_inline)) void gemm_tile(int mr, const int8_t* const* a, const int8_t* const* w,
+                                                            int64_t K, int32_t out[GEMM_MR][GEMM_NR]) {
   int64_t k = 0;
 #ifdef __AVX2__
   __m256i acc[GEMM_MR][GEMM_NR];
-  for (int i = 0; i < GEMM_MR; ++i)
+  for (int i = 0; i < mr; ++i)
     for (int j = 0; j < GEMM_NR; ++j) acc[i][j] = _mm256_setzero_si256();
   for (; k + 16 <= K; k += 16) {
     __m256i wv[GEMM_NR];
     for (int j = 0; j < GEMM_NR; ++j) wv[j] = widen16(w[j] + k);
-    for (int i = 0; i < GEMM_MR; ++i) {
+    for (int i = 0; i < mr; ++i) {
       const __m256i av = widen16(a[i] + k);
       for (int j = 0; j < GEMM_NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av, wv[j]));
     }
   }
-  for (int i = 0; i < GEMM_MR; ++i)
+  for (int i = 0; i < mr; ++i)
     for (int j = 0; j < GEMM_NR; ++j) out[i][j] = sum8(acc[i][j]);
 #else
-  for (int i = 0; i < GEMM_MR; ++i)
+  for (int i = 0; i < mr; ++i)
     for (int j = 0; j < GEMM_NR; ++j) out[i][j] = 0;
 #endif
-  for (int i = 0; i < GEMM_MR; ++i)  // what the vector loop left (all of K without AVX2)
+  for (int i = 0; i < mr; ++i)  // what the vector loop left (all of K without AVX2)
     for (int j = 0; j < GEMM_NR; ++j) {
       int32_t sum = 0;
       for (int64_t kk = k; kk < K; ++kk) sum += (int32_t)a[i][kk] * (int32_t)w[j][kk];
@@ -62,20 +63,28 @@ static void gemm_tile(const int8_t* const a[GEMM_MR], const int8_t* const w[GEMM
     }
 }
 
-// rows [n0, n1) of w against every row of a. A tile past the last row of a or w reads that last row again
-// (no branch in the tile) and its extra results are not stored.
-static void gemm_block(const int8_t* a, int64_t M, int64_t K, int64_t lda, const int8_t* w, int64_t n0, int64_t n1,
-                       int64_t ldw, int32_t* out, int64_t N) {
+// Rows [0, rows) of w against every row of a: out[m * ldo + n]. Single-threaded: the fused decode call of
+// int8mm_cpu.c (without VNNI) takes its blocks of weight rows through here too. Rows of a go in tiles of
+// GEMM_MR, the last tile as short as it is (a decode step's single row does no work for three); a tile past the
+// last row of w reads that row again (no branch in the tile) and its extra results are not stored.
+void int8mm_gemm_rows(const int8_t* a, int64_t M, int64_t K, int64_t lda, const int8_t* w, int64_t rows,
+                      int64_t ldw, int32_t* out, int64_t ldo) {
   for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
+    const int mr = M - m0 < GEMM_MR ? (int)(M - m0) : GEMM_MR;
     const int8_t* a_rows[GEMM_MR];
-    for (int i = 0; i < GEMM_MR; ++i) a_rows[i] = a + (m0 + i < M ? m0 + i : M - 1) * lda;
-    for (int64_t n = n0; n < n1; n += GEMM_NR) {
+    for (int i = 0; i < mr; ++i) a_rows[i] = a + (m0 + i) * lda;
+    for (int64_t n = 0; n < rows; n += GEMM_NR) {
       const int8_t* w_rows[GEMM_NR];
-      for (int j = 0; j < GEMM_NR; ++j) w_rows[j] = w + (n + j < n1 ? n + j : n1 - 1) * ldw;
+      for (int j = 0; j < GEMM_NR; ++j) w_rows[j] = w + (n + j < rows ? n + j : rows - 1) * ldw;
       int32_t tile[GEMM_MR][GEMM_NR];
-      gemm_tile(a_rows, w_rows, K, tile);
-      for (int i = 0; i < GEMM_MR && m0 + i < M; ++i)
-        for (int j = 0; j < GEMM_NR && n + j < n1; ++j) out[(m0 + i) * N + n + j] = tile[i][j];
+      switch (mr) {  // each a tile specialized for its row count
+        case 1: gemm_tile(1, a_rows, w_rows, K, tile); break;
+        case 2: gemm_tile(2, a_rows, w_rows, K, tile); break;
+        case 3: gemm_tile(3, a_rows, w_rows, K, tile); break;
+        default: gemm_tile(GEMM_MR, a_rows, w_rows, K, tile);
+      }
+      for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < GEMM_NR && n + j < rows; ++j) out[(m0 + i) * ldo + n + j] = tile[i][j];
     }
   }
 }
@@ -95,7 +104,7 @@ int int8mm_cpu_int8_gemm(const int8_t* a, int64_t M, int64_t K, int64_t lda, con
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1) if (parallel)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * rows, n1 = n0 + rows < N ? n0 + rows : N;
-    gemm_block(a, M, K, lda, w, n0, n1, ldw, out, N);
+    int8mm_gemm_rows(a, M, K, lda, w + n0 * ldw, n1 - n0, ldw, out + n0, N);
   }
   return GEMM_OK;
 }

@@ -287,22 +287,22 @@ static void dot_block(const int8_t* a, int64_t M, const int32_t* a_sums, const i
   }
 }
 #else
-#define W_BLOCK 1
+// Without VNNI the dot products are gemm.c's tiles (AVX2 where present): a row of x against one weight row at a
+// time, as before, ran 16 rows of a 4096 x 4096 layer 2.2x slower than gemm.c (and 1.3x slower than fp32).
+#define W_BLOCK 6  // two of gemm.c's 3-row tiles: six independent sums at M = 1
+
+void int8mm_gemm_rows(const int8_t* a, int64_t M, int64_t K, int64_t lda, const int8_t* w, int64_t rows,
+                      int64_t ldw, int32_t* out, int64_t ldo);  // gemm.c
 
 static void row_sums(const int8_t* a, int64_t M, int64_t K, int32_t* sums) {
   (void)a, (void)K;
-  for (int64_t m = 0; m < M; ++m) sums[m] = 0;  // unused by the plain loop
+  for (int64_t m = 0; m < M; ++m) sums[m] = 0;  // unused: the sums need no offset
 }
 
 static void dot_block(const int8_t* a, int64_t M, const int32_t* a_sums, const int8_t* w, int64_t rows_w,
                       int64_t K, int32_t* acc) {
-  (void)a_sums, (void)rows_w;
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* row = a + m * K;
-    int32_t sum = 0;
-    for (int64_t k = 0; k < K; ++k) sum += (int32_t)row[k] * (int32_t)w[k];
-    acc[m] = sum;
-  }
+  (void)a_sums;
+  int8mm_gemm_rows(a, M, K, K, w, rows_w, K, acc, W_BLOCK);
 }
 #endif
 
