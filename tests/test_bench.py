@@ -251,6 +251,19 @@ def test_bench_cpu_script_writes_its_files(tmp_path):
     assert (tmp_path / "cpu_bench.md").exists() and (tmp_path / "cpu_bench.png").exists()
 
 
+def test_bench_cpu_gemm_script_checks_and_writes(tmp_path, monkeypatch, capsys):
+    script = load_benchmark("bench_cpu_gemm")
+    monkeypatch.setattr(script, "SHAPES", [(17, 40, 5)])
+    script.main(["--reps", "2", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "cpu_gemm.json").read_text())["rows"]
+    assert (row["m"], row["k"], row["n"]) == (17, 40, 5) and row["samples"] == 2
+    assert set(row["median_ms"]) == {"torch._int_mm", "int8mm library GEMM", "fp32 matmul"}
+    assert "| 17 x 40 x 5 |" in (tmp_path / "cpu_gemm.md").read_text() and "| 17 x 40 x 5 |" in capsys.readouterr().out
+    monkeypatch.setattr(script, "library_gemm", lambda a, b: torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32))
+    with pytest.raises(AssertionError, match="int8mm library GEMM"):  # a wrong GEMM is never timed
+        script.main(["--reps", "2"])
+
+
 def test_bench_gpu_script_keeps_its_flags():
     args = load_benchmark("bench_gpu").build_parser().parse_args(
         ["--out", "x", "--m", "1", "2048", "--models", "Llama-3-70B", "--outlier-cols", "6", "--outlier-low", "8",

@@ -1,0 +1,82 @@
+"""The CPU's exact int8 GEMMs side by side: torch._int_mm (oneDNN), the int8mm CPU library's (kernels/cpu/gemm.c)
+and an fp32 matmul of the same shape (the speed the int8 path must at least match), in one process, taking turns.
+
+The CPU backend's many-row path takes oneDNN's GEMM where torch runs it with AVX-512 and the library's elsewhere
+(``int8mm.backends.cpu.onednn_int8_is_vectorized``); this shows what each choice costs on the host it runs on.
+Every GEMM's result is checked against an int64 product first.
+
+    python benchmarks/bench_cpu_gemm.py [--threads N] [--reps N] [--out DIR]
+Prints a markdown table; with --out also writes DIR/cpu_gemm.{json,md}.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from int8mm.backends import cpu
+from int8mm.bench.arguments import add_threads_argument, apply_threads
+from int8mm.bench.environment import run_metadata
+from int8mm.bench.report import markdown_table
+from int8mm.bench.timing import time_cpu_interleaved
+
+# (M, K, N): SmolLM2-135M's layers over make demo's 1024-token perplexity windows, and a Llama-3-8B o_proj
+SHAPES = [(1024, 576, 576), (1024, 576, 1536), (1024, 1536, 576), (512, 4096, 4096)]
+
+
+def library_gemm(a, b):
+    """The library's GEMM, whichever GEMM the backend would pick here."""
+    out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+    cpu._check(cpu.library().int8mm_cpu_int8_gemm(a.data_ptr(), a.shape[0], a.shape[1], a.stride(0), b.data_ptr(),
+                                                   b.shape[0], b.stride(0), out.data_ptr(), torch.get_num_threads()),
+               "int8_gemm")
+    return out
+
+
+def measure(shape, reps: int) -> dict:
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m + k + n)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    a32, b32 = a.float(), b.float()
+    calls = {"torch._int_mm": lambda: torch._int_mm(a, b.t()), "int8mm library GEMM": lambda: library_gemm(a, b),
+             "fp32 matmul": lambda: a32 @ b32.t()}
+    exact = (a.long() @ b.long().t()).int()
+    for name in ("torch._int_mm", "int8mm library GEMM"):
+        assert torch.equal(calls[name](), exact), name
+    timings = time_cpu_interleaved([(fn, [()]) for fn in calls.values()], warmup=1, reps=reps, max_seconds=60.0)
+    return {"m": m, "k": k, "n": n, "median_ms": {name: t.median_s * 1e3 for name, t in zip(calls, timings)},
+            "samples": timings[0].samples}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="timed calls of each GEMM per shape (default 5)")
+    parser.add_argument("--out", help="directory for cpu_gemm.{json,md}")
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args)
+    rows = [measure(shape, args.reps) for shape in SHAPES]
+    env = run_metadata(torch.device("cpu"))
+    header = (f"# Exact int8 GEMMs on {env['device']}, {env['date']}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, load average {env['load_average_1m']}; torch's CPU capability "
+              f"{env['cpu_capability']}, so the CPU backend takes "
+              f"{'torch._int_mm' if cpu.onednn_int8_is_vectorized() else 'the library GEMM'}\n")
+    names = list(rows[0]["median_ms"])
+    table = markdown_table(
+        ["M x K x N", *[f"{name} ms" for name in names], "library / _int_mm speed", "library / fp32 speed"],
+        [[f"{r['m']} x {r['k']} x {r['n']}", *[f"{r['median_ms'][name]:.2f}" for name in names],
+          f"{r['median_ms']['torch._int_mm'] / r['median_ms']['int8mm library GEMM']:.2f}x",
+          f"{r['median_ms']['fp32 matmul'] / r['median_ms']['int8mm library GEMM']:.2f}x"] for r in rows])
+    text = header + "\n" + "\n".join(table) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cpu_gemm.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+        (out / "cpu_gemm.md").write_text(text)
+        print("wrote", out / "cpu_gemm.json", out / "cpu_gemm.md")
+
+
+if __name__ == "__main__":
+    main()
