@@ -18,7 +18,8 @@ from . import c_calls, cpu_build, reference, registry
 
 BACKEND = "cpu"
 ABI_VERSION = 5
-# up to this many rows the fused GEMV (weights read once, all rows served from cache) beats oneDNN's GEMM
+# up to this many rows the fused GEMV (weights read once, all rows served from cache) beats the GEMM path: oneDNN's
+# GEMM with VNNI, and the library's on AVX2 (16 rows of 4096 x 4096, one thread: 21.2 vs 21.8 ms, AMD EPYC)
 FUSED_MAX_M = 16
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _ERRORS = {1: "invalid argument", 2: "unsupported dtype", 3: "out of memory"}
