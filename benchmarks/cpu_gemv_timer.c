@@ -3,7 +3,7 @@
 // copies to exceed the caches make every call read its weight from memory, as a model's layers do.
 //
 //   cc -O3 -march=native -ffp-contract=off -fopenmp -o /tmp/gemv_timer benchmarks/cpu_gemv_timer.c
-//      kernels/cpu/int8mm_cpu.c -lm      (one command line)
+//      kernels/cpu/*.c -lm      (one command line; without VNNI the call's dot products are gemm.c's)
 //   /tmp/gemv_timer K N COPIES      # prints the best of 7 rounds of 2000 calls, in us per call
 #include <stdint.h>
 #include <stdio.h>

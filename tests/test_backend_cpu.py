@@ -100,9 +100,10 @@ def _random_int8(shape, seed):
     return torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
 
 
-# the library GEMM's edges: tiles of 4 rows of a by 3 rows of w, K in steps of 16, blocks of weight rows
+# the library GEMM's edges: tiles of 3 rows of a by 3 rows of w, K in steps of 16 and in passes of 1024, blocks of
+# weight rows
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 16, 3), (4, 15, 3), (5, 17, 4), (7, 31, 2), (17, 33, 7),
-                                   (40, 300, 37), (64, 1024, 200), (3, 0, 5)])
+                                   (40, 300, 37), (64, 1024, 200), (3, 0, 5), (5, 2500, 7)])
 def test_the_library_gemm_is_exact(m, k, n, monkeypatch):
     monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
     a, b = _random_int8((m, k), seed=m * 1000 + k), _random_int8((n, k), seed=n * 1000 + k)
@@ -110,6 +111,16 @@ def test_the_library_gemm_is_exact(m, k, n, monkeypatch):
         a[0], b[-1] = -128, -128  # the largest products, (-128) * (-128), in one pair of the sum
     got = cpu_backend.int8_matmul(a, b)
     assert got.dtype == torch.int32 and torch.equal(got, _exact_int8_product(a, b))
+
+
+def test_the_many_row_path_runs_the_library_gemm_where_chosen(monkeypatch):
+    """With oneDNN's GEMM not chosen, nothing reaches torch._int_mm (the scalar loop the library replaces)."""
+    x = planted_outliers(40, 300, seed=12)
+    q_w, s_w = int8mm.quantize_weight(random_weight(37, 300))
+    expected = _ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "reference")  # the reference's GEMM is torch._int_mm
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: pytest.fail("torch._int_mm was called"))
+    assert torch.equal(_ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu"), expected)
 
 
 def test_the_library_gemm_reads_any_row_stride(monkeypatch):
@@ -381,8 +392,10 @@ def test_the_portable_loops_match_too(monkeypatch, tmp_path, march):
                 assert torch.equal(got, _fused_arithmetic(x, q_w, s_w, None, THRESHOLD))
             x0 = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
             assert torch.equal(*_both(_ops.int8_linear, x0, q_w, s_w, None, 0.0))
-        a, b = _random_int8((9, 70), seed=6), _random_int8((8, 70), seed=7)
-        assert torch.equal(cpu_backend.int8_matmul(a, b), _exact_int8_product(a, b))
+        for k in (70, 2100):  # one pass of K and three
+            wide, b = _random_int8((9, k + 5), seed=k), _random_int8((8, k), seed=k + 1)
+            a = wide[:, 5:]  # rows farther apart than K
+            assert torch.equal(cpu_backend.int8_matmul(a, b), _exact_int8_product(a, b))
     finally:
         monkeypatch.undo()
         cpu_backend.library.cache_clear()

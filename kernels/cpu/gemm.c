@@ -3,9 +3,9 @@
 // matmul of the same shape on a 2-core AMD EPYC with AVX2 (1024 x 576 x 576: 305 ms against 29 ms).
 //
 // AVX2: int8 values widened to int16, multiplied and summed in adjacent pairs into int32 (vpmaddwd). Exact: a
-// product is at most 128 * 128 in magnitude, a pair fits int32 easily, and every partial sum is bounded by the
-// whole dot product's, which fits int32 for K <= 132,104 (the library's limit). Elsewhere plain loops, which the
-// compiler vectorizes for the target it has.
+// product is at most 128 * 128 in magnitude, so every partial sum is at most the sum of the products' magnitudes,
+// which fits int32 within the callers' K limits (127 * 128 * K, or 128 * 128 * K for int8_matmul's full range,
+// below 2^31). Elsewhere plain loops, which the compiler vectorizes for the target it has.
 //
 // Two forms. int8mm_gemm_rows widens as it loads (vpmovsxbw) and serves the fused decode call (int8mm_cpu.c,
 // few rows, the weight read once). int8mm_cpu_int8_gemm, for many rows, widens each operand once into packed

@@ -303,6 +303,8 @@ static void dot_block(const int8_t* a, int64_t M, const int32_t* a_sums, const i
                       int64_t K, int32_t* acc) {
   (void)a_sums;
   int8mm_gemm_rows(a, M, K, K, w, rows_w, K, acc, W_BLOCK);
+  for (int64_t m = 0; m < M; ++m)  // a short last block: the lanes computed and dropped read zeros, not garbage
+    for (int64_t j = rows_w; j < W_BLOCK; ++j) acc[m * W_BLOCK + j] = 0;
 }
 #endif
 
