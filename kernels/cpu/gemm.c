@@ -76,12 +76,45 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, const int8_t
     }
 }
 
+// One row of a against GEMM_ROW_NR rows of w: a decode step's single row is widened once per six weight rows
+// instead of three, and six independent sums hide the multiply-add's latency.
+#define GEMM_ROW_NR 6
+static void row_tile(const int8_t* a, const int8_t* const* w, int64_t K, int32_t out[GEMM_ROW_NR]) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256i acc[GEMM_ROW_NR];
+  for (int j = 0; j < GEMM_ROW_NR; ++j) acc[j] = _mm256_setzero_si256();
+  for (; k + 16 <= K; k += 16) {
+    const __m256i av = widen16(a + k);
+    for (int j = 0; j < GEMM_ROW_NR; ++j) acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(av, widen16(w[j] + k)));
+  }
+  for (int j = 0; j < GEMM_ROW_NR; ++j) out[j] = sum8(acc[j]);
+#else
+  for (int j = 0; j < GEMM_ROW_NR; ++j) out[j] = 0;
+#endif
+  for (int j = 0; j < GEMM_ROW_NR; ++j) {
+    int32_t sum = 0;
+    for (int64_t kk = k; kk < K; ++kk) sum += (int32_t)a[kk] * (int32_t)w[j][kk];
+    out[j] += sum;
+  }
+}
+
 // Rows [0, rows) of w against every row of a: out[m * ldo + n]. Single-threaded: the fused decode call of
 // int8mm_cpu.c (without VNNI) takes its blocks of weight rows through here too. Rows of a go in tiles of
 // GEMM_MR, the last tile as short as it is (a decode step's single row does no work for three); a tile past the
 // last row of w reads that row again (no branch in the tile) and its extra results are not stored.
 void int8mm_gemm_rows(const int8_t* a, int64_t M, int64_t K, int64_t lda, const int8_t* w, int64_t rows,
                       int64_t ldw, int32_t* out, int64_t ldo) {
+  if (M == 1) {
+    for (int64_t n = 0; n < rows; n += GEMM_ROW_NR) {
+      const int8_t* w_rows[GEMM_ROW_NR];
+      for (int j = 0; j < GEMM_ROW_NR; ++j) w_rows[j] = w + (n + j < rows ? n + j : rows - 1) * ldw;
+      int32_t sums[GEMM_ROW_NR];
+      row_tile(a, w_rows, K, sums);
+      for (int j = 0; j < GEMM_ROW_NR && n + j < rows; ++j) out[n + j] = sums[j];
+    }
+    return;
+  }
   for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
     const int mr = M - m0 < GEMM_MR ? (int)(M - m0) : GEMM_MR;
     const int8_t* a_rows[GEMM_MR];
