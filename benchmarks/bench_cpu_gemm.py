@@ -1,8 +1,8 @@
 """The CPU's exact int8 GEMMs side by side: torch._int_mm (oneDNN), the int8mm CPU library's (kernels/cpu/gemm.c)
 and an fp32 matmul of the same shape (the speed the int8 path must at least match), in one process, taking turns.
 
-The CPU backend's many-row path takes oneDNN's GEMM where torch runs it with AVX-512 and the library's elsewhere
-(``int8mm.backends.cpu.onednn_int8_is_vectorized``); this shows what each choice costs on the host it runs on.
+The CPU backend's many-row path takes oneDNN's GEMM where torch hands _int_mm to it (AVX-512 VNNI) and the library's
+elsewhere (``int8mm.backends.cpu.onednn_int8_is_vectorized``); this shows what each choice costs on the host at hand.
 Every GEMM's result is checked against an int64 product first.
 
     python benchmarks/bench_cpu_gemm.py [--threads N] [--reps N] [--out DIR]
@@ -25,7 +25,7 @@ SHAPES = [(1024, 576, 576), (1024, 576, 1536), (1024, 1536, 576), (512, 4096, 40
 
 
 def library_gemm(a, b):
-    """The library's GEMM (kernels/cpu/gemm.c), called directly: what the backend takes without AVX-512."""
+    """The library's GEMM (kernels/cpu/gemm.c), called directly: what the backend takes without AVX-512 VNNI."""
     out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32)
     cpu._check(cpu.library().int8mm_cpu_int8_gemm(a.data_ptr(), a.shape[0], a.shape[1], a.stride(0), b.data_ptr(),
                                                    b.shape[0], b.stride(0), out.data_ptr(), torch.get_num_threads()),
@@ -56,12 +56,12 @@ def main(argv=None) -> None:
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     apply_threads(args)
+    env = run_metadata(torch.device("cpu"))  # the date and load average before this run's own work
     rows = [measure(shape, args.reps) for shape in SHAPES]
-    env = run_metadata(torch.device("cpu"))
     header = (f"# Exact int8 GEMMs on {env['device']}, {env['date']}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, load average {env['load_average_1m']}; torch's CPU capability "
-              f"{env['cpu_capability']}, so the CPU backend takes "
-              f"{'torch._int_mm' if cpu.onednn_int8_is_vectorized() else 'the library GEMM'}\n")
+              f"{torch.get_num_threads()} threads, load average {env['load_average_1m']} at the start; torch's CPU "
+              f"capability {env['cpu_capability']}, so the CPU backend takes "
+              f"{'torch._int_mm (oneDNN)' if cpu.onednn_int8_is_vectorized() else 'the library GEMM'}\n")
     names = list(rows[0]["median_ms"])
     table = markdown_table(
         ["M x K x N", *[f"{name} ms" for name in names], "library / _int_mm speed", "library / fp32 speed"],

@@ -113,6 +113,21 @@ def test_the_library_gemm_is_exact(m, k, n, monkeypatch):
     assert got.dtype == torch.int32 and torch.equal(got, _exact_int8_product(a, b))
 
 
+def test_onednn_is_taken_only_where_torch_hands_it_int_mm(monkeypatch):
+    """torch 2.13's _int_mm calls oneDNN only with AVX-512 VNNI and torch.backends.mkldnn.enabled (its scalar loop
+    otherwise, AVX-512 without VNNI included)."""
+    probe = cpu_backend._cpu_has_avx512_vnni
+    if platform.machine() in ("x86_64", "AMD64"):  # torch's probe agrees with the CPU's own flags
+        assert probe() == ("avx512_vnni" in cpu_build.cpu_features().split())
+    monkeypatch.setattr(cpu_backend, "_cpu_has_avx512_vnni", lambda: True)
+    assert cpu_backend.onednn_int8_is_vectorized()
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # read on every call: it may change at run time
+    assert not cpu_backend.onednn_int8_is_vectorized()
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    monkeypatch.setattr(cpu_backend, "_cpu_has_avx512_vnni", lambda: False)
+    assert not cpu_backend.onednn_int8_is_vectorized()
+
+
 def test_the_many_row_path_runs_the_library_gemm_where_chosen(monkeypatch):
     """With oneDNN's GEMM not chosen, nothing reaches torch._int_mm (the scalar loop the library replaces)."""
     x = planted_outliers(40, 300, seed=12)

@@ -3,8 +3,8 @@
 Activation quantization is one C function (two vectorized passes over x instead of a dozen torch ops);
 decode-sized batches (M <= FUSED_MAX_M) run quantize + int8 GEMV + epilogue in one call that reads the weight
 once; larger batches quantize in C, multiply with an exact int8 GEMM (``torch._int_mm``, oneDNN's, where torch
-runs it with AVX-512; else the library's own, see ``int8_matmul``), scale the int32 result in one C pass and add
-the outlier term with BLAS, in the reference's order of operations.
+hands it to oneDNN: AVX-512 VNNI; else the library's own, see ``int8_matmul``), scale the int32 result in one C
+pass and add the outlier term with BLAS, in the reference's order of operations.
 The quantized values and scales are the reference's bit for bit (tests/test_backend_cpu.py checks them).
 """
 import ctypes
@@ -19,7 +19,8 @@ from . import c_calls, cpu_build, reference, registry
 BACKEND = "cpu"
 ABI_VERSION = 5
 # up to this many rows the fused GEMV (weights read once, all rows served from cache) beats the GEMM path: oneDNN's
-# GEMM with VNNI, and the library's on AVX2 (16 rows of 4096 x 4096, one thread: 21.2 vs 21.8 ms, AMD EPYC)
+# GEMM with VNNI, and the library's on AVX2 (16 rows of 4096 x 4096 on a Zen 1 EPYC: 18.3 vs 20.4 ms on one
+# thread, 9.4 vs 11.2 ms on two; 576 -> 1536: 1.17 vs 1.20 and 0.63 vs 0.82 ms)
 FUSED_MAX_M = 16
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _ERRORS = {1: "invalid argument", 2: "unsupported dtype", 3: "out of memory"}
@@ -92,12 +93,20 @@ def quantize_activations(x, threshold):
 
 
 @functools.cache
+def _cpu_has_avx512_vnni() -> bool:
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch: a later one may move it
+    if probe is not None:
+        return bool(probe())
+    return "avx512_vnni" in cpu_build.cpu_features().split()
+
+
 def onednn_int8_is_vectorized() -> bool:
-    """Whether ``torch._int_mm`` has a vector kernel here. Torch gives oneDNN's int8 GEMM AVX-512 only (the many-row
-    path through it ran a 512-row 4096 x 4096 layer 3.7x faster than fp32 with VNNI, README); without AVX-512 it
-    runs a scalar loop, 0.06-0.10x an fp32 matmul of the same shape (2-core AMD EPYC with AVX2), where the
+    """Whether ``torch._int_mm`` runs oneDNN's int8 GEMM here. Torch 2.13 hands it to oneDNN only where the CPU has
+    AVX-512 VNNI and ``torch.backends.mkldnn.enabled`` (checked on every call: it may change); the many-row path
+    through it ran a 512-row 4096 x 4096 layer 3.7x faster than fp32 on such a CPU (README). Elsewhere torch runs
+    a scalar loop, 0.06x an fp32 matmul of the same shape (benchmarks/results/2026-12-01-cpu-epyc-avx2), where the
     library's GEMM (kernels/cpu/gemm.c) is about as fast as fp32. The choice never changes a result: both exact."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return torch.backends.mkldnn.enabled and _cpu_has_avx512_vnni()
 
 
 def _with_unit_k_stride(t: torch.Tensor) -> torch.Tensor:

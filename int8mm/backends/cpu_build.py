@@ -45,7 +45,7 @@ def compiler() -> str | None:
     return shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
 
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
     """What -march=native depends on: the CPU's feature flags (a cache shared by machines keeps them apart)."""
     try:
         with open("/proc/cpuinfo") as info:
@@ -58,7 +58,7 @@ def _cpu_features() -> str:
 
 
 def build_hash() -> str:
-    digest = hashlib.sha256(" ".join([*CFLAGS, str(compiler()), _cpu_features()]).encode())
+    digest = hashlib.sha256(" ".join([*CFLAGS, str(compiler()), cpu_features()]).encode())
     for source in sources():
         digest.update(source.name.encode())
         digest.update(source.read_bytes())

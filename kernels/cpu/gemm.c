@@ -1,6 +1,7 @@
 // int8mm CPU int8 GEMM: out[m, n] = sum_k a[m, k] * w[n, k], exact in int32, for the many-row path on CPUs where
-// torch._int_mm has no vector kernel. Without AVX-512 it runs a scalar loop: 0.06-0.10x the speed of an fp32
-// matmul of the same shape on a 2-core AMD EPYC with AVX2 (1024 x 576 x 576: 305 ms against 29 ms).
+// torch._int_mm is a scalar loop: torch 2.13 hands it to oneDNN only on CPUs with AVX-512 VNNI. Elsewhere it ran
+// at 0.06x the speed of an fp32 matmul of the same shape (2-core AMD EPYC with AVX2, 2 threads: 1024 x 576 x 576,
+// 185.9 against 11.7 ms; benchmarks/results/2026-12-01-cpu-epyc-avx2).
 //
 // AVX2: int8 values widened to int16, multiplied and summed in adjacent pairs into int32 (vpmaddwd). Exact: a
 // product is at most 128 * 128 in magnitude, so every partial sum is at most the sum of the products' magnitudes,
@@ -9,8 +10,8 @@
 //
 // Two forms. int8mm_gemm_rows widens as it loads (vpmovsxbw) and serves the fused decode call (int8mm_cpu.c,
 // few rows, the weight read once). int8mm_cpu_int8_gemm, for many rows, widens each operand once into packed
-// int16 buffers and then only loads: the widening loads were its bottleneck (3 x 3 tiles: 15 vs ~40 GMAC/s on one
-// core of a 2-core AMD EPYC, where vpmaddwd could do 60 and an fp32 matmul does 15).
+// int16 buffers and then only loads: widening on every load held it to 12-13 GMAC/s on one core of a Zen 1 EPYC,
+// packed 3 x 3 tiles reach 18 (a vpmaddwd + add loop without loads peaks at 36 there, fp32 FMA at 20).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
