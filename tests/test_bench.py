@@ -83,6 +83,19 @@ def test_cpu_decode_rows_of_a_cached_weight_have_no_fraction_of_the_copy_rate(sm
     assert ceilings.cpu_cache_bytes() == ceilings.DEFAULT_CPU_CACHE_BYTES
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_cpu_int8_ceiling_times_the_gemm_the_backend_takes(monkeypatch, onednn):
+    """Where torch's _int_mm is a scalar loop the CPU backend uses its own GEMM: the ceiling must time that one
+    (the scalar loop rated the CPU path at 1767% of the int8 ceiling), computing the same product."""
+    from int8mm.backends import cpu
+    from int8mm.bench import ceilings
+    monkeypatch.setattr(cpu, "onednn_int8_is_vectorized", lambda: onednn)
+    name, gemm = ceilings._fastest_int8_gemm(torch.device("cpu"))
+    assert name == ("torch._int_mm" if onednn else "int8mm cpu GEMM")
+    a, b = torch.randint(-127, 128, (20, 48), dtype=torch.int8), torch.randint(-127, 128, (33, 48), dtype=torch.int8)
+    assert torch.equal(gemm(a, b.t()), (a.long() @ b.long().t()).int())
+
+
 def test_meta_records_ceilings_config_and_where(small_result):
     meta = small_result.meta
     assert meta["baseline"] == "fp32 F.linear" and meta["backends"] == ["reference", "cpu"]

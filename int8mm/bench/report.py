@@ -60,7 +60,8 @@ def header_lines(meta: dict) -> list[str]:
              f"{meta['threshold']:g}), N(0, 1) elsewhere; weights N(0, 0.02^2); int8mm backends: "
              f"{', '.join(meta['backends'])}",
              f"- ceilings measured in this run: copy {format_rate(c['copy_bytes_per_s'], 'B/s')} (read + write), "
-             f"int8 matmul (torch._int_mm, {c['matmul_n']}^3) {format_rate(c['int8_ops_per_s'], 'OPS')}, "
+             f"int8 matmul ({c.get('int8_gemm', 'torch._int_mm')}, {c['matmul_n']}^3) "
+             f"{format_rate(c['int8_ops_per_s'], 'OPS')}, "
              f"{c['float_dtype']} matmul {format_rate(c['float_ops_per_s'], 'FLOP/s')}"]
     if meta.get("load_average_1m") is not None:
         lines.append(f"- host load average when the run started: {meta['load_average_1m']} (other work on a shared "
