@@ -416,11 +416,12 @@ def test_eval_window_is_cut_to_the_positions_of_the_model(capsys, tiny_checkpoin
 def test_eval_refuses_a_continuation_past_the_positions_of_the_model(capsys, tiny_checkpoint, tmp_path, text_file):
     source = _save_with_tokenizer(_tiny("GPT2LMHeadModel").eval(), tiny_checkpoint, tmp_path / "gpt2")  # 64 positions
     prompt = "the state of"  # 3 tokens with the word-level tokenizer
-    code, out, err = run_cli(capsys, "eval", source, "--text", text_file, "--prompt", prompt, "--new-tokens", "62")
+    code, out, err = run_cli(capsys, "eval", source, "--text", text_file, "--prompt", prompt, "--new-tokens", "63")
     assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # an IndexError after the fp32 half before
-    assert f"--new-tokens 62 after the prompt's 3 tokens passes the 64 positions {source} takes" in err
-    assert "give at most 61" in err
-    code, out, err = run_cli(capsys, "eval", source, "--text", text_file, "--prompt", prompt, "--new-tokens", "61")
+    assert f"--new-tokens 63 after the prompt's 3 tokens feeds the model 65 positions, past the 64 that {source}" in err
+    assert "give at most 62" in err
+    # 62 new tokens fill the 64 positions exactly: the last one generated is never fed back
+    code, out, err = run_cli(capsys, "eval", source, "--text", text_file, "--prompt", prompt, "--new-tokens", "62")
     assert code == 0, err
 
 

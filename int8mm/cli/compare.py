@@ -81,16 +81,19 @@ def _window_for(model_path: Path, window: int) -> int:
 
 
 def _check_generation_fits(model_path: Path, tokenizer, prompt: str, new_tokens: int) -> None:
-    """The prompt and ``--new-tokens`` within the model's positions: past them GPT-2 fails with an IndexError, and
-    only after the full-precision half of the work (others continue past what they were trained on)."""
+    """The prompt and ``--new-tokens`` within the model's positions, checked before the full-precision half of the
+    work: past them GPT-2 fails with an IndexError at the end of that half, and models with rotary positions
+    generate from positions they were never trained on. The last token generated is never fed back, so a prompt
+    of P tokens takes at most limit - P + 1 new ones."""
     limit = model_files.max_positions(model_path)
     if new_tokens == 0 or limit is None:
         return
     prompt_tokens = len(tokenizer(prompt)["input_ids"])  # as greedy_continuation encodes it
-    if prompt_tokens + new_tokens > limit:
-        raise CliError(f"--new-tokens {new_tokens} after the prompt's {prompt_tokens} tokens passes the {limit} "
-                       f"positions {model_path} takes (config.json max_position_embeddings): give at most "
-                       f"{max(limit - prompt_tokens, 0)}")
+    if prompt_tokens + new_tokens - 1 > limit:
+        raise CliError(f"--new-tokens {new_tokens} after the prompt's {prompt_tokens} tokens feeds the model "
+                       f"{prompt_tokens + new_tokens - 1} positions, past the {limit} that {model_path} takes (its "
+                       f"config's max_position_embeddings or n_positions): give at most "
+                       f"{max(limit - prompt_tokens + 1, 0)}")
 
 
 def _checked_skip(patterns: list[str], model) -> tuple[str, ...]:
