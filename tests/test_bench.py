@@ -90,7 +90,7 @@ def test_the_cpu_int8_ceiling_times_the_gemm_the_backend_takes(monkeypatch, oned
     from int8mm.backends import cpu
     from int8mm.bench import ceilings
     monkeypatch.setattr(cpu, "onednn_int8_is_vectorized", lambda: onednn)
-    name, gemm = ceilings._fastest_int8_gemm(torch.device("cpu"))
+    name, gemm = ceilings._int8_ceiling_gemm(torch.device("cpu"))
     assert name == ("torch._int_mm" if onednn else "int8mm cpu GEMM")
     a, b = torch.randint(-127, 128, (20, 48), dtype=torch.int8), torch.randint(-127, 128, (33, 48), dtype=torch.int8)
     assert torch.equal(gemm(a, b.t()), (a.long() @ b.long().t()).int())

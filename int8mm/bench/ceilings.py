@@ -65,7 +65,7 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
     n = sizes.matmul_n
     a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
     b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device).t()
-    int8_gemm, gemm = _fastest_int8_gemm(device)
+    int8_gemm, gemm = _int8_ceiling_gemm(device)
     int_mm_s = time_call(device, gemm, [(a8, b8)], warmup=2, reps=sizes.reps).median_s
     del a8, b8
     dtype = baseline_float_dtype(device)
@@ -78,7 +78,7 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
                     cache_bytes=None if device.type == "cuda" else cpu_cache_bytes(), int8_gemm=int8_gemm)
 
 
-def _fastest_int8_gemm(device: torch.device):
+def _int8_ceiling_gemm(device: torch.device):
     """``(name, fn(a, b_t))``: torch._int_mm, except on a CPU where torch runs it as a scalar loop and the CPU
     library, which then has its own GEMM, loads (a ceiling taken from the scalar loop would rate every int8 path
     far above 100%)."""

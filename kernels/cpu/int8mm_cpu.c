@@ -290,7 +290,7 @@ static void dot_block(const int8_t* a, int64_t M, const int32_t* a_sums, const i
 // Without VNNI the dot products are gemm.c's tiles (AVX2 where present): a row of x against one weight row at a
 // time, as before, ran 16 rows of a 4096 x 4096 layer on one thread 2.2x slower than gemm.c's first form and
 // 1.3x slower than fp32 (44.6 against 20.5 and 35.0 ms, Zen 1 EPYC).
-#define W_BLOCK 6  // two of gemm.c's 3-row tiles: six independent sums at M = 1
+#define W_BLOCK 6  // two of gemm.c's 3-row tiles, or at M = 1 its one-row tile of six (six independent sums)
 
 void int8mm_gemm_rows(const int8_t* a, int64_t M, int64_t K, int64_t lda, const int8_t* w, int64_t rows,
                       int64_t ldw, int32_t* out, int64_t ldo);  // gemm.c
