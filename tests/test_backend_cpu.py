@@ -87,7 +87,7 @@ def test_weights_of_minus_128_are_exact(m):
 @pytest.fixture(params=["onednn", "library"])
 def many_row_gemm(request, monkeypatch):
     """The many-row path with each GEMM it may take: which one a run takes depends on the CPU (oneDNN's with
-    AVX-512, else the library's), so every host tests both."""
+    AVX-512 VNNI, else the library's), so every host tests both."""
     monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: request.param == "onednn")
     return request.param
 
