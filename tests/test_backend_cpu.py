@@ -372,11 +372,14 @@ def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
     """No compiler (or INT8MM_CPU_LIB=none): AUTO serves CPU tensors with the reference and says so once; an
     explicit choice of the CPU backend is an error that says why."""
     monkeypatch.setenv("INT8MM_CPU_LIB", "none")
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
     cpu_backend.library.cache_clear()
     cpu_backend.library_available.cache_clear()
     try:
         assert cpu_backend.library_available() is False
         assert "INT8MM_CPU_LIB=none" in caplog.text
+        # where torch's int8 GEMM is a scalar loop the warning says what the fallback costs
+        assert "torch._int_mm) is a scalar loop, so calls of more than 16 rows run about 16x slower" in caplog.text
         assert int8mm.backends.resolve_backend(Backend.AUTO, torch.device("cpu")) is Backend.REFERENCE
         with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available on cpu \(turned off by INT8MM_CPU_LIB="
                                                r"none\)"):

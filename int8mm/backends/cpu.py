@@ -69,7 +69,12 @@ def library_available() -> bool:
         library()
         return True
     except (OSError, RuntimeError, ImportError) as exc:  # ImportError: no fcntl (not a POSIX system)
-        log.warning("int8mm: the CPU library is not available (%s); the reference backend serves CPU tensors", exc)
+        # the reference's GEMM is torch._int_mm: where that is a scalar loop, say what it costs
+        slow = "" if onednn_int8_is_vectorized() else (
+            "; without AVX-512 VNNI its int8 GEMM (torch._int_mm) is a scalar loop, so calls of more than 16 rows run "
+            "about 16x slower than fp32 (a C compiler with OpenMP gives the library its own GEMM)")
+        log.warning("int8mm: the CPU library is not available (%s); the reference backend serves CPU tensors%s",
+                    exc, slow)
         return False
 
 
