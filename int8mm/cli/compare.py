@@ -69,10 +69,9 @@ def _warn_if_busy(device: torch.device) -> None:
              f"--threads 1 steadies them")
 
 
-def _window_for(model_path: Path, window: int) -> int:
+def _window_for(model_path: Path, window: int, limit: int | None) -> int:
     """``--window``, or the model's position limit where that is shorter: a longer window indexes past the
     position embeddings (GPT-2) or scores positions the model never saw in training."""
-    limit = model_files.max_positions(model_path)
     if limit is None or window <= limit:
         return window
     warn(f"--window {window} is longer than the {limit} positions {model_path} takes (config.json "
@@ -80,12 +79,11 @@ def _window_for(model_path: Path, window: int) -> int:
     return limit
 
 
-def _check_generation_fits(model_path: Path, tokenizer, prompt: str, new_tokens: int) -> None:
+def _check_generation_fits(model_path: Path, limit: int | None, tokenizer, prompt: str, new_tokens: int) -> None:
     """The prompt and ``--new-tokens`` within the model's positions, checked before the full-precision half of the
     work: past them GPT-2 fails with an IndexError at the end of that half, and models with rotary positions
     generate from positions they were never trained on. The last token generated is never fed back, so a prompt
     of P tokens takes at most limit - P + 1 new ones."""
-    limit = model_files.max_positions(model_path)
     if new_tokens == 0 or limit is None:
         return
     prompt_tokens = len(tokenizer(prompt)["input_ids"])  # as greedy_continuation encodes it
@@ -115,8 +113,9 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     ids = token_ids(tokenizer, text, args.max_tokens)  # once: the header says how many are scored
     if len(ids) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
-    _check_generation_fits(model_path, tokenizer, args.prompt, args.new_tokens)
-    window = _window_for(model_path, args.window)  # a warning, once every refusal is behind
+    limit = model_files.max_positions(model_path)  # the config read once for both checks
+    _check_generation_fits(model_path, limit, tokenizer, args.prompt, args.new_tokens)
+    window = _window_for(model_path, args.window, limit)  # a warning, once every refusal is behind
     _warn_if_busy(device)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
