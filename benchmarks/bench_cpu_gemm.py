@@ -25,12 +25,8 @@ SHAPES = [(1024, 576, 576), (1024, 576, 1536), (1024, 1536, 576), (512, 4096, 40
 
 
 def library_gemm(a, b):
-    """The library's GEMM (kernels/cpu/gemm.c), called directly: what the backend takes without AVX-512 VNNI."""
-    out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32)
-    cpu._check(cpu.library().int8mm_cpu_int8_gemm(a.data_ptr(), a.shape[0], a.shape[1], a.stride(0), b.data_ptr(),
-                                                   b.shape[0], b.stride(0), out.data_ptr(), torch.get_num_threads()),
-               "int8_gemm")
-    return out
+    """The library's GEMM, called directly: what the backend takes without AVX-512 VNNI."""
+    return cpu.library_int8_matmul(a, b)
 
 
 def measure(shape, reps: int) -> dict:

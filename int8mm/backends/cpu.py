@@ -121,8 +121,11 @@ def _with_unit_k_stride(t: torch.Tensor) -> torch.Tensor:
 @registry.register(BACKEND, "int8_matmul")
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ b.T`` in int32: oneDNN's GEMM where it is vectorized, else the library's (the same integers)."""
-    if onednn_int8_is_vectorized():
-        return reference.int8_matmul(a, b)
+    return reference.int8_matmul(a, b) if onednn_int8_is_vectorized() else library_int8_matmul(a, b)
+
+
+def library_int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` in int32 by the library's GEMM (kernels/cpu/gemm.c), whatever the CPU."""
     # held in names until the C call returns (a temporary would be freed before C reads it)
     a, b = _with_unit_k_stride(a), _with_unit_k_stride(b)
     (m, k), n = a.shape, b.shape[0]
