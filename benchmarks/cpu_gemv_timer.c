@@ -4,7 +4,8 @@
 //
 //   cc -O3 -march=native -ffp-contract=off -fopenmp -o /tmp/gemv_timer benchmarks/cpu_gemv_timer.c
 //      kernels/cpu/*.c -lm      (one command line; without VNNI the call's dot products are gemm.c's)
-//   /tmp/gemv_timer K N COPIES      # prints the best of 7 rounds of 2000 calls, in us per call
+//   /tmp/gemv_timer K N COPIES [THREADS]   # prints the best of 7 rounds of 2000 calls, in us per call (1 thread
+//                                          # unless THREADS says more)
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,12 +24,12 @@ static double seconds(void) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s K N COPIES\n", argv[0]);
+  if (argc != 4 && argc != 5) {
+    fprintf(stderr, "usage: %s K N COPIES [THREADS]\n", argv[0]);
     return 2;
   }
   const int64_t K = atoll(argv[1]), N = atoll(argv[2]);
-  const int copies = atoi(argv[3]);
+  const int copies = atoi(argv[3]), threads = argc == 5 ? atoi(argv[4]) : 1;
   float* x = malloc(sizeof(float) * K);
   for (int64_t i = 0; i < K; ++i) x[i] = (float)(rand() % 1000) / 100.0f - 5.0f;
   int8_t** weights = malloc(sizeof(int8_t*) * copies);
@@ -39,7 +40,7 @@ int main(int argc, char** argv) {
   float* s_w = malloc(sizeof(float) * N);
   for (int64_t i = 0; i < N; ++i) s_w[i] = 1.0f;
   float* out = malloc(sizeof(float) * N);
-  struct int8mm_cpu_linear_call call = {(int64_t)x, 2, 1, K, K, 1, 0, (int64_t)s_w, N, 0, 0, (int64_t)out, 1, 0.0};
+  struct int8mm_cpu_linear_call call = {(int64_t)x, 2, 1, K, K, 1, 0, (int64_t)s_w, N, 0, 0, (int64_t)out, threads, 0.0};
   double best = 1e30;
   for (int round = 0; round < 7; ++round) {
     const double start = seconds();
@@ -50,6 +51,7 @@ int main(int argc, char** argv) {
     const double per_call = (seconds() - start) / 2000 * 1e6;
     if (per_call < best) best = per_call;
   }
-  printf("K=%lld N=%lld copies=%d: %.2f us per call\n", (long long)K, (long long)N, copies, best);
+  printf("K=%lld N=%lld copies=%d threads=%d: %.2f us per call\n", (long long)K, (long long)N, copies, threads,
+         best);
   return 0;
 }
