@@ -23,9 +23,23 @@ from helpers import DEVICE, OpRecorder, load_benchmark, planted_outliers, random
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 from int8mm.backends import triton_prefill_quant  # noqa: E402
 
-# M = 300 takes 3-6 s per case under the interpreter (one row per program step): marked slow
-PREFILL_M = [17, 64, 100, pytest.param(300, marks=pytest.mark.slow)]
+PREFILL_M = [17, 64, 100]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# M = 300 spans two row ranges of the outlier-column pass but takes 3-13 s per case under the interpreter (one row
+# per program step; 424 of the suite's 1967 test-seconds when every cross product ran it, 2-core EPYC,
+# 2026-12-01): each test below runs it (marked slow) for what the row ranges change, and the cross products of
+# dtype, K and the kind of bad value run at the smaller M.
+TWO_ROW_RANGES_M = 300
+
+
+def _with_two_row_ranges(cases, *extra):
+    """``cases`` plus each of ``extra`` (a tuple of the other parameters) at M = 300, marked slow."""
+    return cases + [pytest.param(TWO_ROW_RANGES_M, *rest, marks=pytest.mark.slow) for rest in extra]
+
+
+def _dtype_name(value):
+    """Test ids: float16 rather than dtype0 (None: pytest's own id for other values)."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None
 BENCH_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_quantize_pass.py")
 
 
@@ -71,17 +85,18 @@ def assert_same_quantization(x, threshold):
     return q_t, s_t, cols_t, n_t
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [1, 123, 2049])
-@pytest.mark.parametrize("m", PREFILL_M)
+@pytest.mark.parametrize("m, k, dtype", _with_two_row_ranges(
+    [(m, k, dtype) for m in PREFILL_M for k in (1, 123, 2049) for dtype in DTYPES],
+    (1, torch.float32), (123, torch.bfloat16), (2049, torch.float16)), ids=_dtype_name)
 def test_matches_reference(m, k, dtype, row_scheme):
     """Ragged shapes: K below one tile, and one column past a whole tile (the last tile holds one column);
     planted outlier columns, two values exactly at +-threshold, an all-zero row."""
     assert_same_quantization(_activations(m, k, dtype), 6.0)
 
 
-@pytest.mark.parametrize("threshold", [0.0, 6.0, 1e9])
-@pytest.mark.parametrize("m", PREFILL_M)
+@pytest.mark.parametrize("m, threshold", _with_two_row_ranges(
+    [(m, threshold) for m in PREFILL_M for threshold in (0.0, 6.0, 1e9)],
+    (1e9,)))  # 6.0 runs at M = 300 above; at 0.0 the outlier-column pass, which the row ranges split, does not run
 def test_thresholds(m, threshold, row_scheme):
     """0 disables decomposition (plain row absmax, no outlier columns); 1e9 finds none."""
     q, _, _, count = assert_same_quantization(_activations(m, 499), threshold)
@@ -91,9 +106,9 @@ def test_thresholds(m, threshold, row_scheme):
         assert int(count) >= 8 and not q[:, (_activations(m, 499).abs() >= 6.0).any(0)].any()
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-@pytest.mark.parametrize("threshold", [0.0, 6.0])
-@pytest.mark.parametrize("m", PREFILL_M)
+@pytest.mark.parametrize("m, threshold, bad", _with_two_row_ranges(
+    [(m, threshold, bad) for m in PREFILL_M for threshold in (0.0, 6.0) for bad in (math.nan, math.inf, -math.inf)],
+    (6.0, math.nan), (0.0, math.inf)))
 def test_non_finite_rows(m, bad, threshold, row_scheme):
     """A NaN row gets a NaN scale and int8 zeros; +-Inf is an outlier at threshold 6 and makes the scale Inf
     (and the row zero) at threshold 0. The other rows are untouched, outliers in a NaN row still count."""
@@ -106,7 +121,7 @@ def test_non_finite_rows(m, bad, threshold, row_scheme):
         assert not q[4].any() and not torch.isfinite(s[4])
 
 
-@pytest.mark.parametrize("m", PREFILL_M)
+@pytest.mark.parametrize("m", _with_two_row_ranges(PREFILL_M, ()))
 def test_outlier_columns_across_blocks_and_row_ranges(m, row_scheme):
     """Outliers in several 2048-column blocks (the last one partial), some in a single row only: the list
     is assembled from every block in ascending order and each column is zeroed in every row."""
