@@ -81,9 +81,10 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, const int8_t
 // instead of three, and six independent sums hide the multiply-add's latency. Each 64-byte step also asks for the
 // same bytes of the rows two tiles ahead (ldw apart), into L2: a short weight row (576 bytes) is a stream the
 // hardware prefetchers hardly pick up, as int8mm_cpu.c's VNNI tile measured. Zen 1 EPYC, weights not in cache,
-// best of 7 (benchmarks/cpu_gemv_timer.c): 576 x 576 on 1 thread 75-80 -> 50-52 us, 4096 x 4096 on 2 threads
-// 1111-1135 -> 1015-1045 us; a 576 x 576 weight already in cache pays 31 -> 33 us. One or four tiles ahead
-// measured the same. The address is an integer: past the weight's end it is never a pointer C would call out of
+// best of 7 (benchmarks/cpu_gemv_timer.c): 576 x 576 on 1 thread 75-80 -> 50-52 us; on 2 threads 576 x 3072
+// 261-266 -> 163-167, 1536 x 576 103-111 -> 78-94, 4096 x 4096 1111-1135 -> 1015-1045 us. A weight already in
+// cache (not a model's case: its layers evict each other) pays for the extra instructions: 576 x 576 on 1 thread
+// 31 -> 33 us, 1536 x 576 on 2 threads 42 -> 50 us. One or four tiles ahead measured the same. The address is an integer: past the weight's end it is never a pointer C would call out of
 // bounds, and a prefetch of it cannot fault.
 #define GEMM_ROW_NR 6
 static void row_tile(const int8_t* a, const int8_t* const* w, int64_t K, int64_t ldw, int32_t out[GEMM_ROW_NR]) {
