@@ -70,8 +70,8 @@ setup(
         "bench": ["bitsandbytes", "matplotlib", "transformers>=5,<6", "safetensors"],
         # LoRA adapters on int8mm layers (int8mm.integrations.peft), tested with this version
         "peft": ["peft==0.21.2"],
-        # pytest-xdist: make test runs one worker per core (>= 3.6: --no-loadscope-reorder)
-        "test": ["pytest", "pytest-xdist>=3.6", "bitsandbytes==0.50.2", "transformers>=5,<6", "accelerate",
+        # pytest-xdist: make test runs one worker per core (>= 3.8: --no-loadscope-reorder)
+        "test": ["pytest", "pytest-xdist>=3.8", "bitsandbytes==0.50.2", "transformers>=5,<6", "accelerate",
                  "safetensors", "gguf", "matplotlib", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["int8mm = int8mm.cli:main"]},
