@@ -22,8 +22,8 @@ $(STAMP): setup.py | $(PY)
 	touch $(STAMP)
 
 # One worker per core (pytest-xdist; at most 4: the real-model test alone is a few minutes), each taking whole
-# files in the order tests/conftest.py puts them, longest first. --durations: every run lists its slowest tests, so
-# the suite's cost stays in sight.
+# files in the order tests/conftest.py puts them: its LONG_MODULES first, then the rest as collected.
+# --durations: every run lists its slowest tests, so the suite's cost stays in sight.
 PARALLEL := -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)

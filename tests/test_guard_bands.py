@@ -144,9 +144,16 @@ def guarded(request, monkeypatch):
     guards = GuardBands()
     for module in _backend_modules(backend):
         monkeypatch.setattr(module, "torch", TorchWithGuardBands(guards))
-    yield backend, guards
-    monkeypatch.undo()
-    backends.refresh_from_environment()
+    # the CPU library on two threads, whatever make test's workers run on: its calls split their rows among them
+    # above 65536 weight elements (the 2576-column shapes), and a thread's stray write is what the bands catch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield backend, guards
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
+        backends.refresh_from_environment()
 
 
 def _counters_all_zero(device: torch.device) -> bool:
