@@ -401,7 +401,9 @@ def test_the_portable_loops_match_too(monkeypatch, tmp_path, march):
     monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)  # the many-row path: its GEMM
     cpu_backend.library.cache_clear()
     try:
-        for m, k in ((1, 65), (5, 130), (16, 576), (40, 300)):  # 40 rows: the plain quantize and scaling loops
+        # K = 100 at one row: the one-row tile's 64-byte steps, a 16-byte step and the scalar tail; 40 rows: the plain
+        # quantize and scaling loops
+        for m, k in ((1, 100), (5, 130), (16, 576), (40, 300)):
             x = planted_outliers(m, k, seed=m)
             q_w, s_w = int8mm.quantize_weight(random_weight(33, k))
             ref, got = _both(_ops.int8_linear, x, q_w, s_w, None, THRESHOLD)

@@ -25,21 +25,27 @@ from int8mm.backends import triton_prefill_quant  # noqa: E402
 
 PREFILL_M = [17, 64, 100]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-# M = 300 spans two row ranges of the outlier-column pass but takes 3-13 s per case under the interpreter (one row
-# per program step; 424 of the suite's 1967 test-seconds when every cross product ran it, 2-core EPYC,
-# 2026-12-01): each test below runs it (marked slow) for what the row ranges change, and the cross products of
-# dtype, K and the kind of bad value run at the smaller M.
+# M = 300 spans two row ranges of the outlier-column pass, but under the interpreter it takes 3-13 s per case (one
+# row per program step; 424 of the suite's 1967 test-seconds when every cross product ran it, 2-core EPYC,
+# 2026-12-01). There the tests built with _cases run it for what the row ranges change (outlier columns, and bad
+# values, in both ranges), and the cross products of dtype, K and the kind of bad value run at the smaller M; on a
+# GPU, where it is cheap, every case runs at M = 300 too.
 TWO_ROW_RANGES_M = 300
 
 
-def _with_two_row_ranges(cases, *extra):
-    """``cases`` plus each of ``extra`` (a tuple of the other parameters) at M = 300, marked slow."""
-    return cases + [pytest.param(TWO_ROW_RANGES_M, *rest, marks=pytest.mark.slow) for rest in extra]
+def _cases(others, at_two_row_ranges):
+    """Parameters (M, *rest): each ``rest`` of ``others`` at every M of PREFILL_M, and at M = 300 (marked slow)
+    those of ``at_two_row_ranges`` under the interpreter, all of ``others`` on a GPU."""
+    extra = others if DEVICE.type == "cuda" else at_two_row_ranges
+    return ([(m, *rest) for m in PREFILL_M for rest in others]
+            + [pytest.param(TWO_ROW_RANGES_M, *rest, marks=pytest.mark.slow) for rest in extra])
 
 
 def _dtype_name(value):
     """Test ids: float16 rather than dtype0 (None: pytest's own id for other values)."""
     return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None
+
+
 BENCH_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_quantize_pass.py")
 
 
@@ -85,18 +91,18 @@ def assert_same_quantization(x, threshold):
     return q_t, s_t, cols_t, n_t
 
 
-@pytest.mark.parametrize("m, k, dtype", _with_two_row_ranges(
-    [(m, k, dtype) for m in PREFILL_M for k in (1, 123, 2049) for dtype in DTYPES],
-    (1, torch.float32), (123, torch.bfloat16), (2049, torch.float16)), ids=_dtype_name)
+@pytest.mark.parametrize("m, k, dtype", _cases(
+    [(k, dtype) for k in (1, 123, 2049) for dtype in DTYPES],
+    [(1, torch.float32), (123, torch.bfloat16), (2049, torch.float16)]), ids=_dtype_name)
 def test_matches_reference(m, k, dtype, row_scheme):
     """Ragged shapes: K below one tile, and one column past a whole tile (the last tile holds one column);
     planted outlier columns, two values exactly at +-threshold, an all-zero row."""
     assert_same_quantization(_activations(m, k, dtype), 6.0)
 
 
-@pytest.mark.parametrize("m, threshold", _with_two_row_ranges(
-    [(m, threshold) for m in PREFILL_M for threshold in (0.0, 6.0, 1e9)],
-    (1e9,)))  # 6.0 runs at M = 300 above; at 0.0 the outlier-column pass, which the row ranges split, does not run
+@pytest.mark.parametrize("m, threshold", _cases(
+    [(threshold,) for threshold in (0.0, 6.0, 1e9)],
+    [(6.0,)]))  # 0 and 1e9 flag no column: the row ranges change nothing there
 def test_thresholds(m, threshold, row_scheme):
     """0 disables decomposition (plain row absmax, no outlier columns); 1e9 finds none."""
     q, _, _, count = assert_same_quantization(_activations(m, 499), threshold)
@@ -106,9 +112,9 @@ def test_thresholds(m, threshold, row_scheme):
         assert int(count) >= 8 and not q[:, (_activations(m, 499).abs() >= 6.0).any(0)].any()
 
 
-@pytest.mark.parametrize("m, threshold, bad", _with_two_row_ranges(
-    [(m, threshold, bad) for m in PREFILL_M for threshold in (0.0, 6.0) for bad in (math.nan, math.inf, -math.inf)],
-    (6.0, math.nan), (0.0, math.inf)))
+@pytest.mark.parametrize("m, threshold, bad", _cases(
+    [(threshold, bad) for threshold in (0.0, 6.0) for bad in (math.nan, math.inf, -math.inf)],
+    [(6.0, math.nan), (6.0, math.inf)]))  # at 6 the last row's Inf is an outlier column found in the second range
 def test_non_finite_rows(m, bad, threshold, row_scheme):
     """A NaN row gets a NaN scale and int8 zeros; +-Inf is an outlier at threshold 6 and makes the scale Inf
     (and the row zero) at threshold 0. The other rows are untouched, outliers in a NaN row still count."""
@@ -121,7 +127,7 @@ def test_non_finite_rows(m, bad, threshold, row_scheme):
         assert not q[4].any() and not torch.isfinite(s[4])
 
 
-@pytest.mark.parametrize("m", _with_two_row_ranges(PREFILL_M, ()))
+@pytest.mark.parametrize("m", [*PREFILL_M, pytest.param(TWO_ROW_RANGES_M, marks=pytest.mark.slow)])
 def test_outlier_columns_across_blocks_and_row_ranges(m, row_scheme):
     """Outliers in several 2048-column blocks (the last one partial), some in a single row only: the list
     is assembled from every block in ascending order and each column is zeroed in every row."""
