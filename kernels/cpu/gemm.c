@@ -84,8 +84,9 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, const int8_t
 // best of 7 (benchmarks/cpu_gemv_timer.c): 576 x 576 on 1 thread 75-80 -> 50-52 us; on 2 threads 576 x 3072
 // 261-266 -> 163-167, 1536 x 576 103-111 -> 78-94, 4096 x 4096 1111-1135 -> 1015-1045 us. A weight already in
 // cache (not a model's case: its layers evict each other) pays for the extra instructions: 576 x 576 on 1 thread
-// 31 -> 33 us, 1536 x 576 on 2 threads 42 -> 50 us. One or four tiles ahead measured the same. The address is an integer: past the weight's end it is never a pointer C would call out of
-// bounds, and a prefetch of it cannot fault.
+// 31 -> 33 us, 1536 x 576 on 2 threads 42 -> 50 us. One or four tiles ahead measured the same. The address is an
+// integer: past the weight's end it is never a pointer C would call out of bounds, and a prefetch of it cannot
+// fault.
 #define GEMM_ROW_NR 6
 static void row_tile(const int8_t* a, const int8_t* const* w, int64_t K, int64_t ldw, int32_t out[GEMM_ROW_NR]) {
   int64_t k = 0;
