@@ -52,9 +52,9 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     # Under pytest-xdist (make test) the workers share the cores: each runs torch on its share of them (one thread
-    # on a 2-core host), as workers each starting a thread per core would make them wait on each other (two
-    # workers of two threads on two cores measured 16:45 against 12:11). Tests that depend on the thread count set
-    # it themselves.
+    # on a 2-core host), as workers each starting a thread per core make each other wait (two workers of two
+    # threads on two cores: the real-model fixture took 535 s, against 415 s on one thread each). Tests that
+    # depend on the thread count set it themselves.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

@@ -145,7 +145,7 @@ def guarded(request, monkeypatch):
     for module in _backend_modules(backend):
         monkeypatch.setattr(module, "torch", TorchWithGuardBands(guards))
     # the CPU library on two threads, whatever make test's workers run on: its calls split their rows among them
-    # above 65536 weight elements (the 2576-column shapes), and a thread's stray write is what the bands catch
+    # from 65536 weight elements (the 2576-column shapes), and a thread's stray write is what the bands catch
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -5,7 +5,7 @@ fp32, bitsandbytes (threshold 6.0) and int8mm (6.0 and 0.0) are scored side by s
 four forward passes over the tokens, about a minute on 2 otherwise idle cores of an EPYC with AVX-512 VNNI, 232 s
 on one with AVX2 only (Zen 1; 1288 s there while int8mm's 1024-row windows went through torch._int_mm: make test on
 fresh clones, 2026-11-30 and 2026-12-01, one process on 2 threads). Since make test runs two workers there, this
-module's on one thread beside the other files: 415 s.
+module runs on one thread beside the other files: 415-483 s.
 """
 import logging
 import math
