@@ -5,6 +5,7 @@ package is checked against the contract rather than against itself. float64 make
 or correctly rounded: a product of two fp32 numbers is exact in float64, and a float64 division or product
 rounded once more to fp32 equals the fp32 operation (53 >= 2 * 24 + 2 bits, so double rounding is harmless).
 """
+import contextlib
 import importlib.util
 import math
 import os
@@ -19,6 +20,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # where the kernel-backend tests run: the GPU if there is one, else CPU tensors (Triton's interpreter)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Within the block torch (and so the CPU library, which takes torch's count) runs on ``count`` threads; the
+    count from before comes back after it, whatever make test's workers were given (tests/conftest.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---- child processes ----

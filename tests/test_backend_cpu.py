@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import int8mm
-from helpers import FLOAT_DTYPES, INT8_MAX, assert_output_close, planted_outliers, random_weight
+from helpers import FLOAT_DTYPES, INT8_MAX, assert_output_close, planted_outliers, random_weight, torch_threads
 from int8mm import Backend, _ops
 from int8mm.backends import cpu as cpu_backend
 from int8mm.backends import cpu_build
@@ -159,13 +159,10 @@ def test_the_library_gemm_on_one_and_two_threads(monkeypatch):
     """Big enough for the weight rows to be split into blocks that threads share: the same integers."""
     monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
     a, b = _random_int8((70, 1030), seed=4), _random_int8((301, 1030), seed=5)
-    expected, threads = _exact_int8_product(a, b), torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
+    expected = _exact_int8_product(a, b)
+    for count in (1, 2):
+        with torch_threads(count):
             assert torch.equal(cpu_backend.int8_matmul(a, b), expected), count
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -184,9 +181,7 @@ def test_many_rows_are_the_reference_bit_for_bit(dtype, threshold, with_bias, ma
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_the_gemv_on_several_threads_is_the_reference(m):
     """Large enough layers split their weight-row blocks over threads (a ragged last block included)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         g = torch.Generator().manual_seed(m)
         q_w, s_w = int8mm.quantize_weight(torch.randn(203, 1030, generator=g))  # 209,090 weight bytes
         x = torch.randn(m, 1030, generator=g)
@@ -194,15 +189,11 @@ def test_the_gemv_on_several_threads_is_the_reference(m):
         x = planted_outliers(m, 1030, seed=m)
         bias = torch.randn(203, generator=g)
         assert_output_close(*reversed(_both(_ops.int8_linear, x, q_w, s_w, bias, THRESHOLD)))
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_quantization_in_parallel_is_the_reference():
     """Large inputs quantize their rows on several threads (the column flags raised from any of them)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         for dtype in FLOAT_DTYPES:
             x = planted_outliers(300, 1030, dtype, zero_row=True, seed=5)  # 309,000 elements: past the limit
             x[7, 1000] = 50.0  # an outlier column only one row (one thread's share) sees
@@ -210,8 +201,6 @@ def test_quantization_in_parallel_is_the_reference():
             got = _ops.quantize_activations(x, THRESHOLD, "cpu")
             _assert_quantize_identical(_ops.quantize_activations(x, THRESHOLD, "reference"), got)
             assert {1000, 3} <= set(got[2][: int(got[3])].tolist())
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_large_k_sums_wrap_back_exactly():
@@ -358,14 +347,10 @@ def test_buffers_stay_on_the_cpu_under_another_default_device():
 def test_threads_give_the_same_output():
     x = planted_outliers(3, 512, seed=6)
     q_w, s_w = int8mm.quantize_weight(random_weight(300, 512))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = _ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu")
-        torch.set_num_threads(2)
+    with torch_threads(2):
         assert torch.equal(_ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu"), one)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):

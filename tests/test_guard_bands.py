@@ -20,7 +20,7 @@ from int8mm import backends
 from int8mm.backends import registry
 
 from gpu import requires_cuda
-from helpers import DEVICE, assert_output_close, planted_outliers, random_weight
+from helpers import DEVICE, assert_output_close, planted_outliers, random_weight, torch_threads
 
 GUARD_BYTES = 4096  # a multiple of 256: each buffer stays as aligned as the caching allocator would make it
 PATTERN = 0xA5
@@ -146,14 +146,10 @@ def guarded(request, monkeypatch):
         monkeypatch.setattr(module, "torch", TorchWithGuardBands(guards))
     # the CPU library on two threads, whatever make test's workers run on: its calls split their rows among them
     # from 65536 weight elements (the 2576-column shapes), and a thread's stray write is what the bands catch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         yield backend, guards
-    finally:
-        torch.set_num_threads(threads)
-        monkeypatch.undo()
-        backends.refresh_from_environment()
+    monkeypatch.undo()
+    backends.refresh_from_environment()
 
 
 def _counters_all_zero(device: torch.device) -> bool:
