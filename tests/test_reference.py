@@ -8,6 +8,7 @@ import torch
 
 from helpers import (FLOAT_DTYPES, INT8_MAX, assert_output_close, assert_scales_equal, planted_outliers, random_weight,
                      spec_int8_linear64, spec_quantize_activations, spec_quantize_weight)
+from gpu import requires_cuda
 from int8mm.backends import reference
 
 THRESHOLD = 6.0
@@ -23,12 +24,13 @@ def _randint8(shape, seed):
 
 
 # ---- int8_matmul: exact for every layout (torch._int_mm on CPU is not, for some) ----
-def _layouts(rows, k, seed):
-    """The same int8 values as a row-major, column-major, sliced, strided and (for one row) odd-stride view."""
-    base = _randint8((rows, k), seed)
-    wide = torch.zeros(rows, k + 5, dtype=torch.int8)
+def _layouts(rows, k, seed, device="cpu"):
+    """The same int8 values as a row-major, column-major, sliced (an odd start and row stride), strided and (for
+    one row) odd-stride view."""
+    base = _randint8((rows, k), seed).to(device)
+    wide = torch.zeros(rows, k + 5, dtype=torch.int8, device=device)
     wide[:, 2:k + 2] = base
-    doubled = torch.zeros(rows, 2 * k, dtype=torch.int8)
+    doubled = torch.zeros(rows, 2 * k, dtype=torch.int8, device=device)
     doubled[:, ::2] = base
     views = {"contiguous": base, "column-major": base.t().contiguous().t(), "sliced": wide[:, 2:k + 2],
              "every-other": doubled[:, ::2]}
@@ -46,6 +48,30 @@ def test_int8_matmul_exact_for_every_layout(m, k, n):
             got = reference.int8_matmul(a, b)
             assert got.dtype == torch.int32 and got.shape == (m, n)
             assert torch.equal(got.long(), _int64_matmul(a, b)), (a_name, b_name)
+
+
+def test_cublas_operands_are_aligned_row_major():
+    """cuBLAS refuses int8 operands whose start or row stride is unaligned (torch._int_mm on CUDA checks only the
+    shapes); the reference copies exactly those and hands every other operand over as it is."""
+    base = _randint8((24, 65), seed=5)
+    for view in (base[1:, 1:], base[:, :64], base[:, :64].t().contiguous().t()):
+        operand = reference._cublas_operand(view)
+        assert operand.stride(1) == 1 and operand.stride(0) % 8 == 0 and operand.data_ptr() % 16 == 0
+        assert torch.equal(operand, view)
+    aligned = _randint8((24, 64), seed=6)
+    assert reference._cublas_operand(aligned) is aligned
+    rows_of_a_wider_matrix = torch.zeros(24, 96, dtype=torch.int8)[:, :64]
+    assert reference._cublas_operand(rows_of_a_wider_matrix) is rows_of_a_wider_matrix
+
+
+@requires_cuda
+@pytest.mark.parametrize("m,k,n", [(40, 64, 24), (17, 128, 8)])
+def test_int8_matmul_exact_for_every_layout_on_the_gpu(m, k, n):
+    """cuBLAS takes these shapes directly (M > 16, K and N multiples of 8), so every layout reaches it."""
+    for a_name, a in _layouts(m, k, seed=m, device="cuda").items():
+        for b_name, b in _layouts(n, k, seed=n + 1, device="cuda").items():
+            got = reference.int8_matmul(a, b).cpu()
+            assert torch.equal(got.long(), _int64_matmul(a.cpu(), b.cpu())), (a_name, b_name)
 
 
 def test_int8_matmul_expanded_rows():

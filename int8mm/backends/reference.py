@@ -83,7 +83,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu" and a.shape[1] > 1:
         return torch._int_mm(_with_row_stride(a), _with_row_stride(b).t())
     if a.device.type != "cpu" and _int_mm_accepts(a, b):
-        return torch._int_mm(a, b.t())
+        return torch._int_mm(_cublas_operand(a), _cublas_operand(b).t())
     if a.device.type == "cpu":
         # oneDNN returns garbage for K == 1 (see _with_row_stride); int64 products are exact and the sum
         # fits in int32 (K is checked)
@@ -148,6 +148,14 @@ def _with_row_stride(t: torch.Tensor) -> torch.Tensor:
     if t.stride(1) == 1 and t.stride(0) >= t.shape[1]:
         return t
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _cublas_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when cuBLAS' int8 GEMM can read it in place (unit column stride, a row stride of a multiple of
+    8 bytes, a 16-byte aligned start), else a row-major copy, which a fresh allocation aligns. torch._int_mm checks
+    only the shapes on CUDA and hands cuBLAS any row stride: a weight view such as ``w[1:, 1:]`` is refused there."""
+    aligned = t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(0) >= t.shape[1]
+    return t if t.stride(1) == 1 and aligned else t.clone(memory_format=torch.contiguous_format)
 
 
 def _int_mm_accepts(a: torch.Tensor, b: torch.Tensor) -> bool:
