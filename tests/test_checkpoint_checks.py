@@ -4,6 +4,7 @@ checkpoints with one CheckpointError that names the key and the file (int8mm/wei
 import copy
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -161,6 +162,19 @@ def test_missing_8bit_tensors_through_from_pretrained(left_out, message, int8_ch
     # transformers would fill the gap with uninitialized memory and return the model
     with pytest.raises(CheckpointError, match=r"model\.safetensors: " + message):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_int8_weight_of_a_layer_the_model_inits_by_name(tmp_path):
+    # GPT-2's init draws c_proj.weight by name: on the empty int8 tensor transformers put in place of the missing
+    # one it raised NotImplementedError ("normal_kernel_cpu" not implemented for 'Char') before any check ran
+    model = AutoModelForCausalLM.from_pretrained(_saved("gpt2", tmp_path / "float"), quantization_config=Int8MMConfig())
+    model.save_pretrained(tmp_path / "int8")
+    layer = "transformer.h.0.mlp.c_proj"
+    tensors = load_file(tmp_path / "int8" / "model.safetensors")
+    _rewrite(tmp_path / "int8", {k: v for k, v in tensors.items() if k != f"{layer}.weight"})
+    with pytest.raises(CheckpointError, match=re.escape(f"model.safetensors: lacks {layer}.weight (the model's {layer} "
+                                                        f"was never loaded)")):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "int8")
 
 
 # ---- a broken saved quantization_config is an error naming the file and the key ----

@@ -44,6 +44,8 @@ if TRANSFORMERS_VERSION < MIN_TRANSFORMERS_VERSION:
                       f"found {transformers.__version__}")
 
 QUANT_METHOD = _config.QUANT_METHOD
+# set on a weight or scale that transformers put in place of a tensor the checkpoint lacks (HfInt8Linear)
+NEVER_LOADED = "_int8mm_never_loaded"
 
 __all__ = ["HfInt8Linear", "Int8MMConfig", "Int8MMHfQuantizer", "register"]
 
@@ -76,6 +78,17 @@ class HfInt8Linear(Int8Linear):
             param._is_hf_initialized = True
             self.register_parameter(name, param)
         self.register_buffer(FORMAT, format_marker(device))
+
+    def register_parameter(self, name, param):
+        # transformers marks each tensor it loads before setting it, then sets an empty, unmarked tensor in place of
+        # each one the checkpoint lacks and runs the model's init on it: a float init by name (GPT-2's normal_ on
+        # c_proj.weight) failed there on int8 with a NotImplementedError that named neither key nor file. Such a
+        # tensor is marked initialized, so that the init skips it, and never loaded, so that check_after_loading
+        # names the missing key.
+        if name in (WEIGHT, SCALE) and param is not None and not getattr(param, "_is_hf_initialized", False):
+            param._is_hf_initialized = True
+            setattr(param, NEVER_LOADED, True)
+        super().register_parameter(name, param)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -169,8 +182,7 @@ class Int8MMHfQuantizer(HfQuantizer):
         # transformers fills a tensor the checkpoint lacks with uninitialized memory (an int8 tensor has no init),
         # and marks every tensor it loaded with _is_hf_initialized: an unmarked weight or scale was missing
         check_after_loading(model, self.headers, self.checkpoint_files, self.pre_quantized,
-                            was_loaded=lambda tensor: not tensor.is_meta and getattr(tensor, "_is_hf_initialized",
-                                                                                     False))
+                            was_loaded=_was_loaded)
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 for param in (module.weight, module.SCB):  # the loader makes float parameters trainable
@@ -212,6 +224,12 @@ class Int8MMHfQuantizer(HfQuantizer):
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, linear)
         return model
+
+
+def _was_loaded(tensor: torch.Tensor) -> bool:
+    """Whether transformers loaded ``tensor`` from the checkpoint (``check_after_loading`` asks, per weight and
+    scale): it marks what it loads, and HfInt8Linear marks what it put in place of a missing tensor."""
+    return not tensor.is_meta and getattr(tensor, "_is_hf_initialized", False) and not hasattr(tensor, NEVER_LOADED)
 
 
 @functools.cache
