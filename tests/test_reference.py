@@ -6,8 +6,8 @@ spec every other backend is compared with.
 import pytest
 import torch
 
-from helpers import (FLOAT_DTYPES, INT8_MAX, assert_output_close, assert_scales_equal, planted_outliers, random_weight,
-                     spec_int8_linear64, spec_quantize_activations, spec_quantize_weight)
+from helpers import (DEVICE, FLOAT_DTYPES, INT8_MAX, assert_output_close, assert_scales_equal, planted_outliers,
+                     random_weight, spec_int8_linear64, spec_quantize_activations, spec_quantize_weight)
 from gpu import requires_cuda
 from int8mm.backends import reference
 
@@ -72,6 +72,15 @@ def test_int8_matmul_exact_for_every_layout_on_the_gpu(m, k, n):
         for b_name, b in _layouts(n, k, seed=n + 1, device="cuda").items():
             got = reference.int8_matmul(a, b).cpu()
             assert torch.equal(got.long(), _int64_matmul(a.cpu(), b.cpu())), (a_name, b_name)
+
+
+@pytest.mark.parametrize("m,k,n", [(24, 0, 8), (0, 64, 8), (24, 64, 0)])
+def test_int8_matmul_of_empty_operands_is_zeros(m, k, n):
+    """Every empty case is a (possibly empty) matrix of zeros; cuBLAS, behind torch._int_mm on CUDA, refuses them."""
+    got = reference.int8_matmul(torch.ones(m, k, dtype=torch.int8, device=DEVICE),
+                                torch.ones(n, k, dtype=torch.int8, device=DEVICE))
+    assert got.dtype == torch.int32 and got.device.type == DEVICE.type
+    assert torch.equal(got.cpu(), torch.zeros(m, n, dtype=torch.int32))
 
 
 def test_int8_matmul_expanded_rows():

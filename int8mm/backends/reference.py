@@ -80,6 +80,8 @@ def _row_scales(ax: torch.Tensor, cols: torch.Tensor, threshold: float) -> torch
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ b.T`` of int8 matrices, accumulated in int32."""
+    if 0 in (a.shape[0], a.shape[1], b.shape[0]):  # cuBLAS refuses empty operands: an empty sum is 0
+        return torch.zeros((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
     if a.device.type == "cpu" and a.shape[1] > 1:
         return torch._int_mm(_with_row_stride(a), _with_row_stride(b).t())
     if a.device.type != "cpu" and _int_mm_accepts(a, b):
