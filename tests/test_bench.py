@@ -372,6 +372,32 @@ def test_model_suite_without_bitsandbytes_measures_the_rest(monkeypatch, tmp_pat
     assert "- not measured: bnb Linear8bitLt: bitsandbytes is not importable" in capsys.readouterr().out
 
 
+def test_a_failed_model_run_keeps_the_others_and_fails_the_command(monkeypatch, tmp_path, capsys):
+    """A run that raises (a kernel failing under CUDA graphs, say) becomes a row with its error; the runs after it
+    are still measured, the files written, and the command exits 1."""
+    from int8mm.bench import model_suite
+    measure = model_suite.measure
+
+    def int8mm_batch_2_fails(model, config, batch, static):
+        if batch == 2 and any(isinstance(m, int8mm.Int8Linear) for m in model.modules()):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return measure(model, config, batch, static)
+
+    monkeypatch.setattr(model_suite, "measure", int8mm_batch_2_fails)
+    args = [*TINY_MODEL_SUITE[:-1], "2", "1", "--providers", "int8mm", "float", "--out", str(tmp_path)]
+    assert main(["bench", *args]) == 1
+    rows = json.loads((tmp_path / "cpu_model_bench.json").read_text())["rows"]
+    assert [(r["provider"], r["batch"], "error" in r) for r in rows] == [
+        ("int8mm t=6", 2, True), ("int8mm t=6", 1, False), ("float", 2, False), ("float", 1, False)]
+    assert rows[0]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert rows[0]["prefill_ms"] is None and rows[1]["prefill_ms"] > 0
+    out = capsys.readouterr().out
+    failed_line = "int8mm t=6 eager batch 2: FAILED: RuntimeError: CUDA error: an illegal memory access"
+    assert failed_line in out and "1 of 4 runs failed" in out
+    markdown = (tmp_path / "cpu_model_bench.md").read_text()
+    assert "| int8mm t=6 | eager | 2 | - | - |" in markdown and f"- {failed_line}" in markdown
+
+
 def test_bench_writes_its_results_when_the_reader_leaves_early(monkeypatch, tmp_path):
     """``int8mm bench | head -1``: stdout closes at the first row printed; the run goes on and writes --out."""
     import io

@@ -33,6 +33,7 @@ PRESETS = {
 }
 PROVIDERS = ("float", "bnb", "int8mm")
 EAGER, STATIC = "eager", "static cache + CUDA graphs"
+ERROR_CHARS = 500  # of a failed run's error, kept in its row
 
 
 @dataclass(frozen=True)
@@ -176,12 +177,16 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
                     bar.set_postfix_str(f"{provider} {mode} batch {batch}")
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    figures = measure(model, config, batch, static=mode == STATIC)
+                    try:
+                        figures = measure(model, config, batch, static=mode == STATIC)
+                    except Exception as error:  # noqa: BLE001  one failed run must not cost the others' rows
+                        figures = {"prefill_ms": None, "decode_tokens_per_s": None,
+                                   "error": f"{type(error).__name__}: {error}"[:ERROR_CHARS]}
                     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                     rows.append({"device": meta["device"], "date": meta["date"], "provider": _label(provider, config),
                                  "mode": mode, "batch": batch, "prompt_tokens": config.prompt_tokens,
                                  "new_tokens": config.new_tokens, **figures, "weights_bytes": weights,
-                                 "peak_bytes": peak})
+                                 "peak_bytes": None if "error" in figures else peak})
                     # each run's figures as soon as they exist: a run stopped at a time limit still leaves them
                     if progress:
                         bar.write(_row_line(rows[-1]))
@@ -220,9 +225,15 @@ def _decode_figure(row: dict) -> str:
     return "-" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:.1f}"
 
 
+def _prefill_figure(row: dict) -> str:
+    return "-" if row["prefill_ms"] is None else f"{row['prefill_ms']:.1f} ms"
+
+
 def _row_line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['provider']} {row['mode']} batch {row['batch']}: FAILED: {row['error']}"
     peak = "" if row["peak_bytes"] is None else f", peak {format_rate(row['peak_bytes'], 'B')}"
-    return (f"{row['provider']} {row['mode']} batch {row['batch']}: prefill {row['prefill_ms']:.1f} ms, "
+    return (f"{row['provider']} {row['mode']} batch {row['batch']}: prefill {_prefill_figure(row)}, "
             f"decode {_decode_figure(row)} tokens/s{peak}")
 
 
@@ -242,8 +253,11 @@ def model_markdown(result: dict) -> str:
     body = []
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else format_rate(r["peak_bytes"], "B")
-        body.append([r["provider"], r["mode"], str(r["batch"]), f"{r['prefill_ms']:.1f} ms", _decode_figure(r),
+        body.append([r["provider"], r["mode"], str(r["batch"]), _prefill_figure(r), _decode_figure(r),
                      format_rate(r["weights_bytes"], "B"), peak])
     header = ["provider", "mode", "batch", "prefill", "decode tokens/s", "weights", "peak GPU memory"]
     lines += markdown_table(header, body)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed runs (no figures):", ""] + [f"- {_row_line(r)}" for r in failed]
     return "\n".join(lines) + "\n"

@@ -70,11 +70,10 @@ def run(args) -> int:
             _run_host_suite(device, out)
         if kernel_config is not None:
             _run_kernel_suite(kernel_config, device, out)
-        if model_config is not None:
-            _run_model_suite(model_config, device, out)
+        failed_runs = _run_model_suite(model_config, device, out) if model_config is not None else 0
     if stdout.reader_left:
         raise BrokenPipeError  # every result is written: now stop as any command whose reader left (status 141)
-    return 0
+    return 1 if failed_runs else 0
 
 
 class ReaderMayLeave:
@@ -126,7 +125,8 @@ def _run_host_suite(device, out: Path) -> None:
     say("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-def _run_model_suite(config, device, out: Path) -> None:
+def _run_model_suite(config, device, out: Path) -> int:
+    """Runs and writes the model suite; returns how many of its runs failed (each one's row holds its error)."""
     from ..bench.model_suite import model_markdown, run_model_suite
 
     result = run_model_suite(config, device)
@@ -134,3 +134,7 @@ def _run_model_suite(config, device, out: Path) -> None:
     say("\n" + text)
     paths = write_json_and_markdown(result, text, out, _stem(device).replace("_bench", "_model_bench"))
     say("wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = sum("error" in row for row in result["rows"])
+    if failed:
+        say(f"{failed} of {len(result['rows'])} runs failed: the table lists their errors")
+    return failed
