@@ -58,6 +58,7 @@ SCHEDULES = {
 EAGER_ONLY = ("int8mm classic, JIT launches", "int8mm classic, fresh buffers")
 CANDIDATES = PROVIDERS[2:5]  # compared with classic, output for output
 THRESHOLD = 6.0
+ERROR_CHARS = 500  # of a failed provider's first error, kept in its rows
 # layers per shape: enough distinct weights that a timed round reads more than L2 holds (at least two)
 L2_MULTIPLE = 2
 MAX_LAYERS = 8
@@ -149,24 +150,43 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
     rows = result["rows"]
     with_cuda = backends.Backend.CUDA in backends.available_backends(device)
     providers = [p for p in PROVIDERS if p not in CUDA_PROVIDERS or with_cuda]
+    failed = {}  # provider -> its first error: not run again, so that one failing candidate costs no other's rows
+
+    def attempt(provider, call, where):
+        if provider in failed:
+            return None
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001
+            failed[provider] = f"{where}: {type(error).__name__}: {error}"[:ERROR_CHARS]
+            print(f"{provider} FAILED ({failed[provider]}): not run again", flush=True)
+            return None
+
     for shape in shapes:
         layers = build_layers(shape, layers_per_shape(shape, device), device, generator)
         for m in m_values:
             xs = [planted_activations(m, shape.k, outliers, torch.float16, device, generator) for _ in layers]
             # the eager-only providers must equal classic too: the same kernels, launched or fed another way
-            matches = {p: matches_classic(layers[0][1], xs[0], p) for p in (*CANDIDATES, *EAGER_ONLY)}
+            matches = {p: attempt(p, lambda p=p: matches_classic(layers[0][1], xs[0], p), f"{shape.name} M={m}")
+                       for p in (*CANDIDATES, *EAGER_ONLY)}
             for mode in modes:
                 for provider in providers:
                     if mode == "graph" and provider in EAGER_ONLY:
                         continue
-                    timing = time_provider(provider, mode, layers, xs, device, reps)
+                    where = f"{shape.name} M={m} {mode}"
+                    timing = attempt(provider, lambda: time_provider(provider, mode, layers, xs, device, reps), where)
+                    if timing is None:  # failed here or before: a row that says so, with no time
+                        rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
+                                     "provider": provider, "median_us": None, "p20_us": None, "p80_us": None,
+                                     "matches_classic": None, "error": failed[provider]})
+                        continue
                     rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
                                  "provider": provider, "median_us": timing.median_s * 1e6,
                                  "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6,
                                  "matches_classic": matches.get(provider)})
                     print(f"{shape.name} M={m} {mode} {provider}: {format_time(rows[-1]['median_us'])}", flush=True)
             for provider, same in matches.items():
-                if not same:
+                if same is False:
                     print(f"{shape.name} M={m}: {provider.upper()} OUTPUT DIFFERS FROM CLASSIC", flush=True)
         del layers
         if device.type == "cuda":
@@ -191,17 +211,22 @@ def markdown(result: dict) -> str:
     cells = list(dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows))
     groups = {}
     for shape, m, mode in cells:
-        fp16, *times = (by_key.get((shape, m, mode, p)) for p in PROVIDERS)  # None: not timed in this mode
-        table.append([shape, str(m), mode, format_time(fp16), *(format_time(t) if t else "-" for t in times),
-                      *(format_speedup(fp16 / t) if t else "-" for t in times)])
+        # None: not timed in this mode, or failed
+        fp16, *times = (by_key.get((shape, m, mode, p)) for p in PROVIDERS)
+        table.append([shape, str(m), mode, format_time(fp16) if fp16 else "-",
+                      *(format_time(t) if t else "-" for t in times),
+                      *(format_speedup(fp16 / t) if t and fp16 else "-" for t in times)])
         model = shape.rsplit(" ", 1)[0]
-        groups.setdefault((model, m, mode), []).append([fp16 / t if t else None for t in times])
+        groups.setdefault((model, m, mode), []).append([fp16 / t if t and fp16 else None for t in times])
     lines += markdown_table(["layer", "M", "mode", "fp16", *int8, *(f"{name} vs fp16" for name in int8)], table)
     lines += ["", "Geometric mean of the speed-up over fp16 per model, M and mode:", ""]
     lines += markdown_table(["model", "M", "mode", *int8], [
         [model, str(m), mode, *(format_speedup(geomean(column)) if None not in column else "-"
                                  for column in zip(*speedups))]
         for (model, m, mode), speedups in groups.items()])
+    failures = dict.fromkeys((r["provider"], r["error"]) for r in rows if r.get("error"))
+    if failures:
+        lines += ["", "Failed (no times from the failure on):", ""] + [f"- {p}: {e}" for p, e in failures]
     return "\n".join(lines) + "\n"
 
 

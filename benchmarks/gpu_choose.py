@@ -43,7 +43,8 @@ def _speedups(rows, key_fields, time_field, provider_field, classic, candidate):
     """classic time / candidate time for every cell (rows sharing ``key_fields``) that has both."""
     cells = {}
     for row in rows:
-        cells.setdefault(tuple(row[f] for f in key_fields), {})[row[provider_field]] = row[time_field]
+        if row[time_field] is not None:  # None: that provider failed there (bench_decode.py's error rows)
+            cells.setdefault(tuple(row[f] for f in key_fields), {})[row[provider_field]] = row[time_field]
     return [cell[classic] / cell[candidate] for cell in cells.values() if classic in cell and candidate in cell]
 
 
@@ -54,6 +55,9 @@ def _decode_candidate(rows, baseline: str, candidate: str, value: str, what: str
         return None, "no decode_bench.json", None
     if not any(r["provider"] == candidate for r in rows):
         return None, f"{what}: no {candidate!r} rows", None
+    error = next((r["error"] for r in rows if r["provider"] == candidate and r.get("error")), None)
+    if error is not None:
+        return None, f"{what}: {candidate} failed ({error}): kept the default", None
     if any(r["provider"] == candidate and r.get("matches_classic") is not True for r in rows):
         return (None, f"{what}: {candidate} disagreed with classic (or was not compared) in some row: kept the "
                 "default", None)

@@ -302,6 +302,33 @@ def test_bench_decode_script(tmp_path):
     assert backends.decode_path() == "classic"  # the script restores the variable
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the dry run's plumbing; the GPU's run is test_bench_decode_script")
+def test_bench_decode_keeps_the_other_rows_when_a_candidate_fails(tmp_path, monkeypatch):
+    """A candidate that raises (say, a kernel that does not compile for this GPU) gets error rows, is not run
+    again, and the other providers are still timed; gpu_choose never picks it."""
+    script = load_benchmark("bench_decode")
+    compare = script.matches_classic
+
+    def single_fails(layer, x, provider):
+        if provider == "int8mm single":
+            raise RuntimeError("PassManager::run failed")
+        return compare(layer, x, provider)
+
+    monkeypatch.setattr(script, "matches_classic", single_fails)
+    script.main(["--dry-run", "--m", "1", "3", "--reps", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
+    failed = [r for r in rows if r.get("error")]
+    assert {r["provider"] for r in failed} == {"int8mm single"} and len(failed) == 2  # M = 1 and 3, eager
+    assert all(r["median_us"] is None and r["error"] == "tiny o_proj M=1: RuntimeError: PassManager::run failed"
+               for r in failed)
+    assert all(r["median_us"] > 0 for r in rows if r not in failed) and len(rows) > len(failed)
+    report = (tmp_path / "decode_bench.md").read_text()
+    assert "- int8mm single: tiny o_proj M=1: RuntimeError: PassManager::run failed" in report
+    chosen, reasons = load_benchmark("gpu_choose").choices(tmp_path)
+    assert "INT8MM_DECODE_PATH" not in chosen or chosen["INT8MM_DECODE_PATH"] != "single"
+    assert "int8mm single failed (tiny o_proj M=1: RuntimeError: PassManager::run failed)" in reasons[0]
+
+
 # ---- on a GPU: real concurrency, CUDA graphs, streams ----
 LLAMA_DECODE = [(1, 4096, 4096), (16, 4096, 6144), (1, 14336, 4096), (16, 28672, 512), (5, 8192, 1000)]
 
