@@ -208,6 +208,24 @@ def test_rotating_arguments_cycle_weight_copies_and_inputs(copies):
     assert len(storages) == copies and provider.weights[0].data_ptr() not in storages
 
 
+def test_bitsandbytes_rotates_through_fresh_layers():
+    """bitsandbytes' provider takes its layer as an argument, so that its back-to-back timing reads weights from
+    memory as the others' does: each copy is another layer, with its own int8 weight, computing the same y."""
+    from int8mm.bench.kernel_suite import _rotating_args
+    from int8mm.bench.providers import build_providers
+
+    pytest.importorskip("bitsandbytes")
+    weight = torch.randn(24, 64)
+    provider = next(p for p in build_providers(weight, 6.0, []).providers if p.name.startswith("bnb"))
+    x = torch.randn(2, 64)
+    rotating = _rotating_args(provider, [x], 3)
+    layers = [args[1] for args in rotating]
+    assert len({id(layer) for layer in layers}) == 3 and provider.weights[0] not in layers
+    assert len({layer.weight.data_ptr() for layer in layers}) == 3
+    expected = provider.fn(*provider.args(x))
+    assert all(torch.equal(provider.fn(*args), expected) for args in rotating)
+
+
 def test_config_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown model 'Llama-9'; choose from Llama-3-8B"):
         KernelSuiteConfig(models=("Llama-9",))

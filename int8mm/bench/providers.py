@@ -35,6 +35,7 @@ class Provider:
     prepare: Callable | None = None  # x -> fn's first argument; default: cast to input_dtype
     min_m: int = 0
     computes_linear: bool = True  # False: the output is not y (the GEMM-only row returns int32 sums)
+    copy_weights: Callable | None = None  # () -> a fresh tuple like ``weights``, where cloning tensors cannot make one
 
     def args(self, x: torch.Tensor) -> tuple:
         first = self.prepare(x) if self.prepare is not None else x.to(self.input_dtype)
@@ -42,7 +43,7 @@ class Provider:
 
     def weight_copy(self) -> tuple:
         """A copy of the weight tensors the provider is called with (distinct memory: not cached with the rest)."""
-        return tuple(w.clone() for w in self.weights)
+        return self.copy_weights() if self.copy_weights is not None else tuple(w.clone() for w in self.weights)
 
 
 @dataclass
@@ -102,8 +103,11 @@ def build_providers(weight: torch.Tensor, threshold: float, backends: list[Backe
         if layer is None:
             skipped.append(f"bnb Linear8bitLt: {why_not}")
         else:
-            providers.append(Provider(f"bnb Linear8bitLt t={threshold:g}", "int8", layer, (), int8_bytes,
-                                      activation_dtype, capturable=False))  # its outlier path syncs with the host
+            # the layer is an argument, so that back-to-back calls rotate through fresh layers as the other
+            # providers rotate through weight copies (one layer called again and again reads its weight from L2)
+            providers.append(Provider(f"bnb Linear8bitLt t={threshold:g}", "int8", _call_layer, (layer,),
+                                      int8_bytes, activation_dtype, capturable=False,  # its outliers sync the host
+                                      copy_weights=lambda: (_bnb_layer(weight, threshold)[0],)))
     if with_gemm_only:
         def quantized(x):
             return F8.quantize_activations(x.to(activation_dtype), threshold)[0]
@@ -113,6 +117,10 @@ def build_providers(weight: torch.Tensor, threshold: float, backends: list[Backe
                                   computes_linear=False))
     baseline = providers[0].name
     return ProviderSet(providers, baseline, skipped)
+
+
+def _call_layer(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    return layer(x)
 
 
 def _int_mm_nk(q_x: torch.Tensor, q_w: torch.Tensor) -> torch.Tensor:
