@@ -122,6 +122,9 @@ tests_and_choices() {
   INT8MM_AUTOTUNE=0 stage prefill_gemm_tests "${PREFILL_GEMM_TEST_TIMEOUT:-70}" python3 -m pytest -q \
     -p no:cacheprovider -k "not dry_run" tests/test_prefill_gemm.py
   [ -f "$WORK/cuda_tests.log" ] || cuda_tests  # model+first ran them already
+  # the guard bands around the Triton schedules' buffers: a candidate is chosen only if none writes out of bounds
+  INT8MM_AUTOTUNE=0 stage guard_tests "${GUARD_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
+    -k "not cuda and not cpu" tests/test_guard_bands.py
   # the candidates against the classic paths, side by side (each compares its outputs with classic); the prefill
   # ones from an earlier run if one is named
   stage decode_bench "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py --out "$WORK"
@@ -141,10 +144,11 @@ tests_and_choices() {
   : >"$WORK/choices.sh"
   # VARIABLE=VALUE:STAGE[+STAGE]: a winner is kept only if every stage named passed (split-K was measured with the
   # fused quantization, so it needs both)
-  gates="INT8MM_DECODE_PATH=fused:decode_tests INT8MM_DECODE_PATH=single:single_tests
-         INT8MM_DECODE_GEMM=splitk:decode_tests+splitk_tests INT8MM_PREFILL_QUANT=rowwise:quantize_tests
-         INT8MM_PREFILL_QUANT=resident:quantize_tests+resident_tests
-         INT8MM_PREFILL_GEMM=persistent:prefill_gemm_tests"
+  gates="INT8MM_DECODE_PATH=fused:decode_tests+guard_tests INT8MM_DECODE_PATH=single:single_tests+guard_tests
+         INT8MM_DECODE_GEMM=splitk:decode_tests+splitk_tests+guard_tests
+         INT8MM_PREFILL_QUANT=rowwise:quantize_tests+guard_tests
+         INT8MM_PREFILL_QUANT=resident:quantize_tests+resident_tests+guard_tests
+         INT8MM_PREFILL_GEMM=persistent:prefill_gemm_tests+guard_tests"
   while read -r _ assignment; do  # "export VARIABLE=VALUE"
     tests="" passed=1
     for gate in $gates; do [ "${gate%%:*}" = "$assignment" ] && tests=${gate##*:}; done
@@ -162,10 +166,12 @@ tests_and_choices() {
 }
 
 cuda_tests() {
-  # the CUDA backend's kernels, and the guard bands around every backend's buffers (out-of-bounds writes, which
-  # compute-sanitizer may not be allowed to check)
-  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-75}" python3 -m pytest -q -p no:cacheprovider \
-    -k "cuda or guard" tests/test_backend_kernels.py tests/test_guard_bands.py
+  # the CUDA backend alone, as its result gates AUTO's single rows: its kernels, the guard bands around its buffers
+  # (out-of-bounds writes, which compute-sanitizer may not be allowed to check), its calls compiled into CUDA graphs
+  # beside eager ones (the model benchmark's compiled batch-1 rows), and the reference the tests compare with
+  INT8MM_AUTOTUNE=0 stage cuda_tests "${CUDA_TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
+    -k "cuda and not triton and not cpu or on_the_gpu or empty_operands" tests/test_backend_kernels.py \
+    tests/test_guard_bands.py tests/test_scratch.py tests/test_reference.py
 }
 
 model_first() {  # what users get first: the CUDA library's tests gate AUTO's single rows, then the model benchmark

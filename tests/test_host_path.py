@@ -311,6 +311,7 @@ def test_gpu_auto_takes_the_graph_regime_inside_a_capture(monkeypatch):
     library eagerly and Triton inside a CUDA-graph capture, both within the contract's tolerance."""
     monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode", (Backend.CUDA, Backend.TRITON))
     monkeypatch.setitem(backends.AUTO_PREFERENCE, "decode_graph", (Backend.TRITON, Backend.CUDA))
+    monkeypatch.delenv(backends.BACKEND_ENV_VAR, raising=False)  # AUTO, whatever the GPU script exported
     backends.set_default_backend(None)
     layer = _layer(512, 256, backend=None).cuda()
     x = planted_outliers(4, 512, torch.float16, seed=3).cuda()
@@ -331,10 +332,11 @@ def test_gpu_auto_takes_the_graph_regime_inside_a_capture(monkeypatch):
 
 
 @requires_cuda
-def test_gpu_auto_takes_the_cuda_library_for_one_row():
+def test_gpu_auto_takes_the_cuda_library_for_one_row(monkeypatch):
     """With the shipped preferences, a layer on AUTO computes a single row with the CUDA library (where it is
     built) eagerly and inside a CUDA-graph capture, and two rows with Triton; all within the contract's
     tolerance."""
+    monkeypatch.delenv(backends.BACKEND_ENV_VAR, raising=False)  # AUTO, whatever the GPU script exported
     backends.set_default_backend(None)
     single = "cuda" if backends._cuda_library_serves(torch.cuda.current_device()) else "triton"
     layer = _layer(512, 256, backend=None).cuda()
