@@ -226,6 +226,39 @@ def test_bitsandbytes_rotates_through_fresh_layers():
     assert all(torch.equal(provider.fn(*args), expected) for args in rotating)
 
 
+def test_a_provider_that_raises_is_left_out_and_reported(monkeypatch):
+    """One provider failing (a kernel that does not run on this GPU, say) costs only its own rows: it is named with
+    where and why under the report's header, and the other providers are measured in every cell."""
+    from int8mm.bench import kernel_suite, providers
+    from int8mm.bench.report import header_lines
+
+    def with_a_broken_one(*args, **kwargs):
+        built = providers.build_providers(*args, **kwargs)
+        good = built.providers[1]
+
+        def breaks(x, *weights):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        built.providers.append(providers.Provider("int8mm broken", "int8", breaks, good.weights, good.weight_bytes,
+                                                  good.input_dtype, capturable=True))
+        return built
+
+    monkeypatch.setattr(kernel_suite, "build_providers", with_a_broken_one)
+    config = KernelSuiteConfig(models=("SmolLM2-135M",), roles=("o_proj", "qkv_proj"), m_values=(1, 2), bnb=False,
+                               gemm_only=False, rotations=1, warmup=0, reps=2, max_seconds=0.1, ceilings_quick=True)
+    result = run_kernel_suite(config, CPU, progress=False)
+    assert result.meta["failed"] == ["int8mm broken: SmolLM2-135M qkv_proj M=1: RuntimeError: CUDA error: an illegal "
+                                     "memory access was encountered"]
+    assert not [r for r in result.rows if r["provider"] == "int8mm broken"]
+    per_cell = {}
+    for r in result.rows:
+        per_cell.setdefault((r["shape"], r["m"]), set()).add(r["provider"])
+    assert len(per_cell) == 4  # every cell, each with all the other providers
+    assert all(names == per_cell[("SmolLM2-135M o_proj", 1)] for names in per_cell.values())
+    assert {"fp32 F.linear", "int8mm cpu"} <= per_cell[("SmolLM2-135M o_proj", 1)]
+    assert f"- FAILED, no rows from there on: {result.meta['failed'][0]}" in header_lines(result.meta)
+
+
 def test_config_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown model 'Llama-9'; choose from Llama-3-8B"):
         KernelSuiteConfig(models=("Llama-9",))

@@ -30,6 +30,7 @@ ERROR_ROWS = 128
 L2_OVERSUBSCRIPTION = 2
 MAX_WEIGHT_COPIES = 8
 DEFAULT_L2_BYTES = 50 * 1024**2
+ERROR_CHARS = 500  # of a provider's error, kept in the run's meta
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
             "ceilings": ceilings.to_dict(), "backends": [b.value for b in backends], "config": asdict(config)}
     row_meta = {key: run[key] for key in ("device", "date", "int8mm", "torch", "triton", "bitsandbytes")}
     rows, skipped = [], set()
+    failed: dict[str, str] = {}  # provider -> where and why it first raised: not run again
     activation_dtype = baseline_float_dtype(device)  # every provider's error is measured on these exact inputs
     cells = tqdm(total=len(shapes) * len(config.m_values), desc="kernel suite", unit="cell", disable=not progress)
     with torch.inference_mode():
@@ -113,7 +115,7 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
                 xs = [planted_activations(m, shape.k, config.outliers, activation_dtype, device, generator)
                       for _ in range(config.rotations)]
                 cell_rows = [dict(row_meta, **r) for r in _measure_cell(
-                    provider_set.providers, shape, m, xs, weight, config, device, ceilings)]
+                    provider_set.providers, shape, m, xs, weight, config, device, ceilings, failed)]
                 _add_speedups(cell_rows, provider_set.baseline)
                 rows += cell_rows
                 cells.update()
@@ -122,31 +124,49 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
                 torch.cuda.empty_cache()
     cells.close()
     meta["skipped"] = sorted(skipped)
+    meta["failed"] = [f"{name}: {why}" for name, why in failed.items()]
     return SuiteResult(meta, rows)
 
 
 def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: KernelSuiteConfig, device,
-                  ceilings: Ceilings) -> list[dict]:
+                  ceilings: Ceilings, failed: dict[str, str]) -> list[dict]:
     """Every provider's rows for one (shape, M): eager (CPU: side by side, taking turns; CUDA: back to back over
-    rotating weights), plus graph on CUDA where it can be captured."""
-    active = [p for p in providers if m >= p.min_m]
-    inputs = [[p.args(x) for x in xs] for p in active]
-    errors = [_error(p, args[0], xs[0], weight, m) for p, args in zip(active, inputs)]
+    rotating weights), plus graph on CUDA where it can be captured. A provider that raises is entered in
+    ``failed`` (where and why) and left out from then on: it costs no other provider's rows."""
+    def note_failure(provider, error):
+        failed[provider.name] = f"{shape.name} M={m}: {type(error).__name__}: {error}"[:ERROR_CHARS]
+
+    active, errors = [], []
+    for provider in (p for p in providers if m >= p.min_m and p.name not in failed):
+        try:
+            errors.append(_error(provider, provider.args(xs[0]), xs[0], weight, m))
+            active.append(provider)
+        except Exception as error:  # noqa: BLE001
+            note_failure(provider, error)
     if device.type != "cuda":
+        inputs = [[p.args(x) for x in xs] for p in active]
         eager = time_side_by_side(device, [(p.fn, args) for p, args in zip(active, inputs)], config.warmup,
                                   config.reps, config.max_seconds)
         return [_row(p, shape, m, "eager", timing, error, ceilings) for p, timing, error in zip(active, eager, errors)]
-    del inputs
     rows = []
-    rounds = max(MIN_SAMPLES, config.reps // 5)  # each round is at least 20 calls
     for provider, error in zip(active, errors):
-        # one provider's weight copies at a time (a lent GPU runs nothing else meanwhile)
-        rotating = _rotating_args(provider, xs, _weight_copies(provider.weight_bytes, device))
-        timing = time_cuda_back_to_back(provider.fn, rotating, rounds, warmup=config.warmup)
-        rows.append(_row(provider, shape, m, "eager", timing, error, ceilings))
-        if provider.capturable and m <= config.graph_max_m:  # the same calls, captured once and replayed
-            rows.append(_row(provider, shape, m, "graph", time_cuda_graph(provider.fn, rotating), error, ceilings))
-        del rotating
+        try:
+            rows += _cuda_rows(provider, shape, m, xs, error, config, device, ceilings)
+        except Exception as exc:  # noqa: BLE001
+            note_failure(provider, exc)
+    return rows
+
+
+def _cuda_rows(provider: Provider, shape, m: int, xs, error, config: KernelSuiteConfig, device,
+               ceilings: Ceilings) -> list[dict]:
+    """One provider's eager row and, where it can be captured, its graph row: one provider's weight copies at a time
+    (a lent GPU runs nothing else meanwhile)."""
+    rotating = _rotating_args(provider, xs, _weight_copies(provider.weight_bytes, device))
+    rounds = max(MIN_SAMPLES, config.reps // 5)  # each round is at least 20 calls
+    timing = time_cuda_back_to_back(provider.fn, rotating, rounds, warmup=config.warmup)
+    rows = [_row(provider, shape, m, "eager", timing, error, ceilings)]
+    if provider.capturable and m <= config.graph_max_m:  # the same calls, captured once and replayed
+        rows.append(_row(provider, shape, m, "graph", time_cuda_graph(provider.fn, rotating), error, ceilings))
     return rows
 
 

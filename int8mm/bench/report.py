@@ -66,14 +66,16 @@ def header_lines(meta: dict) -> list[str]:
     if meta.get("load_average_1m") is not None:
         lines.append(f"- host load average when the run started: {meta['load_average_1m']} (other work on a shared "
                      f"CPU slows host-clock timings)")
-    eager = ("'eager' rows time calls issued back to back from Python over rotating weights (the larger of host "
-             "and GPU time per call; bitsandbytes' layer has one weight, which may stay in L2)"
+    eager = ("'eager' rows time calls issued back to back from Python over rotating weights (bitsandbytes: rotating "
+             "layers; the larger of host and GPU time per call)"
              if meta.get("eager_timer") == "back-to-back" else "'eager' rows time calls from Python")
     lines += [f"- speed-up = {meta['baseline']} time / this time, in the same mode (> 1 is faster); {eager}; 'graph' "
               f"rows replay a CUDA graph over rotating weights; decode rows (M <= 16) report weight bytes/s against "
               f"the copy rate{_cached_note(c)}, prefill rows ops/s against the matmul ceiling of their arithmetic"]
     for note in meta.get("skipped", []):
         lines.append(f"- not measured: {note}")
+    for note in meta.get("failed", []):
+        lines.append(f"- FAILED, no rows from there on: {note}")
     return lines
 
 

@@ -68,12 +68,11 @@ def run(args) -> int:
     with contextlib.redirect_stdout(ReaderMayLeave(sys.stdout)) as stdout:
         if args.suite == "host":
             _run_host_suite(device, out)
-        if kernel_config is not None:
-            _run_kernel_suite(kernel_config, device, out)
-        failed_runs = _run_model_suite(model_config, device, out) if model_config is not None else 0
+        failed = _run_kernel_suite(kernel_config, device, out) if kernel_config is not None else 0
+        failed += _run_model_suite(model_config, device, out) if model_config is not None else 0
     if stdout.reader_left:
         raise BrokenPipeError  # every result is written: now stop as any command whose reader left (status 141)
-    return 1 if failed_runs else 0
+    return 1 if failed else 0
 
 
 class ReaderMayLeave:
@@ -101,7 +100,8 @@ class ReaderMayLeave:
         return getattr(self.stream, name)
 
 
-def _run_kernel_suite(config, device, out: Path) -> None:
+def _run_kernel_suite(config, device, out: Path) -> int:
+    """Runs and writes the kernel suite; returns how many providers failed (the header's FAILED lines)."""
     result = run_kernel_suite(config, device)
     say("\n".join(header_lines(result.meta)))
     for mode in dict.fromkeys(r["mode"] for r in result.rows):
@@ -113,6 +113,7 @@ def _run_kernel_suite(config, device, out: Path) -> None:
     say("\nwrote " + ", ".join(str(p) for key, p in paths.items() if key != "png_skipped"))
     if "png_skipped" in paths:
         say(f"no plot: {paths['png_skipped']}")
+    return len(result.meta["failed"])
 
 
 def _run_host_suite(device, out: Path) -> None:
