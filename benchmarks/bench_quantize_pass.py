@@ -25,6 +25,7 @@ SCHEMES = ("classic", "rowwise", "resident")  # int8mm.backends.triton_prefill_q
 # inputs rotate through at least this many bytes (several times an H100/H200 L2 of 50 MB)
 ROTATION_BYTES = 256 * 1024**2
 MAX_ROTATIONS = 32
+ERROR_CHARS = 500  # of a failed pass's first error, kept in its rows
 DRY_RUN_SHAPES = {"m": [17, 40], "k": [64, 300]}
 
 
@@ -61,8 +62,8 @@ def check_equal(outputs: dict[str, tuple], x: torch.Tensor, threshold: float, wi
     scheme that disagrees is named alone, so the others stay eligible (benchmarks/gpu_choose.py)."""
     from int8mm.backends.reference import quantize_activations_op
 
-    expected = quantize_activations_op(x, threshold) if with_reference else outputs["classic"]
-    return {scheme: _same(result, expected) for scheme, result in outputs.items()}
+    expected = quantize_activations_op(x, threshold) if with_reference else outputs.get("classic")
+    return {scheme: None if expected is None else _same(result, expected) for scheme, result in outputs.items()}
 
 
 def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
@@ -75,33 +76,53 @@ def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
     generator = make_generator(device, args.seed)
     spec = OutlierSpec(count=args.outliers)
     rows = []
+    failed = {}  # scheme -> its first error: not run again, so that one failing pass costs no other's rows
+
+    def attempt(scheme, call, where):
+        if scheme in failed:
+            return None
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001
+            failed[scheme] = f"{where}: {type(error).__name__}: {error}"[:ERROR_CHARS]
+            print(f"{scheme} FAILED ({failed[scheme]}): not run again", flush=True)
+            return None
+
     for m in args.m:
         for k in args.k:
+            where = f"M={m} K={k}"
             elem = torch.tensor([], dtype=dtype).element_size()
             x_bytes = m * k * elem
             xs = [planted_activations(m, k, spec, dtype, device, generator) for _ in range(rotations_for(x_bytes))]
-            calls = {"copy": lambda x: torch.empty_like(x).copy_(x)}
-            for scheme in SCHEMES:
-                calls[scheme] = lambda x, scheme=scheme: triton_backend.quantize_pass(x, args.threshold, scheme)
-            with torch.inference_mode():
-                equal = check_equal({s: calls[s](xs[0]) for s in SCHEMES}, xs[0], args.threshold,
-                                    with_reference=m * k <= 2**24)
-                inputs = [(x,) for x in xs]
+            calls = {scheme: lambda x, scheme=scheme: triton_backend.quantize_pass(x, args.threshold, scheme)
+                     for scheme in SCHEMES}
+            inputs = [(x,) for x in xs]
+
+            def timed(fn):
                 if device.type == "cuda":
-                    timings = {name: time_cuda_graph(fn, inputs, replays=args.replays) for name, fn in calls.items()}
-                else:
-                    timings = {name: time_cpu(fn, inputs, warmup=1, reps=2) for name, fn in calls.items()}
+                    return time_cuda_graph(fn, inputs, replays=args.replays)
+                return time_cpu(fn, inputs, warmup=1, reps=2)
+
+            with torch.inference_mode():
+                outputs = {s: attempt(s, lambda s=s: calls[s](xs[0]), where) for s in SCHEMES}
+                equal = check_equal({s: out for s, out in outputs.items() if out is not None}, xs[0], args.threshold,
+                                    with_reference=m * k <= 2**24)
+                timings = {"copy": timed(lambda x: torch.empty_like(x).copy_(x))}
+                timings.update({s: attempt(s, lambda s=s: timed(calls[s]), where) for s in SCHEMES})
             copy_rate = 2 * x_bytes / timings["copy"].median_s
             for name, timing in timings.items():
                 moved = 2 * x_bytes if name == "copy" else x_bytes + m * k  # x read once + int8 written
+                row = {"m": m, "k": k, "dtype": args.dtype, "provider": name, "bytes": moved, "rotations": len(xs)}
+                if timing is None:  # failed here or before: a row that says so
+                    rows.append(dict(row, us=None, p20_us=None, p80_us=None, bytes_per_s=None, fraction_of_copy=None,
+                                     equal=None, error=failed[name]))
+                    continue
                 rate = moved / timing.median_s
-                rows.append({"m": m, "k": k, "dtype": args.dtype, "provider": name, "us": timing.median_s * 1e6,
-                             "p20_us": timing.p20_s * 1e6, "p80_us": timing.p80_s * 1e6, "bytes": moved,
-                             "bytes_per_s": rate, "fraction_of_copy": rate / copy_rate, "rotations": len(xs),
-                             "equal": equal.get(name)})
-            del xs
+                rows.append(dict(row, us=timing.median_s * 1e6, p20_us=timing.p20_s * 1e6, p80_us=timing.p80_s * 1e6,
+                                 bytes_per_s=rate, fraction_of_copy=rate / copy_rate, equal=equal.get(name)))
+            del xs, inputs
             cells = [f"{r['provider']} {r['us']:.1f} us ({r['fraction_of_copy']:.2f} of copy)"
-                     for r in rows[-len(timings):]]
+                     if r["us"] is not None else f"{r['provider']} failed" for r in rows[-len(timings):]]
             differ = [name for name, same in equal.items() if not same]
             print(f"M={m} K={k}: " + ", ".join(cells) + (f"  OUTPUTS DIFFER: {', '.join(differ)}" if differ else ""),
                   flush=True)
@@ -133,13 +154,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         by_shape.setdefault((r["m"], r["k"]), {})[r["provider"]] = r
     for (m, k), cells in by_shape.items():
         line = [str(m), str(k), f"{cells['copy']['us']:.1f} us", format_rate(cells["copy"]["bytes_per_s"], "B/s")]
+        timed = {scheme: cells[scheme]["us"] is not None for scheme in SCHEMES}
         for scheme in SCHEMES:
             c = cells[scheme]
-            line += [f"{c['us']:.1f} us", format_rate(c["bytes_per_s"], "B/s"), f"{c['fraction_of_copy']:.2f}"]
-        line += [f"{cells['classic']['us'] / cells[scheme]['us']:.2f}x" for scheme in SCHEMES[1:]]
-        line.append(", ".join(f"{scheme} differs" for scheme in SCHEMES if not cells[scheme]["equal"]) or "all")
+            line += ([f"{c['us']:.1f} us", format_rate(c["bytes_per_s"], "B/s"), f"{c['fraction_of_copy']:.2f}"]
+                     if timed[scheme] else ["failed", "-", "-"])
+        line += [f"{cells['classic']['us'] / cells[scheme]['us']:.2f}x" if timed["classic"] and timed[scheme] else "-"
+                 for scheme in SCHEMES[1:]]
+        line.append(", ".join(f"{scheme} differs" for scheme in SCHEMES if cells[scheme]["equal"] is False)
+                    or "all that ran")
         body.append(line)
-    return "\n".join(lines + markdown_table(header, body)) + "\n"
+    failures = dict.fromkeys((r["provider"], r["error"]) for r in rows if r.get("error"))
+    notes = ["", "Failed (no times from the failure on):", ""] + [f"- {p}: {e}" for p, e in failures] if failures else []
+    return "\n".join(lines + markdown_table(header, body) + notes) + "\n"
 
 
 def main(argv=None) -> None:
@@ -172,6 +199,9 @@ def main(argv=None) -> None:
     differ = sorted({r["provider"] for r in rows if r["equal"] is False})
     if differ:
         raise SystemExit(f"{', '.join(differ)} gave outputs that differ from the reference or classic (see the table)")
+    failed = sorted({r["provider"] for r in rows if r.get("error")})
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed (see the table's notes)")
 
 
 if __name__ == "__main__":

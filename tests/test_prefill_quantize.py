@@ -322,6 +322,35 @@ def test_benchmark_names_the_scheme_that_differs(with_reference):
     assert got == {"classic": True, "rowwise": True, "resident": False}
 
 
+def test_benchmark_keeps_the_other_rows_when_a_pass_fails(tmp_path, monkeypatch):
+    """A pass that raises (say, a kernel that does not compile for this GPU) gets error rows and is not run again;
+    the copy and the other passes are still timed and checked, and gpu_choose never picks it."""
+    from int8mm.backends import triton as triton_backend
+
+    bench = load_benchmark("bench_quantize_pass")
+    quantize_pass = triton_backend.quantize_pass
+
+    def resident_fails(x, threshold, scheme):
+        if scheme == "resident":
+            raise RuntimeError("out of resource: shared memory")
+        return quantize_pass(x, threshold, scheme)
+
+    monkeypatch.setattr(triton_backend, "quantize_pass", resident_fails)
+    args = bench.build_parser().parse_args(["--dry-run", "--out", str(tmp_path), "--m", "17", "--k", "64", "300"])
+    args.replays = 2
+    rows = bench.measure(args, torch.device("cpu"))
+    failed = [r for r in rows if r.get("error")]
+    assert [r["provider"] for r in failed] == ["resident", "resident"]
+    assert failed[0]["error"] == "M=17 K=64: RuntimeError: out of resource: shared memory" == failed[1]["error"]
+    assert all(r["us"] > 0 for r in rows if r not in failed) and len(rows) == 8
+    assert all(r["equal"] is True for r in rows if r["provider"] in ("classic", "rowwise"))
+    meta = {"device": "cpu", "date": "-", "torch": "-", "triton": "-", "int8mm": "-", "dtype": "fp16", "outliers": 8,
+            "threshold": 6.0, "timer": "-"}
+    assert "- resident: M=17 K=64: RuntimeError: out of resource" in bench.markdown(meta, rows)
+    chosen, _ = load_benchmark("gpu_choose").choose_prefill_quant(rows)
+    assert chosen != "resident"
+
+
 def test_benchmark_dry_run(tmp_path):
     """benchmarks/bench_quantize_pass.py --dry-run: tiny shapes, CPU tensors through the interpreter; every scheme
     is timed and checked against the others, and the JSON and markdown land under --out."""
