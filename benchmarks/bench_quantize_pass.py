@@ -165,7 +165,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                     or "all that ran")
         body.append(line)
     failures = dict.fromkeys((r["provider"], r["error"]) for r in rows if r.get("error"))
-    notes = ["", "Failed (no times from the failure on):", ""] + [f"- {p}: {e}" for p, e in failures] if failures else []
+    notes = []
+    if failures:
+        notes = ["", "Failed (no times from the failure on):", ""] + [f"- {p}: {e}" for p, e in failures]
     return "\n".join(lines + markdown_table(header, body) + notes) + "\n"
 
 
