@@ -314,6 +314,26 @@ def test_removing_the_hooks_removes_the_recorded_config(tmp_path, token_ids):
     assert torch.equal(logits(again, token_ids), logits(model, token_ids))
 
 
+def test_a_deep_copy_keeps_its_own_config_record_and_pickling_says_what_to_do(token_ids):
+    """A deep copy's hooks record the copy's config: removing them makes the copy float and leaves the original
+    as it was (before, the copy kept its int8mm quantization_config). Pickling a hooked model whole cannot work
+    (accelerate's hooks are local functions): the error says what to save instead of naming a weakref."""
+    import io
+    import pickle
+
+    model = _llama(seed=3, layers=1)
+    attach_int8_hooks(model)
+    twin = copy.deepcopy(model)
+    assert torch.equal(logits(twin, token_ids), logits(model, token_ids))
+    remove_hook_from_submodules(twin)
+    assert getattr(twin.config, "quantization_config", None) is None
+    assert model.config.quantization_config.quant_method == "int8mm"
+    for save in (lambda: torch.save(model, io.BytesIO()), lambda: pickle.dumps(model)):
+        with pytest.raises(TypeError, match=r"cannot be pickled whole .* Save model\.state_dict\(\) or use "
+                                            r"save_pretrained\(\)"):
+            save()
+
+
 def test_dispatch_after_hooks_refused_the_other_way_round(tmp_path):
     model = _llama()
     dispatch_model(model, {"model": "disk", "lm_head": "cpu"}, offload_dir=tmp_path)

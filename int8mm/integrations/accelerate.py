@@ -12,6 +12,7 @@ layer is quantized before it is placed or offloaded, and what gets offloaded is 
 tensors are buffers, pass ``offload_buffers=True`` to offload them too (otherwise they stay on the execution
 device, and only the bias is offloaded).
 """
+import copy
 import functools
 import logging
 import weakref
@@ -229,6 +230,21 @@ class _Attachment:
         if self.count == 0 and recorded:
             del model_config.quantization_config
             self.removed = True
+
+    def __deepcopy__(self, memo):
+        # copy.deepcopy(model) copies the model before its hooks (it enters the copy in memo first): the copy's
+        # record must follow the copied model and its config, not the original's
+        copied = object.__new__(_Attachment)  # not copy.copy: it would ask __reduce_ex__, which refuses
+        copied.__dict__.update(self.__dict__)
+        model = self.model()
+        copied.model = weakref.ref(memo.get(id(model), model)) if model is not None else self.model
+        copied.recorded = copy.deepcopy(self.recorded, memo)
+        return copied
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a model with int8mm's accelerate hooks cannot be pickled whole (torch.save(model), "
+                        "pickle.dump): accelerate's hooks are local functions. Save model.state_dict() or use "
+                        "save_pretrained(), and attach the hooks again after loading")
 
 
 def _int8_hook_of(module: nn.Module) -> Int8Hook | None:
