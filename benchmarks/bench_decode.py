@@ -27,6 +27,7 @@ import int8mm
 from int8mm import backends
 from int8mm.backends import scratch, triton_launch, triton_splitk
 from int8mm.bench.environment import run_metadata
+from int8mm.bench.failures import Failures
 from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations, random_weight
 from int8mm.bench.report import format_speedup, format_time, geomean, markdown_table, write_json_and_markdown
 from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
@@ -58,7 +59,6 @@ SCHEDULES = {
 EAGER_ONLY = ("int8mm classic, JIT launches", "int8mm classic, fresh buffers")
 CANDIDATES = PROVIDERS[2:5]  # compared with classic, output for output
 THRESHOLD = 6.0
-ERROR_CHARS = 500  # of a failed provider's first error, kept in its rows
 # layers per shape: enough distinct weights that a timed round reads more than L2 holds (at least two)
 L2_MULTIPLE = 2
 MAX_LAYERS = 8
@@ -150,18 +150,8 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
     rows = result["rows"]
     with_cuda = backends.Backend.CUDA in backends.available_backends(device)
     providers = [p for p in PROVIDERS if p not in CUDA_PROVIDERS or with_cuda]
-    failed = {}  # provider -> its first error: not run again, so that one failing candidate costs no other's rows
-
-    def attempt(provider, call, where):
-        if provider in failed:
-            return None
-        try:
-            return call()
-        except Exception as error:  # noqa: BLE001
-            failed[provider] = f"{where}: {type(error).__name__}: {error}"[:ERROR_CHARS]
-            print(f"{provider} FAILED ({failed[provider]}): not run again", flush=True)
-            return None
-
+    failures = Failures()
+    attempt = failures.attempt
     for shape in shapes:
         layers = build_layers(shape, layers_per_shape(shape, device), device, generator)
         for m in m_values:
@@ -178,7 +168,7 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
                     if timing is None:  # failed here or before: a row that says so, with no time
                         rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
                                      "provider": provider, "median_us": None, "p20_us": None, "p80_us": None,
-                                     "matches_classic": None, "error": failed[provider]})
+                                     "matches_classic": None, "error": failures.errors[provider]})
                         continue
                     rows.append({**meta, "shape": shape.name, "k": shape.k, "n": shape.n, "m": m, "mode": mode,
                                  "provider": provider, "median_us": timing.median_s * 1e6,

@@ -25,7 +25,6 @@ SCHEMES = ("classic", "rowwise", "resident")  # int8mm.backends.triton_prefill_q
 # inputs rotate through at least this many bytes (several times an H100/H200 L2 of 50 MB)
 ROTATION_BYTES = 256 * 1024**2
 MAX_ROTATIONS = 32
-ERROR_CHARS = 500  # of a failed pass's first error, kept in its rows
 DRY_RUN_SHAPES = {"m": [17, 40], "k": [64, 300]}
 
 
@@ -69,6 +68,7 @@ def check_equal(outputs: dict[str, tuple], x: torch.Tensor, threshold: float, wi
 def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
     """Every (M, K) cell; ``checkpoint(rows)`` after each, so that a run stopped at a time limit keeps them."""
     from int8mm.backends import triton as triton_backend
+    from int8mm.bench.failures import Failures
     from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations
     from int8mm.bench.timing import time_cpu, time_cuda_graph
 
@@ -76,18 +76,8 @@ def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
     generator = make_generator(device, args.seed)
     spec = OutlierSpec(count=args.outliers)
     rows = []
-    failed = {}  # scheme -> its first error: not run again, so that one failing pass costs no other's rows
-
-    def attempt(scheme, call, where):
-        if scheme in failed:
-            return None
-        try:
-            return call()
-        except Exception as error:  # noqa: BLE001
-            failed[scheme] = f"{where}: {type(error).__name__}: {error}"[:ERROR_CHARS]
-            print(f"{scheme} FAILED ({failed[scheme]}): not run again", flush=True)
-            return None
-
+    failures = Failures()
+    attempt = failures.attempt
     for m in args.m:
         for k in args.k:
             where = f"M={m} K={k}"
@@ -115,7 +105,7 @@ def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
                 row = {"m": m, "k": k, "dtype": args.dtype, "provider": name, "bytes": moved, "rotations": len(xs)}
                 if timing is None:  # failed here or before: a row that says so
                     rows.append(dict(row, us=None, p20_us=None, p80_us=None, bytes_per_s=None, fraction_of_copy=None,
-                                     equal=None, error=failed[name]))
+                                     equal=None, error=failures.errors[name]))
                     continue
                 rate = moved / timing.median_s
                 rows.append(dict(row, us=timing.median_s * 1e6, p20_us=timing.p20_s * 1e6, p80_us=timing.p80_s * 1e6,

@@ -17,7 +17,8 @@ from int8mm.backends import registry
 
 from gpu import assert_graphs_and_streams_agree, replay_over, requires_cuda
 from helpers import (DEVICE, OpRecorder, assert_output_close, assert_same_output, load_benchmark, planted_outliers,
-                     random_weight, record_triton_launches, run_out_of_counters, set_decode_path, view_beyond_2_31)
+                     raising_for, random_weight, record_triton_launches, run_out_of_counters, set_decode_path,
+                     view_beyond_2_31)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 
@@ -307,14 +308,8 @@ def test_bench_decode_keeps_the_other_rows_when_a_candidate_fails(tmp_path, monk
     """A candidate that raises (say, a kernel that does not compile for this GPU) gets error rows, is not run
     again, and the other providers are still timed; gpu_choose never picks it."""
     script = load_benchmark("bench_decode")
-    compare = script.matches_classic
-
-    def single_fails(layer, x, provider):
-        if provider == "int8mm single":
-            raise RuntimeError("PassManager::run failed")
-        return compare(layer, x, provider)
-
-    monkeypatch.setattr(script, "matches_classic", single_fails)
+    monkeypatch.setattr(script, "matches_classic", raising_for(script.matches_classic, "int8mm single",
+                                                               RuntimeError("PassManager::run failed")))
     script.main(["--dry-run", "--m", "1", "3", "--reps", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
     failed = [r for r in rows if r.get("error")]

@@ -18,7 +18,8 @@ import torch
 import int8mm
 from int8mm.backends import refresh_from_environment, registry
 from int8mm.backends.reference import quantize_activations_op as reference_quantize
-from helpers import DEVICE, OpRecorder, load_benchmark, planted_outliers, random_weight, view_beyond_2_31
+from helpers import (DEVICE, OpRecorder, load_benchmark, planted_outliers, raising_for, random_weight,
+                     view_beyond_2_31)
 
 triton = pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 from int8mm.backends import triton_prefill_quant  # noqa: E402
@@ -328,14 +329,8 @@ def test_benchmark_keeps_the_other_rows_when_a_pass_fails(tmp_path, monkeypatch)
     from int8mm.backends import triton as triton_backend
 
     bench = load_benchmark("bench_quantize_pass")
-    quantize_pass = triton_backend.quantize_pass
-
-    def resident_fails(x, threshold, scheme):
-        if scheme == "resident":
-            raise RuntimeError("out of resource: shared memory")
-        return quantize_pass(x, threshold, scheme)
-
-    monkeypatch.setattr(triton_backend, "quantize_pass", resident_fails)
+    monkeypatch.setattr(triton_backend, "quantize_pass", raising_for(triton_backend.quantize_pass, "resident",
+                                                                     RuntimeError("out of resource: shared memory")))
     args = bench.build_parser().parse_args(["--dry-run", "--out", str(tmp_path), "--m", "17", "--k", "64", "300"])
     args.replays = 2
     rows = bench.measure(args, torch.device("cpu"))

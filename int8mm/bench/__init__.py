@@ -7,7 +7,8 @@
 - ``model_suite``: prefill latency, decode tokens/s and memory of a causal LM, float vs 8-bit.
 - ``checkpoint_eval``: perplexity, memory and speed of a local checkpoint, full precision vs int8mm.
 - ``environment`` (device, versions, date), ``memory``, ``breakdown`` (per-kernel time, CUDA), ``arguments``
-  (the command-line options the ``int8mm`` command and the scripts share).
+  (the command-line options the ``int8mm`` command and the scripts share), ``failures`` (a provider that raises
+  is skipped from then on and reported, at no cost to the others' rows).
 """
 from .inputs import OutlierSpec
 from .kernel_suite import KernelSuiteConfig, SuiteResult, default_config, run_kernel_suite

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .._constants import DEFAULT_THRESHOLD
 from .ceilings import Ceilings, baseline_float_dtype, measure_ceilings
 from .environment import run_metadata
+from .failures import Failures
 from .inputs import OutlierSpec, make_generator, planted_activations, random_weight
 from .providers import Provider, benchmark_backends, build_providers
 from .shapes import LAYER_SHAPES, M_VALUES, regime, select_shapes
@@ -30,7 +31,6 @@ ERROR_ROWS = 128
 L2_OVERSUBSCRIPTION = 2
 MAX_WEIGHT_COPIES = 8
 DEFAULT_L2_BYTES = 50 * 1024**2
-ERROR_CHARS = 500  # of a provider's error, kept in the run's meta
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
             "ceilings": ceilings.to_dict(), "backends": [b.value for b in backends], "config": asdict(config)}
     row_meta = {key: run[key] for key in ("device", "date", "int8mm", "torch", "triton", "bitsandbytes")}
     rows, skipped = [], set()
-    failed: dict[str, str] = {}  # provider -> where and why it first raised: not run again
+    failures = Failures(announce=False)  # the report's header names them
     activation_dtype = baseline_float_dtype(device)  # every provider's error is measured on these exact inputs
     cells = tqdm(total=len(shapes) * len(config.m_values), desc="kernel suite", unit="cell", disable=not progress)
     with torch.inference_mode():
@@ -115,7 +115,7 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
                 xs = [planted_activations(m, shape.k, config.outliers, activation_dtype, device, generator)
                       for _ in range(config.rotations)]
                 cell_rows = [dict(row_meta, **r) for r in _measure_cell(
-                    provider_set.providers, shape, m, xs, weight, config, device, ceilings, failed)]
+                    provider_set.providers, shape, m, xs, weight, config, device, ceilings, failures)]
                 _add_speedups(cell_rows, provider_set.baseline)
                 rows += cell_rows
                 cells.update()
@@ -124,25 +124,23 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
                 torch.cuda.empty_cache()
     cells.close()
     meta["skipped"] = sorted(skipped)
-    meta["failed"] = [f"{name}: {why}" for name, why in failed.items()]
+    meta["failed"] = [f"{name}: {why}" for name, why in failures.errors.items()]
     return SuiteResult(meta, rows)
 
 
 def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: KernelSuiteConfig, device,
-                  ceilings: Ceilings, failed: dict[str, str]) -> list[dict]:
+                  ceilings: Ceilings, failures: Failures) -> list[dict]:
     """Every provider's rows for one (shape, M): eager (CPU: side by side, taking turns; CUDA: back to back over
-    rotating weights), plus graph on CUDA where it can be captured. A provider that raises is entered in
-    ``failed`` (where and why) and left out from then on: it costs no other provider's rows."""
-    def note_failure(provider, error):
-        failed[provider.name] = f"{shape.name} M={m}: {type(error).__name__}: {error}"[:ERROR_CHARS]
-
+    rotating weights), plus graph on CUDA where it can be captured. A provider that raises is recorded in
+    ``failures`` and left out from then on: it costs no other provider's rows."""
+    where = f"{shape.name} M={m}"
     active, errors = [], []
-    for provider in (p for p in providers if m >= p.min_m and p.name not in failed):
+    for provider in (p for p in providers if m >= p.min_m and p.name not in failures.errors):
         try:
             errors.append(_error(provider, provider.args(xs[0]), xs[0], weight, m))
             active.append(provider)
         except Exception as error:  # noqa: BLE001
-            note_failure(provider, error)
+            failures.record(provider.name, where, error)
     if device.type != "cuda":
         inputs = [[p.args(x) for x in xs] for p in active]
         eager = time_side_by_side(device, [(p.fn, args) for p, args in zip(active, inputs)], config.warmup,
@@ -150,10 +148,8 @@ def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: 
         return [_row(p, shape, m, "eager", timing, error, ceilings) for p, timing, error in zip(active, eager, errors)]
     rows = []
     for provider, error in zip(active, errors):
-        try:
-            rows += _cuda_rows(provider, shape, m, xs, error, config, device, ceilings)
-        except Exception as exc:  # noqa: BLE001
-            note_failure(provider, exc)
+        rows += failures.attempt(provider.name, lambda: _cuda_rows(provider, shape, m, xs, error, config, device,
+                                                                   ceilings), where) or []
     return rows
 
 
