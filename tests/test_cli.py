@@ -439,6 +439,16 @@ def test_eval_refuses_a_skip_pattern_that_matches_no_module(capsys, tiny_checkpo
     assert "--skip 'lm_hed' matches no module of LlamaForCausalLM (give module names or dotted suffixes" in err
 
 
+def test_quantize_refuses_a_skip_pattern_that_matches_no_module(capsys, tiny_checkpoint, tmp_path):
+    # the typo replaced the default list: lm_head was quantized and saved so, after one UserWarning
+    code, out, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "int8", "--skip", "lm_haed")
+    assert code == 2 and out == "" and len(error_lines(err)) == 1, err
+    assert "--skip 'lm_haed' matches no module of LlamaForCausalLM (give module names or dotted suffixes" in err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "int8", "--skip", "lm_head", "up_proj")
+    assert code == 0, err
+
+
 def test_help_names_every_backend_and_the_cpu_baseline(capsys):
     _, out, _ = run_cli(capsys, "eval", "--help")
     assert "auto, reference, cpu, triton or cuda" in " ".join(out.split())

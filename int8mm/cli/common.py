@@ -9,6 +9,7 @@ import torch
 from ..backends import check_backend, resolve_backend
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..bench.environment import resolve_device
+from ..selection import unmatched_skip_patterns
 
 
 class CliError(Exception):
@@ -93,6 +94,17 @@ def checked_threshold(value: float) -> float:
     if not value >= 0:  # also refuses NaN
         raise CliError(f"--threshold must be >= 0 (0 disables outlier decomposition), got {value}")
     return value
+
+
+def checked_skip(patterns: list[str], model) -> tuple[str, ...]:
+    """``--skip`` as given, once each pattern is known to match a module of ``model``: a typo would otherwise keep
+    nothing in full precision, noticed (if at all) after the full-precision half of the work."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
+    unmatched = unmatched_skip_patterns(names, patterns)
+    if unmatched:
+        raise CliError(f"--skip {unmatched[0]!r} matches no module of {type(model).__name__} (give module names or "
+                       f"dotted suffixes of them, such as {names[-1]!r})")
+    return tuple(patterns)
 
 
 def load_model(path: Path, device: torch.device, dtype, *, causal_lm: bool, **from_pretrained_kwargs):

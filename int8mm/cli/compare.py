@@ -10,10 +10,9 @@ from ..backends import Backend
 from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
 from ..bench.environment import load_average
 from ..evaluate import token_ids
-from ..selection import unmatched_skip_patterns
 from . import model_files
-from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_threshold,
-                     device_from, load_model, say, warn)
+from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_skip,
+                     checked_threshold, device_from, load_model, say, warn)
 
 DEFAULT_WINDOW = 1024
 DEFAULT_SKIP = ("lm_head",)  # no error where a model names its head otherwise: there is nothing to skip then
@@ -94,22 +93,11 @@ def _check_generation_fits(model_path: Path, limit: int | None, tokenizer, promp
                        f"{max(limit - prompt_tokens + 1, 0)}")
 
 
-def _checked_skip(patterns: list[str], model) -> tuple[str, ...]:
-    """``--skip`` as given, once each pattern is known to match a module of ``model``: a typo would otherwise keep
-    nothing in full precision, noticed (if at all) after the full-precision half of the work."""
-    names = [name for name, _ in model.named_modules(remove_duplicate=False) if name]
-    unmatched = unmatched_skip_patterns(names, patterns)
-    if unmatched:
-        raise CliError(f"--skip {unmatched[0]!r} matches no module of {type(model).__name__} (give module names or "
-                       f"dotted suffixes of them, such as {names[-1]!r})")
-    return tuple(patterns)
-
-
 def run_comparison(args, checked: Checked, model_path: Path, text: str, what: str) -> int:
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
     model, tokenizer = load_model(model_path, device, default_dtype(device), causal_lm=True)
-    skip = DEFAULT_SKIP if args.skip is None else _checked_skip(args.skip, model)
+    skip = DEFAULT_SKIP if args.skip is None else checked_skip(args.skip, model)
     ids = token_ids(tokenizer, text, args.max_tokens)  # once: the header says how many are scored
     if len(ids) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")

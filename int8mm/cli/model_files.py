@@ -67,6 +67,24 @@ def model_class(path: Path, need_lm_head: bool):
     return cls
 
 
+def skeleton(path: Path):
+    """The model class config.json names, built on the meta device: its module names, no weight read.
+
+    Raises:
+        CliError: as ``model_class``, or a config.json transformers cannot read.
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    cls = model_class(path, need_lm_head=False)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"cannot read {str(path / 'config.json')!r}: {str(exc).strip().splitlines()[0]}") from None
+    with init_empty_weights():
+        return cls._from_config(config)
+
+
 def tokenizer(path: Path):
     """The tokenizer stored in ``path`` itself (never one found elsewhere, e.g. by the config's name).
 

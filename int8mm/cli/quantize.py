@@ -18,8 +18,8 @@ import torch
 
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
-from .common import CliError, checked_threshold, checkpoint_errors, load_model, model_dir, say
-from .model_files import check_full_precision
+from .common import CliError, checked_skip, checked_threshold, checkpoint_errors, load_model, model_dir, say
+from .model_files import check_full_precision, skeleton
 
 HELP = "write an 8-bit checkpoint (safetensors, bitsandbytes layout) of a local checkpoint"
 # files of the source checkpoint that hold weights: replaced by the 8-bit ones, never copied
@@ -79,6 +79,8 @@ def run(args) -> int:
     # absolute and normalised: "." or "x/.." have no name to build the hidden sibling from, nor one to rename to
     out = Path(os.path.abspath(Path(args.out_dir).expanduser()))
     threshold = checked_threshold(args.threshold)
+    if args.skip is not None:  # a typo would quantize the output head it meant to keep, and save that
+        checked_skip(args.skip, skeleton(source))
     try:
         apply_threads(args)
         # no --skip: the default rule (int8mm.selection), which keeps each model's own output heads
