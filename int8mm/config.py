@@ -114,10 +114,12 @@ class Int8MMConfig:
             writer.write(self.to_json_string())
 
     def update(self, **kwargs) -> dict[str, Any]:
-        """Set the fields named in ``kwargs`` (validated); returns the kwargs that name no field."""
+        """Set the fields named in ``kwargs``, all or none: every value is checked before any is set (a bad one
+        leaves the config as it was); returns the kwargs that name no field."""
         fields = {f.name for f in dataclasses.fields(self) if f.init}
-        for key in fields & kwargs.keys():
-            setattr(self, key, kwargs[key])
+        checked = {key: _CHECKS[key](kwargs[key]) for key in sorted(fields & kwargs.keys())}
+        for key, value in checked.items():
+            setattr(self, key, value)
         return {key: value for key, value in kwargs.items() if key not in fields}
 
     def __iter__(self):
