@@ -255,6 +255,21 @@ def test_config_round_trip_and_validation():
         Int8MMConfig.from_dict({**as_dict, "quant_method": "bitsandbytes"})
     copied = copy.deepcopy(config)
     assert copied == config and copied is not config
+    with pytest.raises(ValueError, match=r"backend"):  # all or nothing: the valid threshold is not set either
+        config.update(threshold=3.0, backend="bogus")
+    assert config.threshold == 2.5 and config.backend is None
+
+
+def test_infinite_threshold_round_trips_through_both_loaders(float_dir, tmp_path, token_ids):
+    """transformers writes a threshold of inf as {"__float__": "Infinity"} in config.json: load_in_8bit refused
+    that as "not a number" while from_pretrained read it."""
+    model = load_in_8bit(float_dir, threshold=float("inf"), progress=False)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["threshold"] == {
+        "__float__": "Infinity"}
+    for loaded in (load_in_8bit(tmp_path, progress=False), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert loaded.config.quantization_config.threshold == float("inf")
+        assert torch.equal(logits(loaded, token_ids), logits(model, token_ids))
 
 
 @pytest.fixture(scope="module")

@@ -61,13 +61,24 @@ def saved_quantization(config_dir: Path | None) -> dict:
         raise CheckpointError(f"{path}: 'quantization_config' says quant_method={method!r}"
                               f"{' (4-bit)' if config.get('load_in_4bit') else ''}; int8mm loads float checkpoints "
                               f"and 8-bit ones saved by int8mm or by bitsandbytes' LLM.int8()")
-    saved = {field: config[key] for field, key in keys.items() if config.get(key) is not None}
+    saved = {field: _json_float(config[key]) for field, key in keys.items() if config.get(key) is not None}
     try:  # the one check of these settings: Int8MMConfig's
         checked = Int8MMConfig(**saved)
     except (TypeError, ValueError) as exc:
         field = str(exc).split(" ", 1)[0]
         raise CheckpointError(f"{path}: 'quantization_config.{keys.get(field, field)}' is broken: {exc}") from None
     return {field: getattr(checked, field) for field in saved}
+
+
+# transformers writes the floats JSON has no literal for as {"__float__": "Infinity"} (a threshold of inf)
+_TAGGED_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _json_float(value):
+    """``value``, or the float transformers' config.json tag stands for."""
+    if isinstance(value, dict) and len(value) == 1 and value.get("__float__") in _TAGGED_FLOATS:
+        return _TAGGED_FLOATS[value["__float__"]]
+    return value
 
 
 def _transformers_factory(model_class, directory: Path, dtype):
