@@ -267,6 +267,39 @@ def test_quantize_failing_to_write_leaves_nothing(capsys, tiny_checkpoint, tmp_p
     assert list(tmp_path.iterdir()) == []  # no OUT_DIR, no partial directory
 
 
+def test_quantize_refused_or_terminated_leaves_no_directory(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    """A refused run removes the directories it made for OUT_DIR; SIGTERM (timeout, docker stop) cleans up as
+    Ctrl-C does, where it left a hidden partial directory behind."""
+    import os
+    import signal
+
+    from int8mm.cli import quantize
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bad / name).write_bytes((tiny_checkpoint / name).read_bytes()[:1000] if name.endswith("tensors") else
+                                 (tiny_checkpoint / name).read_bytes())
+    code, _, err = run_cli(capsys, "quantize", bad, tmp_path / "new" / "a" / "out")
+    assert code == 2 and "cannot load" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no new/a left behind
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(quantize, "_write", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "new" / "out")
+    assert code == 143 and "int8mm: terminated" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back after the command
+
+
+def test_quantize_writes_through_a_symlinked_out_dir(capsys, tiny_checkpoint, tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "link")
+    assert code == 0, err  # was "writing ... failed: Not a directory", after all the work
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "model.safetensors").is_file()
+
+
 # ---- the model class comes from config.json; what a command cannot do is one line and status 2 ----
 def _save_with_tokenizer(model, source, path):
     import shutil

@@ -42,6 +42,15 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (deepest first) where they are still empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (someone else wrote there) or gone: its parents stay too
+
+
 def _is_weight_file(path: Path) -> bool:
     return any(path.match(pattern) for pattern in WEIGHT_PATTERNS)
 
@@ -78,6 +87,8 @@ def run(args) -> int:
     check_full_precision(source, "MODEL_DIR", "quantize the full-precision checkpoint it was made from")
     # absolute and normalised: "." or "x/.." have no name to build the hidden sibling from, nor one to rename to
     out = Path(os.path.abspath(Path(args.out_dir).expanduser()))
+    if out.is_symlink():  # written through: the renames at the end work on the directory it names
+        out = out.resolve()
     threshold = checked_threshold(args.threshold)
     if args.skip is not None:  # a typo would quantize the output head it meant to keep, and save that
         checked_skip(args.skip, skeleton(source))
@@ -91,12 +102,15 @@ def run(args) -> int:
         raise CliError(f"OUT_DIR {args.out_dir!r} exists and is not an empty directory")
     # everything is written into a hidden sibling, renamed to OUT_DIR once complete: a failure (a full disk)
     # never leaves a directory that looks like a checkpoint; made now, so an unwritable place fails at once
+    made = [parent for parent in (out.parent, *out.parent.parents) if not parent.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
         partial.mkdir()  # an ordinary directory (the umask's mode), unlike a private mkdtemp one
     except OSError as exc:
+        _remove_empty(made)
         raise CliError(f"cannot write under {str(out.parent)!r}: {exc.strerror or exc}") from None
+    written = False
     try:
         # keep the checkpoint's dtype for what stays in float; the integration quantizes as it loads
         # the class config.json names: a BertModel is saved as a BertModel, with no head added
@@ -105,10 +119,13 @@ def run(args) -> int:
         if out.exists():
             out.rmdir()  # empty, checked above
         partial.rename(out)
+        written = True
     except (OSError, *checkpoint_errors()) as exc:  # a full disk surfaces as a SafetensorError
         raise CliError(f"writing {str(out)!r} failed: {exc}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already after the rename
+        if not written:  # refused, failed or interrupted: the directories made for OUT_DIR go too
+            _remove_empty(made)
     size = sum(p.stat().st_size for p in out.iterdir() if _is_weight_file(p))
     source_size = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and _is_weight_file(p))
     say(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}\nweights: {size / 2**20:.1f} MiB "
