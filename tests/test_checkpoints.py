@@ -162,14 +162,20 @@ def test_non_finite_weight_names_the_key_and_leaves_no_files(bad_dir, tmp_path, 
                         lambda self, tensor, name: (written.append(name), offload(self, tensor, name)))
     tensors["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
     _rewrite(path, tensors)
-    folder = tmp_path / "offload"
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: 'model\.layers\.1\.self_attn\.v_proj\.weight' "
-                                              r"holds 1 non-finite"):
-        load_in_8bit(path, device_map=device_map, offload_folder=folder, progress=False)
-    # tensors went to disk before layer 1 failed; nothing of the half-done load stays behind
-    assert len(written) > 3 and folder.is_dir() and not any(folder.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for folder in (tmp_path / "offload" / "sub", mine):
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: 'model\.layers\.1\.self_attn\.v_proj\."
+                                                  r"weight' holds 1 non-finite"):
+            load_in_8bit(path, device_map=device_map, offload_folder=folder, progress=False)
+    # tensors went to disk before layer 1 failed; nothing of the half-done load stays behind, not even the
+    # directories it made, and what was there before stays
+    assert len(written) > 6 and sorted(p.name for p in tmp_path.iterdir()) == before  # no offload/sub
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_bad_8bit_tensors(float_dir, tmp_path):

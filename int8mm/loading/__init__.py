@@ -137,8 +137,7 @@ def load_in_8bit(
             dispatch_model(model, device_map=accelerate_map(device_map), offload_dir=offload_folder,
                            offload_index=out.offload_index or None, offload_buffers=True)
     except BaseException:
-        for path in out.written:  # nothing half-written stays behind either
-            path.unlink(missing_ok=True)
+        out.remove_written()  # nothing half-written stays behind either
         raise
     if DISK in device_map.values():
         claim_offload_folder(offload_folder, model, identity)

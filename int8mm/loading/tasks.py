@@ -27,6 +27,7 @@ class Destination:
     offload_folder: Any = None
     offload_index: dict = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
+    made: list[Path] = field(default_factory=list)  # directories made for offload_folder, deepest first
 
     def store(self, device, name: str, value: torch.Tensor, owners: list[tuple[nn.Module, str]]) -> None:
         """Put ``value`` (the tensor called ``name`` in the state dict) on each ``(module, attribute)``, or on
@@ -37,11 +38,25 @@ class Destination:
         for owner, attr in owners:
             setattr(owner, attr, value)
 
+    def remove_written(self) -> None:
+        """Remove the files written, then the directories made for them where empty: a failed load leaves the
+        disk as it found it."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        for directory in self.made:
+            try:
+                directory.rmdir()
+            except OSError:
+                return  # not empty: someone else's files, which stay with its parents
+
     def _offload(self, tensor: torch.Tensor, name: str) -> None:
         from accelerate.utils import offload_weight
 
-        os.makedirs(self.offload_folder, exist_ok=True)
-        path = Path(self.offload_folder) / f"{name}.dat"
+        folder = Path(self.offload_folder)
+        if not folder.exists():
+            self.made = [d for d in (folder, *folder.parents) if not d.exists()]
+            os.makedirs(folder, exist_ok=True)
+        path = folder / f"{name}.dat"
         if not path.exists():  # a file that was there (same bytes, see offload_folders) stays on failure
             self.written.append(path)
         offload_weight(tensor, name, str(self.offload_folder), index=self.offload_index)
