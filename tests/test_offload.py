@@ -94,6 +94,18 @@ def test_load_in_8bit_auto_map_respects_max_memory(llama_dir, in_memory, tmp_pat
     assert model_bytes(model) <= max_memory["cpu"] + _largest_block(model)
 
 
+@pytest.mark.parametrize("device_map", [{"": "cpu", "model.layers.1": "disk"},
+                                        {"model": "cpu", "model.layers.0": "disk", "lm_head": "cpu"}])
+def test_load_in_8bit_nested_dict_map(llama_dir, in_memory, tmp_path, device_map):
+    """A key inside another places its module by the longest key; accelerate failed on such maps ("weight is on
+    the meta device") after the whole checkpoint had streamed."""
+    model = load_in_8bit(llama_dir, device_map=device_map, offload_folder=tmp_path, progress=False)
+    disk = next(key for key, device in device_map.items() if device == "disk")
+    assert model.hf_device_map[disk] == "disk" and "" not in model.hf_device_map
+    assert _disk_int8_weights_are_int8(tmp_path, model, model.hf_device_map) > 0
+    assert torch.equal(logits(model, tiny_token_ids()), in_memory)
+
+
 def test_offloaded_model_saves_and_reloads_in_8bit(llama_dir, in_memory, tmp_path):
     device_map = _block_map(model__layers__2="disk")
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=Int8MMConfig(), device_map=device_map,

@@ -134,7 +134,7 @@ def load_in_8bit(
         if len(set(device_map.values())) > 1 or DISK in device_map.values():
             from accelerate import dispatch_model
 
-            dispatch_model(model, device_map=accelerate_map(device_map), offload_dir=offload_folder,
+            dispatch_model(model, device_map=accelerate_map(device_map, model), offload_dir=offload_folder,
                            offload_index=out.offload_index or None, offload_buffers=True)
     except BaseException:
         out.remove_written()  # nothing half-written stays behind either

@@ -119,9 +119,31 @@ def names_on(device_map: dict, device) -> str:
     return ", ".join(repr(k) for k, v in device_map.items() if v == device)
 
 
-def accelerate_map(device_map: dict) -> dict:
-    # accelerate recognises "cpu" and "disk" by string comparison
-    return {k: v if v == DISK else ("cpu" if v.type == "cpu" else str(v)) for k, v in device_map.items()}
+def accelerate_map(device_map: dict, model: nn.Module) -> dict:
+    """``device_map`` as accelerate's ``dispatch_model`` takes it: devices as strings (it recognises "cpu" and
+    "disk" by comparison), and no key inside another. A nested map (``{"": "cpu", "model.layers.0": "disk"}``)
+    places each module by its longest key, but accelerate then fails, after the whole load, with "weight is on the
+    meta device": an outer key is replaced by the children it alone places (and its own tensors, by name)."""
+    def name(module_name, child):
+        return f"{module_name}.{child}" if module_name else child
+
+    flat = {}
+
+    def place(module_name: str, module: nn.Module, device) -> None:
+        device = device_map.get(module_name, device)
+        inner = [k for k in device_map if k != module_name and (not module_name or k.startswith(module_name + "."))]
+        if not inner:
+            if device is not None:
+                flat[module_name] = device
+            return
+        for attr, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+            if device is not None and tensor is not None:
+                flat[name(module_name, attr)] = device
+        for child_name, child in module.named_children():
+            place(name(module_name, child_name), child, device)
+
+    place("", model, None)
+    return {k: v if v == DISK else ("cpu" if v.type == "cpu" else str(v)) for k, v in flat.items()}
 
 
 def place_leftover_buffers(model: nn.Module, device_map: dict) -> None:
