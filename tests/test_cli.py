@@ -466,6 +466,21 @@ def test_quantize_into_the_current_directory(capsys, tiny_checkpoint, tmp_path, 
     assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.parent.glob(f".{tmp_path.name}.partial*"))
 
 
+def test_busy_host_warning_suggests_one_thread_only_to_runs_with_more(capsys, monkeypatch):
+    from int8mm.cli import compare
+
+    monkeypatch.setattr(compare, "load_average", lambda: 99.0)
+    threads = torch.get_num_threads()
+    try:
+        for count, advised in ((2, True), (1, False)):
+            torch.set_num_threads(count)
+            compare._warn_if_busy(torch.device("cpu"))
+            err = capsys.readouterr().err
+            assert "the host is busy (load average 99.0" in err and ("--threads 1 steadies them" in err) == advised
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_eval_refuses_a_skip_pattern_that_matches_no_module(capsys, tiny_checkpoint, text_file):
     code, out, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file, "--skip", "lm_head", "lm_hed")
     assert code == 2 and out == "" and len(error_lines(err)) == 1, err  # the typo kept nothing in full precision

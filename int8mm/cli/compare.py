@@ -64,8 +64,8 @@ def _warn_if_busy(device: torch.device) -> None:
     load = load_average()
     cores = os.cpu_count() or 1
     if device.type == "cpu" and load is not None and load >= max(1.0, cores / 2):
-        warn(f"the host is busy (load average {load} on {cores} cores): speed figures will be unreliable; "
-             f"--threads 1 steadies them")
+        advice = "; --threads 1 steadies them" if torch.get_num_threads() > 1 else ""
+        warn(f"the host is busy (load average {load} on {cores} cores): speed figures will be unreliable{advice}")
 
 
 def _window_for(model_path: Path, window: int, limit: int | None) -> int:
