@@ -235,6 +235,18 @@ def test_device_map_naming_a_missing_device(float_dir, tmp_path):
         load_in_8bit(float_dir, device_map=1.5, progress=False)
 
 
+def test_dtype_by_name_and_max_memory_only_with_a_planned_map(float_dir, token_ids):
+    by_name = load_in_8bit(float_dir, dtype="bfloat16", progress=False)  # as transformers takes it
+    assert by_name.model.norm.weight.dtype == torch.bfloat16
+    assert torch.equal(logits(by_name, token_ids), logits(load_in_8bit(float_dir, dtype=torch.bfloat16,
+                                                                       progress=False), token_ids))
+    with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype \(or its name\) or None, got 'int8'"):
+        load_in_8bit(float_dir, dtype="int8")
+    # it was ignored without a word
+    with pytest.raises(ValueError, match=r"max_memory is for device_map='auto', .* got device_map='cpu'"):
+        load_in_8bit(float_dir, device_map="cpu", max_memory={"cpu": 10_000}, progress=False)
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a directory holding config.json"):
         load_in_8bit(tmp_path / "nowhere")

@@ -21,7 +21,8 @@ from ..backends import Backend
 from ..config import Int8MMConfig, resolve_config
 from ..model import record_config
 from ..selection import matches_skip
-from .device_map import DISK, accelerate_map, names_on, place_leftover_buffers, normalize_device_map
+from .device_map import (AUTO_DEVICE_MAPS, DISK, accelerate_map, names_on, normalize_device_map,
+                         place_leftover_buffers)
 from .errors import CheckpointError
 from .linear_swap import replace_linears_on_meta
 from .model_source import resolve_source, saved_quantization
@@ -79,9 +80,10 @@ def load_in_8bit(
             are shortcuts that override its fields.
         filter_fn: ``filter_fn(module, name) -> bool``; False keeps a layer in full precision.
         backend: backend of every Int8Linear (None: the default at call time).
-        dtype: dtype of the tensors kept in floating point (None: the dtype in config.json, else float32).
+        dtype: dtype of the tensors kept in floating point, or its name (``"float16"``); None: the dtype in
+            config.json, else float32.
         offload_folder: where ``"disk"`` modules are written (needed when the device map names the disk).
-        max_memory: passed to accelerate for the ``"auto"``-style device maps.
+        max_memory: passed to accelerate for the ``"auto"``-style device maps (refused with any other).
         progress: show a tqdm progress bar over shards and layers.
     Returns:
         The model, in eval mode. A transformers model also gets ``config.quantization_config``, so
@@ -89,15 +91,21 @@ def load_in_8bit(
     Raises:
         TypeError: a wrongly typed argument (threshold, skip_modules, device_map, ...).
         ValueError: a device that this machine lacks, a device map that misses a module, ``"disk"`` without
-            ``offload_folder``.
+            ``offload_folder``, ``max_memory`` with a map that is not planned.
         CheckpointError: the checkpoint does not match the model (missing, unexpected, mismatched or wrongly
             typed tensors, truncated or unreadable files); the message names the key and the file.
         FileNotFoundError: no checkpoint where one was named.
     """
     resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
                    backend=backend)  # every setting checked before anything is read
+    given = dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)  # "float16", as transformers takes it
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        raise TypeError(f"dtype must be a floating torch.dtype (or its name) or None, got {given!r}")
+    if max_memory is not None and not (isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS):
+        raise ValueError(f"max_memory is for device_map='auto', 'balanced', 'balanced_low_0' or 'sequential' (the "
+                         f"maps planned to fit it), got device_map={device_map!r}")
     factory, files, config_dir = resolve_source(model_dir_or_class_and_checkpoint, dtype)
     headers = read_headers(files)
     saved = saved_quantization(config_dir)

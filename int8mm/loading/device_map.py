@@ -5,7 +5,7 @@ from torch import nn
 from ..devices import default_device
 
 DISK = "disk"
-_AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+AUTO_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def normalize_device_map(device_map, model: nn.Module | None = None, max_memory: dict | None = None) -> dict:
@@ -26,7 +26,7 @@ def normalize_device_map(device_map, model: nn.Module | None = None, max_memory:
     """
     if device_map is None:
         return {"": default_device()}
-    if isinstance(device_map, str) and device_map in _AUTO_MAPS:
+    if isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS:
         if model is None:
             raise ValueError(f"device_map={device_map!r} needs the model to plan for")
         from accelerate.utils import get_balanced_memory, infer_auto_device_map
