@@ -113,7 +113,7 @@ def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
             del xs, inputs
             cells = [f"{r['provider']} {r['us']:.1f} us ({r['fraction_of_copy']:.2f} of copy)"
                      if r["us"] is not None else f"{r['provider']} failed" for r in rows[-len(timings):]]
-            differ = [name for name, same in equal.items() if not same]
+            differ = [name for name, same in equal.items() if same is False]  # None: not compared
             print(f"M={m} K={k}: " + ", ".join(cells) + (f"  OUTPUTS DIFFER: {', '.join(differ)}" if differ else ""),
                   flush=True)
             if checkpoint is not None:

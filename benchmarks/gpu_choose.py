@@ -103,6 +103,10 @@ def choose_prefill_quant(rows):
     for scheme in ("rowwise", "resident"):
         if not any(r["provider"] == scheme for r in rows):
             continue
+        error = next((r["error"] for r in rows if r["provider"] == scheme and r.get("error")), None)
+        if error is not None:
+            reasons.append(f"{scheme} failed ({error})")
+            continue
         if any(r["provider"] == scheme and r["equal"] is not True for r in rows):
             reasons.append(f"{scheme} disagreed with classic in some row")
             continue

@@ -27,7 +27,8 @@
 #               still gated by this run's tests; the decode candidates and the quantization passes are measured
 #               anyway (cheaper, and changed more often; QUANT_BENCH_ARGS, e.g. "--m 2048", narrows the latter).
 #   PLAN=all    both, one after the other (over 10 minutes: for a machine without the per-call limit).
-#   SKIP_STAGES="NAME ..." (any plan): stages to leave out (a skipped test stage gates its candidate off).
+#   SKIP_STAGES="NAME ..." (any plan): stages to leave out (a skipped test stage gates its candidates off;
+#               guard_tests gates them all).
 # Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
 # kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh (timeout_s 600).
 #
@@ -95,7 +96,7 @@ first() {  # the tests and the choices, then the per-layer benchmark
 tests_and_choices() {
   # Tests use fixed Triton schedules (autotuning every ragged test shape costs minutes); benchmarks autotune.
   # New code paths first: the eager direct launch, opcheck on CUDA tensors, the CUDA backend's packed call,
-  # the tiled backward; then each candidate's own tests, whose result gates that candidate alone.
+  # the tiled backward; then each candidate's own tests, whose result gates that candidate (with the guard bands).
   # (their CPU-sized cases run in CI; of all 128, 17 ran in the 55 s this stage had on the H200, 2026-11-30)
   INT8MM_AUTOTUNE=0 stage new_paths "${NEW_PATHS_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
     -k "not test_model_sized_shapes_match_reference and not without_a_gpu and (gpu or graph or compile or syncs \
@@ -122,7 +123,8 @@ tests_and_choices() {
   INT8MM_AUTOTUNE=0 stage prefill_gemm_tests "${PREFILL_GEMM_TEST_TIMEOUT:-70}" python3 -m pytest -q \
     -p no:cacheprovider -k "not dry_run" tests/test_prefill_gemm.py
   [ -f "$WORK/cuda_tests.log" ] || cuda_tests  # model+first ran them already
-  # the guard bands around the Triton schedules' buffers: a candidate is chosen only if none writes out of bounds
+  # the guard bands around the Triton schedules' buffers, every candidate's included: one stage, which gates every
+  # candidate (a schedule writing out of bounds keeps all the defaults; its test names it)
   INT8MM_AUTOTUNE=0 stage guard_tests "${GUARD_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
     -k "not cuda and not cpu" tests/test_guard_bands.py
   # the candidates against the classic paths, side by side (each compares its outputs with classic); the prefill
@@ -238,11 +240,12 @@ if ! grep -q "^rc=0$" "$WORK/launch_tests.log"; then
 fi
 
 # Then the decode buffers kept from call to call (the default; int8mm/backends/scratch.py): two threads issuing on
-# one stream (Triton and CUDA backends), and a layer compiled with CUDA graphs (mode="reduce-overhead"; Triton,
-# classic and fused+split-K) beside eager calls (the graph and stream tests of decode_tests run with them too).
+# one stream, and a layer compiled with CUDA graphs (mode="reduce-overhead"; classic and fused+split-K) beside eager
+# calls, on Triton (the graph and stream tests of decode_tests run with them too; the CUDA library's run in
+# cuda_tests, so that its failure does not turn kept buffers off for Triton).
 # If this fails, every later stage allocates per call, and device.txt says so.
 INT8MM_AUTOTUNE=0 stage keep_tests "${KEEP_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
-  -k "gpu and (threads or triton) or inference_mode" tests/test_scratch.py
+  -k "gpu and triton or inference_mode" tests/test_scratch.py
 if ! grep -q "^rc=0$" "$WORK/keep_tests.log"; then
   export INT8MM_KEEP_BUFFERS=0
   echo "keep_tests did not pass: every later stage allocates its decode buffers per call (INT8MM_KEEP_BUFFERS=0)" \

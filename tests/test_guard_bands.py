@@ -113,6 +113,7 @@ SCHEDULES = [
     ("triton", {}),
     ("triton", {"INT8MM_DECODE_PATH": "fused"}),
     ("triton", {"INT8MM_DECODE_PATH": "fused", "INT8MM_DECODE_GEMM": "splitk"}),
+    ("triton", {"INT8MM_DECODE_PATH": "single"}),
     ("triton", {"INT8MM_DECODE_GEMM": "splitk"}),
     ("triton", {"INT8MM_PREFILL_QUANT": "rowwise"}),
     ("triton", {"INT8MM_PREFILL_QUANT": "resident"}),
