@@ -308,9 +308,10 @@ def test_bench_decode_keeps_the_other_rows_when_a_candidate_fails(tmp_path, monk
     """A candidate that raises (say, a kernel that does not compile for this GPU) gets error rows, is not run
     again, and the other providers are still timed; gpu_choose never picks it."""
     script = load_benchmark("bench_decode")
-    monkeypatch.setattr(script, "matches_classic", raising_for(script.matches_classic, "int8mm single",
-                                                               RuntimeError("PassManager::run failed")))
-    script.main(["--dry-run", "--m", "1", "3", "--reps", "1", "--out", str(tmp_path)])
+    monkeypatch.setattr(script, "output_of", raising_for(script.output_of, "int8mm single",
+                                                         RuntimeError("PassManager::run failed")))
+    with pytest.raises(SystemExit, match=r"int8mm single failed"):  # after writing its files
+        script.main(["--dry-run", "--m", "1", "3", "--reps", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
     failed = [r for r in rows if r.get("error")]
     assert {r["provider"] for r in failed} == {"int8mm single"} and len(failed) == 2  # M = 1 and 3, eager
