@@ -241,15 +241,17 @@ def test_a_provider_that_raises_is_left_out_and_reported(monkeypatch):
 
         built.providers.append(providers.Provider("int8mm broken", "int8", breaks, good.weights, good.weight_bytes,
                                                   good.input_dtype, capturable=True))
+        built.providers.append(providers.Provider("GEMM broken", "int8", breaks, good.weights, good.weight_bytes,
+                                                  good.input_dtype, capturable=True, computes_linear=False))
         return built
 
     monkeypatch.setattr(kernel_suite, "build_providers", with_a_broken_one)
     config = KernelSuiteConfig(models=("SmolLM2-135M",), roles=("o_proj", "qkv_proj"), m_values=(1, 2), bnb=False,
                                gemm_only=False, rotations=1, warmup=0, reps=2, max_seconds=0.1, ceilings_quick=True)
     result = run_kernel_suite(config, CPU, progress=False)
-    assert result.meta["failed"] == ["int8mm broken: SmolLM2-135M qkv_proj M=1: RuntimeError: CUDA error: an illegal "
-                                     "memory access was encountered"]
-    assert not [r for r in result.rows if r["provider"] == "int8mm broken"]
+    assert result.meta["failed"] == [f"{name}: SmolLM2-135M qkv_proj M=1: RuntimeError: CUDA error: an illegal "
+                                     "memory access was encountered" for name in ("int8mm broken", "GEMM broken")]
+    assert not [r for r in result.rows if r["provider"].endswith("broken")]
     per_cell = {}
     for r in result.rows:
         per_cell.setdefault((r["shape"], r["m"]), set()).add(r["provider"])

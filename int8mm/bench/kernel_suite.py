@@ -131,13 +131,17 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
 def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: KernelSuiteConfig, device,
                   ceilings: Ceilings, failures: Failures) -> list[dict]:
     """Every provider's rows for one (shape, M): eager (CPU: side by side, taking turns; CUDA: back to back over
-    rotating weights), plus graph on CUDA where it can be captured. A provider that raises is recorded in
-    ``failures`` and left out from then on: it costs no other provider's rows."""
+    rotating weights), plus graph on CUDA where it can be captured. A provider that raises (called once first,
+    timed, or captured) is recorded in ``failures`` and left out from then on: it costs no other provider's
+    rows, and a graph capture that fails costs none of its eager rows."""
     where = f"{shape.name} M={m}"
     active, errors = [], []
     for provider in (p for p in providers if m >= p.min_m and p.name not in failures.errors):
         try:
-            errors.append(_error(provider, provider.args(xs[0]), xs[0], weight, m))
+            args = provider.args(xs[0])
+            if not provider.computes_linear:
+                provider.fn(*args)  # _error does not call it: a failure shows here rather than in the timing
+            errors.append(_error(provider, args, xs[0], weight, m))
             active.append(provider)
         except Exception as error:  # noqa: BLE001
             failures.record(provider.name, where, error)
@@ -147,22 +151,20 @@ def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: 
                                   config.reps, config.max_seconds)
         return [_row(p, shape, m, "eager", timing, error, ceilings) for p, timing, error in zip(active, eager, errors)]
     rows = []
-    for provider, error in zip(active, errors):
-        rows += failures.attempt(provider.name, lambda: _cuda_rows(provider, shape, m, xs, error, config, device,
-                                                                   ceilings), where) or []
-    return rows
-
-
-def _cuda_rows(provider: Provider, shape, m: int, xs, error, config: KernelSuiteConfig, device,
-               ceilings: Ceilings) -> list[dict]:
-    """One provider's eager row and, where it can be captured, its graph row: one provider's weight copies at a time
-    (a lent GPU runs nothing else meanwhile)."""
-    rotating = _rotating_args(provider, xs, _weight_copies(provider.weight_bytes, device))
     rounds = max(MIN_SAMPLES, config.reps // 5)  # each round is at least 20 calls
-    timing = time_cuda_back_to_back(provider.fn, rotating, rounds, warmup=config.warmup)
-    rows = [_row(provider, shape, m, "eager", timing, error, ceilings)]
-    if provider.capturable and m <= config.graph_max_m:  # the same calls, captured once and replayed
-        rows.append(_row(provider, shape, m, "graph", time_cuda_graph(provider.fn, rotating), error, ceilings))
+    for provider, error in zip(active, errors):
+        # one provider's weight copies at a time (a lent GPU runs nothing else meanwhile)
+        rotating = failures.attempt(provider.name, lambda: _rotating_args(
+            provider, xs, _weight_copies(provider.weight_bytes, device)), where)
+        eager = None if rotating is None else failures.attempt(provider.name, lambda: time_cuda_back_to_back(
+            provider.fn, rotating, rounds, warmup=config.warmup), where)
+        if eager is not None:
+            rows.append(_row(provider, shape, m, "eager", eager, error, ceilings))
+        if eager is not None and provider.capturable and m <= config.graph_max_m:  # the same calls, replayed
+            graph = failures.attempt(provider.name, lambda: time_cuda_graph(provider.fn, rotating), f"{where} graph")
+            if graph is not None:
+                rows.append(_row(provider, shape, m, "graph", graph, error, ceilings))
+        del rotating
     return rows
 
 
