@@ -240,6 +240,7 @@ def test_dtype_by_name_and_max_memory_only_with_a_planned_map(float_dir, token_i
     assert by_name.model.norm.weight.dtype == torch.bfloat16
     assert torch.equal(logits(by_name, token_ids), logits(load_in_8bit(float_dir, dtype=torch.bfloat16,
                                                                        progress=False), token_ids))
+    assert load_in_8bit(float_dir, dtype="auto", progress=False).model.norm.weight.dtype == torch.float32  # saved
     with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype \(or its name\) or None, got 'int8'"):
         load_in_8bit(float_dir, dtype="int8")
     # it was ignored without a word

@@ -80,8 +80,8 @@ def load_in_8bit(
             are shortcuts that override its fields.
         filter_fn: ``filter_fn(module, name) -> bool``; False keeps a layer in full precision.
         backend: backend of every Int8Linear (None: the default at call time).
-        dtype: dtype of the tensors kept in floating point, or its name (``"float16"``); None: the dtype in
-            config.json, else float32.
+        dtype: dtype of the tensors kept in floating point, or its name (``"float16"``); None or ``"auto"``: the
+            dtype in config.json, else float32.
         offload_folder: where ``"disk"`` modules are written (needed when the device map names the disk).
         max_memory: passed to accelerate for the ``"auto"``-style device maps (refused with any other).
         progress: show a tqdm progress bar over shards and layers.
@@ -99,7 +99,9 @@ def load_in_8bit(
     resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
                    backend=backend)  # every setting checked before anything is read
     given = dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+    if dtype == "auto":  # transformers' "the checkpoint's dtype": config.json's, as None says here
+        dtype = None
+    elif isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         dtype = getattr(torch, dtype)  # "float16", as transformers takes it
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype (or its name) or None, got {given!r}")
