@@ -106,6 +106,35 @@ def test_load_in_8bit_nested_dict_map(llama_dir, in_memory, tmp_path, device_map
     assert torch.equal(logits(model, tiny_token_ids()), in_memory)
 
 
+def test_nested_map_around_a_module_with_its_own_tensors_is_refused_before_loading(tmp_path):
+    """Such a module's own tensors would have been placed by name, which accelerate's hooks never load back: the
+    forward failed ("Tensor on device meta") after the whole checkpoint had streamed."""
+    from safetensors.torch import save_file
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(8))
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    def factory():
+        return torch.nn.Sequential(Block(), torch.nn.Linear(8, 4))
+
+    save_file(factory().state_dict(), tmp_path / "model.safetensors")
+    source = (factory, tmp_path / "model.safetensors")
+    for device_map in ({"": "cpu", "0.lin": "disk"}, {"0": "disk", "0.lin": "cpu", "1": "cpu"}):
+        with pytest.raises(ValueError, match=r"device_map places '0.lin' apart from the rest of '0', which holds "
+                                             r"tensors of its own \(scale\)"):
+            load_in_8bit(source, device_map=device_map, offload_folder=tmp_path / "offload", progress=False)
+    assert not (tmp_path / "offload").exists()  # refused before anything was read or written
+    model = load_in_8bit(source, device_map={"": "cpu", "1": "disk"}, offload_folder=tmp_path / "offload",
+                         progress=False, skip_modules=[])
+    assert torch.equal(model(torch.ones(2, 8)), load_in_8bit(source, progress=False, skip_modules=[])(torch.ones(2, 8)))
+
+
 def test_offloaded_model_saves_and_reloads_in_8bit(llama_dir, in_memory, tmp_path):
     device_map = _block_map(model__layers__2="disk")
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=Int8MMConfig(), device_map=device_map,

@@ -53,8 +53,29 @@ def normalize_device_map(device_map, model: nn.Module | None = None, max_memory:
     if not result:
         raise ValueError("device_map is an empty dict; map '' to a device to place the whole model")
     if model is not None:
+        _check_nested_keys(model, result)
         _place_unmapped_buffer_modules(model, result)
     return result
+
+
+def _check_nested_keys(model: nn.Module, device_map: dict) -> None:
+    """A key inside another's module (``{"": "cpu", "model.layers.0": "disk"}``) splits every module between the
+    two, which ``accelerate_map`` hands to accelerate as the children each holds; tensors such a module holds
+    itself have no child to go with, and accelerate hooks modules only: refused here, before anything is read."""
+    for key in device_map:
+        parts = key.split(".") if key else []
+        for depth in range(len(parts)):  # the modules above the key: "", "a", "a.b", ...
+            above = ".".join(parts[:depth])
+            if _entry_for(above, device_map) is None:  # placed by no key: not split (device_for says so)
+                continue
+            module = model.get_submodule(above)
+            own = [name for name, tensor in (*module.named_parameters(recurse=False),
+                                             *module.named_buffers(recurse=False)) if tensor is not None]
+            if own:
+                where = repr(above) if above else "the model"
+                raise ValueError(f"device_map places {key!r} apart from the rest of {where}, which holds tensors of "
+                                 f"its own ({', '.join(own)}): accelerate cannot place those apart from its "
+                                 f"children; map each child of {where} (or the whole of it) instead")
 
 
 def _place_unmapped_buffer_modules(model: nn.Module, device_map: dict) -> None:
@@ -123,7 +144,8 @@ def accelerate_map(device_map: dict, model: nn.Module) -> dict:
     """``device_map`` as accelerate's ``dispatch_model`` takes it: devices as strings (it recognises "cpu" and
     "disk" by comparison), and no key inside another. A nested map (``{"": "cpu", "model.layers.0": "disk"}``)
     places each module by its longest key, but accelerate then fails, after the whole load, with "weight is on the
-    meta device": an outer key is replaced by the children it alone places (and its own tensors, by name)."""
+    meta device": an outer key is replaced by the children it alone places (normalize_device_map refused maps that
+    split a module holding tensors of its own)."""
     def name(module_name, child):
         return f"{module_name}.{child}" if module_name else child
 
@@ -136,11 +158,9 @@ def accelerate_map(device_map: dict, model: nn.Module) -> dict:
             if device is not None:
                 flat[module_name] = device
             return
-        for attr, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
-            if device is not None and tensor is not None:
-                flat[name(module_name, attr)] = device
-        for child_name, child in module.named_children():
-            place(name(module_name, child_name), child, device)
+        for child_name, child in module._modules.items():  # every name, as the checkpoint's keys use them
+            if child is not None:
+                place(name(module_name, child_name), child, device)
 
     place("", model, None)
     return {k: v if v == DISK else ("cpu" if v.type == "cpu" else str(v)) for k, v in flat.items()}
