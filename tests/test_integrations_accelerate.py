@@ -297,6 +297,30 @@ def test_cpu_offload(token_ids):
     assert torch.equal(logits(model, token_ids), logits(_dequantized_float_model(_llama(seed=2)), token_ids))
 
 
+@pytest.mark.parametrize("offload", ["cpu_offload", "disk_offload", "dispatch_model"])
+def test_offload_with_buffers_kept_then_remove(offload, tmp_path, token_ids):
+    """offload_buffers=False (accelerate's default) keeps our int8 buffers in place but records them: removing the
+    hooks raised 'does not have a parameter or a buffer named SCB' after writing the int8 values over the float
+    weight, and left the rest of the model hooked."""
+    from accelerate import disk_offload
+
+    model = _llama(seed=5)
+    reference = int8mm.quantize_model(copy.deepcopy(model))
+    attach_int8_hooks(model)
+    if offload == "cpu_offload":
+        cpu_offload(model, execution_device="cpu")
+    elif offload == "disk_offload":
+        disk_offload(model, offload_dir=tmp_path, execution_device="cpu")
+    else:
+        dispatch_model(model, {"model": "disk", "lm_head": "cpu"}, offload_dir=tmp_path)
+    assert torch.equal(logits(model, token_ids), logits(reference, token_ids))
+    remove_hook_from_submodules(model)
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert all(type(m.weight) is nn.Parameter and m.weight.dtype == torch.float32 and not m.weight.is_meta
+               and "SCB" not in m._buffers for m in model.modules() if isinstance(m, nn.Linear))
+    assert torch.equal(logits(model, token_ids), logits(_dequantized_float_model(_llama(seed=5)), token_ids))
+
+
 def test_removing_the_hooks_removes_the_recorded_config(tmp_path, token_ids):
     """Before: quantization_config stayed after remove_hook_from_submodules, so the float checkpoint saved then
     said int8mm, and from_pretrained refused its float weights."""

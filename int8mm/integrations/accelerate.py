@@ -107,8 +107,12 @@ class Int8Hook(ModelHook):
         if "SCB" not in module._buffers:
             return module
         q_w, s_w = module.weight, module.SCB
+        held = _release_from_offload_hooks(module, take_values=q_w.is_meta)
         if q_w.is_meta:
-            q_w, s_w = _take_back_offloaded(module)
+            if held is None:
+                raise RuntimeError("the int8 weight is on the meta device and no offload hook holds it; cannot "
+                                   "restore the float layer")
+            q_w, s_w = held
         weight = reference.dequantize_weight(q_w, s_w).to(self._float_dtype)
         if self._transposed:
             weight = weight.t().contiguous()
@@ -286,24 +290,25 @@ def _check_int8_state(module, state_dict, prefix, local_metadata, strict, missin
     state_dict.update(checked)
 
 
-def _take_back_offloaded(module: nn.Module):
-    """The int8 weight and scale of a layer whose tensors an accelerate offload hook holds (they are on meta).
+def _release_from_offload_hooks(module: nn.Module, take_values: bool):
+    """Make every accelerate offload hook chained after ours forget the int8 weight and scale; with
+    ``take_values``, return them as the first that holds them has them (None if none does).
 
-    accelerate chains its AlignDevicesHook after ours and detaches the chain in order, so ours runs while the
-    tensors are still offloaded: read them from that hook's weights map, and drop them from what it restores
-    afterwards (it would otherwise write the int8 values over the de-quantized weight).
+    accelerate detaches the chain in order, so ours runs first; each offload hook then puts back every tensor it
+    recorded, from its weights map: the int8 values over the de-quantized float weight, and a scale the float
+    layer no longer has (a ValueError that left the rest of the model hooked). That happened whether or not the
+    tensors themselves were offloaded (``offload_buffers=False`` keeps our buffers in place but records them).
     """
-    chain = getattr(getattr(module, "_hf_hook", None), "hooks", ())
-    for other in chain:
-        weights_map = getattr(other, "weights_map", None)
+    held = None
+    for other in getattr(getattr(module, "_hf_hook", None), "hooks", ()):
         original_devices = getattr(other, "original_devices", None)
-        if getattr(other, "offload", False) and weights_map is not None and "weight" in weights_map:
+        weights_map = getattr(other, "weights_map", None)
+        if take_values and held is None and getattr(other, "offload", False) and weights_map is not None \
+                and "weight" in weights_map:
             device = (original_devices or {}).get("weight", torch.device("cpu"))
             device = torch.device("cpu") if device == torch.device("meta") else device
-            q_w, s_w = weights_map["weight"].to(device), weights_map["SCB"].to(device)
-            if original_devices is not None:
-                original_devices.pop("weight", None)
-                original_devices.pop("SCB", None)
-            return q_w, s_w
-    raise RuntimeError("the int8 weight is on the meta device and no offload hook holds it; cannot restore the "
-                       "float layer")
+            held = weights_map["weight"].to(device), weights_map["SCB"].to(device)
+        if original_devices is not None:
+            original_devices.pop("weight", None)
+            original_devices.pop("SCB", None)
+    return held
