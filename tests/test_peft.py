@@ -127,6 +127,20 @@ def test_configs_that_need_a_float_base_weight_are_refused():
         int8mm_peft.get_peft_model(copy.deepcopy(model), IA3Config(target_modules=["q_proj"]))
 
 
+def test_a_model_with_int8_hooks_is_refused(tmp_path):
+    """Its layers are still nn.Linear, so peft gave them its float LoRA layer: a merge wrote float deltas into the
+    int8 weight (an error), or with safe_merge lost the adapter without a word."""
+    from int8mm.integrations.accelerate import attach_int8_hooks
+
+    model = tiny_llama(outlier_dims=False)
+    attach_int8_hooks(model)
+    refused = r"model holds int8mm's accelerate hooks \(model\.layers\.0\.self_attn\.q_proj, \.\.\.\)"
+    with pytest.raises(ValueError, match=refused):
+        int8mm_peft.get_peft_model(model, _lora())
+    with pytest.raises(ValueError, match=refused):
+        int8mm_peft.from_pretrained(model, tmp_path)
+
+
 # ---- training ----
 def test_training_lowers_held_out_loss_and_changes_only_lora_tensors(trained):
     model, base_state, before, losses = trained

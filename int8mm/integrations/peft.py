@@ -192,6 +192,19 @@ def with_int8mm_layers(config: LoraConfig) -> LoraConfig:
     return config
 
 
+def _refuse_int8_hooks(model: nn.Module) -> None:
+    """A layer quantized by ``attach_int8_hooks`` is still an ``nn.Linear`` (its int8 weight a buffer): peft
+    would wrap it in its float LoRA layer, whose merge writes float deltas into int8 values (an error, or with
+    ``safe_merge`` an adapter silently lost)."""
+    from .accelerate import _int8_hook_of
+
+    hooked = next((name for name, module in model.named_modules() if _int8_hook_of(module) is not None), None)
+    if hooked is not None:
+        raise ValueError(f"model holds int8mm's accelerate hooks ({hooked}, ...), whose layers peft would treat as "
+                         f"float nn.Linear: quantize it with int8mm.quantize_model, load_in_8bit or from_pretrained "
+                         f"for LoRA (or accelerate.hooks.remove_hook_from_submodules(model) first)")
+
+
 def _linear_layer_names(model: nn.Module, config: LoraConfig) -> set[str]:
     """What peft's ``target_modules="all-linear"`` picks, with int8mm layers counted as linear: every linear
     layer except the output head of a transformers model (or, for sequence classification, its classifier), and
@@ -228,8 +241,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
     Raises:
         TypeError: ``peft_config`` is not a ``LoraConfig``.
-        ValueError: a LoRA variant or initialisation that needs a float base weight (see ``Int8LoraLinear``).
+        ValueError: a LoRA variant or initialisation that needs a float base weight (see ``Int8LoraLinear``), or a
+            model quantized by ``attach_int8_hooks`` (its layers look like float ``nn.Linear`` to peft).
     """
+    _refuse_int8_hooks(model)
     config = with_int8mm_layers(peft_config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config.target_modules = _linear_layer_names(model, config)
@@ -246,6 +261,7 @@ def from_pretrained(model: nn.Module, model_id, adapter_name: str = "default", i
     peft's. ``model_id`` is a directory written by ``save_pretrained`` (or a Hub id); ``config``, if given, is
     used instead of the saved one, as in peft.
     """
+    _refuse_int8_hooks(model)
     if config is None:
         config = PeftConfig.from_pretrained(model_id, **kwargs)
     return PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
