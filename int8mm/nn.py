@@ -117,7 +117,7 @@ class Int8Linear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
-        backend = self.backend.value if self.backend is not None else "default"
+        backend = "default" if self.backend is None else getattr(self.backend, "value", self.backend)  # or a str
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, threshold={self.threshold}, backend={backend}")
 

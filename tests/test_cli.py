@@ -202,6 +202,9 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     (["bench", "--preset", "tiny"], "--preset: option(s) of the model suite, which --suite kernels does not run"),
     (["bench", "--suite", "host", "--quick", "--no-bnb", "--threshold", "3"],
      "--threshold, --no-bnb, --quick: option(s) of the kernel or model suite, which --suite host does not run"),
+    (["bench", "--suite", "host", "--threshold", "0"],  # 0 == False: it was taken for "not given"
+     "--threshold: option(s) of the kernel or model suite, which --suite host does not run"),
+    (["bench", "--suite", "model", "--reps", "0"], "--reps: option(s) of the kernel suite, which --suite model"),
     (["bench", "--suite", "model", "--layers", "0"], "--layers must be >= 1, got 0"),
     (["bench", "--suite", "model", "--no-bnb", "--providers", "float", "bnb"],
      "--no-bnb leaves out bitsandbytes, which --providers float bnb asks for: give one of them"),

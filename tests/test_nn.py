@@ -59,6 +59,8 @@ def test_extra_repr():
     assert repr(layer) == ("Int8Linear(in_features=64, out_features=33, bias=False, threshold=3.5, "
                            "backend=reference)")
     assert "backend=default" in repr(Int8Linear(4, 2))
+    layer.backend = "cpu"  # assigned as a name, as the constructor takes it: repr raised AttributeError
+    assert repr(layer).endswith("backend=cpu)")
 
 
 def test_forward_is_the_functional_op_and_accurate():

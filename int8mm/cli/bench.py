@@ -45,8 +45,9 @@ def _stem(device) -> str:
 def _check_options_of_the_suite(args) -> None:
     unused, other = {"model": (KERNEL_ONLY, "kernel"), "kernels": (MODEL_ONLY, "model"),
                      "host": (KERNEL_ONLY + MODEL_ONLY + KERNEL_AND_MODEL, "kernel or model")}.get(args.suite, ((), ""))
-    # unset: None, or False for a flag
-    given = ["--" + option.replace("_", "-") for option in unused if getattr(args, option) not in (None, False)]
+    # unset: None, or False for a flag (compared by identity: 0 == False, and --threshold 0 is given)
+    given = ["--" + option.replace("_", "-") for option in unused
+             if getattr(args, option) is not None and getattr(args, option) is not False]
     if given:
         raise CliError(f"{', '.join(given)}: option(s) of the {other} suite, which --suite {args.suite} does not run")
 
