@@ -79,6 +79,16 @@ def test_info_lists_versions_devices_and_backends(capsys):
     assert re.search(r"^\| cpu \| .* \| reference", out, re.M), out
 
 
+def test_info_says_when_the_default_backend_cannot_run(capsys, monkeypatch):
+    monkeypatch.setenv("INT8MM_BACKEND", "triton")
+    monkeypatch.setattr("int8mm.cli.info.available_backends", lambda device: [int8mm.Backend.REFERENCE])
+    code, out, _ = run_cli(capsys, "info")  # it said "triton (INT8MM_BACKEND set)", and every op then refused it
+    assert code == 0 and "default backend: triton (INT8MM_BACKEND set), which cannot run on cpu" in out, out
+    monkeypatch.setenv("INT8MM_BACKEND", "reference")
+    _, out, _ = run_cli(capsys, "info")
+    assert "default backend: reference (INT8MM_BACKEND set)\n" in out
+
+
 def test_eval_compares_full_precision_and_8bit(capsys, tiny_checkpoint, text_file):
     code, out, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file, "--window", "32",
                              "--new-tokens", "3", "--prompt", "the state")

@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from ..backends import BACKEND_ENV_VAR, available_backends, default_backend
+from ..backends import BACKEND_ENV_VAR, Backend, available_backends, default_backend
 from ..bench.environment import cpu_name, versions
 from ..bench.report import markdown_table
 from .common import say
@@ -38,7 +38,12 @@ def run(args) -> int:
     say("\n".join(markdown_table(["device", "what", "int8mm backends"], device_rows())))
     say()
     try:
-        default = f"{default_backend().value} ({BACKEND_ENV_VAR} {'set' if BACKEND_ENV_VAR in os.environ else 'unset'})"
+        backend = default_backend()
+        default = f"{backend.value} ({BACKEND_ENV_VAR} {'set' if BACKEND_ENV_VAR in os.environ else 'unset'})"
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        refused = [d for d in devices if backend is not Backend.AUTO and backend not in available_backends(d)]
+        if refused:  # every op on those devices would refuse it: say so here, not at the first call
+            default += f", which cannot run on {', '.join(refused)}: ops there will refuse it"
     except ValueError as exc:  # every op would refuse it: say so here
         default = f"none: {exc}"
     say(f"default backend: {default}")
