@@ -358,6 +358,25 @@ def test_a_deep_copy_keeps_its_own_config_record_and_pickling_says_what_to_do(to
             save()
 
 
+def test_removing_one_layers_hook_keeps_the_saved_config_true(tmp_path, token_ids):
+    """That layer is float again: the recorded config skips it, so the checkpoint saved then loads back (it said
+    the layer was int8, and from_pretrained refused its float weight)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _llama(seed=6, layers=1)
+    attach_int8_hooks(model)
+    remove_hook_from_module(model.model.layers[0].self_attn.q_proj)
+    assert "model.layers.0.self_attn.q_proj" in model.config.quantization_config.skip_modules
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert isinstance(again.model.layers[0].self_attn.k_proj, Int8Linear)
+    assert torch.equal(logits(again, token_ids), logits(model, token_ids))
+    cpu_offload(model, execution_device="cpu", offload_buffers=True)  # detaches and re-attaches every other hook
+    assert model.config.quantization_config.skip_modules.count("model.layers.0.self_attn.q_proj") == 1
+    assert "model.layers.0.self_attn.k_proj" not in model.config.quantization_config.skip_modules
+
+
 def test_dispatch_after_hooks_refused_the_other_way_round(tmp_path):
     model = _llama()
     dispatch_model(model, {"model": "disk", "lm_head": "cpu"}, offload_dir=tmp_path)

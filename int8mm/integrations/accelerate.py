@@ -100,7 +100,7 @@ class Int8Hook(ModelHook):
         self._float_forward = module._old_forward
         module._old_forward = functools.partial(_int8_forward, module, self)
         if self._attachment is not None:
-            self._attachment.attached()
+            self._attachment.attached(self.name)
         return module
 
     def detach_hook(self, module: nn.Module) -> nn.Module:
@@ -127,7 +127,7 @@ class Int8Hook(ModelHook):
         # int8 values so that re-init reuses them instead of rounding the de-quantized weight a second time
         self._restored = (weakref.ref(module), module.weight, module.weight._version, q_w, s_w)
         if self._attachment is not None:
-            self._attachment.detached()
+            self._attachment.detached(self.name)
         return module
 
     def _reuse_restored(self, module):
@@ -219,21 +219,30 @@ class _Attachment:
         self.recorded = None  # the quantization_config recorded on the model's config
         self.count = 0
         self.removed = False
+        self.kept = []  # layers whose hook alone was removed: float again, so the recorded config skips them
 
-    def attached(self) -> None:
+    def attached(self, name: str) -> None:
         self.count += 1
         model_config = getattr(self.model(), "config", None)
         if self.count == 1 and self.removed and model_config is not None:
             model_config.quantization_config = self.recorded
             self.removed = False
+        if name in self.kept:
+            self.kept.remove(name)
+            self.recorded.skip_modules = [n for n in self.recorded.skip_modules if n != name]
 
-    def detached(self) -> None:
+    def detached(self, name: str) -> None:
         self.count -= 1
         model_config = getattr(self.model(), "config", None)
         recorded = self.recorded is not None and getattr(model_config, "quantization_config", None) is self.recorded
         if self.count == 0 and recorded:
             del model_config.quantization_config
             self.removed = True
+        elif recorded and name and name not in (self.recorded.skip_modules or []):
+            # one layer's hook removed (remove_hook_from_module): a checkpoint saved now holds that layer in float,
+            # which the config must say, or no loader would read it
+            self.kept.append(name)
+            self.recorded.skip_modules = [*(self.recorded.skip_modules or []), name]
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) copies the model before its hooks (it enters the copy in memo first): the copy's
@@ -243,6 +252,7 @@ class _Attachment:
         model = self.model()
         copied.model = weakref.ref(memo.get(id(model), model)) if model is not None else self.model
         copied.recorded = copy.deepcopy(self.recorded, memo)
+        copied.kept = list(self.kept)
         return copied
 
     def __reduce_ex__(self, protocol):
