@@ -204,6 +204,8 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     (["eval"], "the following arguments are required: MODEL_DIR"),
     (["eval", "{ckpt}", "--max-tokens", "1"], "--max-tokens must be >= 2"),
     (["eval", "{ckpt}", "--text", "{tmp}/one.txt"], "the text holds fewer than 2 tokens"),
+    (["eval", "{ckpt}", "--text", "{tmp}/latin1.txt"], "--text '{tmp}/latin1.txt' is not UTF-8 text (byte 0xe9 at "
+                                                       "offset 3)"),
     (["bench", "--threshold", "-1"], "--threshold must be >= 0"),
     (["bench", "--threshold", "nan"], "--threshold must be >= 0"),
     (["bench", "--out", "{tmp}/one.txt"], "--out '{tmp}/one.txt' exists and is not a directory"),
@@ -222,6 +224,7 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
 ])
 def test_bad_arguments_give_one_line_and_status_2(capsys, tmp_path, tiny_checkpoint, argv, message):
     (tmp_path / "one.txt").write_text("state")  # one token
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
     argv = [a.format(tmp=tmp_path, ckpt=tiny_checkpoint) for a in argv]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2

@@ -39,7 +39,11 @@ def text_file(value: str, argument: str = "--text") -> str:
     path = Path(value).expanduser()
     if not path.is_file():
         raise CliError(f"{argument} {value!r} is not a readable file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # scored with replacement characters, the perplexity would mean little
+        raise CliError(f"{argument} {value!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                       f"{exc.start})") from None
     if not text.strip():
         raise CliError(f"{argument} {value!r} is empty")
     return text
