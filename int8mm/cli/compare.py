@@ -105,9 +105,12 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     _check_generation_fits(model_path, limit, tokenizer, args.prompt, args.new_tokens)
     window = _window_for(model_path, args.window, limit)  # a warning, once every refusal is behind
     _warn_if_busy(device)
+    # each window's first token is context only, and a lone last token predicts nothing (evaluate._windows)
+    sizes = [min(window, len(ids) - start) for start in range(0, len(ids), window)]
+    predicted = sum(size - 1 for size in sizes if size >= 2)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
-        f"{len(ids)} tokens in windows of {window}\n")
+        f"{len(ids)} tokens in windows of {window} ({predicted} predicted)\n")
     reports = compare_full_and_8bit(model, tokenizer, ids, max_tokens=args.max_tokens, window=window,
                                     threshold=threshold, skip_modules=skip, backend=backend,
                                     prompt=args.prompt, new_tokens=args.new_tokens)
