@@ -21,12 +21,15 @@ from .backends import reference, registry, scratch
 def _eager(x: Tensor, bias: Optional[Tensor] = None) -> bool:
     """True when calling the implementation directly computes what the op would, for less host time: not
     traced, compiled or exported (those must see the op), no autograd graph to record, no dispatch mode or
-    tensor subclass (fake, functional, meta tensors) in the way."""
+    tensor subclass (fake, functional, meta tensors) and no torch.func transform (vmap's batched tensors have no
+    storage for the kernels: the op goes through torch's batching fallback) in the way."""
     # is_compiling first: dynamo folds it to True and skips the rest. _get_tracing_state is
     # torch.jit.is_tracing without its TorchScript check (a third of the cost).
     if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
     if type(x) is not torch.Tensor or x.is_meta or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._are_functorch_transforms_active():
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 

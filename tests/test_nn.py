@@ -63,6 +63,15 @@ def test_extra_repr():
     assert repr(layer).endswith("backend=cpu)")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_vmap_over_a_layer_equals_a_loop(backend):
+    """Under torch.vmap the eager shortcut must not hand the kernels batched tensors (they have no storage: it
+    raised 'Cannot access data pointer'); the op goes through torch's batching fallback, one call per sample."""
+    layer = Int8Linear.from_linear(_linear(), threshold=6.0, backend=backend)
+    x = torch.stack([planted_outliers(3, 64, torch.float32, seed=seed) for seed in range(4)])
+    assert torch.equal(torch.vmap(layer)(x), torch.stack([layer(sample) for sample in x]))
+
+
 def test_forward_is_the_functional_op_and_accurate():
     linear = _linear(k=256, n=40)
     layer = Int8Linear.from_linear(linear)
