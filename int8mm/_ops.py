@@ -11,7 +11,9 @@ the work is done by torch, Triton (also under the CPU interpreter) or the CUDA l
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch._C._functorch import TransformType
 
 from . import backends
 from .backends import reference, registry, scratch
@@ -29,7 +31,7 @@ def _eager(x: Tensor, bias: Optional[Tensor] = None) -> bool:
         return False
     if type(x) is not torch.Tensor or x.is_meta or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
 
@@ -54,7 +56,18 @@ def run_int8_linear(x: Tensor, q_w: Tensor, s_w: Tensor, bias: Optional[Tensor],
     its autograd node cost more host time than a small layer's whole forward)."""
     if _eager(x, bias):
         return _int8_linear(x, q_w, s_w, bias, threshold, backend)
+    if not torch.compiler.is_compiling():  # traced, there is no transform to ask about (and asking breaks graphs)
+        _refuse_forward_ad(x)
     return int8_linear(x, q_w, s_w, bias, threshold, backend)
+
+
+def _refuse_forward_ad(x: Tensor) -> None:
+    """The op has a reverse-mode derivative only: under forward mode it gave no tangent (forward_ad) or a wrong
+    one (torch.func.jvp) without a word."""
+    jvp = any(level.key() == TransformType.Jvp for level in torch._C._functorch.get_interpreter_stack() or ())
+    if jvp or (_forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None):
+        raise NotImplementedError("int8mm's int8_linear has no forward-mode derivative (torch.func.jvp, "
+                                  "torch.autograd.forward_ad); reverse mode (.backward(), torch.autograd.grad) works")
 
 
 # ---- quantize_weight: one-time work, the reference serves every device ----

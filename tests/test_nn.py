@@ -72,6 +72,24 @@ def test_vmap_over_a_layer_equals_a_loop(backend):
     assert torch.equal(torch.vmap(layer)(x), torch.stack([layer(sample) for sample in x]))
 
 
+def test_forward_mode_ad_is_refused_not_answered_wrongly():
+    """The op has a reverse-mode derivative only: jvp gave a wrong tangent (off by 1.2 on this layer) and a
+    forward_ad dual tensor none, without a word."""
+    import torch.autograd.forward_ad as forward_ad
+
+    layer = Int8Linear.from_linear(_linear(), threshold=6.0)
+    x, t = torch.randn(3, 64), torch.randn(3, 64)
+    refused = r"int8_linear has no forward-mode derivative"
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.func.jvp(layer, (x,), (t,))
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.vmap(lambda row: torch.func.jvp(layer, (row,), (row,))[1])(x[None])
+    with forward_ad.dual_level():
+        with pytest.raises(NotImplementedError, match=refused):
+            layer(forward_ad.make_dual(x, t))
+        assert torch.equal(layer(x), Int8Linear.from_linear(_linear(), threshold=6.0)(x))  # plain inputs: fine
+
+
 def test_forward_is_the_functional_op_and_accurate():
     linear = _linear(k=256, n=40)
     layer = Int8Linear.from_linear(linear)
