@@ -18,6 +18,7 @@ import torch
 
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
+from ..loading.directories import missing_directories, remove_empty
 from .common import CliError, checked_skip, checked_threshold, checkpoint_errors, load_model, model_dir, say
 from .model_files import check_full_precision, skeleton
 
@@ -40,15 +41,6 @@ def register(subparsers) -> None:
                         help="write bitsandbytes' 8-bit quantization_config (loadable without int8mm)")
     add_threads_argument(parser)
     parser.set_defaults(run=run)
-
-
-def _remove_empty(directories: list[Path]) -> None:
-    """Remove ``directories`` (deepest first) where they are still empty."""
-    for directory in directories:
-        try:
-            directory.rmdir()
-        except OSError:
-            return  # not empty (someone else wrote there) or gone: its parents stay too
 
 
 def _is_weight_file(path: Path) -> bool:
@@ -102,13 +94,13 @@ def run(args) -> int:
         raise CliError(f"OUT_DIR {args.out_dir!r} exists and is not an empty directory")
     # everything is written into a hidden sibling, renamed to OUT_DIR once complete: a failure (a full disk)
     # never leaves a directory that looks like a checkpoint; made now, so an unwritable place fails at once
-    made = [parent for parent in (out.parent, *out.parent.parents) if not parent.exists()]  # deepest first
+    made = missing_directories(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
         partial.mkdir()  # an ordinary directory (the umask's mode), unlike a private mkdtemp one
     except OSError as exc:
-        _remove_empty(made)
+        remove_empty(made)
         raise CliError(f"cannot write under {str(out.parent)!r}: {exc.strerror or exc}") from None
     written = False
     try:
@@ -125,7 +117,7 @@ def run(args) -> int:
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # gone already after the rename
         if not written:  # refused, failed or interrupted: the directories made for OUT_DIR go too
-            _remove_empty(made)
+            remove_empty(made)
     size = sum(p.stat().st_size for p in out.iterdir() if _is_weight_file(p))
     source_size = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and _is_weight_file(p))
     say(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}\nweights: {size / 2**20:.1f} MiB "

@@ -13,6 +13,7 @@ from ..functional import quantize_weight
 from ..nn import Int8Linear
 from ..weight_format import check_format_value, check_int8_values
 from .device_map import DISK
+from .directories import missing_directories, remove_empty
 from .errors import CheckpointError
 from .safetensors_files import HeaderEntry, MappedFile
 
@@ -43,18 +44,14 @@ class Destination:
         disk as it found it."""
         for path in self.written:
             path.unlink(missing_ok=True)
-        for directory in self.made:
-            try:
-                directory.rmdir()
-            except OSError:
-                return  # not empty: someone else's files, which stay with its parents
+        remove_empty(self.made)
 
     def _offload(self, tensor: torch.Tensor, name: str) -> None:
         from accelerate.utils import offload_weight
 
         folder = Path(self.offload_folder)
         if not folder.exists():
-            self.made = [d for d in (folder, *folder.parents) if not d.exists()]
+            self.made = missing_directories(folder)
             os.makedirs(folder, exist_ok=True)
         path = folder / f"{name}.dat"
         if not path.exists():  # a file that was there (same bytes, see offload_folders) stays on failure
