@@ -121,6 +121,12 @@ def token_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
 
 
+def predicted_tokens(ids: list[int], window: int) -> int:
+    """How many of ``ids`` the scoring predicts in windows of ``window``: each window's first token is context
+    only, and a lone last token predicts nothing."""
+    return sum(chunk.numel() - 1 for chunk in _windows(None, ids, len(ids), window))
+
+
 def _windows(tokenizer, text, max_tokens: int, window: int) -> list:
     """The first ``max_tokens`` tokens of ``text`` (a string or its token ids) in windows of ``window`` (CPU
     int64); no lone last token."""

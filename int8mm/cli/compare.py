@@ -9,7 +9,7 @@ import torch
 from ..backends import Backend
 from ..bench.checkpoint_eval import compare_full_and_8bit, comparison_table, default_dtype
 from ..bench.environment import load_average
-from ..evaluate import token_ids
+from ..evaluate import predicted_tokens, token_ids
 from . import model_files
 from .common import (CliError, add_device_argument, add_quantization_arguments, checked_backend, checked_skip,
                      checked_threshold, device_from, load_model, say, warn)
@@ -105,9 +105,7 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     _check_generation_fits(model_path, limit, tokenizer, args.prompt, args.new_tokens)
     window = _window_for(model_path, args.window, limit)  # a warning, once every refusal is behind
     _warn_if_busy(device)
-    # each window's first token is context only, and a lone last token predicts nothing (evaluate._windows)
-    sizes = [min(window, len(ids) - start) for start in range(0, len(ids), window)]
-    predicted = sum(size - 1 for size in sizes if size >= 2)
+    predicted = predicted_tokens(ids, window)
     say(f"{what}\n- model: {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)\n"
         f"- device: {device}, torch {torch.__version__}, {_threads()}; perplexity of the first "
         f"{len(ids)} tokens in windows of {window} ({predicted} predicted)\n")
