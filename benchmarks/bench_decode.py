@@ -27,7 +27,7 @@ import int8mm
 from int8mm import backends
 from int8mm.backends import scratch, triton_launch, triton_splitk
 from int8mm.bench.environment import run_metadata
-from int8mm.bench.failures import Failures
+from int8mm.bench.failures import Failures, exit_if_any_failed, failure_notes
 from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations, random_weight
 from int8mm.bench.report import format_speedup, format_time, geomean, markdown_table, write_json_and_markdown
 from int8mm.bench.shapes import LAYER_SHAPES, LayerShape
@@ -215,10 +215,7 @@ def markdown(result: dict) -> str:
         [model, str(m), mode, *(format_speedup(geomean(column)) if None not in column else "-"
                                  for column in zip(*speedups))]
         for (model, m, mode), speedups in groups.items()])
-    failures = dict.fromkeys((r["provider"], r["error"]) for r in rows if r.get("error"))
-    if failures:
-        lines += ["", "Failed (no times from the failure on):", ""] + [f"- {p}: {e}" for p, e in failures]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + failure_notes(rows)) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,9 +258,7 @@ def main(argv=None) -> dict:
     paths = write_json_and_markdown(result, text, args.out, "decode_bench")
     print(text)
     print("wrote", ", ".join(str(p) for p in paths.values()))
-    failed = sorted({r["provider"] for r in result["rows"] if r.get("error")})
-    if failed:
-        raise SystemExit(f"{', '.join(failed)} failed (see the report's notes)")
+    exit_if_any_failed(result["rows"])
     return result
 
 

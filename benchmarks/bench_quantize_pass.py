@@ -122,6 +122,7 @@ def measure(args, device: torch.device, checkpoint=None) -> list[dict]:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
+    from int8mm.bench.failures import failure_notes
     from int8mm.bench.report import format_rate, markdown_table
 
     lines = [f"# Prefill quantization pass vs copy: {meta['device']}, {meta['date']}", "",
@@ -154,11 +155,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         line.append(", ".join(f"{scheme} differs" for scheme in SCHEMES if cells[scheme]["equal"] is False)
                     or "all that ran")
         body.append(line)
-    failures = dict.fromkeys((r["provider"], r["error"]) for r in rows if r.get("error"))
-    notes = []
-    if failures:
-        notes = ["", "Failed (no times from the failure on):", ""] + [f"- {p}: {e}" for p, e in failures]
-    return "\n".join(lines + markdown_table(header, body) + notes) + "\n"
+    return "\n".join(lines + markdown_table(header, body) + failure_notes(rows)) + "\n"
 
 
 def main(argv=None) -> None:
@@ -172,6 +169,7 @@ def main(argv=None) -> None:
         raise SystemExit("bench_quantize_pass.py needs an NVIDIA GPU and a CUDA build of torch; none here "
                          "(--dry-run runs tiny shapes on the CPU)")
     from int8mm.bench.environment import run_metadata
+    from int8mm.bench.failures import exit_if_any_failed
     from int8mm.bench.report import write_json_and_markdown
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,9 +189,7 @@ def main(argv=None) -> None:
     differ = sorted({r["provider"] for r in rows if r["equal"] is False})
     if differ:
         raise SystemExit(f"{', '.join(differ)} gave outputs that differ from the reference or classic (see the table)")
-    failed = sorted({r["provider"] for r in rows if r.get("error")})
-    if failed:
-        raise SystemExit(f"{', '.join(failed)} failed (see the table's notes)")
+    exit_if_any_failed(rows)
 
 
 if __name__ == "__main__":

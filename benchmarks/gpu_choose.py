@@ -48,6 +48,11 @@ def _speedups(rows, key_fields, time_field, provider_field, classic, candidate):
     return [cell[classic] / cell[candidate] for cell in cells.values() if classic in cell and candidate in cell]
 
 
+def _first_error(rows, provider: str) -> str | None:
+    """Why ``provider`` failed, from the first of its rows that says (the benchmarks' error rows), else None."""
+    return next((r["error"] for r in rows if r["provider"] == provider and r.get("error")), None)
+
+
 def _decode_candidate(rows, baseline: str, candidate: str, value: str, what: str):
     """``(value or None, why, graph gain or None)``: ``value`` if ``candidate`` agreed with classic in every row and
     beat ``baseline`` under graphs (geomean >= MIN_GAIN) without losing eager beyond noise."""
@@ -55,7 +60,7 @@ def _decode_candidate(rows, baseline: str, candidate: str, value: str, what: str
         return None, "no decode_bench.json", None
     if not any(r["provider"] == candidate for r in rows):
         return None, f"{what}: no {candidate!r} rows", None
-    error = next((r["error"] for r in rows if r["provider"] == candidate and r.get("error")), None)
+    error = _first_error(rows, candidate)
     if error is not None:
         return None, f"{what}: {candidate} failed ({error}): kept the default", None
     if any(r["provider"] == candidate and r.get("matches_classic") is not True for r in rows):
@@ -103,7 +108,7 @@ def choose_prefill_quant(rows):
     for scheme in ("rowwise", "resident"):
         if not any(r["provider"] == scheme for r in rows):
             continue
-        error = next((r["error"] for r in rows if r["provider"] == scheme and r.get("error")), None)
+        error = _first_error(rows, scheme)
         if error is not None:
             reasons.append(f"{scheme} failed ({error})")
             continue

@@ -31,3 +31,20 @@ class Failures:
         except Exception as error:  # noqa: BLE001  any failure of one provider: the others go on
             self.record(name, where, error)
             return None
+
+
+def failure_notes(rows: list[dict]) -> list[str]:
+    """Markdown lines naming each failed provider of ``rows`` (rows whose ``"error"`` says why) with its error, for
+    under a report's table; [] when none failed."""
+    failed = dict.fromkeys((row["provider"], row["error"]) for row in rows if row.get("error"))
+    if not failed:
+        return []
+    return ["", "Failed (no times from the failure on):", ""] + [f"- {name}: {why}" for name, why in failed]
+
+
+def exit_if_any_failed(rows: list[dict]) -> None:
+    """Once the results are written: a nonzero exit naming the providers of ``rows`` that failed, so that a script
+    running the benchmark sees it."""
+    failed = sorted({row["provider"] for row in rows if row.get("error")})
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed (see the report's notes)")
