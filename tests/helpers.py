@@ -22,7 +22,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
-
 @contextlib.contextmanager
 def torch_threads(count: int):
     """Within the block torch (and so the CPU library, which takes torch's count) runs on ``count`` threads; the

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import int8mm
+from helpers import torch_threads
 from int8mm.cli import main
 
 WORDS = "the state of our union is strong and we will work together for a better future".split()
@@ -487,15 +488,11 @@ def test_busy_host_warning_suggests_one_thread_only_to_runs_with_more(capsys, mo
     from int8mm.cli import compare
 
     monkeypatch.setattr(compare, "load_average", lambda: 99.0)
-    threads = torch.get_num_threads()
-    try:
-        for count, advised in ((2, True), (1, False)):
-            torch.set_num_threads(count)
+    for count, advised in ((2, True), (1, False)):
+        with torch_threads(count):
             compare._warn_if_busy(torch.device("cpu"))
-            err = capsys.readouterr().err
-            assert "the host is busy (load average 99.0" in err and ("--threads 1 steadies them" in err) == advised
-    finally:
-        torch.set_num_threads(threads)
+        err = capsys.readouterr().err
+        assert "the host is busy (load average 99.0" in err and ("--threads 1 steadies them" in err) == advised
 
 
 def test_eval_refuses_a_skip_pattern_that_matches_no_module(capsys, tiny_checkpoint, text_file):
