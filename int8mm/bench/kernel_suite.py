@@ -135,7 +135,7 @@ def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: 
     timed, or captured) is recorded in ``failures`` and left out from then on: it costs no other provider's
     rows, and a graph capture that fails costs none of its eager rows."""
     where = f"{shape.name} M={m}"
-    active, errors = [], []
+    active, errors, first_args = [], [], []
     for provider in (p for p in providers if m >= p.min_m and p.name not in failures.errors):
         try:
             args = provider.args(xs[0])
@@ -143,10 +143,11 @@ def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: 
                 provider.fn(*args)  # _error does not call it: a failure shows here rather than in the timing
             errors.append(_error(provider, args, xs[0], weight, m))
             active.append(provider)
+            first_args.append(args)
         except Exception as error:  # noqa: BLE001
             failures.record(provider.name, where, error)
     if device.type != "cuda":
-        inputs = [[p.args(x) for x in xs] for p in active]
+        inputs = [[args, *(p.args(x) for x in xs[1:])] for p, args in zip(active, first_args)]
         eager = time_side_by_side(device, [(p.fn, args) for p, args in zip(active, inputs)], config.warmup,
                                   config.reps, config.max_seconds)
         return [_row(p, shape, m, "eager", timing, error, ceilings) for p, timing, error in zip(active, eager, errors)]
