@@ -37,7 +37,8 @@ class BuildPyWithCuda(build_py):
             print("int8mm: nvcc not found; the CUDA backend will need `make cuda` later")
             return
         # an editable install uses the sources in place; a regular one ships the library in the package
-        out_dir = ROOT / "kernels" / "cuda" if self.editable_mode else Path(self.build_lib) / "int8mm" / "kernels" / "cuda"
+        package_dir = ROOT if self.editable_mode else Path(self.build_lib) / "int8mm"
+        out_dir = package_dir / "kernels" / "cuda"
         cuda_build.build(out_dir, src=ROOT / "kernels" / "cuda")
 
 

@@ -40,7 +40,8 @@ int main(int argc, char** argv) {
   float* s_w = malloc(sizeof(float) * N);
   for (int64_t i = 0; i < N; ++i) s_w[i] = 1.0f;
   float* out = malloc(sizeof(float) * N);
-  struct int8mm_cpu_linear_call call = {(int64_t)x, 2, 1, K, K, 1, 0, (int64_t)s_w, N, 0, 0, (int64_t)out, threads, 0.0};
+  struct int8mm_cpu_linear_call call = {(int64_t)x, 2, 1, K, K, 1, 0, (int64_t)s_w, N, 0, 0, (int64_t)out,
+                                        threads, 0.0};
   double best = 1e30;
   for (int round = 0; round < 7; ++round) {
     const double start = seconds();

@@ -136,7 +136,8 @@ def choose_prefill_gemm(rows):
                              "triton persistent fused"))
     if gain is None:
         return None, "prefill GEMM: no cell with both fused schedules"
-    return ("persistent" if gain >= MIN_GAIN else None), f"prefill GEMM: persistent vs classic (fused) geomean {gain:.3f}x"
+    verdict = f"prefill GEMM: persistent vs classic (fused) geomean {gain:.3f}x"
+    return ("persistent" if gain >= MIN_GAIN else None), verdict
 
 
 CHOOSERS = {

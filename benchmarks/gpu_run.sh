@@ -80,7 +80,8 @@ fi
 # a carried prebuilt library: name it, since copying can leave the sources newer than it (it would rebuild), but
 # only if it loads there (built elsewhere, it may not): otherwise the library is built there at first use (nvcc)
 CARRIED_LIB="$PWD/kernels/cuda/libint8mm_cuda.so"
-if [ -f "$CARRIED_LIB" ] && python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$CARRIED_LIB" 2>>"$WORK/install.log"
+if [ -f "$CARRIED_LIB" ] \
+  && python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$CARRIED_LIB" 2>>"$WORK/install.log"
 then export INT8MM_CUDA_LIB="$CARRIED_LIB"; else echo "the carried CUDA library does not load: built at first use"; fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv

@@ -9,7 +9,8 @@ dest=${1:-.devsite}; shift || true
 packages=("bitsandbytes==0.50.2" "peft==0.21.2" "setuptools==84.2.1" "$@")
 rm -rf "$dest" && mkdir -p "$dest"
 python3 -m pip install -q --no-deps --only-binary=:all: --target "$dest" --implementation cp --python-version 3.12 \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 \
   --platform any "${packages[@]}"
 find "$dest/bitsandbytes" -maxdepth 1 -name 'libbitsandbytes_*.so' \
   ! -name 'libbitsandbytes_cuda130.so' ! -name 'libbitsandbytes_cpu.so' -delete

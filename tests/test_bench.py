@@ -311,7 +311,8 @@ def test_model_suite_on_a_tiny_llama(capsys):
 
 
 def test_bench_cpu_script_writes_its_files(tmp_path):
-    load_benchmark("bench_cpu").main(["--quick", "--roles", "down_proj", "--m", "1", "--reps", "2", "--out", str(tmp_path)])
+    load_benchmark("bench_cpu").main(["--quick", "--roles", "down_proj", "--m", "1", "--reps", "2",
+                                      "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "cpu_bench.json").read_text())["rows"]
     assert {r["shape"] for r in rows} == {"SmolLM2-135M down_proj"}
     assert (tmp_path / "cpu_bench.md").exists() and (tmp_path / "cpu_bench.png").exists()
@@ -362,7 +363,8 @@ def test_interleaved_timing_takes_turns(monkeypatch):
 def test_accuracy_script_report():
     from int8mm.evaluate import SideBySide
     nll = {"reference": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)}
-    nll |= {"bnb_6": nll["reference"] + 0.1, "int8mm_6": nll["reference"] + torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64),
+    nll |= {"bnb_6": nll["reference"] + 0.1,
+            "int8mm_6": nll["reference"] + torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64),
             "int8mm_0": nll["reference"] + 0.3}
     kl = {name: values - nll["reference"] for name, values in nll.items()}
     module = load_benchmark("accuracy_smollm2")

@@ -129,8 +129,8 @@ def test_linear8bitlt_runs_on_cpu():
 def test_error_not_above_linear8bitlt_same_quantization(m, k, n, dtype):
     """With fp16-exact inputs and power-of-two row scales both libraries hold the very same int8 values, so any
     difference in error comes from the arithmetic after the GEMM. Error = Frobenius norm of (y - float64);
-    slack 1.0001 covers rounding noise (ratios measured within 1 +- 1e-4 even at 256 outputs; these cases have >= 8K). The largest
-    single error may differ by bitsandbytes' 1.8e-5 relative scale bias plus one output rounding."""
+    slack 1.0001 covers rounding noise (ratios measured within 1 +- 1e-4 even at 256 outputs; these cases have
+    >= 8K). The largest single error may differ by bitsandbytes' 1.8e-5 relative scale bias plus one output rounding."""
     w = _power_of_two_rows(random_weight(n, k, seed=k), 0.125, seed=1).half().float()
     bias = torch.randn(n).half().float()
     x = _power_of_two_rows(planted_outliers(m, k, seed=m), 4.0, seed=2).half().to(dtype)

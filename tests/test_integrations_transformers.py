@@ -95,7 +95,8 @@ def test_disk_offload_quantizes_disk_layers_too(float_llama, tmp_path, token_ids
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(), device_map=device_map,
                                                  offload_folder=tmp_path / "offload", offload_buffers=True)
-    assert isinstance(model.model.layers[1].mlp.up_proj, Int8Linear) and model.model.layers[1].mlp.up_proj.weight.is_meta
+    up_proj = model.model.layers[1].mlp.up_proj
+    assert isinstance(up_proj, Int8Linear) and up_proj.weight.is_meta
     assert (tmp_path / "offload" / "model.layers.1.mlp.up_proj.weight.dat").stat().st_size == 128 * 64
     assert model.config.quantization_config.skip_modules == ["lm_head"]
     reference = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig())

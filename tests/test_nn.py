@@ -145,7 +145,8 @@ def test_state_dict_layout():
     sd = layer.state_dict()
     assert set(sd) == {"weight", "SCB", "bias", "weight_format"}
     assert sd["weight"].dtype == torch.int8 and sd["SCB"].dtype == torch.float32
-    assert sd["weight_format"].dtype == torch.uint8 and sd["weight_format"].shape == () and int(sd["weight_format"]) == 0
+    marker = sd["weight_format"]
+    assert marker.dtype == torch.uint8 and marker.shape == () and int(marker) == 0
     assert set(Int8Linear.from_linear(_linear(bias=False)).state_dict()) == {"weight", "SCB", "weight_format"}
     nested = nn.Sequential(layer).state_dict()
     assert set(nested) == {"0.weight", "0.SCB", "0.bias", "0.weight_format"}

@@ -108,7 +108,8 @@ def test_int8mm_is_no_worse_than_bitsandbytes(scores):
 def test_threshold_zero_is_measurably_worse(scores):
     assert scores.perplexity("int8mm_0") > scores.perplexity("int8mm_6")
     mean, stderr = scores.paired_difference("int8mm_0", "int8mm_6", metric="kl")
-    print(f"\nthreshold 0 - threshold 6, KL to fp32: {mean:+.2e} +- {stderr:.2e} ({mean / stderr:+.1f} standard errors)")
+    print(f"\nthreshold 0 - threshold 6, KL to fp32: {mean:+.2e} +- {stderr:.2e} "
+          f"({mean / stderr:+.1f} standard errors)")
     assert mean > Z_MEASURABLE * stderr
 
 

@@ -297,7 +297,8 @@ def main():
             report["gemm"][f"{arch}/{config_id('prefill', config)}"] = compile_gemm(config, target)
         for config in triton_backend.DECODE_CONFIGS:
             for out_type in ("fp16", "bf16", "fp32"):
-                report["gemm"][f"{arch}/{config_id('decode', config)}/{out_type}"] = compile_gemm(config, target, out_type)
+                key = f"{arch}/{config_id('decode', config)}/{out_type}"
+                report["gemm"][key] = compile_gemm(config, target, out_type)
         for config in triton_splitk.SPLITK_CONFIGS:
             for out_type in ("fp16", "bf16", "fp32"):
                 key = f"{arch}/{config_id('splitk', config)}-s{config.num_stages}-w{config.num_warps}/{out_type}"

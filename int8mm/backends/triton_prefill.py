@@ -98,7 +98,8 @@ def persistent_unsupported(q_x: torch.Tensor, q_w: torch.Tensor) -> str | None:
     if capability is not None and capability < TMA_MIN_CAPABILITY:
         return f"it needs TMA (sm_90 or newer), this GPU is sm_{capability[0]}{capability[1]}"
     if _host_tensor_descriptor_class() is None:
-        return f"it needs host-side TMA descriptors (triton.tools.tensor_descriptor), which triton {triton.__version__} lacks"
+        return (f"it needs host-side TMA descriptors (triton.tools.tensor_descriptor), which triton "
+                f"{triton.__version__} lacks")
     if q_x.numel() == 0 or q_w.numel() == 0:
         return "an operand has no elements"
     for name, t in (("q_x", q_x), ("q_w", q_w)):

@@ -275,9 +275,10 @@ def prepare_model_for_training(model: nn.Module, use_gradient_checkpointing: boo
     """What peft's ``prepare_model_for_kbit_training`` does for a bitsandbytes model, for an int8mm model.
 
     Freezes every parameter, casts fp16/bf16 parameters (norms, embeddings, biases) to fp32 as peft does (the
-    int8 weights and fp32 scales, buffers or frozen parameters, stay as they are), and with ``use_gradient_checkpointing``
-    enables gradient checkpointing and makes the input embeddings' output require grad (needed by the re-entrant
-    checkpointing that ``use_reentrant`` selects). Returns ``model`` (changed in place).
+    int8 weights and fp32 scales, buffers or frozen parameters, stay as they are), and with
+    ``use_gradient_checkpointing`` enables gradient checkpointing and makes the input embeddings' output
+    require grad (needed by the re-entrant checkpointing that ``use_reentrant`` selects).
+    Returns ``model`` (changed in place).
 
     Raises:
         TypeError: ``use_gradient_checkpointing`` on a model without ``gradient_checkpointing_enable`` (not a

@@ -55,11 +55,11 @@ def load_in_8bit(
 
     The model is built on the meta device (``accelerate.init_empty_weights``), the ``nn.Linear`` (and
     transformers ``Conv1D``) layers that ``int8mm.selection`` picks (as for ``quantize_model``,
-    ``attach_int8_hooks`` and ``from_pretrained``) are swapped for empty ``Int8Linear``, and the safetensors shards are read
-    through a memory map one tensor at a time: a float Linear weight is quantized block by block on its target
-    device, an int8 one (an int8mm or bitsandbytes checkpoint: ``weight``, ``SCB``, ``weight_format``) is copied
-    as is, every other tensor is copied (cast to the model's dtype). Peak memory, both process RSS and device
-    memory, stays within the finished model plus about one full-precision layer.
+    ``attach_int8_hooks`` and ``from_pretrained``) are swapped for empty ``Int8Linear``, and the safetensors
+    shards are read through a memory map one tensor at a time: a float Linear weight is quantized block by block
+    on its target device, an int8 one (an int8mm or bitsandbytes checkpoint: ``weight``, ``SCB``,
+    ``weight_format``) is copied as is, every other tensor is copied (cast to the model's dtype). Peak memory,
+    both process RSS and device memory, stays within the finished model plus about one full-precision layer.
 
     Args:
         model_dir_or_class_and_checkpoint: a transformers checkpoint directory (config.json + safetensors), or a

@@ -67,7 +67,9 @@ static inline __m512 load16(const void* base, int dtype, int64_t offset, __mmask
   }
 }
 
-static inline __mmask16 tail_mask16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+static inline __mmask16 tail_mask16(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+}
 
 // Pass 1 of one contiguous row, 16 lanes at a time; the same decisions as the scalar loop below, lane by lane
 // (max is exact, so the order of the maxima does not matter).
