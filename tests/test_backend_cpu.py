@@ -406,6 +406,36 @@ def test_the_portable_loops_match_too(monkeypatch, tmp_path, march):
         cpu_backend.library.cache_clear()
 
 
+def test_cc_with_arguments_builds_the_library(monkeypatch, tmp_path):
+    """$CC as make reads it: a program and its arguments (``ccache gcc``, ``gcc -pthread``), not a file name."""
+    plain = cpu_build.compiler()
+    if plain is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.setenv("CC", f"{plain[0]} -pthread")
+    assert cpu_build.compiler() == [plain[0], "-pthread"]
+    assert cpu_build.build(tmp_path, march="x86-64" if platform.machine() in ("x86_64", "AMD64") else "native").exists()
+
+
+@pytest.mark.parametrize("named", ["no-such-cc-int8mm -O2", "'unbalanced"])
+def test_cc_naming_no_program_says_which_value(monkeypatch, tmp_path, named):
+    monkeypatch.setenv("CC", named)
+    assert cpu_build.compiler() is None
+    with pytest.raises(RuntimeError, match=f"CC={named!r} names no program found on the PATH"):
+        cpu_build.build(tmp_path)
+
+
+def test_library_paths_from_the_environment_expand_home(monkeypatch, tmp_path):
+    """A ``~`` in INT8MM_CPU_LIB or INT8MM_CACHE set without a shell (a quoted value, a Docker ENV) means the home
+    directory, not a folder named ``~`` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "lib.so").write_bytes(b"")
+    monkeypatch.setenv("INT8MM_CPU_LIB", "~/lib.so")
+    assert cpu_build.library_path() == tmp_path / "lib.so"
+    monkeypatch.setenv("INT8MM_CACHE", "~/cache")
+    from int8mm.backends import cuda_build
+    assert cuda_build.cache_root() == tmp_path / "cache"
+
+
 def test_the_c_library_and_python_agree_on_the_fused_row_limit():
     """The C entry point refuses more rows than its #define with a bare 'invalid argument': the Python side
     must send it exactly the calls it takes."""

@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -40,9 +41,26 @@ def sources() -> list[Path]:
     return sorted(source_dir().glob("*.c"))
 
 
-def compiler() -> str | None:
-    named = os.environ.get("CC")
-    return shutil.which(named) if named else (shutil.which("cc") or shutil.which("gcc"))
+def compiler() -> list[str] | None:
+    """The C compiler's command line: ``$CC`` split into words as make and setuptools read it (``ccache gcc``,
+    ``gcc -pthread``), its program found on the PATH; else cc or gcc. None if there is no such program."""
+    named = os.environ.get("CC", "").strip()
+    if not named:
+        found = shutil.which("cc") or shutil.which("gcc")
+        return [found] if found else None
+    try:
+        words = shlex.split(named)
+    except ValueError:  # an unbalanced quote: no command at all (build() says which value)
+        return None
+    found = shutil.which(words[0])
+    return [found, *words[1:]] if found else None
+
+
+def _no_compiler_reason() -> str:
+    named = os.environ.get("CC", "").strip()
+    if named:
+        return f"CC={named!r} names no program found on the PATH: {HOW_TO_BUILD}"
+    return f"no C compiler found: {HOW_TO_BUILD}"
 
 
 def cpu_features() -> str:
@@ -58,7 +76,7 @@ def cpu_features() -> str:
 
 
 def build_hash() -> str:
-    digest = hashlib.sha256(" ".join([*CFLAGS, str(compiler()), cpu_features()]).encode())
+    digest = hashlib.sha256(" ".join([*CFLAGS, *(compiler() or ["none"]), cpu_features()]).encode())
     for source in sources():
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
@@ -71,17 +89,17 @@ def build(out_dir: Path, march: str = "native") -> Path:
     tests also check."""
     cc = compiler()
     if cc is None:
-        raise RuntimeError(f"no C compiler found: {HOW_TO_BUILD}")
+        raise RuntimeError(_no_compiler_reason())
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / LIBRARY_NAME
     fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{LIBRARY_NAME}.", suffix=".tmp")
     os.close(fd)
     try:
         flags = [flag if flag != "-march=native" else f"-march={march}" for flag in CFLAGS]
-        done = subprocess.run([cc, *flags, "-o", partial, *map(str, sources())],
+        done = subprocess.run([*cc, *flags, "-o", partial, *map(str, sources())],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"{shlex.join(cc)} failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
         os.chmod(partial, 0o755)
         os.replace(partial, target)
     finally:
@@ -94,9 +112,10 @@ def library_path() -> Path:
     """The library, compiled into the cache under a file lock if it is missing."""
     explicit = os.environ.get(LIBRARY_ENV_VAR)
     if explicit:
-        if not Path(explicit).exists():
+        path = Path(explicit).expanduser()  # a value set without a shell (a quoted ~, a Docker ENV) too
+        if not path.exists():
             raise FileNotFoundError(f"{LIBRARY_ENV_VAR}={explicit} does not exist")
-        return Path(explicit)
+        return path
     out_dir = cache_root() / "cpu" / build_hash()
     target = out_dir / LIBRARY_NAME
     if target.exists():

@@ -93,10 +93,10 @@ def _umask() -> int:
 
 
 def cache_root() -> Path:
-    """``$INT8MM_CACHE``, else (unset or empty) ``~/.cache/int8mm``: HOME is only read then. int8mm.assets
-    caches the converted SmolLM2 checkpoint here too."""
+    """``$INT8MM_CACHE`` (a leading ``~`` expanded, as a shell would), else (unset or empty)
+    ``~/.cache/int8mm``. int8mm.assets caches the converted SmolLM2 checkpoint here too."""
     root = os.environ.get(CACHE_ENV_VAR)
-    return Path(root) if root else Path.home() / ".cache" / "int8mm"
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "int8mm"
 
 
 def cache_dir() -> Path:
@@ -115,7 +115,7 @@ def find_library() -> Path | None:
     """The library to load, without building anything; None if there is none."""
     explicit = os.environ.get(LIBRARY_ENV_VAR)
     if explicit:
-        return Path(explicit)
+        return Path(explicit).expanduser()
     in_place = source_dir() / LIBRARY_NAME
     if _fresh(in_place):
         return in_place
