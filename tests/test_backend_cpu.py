@@ -406,6 +406,21 @@ def test_the_portable_loops_match_too(monkeypatch, tmp_path, march):
         cpu_backend.library.cache_clear()
 
 
+def test_refresh_from_environment_reads_int8mm_cpu_lib_again(monkeypatch):
+    """A process that turns the library off (or names another) and calls refresh_from_environment gets what the
+    variable says now, not the library loaded before."""
+    assert cpu_backend.library_available()
+    monkeypatch.setenv("INT8MM_CPU_LIB", "none")
+    int8mm.backends.refresh_from_environment()
+    try:
+        assert cpu_backend.library_available() is False
+        assert int8mm.backends.backend_for(None, torch.device("cpu")) == "reference"
+    finally:
+        monkeypatch.undo()
+        int8mm.backends.refresh_from_environment()
+    assert int8mm.backends.backend_for(None, torch.device("cpu")) == "cpu"
+
+
 def test_cc_with_arguments_builds_the_library(monkeypatch, tmp_path):
     """$CC as make reads it: a program and its arguments (``ccache gcc``, ``gcc -pthread``), not a file name."""
     plain = cpu_build.compiler()

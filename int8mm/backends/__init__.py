@@ -342,12 +342,18 @@ def set_default_backend(backend) -> None:
 
 def refresh_from_environment() -> None:
     """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM, INT8MM_PREFILL_QUANT,
-    INT8MM_PDL, INT8MM_TRITON_LAUNCH, INT8MM_AUTOTUNE and INT8MM_KEEP_BUFFERS again at the next op call (they are
-    read once otherwise), and free the decode buffers kept so far (``scratch.release``)."""
+    INT8MM_PDL, INT8MM_TRITON_LAUNCH, INT8MM_AUTOTUNE, INT8MM_KEEP_BUFFERS, INT8MM_CPU_LIB and INT8MM_CUDA_LIB again
+    at the next op call (they are read once otherwise), and free the decode buffers kept so far
+    (``scratch.release``). A library loaded before stays mapped; the next call loads the one named now."""
     from . import scratch  # imports this module
 
     scratch.release()
-    _probe_cuda_library.cache_clear()  # INT8MM_CUDA_LIB may name another library now
+    _probe_cuda_library.cache_clear()
+    for name in ("cpu", "cuda"):  # INT8MM_CPU_LIB / INT8MM_CUDA_LIB may name another library now, or none
+        module = sys.modules.get(f"{__name__}.{name}")
+        if module is not None:
+            module.library.cache_clear()
+            module.library_available.cache_clear()
     global _triton_interpreting
     _triton_interpreting = None
     _settings.clear()
