@@ -175,6 +175,21 @@ def test_views_spanning_more_than_2_to_31_elements(layout, backend):
     assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, 6.0)))
 
 
+@requires_cuda
+def test_rows_beyond_one_grid_dimension(backend):
+    """More row tiles than a CUDA grid's y dimension holds (65535 blocks: 8,388,480 rows of 128, the CUDA
+    library's GEMM tile): the product covers every row, the last one included."""
+    m, k, n = 65535 * 128 + 1, 16, 8
+    x = torch.randn(m, k, dtype=torch.float16, device=DEVICE)
+    x[:, 3] = 8.0  # an outlier column the epilogue reads for every row
+    x[-1] = torch.arange(k, dtype=torch.float16, device=DEVICE)
+    q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
+    assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, 6.0)))
+    q_x = _ops.quantize_activations(x, 0.0, "reference")[0]
+    expected, got = _both(_ops.int8_matmul, backend, q_x, q_w)
+    assert torch.equal(got, expected)
+
+
 def test_empty_batch(backend):
     q_w, s_w = int8mm.quantize_weight(random_weight(8, 32).to(DEVICE))
     x = torch.empty(0, 32, dtype=torch.float16, device=DEVICE)

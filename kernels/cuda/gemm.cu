@@ -13,6 +13,7 @@ constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 32;
 constexpr int kTilesM = kWarpTileM / kMmaM, kTilesN = kWarpTileN / kMmaN;  // 4 x 4
 // a shared-memory row is BK bytes plus 16: fragment loads of the 8 row groups then hit distinct banks
 constexpr int kSmemStride = kBK + 16;
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on a grid's second dimension
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -62,7 +63,10 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_kernel(GemmArgs args) 
   __shared__ __align__(16) int8_t smem_a[2][kBM * kSmemStride];
   __shared__ __align__(16) int8_t smem_b[2][kBN * kSmemStride];
   const int64_t M = args.M, N = args.N, K = args.K;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  // row tiles span grid.y and grid.z (launch_gemm_typed): a grid's y is at most 65535 blocks
+  const int64_t m_tile = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+  const int64_t m0 = m_tile * kBM, n0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  if (m0 >= M) return;  // the last z slice's surplus tiles: the whole block leaves, before any barrier
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
   const int group = lane / 4, thread_in_group = lane % 4;
@@ -179,7 +183,11 @@ __global__ void __launch_bounds__(kGemmThreads) int8_gemm_kernel(GemmArgs args) 
 
 template <typename T, typename TBias, bool kFused>
 int launch_gemm_typed(const GemmArgs& args, cudaStream_t stream) {
-  dim3 grid(static_cast<unsigned>(ceil_div(args.N, kBN)), static_cast<unsigned>(ceil_div(args.M, kBM)));
+  // CUDA caps grid.y at 65535 blocks (8,388,480 rows of 128): more row tiles continue in grid.z
+  const int64_t m_tiles = ceil_div(args.M, kBM);
+  const int64_t grid_y = m_tiles < kMaxGridY ? m_tiles : kMaxGridY;
+  dim3 grid(static_cast<unsigned>(ceil_div(args.N, kBN)), static_cast<unsigned>(grid_y),
+            static_cast<unsigned>(ceil_div(m_tiles, grid_y)));
   const bool aligned = args.K % 16 == 0 && reinterpret_cast<uintptr_t>(args.a) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(args.b) % 16 == 0;
   if (aligned)

@@ -20,7 +20,7 @@ enum int8mm_dtype { INT8MM_FP16 = 0, INT8MM_BF16 = 1, INT8MM_FP32 = 2 };
 INT8MM_API int int8mm_abi_version(void);
 INT8MM_API const char* int8mm_error_string(int code);
 
-// Bytes of int32 scratch the activation passes need for an [M, K] input (zeroed by the library).
+// How many int32 of scratch the activation passes need for an [M, K] input (zeroed by the library).
 INT8MM_API int64_t int8mm_workspace_ints(int64_t M, int64_t K);
 
 // q_x int8 [M, K] (contiguous), s_x fp32 [M], outlier_cols int32 [K] (ascending, first *count valid),
