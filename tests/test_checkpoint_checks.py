@@ -197,6 +197,22 @@ def test_broken_saved_quantization_config(broken, message, int8_checkpoint, tmp_
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"config\.json: " + message):
         load_in_8bit(tmp_path, progress=False)
+    if isinstance(broken, dict) and broken.get("quant_method") == "int8mm":  # transformers loads it with int8mm
+        with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+            AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_without_format_markers_loads_on_every_path(int8_checkpoint, tmp_path):
+    """``weight_format`` may be left out of an 8-bit checkpoint (it is a constant): transformers left the buffer
+    uninitialized and the check then read whatever byte was there."""
+    source, tensors = int8_checkpoint
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    _rewrite(tmp_path, {key: value for key, value in tensors.items() if not key.endswith(".weight_format")})
+    expected = logits(load_in_8bit(source, progress=False), tiny_token_ids())
+    for model in (load_in_8bit(tmp_path, progress=False), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        markers = {key: int(value) for key, value in model.state_dict().items() if key.endswith(".weight_format")}
+        assert markers and set(markers.values()) == {0}
+        assert torch.equal(logits(model, tiny_token_ids()), expected)
 
 
 # ---- a bitsandbytes checkpoint's own threshold is the one it loads with ----

@@ -34,7 +34,7 @@ from ..loading.offload import offload_loaders, requantize_offloaded_weights
 from ..loading.offload_folders import claim_offload_folder, offload_identity, warn_if_overwritten
 from ..loading.tasks import quantize_in_blocks
 from ..nn import Int8Linear
-from ..weight_format import FORMAT, SCALE, WEIGHT, format_marker
+from ..weight_format import FORMAT, SCALE, WEIGHT, WEIGHT_FORMAT_ROW, format_marker
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 # 5.0 replaced create_quantized_param/check_quantized_param with conversion ops on the loading path
@@ -54,6 +54,18 @@ class Int8MMConfig(_config.Int8MMConfig, QuantizationConfigMixin):
     """``int8mm.Int8MMConfig`` as transformers builds it from config.json: the same fields and checks, plus
     the ``QuantizationConfigMixin`` base that transformers' registry requires. ``int8mm.Int8MMConfig`` itself
     works as ``from_pretrained(..., quantization_config=...)`` without this class."""
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs: bool = False, **kwargs):
+        """``int8mm.Int8MMConfig.from_dict``, for the ``quantization_config`` saved in a checkpoint's config.json
+        (what transformers calls it with): a broken one raises ``CheckpointError`` naming the file and the key,
+        as ``load_in_8bit`` does (transformers does not pass the file's path here)."""
+        try:
+            return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+        except (TypeError, ValueError) as exc:
+            field = str(exc).split(" ", 1)[0]
+            key = f"quantization_config.{field}" if field in _config.SERIALIZED_FIELDS else "quantization_config"
+            raise CheckpointError(f"config.json: {key!r} is broken: {exc}") from None
 
 
 class HfInt8Linear(Int8Linear):
@@ -167,6 +179,8 @@ class Int8MMHfQuantizer(HfQuantizer):
         # safetensors' "incomplete metadata", and cast a wrongly typed tensor silently)
         self.checkpoint_files = list(checkpoint_files or [])
         self.headers = check_before_loading(model, self.checkpoint_files, self.pre_quantized, self.transposed)
+        # the marker is a constant a checkpoint may leave out (set after loading): not a "missing" key in the report
+        model._keys_to_ignore_on_load_missing = {*(model._keys_to_ignore_on_load_missing or ()), rf"\.{FORMAT}$"}
         return model
 
     def get_new_dtype(self, converter, param, dtype):
@@ -187,6 +201,9 @@ class Int8MMHfQuantizer(HfQuantizer):
             if isinstance(module, Int8Linear):
                 for param in (module.weight, module.SCB):  # the loader makes float parameters trainable
                     param.requires_grad_(False)
+                marker = module._buffers.get(FORMAT)
+                if marker is not None and not marker.is_meta:  # a marker the checkpoint lacked is uninitialized memory
+                    marker.fill_(WEIGHT_FORMAT_ROW)  # a stored one was checked to be this value
         if not self.pre_quantized:
             # transformers' disk offload index still points at the checkpoint's float weight of layers quantized
             # on load: write their int8 weights to the offload folder and point the index there
