@@ -149,6 +149,22 @@ def test_import_int8mm_does_not_import_transformers_and_registers_later():
 
 
 @pytest.mark.slow
+def test_from_pretrained_needs_no_accelerate_without_offload(tmp_path):
+    """transformers 5 loads without accelerate, and so must its int8mm method when nothing is offloaded (the
+    offload fix-up imported accelerate on every load)."""
+    tiny_llama(outlier_dims=False).save_pretrained(tmp_path)
+    out = _run(f"""
+        import sys
+        sys.modules["accelerate"] = None  # as if it were not installed: importing it raises
+        import int8mm
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, quantization_config=int8mm.Int8MMConfig())
+        print(type(model.model.layers[0].mlp.up_proj).__name__, "accelerate" in sys.modules and sys.modules["accelerate"])
+    """)
+    assert out.split() == ["HfInt8Linear", "None"]
+
+
+@pytest.mark.slow
 def test_registration_when_transformers_came_first():
     out = _run("""
         import transformers.quantizers.auto as auto

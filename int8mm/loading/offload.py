@@ -25,11 +25,14 @@ def requantize_offloaded_weights(model: nn.Module, transposed: dict[str, bool], 
     Returns:
         The names of the weights rewritten.
     """
+    loaders = offload_loaders(model)
+    if not loaders:  # nothing offloaded to a folder: accelerate may not even be installed
+        return []
     from accelerate.utils import offload_weight
     from safetensors import safe_open
 
     rewritten = []
-    for loader in offload_loaders(model):
+    for loader in loaders:
         for name, module in model.named_modules():
             key = f"{name}.weight"
             info = loader.index.get(key)
