@@ -385,6 +385,18 @@ def test_bench_gpu_script_says_it_needs_a_gpu(monkeypatch):
         load_benchmark("bench_gpu").main(["--out", "x"])
 
 
+@pytest.mark.parametrize("suite, expected", [("all", ["host", "kernels", "model"]), ("host", ["host"]),
+                                             ("kernels", ["kernels"]), ("model", ["model"])])
+def test_bench_suite_all_runs_the_three(suite, expected, tmp_path, monkeypatch):
+    from int8mm.cli import bench as bench_cli
+    ran = []
+    monkeypatch.setattr(bench_cli, "_run_host_suite", lambda device, out: ran.append("host"))
+    monkeypatch.setattr(bench_cli, "_run_kernel_suite", lambda config, device, out: ran.append("kernels") or 0)
+    monkeypatch.setattr(bench_cli, "_run_model_suite", lambda config, device, out: ran.append("model") or 0)
+    assert main(["bench", "--suite", suite, "--out", str(tmp_path)]) == 0
+    assert ran == expected
+
+
 def test_host_suite_times_the_framework_around_a_stand_in(tmp_path, capsys):
     """The host-overhead benchmark runs and reports; its figure is a measurement, never asserted here."""
     from int8mm.backends import registry

@@ -18,7 +18,8 @@ The kernel suite times every provider on layer shapes of Llama-3-8B/70B, OPT-6.7
 planted outlier columns, and writes DIR/{cpu,gpu}_bench.json (long-form rows), .md and .png. The model
 suite (--suite model) times prefill and decode of a random-weight Llama in float, bitsandbytes 8-bit and
 int8mm 8-bit, and writes DIR/{cpu,gpu}_model_bench.json and .md. The host suite (--suite host) times
-int8mm's own Python path per call around a stand-in backend, and writes DIR/{cpu,gpu}_host_bench.json and .md."""
+int8mm's own Python path per call around a stand-in backend, and writes DIR/{cpu,gpu}_host_bench.json and .md.
+--suite all runs the three."""
 SUITES = ("kernels", "model", "all", "host")
 # options that only one suite reads (None when not given): given to the other suite alone, they are an error
 KERNEL_ONLY = ("models", "roles", "m", "backends", "outlier_cols", "outlier_low", "outlier_high", "graph_max_m",
@@ -67,7 +68,7 @@ def run(args) -> int:
         raise CliError(str(exc)) from None
     out = output_dir(args.out, "--out")  # made last: a refused command leaves no directory behind
     with contextlib.redirect_stdout(ReaderMayLeave(sys.stdout)) as stdout:
-        if args.suite == "host":
+        if args.suite in ("host", "all"):
             _run_host_suite(device, out)
         failed = _run_kernel_suite(kernel_config, device, out) if kernel_config is not None else 0
         failed += _run_model_suite(model_config, device, out) if model_config is not None else 0
