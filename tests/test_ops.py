@@ -132,6 +132,30 @@ def test_torch_compile_dynamic_fullgraph_of_the_module():
         assert torch.equal(compiled(x), layer(x))
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_a_dynamic_batch_compiles_and_exports_as_nn_linear_does(backend):
+    """The backend choice must not compare a symbolic M with the decode bounds where nothing depends on it (the
+    CPU), nor guard on the choices remembered so far: export with a dynamic M failed ("not all values of M
+    satisfy 2 <= M <= 16") and compile recompiled as M crossed 1 and 16."""
+    from torch._dynamo.testing import CompileCounter
+
+    layer = int8mm.Int8Linear.from_linear(torch.nn.Linear(64, 32), backend=backend)
+    rows = torch.export.Dim("rows", max=1024)
+    exported = torch.export.export(layer, (planted_outliers(4, 64),), dynamic_shapes=({0: rows},))
+    for m in (1, 7, 40):
+        x = planted_outliers(m, 64, seed=m)
+        assert torch.equal(exported.module()(x), layer(x))
+    counts = []
+    for module in (layer, torch.nn.Linear(64, 32)):  # torch specializes M = 1 for either: nn.Linear is the yardstick
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(module, backend=counter, dynamic=True)
+        for m in (2, 5, 17, 40, 1, 3):
+            compiled(planted_outliers(m, 64, seed=m))
+        counts.append(counter.frame_count)
+    assert counts[0] == counts[1]
+
+
 # on a GPU: the kernel backends' ops on CUDA tensors
 @pytest.mark.parametrize("gpu_backend", [pytest.param("triton", marks=requires_cuda),
                                          pytest.param("cuda", marks=requires_cuda)])

@@ -314,6 +314,8 @@ def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1) -> 
         device: the device of the op's inputs.
         rows: the call's M (AUTO chooses per regime: one row, up to DECODE_MAX_M, more).
     """
+    if torch.compiler.is_compiling():
+        return _backend_while_tracing(backend, device, rows)
     regime = regime_of(rows, device)
     key = (backend, device, regime)
     try:
@@ -329,6 +331,19 @@ def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1) -> 
     if generation == _generation:  # another thread changed the default meanwhile: do not store the old choice
         _resolved[key] = name
     return name
+
+
+def _backend_while_tracing(backend, device: torch.device, rows) -> str:
+    """``backend_for`` under torch.compile / export, where M may be symbolic: compared with the regimes' bounds
+    only where AUTO's choice on CUDA depends on it (each comparison is a guard: an export with a dynamic M
+    failed, and compile recompiled as M changed), and without the cache (dynamo guards on its contents)."""
+    choice = (_default_choice or default_backend()) if backend is None else parse_backend(backend)
+    if device.type != "cuda" or choice is not Backend.AUTO:
+        return resolve_backend(choice, device).value
+    by_regime = {regime: resolve_backend(choice, device, regime).value for regime in AUTO_PREFERENCE}
+    if len(set(by_regime.values())) == 1:
+        return by_regime["prefill"]
+    return by_regime[regime_of(rows, device)]
 
 
 def set_default_backend(backend) -> None:
