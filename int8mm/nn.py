@@ -75,17 +75,19 @@ class Int8Linear(nn.Module):
         checked = self.__dict__.get("_checked_layer")
         # the layer's own checks run once per (weight, SCB, bias, threshold) objects: .to(), .half(),
         # load_state_dict(assign=True) and attribute assignments bring new objects; in-place copies keep the
-        # dtype and shape, which are compared too (a `.data =` swap changes them under the same object).
+        # dtype and shape, which are compared too (a `.data =` swap changes them under the same object: a bias
+        # shrunk that way was read past its end by the CPU library).
         # Weak references: the cache must not keep tensors alive that the layer dropped (accelerate's offload
         # hooks swap the real weights in and out on every forward; .cuda() leaves the CPU copies behind).
         if (checked is None or checked[0]() is not weight or checked[1]() is not scale
                 or checked[3] is not threshold or checked[4] != (weight.dtype, weight.shape, scale.dtype, scale.shape)
                 or (checked[2]() if checked[2] is not None else None) is not bias
-                or (bias is not None and checked[5] is not bias.dtype)):
+                or (bias is not None and checked[5] != (bias.dtype, bias.shape))):
             F8.check_activations(x)  # x's errors first, as int8_linear gives them
             checked = (weakref.ref(weight), weakref.ref(scale), weakref.ref(bias) if bias is not None else None,
                        threshold, (weight.dtype, weight.shape, scale.dtype, scale.shape),
-                       bias.dtype if bias is not None else None, F8.check_linear_layer(weight, scale, bias, threshold))
+                       (bias.dtype, bias.shape) if bias is not None else None,
+                       F8.check_linear_layer(weight, scale, bias, threshold))
             self._checked_layer = checked
         try:
             return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[6], self.backend)

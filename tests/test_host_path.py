@@ -99,6 +99,12 @@ def test_layer_checks_follow_a_data_swap():
     layer.SCB.data = torch.ones(33, dtype=torch.float16)
     with pytest.raises(TypeError, match=r"s_w must be float32"):
         layer(x)
+    for backend in ("reference", "cpu"):  # the CPU library read a bias shrunk so past its end
+        layer = _layer(backend=backend)
+        layer(x)
+        layer.bias.data = torch.ones(1)
+        with pytest.raises(ValueError, match=r"bias must have shape \(33,\), got \(1,\)"):
+            layer(x)
 
 
 def test_layer_checks_keep_no_tensor_alive():
