@@ -32,7 +32,9 @@ def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor
     if w.device.type != "meta" and not bool(torch.isfinite(w).all()):  # meta: shapes only, nothing to check
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN/Inf); refusing to quantize it")
-    return _ops.quantize_weight(w)
+    # rounding has no gradient: a weight that requires grad (an nn.Linear's) must not leave the scale in its
+    # autograd graph, which kept the float weight alive and made the scale a non-leaf that deepcopy refuses
+    return _ops.quantize_weight(w.detach())
 
 
 def quantize_activations(
@@ -56,7 +58,7 @@ def quantize_activations(
     x2 = _flatten(x)
     _check_k(x2.shape[1], "x")
     impl = backend_for(backend, x.device, x2.shape[0])
-    q_x, s_x, cols, count = _ops.run_quantize_activations(x2, threshold, impl)
+    q_x, s_x, cols, count = _ops.run_quantize_activations(x2.detach(), threshold, impl)  # no gradient, as above
     return q_x, s_x, cols[: int(count.item())].long()
 
 

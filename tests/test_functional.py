@@ -469,6 +469,28 @@ def test_quantized_values_are_row_major_whatever_the_input_layout():
     assert q_x.is_contiguous() and torch.equal(q_x, int8mm.quantize_activations(x.contiguous())[0])
 
 
+def test_quantizing_a_trainable_tensor_keeps_no_autograd_graph():
+    """README's ``quantize_weight(linear.weight)``: a weight that requires grad. The scale kept it alive through
+    its grad_fn, and as a non-leaf it made ``copy.deepcopy`` of a layer holding it fail."""
+    import copy
+    import gc
+    import weakref
+
+    linear = torch.nn.Linear(64, 32)
+    alive = weakref.ref(linear.weight)
+    q_w, s_w = int8mm.quantize_weight(linear.weight)
+    del linear
+    gc.collect()
+    assert alive() is None
+    assert not s_w.requires_grad and s_w.is_leaf and not q_w.requires_grad
+    layer = int8mm.Int8Linear(64, 32, bias=False)
+    layer.weight, layer.SCB = q_w, s_w
+    assert torch.equal(copy.deepcopy(layer).SCB, s_w)
+    x = torch.randn(3, 64, requires_grad=True)
+    q_x, s_x, _ = int8mm.quantize_activations(x)
+    assert not s_x.requires_grad and not q_x.requires_grad
+
+
 def test_quantize_weight_on_meta_gives_shapes():
     """Building on the meta device then loading real tensors (load_state_dict(assign=True)) quantizes on meta."""
     q_w, s_w = int8mm.quantize_weight(torch.empty(7, 12, device="meta"))
