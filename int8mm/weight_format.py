@@ -117,13 +117,34 @@ def int8_state_for_loading(state_dict: dict, prefix: str, out_features: int, in_
     name = prefix[:-1] if prefix.endswith(".") else prefix
     if weight is None and scale is not None:
         raise CheckpointError(f"{source}: {prefix + SCALE!r} comes without {prefix + WEIGHT!r}")
+    fmt_tensor = fmt if isinstance(fmt, torch.Tensor) else None
     if weight is not None:
-        check_int8_layout(name, out_features, in_features, weight=weight, scale=scale, fmt=fmt, source=source)
+        check_int8_layout(name, out_features, in_features, weight=weight, scale=scale, fmt=fmt_tensor,
+                          source=source)
         check_int8_values(name, source, weight=weight, scale=scale)
         state_dict[prefix + SCALE] = scale.to(SCALE_DTYPE)
     if fmt is not None:
-        check_format_value(int(fmt), prefix + FORMAT, source)
+        check_format_value(_stored_format(fmt, prefix + FORMAT, source), prefix + FORMAT, source)
     return state_dict
+
+
+# bitsandbytes' names of its weight layouts; its versions before 0.42 stored the name itself (a str) in the state dict
+_BITSANDBYTES_FORMAT_NAMES = {"row": 0, "col32": 1, "col_turing": 2, "col_ampere": 3}
+
+
+def _stored_format(fmt, key: str, source: str) -> int:
+    """The layout number a state dict's ``weight_format`` stands for: a tensor, a plain int, or bitsandbytes' name."""
+    if isinstance(fmt, str):
+        if fmt != "row":
+            known = fmt in _BITSANDBYTES_FORMAT_NAMES
+            raise CheckpointError(f"{source}: {key!r} is {fmt!r}"[:300] + (
+                "; only the row-major format ('row', 0) is written by int8mm and bitsandbytes' LLM.int8(), and only "
+                "it can be loaded" if known else
+                f", not a weight layout bitsandbytes names ({', '.join(map(repr, _BITSANDBYTES_FORMAT_NAMES))})"))
+        return WEIGHT_FORMAT_ROW
+    if isinstance(fmt, torch.Tensor) or (isinstance(fmt, int) and not isinstance(fmt, bool)):
+        return int(fmt)  # a tensor's dtype and shape are checked by check_int8_layout
+    raise CheckpointError(f"{source}: {key!r} must be one integer, got {type(fmt).__name__}: {fmt!r}"[:300])
 
 
 def replace_int8_tensors(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> None:

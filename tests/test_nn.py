@@ -209,6 +209,23 @@ def test_load_rejects_what_the_8bit_format_does_not_allow(case):
         layer.load_state_dict(spoiled)
 
 
+@pytest.mark.parametrize("stored, message", [
+    ("row", None), (0, None),  # bitsandbytes before 0.42 stored the layout's name; a plain int is what it means
+    ("col32", r"'weight_format' is 'col32'; only the row-major format \('row', 0\)"),
+    ("bogus", r"'weight_format' is 'bogus', not a weight layout bitsandbytes names"),
+    (1.5, r"'weight_format' must be one integer, got float: 1\.5"),
+])
+def test_load_takes_the_weight_format_as_bitsandbytes_wrote_it(stored, message):
+    sd = Int8Linear.from_linear(_linear()).state_dict()
+    layer = Int8Linear(64, 33)
+    if message is None:
+        layer.load_state_dict({**sd, "weight_format": stored})
+        assert torch.equal(layer.weight, sd["weight"])
+    else:
+        with pytest.raises(CheckpointError, match=r"^state_dict: " + message):
+            layer.load_state_dict({**sd, "weight_format": stored})
+
+
 def test_load_widens_a_half_scale():
     layer = Int8Linear(64, 33)
     sd = Int8Linear.from_linear(_linear()).state_dict()
