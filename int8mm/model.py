@@ -98,6 +98,7 @@ def _quantize_layer(layer: Layer, config: Int8MMConfig) -> Int8Linear:
     replacement = Int8Linear(in_features, out_features, bias=has_bias, threshold=config.threshold,
                              backend=config.backend, device="meta",
                              bias_dtype=module.bias.dtype if has_bias else torch.float32)
+    replacement.train(module.training)  # an eval() model stays in eval mode, as a swapped module's parent would
     if weight.is_meta:  # shapes only: the weights come later (load_state_dict(..., assign=True))
         return replacement
     q_w, s_w = F8.quantize_weight(weight.contiguous(), name=f"{layer.name}.weight")

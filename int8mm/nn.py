@@ -57,6 +57,7 @@ class Int8Linear(nn.Module):
             linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
             backend=backend, device=torch.device("meta"),
         )
+        module.train(linear.training)
         q_w, s_w = F8.quantize_weight(weight, name=f"{name or 'linear'}.weight")
         module.weight, module.SCB = q_w, s_w
         if linear.bias is not None:

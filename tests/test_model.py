@@ -174,6 +174,21 @@ class _SharedTwice(nn.Module):
         return self.out(self.again(torch.relu(self.proj(x))))
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_swapped_layers_keep_the_training_mode(device):
+    """An eval() model stays in eval mode: the new layers took nn.Module's default, training."""
+    from int8mm.loading import replace_linears_on_meta
+
+    for training in (False, True):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(device).train(training)
+        quantize_model(model, skip_modules=[])
+        assert [m.training for m in model.modules()] == [training] * 4
+        assert Int8Linear.from_linear(nn.Linear(8, 8).train(training)).training is training
+        model = nn.Sequential(nn.Linear(8, 8)).to("meta").train(training)
+        replace_linears_on_meta(model, int8mm.Int8MMConfig(skip_modules=[]))
+        assert isinstance(model[0], Int8Linear) and model[0].training is training
+
+
 def test_shared_linear_stays_one_module():
     torch.manual_seed(0)
     model = _SharedTwice()

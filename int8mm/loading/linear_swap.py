@@ -31,6 +31,7 @@ def replace_linears_on_meta(
         replacement = linear_cls(in_features, out_features, bias=has_bias, threshold=config.threshold,
                                  backend=config.backend, device="meta",
                                  bias_dtype=module.bias.dtype if has_bias else torch.float32)
+        replacement.train(module.training)
         for name in layer.names:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, replacement)
