@@ -103,7 +103,8 @@ def int8_linear(
         threshold: outlier threshold >= 0 (0 disables decomposition).
         backend: a ``Backend`` or its name; None uses the default (INT8MM_BACKEND or AUTO).
     Returns:
-        ``[..., N]`` in x's dtype.
+        ``[..., N]`` in x's dtype; under ``torch.autocast``, x is cast to the autocast dtype first, as
+        ``nn.Linear`` computes in it.
     """
     _check_float(x, "x", ACTIVATION_DTYPES)
     threshold = check_linear_layer(q_w, s_w, bias, threshold)
@@ -163,10 +164,21 @@ def int8_linear_of_checked_layer(
     device = x.device
     if device != q_w.device:
         _check_same_device(x, "x", q_w, "q_w")
+    if torch._C._is_any_autocast_enabled():  # one cheap query on every call; the rest only under autocast
+        x = _as_autocast_dtype(x, device.type)
     x2 = x if len(shape) == 2 else _flatten(x)
     impl = backend_for(backend, device, x2.shape[0])
     y = _ops.run_int8_linear(x2, q_w, s_w, bias, threshold, impl)
     return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
+
+
+def _as_autocast_dtype(x: torch.Tensor, device_type: str) -> torch.Tensor:
+    """Under ``torch.autocast`` a linear layer runs in the autocast dtype, as ``nn.Linear`` does (its output is in
+    that dtype): ``x`` cast to it. The int8 weight and fp32 scale are what they are."""
+    if not torch.is_autocast_enabled(device_type):
+        return x
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype) if dtype in ACTIVATION_DTYPES else x
 
 
 # ---- checks shared by the public functions ----

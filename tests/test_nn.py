@@ -226,6 +226,26 @@ def test_load_takes_the_weight_format_as_bitsandbytes_wrote_it(stored, message):
             layer.load_state_dict({**sd, "weight_format": stored})
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_the_layer_in_its_dtype_as_nn_linear(dtype):
+    """Under torch.autocast nn.Linear computes and returns the autocast dtype; Int8Linear returned fp32."""
+    linear = _linear()
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+        assert linear(x).dtype == dtype
+    assert y.dtype == dtype and torch.equal(y, layer(x.detach().to(dtype)))
+    y.float().sum().backward()  # the gradient flows back through the cast, in x's dtype
+    assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape
+    with torch.autocast("cpu", dtype=dtype, enabled=False):
+        assert layer(x).dtype == torch.float32
+    if dtype is torch.bfloat16:  # and traced the same (fullgraph: the autocast queries must not break the graph)
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+            assert torch.equal(torch.compile(layer, fullgraph=True)(x), y)
+
+
 def test_load_widens_a_half_scale():
     layer = Int8Linear(64, 33)
     sd = Int8Linear.from_linear(_linear()).state_dict()
