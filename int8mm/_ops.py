@@ -172,8 +172,9 @@ def _(grad_y, q_w, s_w):
 def _int8_linear_backward(ctx, grad_y):
     """Gradient through the de-quantized weight, so adapters (LoRA) can train on top of a frozen int8 layer."""
     q_w, s_w = ctx.saved_tensors
-    grad_x = dequant_matmul(grad_y, q_w, s_w).to(ctx.x_dtype)
-    grad_bias = grad_y.float().sum(dim=0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    # a bias trained alone (BitFit) needs no input gradient: it would de-quantize the whole weight for nothing
+    grad_x = dequant_matmul(grad_y, q_w, s_w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = grad_y.float().sum(dim=0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
     return grad_x, None, None, grad_bias, None, None
 
 

@@ -240,6 +240,25 @@ def test_int8_linear_backward_uses_the_dequantized_weight():
     torch.testing.assert_close(bias.grad, grad_y.sum(0))
 
 
+def test_backward_computes_only_the_gradients_asked_for(monkeypatch):
+    """A bias trained alone (BitFit) must not de-quantize the weight for an input gradient nobody wants; an input
+    alone gets no bias gradient."""
+    from int8mm import _ops
+
+    q_w, s_w = int8mm.quantize_weight(random_weight(5, 32))
+    grad_y = torch.randn(6, 5)
+    calls = []
+    real = _ops.dequant_matmul
+    monkeypatch.setattr(_ops, "dequant_matmul", lambda *args: calls.append(1) or real(*args))
+    x, bias = planted_outliers(6, 32), torch.randn(5, requires_grad=True)
+    int8mm.int8_linear(x, q_w, s_w, bias, THRESHOLD).backward(grad_y)
+    assert calls == [] and x.grad is None
+    torch.testing.assert_close(bias.grad, grad_y.sum(0))
+    x, bias = planted_outliers(6, 32).requires_grad_(), torch.randn(5)
+    int8mm.int8_linear(x, q_w, s_w, bias, THRESHOLD).backward(grad_y)
+    assert calls == [1] and x.grad is not None and bias.grad is None
+
+
 # ---- backend choice ----
 def test_backend_by_name_enum_and_environment(monkeypatch):
     x = planted_outliers(3, 64)
