@@ -278,6 +278,9 @@ def test_backend_by_name_enum_and_environment(monkeypatch):
     try:
         with pytest.raises(ValueError, match=r"INT8MM_BACKEND.*'fastest'"):
             int8mm.int8_linear(x, q_w, s_w, None, THRESHOLD)
+        monkeypatch.setenv("INT8MM_BACKEND", "")  # empty counts as unset, as for INT8MM_CACHE
+        backends.refresh_from_environment()
+        assert backends.default_backend() is Backend.AUTO
     finally:
         monkeypatch.undo()
         backends.refresh_from_environment()

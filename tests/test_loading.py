@@ -88,6 +88,12 @@ def test_dtype_quantizes_the_cast_weight_as_the_other_loaders(llama_dir, dtype):
             assert torch.equal(q_w, expected[name][0]) and torch.equal(s_w, expected[name][1]), name
 
 
+def test_a_config_passed_where_device_map_goes_says_so(llama_dir):
+    # quantize_model(model, config) and attach_int8_hooks(model, config) take it second; load_in_8bit takes device_map
+    with pytest.raises(TypeError, match=r"second argument is device_map; pass the Int8MMConfig as config="):
+        load_in_8bit(llama_dir, int8mm.Int8MMConfig(), progress=False)
+
+
 def test_skipping_a_layer_saved_in_8bit_points_at_skip_modules(llama_dir, tmp_path):
     """Before: the error said only that an int8 tensor met a float one, not that skip_modules asked for it."""
     path, _ = llama_dir

@@ -171,8 +171,8 @@ def available_backends(device: torch.device | str | None = None) -> list[Backend
 
 
 def default_backend() -> Backend:
-    """``Backend`` named by the INT8MM_BACKEND environment variable, else AUTO."""
-    return parse_backend(os.environ.get(BACKEND_ENV_VAR, Backend.AUTO.value), argument=BACKEND_ENV_VAR)
+    """``Backend`` named by the INT8MM_BACKEND environment variable, else (unset or empty) AUTO."""
+    return parse_backend(os.environ.get(BACKEND_ENV_VAR) or Backend.AUTO.value, argument=BACKEND_ENV_VAR)
 
 
 def parse_backend(backend, argument: str = "backend") -> Backend:

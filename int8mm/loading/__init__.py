@@ -96,6 +96,8 @@ def load_in_8bit(
             typed tensors, truncated or unreadable files); the message names the key and the file.
         FileNotFoundError: no checkpoint where one was named.
     """
+    if isinstance(device_map, Int8MMConfig):  # quantize_model and attach_int8_hooks take the config second
+        raise TypeError("load_in_8bit's second argument is device_map; pass the Int8MMConfig as config=")
     resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
                    backend=backend)  # every setting checked before anything is read
     given = dtype
