@@ -108,7 +108,7 @@ def int8_linear(
     """
     _check_float(x, "x", ACTIVATION_DTYPES)
     threshold = check_linear_layer(q_w, s_w, bias, threshold)
-    return int8_linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend)
+    return linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend, torch.compiler.is_compiling())
 
 
 def check_activations(x) -> None:
@@ -153,6 +153,12 @@ def int8_linear_of_checked_layer(
     In eager mode this calls the backend's implementation directly; under ``torch.compile``, export,
     tracing or autograd it goes through the ``int8mm::int8_linear`` op.
     """
+    return linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend, torch.compiler.is_compiling())
+
+
+def linear_of_checked_layer(x, q_w, s_w, bias, threshold: float, backend, tracing: bool) -> torch.Tensor:
+    """``int8_linear_of_checked_layer`` for a caller that knows whether torch.compile traces the call
+    (``Int8Linear.forward`` asked already: the query costs host time on every eager call)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
         _check_float(x, "x", ACTIVATION_DTYPES)  # raises, naming what it got
     n, k = q_w.shape
@@ -167,7 +173,7 @@ def int8_linear_of_checked_layer(
     if torch._C._is_any_autocast_enabled():  # one cheap query on every call; the rest only under autocast
         x = _as_autocast_dtype(x, device.type)
     x2 = x if len(shape) == 2 else _flatten(x)
-    impl = backend_for(backend, device, x2.shape[0])
+    impl = backend_for(backend, device, x2.shape[0], tracing)
     y = _ops.run_int8_linear(x2, q_w, s_w, bias, threshold, impl)
     return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
 

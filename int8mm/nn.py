@@ -80,18 +80,20 @@ class Int8Linear(nn.Module):
         # shrunk that way was read past its end by the CPU library).
         # Weak references: the cache must not keep tensors alive that the layer dropped (accelerate's offload
         # hooks swap the real weights in and out on every forward; .cuda() leaves the CPU copies behind).
+        # checked: weight, scale and bias (weak references), threshold, the weight's and scale's dtypes and shapes,
+        # the bias's dtype, its shape, the checked threshold (a float)
         if (checked is None or checked[0]() is not weight or checked[1]() is not scale
                 or checked[3] is not threshold or checked[4] != (weight.dtype, weight.shape, scale.dtype, scale.shape)
                 or (checked[2]() if checked[2] is not None else None) is not bias
-                or (bias is not None and checked[5] != (bias.dtype, bias.shape))):
+                or (bias is not None and (checked[5] is not bias.dtype or checked[6] != bias.shape))):
             F8.check_activations(x)  # x's errors first, as int8_linear gives them
             checked = (weakref.ref(weight), weakref.ref(scale), weakref.ref(bias) if bias is not None else None,
                        threshold, (weight.dtype, weight.shape, scale.dtype, scale.shape),
-                       (bias.dtype, bias.shape) if bias is not None else None,
+                       bias.dtype if bias is not None else None, bias.shape if bias is not None else None,
                        F8.check_linear_layer(weight, scale, bias, threshold))
             self._checked_layer = checked
         try:
-            return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[6], self.backend)
+            return F8.linear_of_checked_layer(x, weight, scale, bias, checked[7], self.backend, False)
         except ValueError as error:  # a module's user knows in_features, not the functional op's q_w
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != weight.shape[1]:
                 raise ValueError(f"x's last dimension must be in_features={weight.shape[1]}, got x of shape "

@@ -305,7 +305,7 @@ _resolved: dict[tuple, str] = {}  # (choice, device, regime) -> the backend's na
 _generation = 0  # bumped by set_default_backend: a resolution begun before it is not remembered
 
 
-def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1) -> str:
+def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1, tracing: bool | None = None) -> str:
     """The name of the backend that computes an op on ``device``: ``resolve_backend``, remembered.
 
     Args:
@@ -313,8 +313,9 @@ def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1) -> 
             or what ``set_default_backend`` set).
         device: the device of the op's inputs.
         rows: the call's M (AUTO chooses per regime: one row, up to DECODE_MAX_M, more).
+        tracing: whether torch.compile / export traces the call (None: ask; a caller that knows saves the query).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if tracing is None else tracing:
         return _backend_while_tracing(backend, device, rows)
     regime = regime_of(rows, device)
     key = (backend, device, regime)
