@@ -70,6 +70,21 @@ def _refuse_forward_ad(x: Tensor) -> None:
                                   "torch.autograd.forward_ad); reverse mode (.backward(), torch.autograd.grad) works")
 
 
+# the device type each compiled library takes (Triton says itself when it is handed a CPU tensor)
+_LIBRARY_DEVICE = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def _check_device(backend: str, t: Tensor) -> None:
+    """The op's own path (compiled, exported, autograd) runs the backend chosen when it was traced: a program
+    exported on one device and run on another would hand a C library pointers it cannot read (a crash, not an
+    error). Eager calls choose for their own tensors and skip this."""
+    wanted = _LIBRARY_DEVICE.get(backend)
+    if wanted is not None and t.device.type != wanted:
+        raise RuntimeError(f"int8mm's {backend!r} backend runs on {wanted} tensors, got {t.device} ones (a program "
+                           f"traced or exported on another device keeps the backend chosen there: trace it on this "
+                           f"device, or name a backend that runs on both, such as 'reference')")
+
+
 # ---- quantize_weight: one-time work, the reference serves every device ----
 @torch.library.custom_op("int8mm::quantize_weight", mutates_args=())
 def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,6 +101,7 @@ def _(w):
 def quantize_activations(x: Tensor, threshold: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns q_x int8 [M, K], s_x fp32 [M], outlier column indices int32 [K] (ascending, valid up to
     the count) and the count int32 [1], both in device memory so that no host sync is needed."""
+    _check_device(backend, x)
     return _quantize_activations(x, threshold, backend)
 
 
@@ -107,6 +123,7 @@ def _(x, threshold, backend):
 # ---- int8_matmul ----
 @torch.library.custom_op("int8mm::int8_matmul", mutates_args=())
 def int8_matmul(a: Tensor, b: Tensor, backend: str) -> Tensor:
+    _check_device(backend, a)
     return _int8_matmul(a, b, backend)
 
 
@@ -126,6 +143,7 @@ def _(a, b, backend):
 def int8_linear(x: Tensor, q_w: Tensor, s_w: Tensor, bias: Optional[Tensor], threshold: float, backend: str) -> Tensor:
     # the op runs under torch.compile, whose CUDA graphs warm up allocating into the graph's private pool: no
     # buffer kept from call to call there (backends/scratch.py); the eager call, which skips the op, keeps them
+    _check_device(backend, x)
     with scratch.not_kept():
         return _int8_linear(x, q_w, s_w, bias, threshold, backend)
 

@@ -81,6 +81,32 @@ def test_opcheck_covers_every_kernel_backend_that_runs_here():
     assert set(CPU_BACKENDS) == expected
 
 
+def test_the_op_refuses_a_library_backend_on_tensors_of_another_device():
+    """An exported program keeps the backend chosen where it was traced: run on another device, the C library
+    would be handed pointers it cannot read. The op says so instead (on a GPU machine the mirror case, the CPU
+    library handed CUDA tensors, is the one users meet)."""
+    q_w, s_w = _layer(33, 123)
+    x = planted_outliers(5, 123)
+    message = r"int8mm's 'cuda' backend runs on cuda tensors, got cpu ones \(a program traced or exported"
+    for call in (lambda: OPS.int8_linear(x, q_w, s_w, None, THRESHOLD, "cuda"),
+                 lambda: OPS.quantize_activations(x, THRESHOLD, "cuda"),
+                 lambda: OPS.int8_matmul(q_w, q_w, "cuda")):
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@requires_cuda
+def test_a_program_exported_on_the_cpu_refuses_cuda_tensors_on_the_gpu():
+    from int8mm.backends import cpu as cpu_backend
+
+    if not cpu_backend.library_available():
+        pytest.skip("needs the CPU library (a C compiler with OpenMP)")
+    layer = int8mm.Int8Linear.from_linear(torch.nn.Linear(64, 32), backend="cpu")
+    exported = torch.export.export(layer, (planted_outliers(4, 64),)).module()
+    with pytest.raises(RuntimeError, match=r"int8mm's 'cpu' backend runs on cpu tensors, got cuda:0 ones"):
+        exported.cuda()(planted_outliers(4, 64).cuda())
+
+
 def test_quantize_activations_op_keeps_the_columns_on_the_device():
     """The op returns a fixed-size index buffer and a count (no host sync); the functional API trims it."""
     x = planted_outliers(9, 64, seed=3)
