@@ -184,7 +184,11 @@ def test_rows_beyond_one_grid_dimension(backend):
     x[:, 3] = 8.0  # an outlier column the epilogue reads for every row
     x[-1] = torch.arange(k, dtype=torch.float16, device=DEVICE)
     q_w, s_w = int8mm.quantize_weight(random_weight(n, k).to(DEVICE))
-    assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, 6.0)))
+    expected, got = _both(_ops.int8_linear, backend, x, q_w, s_w, None, 6.0)
+    # the first row tiles, those around grid.y's last one and the last (the tiles in between run the same path as
+    # any smaller M): compared on the host in double, so only these rows, to keep the GPU stage short
+    rows = torch.cat([torch.arange(0, 256), torch.arange(65535 * 128 - 256, m)]).to(DEVICE)
+    assert_output_close(got[rows], expected[rows])
     q_x = _ops.quantize_activations(x, 0.0, "reference")[0]
     expected, got = _both(_ops.int8_matmul, backend, q_x, q_w)
     assert torch.equal(got, expected)
