@@ -161,6 +161,21 @@ def test_non_contiguous_and_nd_inputs(backend):
     assert y4.shape == (2, 3, 4, 40) and torch.equal(y4.reshape(24, 40), y)
 
 
+@pytest.mark.parametrize("m", [2, 20])  # decode and prefill epilogues
+def test_strided_and_expanded_scale_and_bias(m, backend):
+    """A layer's scale or bias may be a view (a slice of a packed tensor, an expanded constant): the epilogue read
+    them at unit stride, so the padding (here 1e6) came into the output."""
+    q_w, s_w = int8mm.quantize_weight(random_weight(5, 64).to(DEVICE))
+    bias = torch.randn(5, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    padded = lambda t: torch.stack([t, torch.full_like(t, 1e6)], 1)[:, 0]  # same values, stride 2
+    x = _activations(m, 64, torch.float16)
+    expected = int8mm.int8_linear(x, q_w, s_w, bias, backend=backend)
+    assert torch.equal(int8mm.int8_linear(x, q_w, padded(s_w), padded(bias), backend=backend), expected)
+    constant = torch.tensor([0.5], device=DEVICE).expand(5)  # stride 0
+    assert torch.equal(int8mm.int8_linear(x, q_w, s_w, constant, backend=backend),
+                       int8mm.int8_linear(x, q_w, s_w, constant.contiguous(), backend=backend))
+
+
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_views_spanning_more_than_2_to_31_elements(layout, backend):
     """Element offsets beyond 2^31 (a long prefill's [M, K], a transposed view) must not wrap around: x is a

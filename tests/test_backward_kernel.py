@@ -38,6 +38,8 @@ def test_strided_input_and_empty_shapes():
     wide = torch.randn(6, 48, device=DEVICE)
     grad_y = wide[:, ::2]  # a non-contiguous [6, 24] view
     torch.testing.assert_close(dequant_matmul(grad_y, q_w, s_w), dequant_matmul(grad_y.contiguous(), q_w, s_w))
+    padded_scale = torch.stack([s_w, torch.full_like(s_w, 1e6)], 1)[:, 0]  # a strided view of the same values
+    assert torch.equal(dequant_matmul(grad_y, q_w, padded_scale), dequant_matmul(grad_y, q_w, s_w))
     assert dequant_matmul(torch.zeros(0, 24, device=DEVICE), q_w, s_w).shape == (0, 40)
     empty_n = dequant_matmul(torch.zeros(2, 0, device=DEVICE), q_w[:0], s_w[:0])
     assert torch.equal(empty_n, torch.zeros(2, 40, device=DEVICE))

@@ -232,6 +232,9 @@ def int8_matmul(a, b):
 def int8_linear(x, q_w, s_w, bias, threshold):
     m, k = x.shape
     n = q_w.shape[0]
+    # the epilogues read the scale and bias at unit stride (a strided or expanded one read other elements)
+    s_w = s_w.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     with on_device_of(x):
         quantized = None

@@ -25,6 +25,7 @@ def dequant_matmul(grad_y: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor) -
                          f"{tuple(q_w.shape)}, {tuple(s_w.shape)}")
     m, n = grad_y.shape
     k = q_w.shape[1]
+    s_w = s_w.contiguous()  # the kernel reads the scale at unit stride
     out = torch.empty((m, k), dtype=torch.float32, device=grad_y.device)
     if m == 0 or k == 0:
         return out
