@@ -14,10 +14,12 @@ import pytest
 
 pytest.importorskip("triton", reason="needs the triton package")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 
+import int8mm  # noqa: E402
 from gpu import requires_cuda  # noqa: E402
-from helpers import REPOSITORY, compiling_process_environment  # noqa: E402
+from helpers import DEVICE, REPOSITORY, compiling_process_environment  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.backends import cpu_build, triton_launch  # noqa: E402
 
@@ -166,7 +168,6 @@ def test_next_power_of_2_matches_triton():
 
 
 def test_interpreter_launches_never_fill_the_cache():
-    import torch
     from int8mm.backends import triton as triton_backend
     if not backends.triton_interpreting():
         pytest.skip("runs under TRITON_INTERPRET=1 (a GPU run uses the direct path instead)")
@@ -181,6 +182,9 @@ def test_launch_mode_rejects_other_values(monkeypatch):
     try:
         with pytest.raises(ValueError, match="INT8MM_TRITON_LAUNCH"):
             triton_launch.launch_mode()
+        q_w, s_w = int8mm.quantize_weight(torch.randn(8, 32).to(DEVICE))  # and a launch says so (interpreted too)
+        with pytest.raises(ValueError, match="INT8MM_TRITON_LAUNCH"):
+            int8mm.int8_linear(torch.randn(2, 32).to(DEVICE), q_w, s_w, backend="triton")
     finally:
         monkeypatch.delenv(triton_launch.LAUNCH_ENV_VAR)
         backends.refresh_from_environment()
