@@ -158,7 +158,7 @@ def timed_cuda_backend(args) -> dict | None:
     source, library_file = os.path.join(folder, "stand_in.c"), os.path.join(folder, "libstand_in.so")
     with open(source, "w") as f:
         f.write(_STAND_IN_LIBRARY)
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", library_file, source], check=True)
+    subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", library_file, source], check=True)
     library = ctypes.CDLL(library_file)
     library.int8mm_int8_linear.restype, library.int8mm_int8_linear.argtypes = ctypes.c_int, [ctypes.c_void_p]
     library.int8mm_workspace_ints.restype = ctypes.c_int64

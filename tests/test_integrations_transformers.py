@@ -159,7 +159,7 @@ def test_from_pretrained_needs_no_accelerate_without_offload(tmp_path):
         import int8mm
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, quantization_config=int8mm.Int8MMConfig())
-        print(type(model.model.layers[0].mlp.up_proj).__name__, "accelerate" in sys.modules and sys.modules["accelerate"])
+        print(type(model.model.layers[0].mlp.up_proj).__name__, sys.modules.get("accelerate", "absent"))
     """)
     assert out.split() == ["HfInt8Linear", "None"]
 

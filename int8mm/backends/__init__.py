@@ -367,9 +367,9 @@ def refresh_from_environment() -> None:
     _probe_cuda_library.cache_clear()
     for name in ("cpu", "cuda"):  # INT8MM_CPU_LIB / INT8MM_CUDA_LIB may name another library now, or none
         module = sys.modules.get(f"{__name__}.{name}")
-        if module is not None:
-            module.library.cache_clear()
-            module.library_available.cache_clear()
+        for cached in (getattr(module, "library", None), getattr(module, "library_available", None)):
+            if hasattr(cached, "cache_clear"):  # a benchmark's stand-in library is a plain function
+                cached.cache_clear()
     global _triton_interpreting
     _triton_interpreting = None
     _settings.clear()
