@@ -219,6 +219,45 @@ def test_auto_chooses_per_regime_on_cuda(monkeypatch):
         backends.set_default_backend(None)
 
 
+def test_tracing_on_cuda_compares_the_rows_only_where_the_choice_depends_on_them(monkeypatch):
+    """Under torch.compile / export each comparison of a symbolic M is a guard: with the shipped preferences (the
+    CUDA library for one row, Triton for every other regime) only M == 1 may be asked, never M > 16 (which made
+    an export with a dynamic batch fail and a compiled model recompile at 17 rows)."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(backends, "available_backends", lambda device=None: [Backend.TRITON, Backend.CUDA,
+                                                                             Backend.REFERENCE])
+    monkeypatch.setattr(backends, "_cuda_library_serves", lambda index: True)
+
+    class Rows(int):  # an M that records how it is compared
+        asked = []
+
+        def __eq__(self, other):
+            Rows.asked.append(("==", other))
+            return int(self) == other
+
+        def __gt__(self, other):
+            Rows.asked.append((">", other))
+            return int(self) > other
+
+        __hash__ = int.__hash__
+
+    assert [backends.backend_for("auto", gpu, Rows(m), tracing=True) for m in (1, 4, 17)] == ["cuda", "triton",
+                                                                                             "triton"]
+    assert {op for op, _ in Rows.asked} == {"=="}
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "prefill", (Backend.CUDA, Backend.TRITON))  # now M > 16 matters
+    Rows.asked.clear()
+    assert backends.backend_for("auto", gpu, Rows(17), tracing=True) == "cuda"
+    assert (">", backends.DECODE_MAX_M) in Rows.asked
+
+
+def test_an_empty_schedule_variable_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("INT8MM_DECODE_PATH", "")
+    assert backends.env_choice("INT8MM_DECODE_PATH", ("classic", "fused"), "classic") == "classic"
+    monkeypatch.setenv("INT8MM_DECODE_PATH", "fast")
+    with pytest.raises(ValueError, match=r"INT8MM_DECODE_PATH must be one of 'classic', 'fused', got 'fast'"):
+        backends.env_choice("INT8MM_DECODE_PATH", ("classic", "fused"), "classic")
+
+
 @pytest.mark.parametrize("rows,regime", [(1, "decode_row"), (2, "decode"), (16, "decode"), (17, "prefill"),
                                          (2048, "prefill")])
 def test_regime_of_a_call(rows, regime):

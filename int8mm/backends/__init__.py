@@ -60,7 +60,7 @@ def env_choice(variable: str, choices: tuple[str, ...], default: str) -> str:
     Raises:
         ValueError: it holds another value (naming the variable, the choices and the value).
     """
-    value = os.environ.get(variable, default)
+    value = os.environ.get(variable) or default  # empty counts as unset, as for INT8MM_BACKEND and INT8MM_CACHE
     if value not in choices:
         raise ValueError(f"{variable} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
@@ -342,8 +342,9 @@ def _backend_while_tracing(backend, device: torch.device, rows) -> str:
     if device.type != "cuda" or choice is not Backend.AUTO:
         return resolve_backend(choice, device).value
     by_regime = {regime: resolve_backend(choice, device, regime).value for regime in AUTO_PREFERENCE}
-    if len(set(by_regime.values())) == 1:
-        return by_regime["prefill"]
+    if len({by_regime[regime] for regime in by_regime if regime != "decode_row"}) == 1:
+        # M == 1 records no guard for a dynamic M (torch specializes sizes 0 and 1 apart anyway); M > 16 would
+        return by_regime["decode_row"] if rows == 1 else by_regime["prefill"]
     return by_regime[regime_of(rows, device)]
 
 
@@ -367,7 +368,9 @@ def refresh_from_environment() -> None:
     _probe_cuda_library.cache_clear()
     for name in ("cpu", "cuda"):  # INT8MM_CPU_LIB / INT8MM_CUDA_LIB may name another library now, or none
         module = sys.modules.get(f"{__name__}.{name}")
-        for cached in (getattr(module, "library", None), getattr(module, "library_available", None)):
+        # the CUDA backend's scratch layouts are sizes the library gave: another library may need others
+        for cached in (getattr(module, attribute, None) for attribute in ("library", "library_available",
+                                                                         "_scratch_layout")):
             if hasattr(cached, "cache_clear"):  # a benchmark's stand-in library is a plain function
                 cached.cache_clear()
     global _triton_interpreting

@@ -233,8 +233,8 @@ def launch(kernel, grid, args: tuple, options: dict) -> None:
             by an autotuner config, or left to their defaults).
         options: constexpr values and launch options (``num_warps``, ``num_stages``, ``launch_pdl``), hashable.
     """
-    # launch_mode() before the interpreter's test: a bad INT8MM_TRITON_LAUNCH raises there too, as documented
-    if not DIRECT_LAUNCH_CHECKED or launch_mode() == JIT or triton_interpreting() or _jit_needed():
+    # launch_mode() first: a bad INT8MM_TRITON_LAUNCH raises under the interpreter and older Tritons too, as documented
+    if launch_mode() == JIT or not DIRECT_LAUNCH_CHECKED or triton_interpreting() or _jit_needed():
         kernel[grid](*args, **options)
         return
     slot = _kernels.get((id(kernel), len(args)))
