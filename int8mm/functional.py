@@ -58,7 +58,9 @@ def quantize_activations(
     x2 = _flatten(x)
     _check_k(x2.shape[1], "x")
     impl = backend_for(backend, x.device, x2.shape[0])
-    q_x, s_x, cols, count = _ops.run_quantize_activations(x2.detach(), threshold, impl)  # no gradient, as above
+    if x2.requires_grad:  # no gradient, as above (detach itself costs more than a microsecond)
+        x2 = x2.detach()
+    q_x, s_x, cols, count = _ops.run_quantize_activations(x2, threshold, impl)
     return q_x, s_x, cols[: int(count.item())].long()
 
 
@@ -181,8 +183,8 @@ def linear_of_checked_layer(x, q_w, s_w, bias, threshold: float, backend, tracin
 def _as_autocast_dtype(x: torch.Tensor, device_type: str) -> torch.Tensor:
     """Under ``torch.autocast`` a linear layer runs in the autocast dtype, as ``nn.Linear`` does (its output is in
     that dtype): ``x`` cast to it. The int8 weight and fp32 scale are what they are."""
-    if not torch.is_autocast_enabled(device_type):
-        return x
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return x  # meta tensors: no autocast for that device type (nn.Linear keeps their dtype too)
     dtype = torch.get_autocast_dtype(device_type)
     return x.to(dtype) if dtype in ACTIVATION_DTYPES else x
 

@@ -142,8 +142,13 @@ def _stored_format(fmt, key: str, source: str) -> int:
                 "it can be loaded" if known else
                 f", not a weight layout bitsandbytes names ({', '.join(map(repr, _BITSANDBYTES_FORMAT_NAMES))})"))
         return WEIGHT_FORMAT_ROW
-    if isinstance(fmt, torch.Tensor) or (isinstance(fmt, int) and not isinstance(fmt, bool)):
-        return int(fmt)  # a tensor's dtype and shape are checked by check_int8_layout
+    if isinstance(fmt, torch.Tensor) and not (fmt.dtype.is_floating_point or fmt.dtype == torch.bool
+                                             or fmt.numel() != 1):
+        return int(fmt)
+    if isinstance(fmt, int) and not isinstance(fmt, bool):
+        return fmt
+    if isinstance(fmt, torch.Tensor):
+        raise CheckpointError(f"{source}: {key!r} must be one integer, got {fmt.dtype} {list(fmt.shape)}")
     raise CheckpointError(f"{source}: {key!r} must be one integer, got {type(fmt).__name__}: {fmt!r}"[:300])
 
 

@@ -431,11 +431,12 @@ def test_cc_with_arguments_builds_the_library(monkeypatch, tmp_path):
     assert cpu_build.build(tmp_path, march="x86-64" if platform.machine() in ("x86_64", "AMD64") else "native").exists()
 
 
-@pytest.mark.parametrize("named", ["no-such-cc-int8mm -O2", "'unbalanced"])
-def test_cc_naming_no_program_says_which_value(monkeypatch, tmp_path, named):
+@pytest.mark.parametrize("named, says", [("no-such-cc-int8mm -O2", "names no program found on the PATH"),
+                                         ("'unbalanced", "cannot be read as a command line")])
+def test_cc_naming_no_program_says_which_value(monkeypatch, tmp_path, named, says):
     monkeypatch.setenv("CC", named)
     assert cpu_build.compiler() is None
-    with pytest.raises(RuntimeError, match=f"CC={named!r} names no program found on the PATH"):
+    with pytest.raises(RuntimeError, match=f"CC={named!r} {says}"):
         cpu_build.build(tmp_path)
 
 

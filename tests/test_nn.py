@@ -214,6 +214,8 @@ def test_load_rejects_what_the_8bit_format_does_not_allow(case):
     ("col32", r"'weight_format' is 'col32'; only the row-major format \('row', 0\)"),
     ("bogus", r"'weight_format' is 'bogus', not a weight layout bitsandbytes names"),
     (1.5, r"'weight_format' must be one integer, got float: 1\.5"),
+    (torch.tensor(0.5), r"'weight_format' must be one integer, got torch\.float32 \[\]"),
+    (torch.tensor([0, 0], dtype=torch.uint8), r"'weight_format' must be one integer, got torch\.uint8 \[2\]"),
 ])
 def test_load_takes_the_weight_format_as_bitsandbytes_wrote_it(stored, message):
     sd = Int8Linear.from_linear(_linear()).state_dict()
@@ -221,9 +223,10 @@ def test_load_takes_the_weight_format_as_bitsandbytes_wrote_it(stored, message):
     if message is None:
         layer.load_state_dict({**sd, "weight_format": stored})
         assert torch.equal(layer.weight, sd["weight"])
-    else:
+        return
+    for state in ({**sd, "weight_format": stored}, {"weight_format": stored}):  # with the weight, or alone
         with pytest.raises(CheckpointError, match=r"^state_dict: " + message):
-            layer.load_state_dict({**sd, "weight_format": stored})
+            layer.load_state_dict(state, strict=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -240,6 +243,8 @@ def test_autocast_runs_the_layer_in_its_dtype_as_nn_linear(dtype):
     assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape
     with torch.autocast("cpu", dtype=dtype, enabled=False):
         assert layer(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=dtype):  # meta tensors have no autocast: shapes only, as nn.Linear gives them
+        assert copy.deepcopy(layer).to("meta")(x.detach().to("meta")).dtype == torch.float32
     if dtype is torch.bfloat16:  # and traced the same (fullgraph: the autocast queries must not break the graph)
         torch._dynamo.reset()
         with torch.autocast("cpu", dtype=dtype), torch.no_grad():

@@ -59,6 +59,10 @@ def compiler() -> list[str] | None:
 def _no_compiler_reason() -> str:
     named = os.environ.get("CC", "").strip()
     if named:
+        try:
+            shlex.split(named)
+        except ValueError as error:
+            return f"CC={named!r} cannot be read as a command line ({error}): {HOW_TO_BUILD}"
         return f"CC={named!r} names no program found on the PATH: {HOW_TO_BUILD}"
     return f"no C compiler found: {HOW_TO_BUILD}"
 
