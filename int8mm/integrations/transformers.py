@@ -202,8 +202,8 @@ class Int8MMHfQuantizer(HfQuantizer):
                 for param in (module.weight, module.SCB):  # the loader makes float parameters trainable
                     param.requires_grad_(False)
                 marker = module._buffers.get(FORMAT)
-                if marker is not None and not marker.is_meta:  # a marker the checkpoint lacked is uninitialized memory
-                    marker.fill_(WEIGHT_FORMAT_ROW)  # a stored one was checked to be this value
+                if marker is not None and not marker.is_meta and not _was_loaded(marker):
+                    marker.fill_(WEIGHT_FORMAT_ROW)  # a marker the checkpoint lacked is uninitialized memory
         if not self.pre_quantized:
             # transformers' disk offload index still points at the checkpoint's float weight of layers quantized
             # on load: write their int8 weights to the offload folder and point the index there

@@ -77,9 +77,9 @@ def check_after_loading(model: nn.Module, headers: dict, checkpoint_files, pre_q
         if pre_quantized:
             check_int8_values(stored, source, weight=layer.weight, scale=layer.SCB)
             # HfInt8Linear holds the stored marker as a buffer; a checkpoint may leave it out (transformers then
-            # leaves the buffer uninitialized: the quantizer resets it), so only a stored one is checked
+            # leaves the buffer uninitialized: the quantizer resets it), so only a loaded one is checked
             marker = layer._buffers.get(FORMAT)
-            if marker is not None and not marker.is_meta and f"{stored}.{FORMAT}" in headers:
+            if marker is not None and not marker.is_meta and was_loaded(marker):
                 check_format_value(int(marker), f"{stored}.{FORMAT}", source)
 
 
