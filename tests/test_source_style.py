@@ -7,17 +7,27 @@ FOLDERS = ("int8mm", "kernels", "tests", "benchmarks", ".ci")
 SUFFIXES = {".py", ".c", ".h", ".cu", ".cuh", ".sh"}
 
 
+def _is_source(path: Path) -> bool:
+    if not path.is_file() or "__pycache__" in path.parts:
+        return False
+    if path.suffix in SUFFIXES:
+        return True
+    with open(path, "rb") as f:  # a script without a suffix (.ci/run)
+        return path.suffix == "" and f.read(2) == b"#!"
+
+
 def _sources() -> list[Path]:
     files = [REPO / "setup.py", REPO / "Makefile"]
     for folder in FOLDERS:
-        files += [p for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix in SUFFIXES]
+        files += [p for p in (REPO / folder).rglob("*") if _is_source(p)]
     return files
 
 
 def test_source_files_are_found():
-    """The check below must look at something: the files it reads include this one and the C kernels."""
+    """The check below must look at something: the files it reads include this one, the C kernels and CI's
+    script."""
     names = {p.relative_to(REPO).as_posix() for p in _sources()}
-    assert "tests/test_source_style.py" in names and "kernels/cpu/int8mm_cpu.c" in names
+    assert {"tests/test_source_style.py", "kernels/cpu/int8mm_cpu.c", ".ci/run"} <= names
 
 
 def test_source_lines_fit_in_120_characters():
