@@ -6,8 +6,8 @@ ops on the same layer, which leave the caches cold. This script times, each afte
 
 - ``fp32 F.linear``: the baseline;
 - ``int8mm.functional.int8_linear``: the public call (checks the layer, then as below);
-- ``int8_linear_of_checked_layer``: x's checks, backend choice, eager dispatch (``Int8Linear.forward`` calls the
-  same through ``linear_of_checked_layer``, less one torch.compile query);
+- ``int8_linear_of_checked_layer``: x's checks, backend choice, eager dispatch (``Int8Linear.forward`` calls it
+  with ``tracing=False``, which saves one torch.compile query);
 - the CPU backend's ``int8_linear``: output allocation, argument packing, the ctypes call;
 - the C call alone, its arguments packed beforehand (a library before ABI 4 packs another layout: left out);
 - a ctypes call of a C function that does nothing but return (``int8mm_cpu_abi_version``).

@@ -110,7 +110,7 @@ def int8_linear(
     """
     _check_float(x, "x", ACTIVATION_DTYPES)
     threshold = check_linear_layer(q_w, s_w, bias, threshold)
-    return linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend, torch.compiler.is_compiling())
+    return int8_linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend)
 
 
 def check_activations(x) -> None:
@@ -148,19 +148,15 @@ def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor 
 
 def int8_linear_of_checked_layer(
     x: torch.Tensor, q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-    backend: Backend | str | None = None,
+    backend: Backend | str | None = None, tracing: bool | None = None,
 ) -> torch.Tensor:
     """``int8_linear`` for a layer that passed ``check_linear_layer``: checks only ``x`` (dtype, K, device).
 
     In eager mode this calls the backend's implementation directly; under ``torch.compile``, export,
-    tracing or autograd it goes through the ``int8mm::int8_linear`` op.
+    tracing or autograd it goes through the ``int8mm::int8_linear`` op. ``tracing``: whether torch.compile
+    traces the call, for a caller that asked already (``Int8Linear.forward``: the query costs host time on every
+    eager call); None asks.
     """
-    return linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend, torch.compiler.is_compiling())
-
-
-def linear_of_checked_layer(x, q_w, s_w, bias, threshold: float, backend, tracing: bool) -> torch.Tensor:
-    """``int8_linear_of_checked_layer`` for a caller that knows whether torch.compile traces the call
-    (``Int8Linear.forward`` asked already: the query costs host time on every eager call)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
         _check_float(x, "x", ACTIVATION_DTYPES)  # raises, naming what it got
     n, k = q_w.shape
@@ -175,7 +171,7 @@ def linear_of_checked_layer(x, q_w, s_w, bias, threshold: float, backend, tracin
     if torch._C._is_any_autocast_enabled():  # one cheap query on every call; the rest only under autocast
         x = _as_autocast_dtype(x, device.type)
     x2 = x if len(shape) == 2 else _flatten(x)
-    impl = backend_for(backend, device, x2.shape[0], tracing)
+    impl = backend_for(backend, device, x2.shape[0], torch.compiler.is_compiling() if tracing is None else tracing)
     y = _ops.run_int8_linear(x2, q_w, s_w, bias, threshold, impl)
     return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
 

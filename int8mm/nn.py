@@ -93,7 +93,7 @@ class Int8Linear(nn.Module):
                        F8.check_linear_layer(weight, scale, bias, threshold))
             self._checked_layer = checked
         try:
-            return F8.linear_of_checked_layer(x, weight, scale, bias, checked[7], self.backend, False)
+            return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[7], self.backend, False)
         except ValueError as error:  # a module's user knows in_features, not the functional op's q_w
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != weight.shape[1]:
                 raise ValueError(f"x's last dimension must be in_features={weight.shape[1]}, got x of shape "

@@ -30,6 +30,7 @@ from ..errors import CheckpointError
 from ..loading import normalize_device_map, replace_linears_on_meta
 from ..loading.checkpoint_check import check_after_loading, check_before_loading
 from ..loading.file_pages import release_file_pages
+from ..loading.model_source import broken_config_error
 from ..loading.offload import offload_loaders, requantize_offloaded_weights
 from ..loading.offload_folders import claim_offload_folder, offload_identity, warn_if_overwritten
 from ..loading.tasks import quantize_in_blocks
@@ -63,9 +64,7 @@ class Int8MMConfig(_config.Int8MMConfig, QuantizationConfigMixin):
         try:
             return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
         except (TypeError, ValueError) as exc:
-            field = str(exc).split(" ", 1)[0]
-            key = f"quantization_config.{field}" if field in _config.SERIALIZED_FIELDS else "quantization_config"
-            raise CheckpointError(f"config.json: {key!r} is broken: {exc}") from None
+            raise broken_config_error("config.json", exc) from None
 
 
 class HfInt8Linear(Int8Linear):

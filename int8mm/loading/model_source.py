@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import QUANT_METHOD, Int8MMConfig
+from ..config import QUANT_METHOD, SERIALIZED_FIELDS, Int8MMConfig
 from ..errors import CheckpointError
 from .safetensors_files import checkpoint_files
 
@@ -65,9 +65,18 @@ def saved_quantization(config_dir: Path | None) -> dict:
     try:  # the one check of these settings: Int8MMConfig's
         checked = Int8MMConfig(**saved)
     except (TypeError, ValueError) as exc:
-        field = str(exc).split(" ", 1)[0]
-        raise CheckpointError(f"{path}: 'quantization_config.{keys.get(field, field)}' is broken: {exc}") from None
+        raise broken_config_error(str(path), exc, keys) from None
     return {field: getattr(checked, field) for field in saved}
+
+
+def broken_config_error(where: str, exc: Exception, keys: dict[str, str] | None = None) -> CheckpointError:
+    """The error for a saved ``quantization_config`` that ``Int8MMConfig`` refused with ``exc``, naming ``where``
+    (config.json) and the key: the field its message starts with, as ``keys`` spells it in the file."""
+    field = str(exc).split(" ", 1)[0]
+    key = "quantization_config"
+    if field in SERIALIZED_FIELDS:
+        key += "." + (keys or {}).get(field, field)
+    return CheckpointError(f"{where}: {key!r} is broken: {exc}")
 
 
 # transformers writes the floats JSON has no literal for as {"__float__": "Infinity"} (a threshold of inf)
