@@ -171,7 +171,7 @@ def int8_linear_of_checked_layer(
     if torch._C._is_any_autocast_enabled():  # one cheap query on every call; the rest only under autocast
         x = _as_autocast_dtype(x, device.type)
     x2 = x if len(shape) == 2 else _flatten(x)
-    impl = backend_for(backend, device, x2.shape[0], torch.compiler.is_compiling() if tracing is None else tracing)
+    impl = backend_for(backend, device, x2.shape[0], tracing)  # None: backend_for asks
     y = _ops.run_int8_linear(x2, q_w, s_w, bias, threshold, impl)
     return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
 
