@@ -88,22 +88,27 @@ def _shown(value):
     return value.value if isinstance(value, Backend) else value
 
 
-def _quantize_layer(layer: Layer, config: Int8MMConfig) -> Int8Linear:
+def empty_int8_layer(layer: Layer, config: Int8MMConfig, linear_cls: type[Int8Linear] = Int8Linear) -> Int8Linear:
+    """An empty ``linear_cls`` on meta to stand in for ``layer``: its shape (a ``Conv1D`` stores ``[in, out]``),
+    bias dtype and training mode (an ``eval()`` model stays in eval mode), ``config``'s threshold and backend."""
     module = layer.module
-    weight = module.weight.detach()
-    if layer.is_conv1d:  # Conv1D stores [in, out]
-        weight = weight.t()
-    out_features, in_features = weight.shape
+    out_features, in_features = module.weight.shape[::-1] if layer.is_conv1d else module.weight.shape
     has_bias = module.bias is not None
-    replacement = Int8Linear(in_features, out_features, bias=has_bias, threshold=config.threshold,
+    replacement = linear_cls(in_features, out_features, bias=has_bias, threshold=config.threshold,
                              backend=config.backend, device="meta",
                              bias_dtype=module.bias.dtype if has_bias else torch.float32)
-    replacement.train(module.training)  # an eval() model stays in eval mode, as a swapped module's parent would
+    return replacement.train(module.training)
+
+
+def _quantize_layer(layer: Layer, config: Int8MMConfig) -> Int8Linear:
+    module = layer.module
+    replacement = empty_int8_layer(layer, config)
+    weight = module.weight.detach()
     if weight.is_meta:  # shapes only: the weights come later (load_state_dict(..., assign=True))
         return replacement
-    q_w, s_w = F8.quantize_weight(weight.contiguous(), name=f"{layer.name}.weight")
+    q_w, s_w = F8.quantize_weight((weight.t() if layer.is_conv1d else weight).contiguous(), name=f"{layer.name}.weight")
     replacement.weight, replacement.SCB = q_w, s_w
-    if has_bias:
+    if module.bias is not None:
         replacement.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
     return replacement
 

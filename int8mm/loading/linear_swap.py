@@ -1,8 +1,8 @@
 """Swapping layers on the meta device: the layers ``int8mm.selection`` picks become empty ``Int8Linear``."""
-import torch
 from torch import nn
 
 from ..config import Int8MMConfig
+from ..model import empty_int8_layer
 from ..nn import Int8Linear
 from ..selection import Selection, select_layers
 
@@ -25,13 +25,7 @@ def replace_linears_on_meta(
     selection = select_layers(model, config)
     transposed: dict[str, bool] = {}
     for layer in selection.quantize:
-        module = layer.module
-        out_features, in_features = module.weight.shape[::-1] if layer.is_conv1d else module.weight.shape
-        has_bias = module.bias is not None
-        replacement = linear_cls(in_features, out_features, bias=has_bias, threshold=config.threshold,
-                                 backend=config.backend, device="meta",
-                                 bias_dtype=module.bias.dtype if has_bias else torch.float32)
-        replacement.train(module.training)
+        replacement = empty_int8_layer(layer, config, linear_cls)
         for name in layer.names:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, replacement)
