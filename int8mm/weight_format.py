@@ -80,9 +80,15 @@ def check_int8_layout(prefix: str, out_features: int, in_features: int, *, weigh
         raise CheckpointError(f"{_source_of(scale, source)}: {_key(prefix, SCALE)!r} must be a float scale, got "
                               f"{scale.dtype}")
     _check_shape(scale, _key(prefix, SCALE), (out_features,), source)
-    if fmt is not None and (fmt.dtype.is_floating_point or fmt.dtype == torch.bool or math.prod(fmt.shape) != 1):
-        raise CheckpointError(f"{_source_of(fmt, source)}: {_key(prefix, FORMAT)!r} must be one integer, got "
-                              f"{fmt.dtype} {list(fmt.shape)}")
+    if fmt is not None:
+        _check_one_integer(fmt, _key(prefix, FORMAT), source)
+
+
+def _check_one_integer(fmt, key: str, source: str) -> None:
+    """A stored ``weight_format`` (a tensor or a safetensors header entry) holds one integer."""
+    if fmt.dtype.is_floating_point or fmt.dtype == torch.bool or math.prod(fmt.shape) != 1:
+        raise CheckpointError(f"{_source_of(fmt, source)}: {key!r} must be one integer, got {fmt.dtype} "
+                              f"{list(fmt.shape)}")
 
 
 def check_int8_values(prefix: str, source: str, *, weight: torch.Tensor | None = None,
@@ -142,13 +148,11 @@ def _stored_format(fmt, key: str, source: str) -> int:
                 "it can be loaded" if known else
                 f", not a weight layout bitsandbytes names ({', '.join(map(repr, _BITSANDBYTES_FORMAT_NAMES))})"))
         return WEIGHT_FORMAT_ROW
-    if isinstance(fmt, torch.Tensor) and not (fmt.dtype.is_floating_point or fmt.dtype == torch.bool
-                                             or fmt.numel() != 1):
+    if isinstance(fmt, torch.Tensor):
+        _check_one_integer(fmt, key, source)
         return int(fmt)
     if isinstance(fmt, int) and not isinstance(fmt, bool):
         return fmt
-    if isinstance(fmt, torch.Tensor):
-        raise CheckpointError(f"{source}: {key!r} must be one integer, got {fmt.dtype} {list(fmt.shape)}")
     raise CheckpointError(f"{source}: {key!r} must be one integer, got {type(fmt).__name__}: {fmt!r}"[:300])
 
 
