@@ -87,6 +87,27 @@ def test_gpt2_conv1d(tmp_path):
     assert torch.equal(logits(model, ids), logits(streamed, ids))
 
 
+def test_dequantize_gives_gpt2_its_conv1d_back(tmp_path):
+    """dequantize() turned GPT-2's Conv1D layers into nn.Linear ([out, in]): the model still ran, but its saved
+    checkpoint no longer loaded (and a square c_proj would load transposed with ignore_mismatched_sizes)."""
+    from transformers.pytorch_utils import Conv1D
+
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=Int8MMConfig())
+    c_attn = model.transformer.h[0].attn.c_attn
+    expected_weight, expected_bias = c_attn.dequantize().t(), c_attn.bias.detach().clone()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    model.dequantize()
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert type(c_attn) is Conv1D and not _int8_names(model)
+    assert torch.equal(c_attn.weight.detach(), expected_weight) and torch.equal(c_attn.bias.detach(), expected_bias)
+    model.save_pretrained(tmp_path / "dequantized")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized")
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
 def test_disk_offload_quantizes_disk_layers_too(float_llama, tmp_path, token_ids):
     """Layers a dict device_map sends to "disk" are 8-bit like the others (they were kept float before), and what
     goes to the disk is their int8 weight (more cases in test_offload.py)."""

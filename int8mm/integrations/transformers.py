@@ -19,6 +19,7 @@ from transformers.quantizers.auto import (
     register_quantization_config,
     register_quantizer,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -237,9 +238,20 @@ class Int8MMHfQuantizer(HfQuantizer):
         for name, module in list(model.named_modules()):
             if isinstance(module, Int8Linear):
                 linear = module.to_linear(dtype or torch.float32)
+                if self.transposed.get(name, False):  # it was a GPT-2 Conv1D: give one back, in its [in, out] layout
+                    linear = _as_conv1d(linear)  # (an nn.Linear there saved a checkpoint that no longer loaded)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, linear)
         return model
+
+
+def _as_conv1d(linear: nn.Linear) -> nn.Module:
+    """transformers' ``Conv1D`` computing what ``linear`` computes: the same weight, stored ``[in, out]``."""
+    conv = Conv1D(linear.out_features, linear.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())
+        conv.bias.copy_(linear.bias)  # a Conv1D always has one, and so has the layer made from it
+    return conv
 
 
 def _was_loaded(tensor: torch.Tensor) -> bool:
