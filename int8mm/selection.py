@@ -145,7 +145,40 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
     recorded += [p for p in keep_fp32 if p not in recorded and any(matches_skip(n, [p]) for n in all_names)]
     recorded += [name for name in selection.kept if not matches_skip(name, recorded)]
     selection.skip_modules = recorded
+    _warn_if_mostly_float(model, selection, set(modules))
     return selection
+
+
+# a model whose weights outside any linear layer hold at least this share of its parameters is told so
+FLOAT_SHARE_TO_WARN = 0.25
+
+
+def _warn_if_mostly_float(model: nn.Module, selection: Selection, candidates: set[int]) -> None:
+    """Warn when the 8-bit model would be mostly float anyway: no layer selected (Falcon's layers all override
+    forward), or most parameters in weights of 3+ dimensions that no linear layer holds (transformers 5 fuses a
+    mixture of experts' weights into 3-D parameters; convolutions). Either way the call succeeded and the model
+    barely shrank, which a user could only have noticed in its size."""
+    name = type(model).__name__
+    if not selection.quantize and selection.kept:
+        first, reason = next(iter(selection.kept.items()))
+        warnings.warn(f"int8mm: no layer of {name} becomes 8-bit: all {len(selection.kept)} of its linear layers "
+                      f"stay in full precision ({first}: {reason})", UserWarning, stacklevel=4)
+    total, other, seen = 0, {}, set()
+    for owner_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(prefix=owner_name, recurse=False):
+            if id(param) in seen:  # tied: counted once
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            if param.dim() >= 3 and param.is_floating_point() and id(module) not in candidates:
+                other[param_name] = param.numel()
+    share = sum(other.values()) / total if total else 0.0
+    if share >= FLOAT_SHARE_TO_WARN:
+        examples = ", ".join(list(other)[:2]) + (", ..." if len(other) > 2 else "")
+        warnings.warn(f"int8mm: {share:.0%} of {name}'s parameters stay in full precision: they are weights of 3 or "
+                      f"more dimensions outside any nn.Linear or Conv1D layer ({examples}; e.g. fused "
+                      f"mixture-of-experts weights, convolutions), and int8mm quantizes only linear layers",
+                      UserWarning, stacklevel=4)
 
 
 # kept layers worth a warning: the others are kept as asked, or are output heads (kept by design)

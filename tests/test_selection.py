@@ -2,6 +2,7 @@
 attach_int8_hooks, load_in_8bit and from_pretrained build the same model, before and after a save and reload,
 and keep in full precision what transformers + bitsandbytes keeps (checked against bitsandbytes itself)."""
 import logging
+import warnings
 
 import pytest
 import torch
@@ -185,3 +186,37 @@ def test_select_layers_reports_why_layers_are_kept(caplog):
     assert selection.kept == {"lm_head": "its weight is shared with or tied to another module"}
     assert selection.skip_modules == ["lm_head"]
     assert "keeping lm_head in full precision" in caplog.text
+
+
+def _tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+
+
+def test_a_model_left_mostly_float_warns(tmp_path):
+    """transformers 5 holds a mixture of experts' weights in 3-D parameters, not Linear layers: every way in
+    returned a "quantized" Mixtral 0.92x its size, with no word; Falcon (FalconLinear overrides forward) 1.00x."""
+    _tiny_mixtral().save_pretrained(tmp_path)
+    cls = type(_tiny_mixtral())
+    mostly_float = r"int8mm: 7\d% of MixtralForCausalLM's parameters stay in full precision: they are weights of 3 " \
+                   r"or more dimensions outside any nn.Linear or Conv1D layer \(model.layers.0.mlp.experts.gate_up_proj"
+    for call in (lambda: quantize_model(cls.from_pretrained(tmp_path)),
+                 lambda: attach_int8_hooks(cls.from_pretrained(tmp_path)),
+                 lambda: cls.from_pretrained(tmp_path, quantization_config=Int8MMConfig())):
+        with pytest.warns(UserWarning, match=mostly_float):
+            call()
+
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    with pytest.warns(UserWarning, match=r"no layer of Sequential becomes 8-bit: all 2 of its linear layers stay in "
+                                         r"full precision \(0: its class Custom overrides forward\)"):
+        quantize_model(nn.Sequential(Custom(4, 4), Custom(4, 4)))
+    with warnings.catch_warnings():  # a model that does shrink: neither warning
+        warnings.simplefilter("error")
+        quantize_model(tiny_llama(layers=1))
+        quantize_model(nn.Sequential(nn.Conv1d(4, 64, 1), nn.Linear(64, 64)))  # a small 3-D weight: 6%
