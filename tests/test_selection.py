@@ -52,8 +52,18 @@ def _roberta():
     return RobertaForMaskedLM(config)
 
 
+def _neox():
+    """transformers 5 loads its checkpoints' embed_out as lm_head (and saves it back as embed_out): load_in_8bit
+    failed on every Pythia checkpoint, and on int8mm's own saves of one, with "lacks 'lm_head.weight'"."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=32)
+    return GPTNeoXForCausalLM(config)
+
+
 FAMILIES = {"llama": lambda: tiny_llama(), "gpt2": _gpt2, "bert": _bert, "t5": _t5, "llama_cls": _llama_classifier,
-            "roberta": _roberta}
+            "roberta": _roberta, "neox": _neox}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -220,3 +230,29 @@ def test_a_model_left_mostly_float_warns(tmp_path):
         warnings.simplefilter("error")
         quantize_model(tiny_llama(layers=1))
         quantize_model(nn.Sequential(nn.Conv1d(4, 64, 1), nn.Linear(64, 64)))  # a small 3-D weight: 6%
+
+
+def test_load_in_8bit_reads_legacy_names_and_refuses_merged_experts(tmp_path):
+    """Keys transformers renames as it loads (an old BERT file's LayerNorm.gamma / beta) load_in_8bit renames too;
+    a checkpoint whose tensors transformers merges (Mixtral's per-expert weights) is refused up front, saying which
+    loader reads it (before: "lacks 6 tensor(s)", and a hint that failed for bitsandbytes checkpoints)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    bert = _bert().eval()
+    bert.save_pretrained(tmp_path / "bert")
+    tensors = load_file(tmp_path / "bert" / "model.safetensors")
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in tensors.items()}
+    assert sum("LayerNorm.gamma" in k for k in legacy) == 5
+    save_file(legacy, tmp_path / "bert" / "model.safetensors", metadata={"format": "pt"})
+    streamed = load_in_8bit(tmp_path / "bert", progress=False)
+    expected = type(bert).from_pretrained(tmp_path / "bert", quantization_config=Int8MMConfig())
+    assert _int8_names(streamed) == _int8_names(expected) and _int8_names(streamed)
+    assert torch.equal(_run(streamed, "bert"), _run(expected, "bert"))
+
+    _tiny_mixtral().save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(int8mm.CheckpointError, match=r"model\.safetensors: transformers converts 12 of this "
+                       r"checkpoint's tensors as it loads them \(such as 'model\.layers\.0\.block_sparse_moe\.experts"
+                       r"\.0\.w1\.weight'.*from_pretrained\(path, quantization_config=int8mm\.Int8MMConfig\(\)\)"):
+        load_in_8bit(tmp_path / "mixtral", progress=False)

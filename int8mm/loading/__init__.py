@@ -27,6 +27,7 @@ from .errors import CheckpointError
 from .linear_swap import replace_linears_on_meta
 from .model_source import resolve_source, saved_quantization
 from .offload_folders import check_offload_folder_free, claim_offload_folder, offload_identity
+from .key_renames import renamed_as_transformers_loads
 from .plan import plan_load
 from .safetensors_files import HeaderEntry, MappedFile, read_headers
 from .tasks import Destination, LoadTask
@@ -137,7 +138,8 @@ def load_in_8bit(
     # each weight is quantized in the dtype the float layer holds (dtype=, config.json), not the file's: the
     # int8 values then equal those of from_pretrained and quantize_model, which quantize the cast weight
     weight_dtypes = {name: layer.module.weight.dtype for layer in selection.quantize for name in layer.names}
-    plan = plan_load(model, transposed, _align_base_model_prefix(headers, model), device_map, weight_dtypes)
+    headers = _align_base_model_prefix(renamed_as_transformers_loads(headers, model), model)
+    plan = plan_load(model, transposed, headers, device_map, weight_dtypes)
 
     out = Destination(offload_folder)
     try:

@@ -73,9 +73,7 @@ def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, 
     if missing:
         files = sorted({str(e.path) for e in headers.values()})
         raise CheckpointError(f"the checkpoint ({', '.join(files)}) lacks {len(missing)} tensor(s) the model "
-                              f"needs: {_preview(missing)}. If transformers loads this checkpoint by renaming or "
-                              f"converting its keys (e.g. fused MoE experts), load it with "
-                              f"from_pretrained(..., quantization_config=int8mm.Int8MMConfig()) instead")
+                              f"needs: {_preview(missing)}")
     ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     unexpected = [k for k in headers if k not in used and not any(p.search(k) for p in ignored)
                   and not k.endswith("rotary_emb.inv_freq")]
