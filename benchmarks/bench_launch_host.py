@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import triton  # noqa: E402
 import triton_fake_driver  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.bench.environment import run_metadata  # noqa: E402
+from int8mm.bench.timing import spread as _spread  # noqa: E402
 from int8mm.backends import triton as triton_backend  # noqa: E402
 from int8mm.backends import cpu_build, triton_launch, triton_prefill_quant  # noqa: E402
 
@@ -187,12 +187,6 @@ def timed_cuda_backend(args) -> dict | None:
         cuda_backend._scratch_layout.cache_clear()
         _set_environment({"INT8MM_KEEP_BUFFERS": "1"})
     return samples
-
-
-def _spread(values) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentiles."""
-    q = statistics.quantiles(values, n=10)
-    return statistics.median(values), q[1], q[7]
 
 
 def _cell(spread) -> str:

@@ -17,7 +17,6 @@ ops on the same layer, which leave the caches cold. This script times, each afte
 Prints the median and p20-p80 of each, in microseconds.
 """
 import argparse
-import statistics
 import time
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 import int8mm.functional as F8
 from int8mm.backends import Backend
 from int8mm.backends import cpu as cpu_backend
+from int8mm.bench.timing import spread
 
 
 def parse_args(argv=None):
@@ -101,8 +101,8 @@ def main(argv=None) -> None:
     print(f"{args.k} -> {args.n}, M=1, {args.threads} thread(s), each call after: {args.before}; "
           f"{args.reps} calls each, in turn; microseconds")
     for name, values in samples.items():
-        q = statistics.quantiles(values, n=10)
-        print(f"  {name:30s} median {statistics.median(values):7.2f}  (p20 {q[1]:6.2f}, p80 {q[7]:6.2f})")
+        median, p20, p80 = spread(values)
+        print(f"  {name:30s} median {median:7.2f}  (p20 {p20:6.2f}, p80 {p80:6.2f})")
 
 
 if __name__ == "__main__":

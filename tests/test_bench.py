@@ -144,6 +144,39 @@ def test_time_cpu_stops_at_its_budget_but_not_below_min_samples(monkeypatch):
     assert result.median_s == 1
 
 
+def test_percentiles_stay_within_few_samples():
+    """A time budget may leave 3 samples: p20 and p80 interpolate between them, never beyond (statistics' default
+    method extrapolated [1, 10, 10] to a p20 of -0.8, a negative time)."""
+    result = timing.Timing.of([10.0, 1.0, 10.0])
+    assert (result.median_s, result.p20_s, result.p80_s, result.samples) == (10.0, pytest.approx(4.6), 10.0, 3)
+    assert timing.spread([2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_cpu_decode_breakdown_takes_percentiles_within_the_samples(monkeypatch, capsys):
+    """benchmarks/cpu_decode_breakdown.py prints p20/p80 as the suites take them (timing.spread)."""
+    breakdown = load_benchmark("cpu_decode_breakdown")
+    monkeypatch.setattr(breakdown, "timed_calls", lambda args: {"fp32 F.linear": [1.0, 10.0, 10.0]})
+    monkeypatch.setattr(breakdown.torch, "set_num_threads", lambda threads: None)  # this process keeps its own
+    breakdown.main([])
+    assert "median   10.00  (p20   4.60, p80  10.00)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_launch_host_takes_percentiles_within_the_samples():
+    """benchmarks/bench_launch_host.py's p20/p80 as the suites take them, in its own process (importing it installs
+    the stand-in Triton driver)."""
+    import subprocess
+    import sys
+    from helpers import REPOSITORY, compiling_process_environment
+
+    code = "import bench_launch_host as b; print(*b._spread([1.0, 10.0, 10.0]))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=f"{REPOSITORY}/benchmarks", capture_output=True, text=True,
+                          env=compiling_process_environment(), timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    median, p20, p80 = map(float, done.stdout.split())
+    assert (median, p80) == (10.0, 10.0) and p20 == pytest.approx(4.6)
+
+
 class _FakeEvent:
     """A CUDA event on a fake clock: each record() reads it, elapsed_time() is in milliseconds."""
     clock_ms = [0.0]

@@ -27,9 +27,18 @@ class Timing:
 
     @staticmethod
     def of(samples_s: Sequence[float]) -> "Timing":
-        ordered = sorted(samples_s)
-        q = statistics.quantiles(ordered, n=10) if len(ordered) >= 2 else [ordered[0]] * 9
-        return Timing(statistics.median(ordered), q[1], q[7], len(ordered))
+        return Timing(*spread(samples_s), len(samples_s))
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentiles of ``values``, the percentiles interpolated between samples.
+
+    "inclusive" keeps them within the samples: the default ("exclusive") extrapolates beyond the extremes when there
+    are few, and a time budget may leave only ``MIN_SAMPLES`` (``[1, 10, 10]`` gave a p20 of -0.8).
+    """
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) >= 2 else [ordered[0]] * 9
+    return statistics.median(ordered), q[1], q[7]
 
 
 # a time budget never cuts a measurement below this many samples (p20/p80 need a few)
