@@ -498,6 +498,43 @@ def test_a_failed_model_run_keeps_the_others_and_fails_the_command(monkeypatch, 
     assert "| int8mm t=6 | eager | 2 | - | - |" in markdown and f"- {failed_line}" in markdown
 
 
+def _bitsandbytes_breaks(*args, **kwargs):
+    raise RuntimeError("bitsandbytes' native library failed to load")  # as on a lent GPU it may
+
+
+@pytest.mark.slow
+def test_a_kernel_provider_that_fails_to_build_is_reported_and_the_rest_written(monkeypatch, tmp_path):
+    """bitsandbytes' layer raising while built: it is named with its error, every other provider is measured and
+    written, and the command exits 1."""
+    from int8mm.bench import providers
+
+    monkeypatch.setattr(providers, "_bnb_layer", _bitsandbytes_breaks)
+    assert main(["bench", "--quick", "--roles", "o_proj", "--m", "1", "--reps", "2", "--out", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert data["meta"]["failed"] == ["bnb Linear8bitLt t=6: SmolLM2-135M o_proj, building it: RuntimeError: "
+                                      "bitsandbytes' native library failed to load"]
+    assert [r["provider"] for r in data["rows"]] == [p for p in CPU_PROVIDERS if not p.startswith("bnb")]
+
+
+@pytest.mark.slow
+def test_a_model_provider_that_fails_to_build_is_reported_and_the_rest_written(monkeypatch, tmp_path, capsys):
+    """bitsandbytes' model raising while built: its runs are rows with the error, the providers before and after it
+    are measured and written, and the command exits 1."""
+    from int8mm.bench import model_suite
+
+    monkeypatch.setattr(model_suite, "swap_to_bitsandbytes", _bitsandbytes_breaks)
+    monkeypatch.setattr(model_suite, "bitsandbytes_missing", lambda: None)  # it fails, rather than being missing
+    assert main(["bench", *TINY_MODEL_SUITE, "--providers", "float", "bnb", "int8mm", "--out", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "cpu_model_bench.json").read_text())["rows"]
+    assert [(r["provider"], r.get("error")) for r in rows] == [
+        ("float", None),
+        ("bnb Linear8bitLt t=6", "preparing the model: RuntimeError: bitsandbytes' native library failed to load"),
+        ("int8mm t=6", None)]
+    assert rows[0]["prefill_ms"] > 0 and rows[2]["prefill_ms"] > 0 and rows[1]["weights_bytes"] is None
+    assert "| bnb Linear8bitLt t=6 | eager | 1 | - | - | - | - |" in (tmp_path / "cpu_model_bench.md").read_text()
+    assert "1 of 3 runs failed" in capsys.readouterr().out
+
+
 def test_bench_writes_its_results_when_the_reader_leaves_early(monkeypatch, tmp_path):
     """``int8mm bench | head -1``: stdout closes at the first row printed; the run goes on and writes --out."""
     import io

@@ -107,7 +107,8 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
         for index, shape in enumerate(shapes):
             generator = make_generator(device, config.seed + index)
             weight = random_weight(shape.n, shape.k, device, generator)
-            provider_set = build_providers(weight, config.threshold, backends, config.bnb, config.gemm_only)
+            provider_set = build_providers(weight, config.threshold, backends, config.bnb, config.gemm_only,
+                                           failures, f"{shape.name}, building it")
             meta["baseline"] = provider_set.baseline
             skipped.update(provider_set.skipped)
             for m in config.m_values:

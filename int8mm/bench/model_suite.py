@@ -170,18 +170,24 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
     bar = tqdm(total=total, desc="model suite", unit="run", disable=not progress)
     with torch.inference_mode():
         for provider in providers:
-            model = prepare(provider, build_model(config, device, dtype), config.threshold)
-            weights = module_bytes(model)
+            try:
+                model = prepare(provider, build_model(config, device, dtype), config.threshold)
+                weights, not_prepared = module_bytes(model), None
+            except Exception as error:  # noqa: BLE001  a provider that cannot be built costs only its own rows
+                model, weights = None, None
+                not_prepared = f"preparing the model: {type(error).__name__}: {error}"
             for mode in modes[provider]:
                 for batch in config.batch_sizes:
                     bar.set_postfix_str(f"{provider} {mode} batch {batch}")
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    try:
-                        figures = measure(model, config, batch, static=mode == STATIC)
-                    except Exception as error:  # noqa: BLE001  one failed run must not cost the others' rows
-                        figures = {"prefill_ms": None, "decode_tokens_per_s": None,
-                                   "error": f"{type(error).__name__}: {error}"[:ERROR_CHARS]}
+                    if not_prepared is not None:  # each of its runs is a row with the error
+                        figures = _failed(not_prepared)
+                    else:
+                        try:
+                            figures = measure(model, config, batch, static=mode == STATIC)
+                        except Exception as error:  # noqa: BLE001  one failed run must not cost the others' rows
+                            figures = _failed(f"{type(error).__name__}: {error}")
                     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                     rows.append({"device": meta["device"], "date": meta["date"], "provider": _label(provider, config),
                                  "mode": mode, "batch": batch, "prompt_tokens": config.prompt_tokens,
@@ -196,6 +202,11 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
                 torch.cuda.empty_cache()
     bar.close()
     return {"meta": meta, "rows": rows}
+
+
+def _failed(why: str) -> dict:
+    """The figures of a run that raised: none, and why."""
+    return {"prefill_ms": None, "decode_tokens_per_s": None, "error": why[:ERROR_CHARS]}
 
 
 def _measurable(providers: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -254,7 +265,7 @@ def model_markdown(result: dict) -> str:
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else format_rate(r["peak_bytes"], "B")
         body.append([r["provider"], r["mode"], str(r["batch"]), _prefill_figure(r), _decode_figure(r),
-                     format_rate(r["weights_bytes"], "B"), peak])
+                     "-" if r["weights_bytes"] is None else format_rate(r["weights_bytes"], "B"), peak])
     header = ["provider", "mode", "batch", "prefill", "decode tokens/s", "weights", "peak GPU memory"]
     lines += markdown_table(header, body)
     failed = [r for r in rows if "error" in r]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import functional as F8
 from ..backends import Backend, available_backends, check_backend, triton_interpreting
 from .ceilings import baseline_float_dtype
+from .failures import Failures
 
 # cuBLAS int8 GEMMs (torch._int_mm) need M > 16
 CUBLAS_INT_MM_MIN_M = 17
@@ -77,8 +78,13 @@ def benchmark_backends(device: torch.device, requested: tuple[str, ...] | None =
 
 
 def build_providers(weight: torch.Tensor, threshold: float, backends: list[Backend], with_bnb: bool = True,
-                    with_gemm_only: bool = True) -> ProviderSet:
-    """Every provider for the fp32 master ``weight`` ``[N, K]`` on its device."""
+                    with_gemm_only: bool = True, failures: Failures | None = None, where: str = "") -> ProviderSet:
+    """Every provider for the fp32 master ``weight`` ``[N, K]`` on its device.
+
+    bitsandbytes' layer is built here (its quantization runs then): with ``failures``, a build that raises is
+    recorded there under ``where`` and the provider left out, as one that raises while timed is; without, the
+    error propagates.
+    """
     device = weight.device
     n, k = weight.shape
     activation_dtype = baseline_float_dtype(device)
@@ -99,13 +105,17 @@ def build_providers(weight: torch.Tensor, threshold: float, backends: list[Backe
                                       capturable=backend is not Backend.REFERENCE))
     skipped = []
     if with_bnb:
-        layer, why_not = _bnb_layer(weight, threshold)
-        if layer is None:
+        bnb_name = f"bnb Linear8bitLt t={threshold:g}"
+        # None from failures: it raised, now or for an earlier shape (recorded there), so it is measured no more
+        built = (_bnb_layer(weight, threshold) if failures is None
+                 else failures.attempt(bnb_name, lambda: _bnb_layer(weight, threshold), where))
+        layer, why_not = built or (None, None)
+        if why_not is not None:
             skipped.append(f"bnb Linear8bitLt: {why_not}")
-        else:
+        elif layer is not None:
             # the layer is an argument, so that back-to-back calls rotate through fresh layers as the other
             # providers rotate through weight copies (one layer called again and again reads its weight from L2)
-            providers.append(Provider(f"bnb Linear8bitLt t={threshold:g}", "int8", _call_layer, (layer,),
+            providers.append(Provider(bnb_name, "int8", _call_layer, (layer,),
                                       int8_bytes, activation_dtype, capturable=False,  # its outliers sync the host
                                       copy_weights=lambda: (_bnb_layer(weight, threshold)[0],)))
     if with_gemm_only:
