@@ -2,6 +2,7 @@
 import json
 import math
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -391,6 +392,71 @@ def test_interleaved_timing_takes_turns(monkeypatch):
                                           warmup=1, reps=4)
     assert order == ["a", "b"] * 5
     assert [r.samples for r in results] == [4, 4]
+
+
+def test_interleaved_timing_drops_an_entry_that_raises_and_the_rest_take_turns(monkeypatch):
+    """With on_error, an entry raising (here on its second call, the first timed) is handed there with its index and
+    dropped; the others go on taking turns and keep every sample. Without on_error the error propagates."""
+    clock = iter(range(10_000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    order = []
+
+    def b():
+        order.append("b")
+        if order.count("b") == 2:
+            raise MemoryError("out of memory while timed")
+
+    calls = [(lambda: order.append("a"), [()]), (b, [()]), (lambda: order.append("c"), [()])]
+    failed = []
+    results = timing.time_cpu_interleaved(calls, warmup=1, reps=4, on_error=lambda *failure: failed.append(failure))
+    assert order == ["a", "b", "c"] * 2 + ["a", "c"] * 3
+    assert [(index, str(error)) for index, error in failed] == [(1, "out of memory while timed")]
+    assert results[1] is None and [results[0].samples, results[2].samples] == [4, 4]
+    order.clear()
+    with pytest.raises(MemoryError, match="out of memory while timed"):
+        timing.time_cpu_interleaved(calls, warmup=1, reps=4)
+
+
+def test_a_provider_that_raises_while_timed_on_cpu_is_left_out_and_reported(monkeypatch):
+    """On CPU, a provider whose timed calls raise, or whose later inputs cannot be prepared, is recorded and left out
+    (not called again); every other provider is timed in every cell, as when one raises on its first call."""
+    from int8mm.bench import kernel_suite, providers
+
+    def with_two_that_break_later(*args, **kwargs):
+        built = providers.build_providers(*args, **kwargs)
+        good = next(p for p in built.providers if p.name == "int8mm cpu")
+        calls = []
+
+        def breaks_when_timed(x, *weights):
+            calls.append(x)
+            if len(calls) > 1:  # the first, checked call passes
+                raise MemoryError("out of memory while timed")
+            return good.fn(x, *weights)
+
+        prepared = []
+
+        def prepare_once(x):
+            prepared.append(x)
+            if len(prepared) > 1:  # the first input only
+                raise RuntimeError("cannot prepare another input")
+            return x
+
+        built.providers += [replace(good, name="int8mm timed broken", fn=breaks_when_timed),
+                            replace(good, name="int8mm input broken", prepare=prepare_once)]
+        return built
+
+    monkeypatch.setattr(kernel_suite, "build_providers", with_two_that_break_later)
+    config = KernelSuiteConfig(models=("SmolLM2-135M",), roles=("o_proj", "qkv_proj"), m_values=(1, 2), bnb=False,
+                               gemm_only=False, rotations=2, warmup=1, reps=3, max_seconds=0.1, ceilings_quick=True)
+    result = run_kernel_suite(config, CPU, progress=False)
+    assert result.meta["failed"] == [
+        "int8mm input broken: SmolLM2-135M qkv_proj M=1: RuntimeError: cannot prepare another input",
+        "int8mm timed broken: SmolLM2-135M qkv_proj M=1: MemoryError: out of memory while timed"]
+    per_cell = {}
+    for r in result.rows:
+        per_cell.setdefault((r["shape"], r["m"]), []).append(r["provider"])
+    assert len(per_cell) == 4 and all(names == [p for p in CPU_PROVIDERS if p.startswith(("fp32", "bf16", "int8mm"))]
+                                      for names in per_cell.values())
 
 
 def test_accuracy_script_report():

@@ -22,7 +22,7 @@ from .failures import Failures
 from .inputs import OutlierSpec, make_generator, planted_activations, random_weight
 from .providers import Provider, benchmark_backends, build_providers
 from .shapes import LAYER_SHAPES, M_VALUES, regime, select_shapes
-from .timing import MIN_SAMPLES, time_cuda_back_to_back, time_cuda_graph, time_side_by_side
+from .timing import MIN_SAMPLES, time_cpu_interleaved, time_cuda_back_to_back, time_cuda_graph
 
 # the float64 reference is computed on at most this many rows (a full 2048-row one costs seconds on CPU)
 ERROR_ROWS = 128
@@ -148,10 +148,16 @@ def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: 
         except Exception as error:  # noqa: BLE001
             failures.record(provider.name, where, error)
     if device.type != "cuda":
-        inputs = [[args, *(p.args(x) for x in xs[1:])] for p, args in zip(active, first_args)]
-        eager = time_side_by_side(device, [(p.fn, args) for p, args in zip(active, inputs)], config.warmup,
-                                  config.reps, config.max_seconds)
-        return [_row(p, shape, m, "eager", timing, error, ceilings) for p, timing, error in zip(active, eager, errors)]
+        timed = []  # (provider, its inputs, its error) of each provider whose every input could be prepared
+        for provider, args, error in zip(active, first_args, errors):
+            inputs = failures.attempt(provider.name, lambda: [args, *(provider.args(x) for x in xs[1:])], where)
+            if inputs is not None:
+                timed.append((provider, inputs, error))
+        eager = time_cpu_interleaved([(p.fn, inputs) for p, inputs, _ in timed], config.warmup, config.reps,
+                                     config.max_seconds,
+                                     on_error=lambda index, error: failures.record(timed[index][0].name, where, error))
+        return [_row(p, shape, m, "eager", timing, error, ceilings)
+                for (p, _, error), timing in zip(timed, eager) if timing is not None]
     rows = []
     rounds = max(MIN_SAMPLES, config.reps // 5)  # each round is at least 20 calls
     for provider, error in zip(active, errors):

@@ -56,28 +56,41 @@ def time_cpu(fn: Callable, inputs: Sequence, warmup: int = 3, reps: int = 15,
 
 
 def time_cpu_interleaved(calls: Sequence[tuple[Callable, Sequence]], warmup: int = 3, reps: int = 15,
-                         max_seconds: float | None = None) -> list[Timing]:
+                         max_seconds: float | None = None,
+                         on_error: Callable[[int, Exception], None] | None = None) -> list[Timing | None]:
     """Each ``(fn, inputs)`` timed on the host clock, one call of each in turn per round.
 
     On a shared CPU another process's burst of work lands on whichever calls it overlaps; taking turns spreads
     every entry's samples over the same stretch of time, so such bursts fall on all of them alike and the
     medians stay comparable. ``max_seconds`` bounds the whole set (after at least ``MIN_SAMPLES`` rounds).
+
+    ``on_error(index, error)``: an entry whose call raises is handed there and dropped (its Timing is None), the
+    others going on taking turns; without it the error propagates.
     """
-    for i in range(warmup):
-        for fn, inputs in calls:
-            fn(*inputs[i % len(inputs)])
+    dropped: set[int] = set()
     samples = [[] for _ in calls]
     spent = 0.0
-    for i in range(reps):
-        for (fn, inputs), mine in zip(calls, samples):
+    for i in range(-warmup, reps):  # the first ``warmup`` rounds are not timed
+        for index, (fn, inputs) in enumerate(calls):
+            if index in dropped:
+                continue
             args = inputs[i % len(inputs)]
             start = time.perf_counter()
-            fn(*args)
-            mine.append(time.perf_counter() - start)
-            spent += mine[-1]
+            try:
+                fn(*args)
+                seconds = time.perf_counter() - start
+            except Exception as error:  # noqa: BLE001  with on_error, one entry's failure costs the others nothing
+                if on_error is None:
+                    raise
+                on_error(index, error)
+                dropped.add(index)
+                continue
+            if i >= 0:
+                samples[index].append(seconds)
+                spent += seconds
         if max_seconds is not None and i + 1 >= MIN_SAMPLES and spent >= max_seconds:
             break
-    return [Timing.of(mine) for mine in samples]
+    return [None if index in dropped else Timing.of(mine) for index, mine in enumerate(samples)]
 
 
 def time_side_by_side(device: torch.device, calls: Sequence[tuple[Callable, Sequence]], warmup: int, reps: int,
