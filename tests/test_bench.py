@@ -117,12 +117,24 @@ def test_markdown_and_png_are_written(small_result, tmp_path):
 
 
 def test_geomean_table_groups_by_model_m_and_mode():
-    rows = [{"model": "A", "m": 1, "mode": "eager", "provider": p, "speedup": s}
-            for p, s in (("base", 1.0), ("x", 2.0), ("x", 8.0), ("y", 0.5))]
+    rows = [{"model": "A", "m": 1, "mode": "eager", "shape": shape, "provider": p, "speedup": s}
+            for p, shape, s in (("base", "A q", 1.0), ("base", "A o", 1.0), ("x", "A q", 2.0), ("x", "A o", 8.0),
+                                ("y", "A q", 0.5), ("y", "A o", 0.5))]
     table = geomean_table(rows, "base")
     assert table[0] == "| model | M | mode | x | y |"
     assert table[2] == "| A | 1 | eager | 4.00x | 0.50x |"
     assert geomean([2.0, 8.0]) == pytest.approx(4.0)
+
+
+def test_geomean_table_leaves_out_a_provider_that_lacks_layers():
+    """A provider that failed partway has speed-ups on fewer layers than the baseline: its mean over those would
+    read as comparable to the others' over every layer, so it is "-" in that group (and a figure where whole)."""
+    rows = [{"model": "A", "m": m, "mode": "eager", "shape": shape, "provider": p, "speedup": s}
+            for m in (1, 2) for p, shape, s in (("base", "A q", 1.0), ("base", "A o", 1.0), ("x", "A q", 2.0),
+                                                 ("x", "A o", 8.0), ("y", "A q", 0.5), ("y", "A o", 0.5))
+            if not (m == 2 and p == "y" and shape == "A o")]
+    table = geomean_table(rows, "base")
+    assert table[2:] == ["| A | 1 | eager | 4.00x | 0.50x |", "| A | 2 | eager | 4.00x | - |"]
 
 
 def test_planted_activations_have_exactly_the_outlier_columns():

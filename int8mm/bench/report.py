@@ -103,14 +103,19 @@ def speedup_table(rows: list[dict], mode: str) -> list[str]:
 
 
 def geomean_table(rows: list[dict], baseline: str) -> list[str]:
-    """Geometric mean over a model's layers of each provider's speed-up, per M and mode."""
-    rows = [r for r in rows if r["speedup"] is not None and r["provider"] != baseline]
-    providers = _ordered(r["provider"] for r in rows)
+    """Geometric mean over a model's layers of each provider's speed-up, per M and mode; "-" for a provider that
+    lacks a layer the baseline has there (it failed partway): a mean over fewer layers would sit beside the others'
+    as if comparable."""
+    rows = [r for r in rows if r["speedup"] is not None]
+    providers = _ordered(r["provider"] for r in rows if r["provider"] != baseline)
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["model"], r["m"], r["mode"]), {}).setdefault(r["provider"], []).append(r["speedup"])
-    body = [[model, str(m), mode, *(format_speedup(geomean(v[p])) if p in v else "-" for p in providers)]
-            for (model, m, mode), v in groups.items()]
+        groups.setdefault((r["model"], r["m"], r["mode"]), {}).setdefault(r["provider"], {})[r["shape"]] = r["speedup"]
+    body = []
+    for (model, m, mode), speedups in groups.items():
+        layers = speedups[baseline].keys()  # a row has a speed-up only where the baseline has one
+        body.append([model, str(m), mode, *(format_speedup(geomean(speedups[p].values()))
+                                            if speedups.get(p, {}).keys() >= layers else "-" for p in providers)])
     return markdown_table(["model", "M", "mode", *providers], body)
 
 
