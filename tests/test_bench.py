@@ -148,6 +148,26 @@ def test_planted_activations_have_exactly_the_outlier_columns():
         OutlierSpec(low=3.0, high=2.0)
 
 
+@pytest.mark.parametrize("low, high", [(20.0, math.inf), (math.inf, math.inf)])
+def test_outlier_magnitudes_must_be_finite(low, high):
+    with pytest.raises(ValueError, match=f"outlier magnitudes must be finite, got low={low}, high={high}"):
+        OutlierSpec(low=low, high=high)  # inf planted columns: NaN outputs and errors
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--outlier-high", "inf"], "--outlier-high must be finite, got inf"),
+    (["--outlier-low", "inf", "--outlier-high", "inf"], "--outlier-low must be finite, got inf"),
+    (["--outlier-high", "nan"], "--outlier-high must be finite, got nan"),
+    (["--threshold", "inf"], "--threshold must be finite, got inf"),
+    (["--suite", "model", "--threshold", "inf"], "--threshold must be finite, got inf"),
+])
+def test_bench_refuses_infinite_magnitudes_and_thresholds(argv, message, tmp_path, capsys):
+    """They would run, with NaN errors or no outliers, and write JSON's non-standard Infinity into the results."""
+    assert main(["bench", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_time_cpu_stops_at_its_budget_but_not_below_min_samples(monkeypatch):
     clock = iter(range(10_000))  # every perf_counter() call advances one "second"
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))

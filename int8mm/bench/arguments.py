@@ -1,5 +1,6 @@
 """Command-line options of the kernel suite, shared by ``int8mm bench`` and the ``benchmarks/`` scripts."""
 import argparse
+import math
 from dataclasses import replace
 
 import torch
@@ -46,11 +47,15 @@ def apply_threads(args: argparse.Namespace) -> None:
 # the least value of each numeric option (checked under the option's name before the configs name their fields)
 KERNEL_MINIMUMS = {"m": 1, "reps": 1, "outlier_cols": 0, "outlier_low": 0, "outlier_high": 0, "graph_max_m": 0}
 MODEL_MINIMUMS = {"layers": 1, "prompt_tokens": 1, "new_tokens": 2, "batch_sizes": 1}  # decode: (N - 1) steps
+# float options a benchmark needs finite: inf planted outliers make NaN outputs and errors, and either one lands in
+# the results as JSON's non-standard Infinity (a threshold of inf decomposes nothing, as 0 does)
+FINITE_OPTIONS = ("threshold", "outlier_low", "outlier_high")
 
 
 def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> KernelSuiteConfig:
     """The device's default config with every option the user gave applied (ValueError on bad values)."""
     check_at_least(args, KERNEL_MINIMUMS)
+    check_finite(args, FINITE_OPTIONS)
     config = default_config(device, quick=args.quick)
     overrides = {}
     for option, field in (("models", "models"), ("roles", "roles"), ("m", "m_values"), ("backends", "backends")):
@@ -99,10 +104,19 @@ def check_at_least(args: argparse.Namespace, minimums: dict) -> None:
                 raise ValueError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def check_finite(args: argparse.Namespace, options: tuple[str, ...]) -> None:
+    """Each of ``options`` given is a finite number: a ValueError naming the option and the value received."""
+    for option in options:
+        value = getattr(args, option, None)  # a script may not offer every option
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{option.replace('_', '-')} must be finite, got {value}")
+
+
 def model_config_from_args(args: argparse.Namespace, device: torch.device):
     from .model_suite import default_model_config
 
     check_at_least(args, MODEL_MINIMUMS)
+    check_finite(args, FINITE_OPTIONS)
     if args.no_bnb and "bnb" in (args.providers or ()):
         raise ValueError(f"--no-bnb leaves out bitsandbytes, which --providers {' '.join(args.providers)} asks for: "
                          f"give one of them")

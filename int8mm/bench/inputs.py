@@ -3,6 +3,7 @@
 LLM.int8() matters because large models carry a few activation feature columns with magnitudes far above
 the rest; the planted columns reproduce that, so the outlier decomposition is timed, not skipped.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ class OutlierSpec:
     def __post_init__(self):
         if self.count < 0:
             raise ValueError(f"outlier count must be >= 0, got {self.count}")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):  # inf magnitudes: NaN outputs and errors
+            raise ValueError(f"outlier magnitudes must be finite, got low={self.low}, high={self.high}")
         if not 0 <= self.low <= self.high:
             raise ValueError(f"outlier magnitudes need 0 <= low <= high, got low={self.low}, high={self.high}")
 
