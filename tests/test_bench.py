@@ -655,6 +655,24 @@ def test_bench_writes_its_results_when_the_reader_leaves_early(monkeypatch, tmp_
     assert (tmp_path / "out" / "cpu_model_bench.md").exists()
 
 
+def test_bitsandbytes_weights_bytes_count_its_scales():
+    """bitsandbytes keeps each layer's row scales on its Int8Params (SCB), not as a buffer: the model suite's
+    weights_bytes counts them, as it counts int8mm's scales, so that the two 8-bit models weigh the same."""
+    from int8mm.bench.memory import module_bytes
+    from int8mm.bench.model_suite import swap_to_bitsandbytes
+
+    pytest.importorskip("bitsandbytes")
+    n, k = 33, 64
+
+    def layer():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
+
+    int8_and_scales = n * k + n * 4  # int8 weight, fp32 row scales
+    assert module_bytes(swap_to_bitsandbytes(layer(), 6.0, skip_modules=())) == int8_and_scales
+    assert module_bytes(int8mm.quantize_model(layer(), skip_modules=())) == int8_and_scales
+
+
 def test_model_suite_refuses_no_layers():
     with pytest.raises(ValueError, match="layers must be >= 1"):  # 0 was run and labelled "all layers"
         ModelSuiteConfig(preset="tiny", layers=0)
