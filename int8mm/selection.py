@@ -159,7 +159,8 @@ def _warn_if_mostly_float(model: nn.Module, selection: Selection, candidates: se
     mixture of experts' weights into 3-D parameters; convolutions). Either way the call succeeded and the model
     barely shrank, which a user could only have noticed in its size."""
     name = type(model).__name__
-    if not selection.quantize and selection.kept:
+    eight_bit_already = any("SCB" in getattr(module, "_buffers", {}) for module in model.modules())
+    if not selection.quantize and selection.kept and not eight_bit_already:
         first, reason = next(iter(selection.kept.items()))
         warnings.warn(f"int8mm: no layer of {name} becomes 8-bit: all {len(selection.kept)} of its linear layers "
                       f"stay in full precision ({first}: {reason})", UserWarning, stacklevel=4)

@@ -2,6 +2,7 @@
 import copy
 import functools
 import logging
+import warnings
 
 import pytest
 import torch
@@ -190,6 +191,44 @@ def test_a_second_attach_does_nothing_and_says_so_once(token_ids, caplog):
             attach_int8_hooks(model, **other)
     remove_hook_from_submodules(model)  # then attaching with other settings works
     assert attach_int8_hooks(model, threshold=6.0) == hooked
+
+
+def test_an_interrupted_attach_saves_as_it_is_and_a_second_call_finishes(token_ids, tmp_path, monkeypatch, caplog):
+    """Ctrl-C while attach_int8_hooks quantized left some layers int8 and no quantization_config: save_pretrained
+    then wrote int8 weights that from_pretrained read as float ones, and a second call said "nothing to do"."""
+    model = _llama()
+    whole = copy.deepcopy(model)
+    attach_int8_hooks(whole)
+    real_quantize, calls = int8mm.functional.quantize_weight, []
+
+    def interrupted_at_the_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(int8mm.functional, "quantize_weight", interrupted_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        attach_int8_hooks(model)
+    monkeypatch.setattr(int8mm.functional, "quantize_weight", real_quantize)
+    int8_layers = sorted(n for n, m in model.named_modules() if "SCB" in m._buffers)
+    assert len(int8_layers) == 4
+    skipped = model.config.quantization_config.skip_modules
+    assert "model.layers.0.mlp.gate_proj" in skipped and not set(int8_layers) & set(skipped)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)  # the layers not reached come back float, the rest int8
+    assert sorted(n for n, m in reloaded.named_modules() if isinstance(m, Int8Linear)) == int8_layers
+    assert torch.equal(logits(reloaded, token_ids), logits(model, token_ids))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="int8mm"):
+        finished = attach_int8_hooks(model)
+    assert len(finished) == 24 and "model.layers.0.mlp.gate_proj" in finished
+    assert "the model has int8 hooks on 4 layer(s) already (an interrupted call?); hooking the 24" in caplog.text
+    assert model.config.quantization_config.skip_modules == ["lm_head"]
+    assert torch.equal(logits(model, token_ids), logits(whole, token_ids))
+    with warnings.catch_warnings():  # a third call: nothing to do, and no "no layer becomes 8-bit" warning
+        warnings.simplefilter("error")
+        assert attach_int8_hooks(model) == []
 
 
 @pytest.mark.parametrize("threshold", [0.0, 2.5])

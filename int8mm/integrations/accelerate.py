@@ -156,9 +156,12 @@ def attach_int8_hooks(
     and layers whose weight is shared or tied. A hook already on a layer is kept; ours is chained
     (``append=True``). Call this before ``dispatch_model`` / ``cpu_offload`` / ``disk_offload``.
 
-    Attaching twice: on a model that holds int8 hooks already, a call with the same threshold and backend does
-    nothing (it logs one line and returns ``[]``, so re-running a notebook cell is harmless); other settings are
-    an error (first ``accelerate.hooks.remove_hook_from_submodules(model)``, which gives the float layers back).
+    Attaching twice: on a model that holds int8 hooks already, a call with the same threshold and backend hooks
+    only the layers it would pick that are still float: none after a whole call (it logs one line and returns
+    ``[]``, so re-running a notebook cell is harmless), the rest after an interrupted one. Other settings are an
+    error (first ``accelerate.hooks.remove_hook_from_submodules(model)``, which gives the float layers back).
+    An interrupted call (Ctrl-C while it quantizes) records the layers it did not reach as kept in full
+    precision, so a checkpoint saved from that model loads back as it is.
 
     Args:
         model: the model, with real (not meta) weights.
@@ -185,11 +188,15 @@ def attach_int8_hooks(
             raise ValueError(f"model already has int8 hooks ({name}: {other!r}); attaching with threshold="
                              f"{config.threshold}, backend={backend_name} would mix settings: first "
                              f"accelerate.hooks.remove_hook_from_submodules(model)")
-        log.warning("int8mm: attach_int8_hooks: the model already has int8 hooks on %d layer(s) with these "
-                    "settings; nothing to do", len(hooks))
-        return []
-    selection = select_layers(model, config)
+    selection = select_layers(model, config, warn_unmatched=not hooks)
     targets = [(layer.name, layer.module) for layer in selection.quantize]
+    if hooks:
+        if not targets:
+            log.warning("int8mm: attach_int8_hooks: the model already has int8 hooks on %d layer(s) with these "
+                        "settings; nothing to do", len(hooks))
+            return []
+        log.warning("int8mm: attach_int8_hooks: the model has int8 hooks on %d layer(s) already (an interrupted "
+                    "call?); hooking the %d still float", len(hooks), len(targets))
     # check every layer before touching any, so that a bad one never leaves the model half quantized
     for name, module in targets:
         if module.weight.is_meta:
@@ -197,14 +204,22 @@ def attach_int8_hooks(
                              f"dispatch_model / cpu_offload / disk_offload")
         if not bool(torch.isfinite(module.weight).all()):
             raise ValueError(f"{name}.weight holds non-finite values (NaN/Inf); refusing to quantize it")
-    attachment = _Attachment(model)
-    for name, module in targets:
-        hook = Int8Hook(config.threshold, config.backend, name=name)
-        hook._attachment = attachment
-        add_hook_to_module(module, hook, append=True)
-    if targets:
-        record_config(model, config, selection.skip_modules)
-        attachment.recorded = getattr(getattr(model, "config", None), "quantization_config", None)
+    # the hooks of an earlier call share its record of the model's config (see _Attachment)
+    attachment = next((h._attachment for h in hooks.values() if h._attachment is not None), None) or _Attachment(model)
+    hooked = 0
+    try:
+        for name, module in targets:
+            hook = Int8Hook(config.threshold, config.backend, name=name)
+            hook._attachment = attachment
+            add_hook_to_module(module, hook, append=True)
+            hooked += 1
+    finally:
+        # also when interrupted (quantizing a large model takes a while): the layers not reached are recorded as
+        # kept, so the model saves as what it is (it saved int8 weights under no quantization_config, which
+        # from_pretrained then read as float weights of -127..127)
+        if hooked:
+            record_config(model, config, selection.skip_modules + [name for name, _ in targets[hooked:]])
+            attachment.recorded = getattr(getattr(model, "config", None), "quantization_config", None)
     return [name for name, _ in targets]
 
 
