@@ -5,6 +5,7 @@ int32 products exact; outputs within SPEC tolerances (and the many-row path, whi
 operations, bit for bit). The shapes walk the fused GEMV's edges: weight rows in blocks of eight, rows of x in
 tiles of one to four, K around the 64-byte vector, M at the fused/GEMM boundary (16/17).
 """
+import hashlib
 import platform
 import subprocess
 import sys
@@ -429,6 +430,26 @@ def test_cc_with_arguments_builds_the_library(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", f"{plain[0]} -pthread")
     assert cpu_build.compiler() == [plain[0], "-pthread"]
     assert cpu_build.build(tmp_path, march="x86-64" if platform.machine() in ("x86_64", "AMD64") else "native").exists()
+
+
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    """A cached library cut short (a crash before its data reached the disk, a partial copy of the cache) killed
+    the process with SIGBUS inside dlopen; an empty or garbage one sent every later process to the reference
+    backend for good. The cache now keeps each library's size and hash beside it and builds a damaged one again."""
+    if cpu_build.compiler() is None:
+        pytest.skip("needs a C compiler")
+    monkeypatch.delenv("INT8MM_CPU_LIB", raising=False)
+    monkeypatch.setenv("INT8MM_CACHE", str(tmp_path))
+    path = cpu_build.library_path()
+    built = path.read_bytes()
+    stamp = path.with_name(path.name + ".sha256")
+    assert stamp.read_text() == f"{len(built)} {hashlib.sha256(built).hexdigest()}"
+    for damage in (lambda: path.write_bytes(built[:8000]), lambda: path.write_bytes(b""),
+                   lambda: path.write_bytes(b"\0" * len(built)), stamp.unlink):  # no stamp: cached by an older int8mm
+        damage()
+        assert cpu_build.library_path() == path and path.read_bytes() == built
+    loaded = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(path)!r})"], timeout=60)
+    assert loaded.returncode == 0
 
 
 @pytest.mark.parametrize("named, says", [("no-such-cc-int8mm -O2", "names no program found on the PATH"),

@@ -2,7 +2,8 @@
 
 It is compiled at first use for the machine it runs on (``-march=native``), into the build cache
 ``$INT8MM_CACHE/cpu/<hash of the sources, flags, compiler and CPU features>/``, under a file lock; a
-compile takes about a second. It links no torch library (only OpenMP), and is called through ctypes.
+compile takes about a second. The library's size and hash are kept beside it, and one that no longer matches
+(cut short or overwritten) is compiled again. It links no torch library (only OpenMP), and is called through ctypes.
 ``$INT8MM_CPU_LIB`` names a library to load instead; ``INT8MM_CPU_LIB=none`` turns the CPU library off.
 """
 import fcntl
@@ -105,15 +106,49 @@ def build(out_dir: Path, march: str = "native") -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"{shlex.join(cc)} failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
         os.chmod(partial, 0o755)
+        _write_durably(partial)
         os.replace(partial, target)
+        _write_stamp(target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
 
 
+# libint8mm_cpu.so.sha256: "<size> <sha256>" of the library as built. A cached library is loaded only if it still
+# matches: a truncated one (a crash before the data reached the disk, a cut copy of the cache) killed the process
+# with SIGBUS inside dlopen, and an unreadable one sent every later process to the reference backend for good.
+STAMP_SUFFIX = ".sha256"
+
+
+def _digest(path: Path) -> str:
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _write_durably(path) -> None:
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def _write_stamp(library: Path) -> None:
+    stamp = library.with_name(library.name + STAMP_SUFFIX)
+    partial = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    partial.write_text(_digest(library))
+    _write_durably(partial)
+    os.replace(partial, stamp)
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is the file its build wrote (a library cached before stamps existed is built again)."""
+    try:
+        return library.with_name(library.name + STAMP_SUFFIX).read_text() == _digest(library)
+    except OSError:
+        return False
+
+
 def library_path() -> Path:
-    """The library, compiled into the cache under a file lock if it is missing."""
+    """The library, compiled into the cache under a file lock if it is missing or damaged."""
     explicit = os.environ.get(LIBRARY_ENV_VAR)
     if explicit:
         path = Path(explicit).expanduser()  # a value set without a shell (a quoted ~, a Docker ENV) too
@@ -122,12 +157,12 @@ def library_path() -> Path:
         return path
     out_dir = cache_root() / "cpu" / build_hash()
     target = out_dir / LIBRARY_NAME
-    if target.exists():
+    if _intact(target):
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same source
-        return target if target.exists() else build(out_dir)
+        return target if _intact(target) else build(out_dir)
 
 
 def disabled() -> bool:
