@@ -236,7 +236,7 @@ def test_stale_library_next_to_the_sources_is_ignored(tmp_path):
     lib.write_bytes(b"not really a library")
     assert not cuda_build._fresh(lib)  # no stamp: built from who knows what
     stamp = src / (cuda_build.LIBRARY_NAME + cuda_build.STAMP_SUFFIX)
-    stamp.write_text(cuda_build.source_hash(src) + "\n")
+    stamp.write_text(f"{cuda_build.source_hash(src)} {cuda_build.file_digest(lib)}\n")
     later = lib.stat().st_mtime + 10
     for path in cuda_build.sources(src):  # sources newer than the library, as after a wheel install
         os.utime(path, (later, later))
@@ -247,9 +247,33 @@ def test_stale_library_next_to_the_sources_is_ignored(tmp_path):
     assert not cuda_build._fresh(lib)
 
 
+def test_a_damaged_library_is_not_loaded(monkeypatch, tmp_path):
+    """A library cut short after its build (a crash before its data reached the disk, a partial copy) killed the
+    process with SIGBUS inside dlopen: next to the sources or in the cache, only the file the build wrote counts."""
+    src = _copy_sources(tmp_path / "src")
+    lib = src / cuda_build.LIBRARY_NAME
+    lib.write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
+    cuda_build.write_stamp(src / (lib.name + cuda_build.STAMP_SUFFIX),
+                           f"{cuda_build.source_hash(src)} {cuda_build.file_digest(lib)}")
+    assert cuda_build._fresh(lib)
+    lib.write_bytes(lib.read_bytes()[:5000])
+    assert not cuda_build._fresh(lib)
+    monkeypatch.setenv(cuda_build.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.delenv(cuda_build.LIBRARY_ENV_VAR, raising=False)
+    monkeypatch.setattr(cuda_build, "source_dir", lambda: src)
+    cached = cuda_build.cache_dir() / cuda_build.LIBRARY_NAME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\x7fELF" + bytes(range(256)) * 40)
+    cuda_build.write_stamp(cached.with_name(cached.name + cuda_build.STAMP_SUFFIX),
+                           f"{cuda_build.source_hash(src)} {cuda_build.file_digest(cached)}")
+    assert cuda_build.find_library() == cached
+    cached.write_bytes(cached.read_bytes()[:5000])
+    assert cuda_build.find_library() is None
+
+
 def test_built_library_is_stamped_and_readable_by_others(library):
     stamp = library.with_name(library.name + cuda_build.STAMP_SUFFIX)
-    assert stamp.read_text().strip() == cuda_build.source_hash(library.parent)
+    assert stamp.read_text().strip() == f"{cuda_build.source_hash(library.parent)} {cuda_build.file_digest(library)}"
     assert library.stat().st_mode & 0o005 == 0o005  # others may read and map it (the umask here is 022)
 
 

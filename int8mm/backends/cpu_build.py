@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .cuda_build import cache_root
+from .cuda_build import cache_root, file_digest, flush_to_disk, read_stamp, write_stamp
 
 LIBRARY_NAME = "libint8mm_cpu.so"
 LIBRARY_ENV_VAR = "INT8MM_CPU_LIB"
@@ -106,45 +106,25 @@ def build(out_dir: Path, march: str = "native") -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"{shlex.join(cc)} failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
         os.chmod(partial, 0o755)
-        _write_durably(partial)
+        flush_to_disk(partial)
         os.replace(partial, target)
-        _write_stamp(target)
+        write_stamp(_stamp(target), file_digest(target))
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
 
 
-# libint8mm_cpu.so.sha256: "<size> <sha256>" of the library as built. A cached library is loaded only if it still
-# matches: a truncated one (a crash before the data reached the disk, a cut copy of the cache) killed the process
-# with SIGBUS inside dlopen, and an unreadable one sent every later process to the reference backend for good.
-STAMP_SUFFIX = ".sha256"
-
-
-def _digest(path: Path) -> str:
-    data = path.read_bytes()
-    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
-
-
-def _write_durably(path) -> None:
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())
-
-
-def _write_stamp(library: Path) -> None:
-    stamp = library.with_name(library.name + STAMP_SUFFIX)
-    partial = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
-    partial.write_text(_digest(library))
-    _write_durably(partial)
-    os.replace(partial, stamp)
+def _stamp(library: Path) -> Path:
+    # libint8mm_cpu.so.sha256: "<size> <sha256>" of the library as built. A cached library is loaded only if it still
+    # matches: a cut-short one (a crash before its data reached the disk, a partial copy of the cache) killed the
+    # process with SIGBUS inside dlopen, and an unreadable one sent every later process to the reference backend.
+    return library.with_name(library.name + ".sha256")
 
 
 def _intact(library: Path) -> bool:
     """Whether ``library`` is the file its build wrote (a library cached before stamps existed is built again)."""
-    try:
-        return library.with_name(library.name + STAMP_SUFFIX).read_text() == _digest(library)
-    except OSError:
-        return False
+    return library.exists() and read_stamp(_stamp(library)) == file_digest(library)
 
 
 def library_path() -> Path:

@@ -7,7 +7,9 @@ no GPU and no CUDA build of torch. Where it is looked for, in order:
     (``$INT8MM_CACHE/cuda/<hash of the sources and flags>/``), where a first use on a GPU builds it
     under a file lock when nvcc is on the PATH.
 A library next to the sources counts only if the hash of the sources it was built from (written beside it at
-build time) is the hash of the sources there now: file times do not survive a wheel install.
+build time) is the hash of the sources there now: file times do not survive a wheel install. Any library counts
+only if it is still the file its build wrote (its size and hash are in the same stamp): a cut-short library
+killed the process with SIGBUS inside dlopen.
 """
 import fcntl
 import hashlib
@@ -19,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 LIBRARY_NAME = "libint8mm_cuda.so"
-STAMP_SUFFIX = ".source-hash"  # libint8mm_cuda.so.source-hash: source_hash() of what the library was built from
+# libint8mm_cuda.so.source-hash: source_hash() of what the library was built from, then file_digest() of it
+STAMP_SUFFIX = ".source-hash"
 LIBRARY_ENV_VAR = "INT8MM_CUDA_LIB"
 CACHE_ENV_VAR = "INT8MM_CACHE"
 # sm_80 and sm_90 machine code, plus sm_90 PTX for later GPUs
@@ -77,13 +80,41 @@ def build(out_dir: Path, src: Path | None = None, quiet: bool = False) -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"nvcc failed building {LIBRARY_NAME}:\n{done.stderr[-4000:]}")
         os.chmod(partial, 0o755 & ~_umask())  # mkstemp made it 0600: others sharing the install must load it
+        flush_to_disk(partial)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    stamp = target.with_name(target.name + STAMP_SUFFIX)
-    stamp.write_text(source_hash(src) + "\n")
+    write_stamp(target.with_name(target.name + STAMP_SUFFIX), f"{source_hash(src)} {file_digest(target)}")
     return target
+
+
+# ---- stamps: what a build wrote, checked before a cached library is loaded (cpu_build uses them too) ----
+def file_digest(path: Path) -> str:
+    """``"<size> <sha256>"`` of a file."""
+    data = Path(path).read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def flush_to_disk(path) -> None:
+    """fsync: a rename must not reach the disk before the data it names (a crash then leaves a cut-short file)."""
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def write_stamp(stamp: Path, text: str) -> None:
+    """``stamp`` holds ``text``, written beside and renamed, so that a reader sees the old stamp or the new one."""
+    partial = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    partial.write_text(text + "\n")
+    flush_to_disk(partial)
+    os.replace(partial, stamp)
+
+
+def read_stamp(stamp: Path) -> str | None:
+    try:
+        return stamp.read_text().strip()
+    except OSError:
+        return None
 
 
 def _umask() -> int:
@@ -104,11 +135,15 @@ def cache_dir() -> Path:
 
 
 def _fresh(library: Path) -> bool:
-    """True if ``library`` exists and was built from the sources beside it as they are now."""
-    stamp = library.with_name(library.name + STAMP_SUFFIX)
-    if not (library.exists() and stamp.exists()):
-        return False
-    return stamp.read_text().strip() == source_hash(library.parent)
+    """True if ``library`` is the file its build wrote, from the sources beside it as they are now."""
+    stamp = read_stamp(library.with_name(library.name + STAMP_SUFFIX))
+    return stamp is not None and library.exists() and stamp == f"{source_hash(library.parent)} {file_digest(library)}"
+
+
+def _intact(library: Path) -> bool:
+    """True if ``library`` is the file its build wrote (in the cache, whose folder names the sources' hash)."""
+    stamp = read_stamp(library.with_name(library.name + STAMP_SUFFIX))
+    return stamp is not None and library.exists() and stamp.partition(" ")[2] == file_digest(library)
 
 
 def find_library() -> Path | None:
@@ -120,11 +155,11 @@ def find_library() -> Path | None:
     if _fresh(in_place):
         return in_place
     cached = cache_dir() / LIBRARY_NAME
-    return cached if cached.exists() else None
+    return cached if _intact(cached) else None
 
 
 def library_path() -> Path:
-    """The library, built into the cache under a file lock if it is missing and nvcc is present."""
+    """The library, built into the cache under a file lock if it is missing (or damaged) and nvcc is present."""
     found = find_library()
     if found is not None:
         if not found.exists():
@@ -137,7 +172,7 @@ def library_path() -> Path:
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same sources
         target = out_dir / LIBRARY_NAME
-        return target if target.exists() else build(out_dir)
+        return target if _intact(target) else build(out_dir)
 
 
 def main() -> None:
