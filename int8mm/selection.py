@@ -79,6 +79,9 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
     """Apply the rule (see the module docstring) to ``model``, which may be on the meta device.
 
     Layers that are 8-bit already (``Int8Linear``, a Linear with an ``Int8Hook``) are neither selected nor kept.
+    On a model without such layers it also says what stays float where that is unusual: a log line for a layer kept
+    for a reason other than the skip list or an output head, and a ``UserWarning`` when the 8-bit model would be
+    mostly float (no layer selected, or a quarter or more of the parameters in 3+-D weights outside linear layers).
 
     Args:
         model: the model (not changed).
@@ -112,6 +115,9 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
     tied = _declared_tied_modules(model)
     conv1d_cls = conv1d_class()
 
+    # a model holding 8-bit layers already (a second call, or one finishing an interrupted attach_int8_hooks) was
+    # told at the first call why layers stay float: say nothing again (a re-run cell must stay quiet)
+    announce = not any("SCB" in getattr(module, "_buffers", {}) for module in model.modules())
     selection = Selection()
     matched_patterns = []
     for module_id, names in by_id.items():
@@ -138,14 +144,15 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
             selection.quantize.append(Layer(tuple(names), module, is_conv1d))
         else:
             selection.kept[names[0]] = reason
-            if reason in _UNUSUAL_REASONS or reason.startswith("its class"):
+            if announce and (reason in _UNUSUAL_REASONS or reason.startswith("its class")):
                 log.warning("int8mm: keeping %s in full precision: %s", names[0], reason)
     # saved with the checkpoint: what matched, plus the names kept for reasons a reload might not see again
     recorded = list(dict.fromkeys(p for p in patterns if p in matched_patterns))
     recorded += [p for p in keep_fp32 if p not in recorded and any(matches_skip(n, [p]) for n in all_names)]
     recorded += [name for name in selection.kept if not matches_skip(name, recorded)]
     selection.skip_modules = recorded
-    _warn_if_mostly_float(model, selection, set(modules))
+    if announce:
+        _warn_if_mostly_float(model, selection, set(modules))
     return selection
 
 
@@ -159,8 +166,7 @@ def _warn_if_mostly_float(model: nn.Module, selection: Selection, candidates: se
     mixture of experts' weights into 3-D parameters; convolutions). Either way the call succeeded and the model
     barely shrank, which a user could only have noticed in its size."""
     name = type(model).__name__
-    eight_bit_already = any("SCB" in getattr(module, "_buffers", {}) for module in model.modules())
-    if not selection.quantize and selection.kept and not eight_bit_already:
+    if not selection.quantize and selection.kept:
         first, reason = next(iter(selection.kept.items()))
         warnings.warn(f"int8mm: no layer of {name} becomes 8-bit: all {len(selection.kept)} of its linear layers "
                       f"stay in full precision ({first}: {reason})", UserWarning, stacklevel=4)

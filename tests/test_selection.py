@@ -230,6 +230,16 @@ def test_a_model_left_mostly_float_warns(tmp_path):
         warnings.simplefilter("error")
         quantize_model(tiny_llama(layers=1))
         quantize_model(nn.Sequential(nn.Conv1d(4, 64, 1), nn.Linear(64, 64)))  # a small 3-D weight: 6%
+    # a second call on a model that is 8-bit already says nothing again (its int8 weights are buffers, not
+    # parameters: the share of 3-D weights rose from 20% to 90% and warned)
+    with_conv = nn.Sequential(nn.Conv1d(64, 64, 2), nn.Linear(64, 256), nn.Linear(256, 64), nn.Embedding(8, 64))
+    mixtral = cls.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=mostly_float):
+        attach_int8_hooks(mixtral)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(quantize_model(with_conv))
+        assert attach_int8_hooks(mixtral) == []
 
 
 def test_load_in_8bit_reads_legacy_names_and_refuses_merged_experts(tmp_path):
