@@ -260,6 +260,18 @@ def test_load_in_8bit_reads_legacy_names_and_refuses_merged_experts(tmp_path):
     expected = type(bert).from_pretrained(tmp_path / "bert", quantization_config=Int8MMConfig())
     assert _int8_names(streamed) == _int8_names(expected) and _int8_names(streamed)
     assert torch.equal(_run(streamed, "bert"), _run(expected, "bert"))
+    gamma = "bert.embeddings.LayerNorm.gamma"
+    # the old name and the new one both in the file: refused, not one of them dropped in silence
+    save_file({**legacy, "bert.embeddings.LayerNorm.weight": legacy[gamma].clone()}, tmp_path / "bert" / "model.safetensors")
+    with pytest.raises(int8mm.CheckpointError, match=r"'bert\.embeddings\.LayerNorm\.weight' and "
+                       r"'bert\.embeddings\.LayerNorm\.gamma' are both 'bert\.embeddings\.LayerNorm\.weight' to "
+                       r"transformers"):
+        load_in_8bit(tmp_path / "bert", progress=False)
+    # errors name the key the file holds as well as the model's
+    save_file({**legacy, gamma: torch.ones(3)}, tmp_path / "bert" / "model.safetensors")
+    with pytest.raises(int8mm.CheckpointError, match=r"'bert\.embeddings\.LayerNorm\.weight' \(stored as "
+                       r"'bert\.embeddings\.LayerNorm\.gamma'\) has shape \[3\]"):
+        load_in_8bit(tmp_path / "bert", progress=False)
 
     _tiny_mixtral().save_pretrained(tmp_path / "mixtral")
     with pytest.raises(int8mm.CheckpointError, match=r"model\.safetensors: transformers converts 12 of this "

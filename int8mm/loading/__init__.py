@@ -8,7 +8,6 @@ OS after the block, so neither the process nor a device holds more than one full
 Everything is checked against the safetensors headers before any tensor is read (missing, unexpected and
 mismatched keys, dtypes, truncated files), and the model is a fresh object that is only returned once complete.
 """
-import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -198,7 +197,7 @@ def _align_base_model_prefix(headers: dict[str, HeaderEntry], model: nn.Module) 
     for key, entry in headers.items():
         if key not in names and f"{prefix}.{key}" in names:
             key = f"{prefix}.{key}"
-            entry = dataclasses.replace(entry, key=key)
+            entry = entry.renamed(key)
         renamed[key] = entry
     return renamed
 
@@ -210,7 +209,7 @@ def _strip_base_model_prefix(headers: dict[str, HeaderEntry], prefix: str) -> di
     for key, entry in headers.items():
         if key.startswith(prefix + "."):
             key = key[len(prefix) + 1:]
-            stripped[key] = dataclasses.replace(entry, key=key)
+            stripped[key] = entry.renamed(key)
     return stripped
 
 

@@ -9,7 +9,6 @@ checkpoint, and the 8-bit checkpoints int8mm itself saves of those models, faile
 A conversion that merges tensors (a mixture of experts' per-expert weights fused into one 3-D parameter) is more
 than a rename: ``load_in_8bit`` refuses such a checkpoint up front, naming the way that loads it.
 """
-import dataclasses
 import sys
 
 from torch import nn
@@ -30,7 +29,7 @@ def renamed_as_transformers_loads(headers: dict[str, HeaderEntry], model: nn.Mod
         return headers
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
     except ImportError:  # transformers 4 renames nothing beyond the base-model prefix, which load_in_8bit handles
         return headers
     transforms = get_model_conversion_mapping(model)
@@ -40,13 +39,18 @@ def renamed_as_transformers_loads(headers: dict[str, HeaderEntry], model: nn.Mod
         return headers
     known = _model_keys(model)
     renamed, converted = {}, []
-    for key, entry in headers.items():
+    for key in sorted(headers, key=dot_natural_key):  # transformers' order: some renamings depend on it
+        entry = headers[key]
         new_key, converter_pattern = rename_source_key(key, renamings, converters)
         if converter_pattern is not None:
             converted.append(key)
-        elif new_key != key and new_key not in known and key in known:  # as transformers: a key the model has as is
+            continue
+        if new_key != key and new_key not in known and key in known:  # as transformers: a key the model has as is
             new_key = key
-        renamed[new_key] = entry if new_key == key else dataclasses.replace(entry, key=new_key)
+        if new_key in renamed:  # both the old name and the new one in the file: which to load is anyone's guess
+            raise CheckpointError(f"{entry.path}: {key!r} and {renamed[new_key].stored_key or new_key!r} are both "
+                                  f"{new_key!r} to transformers, which renames keys as it loads them")
+        renamed[new_key] = entry if new_key == key else entry.renamed(new_key)
     if converted:
         first = headers[converted[0]]
         raise CheckpointError(

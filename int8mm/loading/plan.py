@@ -65,7 +65,7 @@ def plan_load(model: nn.Module, transposed: dict[str, bool], headers: dict[str, 
                              f"device (the disk cannot share a tensor with memory)")
         if entry.dtype.is_floating_point != meta.dtype.is_floating_point or (
                 entry.dtype == torch.bool) != (meta.dtype == torch.bool):
-            raise CheckpointError(f"{entry.path}: {entry.key!r} has dtype {entry.dtype}, but the model holds "
+            raise CheckpointError(f"{entry.path}: {entry.label} has dtype {entry.dtype}, but the model holds "
                                   f"{meta.dtype} there{_kept_int8_hint(entry, meta)}")
         tasks.append(CopyTensor(entry, device_for(names[0], device_map), owners=[(m[1], m[2]) for m in members],
                                 names=names, dtype=meta.dtype, is_param=members[0][4],
@@ -143,7 +143,7 @@ def _kept_int8_hint(entry: HeaderEntry, meta: torch.Tensor) -> str:
 
 def _check_shape(entry: HeaderEntry, expected: tuple[int, ...]) -> None:
     if entry.shape != tuple(expected):
-        raise CheckpointError(f"{entry.path}: {entry.key!r} has shape {list(entry.shape)}, but the model "
+        raise CheckpointError(f"{entry.path}: {entry.label} has shape {list(entry.shape)}, but the model "
                               f"expects {list(expected)}")
 
 

@@ -2,6 +2,7 @@
 import json
 import math
 import mmap
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,23 @@ ST_DTYPES = {
 
 @dataclass(frozen=True)
 class HeaderEntry:
-    """One tensor of a safetensors file: its dtype, shape and absolute byte range."""
+    """One tensor of a safetensors file: its dtype, shape and absolute byte range. ``key`` is the model's name for
+    it; ``stored_key`` the file's, where loading renamed it (a base-model prefix, transformers' renamings)."""
     path: Path
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     start: int
     end: int
+    stored_key: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How errors name it: the model's key, and the file's where that differs."""
+        return repr(self.key) if self.stored_key in (None, self.key) else f"{self.key!r} (stored as {self.stored_key!r})"
+
+    def renamed(self, key: str) -> "HeaderEntry":
+        return dataclasses.replace(self, key=key, stored_key=self.stored_key or self.key)
 
 
 def checkpoint_files(checkpoint) -> list[Path]:

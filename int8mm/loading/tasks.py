@@ -169,7 +169,7 @@ def _quantize_streamed(mapped: MappedFile, entry: HeaderEntry, device, transpose
             mapped.release(entry.start + lo * row_bytes, entry.start + hi * row_bytes)
 
     try:
-        return quantize_in_blocks(source, device, compute_dtype, f"{entry.path}: {entry.key!r}", release)
+        return quantize_in_blocks(source, device, compute_dtype, f"{entry.path}: {entry.label}", release)
     except ValueError as exc:  # non-finite values: a checkpoint problem, reported as one
         raise CheckpointError(str(exc)) from None
 
