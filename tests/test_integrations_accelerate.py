@@ -231,6 +231,39 @@ def test_an_interrupted_attach_saves_as_it_is_and_a_second_call_finishes(token_i
         assert attach_int8_hooks(model) == []
 
 
+def test_an_attach_interrupted_inside_a_layer_records_it_as_it_is(monkeypatch):
+    """Interrupted after a layer's quantization but before accelerate finished hooking it, the layer is int8: it was
+    recorded as kept float (a saved checkpoint then failed to load). Interrupted before, the layer's own hook, which
+    accelerate had taken off to chain ours after it, was lost."""
+    from int8mm.integrations import accelerate as integration
+
+    class Marker(ModelHook):
+        pass
+
+    model = nn.Sequential(_linear(), _linear(seed=1), _linear(seed=2))
+    model.config = _llama().config  # record_config writes a transformers model's config
+    marker = Marker()
+    add_hook_to_module(model[2], marker)
+    real_attached, calls = integration._Attachment.attached, []
+
+    def interrupted_at_the_second(self, name):
+        real_attached(self, name)
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(integration._Attachment, "attached", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        attach_int8_hooks(model, skip_modules=[])
+    assert "SCB" in model[1]._buffers and model.config.quantization_config.skip_modules == ["2"]
+    real_quantize = int8mm.functional.quantize_weight
+    monkeypatch.setattr(int8mm.functional, "quantize_weight", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        attach_int8_hooks(model, skip_modules=[])
+    assert model[2]._hf_hook is marker and "SCB" not in model[2]._buffers
+    monkeypatch.setattr(int8mm.functional, "quantize_weight", real_quantize)
+
+
 @pytest.mark.parametrize("threshold", [0.0, 2.5])
 def test_hooks_run_with_their_own_threshold(threshold, token_ids):
     model = _llama()

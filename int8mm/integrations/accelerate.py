@@ -206,19 +206,25 @@ def attach_int8_hooks(
             raise ValueError(f"{name}.weight holds non-finite values (NaN/Inf); refusing to quantize it")
     # the hooks of an earlier call share its record of the model's config (see _Attachment)
     attachment = next((h._attachment for h in hooks.values() if h._attachment is not None), None) or _Attachment(model)
-    hooked = 0
     try:
         for name, module in targets:
             hook = Int8Hook(config.threshold, config.backend, name=name)
             hook._attachment = attachment
-            add_hook_to_module(module, hook, append=True)
-            hooked += 1
+            earlier = getattr(module, "_hf_hook", None)
+            try:
+                add_hook_to_module(module, hook, append=True)
+            except BaseException:
+                # accelerate removed the layer's own hook before ours quantized: if ours never got to, put it back
+                if earlier is not None and "SCB" not in module._buffers and getattr(module, "_hf_hook", None) is None:
+                    add_hook_to_module(module, earlier)
+                raise
     finally:
-        # also when interrupted (quantizing a large model takes a while): the layers not reached are recorded as
-        # kept, so the model saves as what it is (it saved int8 weights under no quantization_config, which
-        # from_pretrained then read as float weights of -127..127)
-        if hooked:
-            record_config(model, config, selection.skip_modules + [name for name, _ in targets[hooked:]])
+        # also when interrupted (quantizing a large model takes a while): the layers not reached (no int8 weight)
+        # are recorded as kept, so the model saves as what it is (it saved int8 weights under no
+        # quantization_config, which from_pretrained then read as float weights of -127..127)
+        unreached = [name for name, module in targets if "SCB" not in module._buffers]
+        if len(unreached) < len(targets):
+            record_config(model, config, selection.skip_modules + unreached)
             attachment.recorded = getattr(getattr(model, "config", None), "quantization_config", None)
     return [name for name, _ in targets]
 
