@@ -432,6 +432,7 @@ def test_cc_with_arguments_builds_the_library(monkeypatch, tmp_path):
     assert cpu_build.build(tmp_path, march="x86-64" if platform.machine() in ("x86_64", "AMD64") else "native").exists()
 
 
+@pytest.mark.slow  # five compiles
 def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
     """A cached library cut short (a crash before its data reached the disk, a partial copy of the cache) killed
     the process with SIGBUS inside dlopen; an empty or garbage one sent every later process to the reference

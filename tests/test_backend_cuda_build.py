@@ -224,7 +224,12 @@ def test_missing_library_error_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.setattr(cuda_build, "source_dir", lambda: src)
     monkeypatch.setattr(cuda_build, "nvcc", lambda: None)
     assert cuda_build.find_library() is None
-    with pytest.raises(RuntimeError, match=r"not built and nvcc is not on the PATH: build it with `make cuda`"):
+    with pytest.raises(RuntimeError, match=r"nvcc is not on the PATH, and the int8mm CUDA library is not built: "
+                                           r"build it with `make cuda`"):
+        cuda_build.library_path()
+    (src / cuda_build.LIBRARY_NAME).write_bytes(b"built by an older int8mm, whose stamp held the sources' hash only")
+    with pytest.raises(RuntimeError, match=r"library at .*src/libint8mm_cuda\.so was built from other sources, by "
+                                           r"an older int8mm, or is damaged"):
         cuda_build.library_path()
 
 

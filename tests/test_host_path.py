@@ -276,13 +276,16 @@ def test_auto_passes_over_a_cuda_library_that_cannot_serve(monkeypatch):
 
 
 @pytest.mark.parametrize("built,capability,loads,why", [
-    (False, (9, 0), True, "the CUDA library is not built"),  # AUTO never starts a build: nvcc takes a minute
+    (False, (9, 0), True, "the int8mm CUDA library is not built"),  # AUTO never starts a build: nvcc takes a minute
     (True, (7, 5), True, "sm_75"),
     (True, (8, 0), False, "does not load: a stand-in failure"),
     (True, (9, 0), True, None),
 ])
-def test_cuda_library_probe(monkeypatch, caplog, built, capability, loads, why):
+def test_cuda_library_probe(monkeypatch, caplog, tmp_path, built, capability, loads, why):
     from int8mm.backends import cuda as cuda_backend, cuda_build
+
+    monkeypatch.setattr(cuda_build, "source_dir", lambda: tmp_path)  # no library beside these "sources"
+    monkeypatch.setenv(cuda_build.CACHE_ENV_VAR, str(tmp_path))
 
     def library():
         if not loads:

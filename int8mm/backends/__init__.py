@@ -279,8 +279,7 @@ def _probe_cuda_library(device_index: int | None) -> bool:
     from . import cuda as cuda_backend, cuda_build
     found = cuda_build.find_library()
     if found is None or not found.exists():
-        log.info("int8mm: AUTO uses Triton for single rows: the CUDA library is not built (%s)",
-                 cuda_build.HOW_TO_BUILD)
+        log.info("int8mm: AUTO uses Triton for single rows: %s", cuda_build.not_found_reason())
         return False
     capability = torch.cuda.get_device_capability(device_index)
     if capability < (8, 0):

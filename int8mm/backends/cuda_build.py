@@ -98,16 +98,22 @@ def file_digest(path: Path) -> str:
 
 def flush_to_disk(path) -> None:
     """fsync: a rename must not reach the disk before the data it names (a crash then leaves a cut-short file)."""
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_stamp(stamp: Path, text: str) -> None:
     """``stamp`` holds ``text``, written beside and renamed, so that a reader sees the old stamp or the new one."""
     partial = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
-    partial.write_text(text + "\n")
-    flush_to_disk(partial)
-    os.replace(partial, stamp)
+    try:
+        partial.write_text(text + "\n")
+        flush_to_disk(partial)
+        os.replace(partial, stamp)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_stamp(stamp: Path) -> str | None:
@@ -158,6 +164,15 @@ def find_library() -> Path | None:
     return cached if _intact(cached) else None
 
 
+def not_found_reason() -> str:
+    """Why ``find_library`` found nothing: no library, or one that is stale or damaged (which says where)."""
+    for library in (source_dir() / LIBRARY_NAME, cache_dir() / LIBRARY_NAME):
+        if library.exists():
+            return (f"the int8mm CUDA library at {library} was built from other sources, by an older int8mm, or is "
+                    f"damaged (it does not match its stamp): {HOW_TO_BUILD}")
+    return f"the int8mm CUDA library is not built: {HOW_TO_BUILD}"
+
+
 def library_path() -> Path:
     """The library, built into the cache under a file lock if it is missing (or damaged) and nvcc is present."""
     found = find_library()
@@ -166,7 +181,7 @@ def library_path() -> Path:
             raise FileNotFoundError(f"{LIBRARY_ENV_VAR}={found} does not exist")
         return found
     if nvcc() is None:
-        raise RuntimeError(f"the int8mm CUDA library is not built and nvcc is not on the PATH: {HOW_TO_BUILD}")
+        raise RuntimeError(f"nvcc is not on the PATH, and {not_found_reason()}")
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:

@@ -247,10 +247,10 @@ class Int8MMHfQuantizer(HfQuantizer):
 
 def _as_conv1d(linear: nn.Linear) -> nn.Module:
     """transformers' ``Conv1D`` computing what ``linear`` computes: the same weight, stored ``[in, out]``."""
-    conv = Conv1D(linear.out_features, linear.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(linear.weight.t())
-        conv.bias.copy_(linear.bias)  # a Conv1D always has one, and so has the layer made from it
+    with torch.device("meta"):  # no random initialization of weights that are replaced at once
+        conv = Conv1D(linear.out_features, linear.in_features)
+    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous())
+    conv.bias = nn.Parameter(linear.bias.detach())  # a Conv1D always has one, and so has the layer made from it
     return conv
 
 
