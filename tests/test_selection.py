@@ -262,7 +262,8 @@ def test_load_in_8bit_reads_legacy_names_and_refuses_merged_experts(tmp_path):
     assert torch.equal(_run(streamed, "bert"), _run(expected, "bert"))
     gamma = "bert.embeddings.LayerNorm.gamma"
     # the old name and the new one both in the file: refused, not one of them dropped in silence
-    save_file({**legacy, "bert.embeddings.LayerNorm.weight": legacy[gamma].clone()}, tmp_path / "bert" / "model.safetensors")
+    both = {**legacy, "bert.embeddings.LayerNorm.weight": legacy[gamma].clone()}
+    save_file(both, tmp_path / "bert" / "model.safetensors")
     with pytest.raises(int8mm.CheckpointError, match=r"'bert\.embeddings\.LayerNorm\.weight' and "
                        r"'bert\.embeddings\.LayerNorm\.gamma' are both 'bert\.embeddings\.LayerNorm\.weight' to "
                        r"transformers"):

@@ -38,7 +38,9 @@ class HeaderEntry:
     @property
     def label(self) -> str:
         """How errors name it: the model's key, and the file's where that differs."""
-        return repr(self.key) if self.stored_key in (None, self.key) else f"{self.key!r} (stored as {self.stored_key!r})"
+        if self.stored_key in (None, self.key):
+            return repr(self.key)
+        return f"{self.key!r} (stored as {self.stored_key!r})"
 
     def renamed(self, key: str) -> "HeaderEntry":
         return dataclasses.replace(self, key=key, stored_key=self.stored_key or self.key)
