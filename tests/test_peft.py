@@ -169,7 +169,37 @@ def test_gradient_checkpointing_gives_the_same_losses():
         _int8_llama(), use_gradient_checkpointing=False), _lora())
     checkpointed = int8mm_peft.get_peft_model(int8mm_peft.prepare_model_for_training(_int8_llama()), _lora())
     assert checkpointed.base_model.model.is_gradient_checkpointing
-    assert _train(checkpointed, 4) == _train(plain, 4)
+    with warnings.catch_warnings(record=True) as caught:  # use_reentrant said: torch warned on every layer's call
+        warnings.simplefilter("always")
+        assert _train(checkpointed, 4) == _train(plain, 4)
+    assert not [w for w in caught if "use_reentrant" in str(w.message)]
+
+
+def test_a_sequence_classifier_head_in_8_bits_is_refused_and_trains_when_kept_float():
+    """peft trains a sequence classifier's head in full (modules_to_save); BERT's classifier (it has a bias) is 8-bit
+    by default, as with bitsandbytes: its int8 weight stayed frozen and only its bias trained, in silence (through
+    from_pretrained: "only Tensors of floating point dtype can require gradients" from deep inside peft)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_labels=3)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"^classifier is an int8mm 8-bit layer, but peft trains it in full "
+                                         r"\(sequence classification's head\).*skip_modules=\[\.\.\., 'classifier'\]"):
+        int8mm_peft.get_peft_model(int8mm.quantize_model(BertForSequenceClassification(config)),
+                                   _lora(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"pooler\.dense is an int8mm 8-bit layer.*\(modules_to_save\)"):
+        int8mm_peft.get_peft_model(int8mm.quantize_model(BertForSequenceClassification(config)),
+                                   _lora(modules_to_save=["pooler.dense"]))
+    model = int8mm_peft.get_peft_model(int8mm.quantize_model(BertForSequenceClassification(config),
+                                                             skip_modules=["classifier"]), _lora(task_type="SEQ_CLS"))
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    assert type(head) is nn.Linear and head.weight.requires_grad
+    before = head.weight.detach().clone()
+    ids = torch.randint(1, TINY_VOCAB, (4, 6), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=torch.arange(4) % 3).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert not torch.equal(head.weight, before)
 
 
 def test_prepare_model_for_training():

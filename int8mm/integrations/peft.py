@@ -205,6 +205,23 @@ def _refuse_int8_hooks(model: nn.Module) -> None:
                          f"for LoRA (or accelerate.hooks.remove_hook_from_submodules(model) first)")
 
 
+def _refuse_int8_modules_to_save(model: nn.Module, config: PeftConfig) -> None:
+    """peft trains a module to save in full, on a copy: an int8mm layer there kept its int8 weight frozen (only its
+    bias trained, in silence) or failed deep inside peft ("only Tensors of floating point dtype can require
+    gradients"). Sequence classification saves its head so (``classifier``/``score``) whatever the config says, and
+    a head with a bias (BERT's ``classifier``) is 8-bit, as with bitsandbytes."""
+    targets = list(getattr(config, "modules_to_save", None) or [])
+    if config.task_type == TaskType.SEQ_CLS:
+        targets += list(SEQ_CLS_HEAD_NAMES)
+    for name, module in model.named_modules():
+        hit = next((t for t in targets if name == t or name.endswith("." + t)), None)
+        if hit is not None and isinstance(module, Int8Linear):
+            why = "modules_to_save" if hit in (config.modules_to_save or []) else "sequence classification's head"
+            raise ValueError(f"{name} is an int8mm 8-bit layer, but peft trains it in full ({why}), and an int8 "
+                             f"weight cannot be trained: keep it in full precision when quantizing the model "
+                             f"(skip_modules=[..., {hit!r}]), or leave it out of modules_to_save")
+
+
 def _linear_layer_names(model: nn.Module, config: LoraConfig) -> set[str]:
     """What peft's ``target_modules="all-linear"`` picks, with int8mm layers counted as linear: every linear
     layer except the output head of a transformers model (or, for sequence classification, its classifier), and
@@ -246,6 +263,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     """
     _refuse_int8_hooks(model)
     config = with_int8mm_layers(peft_config)
+    _refuse_int8_modules_to_save(model, config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config.target_modules = _linear_layer_names(model, config)
     return peft.get_peft_model(model, config, adapter_name=adapter_name, mixed=mixed,
@@ -264,6 +282,7 @@ def from_pretrained(model: nn.Module, model_id, adapter_name: str = "default", i
     _refuse_int8_hooks(model)
     if config is None:
         config = PeftConfig.from_pretrained(model_id, **kwargs)
+    _refuse_int8_modules_to_save(model, config)
     return PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable,
                                      config=with_int8mm_layers(config), autocast_adapter_dtype=autocast_adapter_dtype,
                                      ephemeral_gpu_offload=ephemeral_gpu_offload, low_cpu_mem_usage=low_cpu_mem_usage,
@@ -285,6 +304,8 @@ def prepare_model_for_training(model: nn.Module, use_gradient_checkpointing: boo
             transformers model).
     """
     kwargs = dict(gradient_checkpointing_kwargs or {})
+    # said explicitly: torch warns on every checkpointed call when use_reentrant is left out (True was its default)
+    kwargs.setdefault("use_reentrant", True)
     if use_gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
         raise TypeError(f"use_gradient_checkpointing=True needs a transformers model (gradient_checkpointing_enable),"
                         f" got {type(model).__name__}; pass use_gradient_checkpointing=False")
