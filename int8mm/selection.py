@@ -117,7 +117,8 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
 
     # a model holding 8-bit layers already (a second call, or one finishing an interrupted attach_int8_hooks) was
     # told at the first call why layers stay float: say nothing again (a re-run cell must stay quiet)
-    announce = not any("SCB" in getattr(module, "_buffers", {}) for module in model.modules())
+    announce = not any("SCB" in getattr(module, "_buffers", {}) or "SCB" in getattr(module, "_parameters", {})
+                       for module in model.modules())  # (from_pretrained's layers hold it as a parameter)
     selection = Selection()
     matched_patterns = []
     for module_id, names in by_id.items():

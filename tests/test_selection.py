@@ -236,10 +236,12 @@ def test_a_model_left_mostly_float_warns(tmp_path):
     mixtral = cls.from_pretrained(tmp_path)
     with pytest.warns(UserWarning, match=mostly_float):
         attach_int8_hooks(mixtral)
+        loaded = cls.from_pretrained(tmp_path, quantization_config=Int8MMConfig())  # its int8 weights: parameters
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_model(quantize_model(with_conv))
         assert attach_int8_hooks(mixtral) == []
+        quantize_model(loaded)
 
 
 def test_load_in_8bit_reads_legacy_names_and_refuses_merged_experts(tmp_path):

@@ -1,8 +1,8 @@
 """Checkpoint files: finding the safetensors shards, checking their headers, memory-mapping them for streaming."""
+import dataclasses
 import json
 import math
 import mmap
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
