@@ -23,10 +23,10 @@ from ..selection import matches_skip
 from .device_map import (AUTO_DEVICE_MAPS, DISK, accelerate_map, names_on, normalize_device_map,
                          place_leftover_buffers)
 from .errors import CheckpointError
+from .key_renames import renamed_as_transformers_loads
 from .linear_swap import replace_linears_on_meta
 from .model_source import resolve_source, saved_quantization
 from .offload_folders import check_offload_folder_free, claim_offload_folder, offload_identity
-from .key_renames import renamed_as_transformers_loads
 from .plan import plan_load
 from .safetensors_files import HeaderEntry, MappedFile, read_headers
 from .tasks import Destination, LoadTask
