@@ -324,6 +324,30 @@ def test_torch_compile_takes_the_cuda_library_probe_as_a_constant(monkeypatch):
     assert probes == [0]
 
 
+@pytest.mark.parametrize("eager_call_between", [False, True])
+def test_a_layer_compiled_before_any_eager_call_compiles_once(eager_call_between):
+    """The default backend (and TRITON_INTERPRET) were read at the first call and remembered: a trace before it
+    guarded on their unset values, and the next call (or the one after an eager call) compiled the graph again."""
+    backends.refresh_from_environment()  # nothing read yet, as in a fresh process
+    torch._dynamo.reset()
+    layer = Int8Linear.from_linear(nn.Linear(64, 32)).eval()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 64)
+    expected = compiled(x)
+    if eager_call_between:
+        layer(x)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(compiled(x), expected)
+    backends.set_default_backend("reference")  # a new default still reaches the compiled layer: it compiles again
+    calls, real = [], registry.lookup("reference", "int8_linear")
+    try:
+        with registry.replaced("reference", "int8_linear", lambda *args: calls.append(1) or real(*args)):
+            compiled(x)
+        assert calls
+    finally:
+        backends.set_default_backend(None)
+
+
 def test_the_graph_state_is_asked_only_where_the_decode_regimes_differ(monkeypatch):
     """Asking whether a CUDA graph is being captured costs host time on every call: with the same preference in
     both decode regimes (the shipped table) it is never asked."""

@@ -36,14 +36,17 @@ class Backend(str, enum.Enum):
     """C kernels for CPU tensors (compiled with the system C compiler at first use; the fast path on CPU)."""
 
 
-_triton_interpreting: bool | None = None
+def _read_triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# read at import (Triton itself reads it when kernels are defined) and by refresh_from_environment, never lazily:
+# a first read inside torch.compile's trace made dynamo guard on its unset value, and compile the graph again
+_triton_interpreting: bool = _read_triton_interpret()
 
 
 def triton_interpreting() -> bool:
-    """TRITON_INTERPRET=1: Triton runs on CPU tensors (read once; see ``refresh_from_environment``)."""
-    global _triton_interpreting
-    if _triton_interpreting is None:
-        _triton_interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET=1: Triton runs on CPU tensors (read at import; see ``refresh_from_environment``)."""
     return _triton_interpreting
 
 
@@ -333,11 +336,19 @@ def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1, tra
     return name
 
 
+@torch.compiler.assume_constant_result
+def _traced_default(generation: int) -> str:
+    """The default backend's name, for a trace: a constant to dynamo, which guards on ``generation`` (bumped by
+    set_default_backend and refresh_from_environment) instead of on ``_default_choice``. That one is set at the
+    first eager call: a trace before it guarded on its unset value, and compiled the graph again after it."""
+    return (_default_choice or default_backend()).value
+
+
 def _backend_while_tracing(backend, device: torch.device, rows) -> str:
     """``backend_for`` under torch.compile / export, where M may be symbolic: compared with the regimes' bounds
     only where AUTO's choice on CUDA depends on it (each comparison is a guard: an export with a dynamic M
     failed, and compile recompiled as M changed), and without the cache (dynamo guards on its contents)."""
-    choice = (_default_choice or default_backend()) if backend is None else parse_backend(backend)
+    choice = Backend(_traced_default(_generation)) if backend is None else parse_backend(backend)
     if device.type != "cuda" or choice is not Backend.AUTO:
         return resolve_backend(choice, device).value
     by_regime = {regime: resolve_backend(choice, device, regime).value for regime in AUTO_PREFERENCE}
@@ -357,7 +368,7 @@ def set_default_backend(backend) -> None:
 
 
 def refresh_from_environment() -> None:
-    """Read INT8MM_BACKEND, TRITON_INTERPRET, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM, INT8MM_PREFILL_QUANT,
+    """Read TRITON_INTERPRET again now, and INT8MM_BACKEND, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM, INT8MM_PREFILL_QUANT,
     INT8MM_PDL, INT8MM_TRITON_LAUNCH, INT8MM_AUTOTUNE, INT8MM_KEEP_BUFFERS, INT8MM_CPU_LIB and INT8MM_CUDA_LIB again
     at the next op call (they are read once otherwise), and free the decode buffers kept so far
     (``scratch.release``). A library loaded before stays mapped; the next call loads the one named now."""
@@ -373,7 +384,7 @@ def refresh_from_environment() -> None:
             if hasattr(cached, "cache_clear"):  # a benchmark's stand-in library is a plain function
                 cached.cache_clear()
     global _triton_interpreting
-    _triton_interpreting = None
+    _triton_interpreting = _read_triton_interpret()
     _settings.clear()
     set_default_backend(None)
 
