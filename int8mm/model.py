@@ -9,7 +9,7 @@ from . import functional as F8
 from .backends import Backend
 from .config import DEFAULT_SKIP_MODULES, Int8MMConfig, resolve_config
 from .nn import Int8Linear
-from .selection import Layer, matches_skip, select_layers
+from .selection import Layer, matches_skip, select_layers, uncompiled
 
 __all__ = ["DEFAULT_SKIP_MODULES", "matches_skip", "quantize_model"]
 
@@ -51,6 +51,7 @@ def quantize_model(
                         "use int8mm.Int8Linear.from_linear(model)")
     config = resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
                             backend=backend)
+    compiled, model = model, uncompiled(model)  # quantized in place under the torch.compile wrapper, if any
     _check_same_settings(model, config)
     selection = select_layers(model, config)
     done = []  # (parent, attribute, original layer): undone if a later layer fails (a non-finite weight)
@@ -67,7 +68,7 @@ def quantize_model(
             setattr(parent, child, original)
         raise
     record_config(model, config, selection.skip_modules)
-    return model
+    return compiled
 
 
 def _check_same_settings(model: nn.Module, config: Int8MMConfig) -> None:

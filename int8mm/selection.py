@@ -193,6 +193,14 @@ def _warn_if_mostly_float(model: nn.Module, selection: Selection, candidates: se
 _UNUSUAL_REASONS = ("its weight is shared with or tied to another module", "its owner reads its float weight directly")
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(model)`` wraps (else ``model``): its layers' names lack the wrapper's ``_orig_mod.``
+    prefix, which a recorded skip list must not carry (the saved checkpoint then failed to load)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # a compiled module exists only once dynamo is imported
+    optimized = getattr(dynamo, "OptimizedModule", None)
+    return model._orig_mod if optimized is not None and isinstance(model, optimized) else model
+
+
 def _is_candidate(module: nn.Module) -> bool:
     if "SCB" in getattr(module, "_buffers", {}):  # an nn.Linear with an Int8Hook: 8-bit already
         return False

@@ -281,3 +281,17 @@ def test_load_in_8bit_reads_legacy_names_and_refuses_merged_experts(tmp_path):
                        r"checkpoint's tensors as it loads them \(such as 'model\.layers\.0\.block_sparse_moe\.experts"
                        r"\.0\.w1\.weight'.*from_pretrained\(path, quantization_config=int8mm\.Int8MMConfig\(\)\)"):
         load_in_8bit(tmp_path / "mixtral", progress=False)
+
+
+def test_a_compiled_model_records_the_names_it_saves_with(tmp_path):
+    """quantize_model(torch.compile(model)) recorded '_orig_mod.lm_head' as kept: the saved checkpoint's config
+    named no module, and loading it failed on the float lm_head ("the checkpoint's config says it was quantized")."""
+    for way in (quantize_model, attach_int8_hooks):
+        model = tiny_llama(layers=1, tie=False).eval()
+        compiled = torch.compile(model)
+        result = way(compiled)
+        assert result is compiled if way is quantize_model else "model.layers.0.mlp.up_proj" in result
+        assert model.config.quantization_config.skip_modules == ["lm_head"]
+        model.save_pretrained(tmp_path / way.__name__)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / way.__name__)
+        assert _int8_names(again) == _int8_names(model) and "lm_head" not in _int8_names(again)

@@ -368,9 +368,9 @@ def set_default_backend(backend) -> None:
 
 
 def refresh_from_environment() -> None:
-    """Read TRITON_INTERPRET again now, and INT8MM_BACKEND, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM, INT8MM_PREFILL_QUANT,
-    INT8MM_PDL, INT8MM_TRITON_LAUNCH, INT8MM_AUTOTUNE, INT8MM_KEEP_BUFFERS, INT8MM_CPU_LIB and INT8MM_CUDA_LIB again
-    at the next op call (they are read once otherwise), and free the decode buffers kept so far
+    """Read TRITON_INTERPRET again now, and INT8MM_BACKEND, INT8MM_DECODE_PATH, INT8MM_DECODE_GEMM,
+    INT8MM_PREFILL_QUANT, INT8MM_PDL, INT8MM_TRITON_LAUNCH, INT8MM_AUTOTUNE, INT8MM_KEEP_BUFFERS, INT8MM_CPU_LIB and
+    INT8MM_CUDA_LIB again at the next op call (they are read once otherwise), and free the decode buffers kept so far
     (``scratch.release``). A library loaded before stays mapped; the next call loads the one named now."""
     from . import scratch  # imports this module
 

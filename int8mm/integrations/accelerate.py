@@ -28,7 +28,7 @@ from ..backends import Backend, parse_backend, reference
 from .. import weight_format
 from ..config import Int8MMConfig, resolve_config
 from ..model import record_config
-from ..selection import conv1d_class, select_layers
+from ..selection import conv1d_class, select_layers, uncompiled
 
 __all__ = ["Int8Hook", "attach_int8_hooks"]
 
@@ -178,6 +178,7 @@ def attach_int8_hooks(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     config = resolve_config(config, threshold=threshold, skip_modules=skip_modules, filter_fn=filter_fn,
                             backend=backend)
+    model = uncompiled(model)  # the layers' names as saved: without torch.compile's "_orig_mod." prefix
     hooks = {name: hook for name, module in model.named_modules() if (hook := _int8_hook_of(module)) is not None}
     if hooks:
         # before the selection: a hooked layer holds an int8 buffer, so the selection would not see it at all
