@@ -336,7 +336,7 @@ def backend_for(backend, device: torch.device, rows: int = DECODE_MAX_M + 1, tra
     return name
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _traced_default(generation: int) -> str:
     """The default backend's name, for a trace: a constant to dynamo, which guards on ``generation`` (bumped by
     set_default_backend and refresh_from_environment) instead of on ``_default_choice``. That one is set at the
