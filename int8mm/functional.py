@@ -26,15 +26,21 @@ def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor
         TypeError: ``w`` is not a tensor of a supported dtype.
         ValueError: ``w`` is not 2-D, K is too large, or it holds NaN/Inf.
     """
+    check_weight(w, name)
+    # rounding has no gradient: a weight that requires grad (an nn.Linear's) must not leave the scale in its
+    # autograd graph, which kept the float weight alive and made the scale a non-leaf that deepcopy refuses
+    return _ops.quantize_weight(w.detach())
+
+
+def check_weight(w: torch.Tensor, name: str = "weight") -> None:
+    """Raise as ``quantize_weight`` would for ``w``, without quantizing it: for callers that check every layer
+    of a model before changing any (``attach_int8_hooks``)."""
     _check_float(w, name, WEIGHT_DTYPES)
     _check_rank(w, name, 2)
     _check_k(w.shape[1], name)
     if w.device.type != "meta" and not bool(torch.isfinite(w).all()):  # meta: shapes only, nothing to check
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{name} holds {bad} non-finite value(s) (NaN/Inf); refusing to quantize it")
-    # rounding has no gradient: a weight that requires grad (an nn.Linear's) must not leave the scale in its
-    # autograd graph, which kept the float weight alive and made the scale a non-leaf that deepcopy refuses
-    return _ops.quantize_weight(w.detach())
 
 
 def quantize_activations(

@@ -310,12 +310,30 @@ def test_attach_skips_and_refuses_cleanly(token_ids):
     with torch.no_grad():
         bad.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
     before = copy.deepcopy(bad.state_dict())
-    with pytest.raises(ValueError, match=r"model.layers.2.mlp.up_proj.weight holds non-finite values"):
+    with pytest.raises(ValueError, match=r"model.layers.2.mlp.up_proj.weight holds 1 non-finite value"):
         attach_int8_hooks(bad)
     # checked before any layer was touched: the model is as it was
     assert not any(hasattr(m, "_hf_hook") for m in bad.modules())
     for key, value in bad.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", ["float64", "K too large"])
+def test_attach_checks_what_quantize_weight_refuses_before_touching_any_layer(bad):
+    """A later layer in float64, or with a K past MAX_EXACT_K, was found only when its turn came: the layers
+    before it were left hooked (int8) and the rest float."""
+    k = int8mm.MAX_EXACT_K + 1 if bad == "K too large" else 8
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(k, 8), nn.Linear(8, 4))
+    if bad == "float64":
+        model[1].double()
+    before = copy.deepcopy(model.state_dict())
+    error = (TypeError, r"^1\.weight must be one of float16, bfloat16, float32, got torch\.float64$") \
+        if bad == "float64" else (ValueError, rf"^1\.weight has K={k}, above {int8mm.MAX_EXACT_K}")
+    with pytest.raises(error[0], match=error[1]):
+        attach_int8_hooks(model, skip_modules=())
+    assert not any(hasattr(m, "_hf_hook") or "SCB" in m._buffers for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_dispatch_with_cpu_and_disk_then_remove(tmp_path, token_ids):

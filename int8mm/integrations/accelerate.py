@@ -171,7 +171,9 @@ def attach_int8_hooks(
     Returns:
         The names of the hooked layers (one per layer, even when a layer is reachable under two names).
     Raises:
-        TypeError / ValueError: bad arguments, or a layer whose weight is on the meta device.
+        TypeError / ValueError: bad arguments; a layer whose weight is on the meta device, or that
+            ``quantize_weight`` refuses (a dtype other than fp16/bf16/fp32, K above ``MAX_EXACT_K``, NaN/Inf): every
+            layer is checked before any is hooked, so the error leaves the model as it was.
         ValueError: the model holds int8 hooks with another threshold or backend.
     """
     if not isinstance(model, nn.Module):
@@ -199,12 +201,14 @@ def attach_int8_hooks(
         log.warning("int8mm: attach_int8_hooks: the model has int8 hooks on %d layer(s) already (an interrupted "
                     "call?); hooking the %d still float", len(hooks), len(targets))
     # check every layer before touching any, so that a bad one never leaves the model half quantized
-    for name, module in targets:
-        if module.weight.is_meta:
-            raise ValueError(f"{name}.weight is on the meta device (offloaded?); attach the int8 hooks before "
+    for layer in selection.quantize:
+        weight = layer.module.weight.detach()
+        if weight.is_meta:
+            raise ValueError(f"{layer.name}.weight is on the meta device (offloaded?); attach the int8 hooks before "
                              f"dispatch_model / cpu_offload / disk_offload")
-        if not bool(torch.isfinite(module.weight).all()):
-            raise ValueError(f"{name}.weight holds non-finite values (NaN/Inf); refusing to quantize it")
+        # the checks of Int8Hook.init_hook's quantize_weight (dtype, K, NaN/Inf), on the weight as it will be
+        # quantized: a Conv1D's [in, out] transposed (a view, nothing copied)
+        F8.check_weight(weight.t() if layer.is_conv1d else weight, name=f"{layer.name}.weight")
     # the hooks of an earlier call share its record of the model's config (see _Attachment)
     attachment = next((h._attachment for h in hooks.values() if h._attachment is not None), None) or _Attachment(model)
     try:
