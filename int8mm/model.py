@@ -31,7 +31,8 @@ def quantize_model(
 
     All or nothing: if a layer cannot be quantized (a non-finite weight), the layers already swapped are put
     back and the model is left as it was. Works on the meta device too (shapes only), for models built empty
-    and loaded later with ``load_state_dict(..., assign=True)``. A transformers model gets
+    and loaded later with ``load_state_dict(..., assign=True)``; but a layer that accelerate has offloaded (its
+    weight on meta, its values in an offloading hook) is refused, as its values would be lost. A transformers model gets
     ``config.quantization_config``, so that ``save_pretrained`` writes a checkpoint that loads back in 8 bits.
 
     Args:
@@ -41,8 +42,9 @@ def quantize_model(
             name (see ``Int8MMConfig``).
     Raises:
         TypeError: ``model`` is not a module, or is itself an ``nn.Linear``; a wrongly typed setting.
-        ValueError: a bad setting, a layer whose weight holds NaN/Inf (the error names it), or a model that holds
-            ``Int8Linear`` layers with another threshold or backend already (a second call with other settings).
+        ValueError: a bad setting, a layer whose weight holds NaN/Inf or is offloaded by accelerate (the error
+            names it), or a model that holds ``Int8Linear`` layers with another threshold or backend already (a
+            second call with other settings).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -54,6 +56,7 @@ def quantize_model(
     compiled, model = model, uncompiled(model)  # quantized in place under the torch.compile wrapper, if any
     _check_same_settings(model, config)
     selection = select_layers(model, config)
+    _refuse_offloaded(model, selection.quantize)
     done = []  # (parent, attribute, original layer): undone if a later layer fails (a non-finite weight)
     try:
         for layer in selection.quantize:
@@ -85,6 +88,36 @@ def _check_same_settings(model: nn.Module, config: Int8MMConfig) -> None:
                                  f"quantize the float model, or call with {setting}={had!r}")
 
 
+def _refuse_offloaded(model: nn.Module, layers: list[Layer]) -> None:
+    """Refuse, before any layer is swapped, a layer that accelerate has offloaded (``cpu_offload``,
+    ``dispatch_model`` or ``from_pretrained`` with a ``device_map`` that offloads): its weight is on meta, but
+    unlike a model built empty its values are held by the hook (the ``weights_map`` of an ``AlignDevicesHook``
+    with ``offload=True``) on it or on a parent. An empty Int8Linear in its place lost them, and the forward then
+    failed on a meta weight."""
+    offloading = {name for name, module in model.named_modules(remove_duplicate=False) if _offloads(module)}
+    if not offloading:
+        return
+    for layer in layers:
+        if not layer.module.weight.is_meta:
+            continue
+        for name in layer.names:
+            parts = name.split(".")
+            if any(".".join(parts[:i]) in offloading for i in range(len(parts) + 1)):  # the layer or a parent
+                raise ValueError(f"{name}.weight is offloaded by accelerate (on the meta device, its values in an "
+                                 f"offload hook), so quantize_model cannot quantize it: quantize before "
+                                 f"dispatch_model / cpu_offload / disk_offload, or attach "
+                                 f"int8mm.integrations.accelerate.attach_int8_hooks before them, or load the "
+                                 f"checkpoint in 8 bits with that device_map (int8mm.load_in_8bit, or "
+                                 f"from_pretrained with quantization_config=int8mm.Int8MMConfig())")
+
+
+def _offloads(module: nn.Module) -> bool:
+    """Whether an accelerate hook on ``module`` (alone or chained in a ``SequentialHook``) offloads its weights.
+    Read by attribute, so that int8mm needs no accelerate to quantize a model that has no hooks."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) is True for h in (hook, *getattr(hook, "hooks", ())) if h is not None)
+
+
 def _shown(value):
     return value.value if isinstance(value, Backend) else value
 
@@ -105,7 +138,9 @@ def _quantize_layer(layer: Layer, config: Int8MMConfig) -> Int8Linear:
     module = layer.module
     replacement = empty_int8_layer(layer, config)
     weight = module.weight.detach()
-    if weight.is_meta:  # shapes only: the weights come later (load_state_dict(..., assign=True))
+    # shapes only: the weights come later (load_state_dict(..., assign=True)); an offloaded layer, whose values
+    # exist, was refused before (_refuse_offloaded)
+    if weight.is_meta:
         return replacement
     q_w, s_w = F8.quantize_weight((weight.t() if layer.is_conv1d else weight).contiguous(), name=f"{layer.name}.weight")
     replacement.weight, replacement.SCB = q_w, s_w

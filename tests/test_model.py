@@ -160,6 +160,37 @@ def test_quantize_on_meta_then_assign_real_weights(untied_llama, token_ids):
         assert torch.equal(empty(token_ids).logits, quantized(token_ids).logits)
 
 
+@pytest.mark.parametrize("offload", ["cpu_offload", "dispatch_model to disk", "a parent's hook"])
+def test_an_offloaded_model_is_refused_not_emptied(untied_llama, token_ids, offload, tmp_path):
+    """Before: quantize_model took a layer offloaded by accelerate (its weight on meta, its values in the hook)
+    for one built empty on purpose and put an empty Int8Linear in its place: the weights were lost, and the
+    forward failed on a meta weight. Refused now, before any layer is swapped."""
+    from accelerate import cpu_offload, dispatch_model
+
+    model = copy.deepcopy(untied_llama)
+    with torch.no_grad():
+        expected = model(token_ids).logits
+    first = "model.layers.1.self_attn.q_proj"  # the first offloaded layer
+    if offload == "cpu_offload":
+        cpu_offload(model, execution_device="cpu")
+        first = "model.layers.0.self_attn.q_proj"
+    else:
+        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        # preloading a block: one hook on the block holds its layers' weights, the layers have none
+        preload = ["LlamaDecoderLayer"] if offload == "a parent's hook" else None
+        dispatch_model(model, device_map, offload_dir=tmp_path, preload_module_classes=preload)
+        assert hasattr(model.get_submodule(first), "_hf_hook") is (preload is None)
+    assert model.get_submodule(first).weight.is_meta
+    with pytest.raises(ValueError, match=rf"^{first}\.weight is offloaded by accelerate \(on the meta device.*"
+                                         r"attach int8mm.integrations.accelerate.attach_int8_hooks before them"):
+        quantize_model(model)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert getattr(model.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert torch.equal(model(token_ids).logits, expected)
+
+
 # ---- sharing, on hand-made graphs ----
 class _SharedTwice(nn.Module):
     """One Linear registered under two names, used twice in forward."""
