@@ -137,6 +137,27 @@ def test_hook_errors():
         add_hook_to_module(bad, Int8Hook(name="proj"))
 
 
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_a_refused_second_hook_leaves_the_layer_as_it_was(offloaded):
+    """add_hook_to_module(layer, Int8Hook(), append=True) on a hooked layer: accelerate detaches the layer's hooks
+    and re-inits them in a SequentialHook before ours refuses. The layer was left with its int8 buffers, the float
+    forward (which failed on them) and no hook at all."""
+    linear = _linear()
+    reference = Int8Linear.from_linear(linear)
+    add_hook_to_module(linear, Int8Hook())
+    if offloaded:
+        cpu_offload(linear, execution_device="cpu", offload_buffers=True)  # chains accelerate's hooks after ours
+    x = planted_outliers(5, 64)
+    expected, hooks = linear(x), linear._hf_hook
+    with pytest.raises(ValueError, match=r"quantized already \(it has an SCB buffer\); attach one Int8Hook"):
+        add_hook_to_module(linear, Int8Hook(), append=True)
+    assert linear._hf_hook is hooks and linear.weight.is_meta is offloaded
+    assert torch.equal(linear(x), expected)
+    remove_hook_from_module(linear)
+    assert type(linear.weight) is nn.Parameter and torch.equal(linear.weight.detach(), reference.dequantize())
+    assert "SCB" not in linear._buffers and torch.equal(linear(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
 def test_loading_state_dicts_checks_the_format():
     linear = _linear()
     add_hook_to_module(linear, Int8Hook())

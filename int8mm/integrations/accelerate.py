@@ -19,7 +19,7 @@ import weakref
 from typing import Callable, Iterable
 
 import torch
-from accelerate.hooks import ModelHook, add_hook_to_module
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from torch import nn
 
 from .. import functional as F8
@@ -49,7 +49,8 @@ class Int8Hook(ModelHook):
     Raises:
         TypeError / ValueError: a bad threshold or backend (at construction); ``init_hook`` raises TypeError for
         a module that is neither an ``nn.Linear`` nor a ``Conv1D``, and ValueError for one whose weight is on the
-        meta device.
+        meta device, or that is quantized already (a second ``Int8Hook``, even chained with ``append=True``:
+        the layer keeps its hooks as they were).
     """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None,
@@ -64,6 +65,7 @@ class Int8Hook(ModelHook):
         self._handles = []
         # the int8 values of the last detach, to re-attach without a lossy second rounding (see detach_hook)
         self._restored = None
+        self._chain = None  # a weakref to the layer's hooks as detach_hook last found them (see _put_back_chain)
         self._attachment = None  # the _Attachment of attach_int8_hooks, which tracks the model's config
 
     def __repr__(self):
@@ -77,6 +79,8 @@ class Int8Hook(ModelHook):
             raise TypeError(f"Int8Hook runs an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
         self._transposed = not isinstance(module, nn.Linear)
         if "SCB" in module._buffers:
+            if getattr(module, "_hf_hook", None) is None:  # in add_hook_to_module(..., append=True)
+                _put_back_chain(module)
             raise ValueError("this nn.Linear is quantized already (it has an SCB buffer); attach one Int8Hook")
         if not hasattr(module, "_old_forward"):
             raise RuntimeError("attach Int8Hook with accelerate.hooks.add_hook_to_module(module, hook)")
@@ -126,6 +130,9 @@ class Int8Hook(ModelHook):
         # accelerate detaches and re-inits a hook when it chains another one after it (append=True): keep the
         # int8 values so that re-init reuses them instead of rounding the de-quantized weight a second time
         self._restored = (weakref.ref(module), module.weight, module.weight._version, q_w, s_w)
+        # and the hooks being detached (remove_hook_from_module still has them on the layer), which a refused
+        # append puts back
+        self._chain = weakref.ref(module._hf_hook) if getattr(module, "_hf_hook", None) is not None else None
         if self._attachment is not None:
             self._attachment.detached(self.name)
         return module
@@ -221,7 +228,7 @@ def attach_int8_hooks(
             except BaseException:
                 # accelerate removed the layer's own hook before ours quantized: if ours never got to, put it back
                 if earlier is not None and "SCB" not in module._buffers and getattr(module, "_hf_hook", None) is None:
-                    add_hook_to_module(module, earlier)
+                    _reattach(module, earlier)
                 raise
     finally:
         # also when interrupted (quantizing a large model takes a while): the layers not reached (no int8 weight)
@@ -294,6 +301,29 @@ def _int8_hook_of(module: nn.Module) -> Int8Hook | None:
         if isinstance(candidate, Int8Hook):
             return candidate
     return None
+
+
+def _put_back_chain(module: nn.Module) -> None:
+    """Called as an ``Int8Hook`` refuses a layer hooked already, from ``add_hook_to_module(layer, Int8Hook(),
+    append=True)``: accelerate has then detached the layer's hooks and re-initialized them in a ``SequentialHook``
+    ahead of the refusing one, which it never attaches. The layer was left with int8 buffers, its float forward
+    and no hook; give it its hooks back as they were, so that the refusal changes nothing."""
+    forward = getattr(module, "_old_forward", None)  # the forward of the Int8Hook that re-initialized the layer
+    if not (isinstance(forward, functools.partial) and forward.func is _int8_forward):
+        return
+    holder = forward.args[1]
+    earlier = holder._chain() if holder._chain is not None else None
+    if earlier is not None:
+        _reattach(module, earlier)
+
+
+def _reattach(module: nn.Module, earlier: ModelHook) -> None:
+    """Attach ``earlier`` to ``module`` alone again, after ``add_hook_to_module(module, hook, append=True)`` failed
+    in ``hook``'s ``init_hook``: accelerate had removed ``earlier`` and re-initialized it in a ``SequentialHook``
+    that it never attached."""
+    module._hf_hook = earlier
+    remove_hook_from_module(module)  # undoes that re-initialization (detach_hook) and gives back the plain forward
+    add_hook_to_module(module, earlier)
 
 
 # ---- per-instance pieces of a hooked layer ----
