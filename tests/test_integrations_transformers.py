@@ -47,6 +47,14 @@ def test_from_pretrained_quantizes_like_quantize_model(float_llama, token_ids):
     assert model.is_quantized and model.config.quantization_config.threshold == 6.0
 
 
+def test_from_pretrained_refuses_float64(float_llama):
+    """Before: the model loaded with float64 norms and embeddings, and every forward failed on the activations."""
+    path, _ = float_llama
+    with pytest.raises(TypeError, match=r"dtype must be torch.float16, torch.bfloat16 or torch.float32 for an int8mm "
+                                        r"model, got torch.float64"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(), dtype=torch.float64)
+
+
 def test_save_then_load_needs_no_config_and_is_bit_identical(float_llama, tmp_path, token_ids):
     path, _ = float_llama
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(threshold=4.0))

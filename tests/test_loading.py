@@ -88,6 +88,19 @@ def test_dtype_quantizes_the_cast_weight_as_the_other_loaders(llama_dir, dtype):
             assert torch.equal(q_w, expected[name][0]) and torch.equal(s_w, expected[name][1]), name
 
 
+def test_a_float64_model_is_refused_before_loading(llama_dir):
+    """Before: dtype=torch.float64 (or a factory building float64) loaded, and every forward then failed on the
+    float64 activations; quantize_model refuses such a model up front."""
+    path, _ = llama_dir
+    with pytest.raises(TypeError, match=r"dtype must be torch.float16, torch.bfloat16 or torch.float32 .* got "
+                                        r"torch.float64"):
+        load_in_8bit(path, dtype=torch.float64, progress=False)
+    config = LlamaConfig.from_pretrained(path)
+    with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj.weight is torch.float64 as the model is "
+                                        r"built; int8mm runs float16, bfloat16 and float32 models"):
+        load_in_8bit((lambda: LlamaForCausalLM(config).double(), path), progress=False)
+
+
 def test_a_config_passed_where_device_map_goes_says_so(llama_dir):
     # quantize_model(model, config) and attach_int8_hooks(model, config) take it second; load_in_8bit takes device_map
     with pytest.raises(TypeError, match=r"second argument is device_map; pass the Int8MMConfig as config="):

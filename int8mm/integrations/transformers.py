@@ -26,6 +26,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from torch import nn
 
 from .. import config as _config
+from .._constants import WEIGHT_DTYPES
 from ..devices import default_device
 from ..errors import CheckpointError
 from ..loading import normalize_device_map, replace_linears_on_meta
@@ -165,6 +166,9 @@ class Int8MMHfQuantizer(HfQuantizer):
             return False
 
     def update_dtype(self, dtype):
+        if dtype not in WEIGHT_DTYPES:  # a float64 model would load, then fail in every forward
+            raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32 for an int8mm model, got "
+                            f"{dtype}")
         self.load_dtype = dtype  # float weights are cast to it before they are quantized
         return dtype
 

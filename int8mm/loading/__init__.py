@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .._constants import DEFAULT_THRESHOLD
+from .._constants import DEFAULT_THRESHOLD, WEIGHT_DTYPES
 from ..backends import Backend
 from ..config import Int8MMConfig, resolve_config
 from ..model import record_config
@@ -80,8 +80,8 @@ def load_in_8bit(
             are shortcuts that override its fields.
         filter_fn: ``filter_fn(module, name) -> bool``; False keeps a layer in full precision.
         backend: backend of every Int8Linear (None: the default at call time).
-        dtype: dtype of the tensors kept in floating point, or its name (``"float16"``); None or ``"auto"``: the
-            dtype in config.json, else float32.
+        dtype: dtype of the tensors kept in floating point (float16, bfloat16 or float32), or its name
+            (``"float16"``); None or ``"auto"``: the dtype in config.json, else float32.
         offload_folder: where ``"disk"`` modules are written (needed when the device map names the disk).
         max_memory: passed to accelerate for the ``"auto"``-style device maps (refused with any other).
         progress: show a tqdm progress bar over shards and layers.
@@ -105,8 +105,9 @@ def load_in_8bit(
         dtype = None
     elif isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         dtype = getattr(torch, dtype)  # "float16", as transformers takes it
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype (or its name) or None, got {given!r}")
+    if dtype is not None and dtype not in WEIGHT_DTYPES:  # a float64 model would load, then fail in every forward
+        raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32 (or its name), 'auto' or "
+                        f"None, got {given!r}")
     if max_memory is not None and not (isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS):
         raise ValueError(f"max_memory is for device_map='auto', 'balanced', 'balanced_low_0' or 'sequential' (the "
                          f"maps planned to fit it), got device_map={device_map!r}")
@@ -137,6 +138,7 @@ def load_in_8bit(
     # each weight is quantized in the dtype the float layer holds (dtype=, config.json), not the file's: the
     # int8 values then equal those of from_pretrained and quantize_model, which quantize the cast weight
     weight_dtypes = {name: layer.module.weight.dtype for layer in selection.quantize for name in layer.names}
+    _check_compute_dtypes(weight_dtypes)
     headers = _align_base_model_prefix(renamed_as_transformers_loads(headers, model), model)
     plan = plan_load(model, transposed, headers, device_map, weight_dtypes)
 
@@ -168,6 +170,16 @@ def _settings(config: Int8MMConfig | None, saved: dict, **shortcuts) -> Int8MMCo
     if config.skip_modules is None and saved.get("skip_modules") is not None:
         config = config.replace(skip_modules=saved["skip_modules"])
     return config
+
+
+def _check_compute_dtypes(weight_dtypes: dict[str, torch.dtype]) -> None:
+    """Refuse a model built in a dtype int8mm does not compute in (float64 from a factory or config.json): its
+    weights would quantize, and every forward then fail on the float64 activations."""
+    for name, weight_dtype in weight_dtypes.items():
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise TypeError(f"{name}.weight is {weight_dtype} as the model is built; int8mm runs float16, bfloat16 "
+                            f"and float32 models: build it in one of them (dtype= does, for a model directory or a "
+                            f"transformers model class)")
 
 
 def _upcast_keep_in_fp32_modules(model: nn.Module) -> None:
