@@ -325,6 +325,22 @@ def test_a_non_finite_merge_is_refused_and_changes_nothing(safe_merge):
     assert torch.equal(base.weight, q0) and torch.equal(base.SCB, s0) and not lora.merged
 
 
+def test_a_merged_bias_past_float16_is_refused_and_changes_nothing():
+    """Before: the merged bias was checked in fp32, then cast: a float16 bias of 60000 plus 20000 became inf."""
+    model = _one_layer_model(lora_bias=True)
+    lora = model.base_model.model[0]
+    base = lora.get_base_layer()
+    with torch.no_grad():
+        base.bias = nn.Parameter(torch.full_like(base.bias, 60000.0, dtype=torch.float16), requires_grad=False)
+        lora.lora_B["default"].bias.fill_(20000.0 / lora.scaling["default"])
+    q0, s0, b0 = base.weight.clone(), base.SCB.clone(), base.bias.clone()
+    with pytest.raises(ValueError, match=r"merging adapter\(s\) \['default'\] gives a non-finite bias \(in "
+                                         r"torch.float16\)"):
+        lora.merge()
+    assert torch.equal(base.weight, q0) and torch.equal(base.SCB, s0) and torch.equal(base.bias, b0)
+    assert not lora.merged
+
+
 def test_a_delta_below_the_int8_step_is_reported_not_dropped_silently():
     model = _one_layer_model()
     lora = model.base_model.model[0]

@@ -138,10 +138,11 @@ class Int8LoraLinear(LoraLinear):
         if base.bias is None:
             raise RuntimeError(f"cannot merge the LoRA bias of adapter(s) {with_bias}: the base layer has no bias")
         bias = base.bias.float() + sign * sum(self.lora_B[a].bias.float() * self.scaling[a] for a in with_bias)
+        bias = bias.to(base.bias.dtype)  # checked as stored: a sum past 65504 is inf in a float16 bias
         if not bool(torch.isfinite(bias).all()):
             raise ValueError(f"{'merging' if sign > 0 else 'unmerging'} adapter(s) {with_bias} gives a non-finite "
-                             f"bias; the layer was left unchanged")
-        return bias.to(base.bias.dtype)
+                             f"bias (in {base.bias.dtype}); the layer was left unchanged")
+        return bias
 
     def _requantize(self, base: Int8Linear, delta: torch.Tensor, adapter_names: list[str], action: str) -> None:
         """``base``'s weight becomes ``quantize(dequantize(W) + delta)``; records ``merge_error``."""
