@@ -59,7 +59,9 @@ class Selection:
 def matches_skip(name: str, patterns) -> bool:
     """True if a pattern is ``name``, a dotted suffix of it, or either of these for a parent of ``name``
     (``"model.layers.0"`` and ``"layers.0"`` match ``"model.layers.0.mlp.up_proj"``; ``"layers.1"`` does not
-    match ``"model.layers.11.mlp"``)."""
+    match ``"model.layers.11.mlp"``). A single string is one pattern, as ``skip_modules`` takes it."""
+    if isinstance(patterns, str):  # not its characters: "lm_head" matched "model.h.0" through "h"
+        patterns = [patterns]
     parts = name.split(".")
     for pattern in patterns:
         want = pattern.split(".")

@@ -136,6 +136,9 @@ def test_matches_skip_is_by_whole_components():
     assert matches_skip("model.layers.0.mlp.up_proj", ["mlp.up_proj"])
     assert not matches_skip("model.layers.10.mlp.up_proj", ["layers.1"])
     assert not matches_skip("model.layers.0.mlp.up_proj", ["proj"])
+    # one string is one pattern (before: its characters, so "lm_head" matched "model.h.0.attn" through "h")
+    assert not matches_skip("model.h.0.attn", "lm_head")
+    assert matches_skip("model.h.0.attn", "h.0")
 
 
 def test_a_skip_name_that_matches_nothing_warns_in_every_path(tmp_path):
