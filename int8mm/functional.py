@@ -60,6 +60,9 @@ def quantize_activations(
         Building ``outlier_cols`` reads the count on the host; the fused ``int8_linear`` never does.
     """
     _check_float(x, "x", ACTIVATION_DTYPES)
+    if x.is_meta:  # the outlier columns' count is read from the values
+        raise ValueError("x is on the meta device; quantize_activations returns the outlier columns, whose number "
+                         "depends on the values (int8_linear and int8_matmul take meta tensors)")
     threshold = check_threshold(threshold)
     x2 = _flatten(x)
     _check_k(x2.shape[1], "x")

@@ -68,6 +68,10 @@ def check_int8_layout(prefix: str, out_features: int, in_features: int, *, weigh
     Raises:
         CheckpointError: naming the key and the file.
     """
+    for key, stored in ((WEIGHT, weight), (SCALE, scale), (FORMAT, fmt)):
+        if stored is not None and not (hasattr(stored, "dtype") and hasattr(stored, "shape")):
+            raise CheckpointError(f"{source}: {_key(prefix, key)!r} must be a tensor, got "
+                                  f"{type(stored).__name__}")
     if weight.dtype != torch.int8:
         raise CheckpointError(f"{_source_of(weight, source)}: {_key(prefix, WEIGHT)!r} has dtype {weight.dtype}; an "
                               f"8-bit layer stores it as int8 (a float weight is quantized with "

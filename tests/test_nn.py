@@ -209,6 +209,17 @@ def test_load_rejects_what_the_8bit_format_does_not_allow(case):
         layer.load_state_dict(spoiled)
 
 
+@pytest.mark.parametrize("key", ["weight", "SCB"])
+def test_load_names_a_stored_value_that_is_not_a_tensor(key):
+    """Before: AttributeError: 'list' object has no attribute 'dtype', from inside the format check."""
+    layer = Int8Linear.from_linear(_linear(seed=3))
+    before = copy.deepcopy(layer.state_dict())
+    sd = Int8Linear.from_linear(_linear()).state_dict()
+    with pytest.raises(CheckpointError, match=rf"^state_dict: '{key}' must be a tensor, got list"):
+        layer.load_state_dict({**sd, key: sd[key].tolist()})
+    assert all(torch.equal(layer.state_dict()[k], value) for k, value in before.items())
+
+
 @pytest.mark.parametrize("stored, message", [
     ("row", None), (0, None),  # bitsandbytes before 0.42 stored the layout's name; a plain int is what it means
     ("col32", r"'weight_format' is 'col32'; only the row-major format \('row', 0\)"),
