@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import TINY_VOCAB, logits, tiny_llama, tiny_token_ids
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
 import int8mm
 from int8mm import CheckpointError, Int8Linear, Int8MMConfig, load_in_8bit, loading
@@ -241,11 +241,20 @@ def test_dtype_by_name_and_max_memory_only_with_a_planned_map(float_dir, token_i
     assert torch.equal(logits(by_name, token_ids), logits(load_in_8bit(float_dir, dtype=torch.bfloat16,
                                                                        progress=False), token_ids))
     assert load_in_8bit(float_dir, dtype="auto", progress=False).model.norm.weight.dtype == torch.float32  # saved
-    with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype \(or its name\) or None, got 'int8'"):
+    with pytest.raises(TypeError, match=r"dtype must be torch.float16, torch.bfloat16 or torch.float32 .* got 'int8'"):
         load_in_8bit(float_dir, dtype="int8")
     # it was ignored without a word
     with pytest.raises(ValueError, match=r"max_memory is for device_map='auto', .* got device_map='cpu'"):
         load_in_8bit(float_dir, device_map="cpu", max_memory={"cpu": 10_000}, progress=False)
+    # before: "dictionary update sequence element #0 has length 1", "expected str, bytes or os.PathLike object,
+    # not int", and a NotADirectoryError on '<file>/lm_head.weight.dat' once the load had started
+    with pytest.raises(TypeError, match=r"max_memory must be a dict of device -> bytes .* got str: '1GB'"):
+        load_in_8bit(float_dir, device_map="auto", max_memory="1GB", progress=False)
+    with pytest.raises(TypeError, match=r"offload_folder must be a path, got int: 5"):
+        load_in_8bit(float_dir, device_map={"": "disk"}, offload_folder=5, progress=False)
+    a_file = float_dir / "config.json"
+    with pytest.raises(NotADirectoryError, match=r"offload_folder '.*config.json' exists and is not a directory"):
+        load_in_8bit(float_dir, device_map={"": "disk"}, offload_folder=a_file, progress=False)
 
 
 def test_bad_sources(tmp_path):
@@ -255,6 +264,8 @@ def test_bad_sources(tmp_path):
         load_in_8bit(3)
     with pytest.raises(FileNotFoundError, match=r"checkpoint file '.*missing.safetensors' does not exist"):
         load_in_8bit((lambda: torch.nn.Linear(2, 2), tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"the checkpoint is an empty list of files"):  # before: IndexError
+        load_in_8bit((LlamaForCausalLM, []))
 
 
 def test_config_round_trip_and_validation():

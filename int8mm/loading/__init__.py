@@ -111,6 +111,15 @@ def load_in_8bit(
     if max_memory is not None and not (isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS):
         raise ValueError(f"max_memory is for device_map='auto', 'balanced', 'balanced_low_0' or 'sequential' (the "
                          f"maps planned to fit it), got device_map={device_map!r}")
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise TypeError(f"max_memory must be a dict of device -> bytes or a size such as '10GiB', got "
+                        f"{type(max_memory).__name__}: {max_memory!r}"[:300])
+    if offload_folder is not None:
+        if not isinstance(offload_folder, (str, os.PathLike)):
+            raise TypeError(f"offload_folder must be a path, got {type(offload_folder).__name__}: "
+                            f"{offload_folder!r}"[:300])
+        if os.path.exists(offload_folder) and not os.path.isdir(offload_folder):
+            raise NotADirectoryError(f"offload_folder {str(offload_folder)!r} exists and is not a directory")
     factory, files, config_dir = resolve_source(model_dir_or_class_and_checkpoint, dtype)
     headers = read_headers(files)
     saved = saved_quantization(config_dir)

@@ -54,6 +54,8 @@ def checkpoint_files(checkpoint) -> list[Path]:
         CheckpointError: an unreadable ``model.safetensors.index.json``.
     """
     if isinstance(checkpoint, (list, tuple)):
+        if not checkpoint:
+            raise FileNotFoundError("the checkpoint is an empty list of files; name at least one safetensors file")
         files = [Path(p) for p in checkpoint]
     else:
         path = Path(checkpoint)
