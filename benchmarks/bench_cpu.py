@@ -11,8 +11,9 @@ Every provider of a cell is measured in the same run (kernel cells: median of ho
 warm-up, providers taking turns, inputs rotated, 8 planted outlier columns of magnitude 20-60, threshold 6.0).
 
     python benchmarks/bench_cpu.py [--out DIR] [--threads N] [--reps N] [--rounds N] [--no-demo] [--quick]
-Prints the markdown report; with --out also writes DIR/cpu_bench.{json,md}. --models / --roles / --m run
-only the kernel suite on those shapes (as before), writing DIR/cpu_bench.{json,md,png}.
+Prints the markdown report; with --out also writes DIR/cpu_bench.{json,md}. --quick, --models, --roles or --m
+run only the kernel suite (--quick: its small default shapes), writing DIR/cpu_bench.{json,md,png}: no targets
+table.
 """
 import argparse
 import copy
