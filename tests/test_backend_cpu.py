@@ -377,6 +377,24 @@ def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
     assert cpu_backend.library_available()
 
 
+def test_an_explicit_cpu_backend_names_why_the_library_did_not_load(monkeypatch, tmp_path):
+    """Before: a mistyped INT8MM_CPU_LIB made backend="cpu" say only that it needs a C compiler with OpenMP."""
+    missing = tmp_path / "nowhere.so"
+    monkeypatch.setenv("INT8MM_CPU_LIB", str(missing))
+    cpu_backend.library.cache_clear()
+    cpu_backend.library_available.cache_clear()
+    try:
+        assert cpu_backend.library_available() is False
+        with pytest.raises(RuntimeError, match=rf"backend 'cpu' is not available on cpu \(the CPU library: "
+                                               rf"INT8MM_CPU_LIB={missing} does not exist\)"):
+            int8mm.backends.resolve_backend(Backend.CPU, torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        cpu_backend.library.cache_clear()
+        cpu_backend.library_available.cache_clear()
+    assert cpu_backend.library_available() and cpu_backend.failure_reason is None
+
+
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 def test_the_portable_loops_match_too(monkeypatch, tmp_path, march):
     """Built for a CPU without AVX-512 (x86-64-v3) the library takes its plain C loops, and without AVX2 either

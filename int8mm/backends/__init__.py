@@ -149,6 +149,11 @@ def _cpu_library_loadable() -> bool:
     return cpu_backend.library_available()
 
 
+def _cpu_library_failure() -> str | None:
+    """Why the CPU library did not load, if it was tried."""
+    return getattr(sys.modules.get(f"{__name__}.cpu"), "failure_reason", None)
+
+
 def _cpu_library_disabled() -> bool:
     from . import cpu_build
     return cpu_build.disabled()
@@ -222,6 +227,8 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
             hint = " (build the CUDA library with `make cuda`, needs nvcc)"
         elif chosen is Backend.CPU and _cpu_library_disabled():
             hint = " (turned off by INT8MM_CPU_LIB=none)"
+        elif chosen is Backend.CPU and device.type == "cpu" and _cpu_library_failure():
+            hint = f" (the CPU library: {_cpu_library_failure()})"
         elif chosen is Backend.CPU:
             hint = (" (the CPU library runs on CPU tensors and needs a C compiler with OpenMP; a failed build logs "
                     "its reason as a warning)")

@@ -62,13 +62,20 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+# why library_available() last said no (for the error of an explicit backend="cpu"), None after a success
+failure_reason: str | None = None
+
+
 @functools.cache
 def library_available() -> bool:
     """True if the library loads (compiling it now if needed); a failure is logged once, with its reason."""
+    global failure_reason
     try:
         library()
+        failure_reason = None
         return True
     except (OSError, RuntimeError, ImportError) as exc:  # ImportError: no fcntl (not a POSIX system)
+        failure_reason = str(exc)
         # the reference's GEMM is torch._int_mm: where that is a scalar loop, say what it costs
         slow = "" if onednn_int8_is_vectorized() else (
             "; without AVX-512 VNNI its int8 GEMM (torch._int_mm) is a scalar loop, so calls of more than 16 rows run "
