@@ -198,8 +198,14 @@ def test_broken_saved_quantization_config(broken, message, int8_checkpoint, tmp_
     with pytest.raises(CheckpointError, match=r"config\.json: " + message):
         load_in_8bit(tmp_path, progress=False)
     if isinstance(broken, dict) and broken.get("quant_method") == "int8mm":  # transformers loads it with int8mm
-        with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+        either = r"config\.json's quantization_config, or the dict given to from_pretrained: "
+        with pytest.raises(CheckpointError, match=either + message):
             AutoModelForCausalLM.from_pretrained(tmp_path)
+        # before: a bad dict given to from_pretrained was blamed on config.json alone (it is read before any tensor)
+        del config["quantization_config"]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=either + message):
+            AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=broken)
 
 
 def test_checkpoint_without_format_markers_loads_on_every_path(int8_checkpoint, tmp_path):

@@ -61,12 +61,14 @@ class Int8MMConfig(_config.Int8MMConfig, QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs: bool = False, **kwargs):
         """``int8mm.Int8MMConfig.from_dict``, for the ``quantization_config`` saved in a checkpoint's config.json
-        (what transformers calls it with): a broken one raises ``CheckpointError`` naming the file and the key,
-        as ``load_in_8bit`` does (transformers does not pass the file's path here)."""
+        or given to ``from_pretrained`` as a dict (transformers calls it for both): a broken one raises
+        ``CheckpointError`` naming the key, as ``load_in_8bit`` does (transformers does not pass the file's path)."""
         try:
             return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
         except (TypeError, ValueError) as exc:
-            raise broken_config_error("config.json", exc) from None
+            # transformers calls this for config.json's and for a dict given as from_pretrained's argument alike
+            raise broken_config_error("config.json's quantization_config, or the dict given to from_pretrained",
+                                      exc) from None
 
 
 class HfInt8Linear(Int8Linear):
