@@ -125,6 +125,9 @@ def test_configs_that_need_a_float_base_weight_are_refused():
         from peft import IA3Config
 
         int8mm_peft.get_peft_model(copy.deepcopy(model), IA3Config(target_modules=["q_proj"]))
+    for call in (int8mm_peft.get_peft_model, int8mm_peft.from_pretrained):  # before: AttributeError on None
+        with pytest.raises(TypeError, match=r"model must be an nn.Module, got NoneType"):
+            call(None, _lora())
 
 
 def test_a_model_with_int8_hooks_is_refused(tmp_path):

@@ -199,6 +199,8 @@ def _refuse_int8_hooks(model: nn.Module) -> None:
     ``safe_merge`` an adapter silently lost)."""
     from .accelerate import _int8_hook_of
 
+    if not isinstance(model, nn.Module):  # the first look at it in get_peft_model and from_pretrained
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     hooked = next((name for name, module in model.named_modules() if _int8_hook_of(module) is not None), None)
     if hooked is not None:
         raise ValueError(f"model holds int8mm's accelerate hooks ({hooked}, ...), whose layers peft would treat as "
