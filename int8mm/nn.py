@@ -33,6 +33,11 @@ class Int8Linear(nn.Module):
         for name, size in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:  # numpy ints too
                 raise ValueError(f"{name} must be an int >= 0, got {size!r}")
+        if isinstance(bias, torch.Tensor):  # nn.Linear's flag, not the values
+            raise TypeError("bias must be a bool (whether the layer has one), got a tensor; assign layer.bias after "
+                            "building the layer, or quantize an nn.Linear with from_linear")
+        if bias and bias_dtype not in ACTIVATION_DTYPES:  # every forward would refuse it
+            raise TypeError(f"bias_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {bias_dtype!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.threshold = F8.check_threshold(threshold)
@@ -52,6 +57,9 @@ class Int8Linear(nn.Module):
         """Quantize ``linear`` (on its device) into a new ``Int8Linear``; ``linear`` is left untouched."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if linear.bias is not None and linear.bias.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{name or 'linear'}.bias must be one of float16, bfloat16, float32, got "
+                            f"{linear.bias.dtype}")
         weight = linear.weight.detach()
         module = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
@@ -113,6 +121,8 @@ class Int8Linear(nn.Module):
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A plain ``nn.Linear`` with the de-quantized weight (for export or removing the layer)."""
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=dtype)
         with torch.no_grad():

@@ -96,8 +96,8 @@ def test_a_float64_model_is_refused_before_loading(llama_dir):
                                         r"torch.float64"):
         load_in_8bit(path, dtype=torch.float64, progress=False)
     config = LlamaConfig.from_pretrained(path)
-    with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj.weight is torch.float64 as the model is "
-                                        r"built; int8mm runs float16, bfloat16 and float32 models"):
+    with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj.weight must be one of float16, bfloat16, "
+                                        r"float32, got torch.float64"):
         load_in_8bit((lambda: LlamaForCausalLM(config).double(), path), progress=False)
 
 

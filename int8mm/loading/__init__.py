@@ -147,7 +147,6 @@ def load_in_8bit(
     # each weight is quantized in the dtype the float layer holds (dtype=, config.json), not the file's: the
     # int8 values then equal those of from_pretrained and quantize_model, which quantize the cast weight
     weight_dtypes = {name: layer.module.weight.dtype for layer in selection.quantize for name in layer.names}
-    _check_compute_dtypes(weight_dtypes)
     headers = _align_base_model_prefix(renamed_as_transformers_loads(headers, model), model)
     plan = plan_load(model, transposed, headers, device_map, weight_dtypes)
 
@@ -179,16 +178,6 @@ def _settings(config: Int8MMConfig | None, saved: dict, **shortcuts) -> Int8MMCo
     if config.skip_modules is None and saved.get("skip_modules") is not None:
         config = config.replace(skip_modules=saved["skip_modules"])
     return config
-
-
-def _check_compute_dtypes(weight_dtypes: dict[str, torch.dtype]) -> None:
-    """Refuse a model built in a dtype int8mm does not compute in (float64 from a factory or config.json): its
-    weights would quantize, and every forward then fail on the float64 activations."""
-    for name, weight_dtype in weight_dtypes.items():
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise TypeError(f"{name}.weight is {weight_dtype} as the model is built; int8mm runs float16, bfloat16 "
-                            f"and float32 models: build it in one of them (dtype= does, for a model directory or a "
-                            f"transformers model class)")
 
 
 def _upcast_keep_in_fp32_modules(model: nn.Module) -> None:
