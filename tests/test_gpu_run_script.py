@@ -64,7 +64,7 @@ def run_script(tmp_path):
         env.update(PATH=f"{fakes}{os.pathsep}{env['PATH']}", PLAN=plan, OUT=str(out), FAKE_LOG=str(log),
                    REAL_PYTHON=sys.executable, DECODE_ROWS=str(rows), FAIL_MATCHING=fail_matching,
                    TMPDIR=str(tmp_path), **extra)  # the script's work folder (mktemp -d) under tmp_path
-        done = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "unbound variable" not in done.stderr, done.stderr[-3000:]
         return log.read_text().splitlines(), (out / "summary.log").read_text()

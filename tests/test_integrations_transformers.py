@@ -160,7 +160,7 @@ def test_registered_classes():
 def _run(code: str, stderr_too: bool = False) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return (done.stderr + done.stdout).strip() if stderr_too else done.stdout
 

@@ -140,7 +140,7 @@ assert reason is not None and "host-side TMA descriptors" in reason, reason
 print("ok")
 """
     env = compiling_process_environment()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
