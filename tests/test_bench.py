@@ -73,6 +73,8 @@ def test_cpu_decode_rows_of_a_cached_weight_have_no_fraction_of_the_copy_rate(sm
         else:
             assert isinstance(row["ceiling_fraction"], float) and row["ceiling"].endswith("matmul"), row
     assert "| none (weight cached) |" in markdown(small_result)
+    # the count is planted up to K (a larger --outlier-cols was capped, while the header said the number asked)
+    assert "- inputs: 8 outlier columns (at most K) of magnitude" in markdown(small_result)
 
     from int8mm.bench import ceilings
     for index, size in enumerate(["32K", "1024K", "8192K"]):

@@ -21,7 +21,7 @@ def add_kernel_suite_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backends", nargs="+", metavar="BACKEND",
                        help="int8mm backends to time (default: every one that runs natively here)")
     group.add_argument("--threshold", type=float, help="outlier threshold (default 6.0)")
-    group.add_argument("--outlier-cols", type=int, help="planted outlier columns per input (default 8)")
+    group.add_argument("--outlier-cols", type=int, help="planted outlier columns per input (default 8; at most K)")
     group.add_argument("--outlier-low", type=float, help="smallest planted outlier magnitude (default 20)")
     group.add_argument("--outlier-high", type=float, help="largest planted outlier magnitude (default 60)")
     group.add_argument("--no-bnb", action="store_true", help="leave out bitsandbytes' Linear8bitLt")

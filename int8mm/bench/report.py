@@ -56,7 +56,7 @@ def header_lines(meta: dict) -> list[str]:
     versions = ", ".join(f"{name} {meta[name]}" for name in ("int8mm", "torch", "triton", "bitsandbytes", "python")
                          if meta.get(name))
     lines = [f"# int8mm kernel benchmark: {meta['device']}, {meta['date']}", "", f"- versions: {versions}",
-             f"- inputs: {o['count']} outlier columns of magnitude {o['low']:g}-{o['high']:g} (threshold "
+             f"- inputs: {o['count']} outlier columns (at most K) of magnitude {o['low']:g}-{o['high']:g} (threshold "
              f"{meta['threshold']:g}), N(0, 1) elsewhere; weights N(0, 0.02^2); int8mm backends: "
              f"{', '.join(meta['backends'])}",
              f"- ceilings measured in this run: copy {format_rate(c['copy_bytes_per_s'], 'B/s')} (read + write), "
