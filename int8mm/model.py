@@ -113,10 +113,20 @@ def _refuse_offloaded(model: nn.Module, layers: list[Layer]) -> None:
 
 
 def _offloads(module: nn.Module) -> bool:
-    """Whether an accelerate hook on ``module`` (alone or chained in a ``SequentialHook``) offloads its weights.
-    Read by attribute, so that int8mm needs no accelerate to quantize a model that has no hooks."""
-    hook = getattr(module, "_hf_hook", None)
-    return any(getattr(h, "offload", False) is True for h in (hook, *getattr(hook, "hooks", ())) if h is not None)
+    """Whether an accelerate hook on ``module`` (alone or anywhere in its chain) offloads its weights."""
+    return any(getattr(h, "offload", False) is True for h in chained_hooks(getattr(module, "_hf_hook", None)))
+
+
+def chained_hooks(hook):
+    """The accelerate hooks that ``hook`` (a module's ``_hf_hook``, or None) runs, in order: itself, or the hooks
+    of a ``SequentialHook`` at any depth (accelerate nests one more on every ``add_hook_to_module(...,
+    append=True)``). Read by attribute, so that int8mm needs no accelerate to quantize a model that has no hooks."""
+    chain = getattr(hook, "hooks", None)
+    if isinstance(chain, (tuple, list)):
+        for inner in chain:
+            yield from chained_hooks(inner)
+    elif hook is not None:
+        yield hook
 
 
 def _shown(value):

@@ -191,6 +191,26 @@ def test_an_offloaded_model_is_refused_not_emptied(untied_llama, token_ids, offl
         assert torch.equal(model(token_ids).logits, expected)
 
 
+def test_an_offload_hook_nested_deep_in_the_chain_is_refused_too():
+    """accelerate nests a SequentialHook on every add_hook_to_module(..., append=True): two hooks appended after
+    cpu_offload's put its offloading hook two levels down, which quantize_model did not look at. It then put an
+    empty Int8Linear in the layer's place, and the offloaded values were lost."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    cpu_offload(model, execution_device="cpu")
+    for _ in range(2):
+        add_hook_to_module(model[0], ModelHook(), append=True)
+    assert not hasattr(model[0]._hf_hook.hooks[0].hooks[0], "hooks")  # the offload hook, two levels down
+    x = torch.randn(2, 8)
+    expected = model(x)
+    with pytest.raises(ValueError, match=r"^0\.weight is offloaded by accelerate"):
+        quantize_model(model, skip_modules=["2"])
+    assert type(model[0]) is nn.Linear and torch.equal(model(x), expected)
+
+
 # ---- sharing, on hand-made graphs ----
 class _SharedTwice(nn.Module):
     """One Linear registered under two names, used twice in forward."""

@@ -27,7 +27,7 @@ from .._constants import DEFAULT_THRESHOLD
 from ..backends import Backend, parse_backend, reference
 from .. import weight_format
 from ..config import Int8MMConfig, resolve_config
-from ..model import record_config
+from ..model import chained_hooks, record_config
 from ..selection import conv1d_class, select_layers, uncompiled
 
 __all__ = ["Int8Hook", "attach_int8_hooks"]
@@ -295,12 +295,9 @@ class _Attachment:
 
 
 def _int8_hook_of(module: nn.Module) -> Int8Hook | None:
-    """The ``Int8Hook`` on ``module`` (alone or in accelerate's ``SequentialHook`` chain), or None."""
-    hook = getattr(module, "_hf_hook", None)
-    for candidate in (hook, *getattr(hook, "hooks", ())):
-        if isinstance(candidate, Int8Hook):
-            return candidate
-    return None
+    """The ``Int8Hook`` on ``module`` (alone or anywhere in accelerate's ``SequentialHook`` chain), or None."""
+    return next((hook for hook in chained_hooks(getattr(module, "_hf_hook", None)) if isinstance(hook, Int8Hook)),
+                None)
 
 
 def _put_back_chain(module: nn.Module) -> None:
@@ -366,7 +363,7 @@ def _release_from_offload_hooks(module: nn.Module, take_values: bool):
     tensors themselves were offloaded (``offload_buffers=False`` keeps our buffers in place but records them).
     """
     held = None
-    for other in getattr(getattr(module, "_hf_hook", None), "hooks", ()):
+    for other in chained_hooks(getattr(module, "_hf_hook", None)):
         original_devices = getattr(other, "original_devices", None)
         weights_map = getattr(other, "weights_map", None)
         if take_values and held is None and getattr(other, "offload", False) and weights_map is not None \
