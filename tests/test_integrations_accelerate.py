@@ -339,17 +339,21 @@ def test_attach_skips_and_refuses_cleanly(token_ids):
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("bad", ["float64", "K too large"])
+@pytest.mark.parametrize("bad", ["float64", "K too large", "float64 bias"])
 def test_attach_checks_what_quantize_weight_refuses_before_touching_any_layer(bad):
     """A later layer in float64, or with a K past MAX_EXACT_K, was found only when its turn came: the layers
-    before it were left hooked (int8) and the rest float."""
+    before it were left hooked (int8) and the rest float. A float64 bias was not checked at all: every forward
+    then failed, not naming the layer."""
     k = int8mm.MAX_EXACT_K + 1 if bad == "K too large" else 8
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(k, 8), nn.Linear(8, 4))
     if bad == "float64":
         model[1].double()
+    if bad == "float64 bias":
+        model[1].bias = nn.Parameter(model[1].bias.detach().double())
     before = copy.deepcopy(model.state_dict())
-    error = (TypeError, r"^1\.weight must be one of float16, bfloat16, float32, got torch\.float64$") \
-        if bad == "float64" else (ValueError, rf"^1\.weight has K={k}, above {int8mm.MAX_EXACT_K}")
+    kind = "bias" if bad == "float64 bias" else "weight"
+    error = (TypeError, rf"^1\.{kind} must be one of float16, bfloat16, float32, got torch\.float64$") \
+        if bad != "K too large" else (ValueError, rf"^1\.weight has K={k}, above {int8mm.MAX_EXACT_K}")
     with pytest.raises(error[0], match=error[1]):
         attach_int8_hooks(model, skip_modules=())
     assert not any(hasattr(m, "_hf_hook") or "SCB" in m._buffers for m in model.modules())
