@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
-from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module, remove_hook_from_submodules
+from accelerate.hooks import (AlignDevicesHook, ModelHook, add_hook_to_module, remove_hook_from_module,
+                             remove_hook_from_submodules)
 from gpu import requires_cuda
 from helpers import TINY_VOCAB, bad_int8_states, logits, planted_outliers, tiny_llama, tiny_token_ids
 from torch import nn
@@ -156,6 +157,60 @@ def test_a_refused_second_hook_leaves_the_layer_as_it_was(offloaded):
     remove_hook_from_module(linear)
     assert type(linear.weight) is nn.Parameter and torch.equal(linear.weight.detach(), reference.dequantize())
     assert "SCB" not in linear._buffers and torch.equal(linear(x), nn.functional.linear(x, linear.weight, linear.bias))
+
+
+def _nan_weight(linear):
+    with torch.no_grad():
+        linear.weight[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("earlier", ["ModelHook", "AlignDevicesHook", "two hooks"])
+@pytest.mark.parametrize("refusal", ["NaN weight", "float64", "float64 bias", "meta weight"])
+def test_every_refused_append_gives_the_layer_its_hooks_back(earlier, refusal):
+    """add_hook_to_module(layer, Int8Hook(), append=True) on a hooked layer that Int8Hook refuses: accelerate has
+    removed the layer's hook and re-initialized it in a SequentialHook it never attaches. Only the "quantized
+    already" refusal put it back: after the others the layer had no hook, and an offloaded layer's values, held
+    by the dropped hook alone, were lost."""
+    linear = _linear()
+    if refusal == "NaN weight":
+        _nan_weight(linear)
+    elif refusal == "float64":
+        linear.double()
+    elif refusal == "float64 bias":
+        linear.bias = nn.Parameter(linear.bias.detach().double())
+    if refusal == "meta weight":  # cpu_offload's AlignDevicesHook: the weight on meta, its values in its weights map
+        cpu_offload(linear, execution_device="cpu")
+        if earlier != "AlignDevicesHook":
+            add_hook_to_module(linear, ModelHook(), append=True)
+    elif earlier == "AlignDevicesHook":
+        add_hook_to_module(linear, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    else:
+        add_hook_to_module(linear, ModelHook())
+    if earlier == "two hooks":
+        add_hook_to_module(linear, ModelHook(), append=True)
+    x = torch.randn(3, 64, dtype=torch.float64 if refusal == "float64" else torch.float32)
+    with torch.no_grad():
+        expected = linear(x) if refusal != "float64 bias" else None
+    hooks = linear._hf_hook
+    error = {"NaN weight": (ValueError, r"holds 1 non-finite"), "float64": (TypeError, r"^Linear\.weight must be"),
+             "float64 bias": (TypeError, r"^Linear\.bias must be one of float16, bfloat16, float32, got torch\."
+                                         r"float64$"),
+             "meta weight": (ValueError, r"on the meta device")}[refusal]
+    with pytest.raises(error[0], match=error[1]):
+        add_hook_to_module(linear, Int8Hook(), append=True)
+    assert linear._hf_hook is hooks and "SCB" not in linear._buffers
+    assert linear._old_forward.__func__ is nn.Linear.forward  # runs the float layer through its hooks
+    if expected is not None:
+        with torch.no_grad():
+            torch.testing.assert_close(linear(x), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_refusal_outside_an_append_changes_no_hook():
+    linear = _linear()
+    _nan_weight(linear)
+    with pytest.raises(ValueError, match=r"non-finite"):
+        add_hook_to_module(linear, Int8Hook())  # no earlier hook: nothing to put back
+    assert getattr(linear, "_hf_hook", None) is None and type(linear.weight) is nn.Parameter
 
 
 def test_loading_state_dicts_checks_the_format():

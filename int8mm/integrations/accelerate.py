@@ -14,12 +14,13 @@ device, and only the bias is offloaded).
 """
 import copy
 import functools
+import inspect
 import logging
 import weakref
 from typing import Callable, Iterable
 
 import torch
-from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 from torch import nn
 
 from .. import functional as F8
@@ -48,9 +49,11 @@ class Int8Hook(ModelHook):
         name: how errors refer to the layer (e.g. its qualified name).
     Raises:
         TypeError / ValueError: a bad threshold or backend (at construction); ``init_hook`` raises TypeError for
-        a module that is neither an ``nn.Linear`` nor a ``Conv1D``, and ValueError for one whose weight is on the
-        meta device, or that is quantized already (a second ``Int8Hook``, even chained with ``append=True``:
-        the layer keeps its hooks as they were).
+        a module that is neither an ``nn.Linear`` nor a ``Conv1D`` or whose bias is not fp16/bf16/fp32, ValueError
+        for one whose weight is on the meta device or that is quantized already (a second ``Int8Hook``), and what
+        ``quantize_weight`` raises (a weight dtype other than fp16/bf16/fp32, K above ``MAX_EXACT_K``, NaN/Inf).
+        Chained with ``add_hook_to_module(layer, Int8Hook(), append=True)`` on a hooked layer, a refusal gives the
+        layer back the hook object it had (accelerate removed it first), attached and holding the layer's values.
     """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, backend: Backend | str | None = None,
@@ -65,7 +68,6 @@ class Int8Hook(ModelHook):
         self._handles = []
         # the int8 values of the last detach, to re-attach without a lossy second rounding (see detach_hook)
         self._restored = None
-        self._chain = None  # a weakref to the layer's hooks as detach_hook last found them (see _put_back_chain)
         self._attachment = None  # the _Attachment of attach_int8_hooks, which tracks the model's config
 
     def __repr__(self):
@@ -74,13 +76,18 @@ class Int8Hook(ModelHook):
 
     # ---- ModelHook events ----
     def init_hook(self, module: nn.Module) -> nn.Module:
+        try:
+            return self._init(module)
+        except BaseException:
+            _put_back_earlier_hooks(module, self)
+            raise
+
+    def _init(self, module: nn.Module) -> nn.Module:
         conv1d = conv1d_class()
         if not isinstance(module, nn.Linear) and not (conv1d is not None and isinstance(module, conv1d)):
             raise TypeError(f"Int8Hook runs an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
         self._transposed = not isinstance(module, nn.Linear)
         if "SCB" in module._buffers:
-            if getattr(module, "_hf_hook", None) is None:  # in add_hook_to_module(..., append=True)
-                _put_back_chain(module)
             raise ValueError("this nn.Linear is quantized already (it has an SCB buffer); attach one Int8Hook")
         if not hasattr(module, "_old_forward"):
             raise RuntimeError("attach Int8Hook with accelerate.hooks.add_hook_to_module(module, hook)")
@@ -132,9 +139,6 @@ class Int8Hook(ModelHook):
         # accelerate detaches and re-inits a hook when it chains another one after it (append=True): keep the
         # int8 values so that re-init reuses them instead of rounding the de-quantized weight a second time
         self._restored = (weakref.ref(module), module.weight, module.weight._version, q_w, s_w)
-        # and the hooks being detached (remove_hook_from_module still has them on the layer), which a refused
-        # append puts back
-        self._chain = weakref.ref(module._hf_hook) if getattr(module, "_hf_hook", None) is not None else None
         if self._attachment is not None:
             self._attachment.detached(self.name)
         return module
@@ -304,18 +308,37 @@ def _int8_hook_of(module: nn.Module) -> Int8Hook | None:
                 None)
 
 
-def _put_back_chain(module: nn.Module) -> None:
-    """Called as an ``Int8Hook`` refuses a layer hooked already, from ``add_hook_to_module(layer, Int8Hook(),
-    append=True)``: accelerate has then detached the layer's hooks and re-initialized them in a ``SequentialHook``
-    ahead of the refusing one, which it never attaches. The layer was left with int8 buffers, its float forward
-    and no hook; give it its hooks back as they were, so that the refusal changes nothing."""
-    forward = getattr(module, "_old_forward", None)  # the forward of the Int8Hook that re-initialized the layer
-    if not (isinstance(forward, functools.partial) and forward.func is _int8_forward):
+def _put_back_earlier_hooks(module: nn.Module, refusing: Int8Hook) -> None:
+    """Called as ``refusing.init_hook`` fails. Under ``add_hook_to_module(module, refusing, append=True)`` on a
+    hooked layer, accelerate has removed the layer's hook (``remove_hook_from_module``) and re-initialized it in a
+    ``SequentialHook(old_hook, refusing)`` that it never attaches: the layer was left with no hook, and an
+    offloaded layer's values only in that hook's weights map. Attach ``old_hook`` again, so that the refusal
+    changes nothing. Found in the calling frames; anywhere else (no such frame), nothing is changed."""
+    if getattr(module, "_hf_hook", None) is not None:
         return
-    holder = forward.args[1]
-    earlier = holder._chain() if holder._chain is not None else None
-    if earlier is not None:
-        _reattach(module, earlier)
+    frame = inspect.currentframe()
+    try:
+        for _ in range(32):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return
+            if frame.f_code.co_name != "add_hook_to_module":
+                continue
+            names = frame.f_locals
+            old_hook, chain = names.get("old_hook"), names.get("hook")
+            if names.get("append") is True and names.get("module") is module and old_hook is not None \
+                    and isinstance(chain, SequentialHook) and chain.hooks and chain.hooks[0] is old_hook \
+                    and any(hook is refusing for inner in chain.hooks[1:] for hook in chained_hooks(inner)):
+                break
+            return  # the innermost add_hook_to_module is not an append of ours: not ours to repair
+        else:
+            return
+    finally:
+        del frame
+    try:
+        _reattach(module, old_hook)
+    except Exception:  # never hide the refusal itself
+        log.exception("int8mm: could not put back the hook %r that accelerate removed from the layer", old_hook)
 
 
 def _reattach(module: nn.Module, earlier: ModelHook) -> None:
