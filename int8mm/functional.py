@@ -35,7 +35,7 @@ def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor
 def check_weight(w: torch.Tensor, name: str = "weight") -> None:
     """Raise as ``quantize_weight`` would for ``w``, without quantizing it: for callers that check every layer
     of a model before changing any (``attach_int8_hooks``)."""
-    _check_float(w, name, WEIGHT_DTYPES)
+    check_float(w, name, WEIGHT_DTYPES)
     _check_rank(w, name, 2)
     _check_k(w.shape[1], name)
     if w.device.type != "meta" and not bool(torch.isfinite(w).all()):  # meta: shapes only, nothing to check
@@ -58,14 +58,16 @@ def quantize_activations(
     Returns:
         ``q_x`` int8 ``[M, K]``, ``s_x`` fp32 ``[M]``, ``outlier_cols`` int64 ``[n_out]`` (ascending).
         Building ``outlier_cols`` reads the count on the host; the fused ``int8_linear`` never does.
+    Raises:
+        TypeError / ValueError: a bad ``x`` (dtype, K), ``threshold`` or ``backend``; ``x`` on the meta device.
     """
-    _check_float(x, "x", ACTIVATION_DTYPES)
-    if x.is_meta:  # the outlier columns' count is read from the values
-        raise ValueError("x is on the meta device; quantize_activations returns the outlier columns, whose number "
-                         "depends on the values (int8_linear and int8_matmul take meta tensors)")
+    check_float(x, "x", ACTIVATION_DTYPES)
     threshold = check_threshold(threshold)
     x2 = _flatten(x)
     _check_k(x2.shape[1], "x")
+    if x.is_meta:  # the outlier columns' count is read from the values (the checks above need shapes only)
+        raise ValueError("x is on the meta device; quantize_activations returns the outlier columns, whose number "
+                         "depends on the values (int8_linear and int8_matmul take meta tensors)")
     impl = backend_for(backend, x.device, x2.shape[0])
     if x2.requires_grad:  # no gradient, as above (detach itself costs more than a microsecond)
         x2 = x2.detach()
@@ -117,14 +119,14 @@ def int8_linear(
         ``[..., N]`` in x's dtype; under ``torch.autocast``, x is cast to the autocast dtype first, as
         ``nn.Linear`` computes in it.
     """
-    _check_float(x, "x", ACTIVATION_DTYPES)
+    check_float(x, "x", ACTIVATION_DTYPES)
     threshold = check_linear_layer(q_w, s_w, bias, threshold)
     return int8_linear_of_checked_layer(x, q_w, s_w, bias, threshold, backend)
 
 
 def check_activations(x) -> None:
     """``x`` is a tensor of an activation dtype (fp16, bf16, fp32), else a TypeError naming what it is."""
-    _check_float(x, "x", ACTIVATION_DTYPES)
+    check_float(x, "x", ACTIVATION_DTYPES)
 
 
 def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None, threshold) -> float:
@@ -148,7 +150,7 @@ def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor 
     _check_k(k, "q_w")
     _check_same_device(q_w, "q_w", s_w, "s_w")
     if bias is not None:
-        _check_float(bias, "bias", (torch.float16, torch.bfloat16, torch.float32))
+        check_float(bias, "bias", (torch.float16, torch.bfloat16, torch.float32))
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         _check_same_device(q_w, "q_w", bias, "bias")
@@ -167,7 +169,7 @@ def int8_linear_of_checked_layer(
     eager call); None asks.
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
-        _check_float(x, "x", ACTIVATION_DTYPES)  # raises, naming what it got
+        check_float(x, "x", ACTIVATION_DTYPES)  # raises, naming what it got
     n, k = q_w.shape
     shape = x.shape
     if len(shape) == 0:
@@ -200,11 +202,16 @@ def _check_tensor(t, arg: str) -> None:
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_float(t, arg: str, dtypes) -> None:
+def dtype_names(dtypes) -> str:
+    """``"float16, bfloat16, float32"``: how errors list the dtypes an argument may have."""
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_float(t, arg: str, dtypes) -> None:
+    """Raise naming ``arg`` unless ``t`` is a tensor of one of ``dtypes``."""
     _check_tensor(t, arg)
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{arg} must be one of {names}, got {t.dtype}")
+        raise TypeError(f"{arg} must be one of {dtype_names(dtypes)}, got {t.dtype}")
 
 
 def _check_rank(t: torch.Tensor, arg: str, rank: int) -> None:

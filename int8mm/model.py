@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import functional as F8
-from ._constants import WEIGHT_DTYPES
+from ._constants import ACTIVATION_DTYPES, WEIGHT_DTYPES
 from .backends import Backend
 from .config import DEFAULT_SKIP_MODULES, Int8MMConfig, resolve_config
 from .nn import Int8Linear
@@ -137,9 +137,9 @@ def empty_int8_layer(layer: Layer, config: Int8MMConfig, linear_cls: type[Int8Li
     """An empty ``linear_cls`` on meta to stand in for ``layer``: its shape (a ``Conv1D`` stores ``[in, out]``),
     bias dtype and training mode (an ``eval()`` model stays in eval mode), ``config``'s threshold and backend."""
     module = layer.module
-    for kind, tensor in (("weight", module.weight), ("bias", module.bias)):  # a float64 layer would never run
-        if tensor is not None and tensor.dtype not in WEIGHT_DTYPES:
-            raise TypeError(f"{layer.name}.{kind} must be one of float16, bfloat16, float32, got {tensor.dtype}")
+    F8.check_float(module.weight, f"{layer.name}.weight", WEIGHT_DTYPES)  # a float64 layer would never run
+    if module.bias is not None:
+        F8.check_float(module.bias, f"{layer.name}.bias", ACTIVATION_DTYPES)
     out_features, in_features = module.weight.shape[::-1] if layer.is_conv1d else module.weight.shape
     has_bias = module.bias is not None
     replacement = linear_cls(in_features, out_features, bias=has_bias, threshold=config.threshold,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import functional as F8
-from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD
+from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD, WEIGHT_DTYPES
 from .backends import Backend, parse_backend, reference
 from . import weight_format
 
@@ -36,8 +36,11 @@ class Int8Linear(nn.Module):
         if isinstance(bias, torch.Tensor):  # nn.Linear's flag, not the values
             raise TypeError("bias must be a bool (whether the layer has one), got a tensor; assign layer.bias after "
                             "building the layer, or quantize an nn.Linear with from_linear")
+        if bias_dtype is None:  # as nn.Linear's dtype=None
+            bias_dtype = torch.get_default_dtype()
         if bias and bias_dtype not in ACTIVATION_DTYPES:  # every forward would refuse it
-            raise TypeError(f"bias_dtype must be torch.float16, torch.bfloat16 or torch.float32, got {bias_dtype!r}")
+            raise TypeError(f"bias_dtype must be one of {F8.dtype_names(ACTIVATION_DTYPES)} or None, got "
+                            f"{bias_dtype!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.threshold = F8.check_threshold(threshold)
@@ -57,10 +60,10 @@ class Int8Linear(nn.Module):
         """Quantize ``linear`` (on its device) into a new ``Int8Linear``; ``linear`` is left untouched."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if linear.bias is not None and linear.bias.dtype not in ACTIVATION_DTYPES:
-            raise TypeError(f"{name or 'linear'}.bias must be one of float16, bfloat16, float32, got "
-                            f"{linear.bias.dtype}")
         weight = linear.weight.detach()
+        F8.check_float(weight, f"{name or 'linear'}.weight", WEIGHT_DTYPES)  # the weight's dtype before the bias's
+        if linear.bias is not None:
+            F8.check_float(linear.bias, f"{name or 'linear'}.bias", ACTIVATION_DTYPES)
         module = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
             backend=backend, device=torch.device("meta"),

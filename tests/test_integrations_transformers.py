@@ -50,8 +50,8 @@ def test_from_pretrained_quantizes_like_quantize_model(float_llama, token_ids):
 def test_from_pretrained_refuses_float64(float_llama):
     """Before: the model loaded with float64 norms and embeddings, and every forward failed on the activations."""
     path, _ = float_llama
-    with pytest.raises(TypeError, match=r"dtype must be torch.float16, torch.bfloat16 or torch.float32 for an int8mm "
-                                        r"model, got torch.float64"):
+    with pytest.raises(TypeError, match=r"dtype must be one of float16, bfloat16, float32 for an int8mm model, got "
+                                        r"torch.float64"):
         AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig(), dtype=torch.float64)
 
 

@@ -352,13 +352,17 @@ def test_constructor_validates():
     with pytest.raises(TypeError, match=r"bias must be a bool \(whether the layer has one\), got a tensor"):
         Int8Linear(4, 3, bias=torch.zeros(3))
     for bias_dtype in (torch.int32, torch.float64, "float16"):
-        with pytest.raises(TypeError, match=r"bias_dtype must be torch.float16, torch.bfloat16 or torch.float32"):
+        with pytest.raises(TypeError, match=r"bias_dtype must be one of float16, bfloat16, float32 or None"):
             Int8Linear(4, 3, bias_dtype=bias_dtype)
     assert Int8Linear(4, 3, bias=False, bias_dtype=torch.float64).bias is None  # no bias: nothing to cast
+    assert Int8Linear(4, 3, bias_dtype=None).bias.dtype == torch.get_default_dtype()  # as nn.Linear(dtype=None)
     odd_bias = nn.Linear(4, 3)
     odd_bias.bias = nn.Parameter(odd_bias.bias.detach().double())
     with pytest.raises(TypeError, match=r"decoder.proj.bias must be one of float16, bfloat16, float32, got "
                                         r"torch.float64"):
         Int8Linear.from_linear(odd_bias, name="decoder.proj")
+    with pytest.raises(TypeError, match=r"decoder.proj.weight must be one of float16, bfloat16, float32, got "
+                                        r"torch.float64"):  # the weight first, as quantize_weight names it
+        Int8Linear.from_linear(odd_bias.double(), name="decoder.proj")
     with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype, got torch.int8"):
         Int8Linear(4, 3).to_linear(torch.int8)

@@ -29,6 +29,7 @@ from .. import config as _config
 from .._constants import WEIGHT_DTYPES
 from ..devices import default_device
 from ..errors import CheckpointError
+from ..functional import dtype_names
 from ..loading import normalize_device_map, replace_linears_on_meta
 from ..loading.checkpoint_check import check_after_loading, check_before_loading
 from ..loading.file_pages import release_file_pages
@@ -169,8 +170,7 @@ class Int8MMHfQuantizer(HfQuantizer):
 
     def update_dtype(self, dtype):
         if dtype not in WEIGHT_DTYPES:  # a float64 model would load, then fail in every forward
-            raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32 for an int8mm model, got "
-                            f"{dtype}")
+            raise TypeError(f"dtype must be one of {dtype_names(WEIGHT_DTYPES)} for an int8mm model, got {dtype}")
         self.load_dtype = dtype  # float weights are cast to it before they are quantized
         return dtype
 

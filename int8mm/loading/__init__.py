@@ -18,6 +18,7 @@ from torch import nn
 from .._constants import DEFAULT_THRESHOLD, WEIGHT_DTYPES
 from ..backends import Backend
 from ..config import Int8MMConfig, resolve_config
+from ..functional import dtype_names
 from ..model import record_config
 from ..selection import matches_skip
 from .device_map import (AUTO_DEVICE_MAPS, DISK, accelerate_map, names_on, normalize_device_map,
@@ -106,14 +107,14 @@ def load_in_8bit(
     elif isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         dtype = getattr(torch, dtype)  # "float16", as transformers takes it
     if dtype is not None and dtype not in WEIGHT_DTYPES:  # a float64 model would load, then fail in every forward
-        raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32 (or its name), 'auto' or "
+        raise TypeError(f"dtype must be one of {dtype_names(WEIGHT_DTYPES)} (a torch.dtype or its name), 'auto' or "
                         f"None, got {given!r}")
     if max_memory is not None and not (isinstance(device_map, str) and device_map in AUTO_DEVICE_MAPS):
         raise ValueError(f"max_memory is for device_map='auto', 'balanced', 'balanced_low_0' or 'sequential' (the "
                          f"maps planned to fit it), got device_map={device_map!r}")
     if max_memory is not None and not isinstance(max_memory, dict):
-        raise TypeError(f"max_memory must be a dict of device -> bytes or a size such as '10GiB', got "
-                        f"{type(max_memory).__name__}: {max_memory!r}"[:300])
+        raise TypeError(f"max_memory must be a dict of device -> size (bytes, or a string such as '10GiB'), e.g. "
+                        f"{{'cpu': '10GiB'}}, got {type(max_memory).__name__}: {max_memory!r}"[:300])
     if offload_folder is not None:
         if not isinstance(offload_folder, (str, os.PathLike)):
             raise TypeError(f"offload_folder must be a path, got {type(offload_folder).__name__}: "
