@@ -240,11 +240,12 @@ def _check_k(k: int, arg: str, limit: int = MAX_EXACT_K) -> None:
 # docs/SPEC.md compares the threshold as fp32, and one that rounds to 0 turns decomposition off on every backend
 # alike
 _FP32_SMALLEST_NORMAL = 2.0**-126
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_threshold(threshold) -> float:
-    """``threshold`` as a float (rounded to fp32 below fp32's normal range, where the rounding can reach 0);
-    TypeError unless it is a real number, ValueError if it is negative or NaN."""
+    """``threshold`` as a float (rounded to fp32 outside fp32's normal range, where the rounding can reach 0 or
+    infinity); TypeError unless it is a real number, ValueError if it is negative or NaN."""
     # a float skips the abstract-class check, the slowest part of a decode call's checks with a cold cache
     if type(threshold) is not float:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # numpy scalars are Real too
@@ -257,6 +258,8 @@ def check_threshold(threshold) -> float:
         raise ValueError(f"threshold must be >= 0 (0 disables outlier decomposition), got {threshold}")
     if 0.0 < threshold < _FP32_SMALLEST_NORMAL:
         threshold = struct.unpack("f", struct.pack("f", threshold))[0]
+    elif _FP32_MAX < threshold < math.inf:  # Triton takes such a float as fp64: round it as fp32 does (FLT_MAX or inf)
+        threshold = float(torch.tensor(threshold, dtype=torch.float32))
     return threshold
 
 

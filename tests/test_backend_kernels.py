@@ -5,6 +5,7 @@ Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), the CPU library runs
 cases wait for a GPU.
 """
 import contextlib
+import math
 
 import pytest
 import torch
@@ -97,6 +98,19 @@ def test_thresholds(threshold, backend):
     q_w, s_w = int8mm.quantize_weight(random_weight(24, 200).to(DEVICE))
     _assert_quantize_equal(*_both(_ops.quantize_activations, backend, x, threshold))
     assert_output_close(*reversed(_both(_ops.int8_linear, backend, x, q_w, s_w, None, threshold)))
+
+
+def test_a_threshold_past_fp32_max_is_compared_as_fp32(backend):
+    """docs/SPEC.md compares the threshold as fp32; Triton took a float above FLT_MAX as fp64, so a threshold that
+    rounds to FLT_MAX in fp32 made no outlier of an element of FLT_MAX there (the reference and cpu did)."""
+    fp32_max = torch.finfo(torch.float32).max
+    x = torch.tensor([[fp32_max, 1.0]], device=DEVICE)
+    threshold = fp32_max * (1 + 2.0**-30)  # rounds down to FLT_MAX in fp32; 1 + 2**-24 would round up to inf
+    assert int8mm.functional.check_threshold(threshold) == fp32_max
+    assert int8mm.functional.check_threshold(fp32_max * (1 + 2.0**-23)) == math.inf
+    for name in ("reference", backend):
+        q_x, s_x, cols = int8mm.quantize_activations(x, threshold, backend=name)
+        assert cols.tolist() == [0] and s_x.tolist() == [1.0], name
 
 
 def test_every_column_an_outlier(backend):
