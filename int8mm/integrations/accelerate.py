@@ -100,7 +100,7 @@ class Int8Hook(ModelHook):
             float_weight = weight.detach().t().contiguous() if self._transposed else weight.detach()
             q_w, s_w = F8.quantize_weight(float_weight, name=f"{self.name or type(module).__name__}.weight")
         if module.bias is not None:  # int8_linear refuses it: every forward would fail, not naming the layer
-            F8._check_float(module.bias, f"{self.name or type(module).__name__}.bias", ACTIVATION_DTYPES)
+            F8.check_float(module.bias, f"{self.name or type(module).__name__}.bias", ACTIVATION_DTYPES)
         self._float_dtype, self._requires_grad = weight.dtype, weight.requires_grad
         del module.weight
         module.register_buffer("weight", q_w)
@@ -223,7 +223,7 @@ def attach_int8_hooks(
         # quantized: a Conv1D's [in, out] transposed (a view, nothing copied)
         F8.check_weight(weight.t() if layer.is_conv1d else weight, name=f"{layer.name}.weight")
         if layer.module.bias is not None:  # as Int8Hook.init_hook: int8_linear runs fp16/bf16/fp32 biases only
-            F8._check_float(layer.module.bias, f"{layer.name}.bias", ACTIVATION_DTYPES)
+            F8.check_float(layer.module.bias, f"{layer.name}.bias", ACTIVATION_DTYPES)
     # the hooks of an earlier call share its record of the model's config (see _Attachment)
     attachment = next((h._attachment for h in hooks.values() if h._attachment is not None), None) or _Attachment(model)
     try:
