@@ -5,6 +5,7 @@ int32 products exact; outputs within SPEC tolerances (and the many-row path, whi
 operations, bit for bit). The shapes walk the fused GEMV's edges: weight rows in blocks of eight, rows of x in
 tiles of one to four, K around the 64-byte vector, M at the fused/GEMM boundary (16/17).
 """
+import contextlib
 import hashlib
 import platform
 import subprocess
@@ -354,14 +355,27 @@ def test_threads_give_the_same_output():
         assert torch.equal(_ops.int8_linear(x, q_w, s_w, None, THRESHOLD, "cpu"), one)
 
 
-def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
-    """No compiler (or INT8MM_CPU_LIB=none): AUTO serves CPU tensors with the reference and says so once; an
-    explicit choice of the CPU backend is an error that says why."""
-    monkeypatch.setenv("INT8MM_CPU_LIB", "none")
-    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
+@contextlib.contextmanager
+def _cpu_library_named(monkeypatch, value: str):
+    """INT8MM_CPU_LIB=value for the block, the library's caches cleared on the way in and out; afterwards the
+    real library loads again."""
+    monkeypatch.setenv("INT8MM_CPU_LIB", value)
     cpu_backend.library.cache_clear()
     cpu_backend.library_available.cache_clear()
     try:
+        yield
+    finally:
+        monkeypatch.undo()
+        cpu_backend.library.cache_clear()
+        cpu_backend.library_available.cache_clear()
+    assert cpu_backend.library_available() and cpu_backend.failure_reason is None
+
+
+def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
+    """No compiler (or INT8MM_CPU_LIB=none): AUTO serves CPU tensors with the reference and says so once; an
+    explicit choice of the CPU backend is an error that says why."""
+    monkeypatch.setattr(cpu_backend, "onednn_int8_is_vectorized", lambda: False)
+    with _cpu_library_named(monkeypatch, "none"):
         assert cpu_backend.library_available() is False
         assert "INT8MM_CPU_LIB=none" in caplog.text
         # where torch's int8 GEMM is a scalar loop the warning says what the fallback costs
@@ -370,29 +384,16 @@ def test_a_failed_library_is_reported_and_auto_falls_back(monkeypatch, caplog):
         with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available on cpu \(turned off by INT8MM_CPU_LIB="
                                                r"none\)"):
             int8mm.backends.resolve_backend(Backend.CPU, torch.device("cpu"))
-    finally:
-        monkeypatch.undo()
-        cpu_backend.library.cache_clear()
-        cpu_backend.library_available.cache_clear()
-    assert cpu_backend.library_available()
 
 
 def test_an_explicit_cpu_backend_names_why_the_library_did_not_load(monkeypatch, tmp_path):
     """Before: a mistyped INT8MM_CPU_LIB made backend="cpu" say only that it needs a C compiler with OpenMP."""
     missing = tmp_path / "nowhere.so"
-    monkeypatch.setenv("INT8MM_CPU_LIB", str(missing))
-    cpu_backend.library.cache_clear()
-    cpu_backend.library_available.cache_clear()
-    try:
+    with _cpu_library_named(monkeypatch, str(missing)):
         assert cpu_backend.library_available() is False
         with pytest.raises(RuntimeError, match=rf"backend 'cpu' is not available on cpu \(the CPU library: "
                                                rf"INT8MM_CPU_LIB={missing} does not exist\)"):
             int8mm.backends.resolve_backend(Backend.CPU, torch.device("cpu"))
-    finally:
-        monkeypatch.undo()
-        cpu_backend.library.cache_clear()
-        cpu_backend.library_available.cache_clear()
-    assert cpu_backend.library_available() and cpu_backend.failure_reason is None
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
