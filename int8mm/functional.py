@@ -150,7 +150,7 @@ def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor 
     _check_k(k, "q_w")
     _check_same_device(q_w, "q_w", s_w, "s_w")
     if bias is not None:
-        check_float(bias, "bias", (torch.float16, torch.bfloat16, torch.float32))
+        check_float(bias, "bias", ACTIVATION_DTYPES)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         _check_same_device(q_w, "q_w", bias, "bias")

@@ -234,7 +234,8 @@ def attach_int8_hooks(
             try:
                 add_hook_to_module(module, hook, append=True)
             except BaseException:
-                # accelerate removed the layer's own hook before ours quantized: if ours never got to, put it back
+                # accelerate removed the layer's own hook before ours ran (an interruption while it re-initialized
+                # that hook): put it back. A failure inside Int8Hook.init_hook puts it back there already.
                 if earlier is not None and "SCB" not in module._buffers and getattr(module, "_hf_hook", None) is None:
                     _reattach(module, earlier)
                 raise

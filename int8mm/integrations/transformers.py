@@ -283,7 +283,7 @@ def _quantize_op_class():
             value = value[0] if isinstance(value, list) else value
             prefix = key.rpartition(".")[0]
             source = value.t() if self.hf_quantizer.transposed.get(prefix, False) else value  # Conv1D: [in, out]
-            dtype = value.dtype if value.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+            dtype = value.dtype if value.dtype in WEIGHT_DTYPES else torch.float32
             q_w, s_w = quantize_in_blocks(source, value.device, dtype, key)
             release_file_pages(value)  # a view of transformers' file mapping: give its pages back
             return {key: q_w, f"{prefix}.{SCALE}": s_w, f"{prefix}.{FORMAT}": format_marker(q_w.device)}

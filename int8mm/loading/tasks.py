@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._constants import WEIGHT_DTYPES
 from ..functional import quantize_weight
 from ..nn import Int8Linear
 from ..weight_format import check_format_value, check_int8_values
@@ -157,7 +158,7 @@ def _quantize_streamed(mapped: MappedFile, entry: HeaderEntry, device, transpose
     int8 ``[N, K]`` and fp32 ``[N]``."""
     source = mapped.view(entry)
     compute_dtype = dtype or entry.dtype
-    compute_dtype = compute_dtype if compute_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    compute_dtype = compute_dtype if compute_dtype in WEIGHT_DTYPES else torch.float32
     if transposed:
         # Conv1D stores [K, N]: a row of the int8 weight is a column here, so take the whole layer once
         source = source.to(device=device, dtype=compute_dtype).t().contiguous()
