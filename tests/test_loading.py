@@ -295,6 +295,63 @@ def test_a_list_of_files_with_a_transformers_class(llama_dir):
                        int8mm.quantize_weight(float_model.model.layers[1].mlp.up_proj.weight.detach())[1])
 
 
+# as chat checkpoints ship it (Llama-3-Instruct: several EOS ids, sampling defaults)
+CHAT_GENERATION = dict(eos_token_id=[2, 7], do_sample=True, temperature=0.6, top_p=0.9, max_new_tokens=7,
+                       repetition_penalty=1.3, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("chat")
+    _llama().save_pretrained(path)
+    GenerationConfig(**CHAT_GENERATION).save_pretrained(path)
+    return path
+
+
+def _generation(model) -> dict:
+    settings = model.generation_config.to_dict()
+    settings.pop("transformers_version", None)
+    return settings
+
+
+def test_generation_config_comes_with_the_checkpoint(chat_dir, tmp_path):
+    """generation_config.json (EOS ids, sampling defaults) is the model's, as from_pretrained makes it, and
+    save_pretrained writes it back."""
+    expected = _generation(AutoModelForCausalLM.from_pretrained(chat_dir, quantization_config=int8mm.Int8MMConfig()))
+    assert {key: expected[key] for key in CHAT_GENERATION} == CHAT_GENERATION
+    model = load_in_8bit(chat_dir, progress=False)
+    assert _generation(model) == expected
+    for source in ((LlamaForCausalLM, chat_dir), (LlamaForCausalLM, chat_dir / "model.safetensors"),
+                   (LlamaForCausalLM, [chat_dir / "model.safetensors"])):
+        assert _generation(load_in_8bit(source, progress=False)) == expected, source
+    model.save_pretrained(tmp_path)
+    assert _generation(load_in_8bit(tmp_path, progress=False)) == expected
+    assert _generation(AutoModelForCausalLM.from_pretrained(tmp_path)) == expected
+
+
+@pytest.mark.parametrize("text", [None, "{not json"], ids=["missing", "not-json"])
+def test_without_a_readable_generation_config_the_model_config_s_is_kept(llama_dir, tmp_path, text):
+    """As transformers: no generation_config.json, or one that is not JSON, leaves the one config.json gives."""
+    path, _ = llama_dir
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(path / name)
+    if text is not None:
+        (tmp_path / "generation_config.json").write_text(text)
+    expected = _generation(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=int8mm.Int8MMConfig()))
+    assert _generation(load_in_8bit(tmp_path, progress=False)) == expected
+
+
+def test_a_generation_config_that_is_no_mapping_is_named(llama_dir, tmp_path):
+    path, _ = llama_dir
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(path / name)
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(int8mm.CheckpointError, match="generation_config.json: transformers cannot read it"):
+        load_in_8bit(tmp_path, progress=False)
+
+
 def test_base_model_checkpoint_loads_into_the_head_model(tmp_path):
     """A GPT-2 checkpoint saved from the base model has no "transformer." prefix; transformers adds it."""
     config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,

@@ -26,7 +26,7 @@ from .device_map import (AUTO_DEVICE_MAPS, DISK, accelerate_map, names_on, norma
 from .errors import CheckpointError
 from .key_renames import renamed_as_transformers_loads
 from .linear_swap import replace_linears_on_meta
-from .model_source import resolve_source, saved_quantization
+from .model_source import load_generation_config, resolve_source, saved_quantization
 from .offload_folders import check_offload_folder_free, claim_offload_folder, offload_identity
 from .plan import plan_load
 from .safetensors_files import HeaderEntry, MappedFile, read_headers
@@ -88,13 +88,16 @@ def load_in_8bit(
         progress: show a tqdm progress bar over shards and layers.
     Returns:
         The model, in eval mode. A transformers model also gets ``config.quantization_config``, so
-        ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads back in 8 bits.
+        ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads back in 8 bits, and, when it
+        can generate and was built from config.json, the checkpoint's ``generation_config.json`` as its
+        ``generation_config`` (as ``from_pretrained`` does; without that file, the one config.json gives).
     Raises:
         TypeError: a wrongly typed argument (threshold, skip_modules, device_map, ...).
         ValueError: a device that this machine lacks, a device map that misses a module, ``"disk"`` without
             ``offload_folder``, ``max_memory`` with a map that is not planned.
         CheckpointError: the checkpoint does not match the model (missing, unexpected, mismatched or wrongly
-            typed tensors, truncated or unreadable files); the message names the key and the file.
+            typed tensors, truncated or unreadable files, a generation_config.json that is JSON but no
+            generation config); the message names the key and the file.
         FileNotFoundError: no checkpoint where one was named.
     """
     if isinstance(device_map, Int8MMConfig):  # quantize_model and attach_int8_hooks take the config second
@@ -133,6 +136,8 @@ def load_in_8bit(
         model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model factory must return an nn.Module, got {type(model).__name__}")
+    if config_dir is not None:  # a transformers model built from config.json: its generation_config.json too
+        load_generation_config(model, config_dir)
     if callable(getattr(model, "tie_weights", None)):
         # transformers ties embeddings when it loads weights; tie now, so that a tied Linear is seen as such
         model.tie_weights()

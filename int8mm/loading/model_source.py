@@ -31,6 +31,31 @@ def resolve_source(source, dtype) -> tuple[Callable[[], nn.Module], list[Path], 
     return factory, files, None
 
 
+def load_generation_config(model: nn.Module, directory: Path) -> None:
+    """Give a transformers model that can generate its checkpoint's generation settings, as ``from_pretrained``
+    does (transformers' own ``adjust_generation_fn``, so a model class that overrides it is served too):
+    ``generation_config.json`` of ``directory`` (EOS ids, sampling defaults, ``max_new_tokens``), else, when that
+    file is missing or not JSON, the settings config.json holds (transformers logs it at info level).
+
+    Raises:
+        CheckpointError: a ``generation_config.json`` that is JSON but no generation config (an array, a value of
+            the wrong type), naming the file; ``from_pretrained`` raises transformers' own TypeError there.
+    """
+    can_generate = getattr(model, "can_generate", None)
+    adjust = getattr(model, "adjust_generation_fn", None)
+    if not (callable(can_generate) and callable(adjust) and can_generate()):
+        return
+    try:
+        adjust(generation_config=None, from_auto_class=False, from_pipeline=None,
+               pretrained_model_name_or_path=str(directory), cache_dir=None, force_download=False, proxies=None,
+               local_files_only=True, token=None, revision=None, subfolder="", trust_remote_code=False)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        if not (directory / "generation_config.json").is_file():
+            raise
+        raise CheckpointError(f"{directory / 'generation_config.json'}: transformers cannot read it as a generation "
+                              f"config: {type(exc).__name__}: {exc}"[:500]) from exc
+
+
 def saved_quantization(config_dir: Path | None) -> dict:
     """The 8-bit settings a checkpoint was saved with: ``{"threshold": ..., "skip_modules": [...]}`` (either may
     be absent) from config.json's int8mm or bitsandbytes 8-bit ``quantization_config``; ``{}`` if none.
