@@ -174,6 +174,72 @@ def test_perplexity_arguments():
         perplexity(model, tok, "a")
 
 
+def test_perplexity_takes_token_ids_as_a_list_a_tensor_or_an_array():
+    import numpy
+
+    tok, ids = _CharTokenizer(), _CharTokenizer()("abcdefghijk")["input_ids"]
+    expected = perplexity(_Uniform(), tok, ids, max_tokens=10, window=4)
+    for given in (tuple(ids), torch.tensor(ids), torch.tensor(ids, dtype=torch.int32), numpy.array(ids),
+                  [numpy.int64(i) for i in ids]):
+        model = _Uniform()
+        assert perplexity(model, tok, given, max_tokens=10, window=4) == expected, given
+        assert model.calls == [(1, 4), (1, 4), (1, 2)]
+
+
+def test_perplexity_refuses_what_is_not_one_row_of_token_ids():
+    """tokenizer(..., return_tensors="pt").input_ids is [1, T]: refused with the row to pass, never scored as a
+    single token; float ids are never truncated into other ids."""
+    from transformers import BatchEncoding
+
+    tok, ids = _CharTokenizer(), torch.tensor(_CharTokenizer()("abcdefghijk")["input_ids"])
+    cases = [
+        (ids[None], ValueError, r"text must be a str or a 1-D sequence of int token ids, got a tensor of shape "
+                                r"\[1, 11\] \(torch.int64\): .*pass one row: input_ids\[0\]"),
+        (ids.repeat(2, 1), ValueError, r"got a tensor of shape \[2, 11\].*input_ids\[0\]"),
+        (BatchEncoding({"input_ids": ids[None]}), TypeError, r"got a BatchEncoding .*pass its \['input_ids'\]"),
+        (ids[None].tolist(), TypeError, r"text holds list \[1, 2, 3.* at position 0 .*input_ids\[0\]"),
+        ([1.5, 2.5, 3.5], TypeError, r"text holds float 1\.5 at position 0"),
+        (ids.float(), TypeError, r"got a tensor of dtype torch.float32 \(token ids are integers; a cast"),
+        ([1, True, 2], TypeError, r"text holds bool True at position 1"),
+        (b"abc", TypeError, r"got bytes: decode it to a str"),
+        ({1, 2, 3}, TypeError, r"got set"),
+        (None, TypeError, r"got NoneType"),
+    ]
+    for given, error, message in cases:
+        model = _Uniform()
+        with pytest.raises(error, match=message):
+            perplexity(model, tok, given)
+        with pytest.raises(error, match=message):
+            score_side_by_side(model, {"other": _Uniform()}, tok, given)
+        assert model.calls == []
+
+
+class _Vocabulary(_Uniform):
+    """A stand-in that says how many token ids it embeds, as a transformers model's config does."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": size})()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    tok = _CharTokenizer()
+    with pytest.raises(ValueError, match=r"text holds token id 16 at position 2; token ids lie in the model's "
+                                         r"vocabulary, \[0, 16\)"):
+        perplexity(_Vocabulary(16), tok, [1, 2, 16, 3])
+    with pytest.raises(ValueError, match=r"text holds token id -1 at position 1; token ids are >= 0"):
+        perplexity(_Uniform(), tok, torch.tensor([1, -1, 3]))  # no vocabulary known: the sign is still checked
+    with pytest.raises(ValueError, match=r"token id 8 at position 7 \(the tokenizer's ids do not fit this model\)"):
+        perplexity(_Vocabulary(8), tok, "abcdefghijk")
+    with pytest.raises(ValueError, match=r"token id 8 at position 7;.*\[0, 8\)"):  # the smallest vocabulary
+        score_side_by_side(_Vocabulary(16), {"small": _Vocabulary(8)}, tok, list(range(1, 12)))
+    embedded = _Uniform()
+    embedded.get_input_embeddings = lambda: torch.nn.Embedding(12, 2)
+    with pytest.raises(ValueError, match=r"\[0, 12\)"):
+        perplexity(embedded, tok, [1, 12])
+    assert math.isclose(perplexity(_Vocabulary(16), tok, [0, 15, 1]), 16.0, rel_tol=1e-6)
+
+
 class _Boosted(_Uniform):
     """Logits 0 except log(2) on token 0: probability 2/17 for token 0, 1/17 for the others."""
 

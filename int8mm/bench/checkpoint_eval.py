@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._constants import DEFAULT_THRESHOLD
-from ..evaluate import perplexity, token_ids
+from ..evaluate import perplexity, token_ids_of
 from ..model import DEFAULT_SKIP_MODULES, quantize_model
 from ..nn import Int8Linear
 from .memory import module_bytes
@@ -83,14 +83,14 @@ def compare_full_and_8bit(model, tokenizer, text: str | list[int], *, max_tokens
                           prompt: str | None = None, new_tokens: int = 0, progress: bool = True
                           ) -> list[VariantReport]:
     """Measure ``model`` as loaded, quantize it in place, measure again; returns both reports. ``text`` is a string
-    or its token ids (``evaluate.token_ids``).
+    or its token ids (``evaluate.token_ids``), in the forms ``evaluate.perplexity`` takes.
 
     Raises:
         ValueError: ``model`` is quantized already (its "full precision" figures would be 8-bit ones).
     """
     if getattr(model, "hf_quantizer", None) is not None or any(isinstance(m, Int8Linear) for m in model.modules()):
         raise ValueError("the model is quantized already: comparing it with its 8-bit self measures nothing")
-    ids = token_ids(tokenizer, text, max_tokens) if isinstance(text, str) else list(text)[:max_tokens]
+    ids = token_ids_of(tokenizer, text, max_tokens).tolist()  # checked as perplexity checks it, before any work
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     steps = tqdm(total=3, desc="compare", unit="step", disable=not progress)
     steps.set_postfix_str(f"full precision: perplexity of {len(ids)} tokens")
