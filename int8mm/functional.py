@@ -129,31 +129,35 @@ def check_activations(x) -> None:
     check_float(x, "x", ACTIVATION_DTYPES)
 
 
-def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None, threshold) -> float:
+def check_linear_layer(q_w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None, threshold,
+                       names: tuple[str, str] = ("q_w", "s_w")) -> float:
     """The checks of ``int8_linear`` that depend only on the layer; returns the threshold as a float.
 
     A module runs them once per weight, scale, bias and threshold (``Int8Linear``), not on every call.
+    ``names``: how errors name ``q_w`` and ``s_w`` (a module names its own ``weight`` and ``SCB``).
 
     Raises:
         TypeError, ValueError: as ``int8_linear`` does for these arguments.
     """
-    _check_tensor(q_w, "q_w")
+    w_name, s_name = names
+    _check_tensor(q_w, w_name)
     if q_w.dtype != torch.int8:
-        raise TypeError(f"q_w must be int8 (from quantize_weight), got {q_w.dtype}")
-    _check_rank(q_w, "q_w", 2)
-    _check_tensor(s_w, "s_w")
+        raise TypeError(f"{w_name} must be int8 (from quantize_weight), got {q_w.dtype}")
+    _check_rank(q_w, w_name, 2)
+    _check_tensor(s_w, s_name)
     if s_w.dtype != torch.float32:
-        raise TypeError(f"s_w must be float32, got {s_w.dtype}")
+        raise TypeError(f"{s_name} must be float32, got {s_w.dtype}")
     n, k = q_w.shape
     if s_w.shape != (n,):
-        raise ValueError(f"s_w must have shape ({n},) to match q_w {tuple(q_w.shape)}, got {tuple(s_w.shape)}")
-    _check_k(k, "q_w")
-    _check_same_device(q_w, "q_w", s_w, "s_w")
+        raise ValueError(f"{s_name} must have shape ({n},) to match {w_name} {tuple(q_w.shape)}, got "
+                         f"{tuple(s_w.shape)}")
+    _check_k(k, w_name)
+    _check_same_device(q_w, w_name, s_w, s_name)
     if bias is not None:
         check_float(bias, "bias", ACTIVATION_DTYPES)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        _check_same_device(q_w, "q_w", bias, "bias")
+        _check_same_device(q_w, w_name, bias, "bias")
     return check_threshold(threshold)
 
 

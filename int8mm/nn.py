@@ -10,13 +10,16 @@ from ._constants import ACTIVATION_DTYPES, DEFAULT_THRESHOLD, WEIGHT_DTYPES
 from .backends import Backend, parse_backend, reference
 from . import weight_format
 
+_LAYER_NAMES = (weight_format.WEIGHT, weight_format.SCALE)  # how the layer's checks name its tensors
+
 
 class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with W stored as int8 ``weight`` [N, K] and fp32 ``SCB`` [N] (LLM.int8()).
 
     The state dict uses bitsandbytes' 8-bit layout (``weight`` int8, ``SCB``, ``bias``, ``weight_format``),
     so checkpoints move between this module and ``bitsandbytes.nn.Linear8bitLt``. Moving with ``.to()`` or
-    ``.cuda()`` never re-quantizes, and dtype casts (``.half()``) leave the int8 weight and fp32 scale alone.
+    ``.cuda()`` never re-quantizes, and dtype casts (``.half()``, ``.type(dtype)``) leave the int8 weight and fp32
+    scale alone.
     """
 
     def __init__(
@@ -101,7 +104,7 @@ class Int8Linear(nn.Module):
             checked = (weakref.ref(weight), weakref.ref(scale), weakref.ref(bias) if bias is not None else None,
                        threshold, (weight.dtype, weight.shape, scale.dtype, scale.shape),
                        bias.dtype if bias is not None else None, bias.shape if bias is not None else None,
-                       F8.check_linear_layer(weight, scale, bias, threshold))
+                       F8.check_linear_layer(weight, scale, bias, threshold, _LAYER_NAMES))
             self._checked_layer = checked
         try:
             return F8.int8_linear_of_checked_layer(x, weight, scale, bias, checked[7], self.backend, False)
@@ -109,6 +112,8 @@ class Int8Linear(nn.Module):
             if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != weight.shape[1]:
                 raise ValueError(f"x's last dimension must be in_features={weight.shape[1]}, got x of shape "
                                  f"{tuple(x.shape)}") from error
+            if isinstance(x, torch.Tensor) and x.device != weight.device:
+                raise ValueError(f"x and weight must be on one device, got {x.device} and {weight.device}") from error
             raise
 
     def __getstate__(self):
@@ -140,13 +145,15 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, threshold={self.threshold}, backend={backend}")
 
     def _apply(self, fn, recurse=True):
-        # nn.Module casts every floating buffer on .half()/.to(dtype); the scale must stay fp32 (docs/SPEC.md)
-        bias_dtype = self.bias.dtype if self.bias is not None else None
-        weight_format.keep_scale_fp32(self, super()._apply, fn, recurse)
-        bias = self._parameters.get("bias")
-        # the bias follows casts to the output dtypes, but not .double(): the layer would refuse every call
-        if bias is not None and bias.dtype.is_floating_point and bias.dtype not in ACTIVATION_DTYPES:
-            self.bias = nn.Parameter(bias.detach().to(bias_dtype), requires_grad=bias.requires_grad)
+        # nn.Module casts every floating buffer on .half()/.to(dtype), and every tensor on .type(dtype); the weight
+        # must stay int8 and the scale fp32 (docs/SPEC.md)
+        bias = self.bias.detach() if self.bias is not None else None  # detached: _apply may cast it in place
+        weight_format.keep_int8_format(self, super()._apply, fn, recurse)
+        moved = self._parameters.get("bias")
+        # the bias follows casts to the output dtypes, but not .double(), .type(torch.int32) or a complex dtype:
+        # the layer would refuse every call. It stays as it was, on the new device.
+        if moved is not None and bias is not None and moved.dtype not in ACTIVATION_DTYPES:
+            self.bias = nn.Parameter(bias.to(moved.device), requires_grad=moved.requires_grad)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -29,7 +29,7 @@ STATE_DICT_SOURCE = "state_dict"  # how messages name a state dict that came fro
 __all__ = [
     "BIAS", "FORMAT", "SCALE", "SCALE_DTYPE", "STATE_DICT_KEYS", "STATE_DICT_SOURCE", "WEIGHT", "WEIGHT_FORMAT_DTYPE",
     "WEIGHT_FORMAT_ROW", "add_format_marker", "check_format_value", "check_int8_layout", "check_int8_values",
-    "format_marker", "int8_state_for_loading", "keep_scale_fp32", "replace_int8_tensors",
+    "format_marker", "int8_state_for_loading", "keep_int8_format", "replace_int8_tensors",
 ]
 
 
@@ -169,19 +169,26 @@ def replace_int8_tensors(module: nn.Module, weight: torch.Tensor, scale: torch.T
         setattr(module, name, nn.Parameter(value, requires_grad=False) if frozen_param else value)
 
 
-def keep_scale_fp32(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
-    """Run ``apply(fn, recurse)`` (``nn.Module._apply``: what ``.to()``, ``.half()``, ``.cuda()`` call) so that
-    the move never changes the format: the int8 weight is not floating, so no cast touches it; the fp32 scale
-    is put back in fp32 (on the new device) when ``fn`` cast it (docs/SPEC.md: the scale is fp32). The scale may
-    be a buffer (``Int8Linear``) or a frozen parameter (the layers transformers loads); it stays what it was."""
-    slots = module._parameters if SCALE in module._parameters else module._buffers
-    # detached: nn.Module._apply may cast a parameter in place (param.data = ...); this keeps the fp32 storage
-    scale = slots[SCALE].detach() if slots[SCALE] is not None else None
+def keep_int8_format(module: nn.Module, apply, fn, recurse: bool = True) -> nn.Module:
+    """Run ``apply(fn, recurse)`` (``nn.Module._apply``: what ``.to()``, ``.half()``, ``.cuda()``, ``.type()`` call)
+    so that the move never changes the format: the int8 weight stays int8 and the fp32 scale fp32 (docs/SPEC.md),
+    each put back (on the new device) when ``fn`` cast it. ``.to(dtype)`` and ``.half()`` cast floating tensors
+    only, which the scale is; ``.type(dtype)`` casts every tensor, the int8 weight too. Each may be a buffer
+    (``Int8Linear``) or a frozen parameter (the layers transformers loads); it stays what it was."""
+    kept = []
+    for name, dtype in ((WEIGHT, torch.int8), (SCALE, SCALE_DTYPE)):
+        slots = module._parameters if name in module._parameters else module._buffers
+        tensor = slots.get(name)
+        if tensor is not None and tensor.dtype == dtype:
+            # detached: nn.Module._apply may cast a parameter in place (param.data = ...); this keeps the storage
+            kept.append((name, slots, tensor.detach()))
     apply(fn, recurse)
-    moved = slots[SCALE]
-    if moved is not None and moved.dtype != SCALE_DTYPE:
-        restored = scale.to(moved.device)
-        slots[SCALE] = nn.Parameter(restored, requires_grad=False) if slots is module._parameters else restored
+    for name, slots, before in kept:
+        moved = slots[name]
+        if moved is not None and moved.dtype != before.dtype:
+            restored = before.to(moved.device)
+            # the parameter's own class (HfInt8Linear's frozen one), as nn.Module._apply keeps it
+            slots[name] = type(moved)(restored, requires_grad=False) if slots is module._parameters else restored
     return module
 
 

@@ -75,7 +75,7 @@ def test_layer_checks_follow_new_tensors():
     x = planted_outliers(3, 64, seed=4)
     layer(x)
     layer.SCB = torch.ones(7)
-    with pytest.raises(ValueError, match=r"s_w must have shape \(33,\)"):
+    with pytest.raises(ValueError, match=r"^SCB must have shape \(33,\) to match weight \(33, 64\), got \(7,\)$"):
         layer(x)
     layer.SCB = torch.ones(33)
     other = _layer(seed=5)
@@ -94,10 +94,14 @@ def test_layer_checks_follow_a_data_swap():
     x = planted_outliers(3, 64, seed=8)
     layer(x)
     layer.SCB.data = torch.ones(7)
-    with pytest.raises(ValueError, match=r"s_w must have shape \(33,\)"):
+    with pytest.raises(ValueError, match=r"^SCB must have shape \(33,\) to match weight \(33, 64\), got \(7,\)$"):
         layer(x)
     layer.SCB.data = torch.ones(33, dtype=torch.float16)
-    with pytest.raises(TypeError, match=r"s_w must be float32"):
+    with pytest.raises(TypeError, match=r"^SCB must be float32, got torch.float16$"):
+        layer(x)
+    layer.SCB.data = torch.ones(33)
+    layer.weight.data = layer.weight.half()  # a layer's error names its own tensors, not int8_linear's arguments
+    with pytest.raises(TypeError, match=r"^weight must be int8 \(from quantize_weight\), got torch.float16$"):
         layer(x)
     for backend in ("reference", "cpu"):  # the CPU library read a bias shrunk so past its end
         layer = _layer(backend=backend)

@@ -88,6 +88,19 @@ def test_half_precision_layer_keeps_its_dtype_and_fp32_scale():
     assert linear.weight.dtype == torch.float16 and "_apply" not in linear.__dict__
 
 
+def test_type_cast_keeps_the_int8_weight():
+    """Before: nn.Module.type(dtype) casts every tensor: the int8 weight of a hooked layer became float16."""
+    linear = _linear()
+    add_hook_to_module(linear, Int8Hook())
+    weight, scale = linear.weight.clone(), linear.SCB.clone()
+    linear.type(torch.float16)
+    assert linear.weight.dtype == torch.int8 and torch.equal(linear.weight, weight)
+    assert linear.SCB.dtype == torch.float32 and torch.equal(linear.SCB, scale) and linear.bias.dtype == torch.float16
+    assert linear(planted_outliers(3, 64, torch.float16)).dtype == torch.float16
+    remove_hook_from_module(linear)
+    assert linear.weight.dtype == torch.float16
+
+
 def test_removed_hook_gives_back_the_dtype_of_the_latest_cast():
     """A layer hooked in fp32, then cast with the model (model.half()), comes back as an fp16 layer."""
     linear = _linear()

@@ -244,6 +244,11 @@ def test_int8_weight_and_scale_are_frozen_parameters_and_casts_keep_the_scale(fl
     layer.half()  # transformers refuses .half() on a whole quantized model
     assert layer.SCB.dtype == torch.float32 and torch.equal(layer.SCB, scale) and not layer.SCB.requires_grad
     assert layer.weight.dtype == torch.int8
+    weight = layer.weight.detach().clone()
+    layer.type(torch.float16)  # casts every tensor: before, the int8 weight became a float16 parameter
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, weight) and not layer.weight.requires_grad
+    assert isinstance(layer.weight, nn.Parameter) and layer.SCB.dtype == torch.float32
+    assert layer.bias is None or layer.bias.dtype == torch.float16
 
 
 def test_device_map_none_is_the_default_device_as_for_load_in_8bit(monkeypatch):

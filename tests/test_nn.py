@@ -110,8 +110,17 @@ def test_a_wrong_input_width_names_in_features():
         layer(torch.randn(1, 64))
 
 
-@pytest.mark.parametrize("move", ["half", "bfloat16", "float", "double", "to_fp16", "to_cpu_bf16", "to_meta"])
+def test_an_input_on_another_device_names_the_weight():
+    layer = Int8Linear.from_linear(_linear(k=64, n=8))
+    with pytest.raises(ValueError, match=r"^x and weight must be on one device, got meta and cpu$"):
+        layer(torch.randn(2, 64, device="meta"))
+
+
+@pytest.mark.parametrize("move", ["half", "bfloat16", "float", "double", "to_fp16", "to_cpu_bf16", "to_meta",
+                                  "type_fp16", "type_double", "type_int32", "to_complex"])
 def test_moves_and_casts_never_requantize(move):
+    """Before: nn.Module.type(dtype) casts every tensor, and the int8 weight became float16 (every forward failed,
+    and the layer's own state dict no longer loaded); a complex cast left a complex bias."""
     layer = Int8Linear.from_linear(_linear())
     weight, scale, bias = layer.weight.clone(), layer.SCB.clone(), layer.bias.detach().clone()
     moved = {
@@ -122,6 +131,10 @@ def test_moves_and_casts_never_requantize(move):
         "to_fp16": lambda m: m.to(torch.float16),
         "to_cpu_bf16": lambda m: m.to("cpu", torch.bfloat16),
         "to_meta": lambda m: m.to("meta"),
+        "type_fp16": lambda m: m.type(torch.float16),
+        "type_double": lambda m: m.type(torch.float64),
+        "type_int32": lambda m: m.type(torch.int32),
+        "to_complex": lambda m: m.to(torch.complex64),
     }[move](layer)
     assert moved.weight.dtype == torch.int8 and moved.SCB.dtype == torch.float32
     if move == "to_meta":
@@ -129,9 +142,10 @@ def test_moves_and_casts_never_requantize(move):
         return
     assert torch.equal(moved.weight, weight) and torch.equal(moved.SCB, scale)
     assert torch.equal(moved.bias.float(), bias.to(moved.bias.dtype).float())  # only the bias follows the cast
-    if move == "double":  # int8 layers take fp16/bf16/fp32 activations; a float64 model gets a clear error
-        with pytest.raises(TypeError, match=r"x must be one of float16, bfloat16, float32, got torch.float64"):
-            moved(planted_outliers(3, 64, torch.float64))
+    if move in ("double", "type_double", "type_int32", "to_complex"):
+        if move != "type_int32":  # int8 layers take fp16/bf16/fp32 activations; a float64 model gets a clear error
+            with pytest.raises(TypeError, match=r"x must be one of float16, bfloat16, float32, got torch.float64"):
+                moved(planted_outliers(3, 64, torch.float64))
         # ... and the bias stays in a dtype the kernels take, so fp32 inputs still run
         assert moved.bias.dtype == torch.float32 and not moved.bias.requires_grad
         assert moved(planted_outliers(3, 64)).dtype == torch.float32

@@ -107,8 +107,9 @@ class Int8Hook(ModelHook):
         module.register_buffer("SCB", s_w)
         self._handles = [module.register_state_dict_post_hook(_add_weight_format),
                          module.register_load_state_dict_pre_hook(_check_int8_state)]
-        # nn.Module._apply would cast the fp32 scale on .half(); this instance keeps it fp32 (docs/SPEC.md)
-        module._apply = functools.partial(_apply_keeping_scale, module, self)
+        # nn.Module._apply would cast the fp32 scale on .half(), and the int8 weight on .type(dtype); this instance
+        # keeps them int8 and fp32 (docs/SPEC.md)
+        module._apply = functools.partial(_apply_keeping_format, module, self)
         # add_hook_to_module calls module._old_forward between pre_forward and post_forward: make it int8
         self._float_forward = module._old_forward
         module._old_forward = functools.partial(_int8_forward, module, self)
@@ -356,15 +357,17 @@ def _int8_forward(module, hook: Int8Hook, x: torch.Tensor) -> torch.Tensor:
     return F8.int8_linear(x, module.weight, module.SCB, module.bias, hook.threshold, hook.backend)
 
 
-def _apply_keeping_scale(module: nn.Module, hook: "Int8Hook", fn, recurse=True):
+def _apply_keeping_format(module: nn.Module, hook: "Int8Hook", fn, recurse=True):
     device_before = module._buffers["SCB"].device
-    weight_format.keep_scale_fp32(module, functools.partial(nn.Module._apply, module), fn, recurse)
+    weight_format.keep_int8_format(module, functools.partial(nn.Module._apply, module), fn, recurse)
     # the float weight that detach_hook gives back follows the casts the module went through (model.half())
     probe = torch.empty(0, dtype=hook._float_dtype, device=device_before)
     try:
-        hook._float_dtype = fn(probe).dtype
+        dtype = fn(probe).dtype
     except (RuntimeError, NotImplementedError):  # a meta scale (offloaded) cannot be moved: keep the dtype
-        pass
+        dtype = None
+    if dtype is not None and dtype.is_floating_point:  # .type(torch.int32) gives no float layer to restore
+        hook._float_dtype = dtype
     return module
 
 
