@@ -131,8 +131,11 @@ def int8_state_for_loading(state_dict: dict, prefix: str, out_features: int, in_
     if weight is not None:
         check_int8_layout(name, out_features, in_features, weight=weight, scale=scale, fmt=fmt_tensor,
                           source=source)
+        # cast, then checked, as load_in_8bit and from_pretrained check it: a float64 scale past fp32's range
+        # (1e39) is infinite in the layer and refused
+        scale = scale.to(SCALE_DTYPE)
         check_int8_values(name, source, weight=weight, scale=scale)
-        state_dict[prefix + SCALE] = scale.to(SCALE_DTYPE)
+        state_dict[prefix + SCALE] = scale
     if fmt is not None:
         check_format_value(_stored_format(fmt, prefix + FORMAT, source), prefix + FORMAT, source)
     return state_dict

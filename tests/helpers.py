@@ -298,6 +298,8 @@ def bad_int8_states(state: dict) -> list[tuple[str, dict, str]]:
         ("-128", _with(state, weight=weight_128), r"'weight' holds -128"),
         ("negative scale", _with(state, SCB=negative_scale), r"'SCB' holds -1.0"),
         ("nan scale", _with(state, SCB=nan_scale), r"'SCB' holds nan"),
+        # the scale is checked as the fp32 the layer holds: 1e39 is infinite there
+        ("float64 scale past fp32", _with(state, SCB=torch.full((n,), 1e39, dtype=torch.float64)), r"'SCB' holds inf"),
     ]
 
 
