@@ -163,6 +163,8 @@ class Int8Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # the one check of the 8-bit format: a bad tensor raises CheckpointError naming its key
-        state_dict = weight_format.int8_state_for_loading(state_dict, prefix, self.out_features, self.in_features)
+        state_dict = weight_format.int8_state_for_loading(
+            state_dict, prefix, self.out_features, self.in_features,
+            assign=local_metadata.get("assign_to_params_buffers", False))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -16,8 +16,9 @@ import math
 import torch
 from torch import nn
 
-from ._constants import INT8_MAX
+from ._constants import ACTIVATION_DTYPES, INT8_MAX
 from .errors import CheckpointError
+from .functional import dtype_names
 
 WEIGHT_FORMAT_ROW = 0  # bitsandbytes' marker for a row-major int8 weight
 WEIGHT_FORMAT_DTYPE = torch.uint8
@@ -112,12 +113,14 @@ def check_int8_values(prefix: str, source: str, *, weight: torch.Tensor | None =
 
 
 def int8_state_for_loading(state_dict: dict, prefix: str, out_features: int, in_features: int,
-                           source: str = STATE_DICT_SOURCE) -> dict:
+                           source: str = STATE_DICT_SOURCE, assign: bool = False) -> dict:
     """A copy of ``state_dict`` ready for an int8 layer's ``_load_from_state_dict``: ``weight_format`` checked and
     left out, the int8 weight and its scale checked, a float16/bfloat16 scale widened to fp32.
 
     Keys the dict lacks are left for ``load_state_dict`` to report (``strict``); a weight without its scale is
     an error whatever ``strict`` says, as loading it would pair the weight with a stale scale.
+    ``assign``: ``load_state_dict(..., assign=True)``, which keeps the stored bias's dtype: one the layer cannot
+    run (float64) is refused. Without it the bias is copied into the layer's own, in the layer's dtype.
     Raises:
         CheckpointError: naming the key and ``source``.
     """
@@ -127,6 +130,13 @@ def int8_state_for_loading(state_dict: dict, prefix: str, out_features: int, in_
     name = prefix[:-1] if prefix.endswith(".") else prefix
     if weight is None and scale is not None:
         raise CheckpointError(f"{source}: {prefix + SCALE!r} comes without {prefix + WEIGHT!r}")
+    bias = state_dict.get(prefix + BIAS)
+    # refused rather than cast: assign=True promises the stored tensor itself (nn.Linear keeps a float64 bias
+    # there too, and then fails in its forward), and the layer refuses bias_dtype=float64 when it is built
+    if assign and isinstance(bias, torch.Tensor) and bias.dtype not in ACTIVATION_DTYPES:
+        raise CheckpointError(f"{_source_of(bias, source)}: {prefix + BIAS!r} has dtype {bias.dtype}; an 8-bit "
+                              f"layer's bias is one of {dtype_names(ACTIVATION_DTYPES)} "
+                              f"(load without assign=True to copy it into the layer's bias, cast to its dtype)")
     fmt_tensor = fmt if isinstance(fmt, torch.Tensor) else None
     if weight is not None:
         check_int8_layout(name, out_features, in_features, weight=weight, scale=scale, fmt=fmt_tensor,

@@ -243,6 +243,9 @@ def test_loading_state_dicts_checks_the_format():
     into_int8linear = Int8Linear(64, 33)
     into_int8linear.load_state_dict(state)  # the same layout as Int8Linear and bitsandbytes
     assert torch.equal(into_int8linear.weight, linear.weight)
+    with pytest.raises(CheckpointError, match=r"^state_dict: 'bias' has dtype torch.float64"):  # before: taken
+        other.load_state_dict({**state, "bias": state["bias"].double()}, assign=True)
+    assert all(torch.equal(other.state_dict()[key], value) for key, value in loaded.items())
 
 
 # ---- whole models ----

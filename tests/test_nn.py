@@ -223,6 +223,24 @@ def test_load_rejects_what_the_8bit_format_does_not_allow(case):
         layer.load_state_dict(spoiled)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.complex64])
+def test_assign_refuses_a_bias_the_layer_cannot_run(dtype):
+    """Before: load_state_dict(..., assign=True) took a float64 bias, and every forward failed."""
+    layer = Int8Linear.from_linear(_linear(seed=3))
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    sd = Int8Linear.from_linear(_linear()).state_dict()
+    model = nn.Sequential(layer)  # the key names the layer
+    with pytest.raises(CheckpointError, match=rf"^state_dict: '0\.bias' has dtype {dtype}; an 8-bit layer's bias is "
+                                              rf"one of float16, bfloat16, float32 \(load without assign=True"):
+        model.load_state_dict({f"0.{key}": value for key, value in {**sd, "bias": sd["bias"].to(dtype)}.items()},
+                                assign=True)
+    assert all(torch.equal(layer.state_dict()[key], value) for key, value in before.items())  # left as it was
+    layer.load_state_dict({**sd, "bias": sd["bias"].double()})  # copied into the fp32 bias, as nn.Linear does
+    assert layer.bias.dtype == torch.float32 and torch.equal(layer.bias, sd["bias"])
+    layer.load_state_dict({**sd, "bias": sd["bias"].half()}, assign=True)  # a dtype the layer runs: kept
+    assert layer.bias.dtype == torch.float16
+
+
 @pytest.mark.parametrize("key", ["weight", "SCB"])
 def test_load_names_a_stored_value_that_is_not_a_tensor(key):
     """Before: AttributeError: 'list' object has no attribute 'dtype', from inside the format check."""

@@ -379,7 +379,8 @@ def _check_int8_state(module, state_dict, prefix, local_metadata, strict, missin
                       error_msgs) -> None:
     # the one check of the 8-bit format (raises CheckpointError); load_state_dict hands hooks its own copy of the
     # dict, so updating it here leaves the caller's alone
-    checked = weight_format.int8_state_for_loading(state_dict, prefix, module.out_features, module.in_features)
+    checked = weight_format.int8_state_for_loading(state_dict, prefix, module.out_features, module.in_features,
+                                                   assign=local_metadata.get("assign_to_params_buffers", False))
     state_dict.pop(prefix + weight_format.FORMAT, None)
     state_dict.update(checked)
 
