@@ -167,7 +167,9 @@ def _stored_format(fmt, key: str, source: str) -> int:
         return WEIGHT_FORMAT_ROW
     if isinstance(fmt, torch.Tensor):
         _check_one_integer(fmt, key, source)
-        return int(fmt)
+        # a meta marker (torch.load(..., map_location="meta")) has no value to read: its dtype and shape only, as
+        # check_int8_values skips meta tensors
+        return WEIGHT_FORMAT_ROW if fmt.is_meta else int(fmt)
     if isinstance(fmt, int) and not isinstance(fmt, bool):
         return fmt
     raise CheckpointError(f"{source}: {key!r} must be one integer, got {type(fmt).__name__}: {fmt!r}"[:300])

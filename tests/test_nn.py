@@ -241,6 +241,19 @@ def test_assign_refuses_a_bias_the_layer_cannot_run(dtype):
     assert layer.bias.dtype == torch.float16
 
 
+def test_assign_loads_a_state_dict_on_the_meta_device(tmp_path):
+    """Before: a state dict loaded with map_location="meta" failed in the marker's check with torch's "Tensor.item()
+    cannot be called on meta tensors"; a meta marker has its dtype and shape checked, as meta values are not."""
+    torch.save(Int8Linear.from_linear(_linear()).state_dict(), tmp_path / "layer.pt")
+    sd = torch.load(tmp_path / "layer.pt", map_location="meta", weights_only=True)
+    skeleton = Int8Linear(64, 33, device="meta")
+    skeleton.load_state_dict(sd, assign=True)
+    assert skeleton.weight.is_meta and skeleton.weight.dtype == torch.int8 and skeleton.SCB.dtype == torch.float32
+    with pytest.raises(CheckpointError, match=r"^state_dict: 'weight_format' must be one integer, got torch.float32 "
+                                              r"\[\]"):
+        Int8Linear(64, 33, device="meta").load_state_dict({**sd, "weight_format": sd["SCB"][0]}, assign=True)
+
+
 @pytest.mark.parametrize("key", ["weight", "SCB"])
 def test_load_names_a_stored_value_that_is_not_a_tensor(key):
     """Before: AttributeError: 'list' object has no attribute 'dtype', from inside the format check."""
