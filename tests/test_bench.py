@@ -678,3 +678,44 @@ def test_bitsandbytes_weights_bytes_count_its_scales():
 def test_model_suite_refuses_no_layers():
     with pytest.raises(ValueError, match="layers must be >= 1"):  # 0 was run and labelled "all layers"
         ModelSuiteConfig(preset="tiny", layers=0)
+
+
+def test_an_interrupted_kernel_suite_keeps_the_cells_it_measured(monkeypatch, tmp_path, capsys):
+    """A time limit's SIGINT in the second cell: the first cell's rows are on disk, the header says PARTIAL."""
+    from int8mm.bench import kernel_suite
+    measure_cell, calls = kernel_suite._measure_cell, []
+
+    def interrupted_in_the_second_cell(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure_cell(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_suite, "_measure_cell", interrupted_in_the_second_cell)
+    assert main(["bench", "--quick", "--roles", "o_proj", "--reps", "2", "--out", str(tmp_path)]) == 130
+    data = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert data["meta"]["cells"] == {"measured": 1, "planned": 3}
+    assert {r["m"] for r in data["rows"]} == {1} and len(data["rows"]) == len(CPU_PROVIDERS)
+    assert "- PARTIAL: 1 of the 3 (layer, M) cells measured" in (tmp_path / "cpu_bench.md").read_text()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_complete_kernel_suite_says_nothing_partial(small_result):
+    assert small_result.meta["cells"] == {"measured": 2, "planned": 2} and "PARTIAL" not in markdown(small_result)
+
+
+def test_an_interrupted_model_suite_keeps_the_runs_it_measured(monkeypatch, tmp_path):
+    from int8mm.bench import model_suite
+    measure, calls = model_suite.measure, []
+
+    def interrupted_in_the_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(model_suite, "measure", interrupted_in_the_second_run)
+    assert main(["bench", *TINY_MODEL_SUITE, "--providers", "float", "int8mm", "--out", str(tmp_path)]) == 130
+    data = json.loads((tmp_path / "cpu_model_bench.json").read_text())
+    assert [r["provider"] for r in data["rows"]] == ["float"] and data["meta"]["runs"] == {"measured": 1, "planned": 2}
+    assert "- PARTIAL: 1 of the 2 runs measured" in (tmp_path / "cpu_model_bench.md").read_text()

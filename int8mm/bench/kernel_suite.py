@@ -10,6 +10,7 @@ capturable providers are also timed as a CUDA graph over the same weights ("grap
 disappears as in a graphed decode loop.
 """
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -89,8 +90,13 @@ class SuiteResult:
         return {"meta": self.meta, "rows": self.rows}
 
 
-def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: bool = True) -> SuiteResult:
-    """Measure ``config`` on ``device``; returns long-form rows (one per shape, M, provider and mode)."""
+def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: bool = True,
+                     checkpoint: Callable[[SuiteResult], None] | None = None) -> SuiteResult:
+    """Measure ``config`` on ``device``; returns long-form rows (one per shape, M, provider and mode).
+
+    ``checkpoint``, if given, receives the result so far after every (shape, M) cell (``meta["cells"]``: how many
+    were measured, of how many planned): a caller that saves it keeps them through an interruption or a time limit.
+    """
     backends = benchmark_backends(device, config.backends)
     shapes = select_shapes(config.models, config.roles)
     run = run_metadata(device)
@@ -102,7 +108,16 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
     rows, skipped = [], set()
     failures = Failures(announce=False)  # the report's header names them
     activation_dtype = baseline_float_dtype(device)  # every provider's error is measured on these exact inputs
-    cells = tqdm(total=len(shapes) * len(config.m_values), desc="kernel suite", unit="cell", disable=not progress)
+    total_cells = len(shapes) * len(config.m_values)
+    cells = tqdm(total=total_cells, desc="kernel suite", unit="cell", disable=not progress)
+    done = 0  # cells measured (tqdm counts nothing when disabled)
+
+    def result_so_far() -> SuiteResult:
+        meta["cells"] = {"measured": done, "planned": total_cells}
+        meta["skipped"] = sorted(skipped)
+        meta["failed"] = [f"{name}: {why}" for name, why in failures.errors.items()]
+        return SuiteResult(dict(meta), list(rows))
+
     with torch.inference_mode():
         for index, shape in enumerate(shapes):
             generator = make_generator(device, config.seed + index)
@@ -119,14 +134,15 @@ def run_kernel_suite(config: KernelSuiteConfig, device: torch.device, progress: 
                     provider_set.providers, shape, m, xs, weight, config, device, ceilings, failures)]
                 _add_speedups(cell_rows, provider_set.baseline)
                 rows += cell_rows
+                done += 1
                 cells.update()
+                if checkpoint is not None:
+                    checkpoint(result_so_far())
             del weight, provider_set
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     cells.close()
-    meta["skipped"] = sorted(skipped)
-    meta["failed"] = [f"{name}: {why}" for name, why in failures.errors.items()]
-    return SuiteResult(meta, rows)
+    return result_so_far()
 
 
 def _measure_cell(providers: list[Provider], shape, m: int, xs, weight, config: KernelSuiteConfig, device,

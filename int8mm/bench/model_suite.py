@@ -12,6 +12,7 @@ which makes ``generate`` compile the decode step with CUDA graphs, so the kernel
 the pace; bitsandbytes cannot be captured (its outlier path syncs with the host) and runs eager only.
 """
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -158,8 +159,12 @@ def measure(model, config: ModelSuiteConfig, batch: int, static: bool) -> dict:
     return {"prefill_ms": 1e3 * prefill_s, "decode_tokens_per_s": batch / step_s if step_s > 0 else None}
 
 
-def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bool = True) -> dict:
-    """Rows per (provider, mode, batch) with prefill ms, decode tokens/s, weight bytes and peak GPU memory."""
+def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bool = True,
+                    checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Rows per (provider, mode, batch) with prefill ms, decode tokens/s, weight bytes and peak GPU memory.
+
+    ``checkpoint``, if given, receives the result so far after every run (``meta["runs"]``: how many were
+    measured, of how many planned), for a caller that saves it before a time limit can cut the suite short."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     meta = {**run_metadata(device), "config": asdict(config), "dtype": str(dtype).removeprefix("torch.")}
     meta["outlier_dims_used"] = planted_dims(config)
@@ -197,11 +202,17 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
                     if progress:
                         bar.write(_row_line(rows[-1]))
                     bar.update()
+                    if checkpoint is not None:
+                        checkpoint(_result_so_far(meta, rows, total))
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     bar.close()
-    return {"meta": meta, "rows": rows}
+    return _result_so_far(meta, rows, total)
+
+
+def _result_so_far(meta: dict, rows: list[dict], planned: int) -> dict:
+    return {"meta": {**meta, "runs": {"measured": len(rows), "planned": planned}}, "rows": list(rows)}
 
 
 def _failed(why: str) -> dict:
@@ -260,6 +271,10 @@ def model_markdown(result: dict) -> str:
              f"token); decode = (generate(N) - generate(1)) / (N - 1); median of {c['timed_runs']} after a warm-up",
              f"- versions: torch {meta['torch']}, transformers {meta['transformers']}, bitsandbytes "
              f"{meta['bitsandbytes']}, int8mm {meta['int8mm']}"]
+    runs = meta.get("runs", {})
+    if runs and runs["measured"] < runs["planned"]:
+        lines.append(f"- PARTIAL: {runs['measured']} of the {runs['planned']} runs measured (the suite was cut "
+                     f"short, or is still running)")
     lines += [f"- not measured: {note}" for note in meta.get("skipped", [])] + [""]
     body = []
     for r in rows:

@@ -1,6 +1,7 @@
 """Results on disk and on screen: long-form JSON rows, markdown tables, and the plot beside them."""
 import json
 import math
+import os
 from pathlib import Path
 
 from .plot import plot_speedups
@@ -72,6 +73,10 @@ def header_lines(meta: dict) -> list[str]:
     lines += [f"- speed-up = {meta['baseline']} time / this time, in the same mode (> 1 is faster); {eager}; 'graph' "
               f"rows replay a CUDA graph over rotating weights; decode rows (M <= 16) report weight bytes/s against "
               f"the copy rate{_cached_note(c)}, prefill rows ops/s against the matmul ceiling of their arithmetic"]
+    cells = meta.get("cells", {})
+    if cells and cells["measured"] < cells["planned"]:
+        lines.append(f"- PARTIAL: {cells['measured']} of the {cells['planned']} (layer, M) cells measured (the run was "
+                     f"cut short, or is still running)")
     for note in meta.get("skipped", []):
         lines.append(f"- not measured: {note}")
     for note in meta.get("failed", []):
@@ -155,9 +160,17 @@ def write_json_and_markdown(data: dict, text: str, out_dir: str | Path, stem: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    paths["md"].write_text(text, encoding="utf-8")
+    _write_whole(paths["json"], json.dumps(data, indent=1) + "\n")
+    _write_whole(paths["md"], text)
     return paths
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Written beside and renamed: a run interrupted while saving (a time limit's SIGINT) keeps the previous file
+    whole rather than a truncated one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def write_results(result, out_dir: str | Path, stem: str) -> dict[str, Path]:

@@ -7,7 +7,7 @@ from ..bench import run_kernel_suite, write_results
 from ..bench.arguments import (add_kernel_suite_arguments, add_model_suite_arguments, kernel_config_from_args,
                                model_config_from_args)
 from ..bench.providers import benchmark_backends
-from ..bench.report import geomean_table, header_lines, speedup_table, write_json_and_markdown
+from ..bench.report import geomean_table, header_lines, markdown, speedup_table, write_json_and_markdown
 from .common import (CliError, add_device_argument, check_default_backend, checked_threshold, device_from,
                      output_dir, say)
 
@@ -104,18 +104,25 @@ class ReaderMayLeave:
 
 def _run_kernel_suite(config, device, out: Path) -> int:
     """Runs and writes the kernel suite; returns how many providers failed (the header's FAILED lines)."""
-    result = run_kernel_suite(config, device)
+    stem = _stem(device)
+    # each cell's rows on disk as soon as they exist (JSON and markdown; the plot at the end): an interrupted run
+    # keeps them, its header saying how many cells it measured
+    result = run_kernel_suite(config, device, checkpoint=lambda partial: _save_partial(partial, out, stem))
     say("\n".join(header_lines(result.meta)))
     for mode in dict.fromkeys(r["mode"] for r in result.rows):
         say(f"\nmedian time per call, {mode} (speed-up over {result.meta['baseline']}):")
         say("\n".join(speedup_table(result.rows, mode)))
     say("\ngeometric mean of the speed-up over each model's layers:")
     say("\n".join(geomean_table(result.rows, result.meta["baseline"])))
-    paths = write_results(result, out, _stem(device))  # after the tables: a failed write keeps what they show
+    paths = write_results(result, out, stem)  # after the tables: a failed write keeps what they show
     say("\nwrote " + ", ".join(str(p) for key, p in paths.items() if key != "png_skipped"))
     if "png_skipped" in paths:
         say(f"no plot: {paths['png_skipped']}")
     return len(result.meta["failed"])
+
+
+def _save_partial(result, out: Path, stem: str) -> None:
+    write_json_and_markdown(result.to_dict(), markdown(result), out, stem)
 
 
 def _run_host_suite(device, out: Path) -> None:
@@ -132,10 +139,12 @@ def _run_model_suite(config, device, out: Path) -> int:
     """Runs and writes the model suite; returns how many of its runs failed (each one's row holds its error)."""
     from ..bench.model_suite import model_markdown, run_model_suite
 
-    result = run_model_suite(config, device)
+    stem = _stem(device).replace("_bench", "_model_bench")
+    result = run_model_suite(config, device, checkpoint=lambda partial: write_json_and_markdown(
+        partial, model_markdown(partial), out, stem))  # each run's figures on disk as they come
     text = model_markdown(result)
     say("\n" + text)
-    paths = write_json_and_markdown(result, text, out, _stem(device).replace("_bench", "_model_bench"))
+    paths = write_json_and_markdown(result, text, out, stem)
     say("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = sum("error" in row for row in result["rows"])
     if failed:
