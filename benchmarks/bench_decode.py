@@ -137,15 +137,16 @@ def output_of(layer, x, provider: str) -> torch.Tensor:
 
 
 def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: OutlierSpec, seed: int,
-        checkpoint=None) -> dict:
+        checkpoint=None, left_out=()) -> dict:
     """Every (shape, M, mode, provider) timed; ``checkpoint(result)`` after each shape, so that a run stopped
-    at a time limit still leaves what it measured."""
+    at a time limit still leaves what it measured. ``left_out``: candidates (of CANDIDATES) neither run nor timed."""
     generator = make_generator(device, seed)
-    meta = {**run_metadata(device), "threshold": THRESHOLD, "outliers": vars(outliers), "modes": list(modes)}
+    meta = {**run_metadata(device), "threshold": THRESHOLD, "outliers": vars(outliers), "modes": list(modes),
+            "left_out": list(left_out)}
     result = {"meta": meta, "rows": []}
     rows = result["rows"]
     with_cuda = backends.Backend.CUDA in backends.available_backends(device)
-    providers = [p for p in PROVIDERS if p not in CUDA_PROVIDERS or with_cuda]
+    providers = [p for p in PROVIDERS if (p not in CUDA_PROVIDERS or with_cuda) and p not in left_out]
     failures = Failures()
     attempt = failures.attempt
     for shape in shapes:
@@ -157,7 +158,7 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
             where = f"{shape.name} M={m}"
             classic = attempt("int8mm classic", lambda: output_of(layers[0][1], xs[0], "int8mm classic"), where)
             matches = {}
-            for p in (*CANDIDATES, *EAGER_ONLY):
+            for p in (p for p in (*CANDIDATES, *EAGER_ONLY) if p not in left_out):
                 out = attempt(p, lambda p=p: output_of(layers[0][1], xs[0], p), where)
                 matches[p] = None if classic is None or out is None else bool(torch.equal(classic, out))
             for mode in modes:
@@ -197,6 +198,8 @@ def markdown(result: dict) -> str:
              "larger of host and GPU time per call).", ""]
     if meta.get("dry_run"):
         lines += ["DRY RUN: Triton's interpreter on the CPU; these times say nothing about a GPU.", ""]
+    if meta.get("left_out"):
+        lines += [f"Left out (neither run nor timed): {', '.join(meta['left_out'])}.", ""]
     table = []
     by_key = {(r["shape"], r["m"], r["mode"], r["provider"]): r["median_us"] for r in rows}
     cells = list(dict.fromkeys((r["shape"], r["m"], r["mode"]) for r in rows))
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "least 20 back-to-back calls; CPU (dry run): timed calls")
     parser.add_argument("--outlier-cols", type=int, default=8, help="planted outlier columns per input")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--leave-out", nargs="+", default=[], metavar="CANDIDATE",
+                        choices=[p.removeprefix("int8mm ") for p in CANDIDATES],
+                        help="candidates neither run nor timed (a GPU run that skipped their tests)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU tensors through TRITON_INTERPRET=1, one tiny shape, a few calls: checks the plumbing")
     return parser
@@ -238,6 +244,7 @@ def main(argv=None) -> dict:
     if any(not 1 <= m <= 16 for m in args.m):
         raise SystemExit(f"--m takes decode row counts 1..16, got {args.m}")
     outliers = OutlierSpec(count=args.outlier_cols)
+    left_out = [f"int8mm {name}" for name in args.leave_out]
 
     def checkpoint(partial):
         write_json_and_markdown(partial, markdown(partial), args.out, "decode_bench")
@@ -246,14 +253,14 @@ def main(argv=None) -> dict:
         if not backends.triton_interpreting():
             raise SystemExit("--dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
         result = run([DRY_RUN_SHAPE], args.m, torch.device("cpu"), ["eager"], min(args.reps, 2), outliers, args.seed,
-                     checkpoint)
+                     checkpoint, left_out)
         result["meta"]["dry_run"] = True
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_decode.py needs an NVIDIA GPU (or --dry-run with TRITON_INTERPRET=1)")
         shapes = [s for model in args.models for s in LAYER_SHAPES[model]]
         result = run(shapes, args.m, torch.device("cuda"), ["graph", "eager"], args.reps, outliers, args.seed,
-                     checkpoint)
+                     checkpoint, left_out)
     text = markdown(result)
     paths = write_json_and_markdown(result, text, args.out, "decode_bench")
     print(text)

@@ -17,20 +17,22 @@
 #               session can afford only one).
 #   PLAN=tests+model  first's tests and choices, then the end-to-end model benchmark, then the per-layer benchmark
 #               in what is left (with PREFILL_RESULTS_FROM, when the prefill candidates were measured before).
-#   PLAN=model+first  the end-to-end model benchmark first, with the defaults users get (AUTO), after the tests
-#               of the CUDA library AUTO sends single rows to (a failure sends every later stage to Triton); then
-#               the host-time suite, then first's tests and choices and the per-layer benchmark in what is
-#               left. For a session that can afford one call and has never measured the model (issue 11's
-#               end-to-end table).
+#   PLAN=model+first  what users get first, with the defaults (AUTO): after the tests of the CUDA library AUTO
+#               sends single rows to (a failure sends every later stage to Triton), the end-to-end model benchmark,
+#               the per-layer benchmark (BENCH_ARGS), the host-time suite; then first's tests and choices in what is
+#               left, and the per-layer benchmark again with the choices if any passed and time is left. For a
+#               session that can afford one call and has never measured the model (issue 11's end-to-end table).
+#               With run 4's stage durations the measurements end about 6 minutes in.
 #   PREFILL_RESULTS_FROM=DIR (any plan that runs first): skip the prefill GEMM candidates' benchmark and choose
 #               the GEMM from the JSON an earlier run left in DIR (a committed benchmarks/results/<date>-<card>/),
 #               still gated by this run's tests; the decode candidates and the quantization passes are measured
 #               anyway (cheaper, and changed more often; QUANT_BENCH_ARGS, e.g. "--m 2048", narrows the latter).
 #   PLAN=all    both, one after the other (over 10 minutes: for a machine without the per-call limit).
 #   SKIP_STAGES="NAME ..." (any plan): stages to leave out (a skipped test stage gates its candidates off;
-#               guard_tests gates them all).
-# Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite and
-# kernels/cuda/libint8mm_cuda.so. There: bash benchmarks/gpu_run.sh (timeout_s 600).
+#               guard_tests gates them all). Skipping single_tests or splitk_tests also leaves that candidate out
+#               of the shared test stages and of the decode benchmark.
+# Here, first: bash benchmarks/gpu_site.sh .devsite; make cuda. Carry .devsite, kernels/cuda/libint8mm_cuda.so
+# and its stamp kernels/cuda/libint8mm_cuda.so.source-hash. There: bash benchmarks/gpu_run.sh (timeout_s 600).
 #
 # What comes back: a lent machine returns at most 8 files, so every stage writes into a work folder that is
 # packed into $OUT/results.tgz after each stage (a stage killed at its limit still leaves the earlier ones), and
@@ -52,7 +54,7 @@ if [ "$PLAN" = all ]; then DEADLINE="${DEADLINE:-1160}"; else DEADLINE="${DEADLI
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, keep the log, summarise its tail, pack
   local name=$1 limit=$2; shift 2
   local left=$(( DEADLINE - SECONDS - 15 ))
-  if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then  # SKIP_STAGES="a b": stages a run can do without
+  if skipping "$name"; then  # SKIP_STAGES="a b": stages a run can do without
     echo "== $name skipped: SKIP_STAGES" | tee -a "$OUT/summary.log" "$WORK/$name.log"
     echo "rc=skipped" >>"$WORK/$name.log"; return
   fi
@@ -82,12 +84,29 @@ fi
 CARRIED_LIB="$PWD/kernels/cuda/libint8mm_cuda.so"
 if [ -f "$CARRIED_LIB" ] \
   && python3 -c "import ctypes, sys; ctypes.CDLL(sys.argv[1])" "$CARRIED_LIB" 2>>"$WORK/install.log"
-then export INT8MM_CUDA_LIB="$CARRIED_LIB"; else echo "the carried CUDA library does not load: built at first use"; fi
+then
+  export INT8MM_CUDA_LIB="$CARRIED_LIB"
+  # named explicitly, it is loaded without the check of its stamp: say here if it was built from other sources
+  # (carry kernels/cuda/libint8mm_cuda.so.source-hash too, which `make cuda` writes beside it)
+  python3 -c "import pathlib, sys; from int8mm.backends import cuda_build as b
+sys.exit(0 if b._fresh(pathlib.Path(sys.argv[1])) else 1)" "$CARRIED_LIB" 2>>"$WORK/install.log" \
+    || echo "WARNING: the carried CUDA library was not built from these sources (or its .source-hash stamp was not" \
+      "carried): its rows may time older kernels" >>"$WORK/device.txt.pre"
+else echo "the carried CUDA library does not load: built at first use"; fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u; git rev-parse HEAD 2>/dev/null; echo "PLAN=$PLAN"; env | grep '^INT8MM_' | sort
+  cat "$WORK/device.txt.pre" 2>/dev/null
 } | tee "$WORK/device.txt" | tee -a "$OUT/summary.log"
+
+skipping() { [[ " ${SKIP_STAGES:-} " == *" $1 "* ]]; }
+# A candidate whose own test stage is skipped (SKIP_STAGES) is left out of the stages it shares with the others too
+# (its failure there would gate the others off, and its untested kernels are not run): pytest -k terms, and
+# bench_decode.py's --leave-out. test_bench_decode_script runs every decode candidate: left out with any of them.
+EXCLUDED="" LEFT_OUT=""
+if skipping single_tests; then EXCLUDED+=" and not single"; LEFT_OUT+=" single"; fi
+if skipping splitk_tests; then EXCLUDED+=" and not splitk"; LEFT_OUT+=" fused+splitk"; fi
 
 first() {  # the tests and the choices, then the per-layer benchmark
   tests_and_choices
@@ -104,13 +123,15 @@ tests_and_choices() {
         or backward_kernel)" \
     tests/test_host_path.py tests/test_ops.py tests/test_backend_gpu.py tests/test_backward_kernel.py
   INT8MM_AUTOTUNE=0 stage decode_tests "${DECODE_TEST_TIMEOUT:-80}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_decode_kernels.py
+    -k "${EXCLUDED:+not bench_decode_script}" tests/test_decode_kernels.py
   INT8MM_AUTOTUNE=0 stage single_tests "${SINGLE_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_decode_single.py
   # split-K's GPU tests only (Llama shapes, graphs, streams; the small shapes ran under the interpreter), on the
-  # classic quantization, and the fused+split-K path launched directly against the JIT: their result gates split-K
+  # classic quantization, the fused+split-K path launched directly against the JIT, and compiled into CUDA graphs
+  # beside eager calls with kept buffers: their result gates split-K
   INT8MM_AUTOTUNE=0 stage splitk_tests "${SPLITK_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
-    -k "gpu and (splitk or not gpu_direct_launch)" tests/test_decode_splitk.py tests/test_triton_launch.py
+    -k "gpu and (splitk or not (gpu_direct_launch or scratch))" tests/test_decode_splitk.py \
+    tests/test_triton_launch.py tests/test_scratch.py
   # the benchmarks' dry runs are interpreter tests (CI runs them under Triton 3.7.1; 3.6's interpreter cannot
   # take a tl.minimum loop bound): not here
   # the rowwise pass and the tests both row schemes share, then the resident pass's own, each gating its scheme
@@ -127,10 +148,12 @@ tests_and_choices() {
   # the guard bands around the Triton schedules' buffers, every candidate's included: one stage, which gates every
   # candidate (a schedule writing out of bounds keeps all the defaults; its test names it)
   INT8MM_AUTOTUNE=0 stage guard_tests "${GUARD_TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider \
-    -k "not cuda and not cpu" tests/test_guard_bands.py
+    -k "not cuda and not cpu$EXCLUDED" tests/test_guard_bands.py
   # the candidates against the classic paths, side by side (each compares its outputs with classic); the prefill
   # ones from an earlier run if one is named
-  stage decode_bench "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py --out "$WORK"
+  # shellcheck disable=SC2086
+  stage decode_bench "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py --out "$WORK" \
+    ${LEFT_OUT:+--leave-out $LEFT_OUT}
   # shellcheck disable=SC2086
   stage quantize_bench "${QUANTIZE_BENCH_TIMEOUT:-55}" python3 benchmarks/bench_quantize_pass.py --out "$WORK" \
     ${QUANT_BENCH_ARGS:-}
@@ -153,12 +176,15 @@ tests_and_choices() {
          INT8MM_PREFILL_QUANT=resident:quantize_tests+resident_tests+guard_tests
          INT8MM_PREFILL_GEMM=persistent:prefill_gemm_tests+guard_tests"
   while read -r _ assignment; do  # "export VARIABLE=VALUE"
-    tests="" passed=1
+    tests="" passed=1 outcomes=""
     for gate in $gates; do [ "${gate%%:*}" = "$assignment" ] && tests=${gate##*:}; done
     [ -n "$tests" ] || passed=0
-    for name in ${tests//+/ }; do grep -q "^rc=0$" "$WORK/$name.log" 2>/dev/null || passed=0; done
+    for name in ${tests//+/ }; do
+      grep -q "^rc=0$" "$WORK/$name.log" 2>/dev/null || passed=0
+      outcomes+="${outcomes:+, }$name $(stage_outcome "$name")"
+    done
     if [ "$passed" = 1 ]; then echo "export $assignment" >>"$WORK/choices.sh"
-    else echo "$assignment won, but its tests (${tests:-none named}) did not pass: kept the default" \
+    else echo "$assignment won, but its tests did not all pass (${outcomes:-none named}): kept the default" \
       >>"$WORK/choices.txt"; fi
   done <"$WORK/choices.all"
   cat "$WORK/choices.sh" >>"$WORK/choices.txt"
@@ -166,6 +192,15 @@ tests_and_choices() {
   . "$WORK/choices.sh"
   tee -a "$OUT/summary.log" <"$WORK/choices.txt"
   pack
+}
+
+stage_outcome() {  # "passed", "failed (rc=N)", "cut at its time limit", "skipped" or "not run", from its log
+  local rc
+  rc=$(grep -o "^rc=.*" "$WORK/$1.log" 2>/dev/null | tail -1); rc=${rc#rc=}
+  case "$rc" in
+    0) echo passed ;; 124|137) echo "cut at its time limit" ;; skipped) echo skipped ;; "") echo "not run" ;;
+    *) echo "failed (rc=$rc)" ;;
+  esac
 }
 
 cuda_tests() {
@@ -185,8 +220,15 @@ model_first() {  # what users get first: the CUDA library's tests gate AUTO's si
       | tee -a "$OUT/summary.log" "$WORK/device.txt"
   fi
   MODEL_BENCH_TIMEOUT="${MODEL_BENCH_TIMEOUT:-170}" model
+  layer_bench  # with the defaults (and AUTO) users get: the README's GPU table
   host_bench  # issue 11 part 1 asks for the host time per call on the GPU too: never measured there
-  first
+  tests_and_choices  # in what is left (run 4's durations leave about 3 minutes): the candidates' tests and timings
+  if [ -s "$WORK/choices.sh" ]; then  # a candidate won and passed its tests: the per-layer rows with it, if time
+    mkdir -p "$WORK/chosen"
+    # shellcheck disable=SC2086
+    stage bench_chosen "${BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --out "$WORK/chosen" \
+      ${BENCH_ARGS:---m 1 16 --models Llama-3-8B Llama-3-70B}
+  fi
 }
 
 host_bench() {
@@ -194,7 +236,8 @@ host_bench() {
 }
 
 layer_bench() {  # the per-layer benchmark, with the choices above in the environment
-  stage bench "${BENCH_TIMEOUT:-65}" python3 benchmarks/bench_gpu.py --out "$WORK" \
+  # shellcheck disable=SC2086
+  stage bench "${BENCH_TIMEOUT:-120}" python3 benchmarks/bench_gpu.py --out "$WORK" \
     ${BENCH_ARGS:---m 1 16 --models Llama-3-8B Llama-3-70B}
 }
 
@@ -212,8 +255,9 @@ second() {
   host_bench
   # the decode candidates again without programmatic dependent launch: what PDL itself is worth (TUNING.md)
   mkdir -p "$WORK/no_pdl"
+  # shellcheck disable=SC2086
   INT8MM_PDL=0 stage decode_bench_no_pdl "${DECODE_BENCH_TIMEOUT:-80}" python3 benchmarks/bench_decode.py \
-    --out "$WORK/no_pdl"
+    --out "$WORK/no_pdl" ${LEFT_OUT:+--leave-out $LEFT_OUT}
   mkdir -p "$WORK/prefill"
   stage prefill_bench "${PREFILL_BENCH_TIMEOUT:-130}" python3 benchmarks/bench_gpu.py --out "$WORK/prefill" \
     ${PREFILL_BENCH_ARGS:---m 512 2048 --models Llama-3-8B Llama-3-70B}
@@ -241,12 +285,12 @@ if ! grep -q "^rc=0$" "$WORK/launch_tests.log"; then
 fi
 
 # Then the decode buffers kept from call to call (the default; int8mm/backends/scratch.py): two threads issuing on
-# one stream, and a layer compiled with CUDA graphs (mode="reduce-overhead"; classic and fused+split-K) beside eager
-# calls, on Triton (the graph and stream tests of decode_tests run with them too; the CUDA library's run in
+# one stream, and a layer compiled with CUDA graphs (mode="reduce-overhead"; classic here, fused+split-K in
+# splitk_tests, so that an optional path's failure does not turn kept buffers off) beside eager calls, on Triton (the graph and stream tests of decode_tests run with them too; the CUDA library's run in
 # cuda_tests, so that its failure does not turn kept buffers off for Triton).
 # If this fails, every later stage allocates per call, and device.txt says so.
 INT8MM_AUTOTUNE=0 stage keep_tests "${KEEP_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
-  -k "gpu and triton or inference_mode" tests/test_scratch.py
+  -k "(gpu and triton or inference_mode) and not splitk" tests/test_scratch.py
 if ! grep -q "^rc=0$" "$WORK/keep_tests.log"; then
   export INT8MM_KEEP_BUFFERS=0
   echo "keep_tests did not pass: every later stage allocates its decode buffers per call (INT8MM_KEEP_BUFFERS=0)" \

@@ -325,6 +325,25 @@ def test_bench_decode_keeps_the_other_rows_when_a_candidate_fails(tmp_path, monk
     assert "int8mm single failed (tiny o_proj M=1: RuntimeError: PassManager::run failed)" in reasons[0]
 
 
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the dry run's plumbing; the GPU's run is test_bench_decode_script")
+def test_bench_decode_leaves_out_the_candidates_named(tmp_path, monkeypatch):
+    """--leave-out (a GPU run that skipped a candidate's tests): that candidate is neither run nor timed."""
+    script = load_benchmark("bench_decode")
+    monkeypatch.setattr(script, "output_of", raising_for(script.output_of, "int8mm single",
+                                                         RuntimeError("an untested kernel ran")))
+    script.main(["--dry-run", "--m", "1", "--reps", "1", "--leave-out", "single", "fused+splitk",
+                 "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
+    timed = {r["provider"] for r in rows}
+    assert "int8mm single" not in timed and "int8mm fused+splitk" not in timed and "int8mm fused" in timed
+    assert all(r["median_us"] > 0 for r in rows)
+    assert "Left out (neither run nor timed): int8mm single, int8mm fused+splitk." in (
+        tmp_path / "decode_bench.md").read_text()
+    with pytest.raises(SystemExit):
+        script.main(["--dry-run", "--leave-out", "classic", "--out", str(tmp_path)])  # only candidates
+
+
 # ---- on a GPU: real concurrency, CUDA graphs, streams ----
 LLAMA_DECODE = [(1, 4096, 4096), (16, 4096, 6144), (1, 14336, 4096), (16, 28672, 512), (5, 8192, 1000)]
 
