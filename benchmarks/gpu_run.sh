@@ -286,8 +286,9 @@ fi
 
 # Then the decode buffers kept from call to call (the default; int8mm/backends/scratch.py): two threads issuing on
 # one stream, and a layer compiled with CUDA graphs (mode="reduce-overhead"; classic here, fused+split-K in
-# splitk_tests, so that an optional path's failure does not turn kept buffers off) beside eager calls, on Triton (the graph and stream tests of decode_tests run with them too; the CUDA library's run in
-# cuda_tests, so that its failure does not turn kept buffers off for Triton).
+# splitk_tests, so that an optional path's failure does not turn kept buffers off) beside eager calls, on Triton
+# (the graph and stream tests of decode_tests run with them too; the CUDA library's run in cuda_tests, so that its
+# failure does not turn kept buffers off for Triton).
 # If this fails, every later stage allocates per call, and device.txt says so.
 INT8MM_AUTOTUNE=0 stage keep_tests "${KEEP_TEST_TIMEOUT:-60}" python3 -m pytest -q -p no:cacheprovider \
   -k "(gpu and triton or inference_mode) and not splitk" tests/test_scratch.py

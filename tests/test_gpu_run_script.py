@@ -81,13 +81,22 @@ def test_model_first_runs_the_stages_in_order_and_packs_them(run_script, tmp_pat
     order = [name for call in calls for name in ("test_triton_launch.py", "test_scratch.py", "--suite model",
                                                  "--suite host", "test_decode_kernels.py", "bench_gpu.py")
              if name in call.split(" || ")[0]]
-    # launch tests, keep tests, cuda_tests (which holds test_scratch.py too), the model and host suites, then first
-    assert order[:5] == ["test_triton_launch.py", "test_scratch.py", "test_scratch.py", "--suite model", "--suite host"]
-    assert order[-1] == "bench_gpu.py" and "test_decode_kernels.py" in order
+    # launch tests, keep tests, cuda_tests (which holds test_scratch.py too), then what users get: the model suite,
+    # the per-layer benchmark and the host suite; then the candidates' tests, and the per-layer benchmark again
+    assert order[:6] == ["test_triton_launch.py", "test_scratch.py", "test_scratch.py", "--suite model",
+                         "bench_gpu.py", "--suite host"]
+    assert order[-1] == "bench_gpu.py" and "test_decode_kernels.py" in order[6:]
     assert "== done" in summary and (tmp_path / "out-model+first" / "results.tgz").stat().st_size > 0
-    # every stage passed: the winning decode path reaches the per-layer benchmark, and AUTO is left alone
-    bench = _calls_of(calls, "bench_gpu.py")[0]
-    assert "INT8MM_DECODE_PATH=fused" in bench and "INT8MM_BACKEND" not in bench
+    # the first per-layer benchmark has the defaults; every stage passed, so the winning decode path reaches the
+    # second (in chosen/), and AUTO is left alone
+    defaults, chosen = _calls_of(calls, "bench_gpu.py")
+    assert "INT8MM_DECODE_PATH" not in defaults and "INT8MM_BACKEND" not in defaults
+    assert "INT8MM_DECODE_PATH=fused" in chosen and "/chosen" in chosen and "INT8MM_BACKEND" not in chosen
+
+
+def test_model_first_runs_no_second_benchmark_without_a_choice(run_script, tmp_path):
+    calls, summary = run_script("model+first", "test_decode_kernels.py", PREFILL_RESULTS_FROM=str(tmp_path))
+    assert len(_calls_of(calls, "bench_gpu.py")) == 1 and "== bench_chosen" not in summary
 
 
 def test_a_failing_cuda_stage_sends_the_model_benchmark_to_triton(run_script, tmp_path):
@@ -100,7 +109,8 @@ def test_a_failing_cuda_stage_sends_the_model_benchmark_to_triton(run_script, tm
 def test_a_candidate_is_chosen_only_with_its_tests_and_the_guard_bands(run_script, tmp_path):
     guard_tests = "not cuda and not cpu tests/test_guard_bands.py"
     calls, summary = run_script("first", guard_tests, PREFILL_RESULTS_FROM=str(tmp_path))
-    assert "INT8MM_DECODE_PATH=fused won, but its tests (decode_tests+guard_tests) did not pass" in summary
+    assert ("INT8MM_DECODE_PATH=fused won, but its tests did not all pass (decode_tests passed, guard_tests failed "
+            "(rc=1)): kept the default") in summary
     assert "INT8MM_DECODE_PATH" not in _calls_of(calls, "bench_gpu.py")[0]
     calls, summary = run_script("first", "test_decode_kernels.py", PREFILL_RESULTS_FROM=str(tmp_path))
     assert "INT8MM_DECODE_PATH" not in _calls_of(calls, "bench_gpu.py")[0]
@@ -119,3 +129,19 @@ def test_skipped_stages_are_logged_and_gate_their_candidates_off(run_script, tmp
     assert "== decode_tests skipped: SKIP_STAGES" in summary and "== bench skipped: SKIP_STAGES" in summary
     assert not _calls_of(calls, "test_decode_kernels.py") and not _calls_of(calls, "bench_gpu.py")
     assert "INT8MM_DECODE_PATH=fused won, but its tests" in summary
+
+
+def test_a_candidate_whose_tests_are_skipped_is_left_out_of_the_shared_stages(run_script, tmp_path):
+    """Its failure there would gate the others off, and its untested kernels must not run in the benchmark."""
+    calls, summary = run_script("first", SKIP_STAGES="single_tests splitk_tests", PREFILL_RESULTS_FROM=str(tmp_path))
+    guard_tests = _calls_of(calls, "-k not cuda and not cpu")
+    assert len(guard_tests) == 1 and "and not single and not splitk tests/test_guard_bands.py" in guard_tests[0]
+    assert "-k not bench_decode_script tests/test_decode_kernels.py" in _calls_of(calls, "test_decode_kernels.py")[0]
+    assert "--leave-out single fused+splitk" in _calls_of(calls, "bench_decode.py")[0]
+    assert "(gpu and triton or inference_mode) and not splitk" in _calls_of(calls, "test_scratch.py")[0]
+    (tmp_path / "calls-first.log").unlink()
+    calls, _ = run_script("first", PREFILL_RESULTS_FROM=str(tmp_path))  # nothing skipped: nothing left out
+    assert len(_calls_of(calls, "-k not cuda and not cpu tests/test_guard_bands.py")) == 1
+    assert "not bench_decode_script" not in _calls_of(calls, "test_decode_kernels.py")[0]
+    assert "--leave-out" not in _calls_of(calls, "bench_decode.py")[0]
+    assert "gpu and (splitk or not (gpu_direct_launch or scratch))" in _calls_of(calls, "test_decode_splitk.py")[0]
