@@ -343,6 +343,23 @@ def test_without_a_readable_generation_config_the_model_config_s_is_kept(llama_d
     assert _generation(load_in_8bit(tmp_path, progress=False)) == expected
 
 
+def test_the_generation_config_is_read_where_transformers_adjust_generation_fn_differs(chat_dir, llama_dir,
+                                                                                       tmp_path, monkeypatch):
+    """Another transformers (the GPU machine's is older) may name adjust_generation_fn's arguments otherwise: the
+    same settings are read without it, for a checkpoint with generation_config.json and one without."""
+    path, _ = llama_dir
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(path / name)
+    expected = [_generation(AutoModelForCausalLM.from_pretrained(d, quantization_config=int8mm.Int8MMConfig()))
+                for d in (chat_dir, tmp_path)]
+
+    def other_signature(self, generation_config, model_path):
+        raise AssertionError("called with arguments it does not take")
+
+    monkeypatch.setattr(LlamaForCausalLM, "adjust_generation_fn", other_signature)
+    assert [_generation(load_in_8bit(d, progress=False)) for d in (chat_dir, tmp_path)] == expected
+
+
 def test_a_generation_config_that_is_no_mapping_is_named(llama_dir, tmp_path):
     path, _ = llama_dir
     for name in ("config.json", "model.safetensors"):

@@ -1,4 +1,6 @@
 """What ``load_in_8bit`` was asked to load: the model factory and the checkpoint files behind it."""
+import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -42,18 +44,36 @@ def load_generation_config(model: nn.Module, directory: Path) -> None:
             the wrong type), naming the file; ``from_pretrained`` raises transformers' own TypeError there.
     """
     can_generate = getattr(model, "can_generate", None)
-    adjust = getattr(model, "adjust_generation_fn", None)
-    if not (callable(can_generate) and callable(adjust) and can_generate()):
+    if not (callable(can_generate) and can_generate()):
         return
+    arguments = dict(generation_config=None, from_auto_class=False, from_pipeline=None,
+                     pretrained_model_name_or_path=str(directory), cache_dir=None, force_download=False, proxies=None,
+                     local_files_only=True, token=None, revision=None, subfolder="", trust_remote_code=False)
+    adjust = getattr(model, "adjust_generation_fn", None)
+    try:  # a transformers whose adjust_generation_fn takes other arguments (or lacks it): the same steps here
+        inspect.signature(adjust).bind(**arguments)
+    except (TypeError, ValueError):
+        adjust = functools.partial(_read_generation_config, model)
     try:
-        adjust(generation_config=None, from_auto_class=False, from_pipeline=None,
-               pretrained_model_name_or_path=str(directory), cache_dir=None, force_download=False, proxies=None,
-               local_files_only=True, token=None, revision=None, subfolder="", trust_remote_code=False)
+        adjust(**arguments)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         if not (directory / "generation_config.json").is_file():
             raise
         raise CheckpointError(f"{directory / 'generation_config.json'}: transformers cannot read it as a generation "
                               f"config: {type(exc).__name__}: {exc}"[:500]) from exc
+
+
+def _read_generation_config(model: nn.Module, pretrained_model_name_or_path: str, **_) -> None:
+    """What transformers' ``adjust_generation_fn`` does for a local directory."""
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path,
+                                                                   local_files_only=True)
+    except OSError:  # no generation_config.json, or not JSON: the settings config.json holds
+        model.generation_config = GenerationConfig.from_pretrained(
+            pretrained_model_name_or_path, config_file_name="config.json", _from_model_config=True,
+            local_files_only=True)
 
 
 def saved_quantization(config_dir: Path | None) -> dict:
