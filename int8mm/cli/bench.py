@@ -19,7 +19,8 @@ planted outlier columns, and writes DIR/{cpu,gpu}_bench.json (long-form rows), .
 suite (--suite model) times prefill and decode of a random-weight Llama in float, bitsandbytes 8-bit and
 int8mm 8-bit, and writes DIR/{cpu,gpu}_model_bench.json and .md. The host suite (--suite host) times
 int8mm's own Python path per call around a stand-in backend, and writes DIR/{cpu,gpu}_host_bench.json and .md.
---suite all runs the three."""
+--suite all runs the three. The kernel and model suites rewrite their JSON and markdown after each measured
+cell or run: an interrupted run keeps what it measured, its header marked PARTIAL."""
 SUITES = ("kernels", "model", "all", "host")
 # options that only one suite reads (None when not given): given to the other suite alone, they are an error
 KERNEL_ONLY = ("models", "roles", "m", "backends", "outlier_cols", "outlier_low", "outlier_high", "graph_max_m",
