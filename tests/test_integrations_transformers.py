@@ -251,44 +251,6 @@ def test_int8_weight_and_scale_are_frozen_parameters_and_casts_keep_the_scale(fl
     assert layer.bias is None or layer.bias.dtype == torch.float16
 
 
-def test_requires_grad_leaves_the_int8_weights_frozen_as_in_a_plain_int8linear(float_llama, tmp_path):
-    """Before: model.requires_grad_(True) failed at the first int8 weight (an nn.Parameter: torch refuses
-    requires_grad on integer tensors) with torch's generic message, after the parameters before it had been
-    switched. The model quantize_model builds (buffers) accepts it: the same parameters now follow."""
-    path, float_model = float_llama
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig())
-    reference = int8mm.quantize_model(copy.deepcopy(float_model)).requires_grad_(True)
-
-    def trainable(m):
-        return {name for name, param in m.named_parameters() if param.requires_grad}
-
-    int8_tensors = {f"{name}.{key}" for name in _int8_names(model) for key in ("weight", "SCB")}
-    for copied in (lambda m: m, copy.deepcopy, lambda m: _pickled(m, tmp_path / "model.pt")):
-        model = copied(model)
-        model.requires_grad_(False)
-        assert model.requires_grad_(True) is model and trainable(model) == trainable(reference)
-        assert trainable(model) and not trainable(model) & int8_tensors
-        model.requires_grad_(False)
-        assert not trainable(model)
-    layer = model.model.layers[0].mlp.up_proj
-    layer.SCB.requires_grad = True  # asked for by name, as on any parameter
-    assert layer.SCB.requires_grad
-    layer.SCB.requires_grad = False
-    model.to(torch.float16)
-    model.requires_grad_(True)
-    assert not trainable(model) & int8_tensors
-    # a layer with a bias: the bias follows; a state dict assigned in keeps the weight frozen too
-    layer = hf_integration.HfInt8Linear(4, 3)
-    layer.load_state_dict(Int8Linear.from_linear(nn.Linear(4, 3)).state_dict(), assign=True)
-    assert trainable(layer.requires_grad_(True)) == {"bias"}
-    assert trainable(layer.to("meta").requires_grad_(True)) == {"bias"}
-
-
-def _pickled(model, path):
-    torch.save(model, path)
-    return torch.load(path, weights_only=False)
-
-
 def test_device_map_none_is_the_default_device_as_for_load_in_8bit(monkeypatch):
     """Before: the quantizer kept device_map=None, so from_pretrained loaded on the CPU of a CUDA machine while
     load_in_8bit (and transformers' bitsandbytes quantizer) loaded on the current CUDA device."""

@@ -51,7 +51,7 @@ QUANT_METHOD = _config.QUANT_METHOD
 # set on a weight or scale that transformers put in place of a tensor the checkpoint lacks (HfInt8Linear)
 NEVER_LOADED = "_int8mm_never_loaded"
 
-__all__ = ["FrozenInt8Parameter", "HfInt8Linear", "Int8MMConfig", "Int8MMHfQuantizer", "register"]
+__all__ = ["HfInt8Linear", "Int8MMConfig", "Int8MMHfQuantizer", "register"]
 
 
 class Int8MMConfig(_config.Int8MMConfig, QuantizationConfigMixin):
@@ -72,36 +72,9 @@ class Int8MMConfig(_config.Int8MMConfig, QuantizationConfigMixin):
                                       exc) from None
 
 
-class FrozenInt8Parameter(nn.Parameter):
-    """The int8 ``weight`` and fp32 ``SCB`` of an ``HfInt8Linear``: a parameter that ``requires_grad_(True)``
-    leaves frozen.
-
-    ``model.requires_grad_(True)`` (``nn.Module.requires_grad_``: every parameter's ``requires_grad_``) failed at
-    the first int8 weight with torch's "only Tensors of floating point dtype can require gradients", after the
-    parameters before it were switched already. A plain ``Int8Linear`` holds these tensors as buffers, which it
-    never touches; so here: the bias and the other parameters follow, the frozen int8 weight and its scale stay
-    as they are. ``requires_grad_(False)`` and setting ``requires_grad`` itself work as on any parameter.
-    """
-
-    def requires_grad_(self, requires_grad: bool = True):
-        if requires_grad:
-            return self
-        return super().requires_grad_(False)
-
-
-def _frozen(param: nn.Parameter) -> FrozenInt8Parameter:
-    """``param`` as a ``FrozenInt8Parameter`` over the same tensor, with its attributes (transformers' marks)."""
-    if type(param) is FrozenInt8Parameter:
-        return param
-    frozen = FrozenInt8Parameter(param.detach(), requires_grad=False)  # never trained: frozen on the way in too
-    frozen.__dict__.update(param.__dict__)
-    return frozen
-
-
 class HfInt8Linear(Int8Linear):
-    """``Int8Linear`` as transformers loads it: the int8 ``weight`` and fp32 ``SCB`` are frozen parameters
-    (``FrozenInt8Parameter``: ``model.requires_grad_(True)`` leaves them frozen), and the constant
-    ``weight_format`` marker is a real buffer.
+    """``Int8Linear`` as transformers loads it: the int8 ``weight`` and fp32 ``SCB`` are frozen parameters, and the
+    constant ``weight_format`` marker is a real buffer.
 
     Parameters, because transformers and accelerate offload parameters to the CPU or the disk whatever
     ``offload_buffers`` says: as buffers, the int8 weights of layers placed on the disk stayed resident
@@ -114,7 +87,7 @@ class HfInt8Linear(Int8Linear):
     def __init__(self, *args, device=None, **kwargs):
         super().__init__(*args, device=device, **kwargs)
         for name in (WEIGHT, SCALE):
-            param = FrozenInt8Parameter(self._buffers.pop(name), requires_grad=False)
+            param = nn.Parameter(self._buffers.pop(name), requires_grad=False)
             # transformers' initialize_weights skips marked tensors. A layer offloaded to the disk keeps this meta
             # tensor, and a float init of it by name (GPT-2's normal_ on c_proj.weight) fails on int8. A tensor the
             # checkpoint lacks is replaced by an unmarked empty one, which check_after_loading still reports.
@@ -128,29 +101,10 @@ class HfInt8Linear(Int8Linear):
         # c_proj.weight) failed there on int8 with a NotImplementedError that named neither key nor file. Such a
         # tensor is marked initialized, so that the init skips it, and never loaded, so that check_after_loading
         # names the missing key.
-        if name in (WEIGHT, SCALE) and isinstance(param, nn.Parameter):
-            # transformers' loader, load_state_dict(assign=True) and accelerate set plain parameters
-            param = _frozen(param)
-            if not getattr(param, "_is_hf_initialized", False):
-                param._is_hf_initialized = True
-                setattr(param, NEVER_LOADED, True)
+        if name in (WEIGHT, SCALE) and param is not None and not getattr(param, "_is_hf_initialized", False):
+            param._is_hf_initialized = True
+            setattr(param, NEVER_LOADED, True)
         super().register_parameter(name, param)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # nn.Module._apply builds a plain nn.Parameter where it cannot cast in place
-        self._freeze_int8_parameters()
-        return self
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._freeze_int8_parameters()  # unpickled (torch.load of a whole model) parameters are plain ones
-
-    def _freeze_int8_parameters(self) -> None:
-        for name in (WEIGHT, SCALE):
-            param = self._parameters.get(name)
-            if param is not None and type(param) is not FrozenInt8Parameter:
-                self._parameters[name] = _frozen(param)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
