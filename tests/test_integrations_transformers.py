@@ -251,6 +251,32 @@ def test_int8_weight_and_scale_are_frozen_parameters_and_casts_keep_the_scale(fl
     assert layer.bias is None or layer.bias.dtype == torch.float16
 
 
+@pytest.mark.parametrize("cast", ["half", "to_fp16", "type_fp16", "to_cpu", "double"])
+@pytest.mark.parametrize("layer_class", ["HfInt8Linear", "Int8Linear"])
+def test_casts_work_when_torch_swaps_parameters(layer_class, cast):
+    """torch.__future__.set_swap_module_params_on_conversion(True) (tensor-subclass and meta-init workflows) wraps
+    each moved parameter in nn.Parameter: a Parameter subclass for the int8 weight (tried once, for
+    requires_grad_) made every move of a from_pretrained model fail there."""
+    from int8mm.integrations.transformers import HfInt8Linear
+
+    source = int8mm.Int8Linear.from_linear(nn.Linear(64, 32))
+    layer = {"HfInt8Linear": HfInt8Linear, "Int8Linear": int8mm.Int8Linear}[layer_class](64, 32)
+    layer.load_state_dict(source.state_dict())
+    nn.Parameter(layer.weight.detach(), requires_grad=False)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        moved = {"half": lambda m: m.half(), "to_fp16": lambda m: m.to(torch.float16),
+                 "type_fp16": lambda m: m.type(torch.float16), "to_cpu": lambda m: m.to("cpu"),
+                 "double": lambda m: m.double()}[cast](layer)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    assert moved.weight.dtype == torch.int8 and moved.SCB.dtype == torch.float32
+    assert torch.equal(moved.weight, source.weight) and torch.equal(moved.SCB, source.SCB)
+    x = torch.randn(2, 64, dtype=moved.bias.dtype)
+    assert torch.equal(moved(x), int8mm.int8_linear(x, source.weight, source.SCB, moved.bias, moved.threshold))
+
+
 def test_device_map_none_is_the_default_device_as_for_load_in_8bit(monkeypatch):
     """Before: the quantizer kept device_map=None, so from_pretrained loaded on the CPU of a CUDA machine while
     load_in_8bit (and transformers' bitsandbytes quantizer) loaded on the current CUDA device."""
