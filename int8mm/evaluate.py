@@ -204,6 +204,8 @@ def _from_tensor(text, max_tokens: int) -> torch.Tensor:
         try:
             text = torch.as_tensor(text)
         except (TypeError, ValueError, RuntimeError):
+            if text.ndim == 1 and callable(getattr(text, "tolist", None)):  # negative strides, or dtype object
+                return _from_sequence(itertools.islice(text.tolist(), max_tokens), "text")
             raise TypeError(f"{_EXPECTED}, got {kind} of dtype {dtype} and shape {list(text.shape)}") from None
     if text.dim() != 1:
         hint = f": {_ROW_HINT}" if text.dim() == 2 else ""

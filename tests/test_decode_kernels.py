@@ -325,7 +325,6 @@ def test_bench_decode_keeps_the_other_rows_when_a_candidate_fails(tmp_path, monk
     assert "int8mm single failed (tiny o_proj M=1: RuntimeError: PassManager::run failed)" in reasons[0]
 
 
-
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the dry run's plumbing; the GPU's run is test_bench_decode_script")
 def test_bench_decode_leaves_out_the_candidates_named(tmp_path, monkeypatch):
     """--leave-out (a GPU run that skipped a candidate's tests): that candidate is neither run nor timed."""

@@ -179,8 +179,9 @@ def test_perplexity_takes_token_ids_as_a_list_a_tensor_or_an_array():
 
     tok, ids = _CharTokenizer(), _CharTokenizer()("abcdefghijk")["input_ids"]
     expected = perplexity(_Uniform(), tok, ids, max_tokens=10, window=4)
+    # a reversed view (negative strides) and an object array: torch.as_tensor takes neither, their values are read
     for given in (tuple(ids), torch.tensor(ids), torch.tensor(ids, dtype=torch.int32), numpy.array(ids),
-                  [numpy.int64(i) for i in ids]):
+                  [numpy.int64(i) for i in ids], numpy.array(ids[::-1])[::-1], numpy.array(ids, dtype=object)):
         model = _Uniform()
         assert perplexity(model, tok, given, max_tokens=10, window=4) == expected, given
         assert model.calls == [(1, 4), (1, 4), (1, 2)]
