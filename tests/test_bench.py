@@ -680,18 +680,24 @@ def test_model_suite_refuses_no_layers():
         ModelSuiteConfig(preset="tiny", layers=0)
 
 
-def test_an_interrupted_kernel_suite_keeps_the_cells_it_measured(monkeypatch, tmp_path, capsys):
-    """A time limit's SIGINT in the second cell: the first cell's rows are on disk, the header says PARTIAL."""
-    from int8mm.bench import kernel_suite
-    measure_cell, calls = kernel_suite._measure_cell, []
+def _interrupted_at_the_second_call(fn):
+    """``fn``, but its second call raises KeyboardInterrupt (a time limit's SIGINT)."""
+    calls = []
 
-    def interrupted_in_the_second_cell(*args, **kwargs):
+    def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return measure_cell(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    monkeypatch.setattr(kernel_suite, "_measure_cell", interrupted_in_the_second_cell)
+    return wrapped
+
+
+def test_an_interrupted_kernel_suite_keeps_the_cells_it_measured(monkeypatch, tmp_path, capsys):
+    """A time limit's SIGINT in the second cell: the first cell's rows are on disk, the header says PARTIAL."""
+    from int8mm.bench import kernel_suite
+
+    monkeypatch.setattr(kernel_suite, "_measure_cell", _interrupted_at_the_second_call(kernel_suite._measure_cell))
     assert main(["bench", "--quick", "--roles", "o_proj", "--reps", "2", "--out", str(tmp_path)]) == 130
     data = json.loads((tmp_path / "cpu_bench.json").read_text())
     assert data["meta"]["cells"] == {"measured": 1, "planned": 3}
@@ -706,15 +712,8 @@ def test_a_complete_kernel_suite_says_nothing_partial(small_result):
 
 def test_an_interrupted_model_suite_keeps_the_runs_it_measured(monkeypatch, tmp_path):
     from int8mm.bench import model_suite
-    measure, calls = model_suite.measure, []
 
-    def interrupted_in_the_second_run(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return measure(*args, **kwargs)
-
-    monkeypatch.setattr(model_suite, "measure", interrupted_in_the_second_run)
+    monkeypatch.setattr(model_suite, "measure", _interrupted_at_the_second_call(model_suite.measure))
     assert main(["bench", *TINY_MODEL_SUITE, "--providers", "float", "int8mm", "--out", str(tmp_path)]) == 130
     data = json.loads((tmp_path / "cpu_model_bench.json").read_text())
     assert [r["provider"] for r in data["rows"]] == ["float"] and data["meta"]["runs"] == {"measured": 1, "planned": 2}
