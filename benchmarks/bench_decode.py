@@ -147,6 +147,7 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
     rows = result["rows"]
     with_cuda = backends.Backend.CUDA in backends.available_backends(device)
     providers = [p for p in PROVIDERS if (p not in CUDA_PROVIDERS or with_cuda) and p not in left_out]
+    compared = [p for p in (*CANDIDATES, *EAGER_ONLY) if p not in left_out]  # with classic, output for output
     failures = Failures()
     attempt = failures.attempt
     for shape in shapes:
@@ -158,7 +159,7 @@ def run(shapes, m_values, device: torch.device, modes, reps: int, outliers: Outl
             where = f"{shape.name} M={m}"
             classic = attempt("int8mm classic", lambda: output_of(layers[0][1], xs[0], "int8mm classic"), where)
             matches = {}
-            for p in (p for p in (*CANDIDATES, *EAGER_ONLY) if p not in left_out):
+            for p in compared:
                 out = attempt(p, lambda p=p: output_of(layers[0][1], xs[0], p), where)
                 matches[p] = None if classic is None or out is None else bool(torch.equal(classic, out))
             for mode in modes:

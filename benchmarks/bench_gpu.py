@@ -16,7 +16,6 @@ import torch
 
 import int8mm
 from int8mm.bench import markdown, run_kernel_suite, write_results
-from int8mm.bench.report import write_json_and_markdown
 from int8mm.bench.arguments import add_kernel_suite_arguments, kernel_config_from_args
 from int8mm.bench.breakdown import kernel_breakdown
 from int8mm.bench.inputs import make_generator, planted_activations, random_weight
@@ -67,8 +66,8 @@ def main(argv=None) -> None:
     config = kernel_config_from_args(args, device)
     # each cell's rows on disk as soon as they exist: a run cut at its time limit keeps them (the header says how
     # many cells it measured)
-    result = run_kernel_suite(config, device, checkpoint=lambda partial: write_json_and_markdown(
-        partial.to_dict(), markdown(partial), args.out, "gpu_bench"))
+    result = run_kernel_suite(config, device,
+                              checkpoint=lambda partial: write_results(partial, args.out, "gpu_bench", plot=False))
     with torch.inference_mode():
         if "triton" in result.meta["backends"]:
             try:  # extra detail: a failure here must not cost the suite's rows

@@ -173,13 +173,16 @@ def _write_whole(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def write_results(result, out_dir: str | Path, stem: str) -> dict[str, Path]:
+def write_results(result, out_dir: str | Path, stem: str, plot: bool = True) -> dict[str, Path]:
     """``stem.json``, ``stem.md`` and ``stem.png`` under ``out_dir`` (created); returns the paths written.
 
     The plot needs matplotlib (``pip install int8mm[bench]``); without it the PNG is left out and the
-    returned dict says why under ``"png_skipped"``.
+    returned dict says why under ``"png_skipped"``. ``plot=False``: JSON and markdown only (a suite's partial
+    result, saved after every cell).
     """
     paths = write_json_and_markdown(result.to_dict(), markdown(result), out_dir, stem)
+    if not plot:
+        return paths
     try:
         import matplotlib  # noqa: F401
     except ImportError:

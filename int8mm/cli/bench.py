@@ -7,7 +7,7 @@ from ..bench import run_kernel_suite, write_results
 from ..bench.arguments import (add_kernel_suite_arguments, add_model_suite_arguments, kernel_config_from_args,
                                model_config_from_args)
 from ..bench.providers import benchmark_backends
-from ..bench.report import geomean_table, header_lines, markdown, speedup_table, write_json_and_markdown
+from ..bench.report import geomean_table, header_lines, speedup_table, write_json_and_markdown
 from .common import (CliError, add_device_argument, check_default_backend, checked_threshold, device_from,
                      output_dir, say)
 
@@ -108,7 +108,7 @@ def _run_kernel_suite(config, device, out: Path) -> int:
     stem = _stem(device)
     # each cell's rows on disk as soon as they exist (JSON and markdown; the plot at the end): an interrupted run
     # keeps them, its header saying how many cells it measured
-    result = run_kernel_suite(config, device, checkpoint=lambda partial: _save_partial(partial, out, stem))
+    result = run_kernel_suite(config, device, checkpoint=lambda partial: write_results(partial, out, stem, plot=False))
     say("\n".join(header_lines(result.meta)))
     for mode in dict.fromkeys(r["mode"] for r in result.rows):
         say(f"\nmedian time per call, {mode} (speed-up over {result.meta['baseline']}):")
@@ -120,10 +120,6 @@ def _run_kernel_suite(config, device, out: Path) -> int:
     if "png_skipped" in paths:
         say(f"no plot: {paths['png_skipped']}")
     return len(result.meta["failed"])
-
-
-def _save_partial(result, out: Path, stem: str) -> None:
-    write_json_and_markdown(result.to_dict(), markdown(result), out, stem)
 
 
 def _run_host_suite(device, out: Path) -> None:
