@@ -152,6 +152,51 @@ def test_quantize_with_a_bitsandbytes_config_loads_in_bitsandbytes(capsys, tiny_
     assert torch.equal(bnb_layer.weight.data, expected.model.layers[0].mlp.up_proj.weight)
 
 
+def _linear_names(checkpoint):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize("skip", [None, ["layers.0", "lm_head"], ["mlp"], ["self_attn.q_proj", "lm_head"],
+                                  ["model.layers.1"], ["up_proj"]])
+def test_quantize_bitsandbytes_skip_list_selects_the_saved_float_layers(capsys, tiny_checkpoint, tmp_path, skip):
+    """bitsandbytes must convert exactly the layers saved in int8: it reads llm_int8_skip_modules with
+    transformers' rule (a prefix, or endswith), not int8mm's (a run of components anywhere); "layers.0" left
+    model.layers.0.* float in the file while bitsandbytes built Linear8bitLt for them."""
+    from safetensors.torch import load_file
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    out_dir = tmp_path / "bnb"
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, out_dir, "--bitsandbytes-config",
+                           *(["--skip", *skip] if skip else []))
+    assert code == 0, err
+    patterns = json.loads((out_dir / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    state = load_file(out_dir / "model.safetensors")
+    names = _linear_names(tiny_checkpoint)
+    int8 = [name for name in names if state[f"{name}.weight"].dtype == torch.int8]
+    kept = [name for name in names if name not in int8]
+    assert int8 and kept, (int8, kept)  # both kinds, or the test checks one rule only
+    assert [name for name in int8 if not should_convert_module(name, patterns)] == [], patterns
+    assert [name for name in kept if should_convert_module(name, patterns)] == [], patterns
+
+
+def test_quantize_with_a_bitsandbytes_config_and_skip_runs_in_bitsandbytes(capsys, tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out_dir = tmp_path / "bnb"
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, out_dir, "--bitsandbytes-config", "--skip",
+                           "layers.0", "lm_head")
+    assert code == 0, err
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert type(loaded.model.layers[0].mlp.up_proj) is torch.nn.Linear  # was a Linear8bitLt holding float weights
+    assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "Linear8bitLt"
+    logits = loaded(torch.tensor([[3, 4, 5, 6]])).logits  # AttributeError: 'Parameter' has no attribute 'CB'
+    assert torch.isfinite(logits).all()
+
+
 @pytest.mark.slow
 def test_demo_runs_on_the_embedded_model(capsys):
     code, out, err = run_cli(capsys, "demo", "--max-tokens", "48", "--window", "24", "--new-tokens", "4")

@@ -15,10 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
 from ..loading.directories import missing_directories, remove_empty
+from ..selection import conv1d_class
 from .common import CliError, checked_skip, checked_threshold, checkpoint_errors, load_model, model_dir, say
 from .model_files import check_full_precision, skeleton
 
@@ -54,6 +56,18 @@ def bitsandbytes_quantization_config(threshold: float, skip: list[str]) -> dict:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip).to_dict()
 
 
+def float_layer_names(model) -> list[str]:
+    """Every name (aliases included) of each ``nn.Linear`` or ``Conv1D`` of ``model`` that stayed in float.
+
+    The skip list for bitsandbytes: int8mm's patterns match a run of dotted components anywhere in a name
+    (``layers.0`` keeps ``model.layers.0.*``), but transformers matches a pattern as a prefix (or a regex from
+    the start) or a plain ``endswith``, so it quantized those layers and their first forward failed. A full name
+    means the same layer under both rules."""
+    conv1d = conv1d_class()
+    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    return [name for name, module in model.named_modules(remove_duplicate=False) if name and isinstance(module, kinds)]
+
+
 def copy_non_weight_files(source: Path, out: Path) -> None:
     """The tokenizer, chat template and the like; files ``save_pretrained`` wrote are kept."""
     for path in source.iterdir():
@@ -67,9 +81,8 @@ def _write(model, source: Path, out: Path, threshold: float, args) -> None:
     if args.bitsandbytes_config:
         config_path = out / "config.json"
         saved = json.loads(config_path.read_text(encoding="utf-8"))
-        # the layers that save_pretrained's int8mm config says were kept, so bitsandbytes builds the same model
-        skip = list(saved["quantization_config"]["skip_modules"])
-        saved["quantization_config"] = bitsandbytes_quantization_config(threshold, skip)
+        # the layers kept in float, by full name: bitsandbytes reads int8mm's own patterns differently
+        saved["quantization_config"] = bitsandbytes_quantization_config(threshold, float_layer_names(model))
         config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
 
 
