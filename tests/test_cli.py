@@ -352,6 +352,9 @@ def test_quantize_refused_or_terminated_leaves_no_directory(capsys, tiny_checkpo
     assert code == 143 and "int8mm: terminated" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
     assert signal.getsignal(signal.SIGTERM) is handler  # put back after the command
+    (tmp_path / "empty").mkdir()  # an existing OUT_DIR: its hidden partial goes, the directory stays
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "empty")
+    assert code == 143 and list((tmp_path / "empty").iterdir()) == [], err
 
 
 def test_quantize_writes_through_a_symlinked_out_dir(capsys, tiny_checkpoint, tmp_path):
@@ -360,6 +363,72 @@ def test_quantize_writes_through_a_symlinked_out_dir(capsys, tiny_checkpoint, tm
     code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path / "link")
     assert code == 0, err  # was "writing ... failed: Not a directory", after all the work
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "model.safetensors").is_file()
+
+
+def _busy(monkeypatch, directory):
+    """os.rmdir, os.rename and os.replace of ``directory`` itself fail as on a mount point (EBUSY)."""
+    import errno
+    import os
+
+    def refusing(original):
+        def call(*paths, **kwargs):
+            if any(os.path.abspath(path) == str(directory) for path in paths[:2]):
+                raise OSError(errno.EBUSY, "Device or resource busy", str(directory))
+            return original(*paths, **kwargs)
+        return call
+
+    for name in ("rmdir", "rename", "replace"):
+        monkeypatch.setattr(os, name, refusing(getattr(os, name)))
+
+
+def test_quantize_into_an_existing_empty_directory_keeps_it(capsys, tiny_checkpoint, tmp_path, monkeypatch):
+    """An empty OUT_DIR (a mount point, a directory with its own mode or group) is written in place: it was
+    removed and a sibling renamed over it, which failed with EBUSY on a mount point after all the work, needed a
+    writable parent, and lost the directory's inode and mode."""
+    import os
+    import stat
+
+    out_dir = tmp_path / "mounted"
+    out_dir.mkdir()
+    os.chmod(out_dir, 0o2770)
+    before = out_dir.stat()
+    _busy(monkeypatch, out_dir)
+    code, out, err = run_cli(capsys, "quantize", tiny_checkpoint, out_dir)
+    assert code == 0, err
+    after = out_dir.stat()
+    assert (after.st_ino, stat.S_IMODE(after.st_mode)) == (before.st_ino, 0o2770)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out_dir.iterdir()}
+    assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")]  # the hidden partial is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["mounted"]  # nothing written next to it
+    assert f"wrote {out_dir}: config.json," in out
+
+
+def test_quantize_failing_to_move_into_an_existing_directory_leaves_it_empty(capsys, tiny_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    import os
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    replace, calls = os.replace, []
+
+    def second_fails(src, dst, **kwargs):  # one file moved up already, the rest (config.json) not
+        calls.append(os.path.basename(dst))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, out_dir)
+    assert code == 2 and "No space left on device" in err and len(error_lines(err)) == 1, err
+    assert "config.json" not in calls[:2]  # moved last: a half-moved directory is never taken for a model
+    assert out_dir.is_dir() and list(out_dir.iterdir()) == []  # as it was: a second run is not refused
+
+
+def test_quantize_names_a_partial_output_left_in_out_dir(capsys, tiny_checkpoint, tmp_path):
+    (tmp_path / ".partial-123-0badcafe").mkdir()  # a run killed with SIGKILL leaves it
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path)
+    assert code == 2 and len(error_lines(err)) == 1, err
+    assert "holds only the partial output of an unfinished int8mm quantize (.partial-123-0badcafe)" in err
 
 
 # ---- the model class comes from config.json; what a command cannot do is one line and status 2 ----

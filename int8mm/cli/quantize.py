@@ -86,6 +86,38 @@ def _write(model, source: Path, out: Path, threshold: float, args) -> None:
         config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
 
 
+PARTIAL_PREFIX = ".partial-"
+
+
+def _check_empty_or_new(out: Path, given: str) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CliError(f"OUT_DIR {given!r} exists and is not an empty directory")
+    names = sorted(p.name for p in out.iterdir())
+    if names and all(name.startswith(PARTIAL_PREFIX) for name in names):  # a run killed (SIGKILL) before its cleanup
+        raise CliError(f"OUT_DIR {given!r} holds only the partial output of an unfinished int8mm quantize "
+                       f"({', '.join(names)}): remove it and run again")
+    if names:
+        raise CliError(f"OUT_DIR {given!r} exists and is not an empty directory")
+
+
+def _move_up(partial: Path, out: Path, moved: list[str]) -> None:
+    """Move what ``partial`` holds into ``out`` (its parent), noting each name in ``moved`` as it goes.
+    config.json goes last: a directory left half-moved holds no config.json, so nothing takes it for a model."""
+    names = sorted((p.name for p in partial.iterdir()), key=lambda name: (name == "config.json", name))
+    for name in names:
+        os.replace(partial / name, out / name)  # within one directory tree: a rename, on the same filesystem
+        moved.append(name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def run(args) -> int:
     source = model_dir(args.model_dir)
     # its int8 weights would be saved again as they are, under the settings they were made with, whatever is asked
@@ -103,33 +135,44 @@ def run(args) -> int:
         config = Int8MMConfig(threshold=threshold, skip_modules=list(args.skip) if args.skip is not None else None)
     except (TypeError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CliError(f"OUT_DIR {args.out_dir!r} exists and is not an empty directory")
-    # everything is written into a hidden sibling, renamed to OUT_DIR once complete: a failure (a full disk)
-    # never leaves a directory that looks like a checkpoint; made now, so an unwritable place fails at once
-    made = missing_directories(out.parent)
+    _check_empty_or_new(out, args.out_dir)
+    # everything is written into a hidden directory first: a failure (a full disk) never leaves a directory that
+    # looks like a checkpoint; made now, so an unwritable place fails at once. A new OUT_DIR is that directory, made
+    # next to it and renamed once complete. An existing one stays where it is, as it is: a mount point cannot be
+    # removed or renamed over, its parent may not be writable, and its mode, group and ACLs are the owner's; the
+    # hidden directory is made inside it, and its files moved up at the end.
+    existing = out.is_dir()
+    home = out if existing else out.parent
+    made = [] if existing else missing_directories(home)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.parent / f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        home.mkdir(parents=True, exist_ok=True)
+        partial = home / (f".partial-{os.getpid()}-{secrets.token_hex(4)}" if existing else
+                          f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         partial.mkdir()  # an ordinary directory (the umask's mode), unlike a private mkdtemp one
     except OSError as exc:
         remove_empty(made)
-        raise CliError(f"cannot write under {str(out.parent)!r}: {exc.strerror or exc}") from None
+        where = f"in OUT_DIR {str(out)!r}" if existing else f"under {str(home)!r}"
+        raise CliError(f"cannot write {where}: {exc.strerror or exc}") from None
     written = False
+    moved: list[str] = []
     try:
         # keep the checkpoint's dtype for what stays in float; the integration quantizes as it loads
         # the class config.json names: a BertModel is saved as a BertModel, with no head added
         model, _ = load_model(source, torch.device("cpu"), "auto", causal_lm=False, quantization_config=config)
         _write(model, source, partial, threshold, args)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        partial.rename(out)
+        if existing:
+            _move_up(partial, out, moved)
+        else:
+            partial.rename(out)
         written = True
     except (OSError, *checkpoint_errors()) as exc:  # a full disk surfaces as a SafetensorError
         raise CliError(f"writing {str(out)!r} failed: {exc}") from None
     finally:
+        if not written:  # refused, failed or interrupted: OUT_DIR is left empty, as it was
+            for name in moved:
+                _remove(out / name)
         shutil.rmtree(partial, ignore_errors=True)  # gone already after the rename
-        if not written:  # refused, failed or interrupted: the directories made for OUT_DIR go too
+        if not written:  # the directories made for OUT_DIR go too
             remove_empty(made)
     size = sum(p.stat().st_size for p in out.iterdir() if _is_weight_file(p))
     source_size = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and _is_weight_file(p))
