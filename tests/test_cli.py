@@ -104,6 +104,34 @@ def test_eval_compares_full_precision_and_8bit(capsys, tiny_checkpoint, text_fil
     assert out.count("greedy continuation") == 1
 
 
+def test_eval_keeps_an_output_head_not_named_lm_head(capsys, monkeypatch, tiny_checkpoint, tmp_path, text_file):
+    """eval quantizes as quantize and from_pretrained do: the model's output head stays float whatever its name.
+    It passed skip_modules=("lm_head",), which quantized GPT-NeoX Japanese's embed_out (and warned that lm_head
+    matches no module)."""
+    from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
+
+    from int8mm.cli import compare
+
+    torch.manual_seed(0)
+    model = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=2,
+        max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
+    source = _save_with_tokenizer(model.eval(), tiny_checkpoint, tmp_path / "neox-japanese")
+    compared = []
+    original = compare.compare_full_and_8bit
+
+    def recording(model, *args, **kwargs):
+        compared.append(model)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "compare_full_and_8bit", recording)
+    code, _, err = run_cli(capsys, "eval", source, "--text", text_file)
+    assert code == 0, err
+    (quantized,) = compared
+    assert type(quantized.embed_out) is torch.nn.Linear  # float, not an Int8Linear
+    assert isinstance(quantized.gpt_neox_japanese.layers[0].mlp.dense_h_to_4h, int8mm.Int8Linear)
+
+
 def _quantized_reference(checkpoint, threshold):
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .._constants import DEFAULT_THRESHOLD
 from ..evaluate import perplexity, token_ids_of
-from ..model import DEFAULT_SKIP_MODULES, quantize_model
+from ..model import quantize_model
 from ..nn import Int8Linear
 from .memory import module_bytes
 from .report import markdown_table
@@ -79,11 +79,12 @@ def greedy_continuation(model, tokenizer, prompt: str, new_tokens: int) -> tuple
 
 
 def compare_full_and_8bit(model, tokenizer, text: str | list[int], *, max_tokens: int, window: int,
-                          threshold: float = DEFAULT_THRESHOLD, skip_modules=DEFAULT_SKIP_MODULES, backend=None,
+                          threshold: float = DEFAULT_THRESHOLD, skip_modules=None, backend=None,
                           prompt: str | None = None, new_tokens: int = 0, progress: bool = True
                           ) -> list[VariantReport]:
     """Measure ``model`` as loaded, quantize it in place, measure again; returns both reports. ``text`` is a string
-    or its token ids (``evaluate.token_ids``), in the forms ``evaluate.perplexity`` takes.
+    or its token ids (``evaluate.token_ids``), in the forms ``evaluate.perplexity`` takes. ``skip_modules`` as for
+    ``quantize_model``: None keeps the model's output heads, whatever their name.
 
     Raises:
         ValueError: ``model`` is quantized already (its "full precision" figures would be 8-bit ones).

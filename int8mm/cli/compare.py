@@ -15,7 +15,6 @@ from .common import (CliError, add_device_argument, add_quantization_arguments, 
                      checked_threshold, device_from, load_model, say, warn)
 
 DEFAULT_WINDOW = 1024
-DEFAULT_SKIP = ("lm_head",)  # no error where a model names its head otherwise: there is nothing to skip then
 
 
 def add_compare_arguments(parser, max_tokens: int, new_tokens: int) -> None:
@@ -28,7 +27,8 @@ def add_compare_arguments(parser, max_tokens: int, new_tokens: int) -> None:
                         help=f"tokens of greedy continuation to generate (default {new_tokens}; 0: none)")
     parser.add_argument("--prompt", default="The state of our union is", help="prompt of the continuation")
     parser.add_argument("--skip", nargs="+", metavar="MODULE",
-                        help="modules kept in full precision (names or suffixes; default lm_head)")
+                        help="modules kept in full precision (names or dotted suffixes; default: the model's output "
+                             "heads, such as lm_head)")
     add_device_argument(parser)
     add_quantization_arguments(parser)
 
@@ -97,7 +97,9 @@ def run_comparison(args, checked: Checked, model_path: Path, text: str, what: st
     """Load ``model_path``, compare it in full precision and in 8-bit on ``text``, print the results."""
     device, backend, threshold = checked
     model, tokenizer = load_model(model_path, device, default_dtype(device), causal_lm=True)
-    skip = DEFAULT_SKIP if args.skip is None else checked_skip(args.skip, model)
+    # no --skip: the library's default rule, which keeps the model's output heads whatever their name (GPT-NeoX
+    # Japanese's embed_out), as quantize, from_pretrained and load_in_8bit do; "lm_head" quantized those
+    skip = None if args.skip is None else checked_skip(args.skip, model)
     ids = token_ids(tokenizer, text, args.max_tokens)  # once: the header says how many are scored
     if len(ids) < 2:
         raise CliError("the text holds fewer than 2 tokens: there is nothing to score")
