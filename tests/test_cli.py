@@ -315,6 +315,32 @@ def test_a_directory_transformers_cannot_load_is_one_line(capsys, tmp_path):
     assert f"'{tmp_path / 'config.json'}' names no model class ('architectures')" in err
 
 
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+@pytest.mark.parametrize("file, edit, reason", [
+    ("config.json", {"hidden_size": "64"}, "Validation error for field 'hidden_size': TypeError: Field "
+                                           "'hidden_size' expected int, got str (value: '64')"),
+    ("config.json", {"num_attention_heads": 5}, "ValueError: The hidden size (64) is not a multiple of the number of "
+                                                "attention heads (5)."),
+    ("generation_config.json", [1, 2], "as a generation config: TypeError: 'list' object is not a mapping"),
+    ("generation_config.json", {"max_new_tokens": "lots"}, "as a generation config: TypeError: '<=' not supported"),
+], ids=["hidden_size-str", "heads-not-dividing", "generation-list", "max_new_tokens-str"])
+def test_an_invalid_config_value_is_a_usage_error_naming_the_file(capsys, tiny_checkpoint, tmp_path, command, file,
+                                                                  edit, reason):
+    """It went through the catch-all (status 1) with only the message's first line, which ends in a colon."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint, source)
+    if file == "config.json":
+        edit = {**json.loads((source / file).read_text()), **edit}
+    (source / file).write_text(json.dumps(edit))
+    argv = [command, source, *([tmp_path / "out"] if command == "quantize" else ["--text", source / file])]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == "" and len(error_lines(err)) == 1, err
+    assert f"int8mm {command}: error: cannot read '{source / file}'" in err and reason in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]  # refused before anything was written
+
+
 def test_quantize_leaves_a_non_empty_out_dir_alone(capsys, tiny_checkpoint, tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, tmp_path)
@@ -553,6 +579,20 @@ def test_an_unforeseen_failure_is_one_line_and_status_1(capsys, monkeypatch, tin
     monkeypatch.setenv("INT8MM_TRACEBACK", "1")
     with pytest.raises(IndexError):
         main(["eval", str(tiny_checkpoint), "--text", str(text_file)])
+
+
+def test_an_unforeseen_failure_keeps_the_lines_after_the_first(capsys, monkeypatch, tiny_checkpoint, text_file):
+    from int8mm.cli import compare
+
+    def broken(*args, **kwargs):  # the shape of huggingface_hub's validation errors: the reason on line two
+        raise RuntimeError("Validation error for field 'x':\n    TypeError: expected int")
+
+    monkeypatch.setattr(compare, "compare_full_and_8bit", broken)
+    monkeypatch.delenv("INT8MM_TRACEBACK", raising=False)
+    code, _, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file)
+    assert code == 1
+    assert error_lines(err)[-1] == ("int8mm eval: failed: RuntimeError: Validation error for field 'x': TypeError: "
+                                    "expected int (set INT8MM_TRACEBACK=1 for the traceback)")
 
 
 @pytest.mark.parametrize("name,expected", [("auto", int8mm.Backend.AUTO), ("reference", int8mm.Backend.REFERENCE),

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a failure no check foresaw: still one line, the traceback on request
         if os.environ.get(TRACEBACK_ENV_VAR) == "1":
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"int8mm {args.command}: failed: {type(exc).__name__}: {first_line} (set {TRACEBACK_ENV_VAR}=1 for "
+        # every line joined: a first line alone can end in a colon, the reason left on the next one
+        message = " ".join(str(exc).split())
+        print(f"int8mm {args.command}: failed: {type(exc).__name__}: {message} (set {TRACEBACK_ENV_VAR}=1 for "
               f"the traceback)", file=sys.stderr)
         return 1
 

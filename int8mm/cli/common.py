@@ -111,6 +111,12 @@ def checked_skip(patterns: list[str], model) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's whole message on one line: transformers and huggingface_hub put the reason on the lines
+    after a first one that ends in a colon ("Validation error for field 'hidden_size':")."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def load_model(path: Path, device: torch.device, dtype, *, causal_lm: bool, **from_pretrained_kwargs):
     """``(model, tokenizer)``: the class config.json names, in eval mode on ``device``. With ``causal_lm`` (the
     commands that score text) the model must have a language-model head and ``path`` a tokenizer whose ids the
@@ -122,6 +128,7 @@ def load_model(path: Path, device: torch.device, dtype, *, causal_lm: bool, **fr
     from . import model_files
 
     cls = model_files.model_class(path, need_lm_head=causal_lm)
+    model_files.check_configs(path, cls)  # before the tokenizer, which reads config.json too
     tokenizer = None
     if causal_lm:
         tokenizer = model_files.tokenizer(path)
@@ -129,8 +136,7 @@ def load_model(path: Path, device: torch.device, dtype, *, causal_lm: bool, **fr
     try:
         model = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **from_pretrained_kwargs)
     except (OSError, ValueError, KeyError, *checkpoint_errors()) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"cannot load {cls.__name__} from {str(path)!r}: {first_line}") from None
+        raise CliError(f"cannot load {cls.__name__} from {str(path)!r}: {one_line(exc)}") from None
     return model.to(device).eval(), tokenizer
 
 

@@ -7,7 +7,7 @@ The commands load the class the checkpoint names, so ``int8mm quantize`` saves a
 import json
 from pathlib import Path
 
-from .common import CliError
+from .common import CliError, one_line
 
 # files that hold a tokenizer's vocabulary (one is enough; tokenizer_config.json alone is not a tokenizer)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -77,12 +77,64 @@ def skeleton(path: Path):
     from accelerate import init_empty_weights
 
     cls = model_class(path, need_lm_head=False)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CliError(f"cannot read {str(path / 'config.json')!r}: {str(exc).strip().splitlines()[0]}") from None
+    config = transformers_config(path)
     with init_empty_weights():
         return cls._from_config(config)
+
+
+def _invalid_value_errors() -> tuple[type[Exception], ...]:
+    """What building a config from JSON of the wrong shape raises: huggingface_hub's strict dataclass checks (a
+    value of the wrong type, num_attention_heads not dividing hidden_size) and plain TypeError/ValueError."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # a huggingface_hub without strict dataclasses: transformers' own checks only
+        return (TypeError, ValueError, KeyError)
+    return (TypeError, ValueError, KeyError, StrictDataclassError)
+
+
+def transformers_config(path: Path):
+    """config.json of ``path`` as transformers reads it.
+
+    Raises:
+        CliError: naming config.json, with the whole reason (the first line of a validation error ends in a colon).
+    """
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, *_invalid_value_errors()) as exc:
+        raise CliError(f"cannot read {str(path / 'config.json')!r}: {one_line(exc)}") from None
+
+
+def check_generation_config(path: Path, cls) -> None:
+    """The generation_config.json of ``path``, if any, is one transformers can read, where ``cls`` reads it
+    (a model that can generate): ``from_pretrained`` raises on a JSON array or a value of the wrong type in it. A
+    file that is not JSON passes: ``from_pretrained`` then takes the settings config.json holds, as it does here.
+
+    Raises:
+        CliError: naming generation_config.json, with the whole reason.
+    """
+    file = path / "generation_config.json"
+    can_generate = getattr(cls, "can_generate", None)
+    if not file.is_file() or not (callable(can_generate) and can_generate()):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:  # not JSON: from_pretrained falls back to config.json
+        return
+    except (AttributeError, *_invalid_value_errors()) as exc:
+        raise CliError(f"cannot read {str(file)!r} as a generation config: {type(exc).__name__}: "
+                       f"{one_line(exc)}") from None
+
+
+def check_configs(path: Path, cls) -> None:
+    """config.json and generation_config.json of ``path`` read as ``cls.from_pretrained`` reads them, before any
+    weight is: an invalid value in either was a failure of the catch-all (exit 1) with only the message's first
+    line, which ends in a colon."""
+    transformers_config(path)
+    check_generation_config(path, cls)
 
 
 def tokenizer(path: Path):
@@ -99,19 +151,13 @@ def tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"cannot load the tokenizer of {path}: {first_line}") from None
+        raise CliError(f"cannot load the tokenizer of {path}: {one_line(exc)}") from None
 
 
 def text_config(path: Path):
     """The transformers config of the language model in ``path`` (a multimodal model's text part), read before any
     weight is."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CliError(f"cannot read the config of {path}: {str(exc).strip().splitlines()[0]}") from None
+    config = transformers_config(path)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

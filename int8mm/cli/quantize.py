@@ -22,7 +22,7 @@ from ..config import Int8MMConfig
 from ..loading.directories import missing_directories, remove_empty
 from ..selection import conv1d_class
 from .common import CliError, checked_skip, checked_threshold, checkpoint_errors, load_model, model_dir, say
-from .model_files import check_full_precision, skeleton
+from .model_files import check_configs, check_full_precision, model_class, skeleton
 
 HELP = "write an 8-bit checkpoint (safetensors, bitsandbytes layout) of a local checkpoint"
 # files of the source checkpoint that hold weights: replaced by the 8-bit ones, never copied
@@ -127,6 +127,7 @@ def run(args) -> int:
     if out.is_symlink():  # written through: the renames at the end work on the directory it names
         out = out.resolve()
     threshold = checked_threshold(args.threshold)
+    check_configs(source, model_class(source, need_lm_head=False))  # a bad value refused before OUT_DIR is made
     if args.skip is not None:  # a typo would quantize the output head it meant to keep, and save that
         checked_skip(args.skip, skeleton(source))
     try:
