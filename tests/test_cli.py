@@ -166,6 +166,33 @@ def test_quantize_writes_an_8bit_checkpoint_that_loads_back(capsys, tiny_checkpo
     assert torch.equal(loaded(ids).logits, expected(ids).logits)
 
 
+OTHER_WEIGHT_FILES = ("model.onnx", "model.onnx_data", "decoder.onnx.data", "rust_model.ot", "model.tflite",
+                      "model.ckpt", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "flax_model.msgpack",
+                      "tf_model.h5", "tf_model.h5.index.json", "model.mlmodel")
+OTHER_FILES = ("README.md", "chat_template.jinja", "special_tokens_map.json", "merges.txt", "LICENSE")
+
+
+def test_quantize_copies_no_weights_of_other_formats(capsys, tiny_checkpoint, tmp_path):
+    """Weights in formats quantize does not read (ONNX, Rust, TFLite, TensorFlow, Core ML) were copied: full
+    precision files in the 8-bit checkpoint, left out of its size report."""
+    import re
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint, source)
+    for name in OTHER_WEIGHT_FILES:
+        (source / name).write_bytes(bytes(2**17))
+    for name in OTHER_FILES:
+        (source / name).write_text(name)
+    code, out, err = run_cli(capsys, "quantize", source, tmp_path / "int8")
+    assert code == 0, err
+    written = {p.name for p in (tmp_path / "int8").iterdir()}
+    assert written & set(OTHER_WEIGHT_FILES) == set(), written
+    assert set(OTHER_FILES) | {"tokenizer.json", "tokenizer_config.json"} <= written
+    source_bytes = (source / "model.safetensors").stat().st_size + len(OTHER_WEIGHT_FILES) * 2**17
+    assert re.search(rf"the source's: {source_bytes / 2**20:.1f} MiB", out), out
+
+
 def test_quantize_with_a_bitsandbytes_config_loads_in_bitsandbytes(capsys, tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -25,9 +25,13 @@ from .common import CliError, checked_skip, checked_threshold, checkpoint_errors
 from .model_files import check_configs, check_full_precision, model_class, skeleton
 
 HELP = "write an 8-bit checkpoint (safetensors, bitsandbytes layout) of a local checkpoint"
-# files of the source checkpoint that hold weights: replaced by the 8-bit ones, never copied
+# files of the source checkpoint that hold weights (those quantize reads, and the other formats a Hub repository
+# carries the same weights in: TensorFlow, Flax, ONNX, Rust, TFLite, Core ML): replaced by the 8-bit ones, never
+# copied, as full-precision copies would fill the 8-bit checkpoint and be missing from its size report
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
-                   "*.gguf", "*.h5", "*.msgpack")
+                   "*.ckpt", "*.ckpt.index", "*.ckpt.meta", "*.ckpt.data-*", "*.gguf", "*.h5", "*.h5.index.json",
+                   "*.keras", "*.msgpack", "*.msgpack.index.json", "*.onnx", "*.onnx_data", "*.onnx.data", "*.ot",
+                   "*.tflite", "*.mlmodel")
 
 
 def register(subparsers) -> None:
