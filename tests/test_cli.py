@@ -207,6 +207,24 @@ def test_quantize_with_a_bitsandbytes_config_loads_in_bitsandbytes(capsys, tiny_
     assert torch.equal(bnb_layer.weight.data, expected.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.parametrize("flag", [[], ["--bitsandbytes-config"]])
+def test_quantize_writes_an_infinite_threshold_as_strict_json(capsys, tiny_checkpoint, tmp_path, flag):
+    """--threshold inf --bitsandbytes-config wrote a bare Infinity, which strict JSON readers refuse; it is written
+    as transformers writes it in its own configs (and in the int8mm one), and read back as inf."""
+    from transformers import AutoConfig
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    out_dir = tmp_path / "int8"
+    code, _, err = run_cli(capsys, "quantize", tiny_checkpoint, out_dir, "--threshold", "inf", *flag)
+    assert code == 0, err
+    json.loads((out_dir / "config.json").read_text(), parse_constant=refuse)
+    entry = AutoConfig.from_pretrained(out_dir).quantization_config
+    entry = entry if isinstance(entry, dict) else entry.to_dict()
+    assert entry["llm_int8_threshold" if flag else "threshold"] == float("inf"), entry
+
+
 def _linear_names(checkpoint):
     from transformers import AutoConfig, AutoModelForCausalLM
 

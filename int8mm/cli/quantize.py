@@ -9,6 +9,7 @@ that have bitsandbytes but not int8mm (the tensors are the same). Tokenizer and 
 MODEL_DIR are copied over.
 """
 import json
+import math
 import os
 import secrets
 import shutil
@@ -72,6 +73,23 @@ def float_layer_names(model) -> list[str]:
     return [name for name, module in model.named_modules(remove_duplicate=False) if name and isinstance(module, kinds)]
 
 
+# how transformers writes a float that strict JSON has no literal for (save_pretrained's int8mm config does so too),
+# and decodes it as it reads config.json back
+_FLOAT_TAGS = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
+
+
+def _special_floats_tagged(value):
+    """``value`` with each infinite or NaN float as ``{"__float__": "Infinity"}``: ``--threshold inf`` was written
+    as a bare ``Infinity``, which strict JSON readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": "NaN" if math.isnan(value) else _FLOAT_TAGS[value]}
+    if isinstance(value, dict):
+        return {key: _special_floats_tagged(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_special_floats_tagged(item) for item in value]
+    return value
+
+
 def copy_non_weight_files(source: Path, out: Path) -> None:
     """The tokenizer, chat template and the like; files ``save_pretrained`` wrote are kept."""
     for path in source.iterdir():
@@ -87,7 +105,8 @@ def _write(model, source: Path, out: Path, threshold: float, args) -> None:
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         # the layers kept in float, by full name: bitsandbytes reads int8mm's own patterns differently
         saved["quantization_config"] = bitsandbytes_quantization_config(threshold, float_layer_names(model))
-        config_path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+        config_path.write_text(json.dumps(_special_floats_tagged(saved), indent=2, allow_nan=False) + "\n",
+                               encoding="utf-8")
 
 
 PARTIAL_PREFIX = ".partial-"
