@@ -6,7 +6,8 @@ the bitsandbytes 8-bit layout (``weight`` int8, ``SCB`` fp32, ``weight_format``;
 ``config.json`` with the ``"int8mm"`` quantization method, so that ``from_pretrained(OUT_DIR)`` gives the 8-bit
 model back. ``--bitsandbytes-config`` writes bitsandbytes' 8-bit ``quantization_config`` instead, for loaders
 that have bitsandbytes but not int8mm (the tensors are the same). Tokenizer and other non-weight files of
-MODEL_DIR are copied over.
+MODEL_DIR are copied over. OUT_DIR is new or empty; an existing one is written in place, never replaced (it may
+be a mount point, and keeps its mode and group).
 """
 import json
 import math
@@ -38,7 +39,8 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.
 def register(subparsers) -> None:
     parser = subparsers.add_parser("quantize", help=HELP, description=HELP + ".")
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a local checkpoint directory")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the 8-bit checkpoint (new or empty)")
+    parser.add_argument("out_dir", metavar="OUT_DIR",
+                        help="where to write the 8-bit checkpoint: a new directory, or an empty one (written in place)")
     parser.add_argument("--threshold", type=float, default=6.0, help="outlier threshold stored in the config "
                                                                      "(default 6.0)")
     parser.add_argument("--skip", nargs="+", default=None, metavar="MODULE",
