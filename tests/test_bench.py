@@ -118,6 +118,17 @@ def test_markdown_and_png_are_written(small_result, tmp_path):
     assert text.count("| SmolLM2-135M o_proj (576 -> 576) |") == 2 + len(small_result.rows)  # table + every row
 
 
+def test_a_partial_save_removes_the_plot_of_an_earlier_run(small_result, tmp_path):
+    """A partial result (plot=False) beside an earlier complete run's PNG: the plot would show what the JSON no
+    longer holds."""
+    assert write_results(small_result, tmp_path, "cpu_bench")["png"].exists()
+    partial = SuiteResult(dict(small_result.meta, cells={"measured": 1, "planned": 2}), small_result.rows[:1])
+    paths = write_results(partial, tmp_path, "cpu_bench", plot=False)
+    assert "png" not in paths and not (tmp_path / "cpu_bench.png").exists()
+    assert json.loads(paths["json"].read_text())["meta"]["cells"] == {"measured": 1, "planned": 2}
+    write_results(partial, tmp_path / "fresh", "cpu_bench", plot=False)  # nothing to remove: no error
+
+
 def test_geomean_table_groups_by_model_m_and_mode():
     rows = [{"model": "A", "m": 1, "mode": "eager", "shape": shape, "provider": p, "speedup": s}
             for p, shape, s in (("base", "A q", 1.0), ("base", "A o", 1.0), ("x", "A q", 2.0), ("x", "A o", 8.0),

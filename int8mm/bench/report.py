@@ -178,10 +178,12 @@ def write_results(result, out_dir: str | Path, stem: str, plot: bool = True) -> 
 
     The plot needs matplotlib (``pip install int8mm[bench]``); without it the PNG is left out and the
     returned dict says why under ``"png_skipped"``. ``plot=False``: JSON and markdown only (a suite's partial
-    result, saved after every cell).
+    result, saved after every cell), and any ``stem.png`` there removed.
     """
     paths = write_json_and_markdown(result.to_dict(), markdown(result), out_dir, stem)
     if not plot:
+        # an earlier complete run's plot would sit beside this result as if it showed it
+        (Path(out_dir) / f"{stem}.png").unlink(missing_ok=True)
         return paths
     try:
         import matplotlib  # noqa: F401
