@@ -7,8 +7,9 @@ its host and GPU time, as in an eager model); graph timings replay a CUDA graph 
 cannot be captured: its outlier path syncs with the host). Adds a per-kernel
 breakdown of the Triton forward and the autotuner's choices.
 
-    python benchmarks/bench_gpu.py --out DIR [--m 1 16 2048] [--models Llama-3-8B Llama-3-70B]
-Writes DIR/gpu_bench.json (long-form rows), DIR/gpu_bench.md and DIR/gpu_bench.png.
+    python benchmarks/bench_gpu.py --out DIR [--m 1 16 2048] [--models Llama-3-8B Llama-3-70B] [--quick]
+Writes DIR/gpu_bench.json (long-form rows), DIR/gpu_bench.md and DIR/gpu_bench.png. --m and --models default to
+the values shown, except with --quick, which takes the kernel suite's quick shapes and M values for those not given.
 """
 import argparse
 
@@ -22,6 +23,8 @@ from int8mm.bench.inputs import make_generator, planted_activations, random_weig
 from int8mm.bench.shapes import LAYER_SHAPES
 
 BREAKDOWN_ROLES = ("o_proj", "gate_up_proj")
+# the set this script has always measured on the lent GPU (the harness's GPU default is every model and M)
+SCRIPT_DEFAULTS = {"m": (1, 16, 2048), "models": ("Llama-3-8B", "Llama-3-70B")}
 
 
 def triton_breakdown(config, device) -> list[str]:
@@ -50,13 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for gpu_bench.{json,md,png}")
     add_kernel_suite_arguments(parser)
-    # the set this script has always measured on the lent GPU (the harness's GPU default is every model and M)
-    parser.set_defaults(m=[1, 16, 2048], models=["Llama-3-8B", "Llama-3-70B"])
     return parser
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with this script's --m and --models for those not given, unless --quick asks for the suite's
+    quick set (argparse defaults would override the quick config's shapes: --quick would still run 8B and 70B)."""
     args = build_parser().parse_args(argv)
+    if not args.quick:
+        for option, value in SCRIPT_DEFAULTS.items():
+            if getattr(args, option) is None:
+                setattr(args, option, list(value))
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs an NVIDIA GPU and a CUDA build of torch; none here "
                          "(benchmarks/bench_cpu.py measures the CPU)")

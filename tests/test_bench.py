@@ -411,16 +411,32 @@ def test_bench_cpu_gemm_script_checks_and_writes(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_gpu_script_keeps_its_flags():
-    args = load_benchmark("bench_gpu").build_parser().parse_args(
+    args = load_benchmark("bench_gpu").parse_args(
         ["--out", "x", "--m", "1", "2048", "--models", "Llama-3-70B", "--outlier-cols", "6", "--outlier-low", "8",
          "--outlier-high", "20", "--graph-max-m", "16", "--no-bnb"])
     from int8mm.bench.arguments import kernel_config_from_args
     config = kernel_config_from_args(args, torch.device("cuda"))  # building a config touches no GPU
     assert config.models == ("Llama-3-70B",) and config.m_values == (1, 2048) and not config.bnb
     assert config.outliers == OutlierSpec(6, 8.0, 20.0) and config.graph_max_m == 16
-    defaults = kernel_config_from_args(load_benchmark("bench_gpu").build_parser().parse_args(["--out", "x"]),
-                                       torch.device("cuda"))
+    defaults = kernel_config_from_args(load_benchmark("bench_gpu").parse_args(["--out", "x"]), torch.device("cuda"))
     assert defaults.models == ("Llama-3-8B", "Llama-3-70B") and defaults.m_values == (1, 16, 2048)
+
+
+@pytest.mark.parametrize("given, models, m_values", [
+    ([], None, None),  # None: the quick config's own
+    (["--m", "1", "16"], None, (1, 16)),
+    (["--models", "Llama-3-70B"], ("Llama-3-70B",), None)])
+def test_bench_gpu_quick_takes_the_quick_shapes(given, models, m_values):
+    """--quick is the kernel suite's quick set, not the script's 8B and 70B shapes at its three M values."""
+    from int8mm.bench.arguments import kernel_config_from_args
+    cuda = torch.device("cuda")
+    quick = default_config(cuda, quick=True)
+    config = kernel_config_from_args(load_benchmark("bench_gpu").parse_args(["--out", "x", "--quick", *given]), cuda)
+    assert config.models == (models or quick.models) and config.m_values == (m_values or quick.m_values)
+    assert config.reps == quick.reps
+    # without --quick, an option not given keeps the script's own default
+    alone = kernel_config_from_args(load_benchmark("bench_gpu").parse_args(["--out", "x", "--m", "2048"]), cuda)
+    assert alone.models == ("Llama-3-8B", "Llama-3-70B") and alone.m_values == (2048,)
 
 
 def test_markdown_of_a_saved_result_round_trips(small_result):
