@@ -599,6 +599,22 @@ def test_model_suite_without_bitsandbytes_measures_the_rest(monkeypatch, tmp_pat
     assert "- not measured: bnb Linear8bitLt: bitsandbytes is not importable" in capsys.readouterr().out
 
 
+def test_model_suite_with_no_measurable_provider_is_refused(monkeypatch, tmp_path, capsys):
+    """--providers bnb without bitsandbytes would measure nothing and exit 0: refused up front, as an unavailable
+    --backends is (exit 2, one line, no output directory)."""
+    from int8mm.bench import model_suite
+    from int8mm.cli import bench as bench_cli
+    monkeypatch.setattr(model_suite, "bitsandbytes_missing", lambda: "bitsandbytes is not importable (test)")
+    for runner in ("_run_host_suite", "_run_kernel_suite", "_run_model_suite"):
+        monkeypatch.setattr(bench_cli, runner, lambda *args: pytest.fail("measured"))
+    for suite in (TINY_MODEL_SUITE, ["--suite", "all", *TINY_MODEL_SUITE[2:]]):
+        assert main(["bench", *suite, "--providers", "bnb", "--out", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "--providers bnb: nothing to measure here (bnb Linear8bitLt: " \
+                                          "bitsandbytes is not importable (test))" in error
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_model_run_keeps_the_others_and_fails_the_command(monkeypatch, tmp_path, capsys):
     """A run that raises (a kernel failing under CUDA graphs, say) becomes a row with its error; the runs after it
     are still measured, the files written, and the command exits 1."""

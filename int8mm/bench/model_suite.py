@@ -168,7 +168,7 @@ def run_model_suite(config: ModelSuiteConfig, device: torch.device, progress: bo
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     meta = {**run_metadata(device), "config": asdict(config), "dtype": str(dtype).removeprefix("torch.")}
     meta["outlier_dims_used"] = planted_dims(config)
-    providers, meta["skipped"] = _measurable(config.providers)
+    providers, meta["skipped"] = measurable_providers(config.providers)
     modes = {provider: _modes(provider, device) for provider in providers}
     rows = []
     total = sum(len(m) for m in modes.values()) * len(config.batch_sizes)
@@ -220,7 +220,7 @@ def _failed(why: str) -> dict:
     return {"prefill_ms": None, "decode_tokens_per_s": None, "error": why[:ERROR_CHARS]}
 
 
-def _measurable(providers: tuple[str, ...]) -> tuple[list[str], list[str]]:
+def measurable_providers(providers: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """``(providers that can run here, "name: why" for the others)``: as the kernel suite does, bitsandbytes missing
     is reported as not measured, rather than failing after the other providers were measured."""
     why_not = bitsandbytes_missing() if "bnb" in providers else None
