@@ -439,6 +439,23 @@ def test_bench_gpu_quick_takes_the_quick_shapes(given, models, m_values):
     assert alone.models == ("Llama-3-8B", "Llama-3-70B") and alone.m_values == (2048,)
 
 
+def test_options_given_twice_are_measured_once():
+    import argparse
+    from int8mm.bench.arguments import (add_kernel_suite_arguments, add_model_suite_arguments,
+                                        kernel_config_from_args, model_config_from_args)
+    parser = argparse.ArgumentParser()
+    add_kernel_suite_arguments(parser)
+    add_model_suite_arguments(parser)
+    args = parser.parse_args(["--m", "16", "1", "16", "--models", "SmolLM2-135M", "Llama-3-8B", "SmolLM2-135M",
+                              "--roles", "o_proj", "qkv_proj", "o_proj", "--backends", "cpu", "cpu",
+                              "--batch-sizes", "4", "1", "4", "--providers", "int8mm", "float", "int8mm"])
+    kernels = kernel_config_from_args(args, CPU)
+    assert kernels.m_values == (16, 1) and kernels.models == ("SmolLM2-135M", "Llama-3-8B")
+    assert kernels.roles == ("o_proj", "qkv_proj") and kernels.backends == ("cpu",)
+    model = model_config_from_args(args, CPU)
+    assert model.batch_sizes == (4, 1) and model.providers == ("int8mm", "float")
+
+
 def test_markdown_of_a_saved_result_round_trips(small_result):
     again = SuiteResult(**json.loads(json.dumps(small_result.to_dict())))
     assert markdown(again) == markdown(small_result)

@@ -61,7 +61,7 @@ def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> K
     for option, field in (("models", "models"), ("roles", "roles"), ("m", "m_values"), ("backends", "backends")):
         value = getattr(args, option)
         if value is not None:
-            overrides[field] = tuple(value)
+            overrides[field] = _once_each(value)
     for option in ("threshold", "graph_max_m", "reps"):
         value = getattr(args, option)
         if value is not None:
@@ -79,6 +79,12 @@ def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> K
         overrides["outliers"] = OutlierSpec(count=base.count if planted["cols"] is None else planted["cols"],
                                             low=low, high=high)
     return replace(config, **overrides)
+
+
+def _once_each(values) -> tuple:
+    """``values`` in their order, repeats dropped: a value given twice would be measured twice, and the markdown
+    tables (one line per value) would then disagree with the JSON rows."""
+    return tuple(dict.fromkeys(values))
 
 
 def add_model_suite_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +130,7 @@ def model_config_from_args(args: argparse.Namespace, device: torch.device):
                  if getattr(args, field) is not None}
     for option, field in (("batch_sizes", "batch_sizes"), ("providers", "providers")):
         if getattr(args, option) is not None:
-            overrides[field] = tuple(getattr(args, option))
+            overrides[field] = _once_each(getattr(args, option))
     if args.threshold is not None:
         overrides["threshold"] = args.threshold
     if args.no_bnb:
