@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from int8mm.bench.arguments import check_script_arguments
 from int8mm.bench.environment import device_name
 from int8mm.bench.report import write_json_and_markdown
 
@@ -85,9 +86,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.max_tokens < 2:
-        raise SystemExit(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_script_arguments(parser, args, {"max_tokens": 2})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 

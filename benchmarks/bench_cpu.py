@@ -26,13 +26,14 @@ import torch
 
 from int8mm.bench import markdown, run_kernel_suite, write_results
 from int8mm.bench.arguments import (add_kernel_suite_arguments, add_threads_argument, apply_threads,
-                                    kernel_config_from_args)
+                                    check_script_arguments, kernel_config_from_args)
 from int8mm.bench.host_suite import host_markdown, run_host_suite
 from int8mm.bench.report import markdown_table
 
 CPU = torch.device("cpu")
 INT8 = "int8mm cpu"  # the provider AUTO picks on CPU (the CPU library)
 TARGETS_4096 = {1: 4.0, 16: 2.0, 512: 3.5}
+MINIMUMS = {"rounds": 1, "new_tokens": 1, "threads": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _kernel_cells(args, models, roles, m_values):
+def _kernel_config(args, models, roles, m_values):
     args = copy.copy(args)
     args.models, args.roles, args.m = models, roles, m_values
-    return run_kernel_suite(kernel_config_from_args(args, CPU), CPU)
+    return kernel_config_from_args(args, CPU)
 
 
 def _median_us(rows, shape, m, provider):
@@ -112,18 +113,25 @@ def targets_table(host, llama, smol, demo) -> tuple[list[dict], str]:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    apply_threads(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.quick or args.models or args.roles or args.m:  # the kernel suite alone, on the shapes asked for
-        result = run_kernel_suite(kernel_config_from_args(args, CPU), CPU)
+        config = check_script_arguments(parser, args, MINIMUMS, lambda: kernel_config_from_args(args, CPU))
+        apply_threads(args)
+        result = run_kernel_suite(config, CPU)
         print(markdown(result))
         if args.out:
             print("wrote", ", ".join(str(p) for p in write_results(result, args.out, "cpu_bench").values()))
         return
+    # every option checked (and --out made) before the first measurement: a bad one fails now, not after minutes
+    llama_config, smol_config = check_script_arguments(parser, args, MINIMUMS, lambda: (
+        _kernel_config(args, ["Llama-3-8B"], ["o_proj"], [1, 16, 512]),
+        _kernel_config(args, ["SmolLM2-135M"], None, [1])))
+    apply_threads(args)
     started = time.perf_counter()
     host = run_host_suite(CPU)
-    llama = _kernel_cells(args, ["Llama-3-8B"], ["o_proj"], [1, 16, 512])
-    smol = _kernel_cells(args, ["SmolLM2-135M"], None, [1])
+    llama = run_kernel_suite(llama_config, CPU)
+    smol = run_kernel_suite(smol_config, CPU)
     demo = None if args.no_demo else demo_generate(args.rounds, args.new_tokens)
     target_rows, table = targets_table(host, llama, smol, demo)
     sections = [f"# int8mm CPU benchmark: {host['meta']['device']}, {host['meta']['date']}", "",

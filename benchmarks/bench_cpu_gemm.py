@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from int8mm.backends import cpu
-from int8mm.bench.arguments import add_threads_argument, apply_threads
+from int8mm.bench.arguments import add_threads_argument, apply_threads, check_script_arguments
 from int8mm.bench.environment import run_metadata
 from int8mm.bench.report import markdown_table
 from int8mm.bench.timing import time_cpu_interleaved
@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="directory for cpu_gemm.{json,md}")
     add_threads_argument(parser)
     args = parser.parse_args(argv)
+    check_script_arguments(parser, args, {"reps": 1, "threads": 1})
     apply_threads(args)
     env = run_metadata(torch.device("cpu"))  # the date and load average before this run's own work
     rows = [measure(shape, args.reps) for shape in SHAPES]

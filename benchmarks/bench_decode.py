@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import int8mm
 from int8mm import backends
 from int8mm.backends import scratch, triton_launch, triton_splitk
+from int8mm.bench.arguments import check_script_arguments
 from int8mm.bench.environment import run_metadata
 from int8mm.bench.failures import Failures, exit_if_any_failed, failure_notes
 from int8mm.bench.inputs import OutlierSpec, make_generator, planted_activations, random_weight
@@ -241,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if any(not 1 <= m <= 16 for m in args.m):
         raise SystemExit(f"--m takes decode row counts 1..16, got {args.m}")
+    if args.dry_run and not backends.triton_interpreting():
+        raise SystemExit("--dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py needs an NVIDIA GPU (or --dry-run with TRITON_INTERPRET=1)")
+    check_script_arguments(parser, args, {"reps": 1, "outlier_cols": 0})
     outliers = OutlierSpec(count=args.outlier_cols)
     left_out = [f"int8mm {name}" for name in args.leave_out]
 
@@ -251,14 +258,10 @@ def main(argv=None) -> dict:
         write_json_and_markdown(partial, markdown(partial), args.out, "decode_bench")
 
     if args.dry_run:
-        if not backends.triton_interpreting():
-            raise SystemExit("--dry-run runs the Triton kernels on the CPU: set TRITON_INTERPRET=1")
         result = run([DRY_RUN_SHAPE], args.m, torch.device("cpu"), ["eager"], min(args.reps, 2), outliers, args.seed,
                      checkpoint, left_out)
         result["meta"]["dry_run"] = True
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_decode.py needs an NVIDIA GPU (or --dry-run with TRITON_INTERPRET=1)")
         shapes = [s for model in args.models for s in LAYER_SHAPES[model]]
         result = run(shapes, args.m, torch.device("cuda"), ["graph", "eager"], args.reps, outliers, args.seed,
                      checkpoint, left_out)

@@ -17,7 +17,7 @@ import torch
 
 import int8mm
 from int8mm.bench import markdown, run_kernel_suite, write_results
-from int8mm.bench.arguments import add_kernel_suite_arguments, kernel_config_from_args
+from int8mm.bench.arguments import add_kernel_suite_arguments, check_script_arguments, kernel_config_from_args
 from int8mm.bench.breakdown import kernel_breakdown
 from int8mm.bench.inputs import make_generator, planted_activations, random_weight
 from int8mm.bench.shapes import LAYER_SHAPES
@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, parser=None) -> argparse.Namespace:
     """The options, with this script's --m and --models for those not given, unless --quick asks for the suite's
     quick set (argparse defaults would override the quick config's shapes: --quick would still run 8B and 70B)."""
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     if not args.quick:
         for option, value in SCRIPT_DEFAULTS.items():
             if getattr(args, option) is None:
@@ -68,14 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs an NVIDIA GPU and a CUDA build of torch; none here "
                          "(benchmarks/bench_cpu.py measures the CPU)")
     device = torch.device("cuda")
     if args.backends is None:  # the GPU backends: the reference backend is the spec, not a contender, on a GPU
         args.backends = [b.value for b in int8mm.available_backends(device) if b is not int8mm.Backend.REFERENCE]
-    config = kernel_config_from_args(args, device)
+    config = check_script_arguments(parser, args, {}, lambda: kernel_config_from_args(args, device))
     # each cell's rows on disk as soon as they exist: a run cut at its time limit keeps them (the header says how
     # many cells it measured)
     result = run_kernel_suite(config, device,

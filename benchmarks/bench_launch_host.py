@@ -35,6 +35,7 @@ import triton  # noqa: E402
 
 import triton_fake_driver  # noqa: E402
 from int8mm import backends  # noqa: E402
+from int8mm.bench.arguments import check_script_arguments  # noqa: E402
 from int8mm.bench.environment import run_metadata  # noqa: E402
 from int8mm.bench.timing import spread as _spread  # noqa: E402
 from int8mm.backends import triton as triton_backend  # noqa: E402
@@ -60,9 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", default=None, help="folder for launch_host.md and launch_host.json")
     args = parser.parse_args(argv)
-    for name in ("rounds", "calls", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_script_arguments(parser, args, {"rounds": 1, "calls": 1, "threads": 1})
     return args
 
 

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if min(args.m) <= 16:
         raise SystemExit(f"--m must be prefill row counts (> 16), got {args.m}")
     os.environ["INT8MM_AUTOTUNE"] = "1"  # a lent GPU's test stage may have exported 0
@@ -63,16 +64,18 @@ def main(argv=None) -> dict:
         raise SystemExit("bench_prefill_gemm.py needs an NVIDIA GPU and a CUDA build of torch; none here "
                          "(--dry-run checks the script on the CPU)")
     from int8mm import backends
+    from int8mm.bench.arguments import check_script_arguments
     from int8mm.bench.environment import run_metadata
     from int8mm.bench.shapes import LayerShape, select_shapes
     backends.refresh_from_environment()  # INT8MM_AUTOTUNE=1, even if this process read the variable before
+    shapes = check_script_arguments(parser, args, {"replays": 1},
+                                    lambda: None if args.dry_run else select_shapes(args.models, args.roles))
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:
         shapes = [LayerShape("tiny", "proj", 64, 48), LayerShape("tiny", "wide", 96, 40)]
         m_values = [32]
     else:
-        shapes = select_shapes(args.models, args.roles)
         m_values = args.m
     meta = run_metadata(device)
     meta.update(threshold=THRESHOLD, outlier_columns=OUTLIER_COLUMNS, dry_run=args.dry_run,
@@ -81,7 +84,6 @@ def main(argv=None) -> dict:
         major, minor = torch.cuda.get_device_capability(device)
         meta["capability"] = f"sm_{major}{minor}"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = {"meta": meta, "rows": []}
     with torch.inference_mode():

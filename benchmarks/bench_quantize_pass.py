@@ -159,7 +159,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.dry_run:
         args.m, args.k = DRY_RUN_SHAPES["m"], DRY_RUN_SHAPES["k"]
         if not torch.cuda.is_available():
@@ -168,10 +169,12 @@ def main(argv=None) -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("bench_quantize_pass.py needs an NVIDIA GPU and a CUDA build of torch; none here "
                          "(--dry-run runs tiny shapes on the CPU)")
+    from int8mm.bench.arguments import check_script_arguments
     from int8mm.bench.environment import run_metadata
     from int8mm.bench.failures import exit_if_any_failed
     from int8mm.bench.report import write_json_and_markdown
 
+    check_script_arguments(parser, args, {"m": 1, "k": 1, "outliers": 0, "replays": 1})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = dict(run_metadata(device), dtype=args.dtype, outliers=args.outliers, threshold=args.threshold,
                 timer="CUDA graph over rotating inputs, median" if device.type == "cuda" else

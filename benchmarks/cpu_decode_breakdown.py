@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import int8mm.functional as F8
 from int8mm.backends import Backend
 from int8mm.backends import cpu as cpu_backend
+from int8mm.bench.arguments import check_script_arguments
 from int8mm.bench.timing import spread
 
 
@@ -38,9 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--before", choices=("reference", "none"), default="reference",
                         help="what runs before each timed call (default: a reference-backend call, as bench_cpu)")
     args = parser.parse_args(argv)
-    for name in ("k", "n", "threads", "reps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_script_arguments(parser, args, {"k": 1, "n": 1, "threads": 1, "reps": 1})
     return args
 
 

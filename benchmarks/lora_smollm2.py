@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from int8mm.bench.arguments import check_script_arguments
 from int8mm.bench.report import write_json_and_markdown
 
 BASES = {"fp32": "fp32 (no quantization)", "bnb": "bitsandbytes 8-bit (threshold 6.0)",
@@ -165,7 +166,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_script_arguments(parser, args, {"steps": 1, "seq_len": 1, "batch": 1})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.only:
         print(json.dumps(run_one(args.only, args)))

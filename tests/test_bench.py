@@ -410,6 +410,50 @@ def test_bench_cpu_gemm_script_checks_and_writes(tmp_path, monkeypatch, capsys):
         script.main(["--reps", "2"])
 
 
+# (script, what it measures first: replaced by a test failure, so that a refusal must come before it)
+SCRIPTS_MEASURING = {"bench_cpu": "run_host_suite", "bench_cpu_gemm": "measure", "accuracy_smollm2": "load_models"}
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_cpu_gemm", ["--reps", "0"], "--reps must be >= 1, got 0"),
+    ("bench_cpu_gemm", ["--threads", "0"], "--threads must be >= 1, got 0"),
+    ("bench_cpu_gemm", ["--out", "{file}"], "--out '{file}' exists and is not a directory"),
+    ("bench_cpu", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ("bench_cpu", ["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
+    ("bench_cpu", ["--reps", "0"], "--reps must be >= 1, got 0"),
+    ("bench_cpu", ["--out", "{file}"], "--out '{file}' exists and is not a directory"),
+    ("bench_cpu", ["--quick", "--out", "{file}"], "--out '{file}' exists and is not a directory"),
+    ("accuracy_smollm2", ["--max-tokens", "1"], "--max-tokens must be >= 2, got 1"),
+    ("accuracy_smollm2", ["--out", "{file}"], "--out '{file}' exists and is not a directory")])
+def test_benchmark_scripts_check_their_options_before_measuring(script, argv, message, tmp_path, monkeypatch,
+                                                                 capsys):
+    """As int8mm bench does: a bad count or an --out that cannot be a directory is an argparse error (exit 2)
+    naming the option and the value, before anything is measured (not a traceback after the whole run)."""
+    file = tmp_path / "a-file"
+    file.write_text("kept\n")
+    module = load_benchmark(script)
+    monkeypatch.setattr(module, SCRIPTS_MEASURING[script], lambda *args: pytest.fail("measured"))
+    monkeypatch.setattr(module, "run_kernel_suite", lambda *args, **kwargs: pytest.fail("measured"), raising=False)
+    with pytest.raises(SystemExit) as exited:
+        module.main([a.format(file=file) for a in argv])
+    assert exited.value.code == 2
+    assert f"error: {message.format(file=file)}" in capsys.readouterr().err
+    assert file.read_text() == "kept\n"
+
+
+def test_bench_decode_script_checks_its_options_before_measuring(tmp_path, monkeypatch, capsys):
+    script = load_benchmark("bench_decode")
+    monkeypatch.setattr(script.backends, "triton_interpreting", lambda: True)
+    monkeypatch.setattr(script, "run", lambda *args: pytest.fail("measured"))
+    for argv, message in ((["--reps", "0"], "--reps must be >= 1, got 0"),
+                          (["--outlier-cols", "-1"], "--outlier-cols must be >= 0, got -1"),
+                          (["--out", str(tmp_path / "a-file")], "exists and is not a directory")):
+        (tmp_path / "a-file").write_text("")
+        with pytest.raises(SystemExit) as exited:
+            script.main(["--dry-run", "--out", str(tmp_path / "out"), *argv])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_gpu_script_keeps_its_flags():
     args = load_benchmark("bench_gpu").parse_args(
         ["--out", "x", "--m", "1", "2048", "--models", "Llama-3-70B", "--outlier-cols", "6", "--outlier-low", "8",

@@ -1,6 +1,7 @@
 """Command-line options of the kernel suite, shared by ``int8mm bench`` and the ``benchmarks/`` scripts."""
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -108,6 +109,28 @@ def check_at_least(args: argparse.Namespace, minimums: dict) -> None:
         for value in given if isinstance(given, list) else [given]:
             if value is not None and value < minimum:
                 raise ValueError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def check_script_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict,
+                           build: Callable | None = None):
+    """A ``benchmarks/`` script's options checked as ``int8mm bench`` checks its own, before anything is measured:
+    each count of ``minimums`` (``check_at_least``), the float options finite, ``build()`` (the script's configs
+    from the options) without a ValueError, then ``--out``, if given, a directory results can be written to
+    (``int8mm.cli.common.output_dir``, which makes it: a file there would otherwise fail only after the whole run).
+    A bad value is an argparse error (exit 2) naming the option and the value. Returns what ``build`` returned."""
+    from ..cli.common import CliError, output_dir  # imported here: cli.common imports this module
+
+    built = None
+    try:
+        check_at_least(args, minimums)
+        check_finite(args, FINITE_OPTIONS)
+        if build is not None:
+            built = build()
+        if getattr(args, "out", None):
+            output_dir(args.out, "--out")
+    except (ValueError, CliError) as exc:
+        parser.error(str(exc))
+    return built
 
 
 def check_finite(args: argparse.Namespace, options: tuple[str, ...]) -> None:
