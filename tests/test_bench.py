@@ -410,6 +410,52 @@ def test_bench_cpu_gemm_script_checks_and_writes(tmp_path, monkeypatch, capsys):
         script.main(["--reps", "2"])
 
 
+def _bench_cpu_measuring_fast(monkeypatch, kernel_result):
+    """benchmarks/bench_cpu.py with its host and kernel measurements stood in for by finished ones."""
+    script = load_benchmark("bench_cpu")
+    host = {"overhead_us": 1.5, "meta": {"device": "test CPU", "date": "2026-01-01"}}
+    monkeypatch.setattr(script, "run_host_suite", lambda device: host)
+    monkeypatch.setattr(script, "host_markdown", lambda result: "# host path\n")
+    monkeypatch.setattr(script, "run_kernel_suite", lambda config, device: kernel_result)
+    return script
+
+
+def test_bench_cpu_keeps_its_measurements_when_the_demo_fails(small_result, monkeypatch, tmp_path, capsys):
+    """The demo runs last: if it raises, the report is still written, the demo marked not measured with why,
+    and the script exits non-zero."""
+    script = _bench_cpu_measuring_fast(monkeypatch, small_result)
+    monkeypatch.setattr(script, "demo_inputs", lambda: (tmp_path, "a prompt"), raising=False)
+
+    def broken_generate(*args):
+        raise RuntimeError("generate broke")
+
+    monkeypatch.setattr(script, "demo_generate", broken_generate)
+    with pytest.raises(SystemExit, match="the demo model was not measured: RuntimeError: generate broke"):
+        script.main(["--reps", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert data["llama_o_proj"]["rows"] == small_result.rows and data["host"]["overhead_us"] == 1.5
+    assert data["demo_generate"] is None and data["demo_not_measured"] == "RuntimeError: generate broke"
+    demo_target = data["targets"][-1]
+    assert demo_target["met"] is None and demo_target["measured"] == "not measured: RuntimeError: generate broke"
+    text = (tmp_path / "cpu_bench.md").read_text()
+    assert "## make demo model: NOT MEASURED" in text and "| not measured: RuntimeError: generate broke | - |" in text
+    assert text in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("missing", ["sotu_text", "smollm2_checkpoint"])
+def test_bench_cpu_needs_the_demo_data_before_measuring(missing, small_result, monkeypatch, tmp_path):
+    from int8mm import assets
+
+    def not_installed(*args):
+        raise FileNotFoundError(f"the data package for {missing} is not installed")
+
+    script = _bench_cpu_measuring_fast(monkeypatch, small_result)
+    monkeypatch.setattr(script, "run_host_suite", lambda device: pytest.fail("measured"))
+    monkeypatch.setattr(assets, missing, not_installed)
+    with pytest.raises(SystemExit, match=f"the data package for {missing} is not installed .--no-demo leaves"):
+        script.main(["--out", str(tmp_path)])
+
+
 # (script, what it measures first: replaced by a test failure, so that a refusal must come before it)
 SCRIPTS_MEASURING = {"bench_cpu": "run_host_suite", "bench_cpu_gemm": "measure", "accuracy_smollm2": "load_models"}
 
