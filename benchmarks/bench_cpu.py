@@ -19,7 +19,6 @@ table.
 """
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from int8mm.bench import markdown, run_kernel_suite, write_results
 from int8mm.bench.arguments import (add_kernel_suite_arguments, add_threads_argument, apply_threads,
                                     check_script_arguments, kernel_config_from_args)
 from int8mm.bench.host_suite import host_markdown, run_host_suite
-from int8mm.bench.report import markdown_table
+from int8mm.bench.report import markdown_table, write_json_and_markdown
 
 CPU = torch.device("cpu")
 INT8 = "int8mm cpu"  # the provider AUTO picks on CPU (the CPU library)
@@ -169,13 +168,10 @@ def main(argv=None) -> None:
     text = "\n".join(sections) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         data = {"targets": target_rows, "host": host, "llama_o_proj": llama.to_dict(), "smollm2_m1": smol.to_dict(),
                 "demo_generate": demo, "demo_not_measured": demo_error}
-        (out / "cpu_bench.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        (out / "cpu_bench.md").write_text(text, encoding="utf-8")
-        print("wrote", out / "cpu_bench.json", out / "cpu_bench.md")
+        paths = write_json_and_markdown(data, text, args.out, "cpu_bench")  # written beside, renamed: never cut short
+        print("wrote", paths["json"], paths["md"])
     if demo_error:
         raise SystemExit(f"bench_cpu.py: the demo model was not measured: {demo_error}")
 

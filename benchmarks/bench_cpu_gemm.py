@@ -9,15 +9,13 @@ Every GEMM's result is checked against an int64 product first.
 Prints a markdown table; with --out also writes DIR/cpu_gemm.{json,md}.
 """
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from int8mm.backends import cpu
 from int8mm.bench.arguments import add_threads_argument, apply_threads, check_script_arguments
 from int8mm.bench.environment import run_metadata
-from int8mm.bench.report import markdown_table
+from int8mm.bench.report import markdown_table, write_json_and_markdown
 from int8mm.bench.timing import time_cpu_interleaved
 
 # (M, K, N): SmolLM2-135M's layers over make demo's 1024-token perplexity windows, and a Llama-3-8B o_proj
@@ -68,11 +66,9 @@ def main(argv=None) -> None:
     text = header + "\n" + "\n".join(table) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "cpu_gemm.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
-        (out / "cpu_gemm.md").write_text(text)
-        print("wrote", out / "cpu_gemm.json", out / "cpu_gemm.md")
+        # written beside, renamed: an interrupted write keeps the previous files whole
+        paths = write_json_and_markdown({"environment": env, "rows": rows}, text, args.out, "cpu_gemm")
+        print("wrote", paths["json"], paths["md"])
 
 
 if __name__ == "__main__":

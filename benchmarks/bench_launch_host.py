@@ -20,7 +20,6 @@ medians as JSON, under --out.
 """
 import argparse
 import ctypes
-import json
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import triton_fake_driver  # noqa: E402
 from int8mm import backends  # noqa: E402
 from int8mm.bench.arguments import check_script_arguments  # noqa: E402
 from int8mm.bench.environment import run_metadata  # noqa: E402
+from int8mm.bench.report import write_json_and_markdown  # noqa: E402
 from int8mm.bench.timing import spread as _spread  # noqa: E402
 from int8mm.backends import triton as triton_backend  # noqa: E402
 from int8mm.backends import cpu_build, triton_launch, triton_prefill_quant  # noqa: E402
@@ -239,11 +239,8 @@ def main(argv=None) -> None:
     text, medians, meta = report(args, samples, single, timed_cuda_backend(args))
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "launch_host.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "launch_host.json"), "w") as f:
-            json.dump({"meta": meta, "median_us": medians}, f, indent=1)
+        # written beside, renamed: an interrupted write keeps the previous files whole
+        write_json_and_markdown({"meta": meta, "median_us": medians}, text + "\n", args.out, "launch_host")
         print(f"written to {args.out}/launch_host.md and launch_host.json")
 
 

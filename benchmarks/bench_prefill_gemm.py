@@ -21,7 +21,6 @@ Autotuning is on (INT8MM_AUTOTUNE=1 is set for this process; both schedules tune
 Writes DIR/prefill_gemm.json (long-form rows + run metadata) and DIR/prefill_gemm.md, again after every cell.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -102,9 +101,12 @@ def main(argv=None) -> dict:
 
 
 def write(result: dict, out: Path) -> None:
+    """Both files, each written beside and renamed: a time limit's SIGINT while writing keeps the previous cell's
+    whole."""
+    from int8mm.bench.report import write_json_and_markdown
+
     result["meta"]["autotune"] = autotune_choices()
-    (out / "prefill_gemm.json").write_text(json.dumps(result, indent=1))
-    (out / "prefill_gemm.md").write_text(markdown(result))
+    write_json_and_markdown(result, markdown(result), out, "prefill_gemm")
 
 
 def _input_sets(weight_bytes: int, device: torch.device) -> int:

@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import pathlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -53,6 +54,16 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def interrupt_while_writing(monkeypatch) -> None:
+    """From now on, Path.write_text writes half its text and is then interrupted (a time limit's SIGINT)."""
+    def half_then_interrupted(path, text, *args, **kwargs):
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_interrupted)
 
 
 # ---- inputs ----

@@ -15,7 +15,7 @@ from int8mm.bench.model_suite import ModelSuiteConfig, model_markdown, run_model
 from int8mm.bench.providers import benchmark_backends
 from int8mm.bench.report import geomean, geomean_table, markdown
 from int8mm.cli import main
-from helpers import load_benchmark
+from helpers import interrupt_while_writing, load_benchmark
 
 CPU = torch.device("cpu")
 ROW_FIELDS = {
@@ -454,6 +454,24 @@ def test_bench_cpu_needs_the_demo_data_before_measuring(missing, small_result, m
     monkeypatch.setattr(assets, missing, not_installed)
     with pytest.raises(SystemExit, match=f"the data package for {missing} is not installed .--no-demo leaves"):
         script.main(["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("script, stem", [("bench_cpu", "cpu_bench"), ("bench_cpu_gemm", "cpu_gemm")])
+def test_an_interrupted_write_keeps_the_previous_files_whole(script, stem, small_result, monkeypatch, tmp_path):
+    """The scripts write through report's atomic writer (beside, then renamed): cut short while writing, they
+    leave the previous run's files whole rather than truncated ones."""
+    if script == "bench_cpu":
+        module, argv = _bench_cpu_measuring_fast(monkeypatch, small_result), ["--no-demo", "--out", str(tmp_path)]
+    else:
+        module, argv = load_benchmark(script), ["--reps", "2", "--out", str(tmp_path)]
+        monkeypatch.setattr(module, "SHAPES", [(17, 40, 5)])
+    module.main(argv)
+    before = {suffix: (tmp_path / f"{stem}.{suffix}").read_text() for suffix in ("json", "md")}
+    json.loads(before["json"])
+    interrupt_while_writing(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(argv)
+    assert {suffix: (tmp_path / f"{stem}.{suffix}").read_text() for suffix in ("json", "md")} == before
 
 
 # (script, what it measures first: replaced by a test failure, so that a refusal must come before it)

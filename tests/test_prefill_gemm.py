@@ -19,8 +19,8 @@ import int8mm
 from int8mm import _ops
 from int8mm.backends import reference
 from gpu import assert_graph_replays_follow_inputs, host_syncs_refused, requires_cuda
-from helpers import (DEVICE, assert_output_close, compiling_process_environment, load_benchmark, planted_outliers,
-                     random_weight)
+from helpers import (DEVICE, assert_output_close, compiling_process_environment, interrupt_while_writing,
+                     load_benchmark, planted_outliers, random_weight)
 
 pytest.importorskip("triton", reason="the Triton backend needs the triton package")
 from int8mm.backends import triton_prefill  # noqa: E402  (imports triton)
@@ -232,6 +232,21 @@ def test_benchmark_script_dry_run(tmp_path):
 
 def _bench_script():
     return load_benchmark("bench_prefill_gemm")
+
+
+def test_benchmark_script_keeps_the_previous_cell_whole_when_interrupted_while_writing(tmp_path, monkeypatch):
+    """Its files are rewritten after every cell: cut short while writing, the previous cell's stay whole."""
+    script = _bench_script()
+    monkeypatch.setattr(script, "autotune_choices", lambda: {})
+    meta = {"device": "cpu", "date": "-", "torch": "-", "triton": "-", "timer": "-", "seconds": 1.0, "dry_run": True,
+            "complete": False, "outlier_columns": 8, "threshold": 6.0}
+    script.write({"meta": meta, "rows": []}, tmp_path)
+    before = [(tmp_path / name).read_text() for name in ("prefill_gemm.json", "prefill_gemm.md")]
+    assert json.loads(before[0])["meta"]["complete"] is False
+    interrupt_while_writing(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        script.write({"meta": dict(meta, complete=True), "rows": []}, tmp_path)
+    assert [(tmp_path / name).read_text() for name in ("prefill_gemm.json", "prefill_gemm.md")] == before
 
 
 def test_benchmark_script_refuses_decode_rows():
