@@ -20,6 +20,7 @@ from helpers import compiling_process_environment  # noqa: E402
 pytestmark = pytest.mark.slow  # the module fixture compiles every config ahead of time
 
 HOPPER_SHARED_MEMORY = 227 * 1024  # per block
+CONSUMER_AMPERE_SHARED_MEMORY = 99 * 1024  # per block on sm_86 and sm_89, which run the sm_80 code
 HOPPER_SHARED_MEMORY_PER_SM = 228 * 1024  # per SM, of which the driver reserves 1 KiB per resident block
 RESERVED_PER_BLOCK = 1024
 MAX_REGISTERS = 255
@@ -64,6 +65,34 @@ def test_decode_gemm_configs(report, arch, config, out_type):
     assert got["mma_s8"], "16-row decode tiles do not use int8 mma.sync"
     assert got["cp_async"], "the weight stream is not software-pipelined"
     assert not got["spills"], "registers spill to local memory"
+
+
+def _compiled_kernels(report, path=()):
+    """(path, features) of every compiled kernel in the report, its nested groups walked."""
+    if "shared_bytes" in report:
+        yield "/".join(path), report
+        return
+    for name, part in report.items():
+        yield from _compiled_kernels(part, (*path, name))
+
+
+def test_sm80_kernels_fit_consumer_ampere_gpus(report):
+    """RTX 30 / 40 series, A10, L4 and L40S GPUs (sm_86, sm_89) run the sm_80 kernels with 99 KiB of shared memory
+    a block, not the A100's 163: a kernel built past that would fail to launch there (Triton's OutOfResources)."""
+    sm80 = {path: got["shared_bytes"] for path, got in _compiled_kernels(report) if "sm80" in path.split("/")}
+    kinds = {"gemm", "splitk", "quantize", "rowwise", "resident", "outlier_columns", "decode_quantize", "decode_single"}
+    assert {path.split("/")[0] for path in sm80} == kinds  # the walk reached every kind of kernel
+    too_large = {path: size for path, size in sm80.items() if size > CONSUMER_AMPERE_SHARED_MEMORY}
+    assert not too_large, too_large
+
+
+@pytest.mark.parametrize("config", PREFILL, ids=[_id("prefill", c) for c in PREFILL])
+def test_prefill_gemm_compiles_for_sm89_as_for_sm80(report, config):
+    """The largest tiles, compiled for sm_89 itself: int8 mma.sync, pipelined, the sm_80 build's shared memory."""
+    got = report["gemm_sm89"][_id("prefill", config)]
+    assert got["mma_s8"] and got["cp_async"] and not got["spills"]
+    assert got["shared_bytes"] == report["gemm"][f"sm80/{_id('prefill', config)}"]["shared_bytes"]
+    assert got["shared_bytes"] <= CONSUMER_AMPERE_SHARED_MEMORY
 
 
 @pytest.mark.parametrize("out_type", ["i32", "bf16", "fp32"])

@@ -30,6 +30,9 @@ from int8mm.kernels.triton.prefill_quantize import _outlier_columns_kernel, _row
 from int8mm.kernels.triton.quantize import _activation_stats_kernel, _quantize_rows_kernel
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32)}
+# sm_86 / sm_89 GPUs (RTX 30 and 40 series, A10, L4, L40S) run the sm_80 code paths with 99 KiB of shared memory a
+# block (sm_80: 163 KiB): the largest tiles, the prefill GEMM's, are compiled for it too
+CONSUMER_AMPERE = GPUTarget("cuda", 89, 32)
 UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_on", "stride_xk")
 GEMM_ALIGNED = ("a_ptr", "b_ptr", "out_ptr", "s_x_ptr", "s_w_ptr", "x_ptr", "outlier_cols_ptr",
                 "outlier_count_ptr", "bias_ptr", "N", "K", "stride_am", "stride_bn", "stride_om", "stride_xm")
@@ -290,7 +293,8 @@ def config_id(kind, config):
 
 
 def main():
-    report = {"gemm": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {}, "resident": {},
+    report = {"gemm": {}, "gemm_sm89": {}, "gemm_variants": {}, "quantize": {}, "persistent": {}, "rowwise": {},
+              "resident": {},
               "outlier_columns": {}, "decode_quantize": {}, "splitk": {}, "decode_single": {}}
     for arch, target in TARGETS.items():
         for config in triton_backend.PREFILL_CONFIGS:
@@ -321,6 +325,8 @@ def main():
             for x_type in ("fp16", "bf16", "fp32"):
                 key = f"{arch}/{config_id('single', config)}-s{config.num_stages}-w{config.num_warps}/{x_type}"
                 report["decode_single"][key] = compile_decode_single(config, target, x_type)
+    for config in triton_backend.PREFILL_CONFIGS:
+        report["gemm_sm89"][config_id("prefill", config)] = compile_gemm(config, CONSUMER_AMPERE)
     for out_type in ("i32", "bf16", "fp32"):
         report["gemm_variants"][out_type] = compile_gemm(triton_backend.PREFILL_CONFIGS[0], TARGETS["sm90"], out_type)
     for config in triton_prefill.PERSISTENT_CONFIGS:
