@@ -7,6 +7,7 @@ checked again whenever its tensors or threshold change.
 import gc
 import logging
 import pathlib
+import re
 import weakref
 
 import pytest
@@ -279,13 +280,12 @@ def test_auto_passes_over_a_cuda_library_that_cannot_serve(monkeypatch):
     assert backends.resolve_backend(Backend.CUDA, gpu, "decode_row") is Backend.CUDA
 
 
-@pytest.mark.parametrize("built,capability,loads,why", [
-    (False, (9, 0), True, "the int8mm CUDA library is not built"),  # AUTO never starts a build: nvcc takes a minute
-    (True, (7, 5), True, "sm_75"),
-    (True, (8, 0), False, "does not load: a stand-in failure"),
-    (True, (9, 0), True, None),
+@pytest.mark.parametrize("built,loads,why", [
+    (False, True, "the int8mm CUDA library is not built"),  # AUTO never starts a build: nvcc takes a minute
+    (True, False, "does not load: a stand-in failure"),
+    (True, True, None),
 ])
-def test_cuda_library_probe(monkeypatch, caplog, tmp_path, built, capability, loads, why):
+def test_cuda_library_probe(monkeypatch, caplog, tmp_path, built, loads, why):
     from int8mm.backends import cuda as cuda_backend, cuda_build
 
     monkeypatch.setattr(cuda_build, "source_dir", lambda: tmp_path)  # no library beside these "sources"
@@ -296,7 +296,6 @@ def test_cuda_library_probe(monkeypatch, caplog, tmp_path, built, capability, lo
             raise RuntimeError("a stand-in failure")
 
     monkeypatch.setattr(cuda_build, "find_library", lambda: pathlib.Path(__file__) if built else None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
     monkeypatch.setattr(cuda_backend, "library", library)
     probe = backends._probe_cuda_library.__wrapped__  # past the cache
     with caplog.at_level(logging.INFO, logger="int8mm"):
@@ -305,6 +304,52 @@ def test_cuda_library_probe(monkeypatch, caplog, tmp_path, built, capability, lo
         assert why in caplog.text
     else:
         assert "AUTO" not in caplog.text
+
+
+@pytest.fixture
+def gpu_of_capability(monkeypatch):
+    """Stands in for GPU 0 of the given compute capability (an NVIDIA one, or with ``hip`` a ROCm one), with
+    Triton installed and the CUDA library loadable."""
+    def stand_in(capability, hip=None):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
+        monkeypatch.setattr(backends, "_cuda_library_loadable", lambda: True)
+        backends._gpu_capability.cache_clear()
+        backends._log_fallback_once.cache_clear()
+        return torch.device("cuda", 0)
+
+    yield stand_in
+    backends._gpu_capability.cache_clear()
+    backends._log_fallback_once.cache_clear()
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)])
+def test_gpus_older_than_sm80_take_the_reference_backend(gpu_of_capability, caplog, capability):
+    """A T4 or V100 has no int8 tensor-core path that int8mm's kernels use (Triton failed to compile their int8 dot
+    for sm_75 with an internal compiler error at the first call): AUTO takes the reference backend and says why;
+    asking for the Triton or CUDA backend there is refused up front, naming the GPU."""
+    gpu = gpu_of_capability(capability)
+    name = f"cuda:0 (sm_{capability[0]}{capability[1]})"
+    assert backends.available_backends(gpu) == [Backend.REFERENCE]
+    assert not backends.triton_runs_on(gpu)  # the backward's tiled kernel is not taken either
+    with caplog.at_level(logging.WARNING, logger="int8mm"):
+        for regime in backends.AUTO_PREFERENCE:
+            assert backends.resolve_backend(Backend.AUTO, gpu, regime) is Backend.REFERENCE
+    assert f"no GPU backend is available on {name}; using the reference backend" in caplog.text
+    for chosen in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match=rf"backend '{chosen}' is not available on cuda \(its int8 kernels "
+                                               rf"need an NVIDIA GPU of compute capability 8.0 or newer; this is "
+                                               rf"{re.escape(name)}\); available: reference$"):
+            backends.resolve_backend(chosen, gpu)
+
+
+@pytest.mark.parametrize("capability,hip", [((8, 0), None), ((8, 6), None), ((8, 9), None), ((9, 0), None),
+                                            ((10, 0), None), ((9, 4), "6.4")])
+def test_ampere_and_newer_gpus_keep_the_gpu_backends(gpu_of_capability, capability, hip):
+    gpu = gpu_of_capability(capability, hip)
+    assert backends.available_backends(gpu) == [Backend.REFERENCE, Backend.TRITON, Backend.CUDA]
+    assert backends.triton_runs_on(gpu)
 
 
 def test_an_unknown_regime_is_refused():

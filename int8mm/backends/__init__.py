@@ -160,9 +160,32 @@ def _cpu_library_disabled() -> bool:
 
 
 def triton_runs_on(device: torch.device) -> bool:
-    """Triton is installed and can run on ``device`` (a GPU, or CPU tensors under TRITON_INTERPRET=1); probes
-    nothing else (no library is loaded or built)."""
-    return _TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting()))
+    """Triton is installed and can run on ``device`` (a GPU that ``gpu_runs_int8_kernels``, or CPU tensors under
+    TRITON_INTERPRET=1); probes nothing else (no library is loaded or built)."""
+    if device.type == "cuda":
+        return _TRITON_INSTALLED and gpu_runs_int8_kernels(device.index)
+    return _TRITON_INSTALLED and device.type == "cpu" and triton_interpreting()
+
+
+# int8mm's GPU kernels multiply int8 on the tensor cores with sm_80's instructions: Triton cannot compile its int8
+# tl.dot for a T4 (sm_75; an internal compiler error at the first call) or a V100, and the CUDA library holds no
+# machine code for them
+MIN_NVIDIA_CAPABILITY = (8, 0)
+
+
+@_constant_under_compile  # a device query, decided once outside any traced graph
+def gpu_runs_int8_kernels(device_index: int | None) -> bool:
+    """Whether the Triton and CUDA backends run on this GPU: an NVIDIA GPU of compute capability 8.0 or newer, or a
+    ROCm GPU (left to Triton)."""
+    return _gpu_capability(device_index) >= MIN_NVIDIA_CAPABILITY
+
+
+@functools.cache
+def _gpu_capability(device_index: int | None) -> tuple[int, int]:
+    """The GPU's compute capability; ROCm GPUs count as new enough (their numbers mean other things)."""
+    if torch.version.hip is not None:
+        return MIN_NVIDIA_CAPABILITY
+    return torch.cuda.get_device_capability(device_index)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[Backend]:
@@ -171,7 +194,7 @@ def available_backends(device: torch.device | str | None = None) -> list[Backend
     found = [Backend.REFERENCE]
     if triton_runs_on(device):
         found.append(Backend.TRITON)
-    if device.type == "cuda" and _cuda_library_loadable():
+    if device.type == "cuda" and gpu_runs_int8_kernels(device.index) and _cuda_library_loadable():
         found.append(Backend.CUDA)
     if device.type == "cpu" and _cpu_library_loadable():
         found.append(Backend.CPU)
@@ -201,8 +224,8 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
     """The concrete backend to run on ``device``; raises if an explicit choice is unavailable there.
 
     None means INT8MM_BACKEND as the environment says now; on CUDA, AUTO chooses per ``regime``, a key of
-    ``AUTO_PREFERENCE`` (``regime_of`` gives a call's). AUTO takes the CUDA library only where it is built, loads
-    and the GPU is sm_80 or newer (its machine code); otherwise the next candidate, logged once.
+    ``AUTO_PREFERENCE`` (``regime_of`` gives a call's). AUTO takes the CUDA library only where it is built and
+    loads; otherwise the next candidate, logged once. On an NVIDIA GPU older than sm_80 only the reference runs.
     """
     chosen = parse_backend(backend)
     if regime not in AUTO_PREFERENCE:
@@ -214,12 +237,16 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
         for candidate in AUTO_PREFERENCE[regime]:
             if candidate in available and (candidate is not Backend.CUDA or _cuda_library_serves(device.index)):
                 return candidate
-        _log_fallback_once(device.type)
+        _log_fallback_once(device.type if device.type != "cuda" else _gpu_name(device))
         return Backend.REFERENCE
     if chosen not in available:
         names = ", ".join(b.value for b in available)
         hint = ""
-        if chosen is Backend.TRITON and device.type == "cpu":
+        if chosen in (Backend.TRITON, Backend.CUDA) and device.type == "cuda" and not gpu_runs_int8_kernels(
+                device.index):
+            hint = (f" (its int8 kernels need an NVIDIA GPU of compute capability "
+                    f"{'.'.join(map(str, MIN_NVIDIA_CAPABILITY))} or newer; this is {_gpu_name(device)})")
+        elif chosen is Backend.TRITON and device.type == "cpu":
             hint = " (Triton runs on CPU tensors only with TRITON_INTERPRET=1)"
         elif chosen is Backend.TRITON:
             hint = " (pip install triton)"
@@ -279,8 +306,8 @@ def regime_of(rows: int, device: torch.device) -> str:
 
 @_constant_under_compile  # loads the library once, outside any traced graph
 def _cuda_library_serves(device_index: int | None) -> bool:
-    """Whether AUTO may take the CUDA library on this GPU: it is built already (AUTO never starts nvcc's minute
-    of building in the middle of a call), it loads, and the GPU runs its machine code (sm_80 or newer)."""
+    """Whether AUTO may take the CUDA library on this GPU (one ``gpu_runs_int8_kernels``): it is built already
+    (AUTO never starts nvcc's minute of building in the middle of a call) and it loads."""
     return _probe_cuda_library(device_index)
 
 
@@ -290,11 +317,6 @@ def _probe_cuda_library(device_index: int | None) -> bool:
     found = cuda_build.find_library()
     if found is None or not found.exists():
         log.info("int8mm: AUTO uses Triton for single rows: %s", cuda_build.not_found_reason())
-        return False
-    capability = torch.cuda.get_device_capability(device_index)
-    if capability < (8, 0):
-        log.info("int8mm: AUTO skips the CUDA library on this sm_%d%d GPU (it is built for sm_80 and newer)",
-                 *capability)
         return False
     try:
         cuda_backend.library()
@@ -396,6 +418,15 @@ def refresh_from_environment() -> None:
     set_default_backend(None)
 
 
+def _gpu_name(device: torch.device) -> str:
+    """'cuda:0 (sm_75)', the GPU as the fallback messages name it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.version.hip is not None:
+        return f"cuda:{index}"
+    major, minor = _gpu_capability(index)
+    return f"cuda:{index} (sm_{major}{minor})"
+
+
 @functools.cache
-def _log_fallback_once(device_type: str) -> None:
-    log.warning("int8mm: no GPU backend is available on %s; using the reference backend", device_type)
+def _log_fallback_once(where: str) -> None:
+    log.warning("int8mm: no GPU backend is available on %s; using the reference backend", where)
