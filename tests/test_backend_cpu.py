@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import int8mm
-from helpers import FLOAT_DTYPES, INT8_MAX, assert_output_close, planted_outliers, random_weight, torch_threads
+from helpers import (FLOAT_DTYPES, INT8_MAX, assert_output_close, compiling_process_environment, planted_outliers,
+                     random_weight, torch_threads)
 from int8mm import Backend, _ops
 from int8mm.backends import cpu as cpu_backend
 from int8mm.backends import cpu_build
@@ -344,6 +345,36 @@ def test_buffers_stay_on_the_cpu_under_another_default_device():
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
+def test_a_system_without_posix_file_locks_falls_back_to_the_reference(tmp_path):
+    """Where there is no fcntl (Windows), the library builds cannot take their file lock: the CPU library counts as
+    unavailable and AUTO serves CPU tensors with the reference, warning once with the reason (importing the CPU
+    and CUDA backends raised ModuleNotFoundError at the first call before)."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["fcntl"] = None  # import fcntl raises ImportError
+        import torch, int8mm
+        from int8mm.backends import cuda_build
+        layer = int8mm.Int8Linear.from_linear(torch.nn.Linear(64, 16))
+        x = torch.randn(3, 64)
+        x[:, 5] = 30.0
+        got = layer(x)
+        assert int8mm.available_backends("cpu") == [int8mm.Backend.REFERENCE]
+        assert torch.equal(got, int8mm.int8_linear(x, layer.weight, layer.SCB, layer.bias, backend="reference"))
+        try:
+            with cuda_build.building_in(cuda_build.cache_root() / "probe"):
+                pass
+        except OSError as exc:
+            print(exc)
+    """)
+    env = dict(compiling_process_environment(), INT8MM_CACHE=str(tmp_path))  # no library there: a build is tried
+    env.pop("INT8MM_CPU_LIB", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    reason = "building int8mm's C libraries needs POSIX file locks (fcntl), which this system lacks"
+    assert (done.returncode, done.stdout.strip()) == (0, reason), done.stderr[-2000:]
+    assert f"the CPU library is not available ({reason}); the reference backend serves CPU tensors" in done.stderr
+    assert not list(tmp_path.rglob("*.so"))
 
 
 def test_threads_give_the_same_output():

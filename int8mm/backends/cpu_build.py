@@ -6,7 +6,6 @@ compile takes about a second. The library's size and hash are kept beside it, an
 (cut short or overwritten) is compiled again. It links no torch library (only OpenMP), and is called through ctypes.
 ``$INT8MM_CPU_LIB`` names a library to load instead; ``INT8MM_CPU_LIB=none`` turns the CPU library off.
 """
-import fcntl
 import hashlib
 import os
 import platform
@@ -16,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .cuda_build import cache_root, file_digest, flush_to_disk, read_stamp, write_stamp
+from .cuda_build import building_in, cache_root, file_digest, flush_to_disk, read_stamp, write_stamp
 
 LIBRARY_NAME = "libint8mm_cpu.so"
 LIBRARY_ENV_VAR = "INT8MM_CPU_LIB"
@@ -139,9 +138,7 @@ def library_path() -> Path:
     target = out_dir / LIBRARY_NAME
     if _intact(target):
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same source
+    with building_in(out_dir):  # another process may be compiling the same source
         return target if _intact(target) else build(out_dir)
 
 

@@ -11,7 +11,7 @@ build time) is the hash of the sources there now: file times do not survive a wh
 only if it is still the file its build wrote (its size and hash are in the same stamp): a cut-short library
 killed the process with SIGBUS inside dlopen.
 """
-import fcntl
+import contextlib
 import hashlib
 import os
 import shutil
@@ -183,11 +183,25 @@ def library_path() -> Path:
     if nvcc() is None:
         raise RuntimeError(f"nvcc is not on the PATH, and {not_found_reason()}")
     out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same sources
+    with building_in(out_dir):  # another process may be building the same sources
         target = out_dir / LIBRARY_NAME
         return target if _intact(target) else build(out_dir)
+
+
+@contextlib.contextmanager
+def building_in(out_dir: Path):
+    """Held while this process builds a library into ``out_dir`` (made if missing): a process building the same
+    one waits. A POSIX file lock: where there is none (Windows) an OSError says so, which the backends take for an
+    unavailable library (the CPU's falls back to the reference backend, warning once), not a failed call."""
+    try:
+        import fcntl
+    except ImportError:
+        raise OSError("building int8mm's C libraries needs POSIX file locks (fcntl), which this system "
+                      "lacks") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def main() -> None:
