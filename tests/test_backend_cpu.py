@@ -457,6 +457,114 @@ def test_the_portable_loops_match_too(monkeypatch, tmp_path, march):
         cpu_backend.library.cache_clear()
 
 
+def _halves(bits):
+    """fp16 values from their bit patterns (0 .. 0xFFFF)."""
+    return torch.as_tensor(bits, dtype=torch.int32).to(torch.int16).view(torch.float16)  # the cast wraps
+
+
+def _bits(t):
+    return t.view({torch.float16: torch.int16, torch.float32: torch.int32}[t.dtype])
+
+
+# bits of fp16 values a conversion may get wrong: the smallest and largest subnormals, -0.0, the smallest normal,
+# the largest finite values, +-inf, quiet and signaling NaNs with payloads
+SPECIAL_HALVES = [0x0001, 0x8001, 0x03FF, 0x8000, 0x0400, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7C01,
+                  0x7D55]
+
+
+def _scale_int32(x_bias, out_dtype):
+    """The library's scale_int32 with a zero product and s_x = -0.0: y = -0.0 + bias exactly (-0.0 kept, a NaN
+    quieted with its payload), so out = the bias converted from its dtype to out_dtype by the library."""
+    n = x_bias.numel()
+    acc, s_x, s_w = torch.zeros(1, n, dtype=torch.int32), torch.tensor([-0.0]), torch.ones(n)
+    out = torch.empty(1, n, dtype=out_dtype)
+    codes = cpu_backend._DTYPE_CODES
+    cpu_backend._check(cpu_backend.library().int8mm_cpu_scale_int32(
+        acc.data_ptr(), 1, n, s_x.data_ptr(), s_w.data_ptr(), x_bias.data_ptr(), codes[x_bias.dtype], out.data_ptr(),
+        codes[out_dtype], 1), "scale_int32")
+    return out[0]
+
+
+def _fp32_near_fp16_roundings():
+    """fp32 values around every rounding an fp16 conversion makes: each fp16 value and each midpoint between
+    neighbours (a tie), one fp32 ulp either side; fp32 subnormals, the overflow edge (65520 is a tie that goes to
+    inf), NaNs whose payload is only in the bits an fp16 drops."""
+    finite = _halves(torch.arange(0x7C00)).double()
+    points = torch.cat([finite, (finite[:-1] + finite[1:]) / 2]).float()  # the midpoints are exact in fp32
+    bits = points.view(torch.int32)
+    bits = torch.cat([bits - 1, bits, bits + 1])
+    bits = bits[bits >= 0]
+    extra = torch.tensor([1, 0x7FFFFF, 0x477FEFFF, 0x477FF000, 0x477FF001, 0x477FFFFF, 0x7F7FFFFF, 0x7F800000,
+                          0x7F800001, 0x7FC00001, 0x7FFFE000, 0x7FBFFFFF, 0x33000000, 0x33000001, 0x337FFFFF],
+                         dtype=torch.int32)
+    bits = torch.cat([bits, extra])
+    return torch.cat([bits, bits | -0x80000000]).view(torch.float32)  # and negated
+
+
+def _fp16_paths():
+    """Every way fp16 goes in or out of the library, each output as raw bits: fp16 -> fp32 for all 65,536 fp16
+    values, fp32 -> fp16 around every rounding, and the ops on fp16 activations and bias holding SPECIAL_HALVES
+    (contiguous rows, strided ones, the fused path and the many-row one, with and without outlier columns)."""
+    outs = [_bits(_scale_int32(_halves(torch.arange(0x10000)), torch.float32)),
+            _bits(_scale_int32(_fp32_near_fp16_roundings(), torch.float16))]
+    specials = _halves(SPECIAL_HALVES)
+    x = planted_outliers(40, 130, torch.float16, seed=9)
+    for row in range(1, 40, 3):  # one special value in every third row, the first row left plain
+        x[row, (7 * row) % 130] = specials[row % len(specials)]
+    q_w, s_w = int8mm.quantize_weight(random_weight(33, 130))
+    bias = torch.randn(33, generator=torch.Generator().manual_seed(9)).half()
+    bias[: len(specials)] = specials
+    doubled = torch.zeros(40, 260, dtype=torch.float16)
+    doubled[:, ::2] = x
+    for threshold in (THRESHOLD, 0.0):
+        for view in (x, doubled[:, ::2], x.t().contiguous().t()):
+            outs += [t.view(torch.uint8) for t in _ops.quantize_activations(view, threshold, "cpu")]
+            for rows in (slice(0, 1), slice(1, 2), slice(0, 5), slice(0, 16), slice(0, 40)):
+                outs.append(_bits(_ops.int8_linear(view[rows], q_w, s_w, bias, threshold, "cpu")))
+    return outs
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64"])
+def test_fp16_without_float16_is_bit_identical(monkeypatch, tmp_path, march):
+    """The C type _Float16 exists only from GCC 12 (clang 15) on x86: GCC 11, the gcc of Ubuntu 22.04, Debian 11 and
+    RHEL 8/9, failed to build the library. Without it fp16 is converted by F16C's instructions (native: any AVX2
+    CPU) or by integer code (x86-64: no F16C): the same bits as _Float16's, every fp16 value read and every rounding
+    written, signed zeros, subnormals, infinities and NaN payloads included."""
+    if platform.machine() not in ("x86_64", "AMD64") and march != "native":
+        pytest.skip("-march=x86-64 is an x86 target")
+    # GCC 11 made of _Float16 an error: so does this header, after the system headers that may name it
+    without_float16 = tmp_path / "without_float16.h"
+    without_float16.write_text(textwrap.dedent("""\
+        #include <math.h>
+        #include <stdint.h>
+        #include <stdlib.h>
+        #include <string.h>
+        #if defined(__x86_64__)
+        #include <immintrin.h>
+        #endif
+        #pragma GCC poison _Float16
+        """))
+    outputs = []
+    try:
+        for name, flags in (("plain", ()), ("fallback", ("-DINT8MM_NO_FLOAT16", "-include", str(without_float16)))):
+            library = cpu_build.build(tmp_path / name, march=march, extra_flags=flags)
+            monkeypatch.setenv("INT8MM_CPU_LIB", str(library))
+            cpu_backend.library.cache_clear()
+            outputs.append(_fp16_paths())
+    finally:
+        monkeypatch.undo()
+        cpu_backend.library.cache_clear()
+    plain, fallback = outputs
+    assert len(plain) == len(fallback)
+    for i, (a, b) in enumerate(zip(plain, fallback)):
+        assert torch.equal(a, b), f"output {i} of _fp16_paths differs"
+    # and both are the exact / correctly rounded conversions (torch's), NaN for NaN
+    read, written = plain[0].view(torch.float32), plain[1].view(torch.float16)
+    for got, want in ((read, _halves(torch.arange(0x10000)).float()), (written, _fp32_near_fp16_roundings().half())):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(_bits(got[~got.isnan()]), _bits(want[~want.isnan()]))
+
+
 def test_refresh_from_environment_reads_int8mm_cpu_lib_again(monkeypatch):
     """A process that turns the library off (or names another) and calls refresh_from_environment gets what the
     variable says now, not the library loaded before."""

@@ -87,10 +87,11 @@ def build_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def build(out_dir: Path, march: str = "native") -> Path:
+def build(out_dir: Path, march: str = "native", extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile the library into ``out_dir`` (written beside, then renamed) for ``-march=<march>``; returns its
     path. Another ``march`` (``x86-64-v3``: no AVX-512; ``x86-64``: no AVX2 either) builds the portable loops the
-    tests also check."""
+    tests also check, as does ``-DINT8MM_NO_FLOAT16`` in ``extra_flags`` (the fp16 conversions of compilers
+    without ``_Float16``, such as GCC 11)."""
     cc = compiler()
     if cc is None:
         raise RuntimeError(_no_compiler_reason())
@@ -99,7 +100,7 @@ def build(out_dir: Path, march: str = "native") -> Path:
     fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{LIBRARY_NAME}.", suffix=".tmp")
     os.close(fd)
     try:
-        flags = [flag if flag != "-march=native" else f"-march={march}" for flag in CFLAGS]
+        flags = [*(flag if flag != "-march=native" else f"-march={march}" for flag in CFLAGS), *extra_flags]
         done = subprocess.run([*cc, *flags, "-o", partial, *map(str, sources())],
                               capture_output=True, text=True)
         if done.returncode != 0:

@@ -21,9 +21,64 @@
 enum { DTYPE_FP16 = 0, DTYPE_BF16 = 1, DTYPE_FP32 = 2 };
 enum { OK = 0, ERR_ARGUMENT = 1, ERR_DTYPE = 2, ERR_MEMORY = 3 };
 
+// fp16 values, read exactly and written rounded to nearest even. The C type _Float16 does both, but x86 GCC has it
+// only from GCC 12 (clang from 15): with the gcc of Ubuntu 22.04, Debian 11 or RHEL 8/9 the library failed to build
+// and CPU users got the reference backend. Without it, F16C's instructions (any AVX2 CPU) or else integer code: the
+// same bits, NaNs included (quieted, the payload's top bits kept, as vcvtph2ps / vcvtps2ph do). -DINT8MM_NO_FLOAT16
+// takes that path with any compiler: tests/test_backend_cpu.py compares it with _Float16's bit for bit.
+#if defined(__FLT16_MAX__) && !defined(INT8MM_NO_FLOAT16)
+static inline float load_half(const void* base, int64_t offset) { return (float)((const _Float16*)base)[offset]; }
+static inline void store_half(void* base, int64_t offset, float value) { ((_Float16*)base)[offset] = (_Float16)value; }
+#else
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t float_to_half(float value) { return _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT); }
+#else
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
+    const float magnitude = (float)mantissa * 0x1p-24f;
+    return sign ? -magnitude : magnitude;
+  }
+  uint32_t bits = sign | (mantissa << 13);
+  if (exponent == 0x1F) bits |= 0x7F800000u | (mantissa ? 0x400000u : 0);  // inf; a NaN quieted
+  else bits |= (exponent + 127 - 15) << 23;
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// value >> shift (1..31), rounded to nearest, ties to even
+static inline uint32_t shift_round_even(uint32_t value, uint32_t shift) {
+  const uint32_t half = 1u << (shift - 1), rest = value & ((half << 1) - 1), kept = value >> shift;
+  return kept + (rest > half || (rest == half && (kept & 1)));
+}
+
+static inline uint16_t float_to_half(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  const uint32_t sign = (bits >> 16) & 0x8000, magnitude = bits & 0x7FFFFFFF;
+  if (magnitude > 0x7F800000u) return (uint16_t)(sign | 0x7E00 | ((magnitude >> 13) & 0x3FF));  // NaN: quiet
+  if (magnitude <= 0x33000000u) return (uint16_t)sign;  // up to 2^-25 (half the smallest subnormal): zero
+  if (magnitude < 0x38800000u)  // below 2^-14: a subnormal, the 24-bit significand shifted down to units of 2^-24
+    return (uint16_t)(sign | shift_round_even(0x800000u | (magnitude & 0x7FFFFF), 126 - (magnitude >> 23)));
+  // rebiased, 13 bits rounded off: a carry runs into the exponent; from 65520 up (inf too) that reaches inf
+  const uint32_t h = shift_round_even(magnitude - ((127u - 15) << 23), 13);
+  return (uint16_t)(sign | (h < 0x7C00 ? h : 0x7C00));
+}
+#endif
+static inline float load_half(const void* base, int64_t offset) {
+  return half_to_float(((const uint16_t*)base)[offset]);
+}
+static inline void store_half(void* base, int64_t offset, float value) {
+  ((uint16_t*)base)[offset] = float_to_half(value);
+}
+#endif
+
 static inline float load_value(const void* base, int dtype, int64_t offset) {
   switch (dtype) {
-    case DTYPE_FP16: return (float)((const _Float16*)base)[offset];
+    case DTYPE_FP16: return load_half(base, offset);
     case DTYPE_BF16: {
       uint32_t bits = (uint32_t)((const uint16_t*)base)[offset] << 16;
       float value;
@@ -36,7 +91,7 @@ static inline float load_value(const void* base, int dtype, int64_t offset) {
 
 static inline void store_value(void* base, int dtype, int64_t offset, float value) {
   switch (dtype) {
-    case DTYPE_FP16: ((_Float16*)base)[offset] = (_Float16)value; return;  // round to nearest even
+    case DTYPE_FP16: store_half(base, offset, value); return;
     case DTYPE_BF16: {
       uint32_t bits;
       memcpy(&bits, &value, sizeof bits);
@@ -366,7 +421,7 @@ struct linear_args {
 static void store_run(void* out, int dtype, int64_t offset, const float* y, int64_t count) {
   switch (dtype) {
     case DTYPE_FP16:
-      for (int64_t j = 0; j < count; ++j) ((_Float16*)out)[offset + j] = (_Float16)y[j];
+      for (int64_t j = 0; j < count; ++j) store_half(out, offset + j, y[j]);
       return;
     case DTYPE_FP32:
       memcpy((float*)out + offset, y, sizeof(float) * (size_t)count);
