@@ -300,3 +300,30 @@ def test_a_saved_8bit_checkpoint_keeps_its_settings_as_docs_say(float_llama, tmp
     assert (layer.threshold, layer.backend) == (6.0, None)
     layer = int8mm.load_in_8bit(tmp_path, config=passed, progress=False).model.layers[0].mlp.up_proj
     assert (layer.threshold, layer.backend) == (1.0, int8mm.Backend.REFERENCE)
+
+
+def test_quantizing_on_load_is_refused_before_transformers_5_23(float_llama, tmp_path, monkeypatch):
+    """transformers 5.0-5.22 cast each float weight to the int8 parameter's dtype before int8mm's quantization op
+    ran: the model loaded all-zero weights without an error. There quantizing on load is refused, saying what to
+    do; loading an int8mm checkpoint (int8 in the file, nothing cast away) still works."""
+    path, _ = float_llama
+    AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig()).save_pretrained(tmp_path)
+    monkeypatch.setattr(hf_integration, "TRANSFORMERS_VERSION", version.parse("5.22.2"))
+    with pytest.raises(ImportError, match=r"quantizing a float checkpoint as from_pretrained loads it needs "
+                                          r"transformers >= 5\.23\.0, found .*int8mm\.load_in_8bit\(path\)"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=Int8MMConfig())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert len(_int8_names(loaded)) == 14 and all(loaded.get_submodule(n).SCB.gt(0).all() for n in _int8_names(loaded))
+
+
+def test_a_weight_cast_before_quantization_is_an_error_not_zeros(float_llama):
+    """The quantization op's own guard: an int8 weight handed to it (what transformers < 5.23 did) would quantize
+    to zeros; it names the key instead."""
+    quantizer = hf_integration.Int8MMHfQuantizer(Int8MMConfig())
+    op = quantizer.get_quantize_ops()
+    key = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(int8mm.CheckpointError, match=rf"'{key}' reached int8mm's quantization as int8, not as the "
+                                                     rf"float weight the checkpoint holds"):
+        op.convert({key: [torch.ones(4, 8, dtype=torch.int8)]})
+    converted = op.convert({key: [torch.ones(4, 8)]})
+    assert converted[key].dtype == torch.int8 and torch.equal(converted[key], torch.full((4, 8), 127, dtype=torch.int8))

@@ -47,6 +47,11 @@ if TRANSFORMERS_VERSION < MIN_TRANSFORMERS_VERSION:
     raise ImportError(f"int8mm's transformers integration needs transformers >= {MIN_TRANSFORMERS_VERSION}, "
                       f"found {transformers.__version__}")
 
+# Before 5.23, transformers cast each checkpoint tensor to its empty parameter's dtype before the quantization op
+# ran: a float weight reached int8mm as int8 (its values truncated to zeros) and the model loaded all-zero weights
+# without an error. Loading an int8mm checkpoint (int8 in the file) is not affected.
+MIN_QUANTIZE_ON_LOAD_VERSION = version.parse("5.23.0")
+
 QUANT_METHOD = _config.QUANT_METHOD
 # set on a weight or scale that transformers put in place of a tensor the checkpoint lacks (HfInt8Linear)
 NEVER_LOADED = "_int8mm_never_loaded"
@@ -147,6 +152,11 @@ class Int8MMHfQuantizer(HfQuantizer):
         return 1
 
     def validate_environment(self, *args, device_map=None, **kwargs):
+        if not self.pre_quantized and TRANSFORMERS_VERSION < MIN_QUANTIZE_ON_LOAD_VERSION:
+            raise ImportError(f"quantizing a float checkpoint as from_pretrained loads it needs transformers >= "
+                              f"{MIN_QUANTIZE_ON_LOAD_VERSION}, found {transformers.__version__} (earlier versions "
+                              f"cast each weight to int8 before int8mm's quantization, loading zeros): upgrade "
+                              f"transformers, or use int8mm.load_in_8bit(path), which reads the files itself")
         if isinstance(device_map, (dict, torch.device, int)) or (
                 isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0",
                                                                    "sequential")):
@@ -281,6 +291,10 @@ def _quantize_op_class():
         def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
             (key, value), = input_dict.items()
             value = value[0] if isinstance(value, list) else value
+            if not value.is_floating_point():  # cast before this op (see MIN_QUANTIZE_ON_LOAD_VERSION): values lost
+                raise CheckpointError(f"{key!r} reached int8mm's quantization as {dtype_names([value.dtype])}, not "
+                                      f"as the float weight the checkpoint holds: transformers "
+                                      f"{transformers.__version__} cast it first")
             prefix = key.rpartition(".")[0]
             source = value.t() if self.hf_quantizer.transposed.get(prefix, False) else value  # Conv1D: [in, out]
             dtype = value.dtype if value.dtype in WEIGHT_DTYPES else torch.float32
