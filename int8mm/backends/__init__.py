@@ -116,9 +116,37 @@ def _compute_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+# griddepcontrol (gdc_*) in the kernels and triton.knobs in the launcher: an older Triton (the one torch 2.5-2.7
+# pin) failed with an ImportError at the first call
+MIN_TRITON_VERSION = "3.4"
+# the names Triton is installed under (PyPI's, and the builds PyTorch publishes for its nightlies and ROCm)
+_TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm")
+
+
+def _triton_too_old() -> str | None:
+    """The installed Triton's version if it is older than MIN_TRITON_VERSION, read from its package metadata
+    (importing Triton takes a second); None if it is new enough or its version cannot be read."""
+    import importlib.metadata
+
+    from packaging.version import InvalidVersion, Version
+
+    for name in _TRITON_DISTRIBUTIONS:
+        try:
+            found = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        try:
+            return found if Version(found).release < Version(MIN_TRITON_VERSION).release else None
+        except InvalidVersion:
+            return None
+    return None
+
+
 # Probed once at import (without importing either): torch.compile traces backend resolution, and
 # importlib cannot be traced; a failed import on every call would also be slow.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_TRITON_OLD_VERSION = _triton_too_old() if _TRITON_FOUND else None
+_TRITON_INSTALLED = _TRITON_FOUND and _TRITON_OLD_VERSION is None  # installed, and new enough to run the kernels
 
 
 # What torch.compiler.assume_constant_result sets on a function (torch 2.x); tests/test_package_layout.py checks
@@ -237,7 +265,7 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
         for candidate in AUTO_PREFERENCE[regime]:
             if candidate in available and (candidate is not Backend.CUDA or _cuda_library_serves(device.index)):
                 return candidate
-        _log_fallback_once(device.type if device.type != "cuda" else _gpu_name(device))
+        _log_fallback_once(_gpu_name(device), _why_no_gpu_backend(device))
         return Backend.REFERENCE
     if chosen not in available:
         names = ", ".join(b.value for b in available)
@@ -248,6 +276,9 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
                     f"{'.'.join(map(str, MIN_NVIDIA_CAPABILITY))} or newer; this is {_gpu_name(device)})")
         elif chosen is Backend.TRITON and device.type == "cpu":
             hint = " (Triton runs on CPU tensors only with TRITON_INTERPRET=1)"
+        elif chosen is Backend.TRITON and _TRITON_OLD_VERSION:
+            hint = (f" (Triton {_TRITON_OLD_VERSION} is installed; int8mm's kernels need {MIN_TRITON_VERSION} or "
+                    f"newer, which pairs with torch 2.8 or newer)")
         elif chosen is Backend.TRITON:
             hint = " (pip install triton)"
         elif chosen is Backend.CUDA:
@@ -427,6 +458,15 @@ def _gpu_name(device: torch.device) -> str:
     return f"cuda:{index} (sm_{major}{minor})"
 
 
+def _why_no_gpu_backend(device: torch.device) -> str:
+    if not gpu_runs_int8_kernels(device.index):
+        return (f"its int8 kernels need an NVIDIA GPU of compute capability "
+                f"{'.'.join(map(str, MIN_NVIDIA_CAPABILITY))} or newer")
+    triton = (f"Triton {_TRITON_OLD_VERSION} is older than the {MIN_TRITON_VERSION} its kernels need"
+              if _TRITON_OLD_VERSION else "Triton is not installed")
+    return f"{triton}, and the CUDA library is not built or does not load here"
+
+
 @functools.cache
-def _log_fallback_once(where: str) -> None:
-    log.warning("int8mm: no GPU backend is available on %s; using the reference backend", where)
+def _log_fallback_once(where: str, why: str) -> None:
+    log.warning("int8mm: no GPU backend is available on %s (%s); using the reference backend", where, why)
