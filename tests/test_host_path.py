@@ -311,16 +311,17 @@ def gpu_of_capability(monkeypatch):
     """Stands in for GPU 0 of the given compute capability (an NVIDIA one, or with ``hip`` a ROCm one), with
     Triton installed and the CUDA library loadable."""
     def stand_in(capability, hip=None):
+        monkeypatch.setattr(backends, "_cuda_devices_present", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
         monkeypatch.setattr(torch.version, "hip", hip)
         monkeypatch.setattr(backends, "_TRITON_INSTALLED", True)
         monkeypatch.setattr(backends, "_cuda_library_loadable", lambda: True)
-        backends._gpu_capability.cache_clear()
+        backends._compute_capability.cache_clear()
         backends._log_fallback_once.cache_clear()
         return torch.device("cuda", 0)
 
     yield stand_in
-    backends._gpu_capability.cache_clear()
+    backends._compute_capability.cache_clear()
     backends._log_fallback_once.cache_clear()
 
 
@@ -354,17 +355,20 @@ def test_ampere_and_newer_gpus_keep_the_gpu_backends(gpu_of_capability, capabili
 
 
 @pytest.mark.parametrize("installed,too_old", [("3.1.0", "3.1.0"), ("3.3.1+git5a1b", "3.3.1+git5a1b"), ("3.4.0", None),
-                                               ("3.6.0", None), ("3.7.1", None), ("4.0.0.dev0", None)])
-def test_the_triton_version_is_read_from_its_package_metadata(monkeypatch, installed, too_old):
+                                               ("3.6.0", None), ("3.7.1", None), ("4.0.0.dev0", None), ("x.y", None)])
+def test_the_triton_version_is_read_from_the_module_import_loads(tmp_path, monkeypatch, installed, too_old):
+    """The version comes from the ``__init__.py`` that ``import triton`` loads (not importing it): the metadata of
+    several installed Triton distributions (a PyPI one and PyTorch's own) can disagree with the files, the last
+    installed owning them; the metadata is read only where the file holds no version."""
     import importlib.metadata
 
-    def version(name):
-        if name != "triton":
-            raise importlib.metadata.PackageNotFoundError(name)
-        return installed
-
-    monkeypatch.setattr(importlib.metadata, "version", version)
-    assert backends._triton_too_old() == too_old
+    (tmp_path / "__init__.py").write_text(f"# a comment\n__version__ = '{installed}'\n")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.1.0")  # a stale distribution's record
+    assert backends._triton_version(str(tmp_path / "__init__.py")) == installed
+    assert backends._triton_too_old(installed) == too_old
+    (tmp_path / "__init__.py").write_text("from .runtime import *\n")
+    assert backends._triton_version(str(tmp_path / "__init__.py")) == "3.1.0"
+    assert backends._triton_version(None) == "3.1.0"
 
 
 def test_a_triton_older_than_3_4_is_not_used(gpu_of_capability, monkeypatch, caplog):
@@ -380,11 +384,38 @@ def test_a_triton_older_than_3_4_is_not_used(gpu_of_capability, monkeypatch, cap
                                            r"int8mm's kernels need 3\.4 or newer, which pairs with torch 2\.8 or "
                                            r"newer\); available: reference, cuda$"):
         backends.resolve_backend("triton", gpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # on the CPU, the hint is the old version, not the variable
+    backends.refresh_from_environment()
+    try:
+        with pytest.raises(RuntimeError, match=r"backend 'triton' is not available on cpu \(Triton 3\.1\.0 is "
+                                               r"installed;"):
+            backends.resolve_backend("triton", torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        backends.refresh_from_environment()
+    gpu = gpu_of_capability((9, 0))
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", False)
+    monkeypatch.setattr(backends, "_TRITON_OLD_VERSION", "3.1.0")
     monkeypatch.setattr(backends, "_cuda_library_loadable", lambda: False)
     with caplog.at_level(logging.WARNING, logger="int8mm"):
         assert backends.resolve_backend(Backend.AUTO, gpu, "prefill") is Backend.REFERENCE
     assert ("no GPU backend is available on cuda:0 (sm_90) (Triton 3.1.0 is older than the 3.4 its kernels need, and "
             "the CUDA library is not built or does not load here); using the reference backend") in caplog.text
+
+
+def test_torch_compile_takes_the_fallback_to_the_reference_as_a_constant(gpu_of_capability, caplog):
+    """On a GPU no GPU backend serves, AUTO's fallback logs a warning, which dynamo cannot trace: a fullgraph
+    compile failed there ("Unsupported logging.Logger method"), and a plain one broke the graph at every layer."""
+    gpu = gpu_of_capability((7, 5))
+    torch._dynamo.reset()
+
+    def forward(x):
+        return x + 1 if backends.backend_for("auto", gpu, 4, tracing=True) == "reference" else x - 1
+
+    with caplog.at_level(logging.WARNING, logger="int8mm"):
+        assert torch.equal(torch.compile(forward, fullgraph=True)(torch.zeros(2)), torch.ones(2))
+    assert caplog.text.count("no GPU backend is available on cuda:0 (sm_75)") == 1
+    torch._dynamo.reset()
 
 
 def test_an_unknown_regime_is_refused():

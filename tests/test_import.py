@@ -56,5 +56,6 @@ def test_backend_probes_carry_the_mark_torch_compile_reads():
         return True
 
     assert getattr(torch.compiler.assume_constant_result(probe), backends.DYNAMO_CONSTANT_MARK) is True
-    for marked in (backends._cuda_library_loadable, backends._cpu_library_loadable):
+    for marked in (backends._cuda_library_loadable, backends._cpu_library_loadable, backends._cuda_library_serves,
+                   backends.gpu_runs_int8_kernels, backends._warn_no_gpu_backend):
         assert getattr(marked, backends.DYNAMO_CONSTANT_MARK) is True

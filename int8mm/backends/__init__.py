@@ -10,7 +10,9 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -123,29 +125,42 @@ MIN_TRITON_VERSION = "3.4"
 _TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm")
 
 
-def _triton_too_old() -> str | None:
-    """The installed Triton's version if it is older than MIN_TRITON_VERSION, read from its package metadata
-    (importing Triton takes a second); None if it is new enough or its version cannot be read."""
+def _triton_version(origin: str | None) -> str | None:
+    """The version of the Triton whose ``__init__.py`` is ``origin`` (the one ``import triton`` loads), read from
+    the file, as importing Triton takes a second; else the first of its distributions' metadata (several can be
+    installed at once, only one of them owning the files)."""
     import importlib.metadata
 
-    from packaging.version import InvalidVersion, Version
-
+    try:
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", Path(origin).read_text(encoding="utf-8"),
+                          re.MULTILINE) if origin else None
+    except OSError:
+        found = None
+    if found:
+        return found[1]
     for name in _TRITON_DISTRIBUTIONS:
         try:
-            found = importlib.metadata.version(name)
+            return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
-        try:
-            return found if Version(found).release < Version(MIN_TRITON_VERSION).release else None
-        except InvalidVersion:
-            return None
     return None
+
+
+def _triton_too_old(version: str | None) -> str | None:
+    """``version`` if it is older than MIN_TRITON_VERSION; None if it is new enough or cannot be read."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return version if version and Version(version).release < Version(MIN_TRITON_VERSION).release else None
+    except InvalidVersion:
+        return None
 
 
 # Probed once at import (without importing either): torch.compile traces backend resolution, and
 # importlib cannot be traced; a failed import on every call would also be slow.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_TRITON_OLD_VERSION = _triton_too_old() if _TRITON_FOUND else None
+_TRITON_SPEC = importlib.util.find_spec("triton")
+_TRITON_FOUND = _TRITON_SPEC is not None
+_TRITON_OLD_VERSION = _triton_too_old(_triton_version(_TRITON_SPEC.origin)) if _TRITON_FOUND else None
 _TRITON_INSTALLED = _TRITON_FOUND and _TRITON_OLD_VERSION is None  # installed, and new enough to run the kernels
 
 
@@ -199,21 +214,23 @@ def triton_runs_on(device: torch.device) -> bool:
 # tl.dot for a T4 (sm_75; an internal compiler error at the first call) or a V100, and the CUDA library holds no
 # machine code for them
 MIN_NVIDIA_CAPABILITY = (8, 0)
+NEEDS_CAPABILITY = "its int8 kernels need an NVIDIA GPU of compute capability 8.0 or newer"
+
+
+def _cuda_devices_present() -> bool:
+    """Whether this torch sees a CUDA device (tests stand in a GPU here, where torch.compile does not look)."""
+    return torch.cuda.is_available()
 
 
 @_constant_under_compile  # a device query, decided once outside any traced graph
 def gpu_runs_int8_kernels(device_index: int | None) -> bool:
-    """Whether the Triton and CUDA backends run on this GPU: an NVIDIA GPU of compute capability 8.0 or newer, or a
-    ROCm GPU (left to Triton)."""
-    return _gpu_capability(device_index) >= MIN_NVIDIA_CAPABILITY
-
-
-@functools.cache
-def _gpu_capability(device_index: int | None) -> tuple[int, int]:
-    """The GPU's compute capability; ROCm GPUs count as new enough (their numbers mean other things)."""
-    if torch.version.hip is not None:
-        return MIN_NVIDIA_CAPABILITY
-    return torch.cuda.get_device_capability(device_index)
+    """Whether the Triton and CUDA backends run on this GPU (None: the current one): an NVIDIA GPU of compute
+    capability 8.0 or newer, or a ROCm GPU (left to Triton). A torch without CUDA has no GPU to ask: True, as
+    before GPUs were told apart (a call fails at its tensors)."""
+    if torch.version.hip is not None or not _cuda_devices_present():
+        return True
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return _compute_capability(torch.device("cuda", index)) >= MIN_NVIDIA_CAPABILITY
 
 
 def available_backends(device: torch.device | str | None = None) -> list[Backend]:
@@ -265,16 +282,15 @@ def resolve_backend(backend, device: torch.device, regime: str = "prefill") -> B
         for candidate in AUTO_PREFERENCE[regime]:
             if candidate in available and (candidate is not Backend.CUDA or _cuda_library_serves(device.index)):
                 return candidate
-        _log_fallback_once(_gpu_name(device), _why_no_gpu_backend(device))
+        _warn_no_gpu_backend(device.index)
         return Backend.REFERENCE
     if chosen not in available:
         names = ", ".join(b.value for b in available)
         hint = ""
         if chosen in (Backend.TRITON, Backend.CUDA) and device.type == "cuda" and not gpu_runs_int8_kernels(
                 device.index):
-            hint = (f" (its int8 kernels need an NVIDIA GPU of compute capability "
-                    f"{'.'.join(map(str, MIN_NVIDIA_CAPABILITY))} or newer; this is {_gpu_name(device)})")
-        elif chosen is Backend.TRITON and device.type == "cpu":
+            hint = f" ({NEEDS_CAPABILITY}; this is {_gpu_name(device.index)})"
+        elif chosen is Backend.TRITON and device.type == "cpu" and not triton_interpreting():
             hint = " (Triton runs on CPU tensors only with TRITON_INTERPRET=1)"
         elif chosen is Backend.TRITON and _TRITON_OLD_VERSION:
             hint = (f" (Triton {_TRITON_OLD_VERSION} is installed; int8mm's kernels need {MIN_TRITON_VERSION} or "
@@ -449,22 +465,26 @@ def refresh_from_environment() -> None:
     set_default_backend(None)
 
 
-def _gpu_name(device: torch.device) -> str:
+def _gpu_name(device_index: int | None) -> str:
     """'cuda:0 (sm_75)', the GPU as the fallback messages name it."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = torch.cuda.current_device() if device_index is None else device_index
     if torch.version.hip is not None:
         return f"cuda:{index}"
-    major, minor = _gpu_capability(index)
+    major, minor = _compute_capability(torch.device("cuda", index))
     return f"cuda:{index} (sm_{major}{minor})"
 
 
-def _why_no_gpu_backend(device: torch.device) -> str:
-    if not gpu_runs_int8_kernels(device.index):
-        return (f"its int8 kernels need an NVIDIA GPU of compute capability "
-                f"{'.'.join(map(str, MIN_NVIDIA_CAPABILITY))} or newer")
-    triton = (f"Triton {_TRITON_OLD_VERSION} is older than the {MIN_TRITON_VERSION} its kernels need"
-              if _TRITON_OLD_VERSION else "Triton is not installed")
-    return f"{triton}, and the CUDA library is not built or does not load here"
+@_constant_under_compile  # a logger call, which torch.compile cannot trace: made outside any traced graph
+def _warn_no_gpu_backend(device_index: int | None) -> bool:
+    """Warns, once per GPU, that AUTO serves it with the reference backend, and why; returns True."""
+    if not gpu_runs_int8_kernels(device_index):
+        why = NEEDS_CAPABILITY
+    else:
+        triton = (f"Triton {_TRITON_OLD_VERSION} is older than the {MIN_TRITON_VERSION} its kernels need"
+                  if _TRITON_OLD_VERSION else "Triton is not installed")
+        why = f"{triton}, and the CUDA library is not built or does not load here"
+    _log_fallback_once(_gpu_name(device_index), why)
+    return True
 
 
 @functools.cache
