@@ -132,8 +132,8 @@ def _move_up(partial: Path, out: Path, moved: list[str]) -> None:
     config.json goes last: a directory left half-moved holds no config.json, so nothing takes it for a model."""
     names = sorted((p.name for p in partial.iterdir()), key=lambda name: (name == "config.json", name))
     for name in names:
+        moved.append(name)  # first: an interrupt that lands as the rename returns must not leave it unlisted
         os.replace(partial / name, out / name)  # within one directory tree: a rename, on the same filesystem
-        moved.append(name)
 
 
 def _remove(path: Path) -> None:
