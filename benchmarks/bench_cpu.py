@@ -132,17 +132,18 @@ def main(argv=None) -> None:
         if args.out:
             print("wrote", ", ".join(str(p) for p in write_results(result, args.out, "cpu_bench").values()))
         return
-    # every option checked (and --out made) before the first measurement: a bad one fails now, not after minutes
-    llama_config, smol_config = check_script_arguments(parser, args, MINIMUMS, lambda: (
-        _kernel_config(args, ["Llama-3-8B"], ["o_proj"], [1, 16, 512]),
-        _kernel_config(args, ["SmolLM2-135M"], None, [1])))
-    apply_threads(args)
     demo_data = None
     if not args.no_demo:  # the data packages found now: missing, they would fail the run after its measurements
         try:
             demo_data = demo_inputs()
         except FileNotFoundError as exc:
             raise SystemExit(f"bench_cpu.py: the demo model's data: {exc} (--no-demo leaves the demo out)") from None
+    # every option checked (and --out made, last) before the first measurement: a bad one fails now, not after
+    # minutes
+    llama_config, smol_config = check_script_arguments(parser, args, MINIMUMS, lambda: (
+        _kernel_config(args, ["Llama-3-8B"], ["o_proj"], [1, 16, 512]),
+        _kernel_config(args, ["SmolLM2-135M"], None, [1])))
+    apply_threads(args)
     started = time.perf_counter()
     host = run_host_suite(CPU)
     llama = run_kernel_suite(llama_config, CPU)

@@ -453,7 +453,8 @@ def test_bench_cpu_needs_the_demo_data_before_measuring(missing, small_result, m
     monkeypatch.setattr(script, "run_host_suite", lambda device: pytest.fail("measured"))
     monkeypatch.setattr(assets, missing, not_installed)
     with pytest.raises(SystemExit, match=f"the data package for {missing} is not installed .--no-demo leaves"):
-        script.main(["--out", str(tmp_path)])
+        script.main(["--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()  # refused before --out is made
 
 
 @pytest.mark.parametrize("script, stem", [("bench_cpu", "cpu_bench"), ("bench_cpu_gemm", "cpu_gemm")])
@@ -487,6 +488,9 @@ SCRIPTS_MEASURING = {"bench_cpu": "run_host_suite", "bench_cpu_gemm": "measure",
     ("bench_cpu", ["--reps", "0"], "--reps must be >= 1, got 0"),
     ("bench_cpu", ["--out", "{file}"], "--out '{file}' exists and is not a directory"),
     ("bench_cpu", ["--quick", "--out", "{file}"], "--out '{file}' exists and is not a directory"),
+    ("bench_cpu", ["--quick", "--backends", "bogus"],
+     "backend must be a Backend or one of 'auto', 'reference', 'triton', 'cuda', 'cpu', got 'bogus'"),
+    ("bench_cpu", ["--no-demo", "--backends", "cuda"], "backend 'cuda' is not available on cpu"),
     ("accuracy_smollm2", ["--max-tokens", "1"], "--max-tokens must be >= 2, got 1"),
     ("accuracy_smollm2", ["--out", "{file}"], "--out '{file}' exists and is not a directory")])
 def test_benchmark_scripts_check_their_options_before_measuring(script, argv, message, tmp_path, monkeypatch,

@@ -54,7 +54,8 @@ FINITE_OPTIONS = ("threshold", "outlier_low", "outlier_high")
 
 
 def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> KernelSuiteConfig:
-    """The device's default config with every option the user gave applied (ValueError on bad values)."""
+    """The device's default config with every option the user gave applied (ValueError on bad values; a
+    ``--backends`` that cannot run on ``device``: RuntimeError, as ``providers.benchmark_backends`` says)."""
     check_at_least(args, KERNEL_MINIMUMS)
     check_finite(args, FINITE_OPTIONS)
     config = default_config(device, quick=args.quick)
@@ -79,6 +80,10 @@ def kernel_config_from_args(args: argparse.Namespace, device: torch.device) -> K
                              + (" (the default)" if planted["high"] is None else ""))
         overrides["outliers"] = OutlierSpec(count=base.count if planted["cols"] is None else planted["cols"],
                                             low=low, high=high)
+    if "backends" in overrides:
+        from .providers import benchmark_backends
+
+        benchmark_backends(device, overrides["backends"])
     return replace(config, **overrides)
 
 
@@ -128,7 +133,7 @@ def check_script_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             built = build()
         if getattr(args, "out", None):
             output_dir(args.out, "--out")
-    except (ValueError, CliError) as exc:
+    except (ValueError, RuntimeError, CliError) as exc:  # RuntimeError: a --backends that cannot run here
         parser.error(str(exc))
     return built
 

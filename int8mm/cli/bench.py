@@ -6,7 +6,6 @@ from pathlib import Path
 from ..bench import run_kernel_suite, write_results
 from ..bench.arguments import (add_kernel_suite_arguments, add_model_suite_arguments, kernel_config_from_args,
                                model_config_from_args)
-from ..bench.providers import benchmark_backends
 from ..bench.report import geomean_table, header_lines, speedup_table, write_json_and_markdown
 from .common import (CliError, add_device_argument, check_default_backend, checked_threshold, device_from,
                      output_dir, say)
@@ -63,8 +62,6 @@ def run(args) -> int:
     try:  # every configuration problem surfaces here, before anything is measured
         kernel_config = kernel_config_from_args(args, device) if args.suite in ("kernels", "all") else None
         model_config = model_config_from_args(args, device) if args.suite in ("model", "all") else None
-        if kernel_config is not None:
-            benchmark_backends(device, kernel_config.backends)
         if model_config is not None:
             _check_some_provider_measurable(model_config.providers)
     except (ValueError, RuntimeError) as exc:
