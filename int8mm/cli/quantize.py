@@ -21,7 +21,9 @@ from torch import nn
 
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
+from ..errors import CheckpointError
 from ..loading.directories import missing_directories, remove_empty
+from ..loading.safetensors_files import checkpoint_files
 from ..selection import conv1d_class
 from .common import CliError, checked_skip, checked_threshold, checkpoint_errors, load_model, model_dir, say
 from .model_files import check_configs, check_full_precision, model_class, skeleton
@@ -54,6 +56,16 @@ def register(subparsers) -> None:
 
 def _is_weight_file(path: Path) -> bool:
     return any(path.match(pattern) for pattern in WEIGHT_PATTERNS)
+
+
+def _weights_read(source: Path) -> list[Path]:
+    """The files of ``source`` that from_pretrained read the weights from: its safetensors, else its PyTorch files.
+    The copies of the same weights in other formats a Hub repository carries are not what was quantized, and
+    counting them would report the source several times its size."""
+    try:
+        return checkpoint_files(source)
+    except (FileNotFoundError, CheckpointError):
+        return sorted(p for pattern in ("*.bin", "*.pt", "*.pth") for p in source.glob(pattern) if p.is_file())
 
 
 def bitsandbytes_quantization_config(threshold: float, skip: list[str]) -> dict:
@@ -201,7 +213,7 @@ def run(args) -> int:
         if not written:  # the directories made for OUT_DIR go too
             remove_empty(made)
     size = sum(p.stat().st_size for p in out.iterdir() if _is_weight_file(p))
-    source_size = sum(p.stat().st_size for p in source.iterdir() if p.is_file() and _is_weight_file(p))
+    source_size = sum(p.stat().st_size for p in _weights_read(source))
     say(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}\nweights: {size / 2**20:.1f} MiB "
         f"(the source's: {source_size / 2**20:.1f} MiB)")
     return 0
