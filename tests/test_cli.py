@@ -743,3 +743,20 @@ def test_help_names_every_backend_and_the_cpu_baseline(capsys):
     assert "auto, reference, cpu, triton or cuda" in " ".join(out.split())
     _, out, _ = run_cli(capsys, "bench", "--help")
     assert "F.linear (fp16 on a GPU, fp32 on CPU)" in " ".join(out.split())
+
+
+def test_quantize_reports_the_size_of_a_pytorch_checkpoint_it_read(capsys, tiny_checkpoint, tmp_path):
+    """A source without safetensors: its size is that of the PyTorch file from_pretrained read."""
+    import re
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_checkpoint, source, ignore=shutil.ignore_patterns("*.safetensors*"))
+    torch.save(LlamaForCausalLM.from_pretrained(tiny_checkpoint).state_dict(), source / "pytorch_model.bin")
+    (source / "model.onnx").write_bytes(bytes(2**20))  # a copy in another format: not what was read
+    code, out, err = run_cli(capsys, "quantize", source, tmp_path / "int8")
+    assert code == 0, err
+    read = sum(p.stat().st_size for p in source.glob("*.bin"))
+    assert read > 0 and re.search(rf"the source's: {read / 2**20:.1f} MiB", out), out
