@@ -90,6 +90,34 @@ def test_info_says_when_the_default_backend_cannot_run(capsys, monkeypatch):
     assert "default backend: reference (INT8MM_BACKEND set)\n" in out
 
 
+def test_info_says_why_a_gpu_backend_is_not_used(capsys, monkeypatch):
+    """A T4 (sm_75) and a Triton older than 3.4: neither GPU backend runs, and info says why rather than only
+    listing 'reference' for the GPU."""
+    from types import SimpleNamespace
+
+    from int8mm import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(name="Tesla T4", major=7, minor=5, total_memory=15 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(backends, "_cuda_devices_present", lambda: True)
+    monkeypatch.setattr(backends, "_TRITON_INSTALLED", False)
+    monkeypatch.setattr(backends, "_TRITON_OLD_VERSION", "3.1.0")
+    backends._compute_capability.cache_clear()
+    try:
+        code, out, _ = run_cli(capsys, "info")
+    finally:
+        backends._compute_capability.cache_clear()
+    assert code == 0
+    assert "| cuda:0 | Tesla T4, sm_75, 15 GiB | reference |" in out, out
+    assert ("note: Triton 3.1.0 is older than the 3.4 int8mm's kernels need: the triton backend is not used (Triton "
+            ">= 3.4 pairs with torch >= 2.8)") in out, out
+    assert ("note: cuda:0 (sm_75): its int8 kernels need an NVIDIA GPU of compute capability 8.0 or newer; only the "
+            "reference backend runs there") in out, out
+
+
 def test_eval_compares_full_precision_and_8bit(capsys, tiny_checkpoint, text_file):
     code, out, err = run_cli(capsys, "eval", tiny_checkpoint, "--text", text_file, "--window", "32",
                              "--new-tokens", "3", "--prompt", "the state")

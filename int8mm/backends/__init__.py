@@ -465,6 +465,19 @@ def refresh_from_environment() -> None:
     set_default_backend(None)
 
 
+def gpu_backend_notes(device_indices) -> list[str]:
+    """Why a GPU backend a user would expect is not used here: an old Triton, or GPUs among ``device_indices``
+    older than the kernels (``int8mm info`` prints these)."""
+    notes = []
+    if _TRITON_OLD_VERSION:
+        notes.append(f"Triton {_TRITON_OLD_VERSION} is older than the {MIN_TRITON_VERSION} int8mm's kernels need: "
+                     f"the triton backend is not used (Triton >= {MIN_TRITON_VERSION} pairs with torch >= 2.8)")
+    for index in device_indices:
+        if not gpu_runs_int8_kernels(index):
+            notes.append(f"{_gpu_name(index)}: {NEEDS_CAPABILITY}; only the reference backend runs there")
+    return notes
+
+
 def _gpu_name(device_index: int | None) -> str:
     """'cuda:0 (sm_75)', the GPU as the fallback messages name it."""
     index = torch.cuda.current_device() if device_index is None else device_index

@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from ..backends import BACKEND_ENV_VAR, Backend, available_backends, default_backend
+from ..backends import BACKEND_ENV_VAR, Backend, available_backends, default_backend, gpu_backend_notes
 from ..bench.environment import cpu_name, versions
 from ..bench.report import markdown_table
 from .common import say
@@ -37,6 +37,9 @@ def run(args) -> int:
     say()
     say("\n".join(markdown_table(["device", "what", "int8mm backends"], device_rows())))
     say()
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else ()
+    for note in gpu_backend_notes(gpus):
+        say(f"note: {note}")
     try:
         backend = default_backend()
         default = f"{backend.value} ({BACKEND_ENV_VAR} {'set' if BACKEND_ENV_VAR in os.environ else 'unset'})"
