@@ -147,7 +147,7 @@ def check_finite(args: argparse.Namespace, options: tuple[str, ...]) -> None:
 
 
 def model_config_from_args(args: argparse.Namespace, device: torch.device):
-    from .model_suite import default_model_config
+    from .model_suite import default_model_config, measurable_providers
 
     check_at_least(args, MODEL_MINIMUMS)
     check_finite(args, FINITE_OPTIONS)
@@ -163,4 +163,8 @@ def model_config_from_args(args: argparse.Namespace, device: torch.device):
         overrides["threshold"] = args.threshold
     if args.no_bnb:
         overrides.setdefault("providers", ("float", "int8mm"))
-    return default_model_config(device, quick=args.quick, **overrides)
+    config = default_model_config(device, quick=args.quick, **overrides)
+    measurable, why_not = measurable_providers(config.providers)
+    if not measurable:  # the suite would measure nothing and exit 0, as an unavailable --backends does not
+        raise ValueError(f"--providers {' '.join(config.providers)}: nothing to measure here ({'; '.join(why_not)})")
+    return config

@@ -62,8 +62,6 @@ def run(args) -> int:
     try:  # every configuration problem surfaces here, before anything is measured
         kernel_config = kernel_config_from_args(args, device) if args.suite in ("kernels", "all") else None
         model_config = model_config_from_args(args, device) if args.suite in ("model", "all") else None
-        if model_config is not None:
-            _check_some_provider_measurable(model_config.providers)
     except (ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     out = output_dir(args.out, "--out")  # made last: a refused command leaves no directory behind
@@ -75,16 +73,6 @@ def run(args) -> int:
     if stdout.reader_left:
         raise BrokenPipeError  # every result is written: now stop as any command whose reader left (status 141)
     return 1 if failed else 0
-
-
-def _check_some_provider_measurable(providers: tuple[str, ...]) -> None:
-    """ValueError when no provider asked for can run here: the suite would measure nothing and exit 0, as an
-    unavailable --backends does not."""
-    from ..bench.model_suite import measurable_providers
-
-    measurable, why_not = measurable_providers(providers)
-    if not measurable:
-        raise ValueError(f"--providers {' '.join(providers)}: nothing to measure here ({'; '.join(why_not)})")
 
 
 class ReaderMayLeave:
