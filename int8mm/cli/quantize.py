@@ -10,7 +10,6 @@ MODEL_DIR are copied over. OUT_DIR is new or empty; an existing one is written i
 be a mount point, and keeps its mode and group).
 """
 import json
-import math
 import os
 import secrets
 import shutil
@@ -23,6 +22,7 @@ from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
 from ..errors import CheckpointError
 from ..loading.directories import missing_directories, remove_empty
+from ..loading.model_source import tagged_floats
 from ..loading.safetensors_files import checkpoint_files
 from ..selection import conv1d_class
 from .common import CliError, checked_skip, checked_threshold, checkpoint_errors, load_model, model_dir, say
@@ -87,23 +87,6 @@ def float_layer_names(model) -> list[str]:
     return [name for name, module in model.named_modules(remove_duplicate=False) if name and isinstance(module, kinds)]
 
 
-# how transformers writes a float that strict JSON has no literal for (save_pretrained's int8mm config does so too),
-# and decodes it as it reads config.json back
-_FLOAT_TAGS = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
-
-
-def _special_floats_tagged(value):
-    """``value`` with each infinite or NaN float as ``{"__float__": "Infinity"}``: ``--threshold inf`` was written
-    as a bare ``Infinity``, which strict JSON readers refuse."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"__float__": "NaN" if math.isnan(value) else _FLOAT_TAGS[value]}
-    if isinstance(value, dict):
-        return {key: _special_floats_tagged(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_special_floats_tagged(item) for item in value]
-    return value
-
-
 def copy_non_weight_files(source: Path, out: Path) -> None:
     """The tokenizer, chat template and the like; files ``save_pretrained`` wrote are kept."""
     for path in source.iterdir():
@@ -119,7 +102,7 @@ def _write(model, source: Path, out: Path, threshold: float, args) -> None:
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         # the layers kept in float, by full name: bitsandbytes reads int8mm's own patterns differently
         saved["quantization_config"] = bitsandbytes_quantization_config(threshold, float_layer_names(model))
-        config_path.write_text(json.dumps(_special_floats_tagged(saved), indent=2, allow_nan=False) + "\n",
+        config_path.write_text(json.dumps(tagged_floats(saved), indent=2, allow_nan=False) + "\n",
                                encoding="utf-8")
 
 

@@ -2,6 +2,7 @@
 import functools
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -125,13 +126,26 @@ def broken_config_error(where: str, exc: Exception, keys: dict[str, str] | None 
 
 
 # transformers writes the floats JSON has no literal for as {"__float__": "Infinity"} (a threshold of inf)
+_FLOAT_TAG = "__float__"
 _TAGGED_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
 
 
 def _json_float(value):
     """``value``, or the float transformers' config.json tag stands for."""
-    if isinstance(value, dict) and len(value) == 1 and value.get("__float__") in _TAGGED_FLOATS:
-        return _TAGGED_FLOATS[value["__float__"]]
+    if isinstance(value, dict) and len(value) == 1 and value.get(_FLOAT_TAG) in _TAGGED_FLOATS:
+        return _TAGGED_FLOATS[value[_FLOAT_TAG]]
+    return value
+
+
+def tagged_floats(value):
+    """``value`` (a config as JSON data) with each infinite or NaN float in transformers' tag, which ``_json_float``
+    and transformers read back: a bare ``Infinity``, what json.dumps writes, is refused by strict JSON readers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {_FLOAT_TAG: "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"}
+    if isinstance(value, dict):
+        return {key: tagged_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [tagged_floats(item) for item in value]
     return value
 
 
