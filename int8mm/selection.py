@@ -99,7 +99,7 @@ def select_layers(model: nn.Module, config: Int8MMConfig, *, warn_unmatched: boo
         if not name:
             continue
         all_names.append(name)
-        if _is_candidate(module):
+        if is_float_linear(module):
             by_id.setdefault(id(module), []).append(name)
             modules[id(module)] = module
 
@@ -203,7 +203,8 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model._orig_mod if optimized is not None and isinstance(model, optimized) else model
 
 
-def _is_candidate(module: nn.Module) -> bool:
+def is_float_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or transformers' ``Conv1D`` still in float: what int8mm can quantize."""
     if "SCB" in getattr(module, "_buffers", {}):  # an nn.Linear with an Int8Hook: 8-bit already
         return False
     conv1d_cls = conv1d_class()

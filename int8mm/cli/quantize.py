@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..bench.arguments import add_threads_argument, apply_threads
 from ..config import Int8MMConfig
@@ -24,7 +23,7 @@ from ..errors import CheckpointError
 from ..loading.directories import missing_directories, remove_empty
 from ..loading.model_source import tagged_floats
 from ..loading.safetensors_files import checkpoint_files
-from ..selection import conv1d_class
+from ..selection import is_float_linear
 from .common import CliError, checked_skip, checked_threshold, checkpoint_errors, load_model, model_dir, say
 from .model_files import check_configs, check_full_precision, model_class, skeleton
 
@@ -82,9 +81,7 @@ def float_layer_names(model) -> list[str]:
     (``layers.0`` keeps ``model.layers.0.*``), but transformers matches a pattern as a prefix (or a regex from
     the start) or a plain ``endswith``, so it quantized those layers and their first forward failed. A full name
     means the same layer under both rules."""
-    conv1d = conv1d_class()
-    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
-    return [name for name, module in model.named_modules(remove_duplicate=False) if name and isinstance(module, kinds)]
+    return [name for name, module in model.named_modules(remove_duplicate=False) if name and is_float_linear(module)]
 
 
 def copy_non_weight_files(source: Path, out: Path) -> None:
