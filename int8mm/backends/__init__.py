@@ -159,9 +159,8 @@ def _triton_too_old(version: str | None) -> str | None:
 # Probed once at import (without importing either): torch.compile traces backend resolution, and
 # importlib cannot be traced; a failed import on every call would also be slow.
 _TRITON_SPEC = importlib.util.find_spec("triton")
-_TRITON_FOUND = _TRITON_SPEC is not None
-_TRITON_OLD_VERSION = _triton_too_old(_triton_version(_TRITON_SPEC.origin)) if _TRITON_FOUND else None
-_TRITON_INSTALLED = _TRITON_FOUND and _TRITON_OLD_VERSION is None  # installed, and new enough to run the kernels
+_TRITON_OLD_VERSION = _triton_too_old(_triton_version(_TRITON_SPEC.origin)) if _TRITON_SPEC else None
+_TRITON_INSTALLED = _TRITON_SPEC is not None and _TRITON_OLD_VERSION is None  # and new enough to run the kernels
 
 
 # What torch.compiler.assume_constant_result sets on a function (torch 2.x); tests/test_package_layout.py checks
